@@ -1,0 +1,26 @@
+//! The Ferry node (binary `ferry`): identity, config, Noise links, circuits,
+//! the SOCKS5 entry and the exit.
+//!
+//! Crates chosen for what is not Ferry's own job:
+//! - `snow` for Noise handshakes (the reference Rust implementation); its
+//!   `risky-raw-split` hands the transport keys to `ring`, whose AES-GCM seals
+//!   and opens records in place (see [`crypto`]).
+//! - `ed25519-dalek` / `x25519-dalek` for the identity and Noise static keys.
+//! - `celes` for the ISO 3166-1 country table; `ipnet` for exit-policy CIDRs.
+//! - `tokio` for I/O, `clap` for the CLI, `toml`/`serde` for config,
+//!   `tracing` for logs.
+//!
+//! Not in this crate: routing decisions (they live in `ferry-router`), wire
+//! layouts (`ferry-proto`).
+
+pub mod config;
+pub mod crypto;
+pub mod demo;
+pub mod endpoint;
+pub mod identity;
+pub mod link;
+pub mod node;
+pub mod origin;
+pub mod policy;
+pub mod socks;
+pub mod switch;

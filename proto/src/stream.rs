@@ -121,7 +121,7 @@ mod tests {
 
         #[test]
         fn begin_round_trips(host in "[a-z0-9.-]{0,255}", port: u16) {
-            let begin = pb::Begin { host, port: port.into() };
+            let begin = pb::Begin { host, port: port.into(), window: 1 << 20 };
             let decoded: pb::Begin = crate::decode_pb("begin", &begin.encode_to_vec()).unwrap();
             prop_assert_eq!(decoded, begin);
         }

@@ -1,0 +1,482 @@
+//! Node configuration, in two stages: [`FileConfig`] is the TOML file as
+//! written (unknown keys are errors naming the key), and [`NodeConfig`] is the
+//! validated runtime form, built with `TryFrom` before any socket is bound.
+//! Every key is documented in the file `ferry init` writes (see
+//! [`render_template`]) and in `node/ferry.example.toml`.
+
+use crate::policy::ExitPolicy;
+use anyhow::{Context, Result, anyhow, bail};
+use ferry_router::{Jurisdiction, NodeId, Roles};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The config file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[node]`
+    pub node: FileNode,
+    /// `[listen]`
+    #[serde(default)]
+    pub listen: FileListen,
+    /// `[circuit]`
+    #[serde(default)]
+    pub circuit: FileCircuit,
+    /// `[exit]`
+    #[serde(default)]
+    pub exit: FileExit,
+    /// `[[peers]]`
+    #[serde(default)]
+    pub peers: Vec<FilePeer>,
+}
+
+/// `[node]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNode {
+    /// ISO 3166-1 alpha-2 code of where the node operates.
+    pub jurisdiction: String,
+    /// Any of `entry`, `relay`, `exit`.
+    pub roles: Vec<String>,
+    /// Folder holding `identity.key` and `noise.key`, relative to the file.
+    #[serde(default = "default_key_dir")]
+    pub key_dir: PathBuf,
+}
+
+fn default_key_dir() -> PathBuf {
+    PathBuf::from(".")
+}
+
+/// `[listen]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListen {
+    /// Data-plane link listener (relay and exit roles).
+    pub link: Option<String>,
+    /// SOCKS5 entry (entry role).
+    pub socks: Option<String>,
+    /// Allow the SOCKS5 entry on a non-loopback address.
+    #[serde(default)]
+    pub socks_allow_remote: bool,
+}
+
+/// `[circuit]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCircuit {
+    /// Nodes on each circuit after the origin; the last is the exit.
+    #[serde(default = "default_hops")]
+    pub hops: usize,
+    /// Per-stream flow-control window.
+    #[serde(default = "default_window")]
+    pub stream_window_bytes: u32,
+    /// Streams that share one circuit before another is built.
+    #[serde(default = "default_streams_per_circuit")]
+    pub max_streams_per_circuit: u32,
+    /// Time allowed to build a circuit.
+    #[serde(default = "default_build_timeout")]
+    pub build_timeout_secs: u64,
+}
+
+impl Default for FileCircuit {
+    fn default() -> Self {
+        Self {
+            hops: default_hops(),
+            stream_window_bytes: default_window(),
+            max_streams_per_circuit: default_streams_per_circuit(),
+            build_timeout_secs: default_build_timeout(),
+        }
+    }
+}
+
+fn default_hops() -> usize {
+    3
+}
+fn default_window() -> u32 {
+    2 * 1024 * 1024
+}
+fn default_streams_per_circuit() -> u32 {
+    64
+}
+fn default_build_timeout() -> u64 {
+    10
+}
+
+/// `[exit]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileExit {
+    /// Allow targets in loopback, private, link-local and other special ranges.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// Ordered `allow|deny CIDR[:PORTS]` rules; first match wins, no match denies.
+    #[serde(default = "default_rules")]
+    pub rules: Vec<String>,
+    /// Time allowed to connect to a target.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for FileExit {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            rules: default_rules(),
+            connect_timeout_secs: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_rules() -> Vec<String> {
+    vec!["allow 0.0.0.0/0".into(), "allow ::/0".into()]
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+/// `[[peers]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePeer {
+    /// Node id: Ed25519 public key, 64 hex digits.
+    pub id: String,
+    /// Noise static public key, 64 hex digits.
+    pub noise_key: String,
+    /// Link address; absent for entry-only clients.
+    pub addr: Option<String>,
+    /// ISO 3166-1 alpha-2 code.
+    pub jurisdiction: String,
+    /// Any of `entry`, `relay`, `exit`.
+    pub roles: Vec<String>,
+}
+
+/// A peer, validated.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Identity.
+    pub id: NodeId,
+    /// Noise static public key.
+    pub noise_key: [u8; 32],
+    /// Link address, if it accepts links.
+    pub addr: Option<SocketAddr>,
+    /// Where it operates.
+    pub jurisdiction: Jurisdiction,
+    /// What it does.
+    pub roles: Roles,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where the node operates.
+    pub jurisdiction: Jurisdiction,
+    /// What it does.
+    pub roles: Roles,
+    /// Folder with the key files.
+    pub key_dir: PathBuf,
+    /// Link listener, for relay and exit roles.
+    pub link_listen: Option<SocketAddr>,
+    /// SOCKS5 listener, for the entry role.
+    pub socks_listen: Option<SocketAddr>,
+    /// Hops per circuit.
+    pub hops: usize,
+    /// Per-stream window.
+    pub stream_window: u32,
+    /// Streams per circuit.
+    pub max_streams_per_circuit: u32,
+    /// Circuit build timeout.
+    pub build_timeout: Duration,
+    /// Exit policy.
+    pub exit_policy: ExitPolicy,
+    /// Exit connect timeout.
+    pub connect_timeout: Duration,
+    /// Known peers.
+    pub peers: Vec<Peer>,
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file. Relative paths in it are taken
+    /// relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let file: FileConfig =
+            toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+        let mut cfg =
+            NodeConfig::try_from(file).with_context(|| format!("config {}", path.display()))?;
+        if cfg.key_dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            cfg.key_dir = base.join(&cfg.key_dir);
+        }
+        Ok(cfg)
+    }
+}
+
+/// Validates an ISO 3166-1 alpha-2 code (any case) and upper-cases it.
+pub fn parse_jurisdiction(s: &str) -> Result<Jurisdiction> {
+    let b = s.as_bytes();
+    if b.len() != 2 || !b.iter().all(u8::is_ascii_alphabetic) || celes::Country::from_alpha2(s).is_err() {
+        bail!("`{s}` is not an ISO 3166-1 alpha-2 country code (for example DE, CH, CA)");
+    }
+    Ok(Jurisdiction([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
+}
+
+/// Parses role names.
+pub fn parse_roles<S: AsRef<str>>(names: &[S]) -> Result<Roles> {
+    let mut roles = Roles::default();
+    if names.is_empty() {
+        bail!("roles is empty: give at least one of entry, relay, exit");
+    }
+    for n in names {
+        match n.as_ref().trim() {
+            "entry" => roles.entry = true,
+            "relay" => roles.relay = true,
+            "exit" => roles.exit = true,
+            other => bail!("unknown role `{other}`: roles are entry, relay, exit"),
+        }
+    }
+    Ok(roles)
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr> {
+    s.parse().map_err(|e| anyhow!("{key} = `{s}`: not an IP:port address ({e})"))
+}
+
+impl TryFrom<FileConfig> for NodeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(f: FileConfig) -> Result<Self> {
+        let jurisdiction = parse_jurisdiction(&f.node.jurisdiction).context("node.jurisdiction")?;
+        let roles = parse_roles(&f.node.roles).context("node.roles")?;
+        let link_listen = f.listen.link.as_deref().map(|s| parse_addr("listen.link", s)).transpose()?;
+        let socks_listen =
+            f.listen.socks.as_deref().map(|s| parse_addr("listen.socks", s)).transpose()?;
+        if (roles.relay || roles.exit) && link_listen.is_none() {
+            bail!("listen.link is required for the relay and exit roles");
+        }
+        if let Some(s) = socks_listen
+            && !s.ip().is_loopback()
+            && !f.listen.socks_allow_remote
+        {
+            bail!(
+                "listen.socks = `{s}` is not a loopback address; the SOCKS5 entry has no \
+                 authentication, so set listen.socks_allow_remote = true to expose it on purpose"
+            );
+        }
+        if !(1..=8).contains(&f.circuit.hops) {
+            bail!("circuit.hops = {}: must be 1 to 8", f.circuit.hops);
+        }
+        let window = f.circuit.stream_window_bytes;
+        if !(65_536..=64 * 1024 * 1024).contains(&window) {
+            bail!("circuit.stream_window_bytes = {window}: must be 65536 to 67108864");
+        }
+        if !(1..=1024).contains(&f.circuit.max_streams_per_circuit) {
+            bail!("circuit.max_streams_per_circuit must be 1 to 1024");
+        }
+        if !(1..=300).contains(&f.circuit.build_timeout_secs) {
+            bail!("circuit.build_timeout_secs must be 1 to 300");
+        }
+        if !(1..=300).contains(&f.exit.connect_timeout_secs) {
+            bail!("exit.connect_timeout_secs must be 1 to 300");
+        }
+        let exit_policy = ExitPolicy::parse(&f.exit.rules, f.exit.allow_private).context("exit.rules")?;
+        let mut peers: Vec<Peer> = Vec::new();
+        for (i, p) in f.peers.iter().enumerate() {
+            let ctx = || format!("peers[{i}]");
+            let id = NodeId(crate::identity::parse_key_hex(&p.id).context("id").with_context(ctx)?);
+            let noise_key = crate::identity::parse_key_hex(&p.noise_key)
+                .context("noise_key")
+                .with_context(ctx)?;
+            let addr = p
+                .addr
+                .as_deref()
+                .map(|s| parse_addr("addr", s))
+                .transpose()
+                .with_context(ctx)?;
+            let jurisdiction = parse_jurisdiction(&p.jurisdiction).context("jurisdiction").with_context(ctx)?;
+            let proles = parse_roles(&p.roles).context("roles").with_context(ctx)?;
+            if (proles.relay || proles.exit) && addr.is_none() {
+                bail!("peers[{i}]: addr is required for a peer with the relay or exit role");
+            }
+            if peers.iter().any(|q| q.id == id || q.noise_key == noise_key) {
+                bail!("peers[{i}]: the same id or noise_key appears twice");
+            }
+            peers.push(Peer { id, noise_key, addr, jurisdiction, roles: proles });
+        }
+        Ok(NodeConfig {
+            jurisdiction,
+            roles,
+            key_dir: f.node.key_dir,
+            link_listen,
+            socks_listen,
+            hops: f.circuit.hops,
+            stream_window: window,
+            max_streams_per_circuit: f.circuit.max_streams_per_circuit,
+            build_timeout: Duration::from_secs(f.circuit.build_timeout_secs),
+            exit_policy,
+            connect_timeout: Duration::from_secs(f.exit.connect_timeout_secs),
+            peers,
+        })
+    }
+}
+
+/// What `ferry init` needs to write a config.
+pub struct Template<'a> {
+    /// Jurisdiction code.
+    pub jurisdiction: &'a str,
+    /// Roles.
+    pub roles: Roles,
+    /// Link listener, if any.
+    pub link: Option<SocketAddr>,
+    /// SOCKS listener, if any.
+    pub socks: Option<SocketAddr>,
+}
+
+fn roles_toml(r: Roles) -> String {
+    let names: Vec<String> = r.to_string().split(',').filter(|s| !s.is_empty()).map(|s| format!("\"{s}\"")).collect();
+    format!("[{}]", names.join(", "))
+}
+
+/// The `[[peers]]` block describing a node, for other nodes' configs.
+pub fn peer_block(id: &NodeId, noise_public: &[u8; 32], addr: Option<SocketAddr>, jurisdiction: &str, roles: Roles) -> String {
+    let addr_line = match addr {
+        Some(a) => format!("addr = \"{a}\"\n"),
+        None => "# no addr: this node accepts no links (entry only)\n".into(),
+    };
+    format!(
+        "[[peers]]\nid = \"{}\"\nnoise_key = \"{}\"\n{addr_line}jurisdiction = \"{jurisdiction}\"\nroles = {}\n",
+        hex::encode(id.0),
+        hex::encode(noise_public),
+        roles_toml(roles)
+    )
+}
+
+/// The fully commented config file `ferry init` writes.
+pub fn render_template(t: &Template<'_>) -> String {
+    let link = match t.link {
+        Some(a) => format!("link = \"{a}\""),
+        None => "# link = \"127.0.0.1:7000\"".into(),
+    };
+    let socks = match t.socks {
+        Some(a) => format!("socks = \"{a}\""),
+        None => "# socks = \"127.0.0.1:1080\"".into(),
+    };
+    format!(
+        r#"# Ferry node configuration.
+#
+# Unknown keys are errors. Sizes end in _bytes, durations in _secs.
+# Relative paths are relative to this file's folder.
+
+[node]
+# Where this node operates: an ISO 3166-1 alpha-2 country code. Rulings that
+# block a jurisdiction apply to the nodes that declare it.
+jurisdiction = "{jurisdiction}"
+# What this node does for the mesh, any of:
+#   entry  - listens for SOCKS5 clients on localhost and builds circuits
+#   relay  - forwards circuits between other nodes
+#   exit   - connects streams to their targets, under the [exit] policy
+roles = {roles}
+# Folder holding identity.key (Ed25519) and noise.key (X25519), mode 0600.
+key_dir = "."
+
+[listen]
+# Data-plane link listener (TCP, Noise). Required for the relay and exit roles.
+{link}
+# SOCKS5 entry (RFC 1928, CONNECT). Required for the entry role. It has no
+# authentication of its own, so it must be a loopback address unless
+# socks_allow_remote = true.
+{socks}
+socks_allow_remote = false
+
+[circuit]
+# Nodes on each circuit after the origin; the last one is the exit. 1 to 8.
+hops = 3
+# Per-stream flow-control window: the most a sender may have unacknowledged.
+# The receiving end never buffers more than this per stream. 65536 to 67108864.
+stream_window_bytes = 2097152
+# Streams that share one circuit before another circuit is built. 1 to 1024.
+max_streams_per_circuit = 64
+# Time allowed to build a circuit, hop by hop. 1 to 300.
+build_timeout_secs = 10
+
+[exit]
+# Allow targets in loopback, private (RFC 1918, ULA), link-local, CGNAT,
+# multicast and other special ranges. Leave false unless the exit serves a
+# private network on purpose.
+allow_private = false
+# Ordered rules, "allow|deny CIDR[:PORTS]", PORTS as N, N-M or * (the default).
+# The first rule matching the target's resolved address wins; no match denies.
+rules = ["allow 0.0.0.0/0", "allow ::/0"]
+# Time allowed to connect to a target. 1 to 300.
+connect_timeout_secs = 10
+
+# Known peers. A node accepts links only from Noise keys listed here, and
+# builds circuits only through these nodes. `ferry peer-info --config FILE`
+# prints a node's block to paste here.
+#
+# [[peers]]
+# id = "<64 hex digits: Ed25519 identity public key>"
+# noise_key = "<64 hex digits: X25519 Noise static public key>"
+# addr = "127.0.0.1:7001"      # omit for an entry-only client
+# jurisdiction = "CH"
+# roles = ["relay", "exit"]
+"#,
+        jurisdiction = t.jurisdiction,
+        roles = roles_toml(t.roles),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        NodeConfig::try_from(file)
+    }
+
+    #[test]
+    fn template_parses_and_validates() {
+        let t = Template {
+            jurisdiction: "DE",
+            roles: Roles { entry: true, relay: true, exit: true },
+            link: Some("127.0.0.1:7000".parse().unwrap()),
+            socks: Some("127.0.0.1:1080".parse().unwrap()),
+        };
+        let cfg = parse(&render_template(&t)).unwrap();
+        assert_eq!(cfg.jurisdiction.as_str(), "DE");
+        assert!(cfg.roles.exit && cfg.roles.entry);
+        assert_eq!(cfg.hops, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[node]\njurisdiction = \"DE\"\nroles = [\"relay\"]\ncolour = 1\n[listen]\nlink=\"127.0.0.1:1\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+        let err = parse("[node]\njurisdiction = \"DE\"\nroles = [\"relay\"]\n[listen]\nlink=\"127.0.0.1:1\"\n[exit]\nallow_privat = true\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("allow_privat"), "{err}");
+    }
+
+    #[test]
+    fn bad_country_code_is_refused() {
+        for bad in ["XX", "DEU", "D", "12", ""] {
+            let err = parse_jurisdiction(bad).unwrap_err();
+            assert!(err.to_string().contains("ISO 3166-1"), "{bad}: {err}");
+        }
+        assert_eq!(parse_jurisdiction("pk").unwrap().as_str(), "PK");
+        let err = parse("[node]\njurisdiction = \"ZZ\"\nroles = [\"entry\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("node.jurisdiction"), "{err:#}");
+    }
+
+    #[test]
+    fn relay_without_link_and_public_socks_are_refused() {
+        let err = parse("[node]\njurisdiction = \"DE\"\nroles = [\"relay\"]\n").unwrap_err();
+        assert!(err.to_string().contains("listen.link is required"), "{err}");
+        let err = parse("[node]\njurisdiction = \"DE\"\nroles = [\"entry\"]\n[listen]\nsocks = \"0.0.0.0:1080\"\n").unwrap_err();
+        assert!(err.to_string().contains("socks_allow_remote"), "{err}");
+    }
+}

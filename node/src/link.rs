@@ -1,0 +1,268 @@
+//! Node-to-node links: TCP carrying Noise (IK, mutually authenticated).
+//!
+//! After the handshake each link has a reader task and a writer task. The
+//! writer drains a bounded queue of cells, seals each in place into one
+//! reused output buffer and writes the batch with one system call; the reader
+//! reads into a large buffer, splits whole frames off it, opens each in place
+//! and hands the plaintext cell, still in that buffer, to the switch. A cell
+//! is copied once per hop (into the writer's batch) and never allocated on
+//! its own.
+
+use crate::crypto::{self, Session};
+use crate::switch::Switch;
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{BufMut, BytesMut};
+use ferry_proto::{FrameCodec, MAX_NOISE_MESSAGE, TAG_LEN};
+use ferry_router::NodeId;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+/// Handshake frames: any length up to the Noise maximum.
+pub const HANDSHAKE_CODEC: FrameCodec = FrameCodec::new(1, MAX_NOISE_MESSAGE);
+/// Transport frames: at least a tag and a cell header, at most the Noise maximum.
+pub const TRANSPORT_CODEC: FrameCodec =
+    FrameCodec::new(TAG_LEN + ferry_proto::cell::HEADER_LEN, MAX_NOISE_MESSAGE);
+/// Cells queued for one link's writer before senders wait.
+pub const LINK_QUEUE_CELLS: usize = 128;
+/// Time allowed for a link handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest batch the writer puts in one `write` call.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Process-local link id.
+pub type LinkId = u64;
+
+/// A live link, as the rest of the node sees it.
+#[derive(Debug)]
+pub struct LinkHandle {
+    /// Local id (for the circuit table).
+    pub id: LinkId,
+    /// The node at the other end.
+    pub peer: NodeId,
+    tx: mpsc::Sender<BytesMut>,
+    next_circ: AtomicU32,
+    initiator: bool,
+    closed: CancellationToken,
+}
+
+/// The link is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("link closed")]
+pub struct LinkClosed;
+
+impl LinkHandle {
+    /// Queues one plaintext cell; waits while the queue is full.
+    pub async fn send(&self, cell: BytesMut) -> Result<(), LinkClosed> {
+        self.tx.send(cell).await.map_err(|_| LinkClosed)
+    }
+
+    /// Queues a cell if there is room now (for best-effort notices).
+    pub fn try_send(&self, cell: BytesMut) -> bool {
+        self.tx.try_send(cell).is_ok()
+    }
+
+    /// A fresh circuit id for a circuit this side creates on the link. The
+    /// dialer's ids have the top bit set, the listener's don't, so the two
+    /// ends never collide.
+    pub fn alloc_circ_id(&self) -> u32 {
+        let n = self.next_circ.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+        let n = n.max(1);
+        if self.initiator { n | 0x8000_0000 } else { n }
+    }
+
+    /// Whether the link has closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled() || self.tx.is_closed()
+    }
+
+    /// Closes the link.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+async fn read_frame(sock: &mut TcpStream, buf: &mut BytesMut, codec: FrameCodec) -> Result<BytesMut> {
+    loop {
+        if let Some(f) = codec.decode(buf)? {
+            return Ok(f);
+        }
+        if sock.read_buf(buf).await? == 0 {
+            bail!("peer closed the connection during the handshake");
+        }
+    }
+}
+
+async fn write_frame(sock: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    let mut out = Vec::with_capacity(msg.len() + 4);
+    HANDSHAKE_CODEC.encode(msg, &mut out);
+    sock.write_all(&out).await?;
+    Ok(())
+}
+
+/// Dials a peer and runs the initiator side of the link handshake.
+pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>> {
+    let info = switch.peer(&peer).ok_or_else(|| anyhow!("unknown node {peer}"))?;
+    let addr = info.addr.ok_or_else(|| anyhow!("node {peer} accepts no links"))?;
+    let fut = async {
+        let mut sock = TcpStream::connect(addr).await.context("connecting")?;
+        sock.set_nodelay(true)?;
+        let mut hs = crypto::link_initiator(&switch.keys.noise_private, &info.noise_key)?;
+        write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let m2 = read_frame(&mut sock, &mut buf, HANDSHAKE_CODEC).await?;
+        crypto::read_hs(&mut hs, &m2)?;
+        Ok::<_, anyhow::Error>((sock, Session::from_handshake(hs)?, buf))
+    };
+    let (sock, session, buf) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| anyhow!("link handshake with {peer} timed out"))??;
+    Ok(start(switch, sock, session, buf, peer, true))
+}
+
+/// Runs the listener side of the link handshake on an accepted socket, then
+/// the link itself. Returns when the handshake fails (with the reason).
+pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<LinkHandle>> {
+    sock.set_nodelay(true)?;
+    let fut = async {
+        let mut buf = BytesMut::with_capacity(1024);
+        let m1 = read_frame(&mut sock, &mut buf, HANDSHAKE_CODEC).await?;
+        let mut hs = crypto::link_responder(&switch.keys.noise_private)?;
+        crypto::read_hs(&mut hs, &m1)?;
+        let remote: [u8; 32] = hs
+            .get_remote_static()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| anyhow!("handshake carried no static key"))?;
+        let Some(peer) = switch.peer_by_noise_key(&remote) else {
+            debug!(key = %hex::encode(remote), "refused static key");
+            bail!("static key is not bound to any known node");
+        };
+        write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
+        Ok::<_, anyhow::Error>((Session::from_handshake(hs)?, buf, peer))
+    };
+    let (session, buf, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| anyhow!("link handshake timed out"))??;
+    Ok(start(&switch, sock, session, buf, peer, false))
+}
+
+fn start(
+    switch: &Arc<Switch>,
+    sock: TcpStream,
+    session: Session,
+    leftover: BytesMut,
+    peer: NodeId,
+    initiator: bool,
+) -> Arc<LinkHandle> {
+    let (tx, rx) = mpsc::channel(LINK_QUEUE_CELLS);
+    let closed = switch.shutdown.child_token();
+    let link = Arc::new(LinkHandle {
+        id: switch.next_link_id(),
+        peer,
+        tx,
+        next_circ: AtomicU32::new(1),
+        initiator,
+        closed: closed.clone(),
+    });
+    let span = tracing::info_span!("link", id = link.id, peer = %peer.short());
+    let (r, w) = sock.into_split();
+    let Session { tx: sealer, rx: opener } = session;
+    tokio::spawn(write_loop(w, rx, sealer, closed.clone()).instrument(span.clone()));
+    let sw = switch.clone();
+    let l2 = link.clone();
+    tokio::spawn(
+        async move {
+            let reason = tokio::select! {
+                r = read_loop(&sw, &l2, r, opener, leftover) => r.err().map(|e| format!("{e:#}")),
+                _ = closed.cancelled() => None,
+            };
+            match &reason {
+                Some(r) => warn!(reason = %r, "link closed"),
+                None => debug!("link closed"),
+            }
+            l2.close();
+            sw.link_down(&l2);
+        }
+        .instrument(span),
+    );
+    switch.link_up(link.clone());
+    debug!(link = link.id, peer = %peer.short(), initiator, "link up");
+    link
+}
+
+async fn write_loop(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<BytesMut>,
+    mut sealer: crypto::Sealer,
+    closed: CancellationToken,
+) {
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_NOISE_MESSAGE + 4);
+    loop {
+        let first = tokio::select! {
+            c = rx.recv() => c,
+            _ = closed.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        out.clear();
+        let mut next = Some(first);
+        while let Some(cell) = next {
+            TRANSPORT_CODEC.put_prefix(cell.len() + TAG_LEN, &mut out);
+            let start = out.len();
+            out.extend_from_slice(&cell);
+            if sealer.seal_tail(&mut out, start).is_err() {
+                warn!("link nonce exhausted; closing");
+                closed.cancel();
+                return;
+            }
+            next = if out.len() < WRITE_BATCH { rx.try_recv().ok() } else { None };
+        }
+        if let Err(e) = w.write_all(&out).await {
+            debug!(error = %e, "link write failed");
+            closed.cancel();
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(
+    switch: &Arc<Switch>,
+    link: &Arc<LinkHandle>,
+    mut r: OwnedReadHalf,
+    mut opener: crypto::Opener,
+    mut buf: BytesMut,
+) -> Result<()> {
+    loop {
+        while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut buf)? {
+            let len = opener.open_in_place(&mut frame)?;
+            frame.truncate(len);
+            switch.on_cell(link, frame).await?;
+        }
+        if buf.capacity() - buf.len() < MAX_NOISE_MESSAGE {
+            buf.reserve(READ_CHUNK);
+        }
+        if r.read_buf(&mut buf).await? == 0 {
+            if buf.is_empty() {
+                info!("link closed by peer");
+                return Ok(());
+            }
+            bail!("peer closed the link mid-frame");
+        }
+    }
+}
+
+/// Builds a cell with the given header and body into a fresh buffer.
+pub fn cell(circ_id: u32, cmd: ferry_proto::CellCmd, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(ferry_proto::cell::HEADER_LEN + body.len());
+    b.put_slice(&ferry_proto::cell::header(circ_id, cmd));
+    b.put_slice(body);
+    b
+}

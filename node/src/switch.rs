@@ -1,0 +1,380 @@
+//! The switch: links by peer, the circuit table, and what each cell does.
+//!
+//! A circuit is known on a node by `(link, circ_id)` for each side it has.
+//! A relay maps each side to the other and forwards cells with nothing more
+//! than a circuit-id rewrite. The hop at a circuit's *tip* (the last hop built
+//! so far) holds a Noise session with the origin and reads CONTROL cells: an
+//! EXTEND makes it dial the next hop, after which it only forwards. When the
+//! circuit is complete the tip is the exit, and its session with the origin is
+//! the end-to-end session that carries the streams.
+
+use crate::config::{NodeConfig, Peer};
+use crate::crypto;
+use crate::endpoint::{Endpoint, ExitCtx, Side};
+use crate::identity::Keys;
+use crate::link::{self, LinkHandle, LinkId, cell};
+use crate::origin::OriginCircuit;
+use anyhow::{Result, anyhow};
+use bytes::BytesMut;
+use ferry_proto::pb::{self, DestroyReason, RefusalReason};
+use ferry_proto::{Cell, CellCmd, cell as cellfmt};
+use ferry_router::NodeId;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// What one side of a circuit is on this node.
+enum Slot {
+    /// Forward everything to the other side.
+    Forward { link: Arc<LinkHandle>, circ: u32 },
+    /// We sent CREATE on this side and wait for CREATED.
+    Pending(oneshot::Sender<Result<BytesMut, String>>),
+    /// We are the circuit's tip: we hold a session with its origin.
+    Tip(Arc<Endpoint>),
+    /// We are the circuit's origin.
+    Origin(Arc<OriginCircuit>),
+}
+
+/// The node's switching core.
+pub struct Switch {
+    /// The node's keys.
+    pub keys: Arc<Keys>,
+    /// The node's config.
+    pub cfg: Arc<NodeConfig>,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+    peers: HashMap<NodeId, Peer>,
+    by_key: HashMap<[u8; 32], NodeId>,
+    links: Mutex<HashMap<NodeId, Arc<LinkHandle>>>,
+    dial_lock: tokio::sync::Mutex<()>,
+    circuits: Mutex<HashMap<(LinkId, u32), Slot>>,
+    next_link: AtomicU64,
+    exit: Option<Arc<ExitCtx>>,
+}
+
+/// A cell broke the link protocol: the link is closed with this reason.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed cell: {0}")]
+pub struct Malformed(#[from] ferry_proto::DecodeError);
+
+impl Switch {
+    /// A switch for this node.
+    pub fn new(keys: Arc<Keys>, cfg: Arc<NodeConfig>, shutdown: CancellationToken) -> Arc<Self> {
+        let peers: HashMap<_, _> = cfg.peers.iter().map(|p| (p.id, p.clone())).collect();
+        let by_key = cfg.peers.iter().map(|p| (p.noise_key, p.id)).collect();
+        let exit = cfg.roles.exit.then(|| {
+            Arc::new(ExitCtx {
+                policy: cfg.exit_policy.clone(),
+                connect_timeout: cfg.connect_timeout,
+                window: cfg.stream_window,
+            })
+        });
+        Arc::new(Self {
+            keys,
+            cfg,
+            shutdown,
+            peers,
+            by_key,
+            links: Mutex::new(HashMap::new()),
+            dial_lock: tokio::sync::Mutex::new(()),
+            circuits: Mutex::new(HashMap::new()),
+            next_link: AtomicU64::new(1),
+            exit,
+        })
+    }
+
+    /// A known peer.
+    pub fn peer(&self, id: &NodeId) -> Option<&Peer> {
+        self.peers.get(id)
+    }
+
+    /// All known peers.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
+    /// The node a Noise static key belongs to.
+    pub fn peer_by_noise_key(&self, key: &[u8; 32]) -> Option<NodeId> {
+        self.by_key.get(key).copied()
+    }
+
+    pub(crate) fn next_link_id(&self) -> LinkId {
+        self.next_link.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn link_up(&self, link: Arc<LinkHandle>) {
+        self.links.lock().expect("links lock").insert(link.peer, link);
+    }
+
+    /// Circuits this node holds, on all sides.
+    pub fn circuit_count(&self) -> usize {
+        self.circuits.lock().expect("circuits lock").len()
+    }
+
+    /// The link to `peer`, dialing it if there is none.
+    pub async fn link_to(self: &Arc<Self>, peer: NodeId) -> Result<Arc<LinkHandle>> {
+        if let Some(l) = self.live_link(&peer) {
+            return Ok(l);
+        }
+        let _guard = self.dial_lock.lock().await;
+        if let Some(l) = self.live_link(&peer) {
+            return Ok(l);
+        }
+        link::dial(self, peer).await
+    }
+
+    fn live_link(&self, peer: &NodeId) -> Option<Arc<LinkHandle>> {
+        self.links.lock().expect("links lock").get(peer).filter(|l| !l.is_closed()).cloned()
+    }
+
+    /// Registers a circuit this node originates.
+    pub(crate) fn add_origin(&self, link: &LinkHandle, circ: u32, oc: Arc<OriginCircuit>) {
+        self.circuits.lock().expect("circuits lock").insert((link.id, circ), Slot::Origin(oc));
+    }
+
+    /// Forgets one side of a circuit (no cells sent).
+    pub(crate) fn remove(&self, link: LinkId, circ: u32) {
+        self.circuits.lock().expect("circuits lock").remove(&(link, circ));
+    }
+
+    /// A link went down: every circuit on it is destroyed, and the other side
+    /// of each forwarded circuit is told.
+    pub(crate) fn link_down(&self, link: &Arc<LinkHandle>) {
+        {
+            let mut links = self.links.lock().expect("links lock");
+            if links.get(&link.peer).is_some_and(|l| l.id == link.id) {
+                links.remove(&link.peer);
+            }
+        }
+        let gone: Vec<(u32, Slot)> = {
+            let mut c = self.circuits.lock().expect("circuits lock");
+            let keys: Vec<_> = c.keys().filter(|(l, _)| *l == link.id).copied().collect();
+            keys.into_iter().filter_map(|k| c.remove(&k).map(|s| (k.1, s))).collect()
+        };
+        for (_, slot) in gone {
+            self.drop_slot(slot, DestroyReason::LinkLost);
+        }
+    }
+
+    /// Ends what a removed slot holds; tells the other side of a forward.
+    fn drop_slot(&self, slot: Slot, reason: DestroyReason) {
+        match slot {
+            Slot::Forward { link, circ } => {
+                self.remove(link.id, circ);
+                link.try_send(destroy_cell(circ, reason));
+            }
+            Slot::Pending(tx) => {
+                let _ = tx.send(Err(format!("circuit destroyed: {}", reason.as_str_name())));
+            }
+            Slot::Tip(end) => end.close(reason),
+            Slot::Origin(oc) => oc.close(reason),
+        }
+    }
+
+    /// Destroys a circuit from one side: forgets it and tells both neighbours.
+    pub(crate) fn destroy(&self, link: &LinkHandle, circ: u32, reason: DestroyReason) {
+        let slot = self.circuits.lock().expect("circuits lock").remove(&(link.id, circ));
+        link.try_send(destroy_cell(circ, reason));
+        if let Some(slot) = slot {
+            self.drop_slot(slot, reason);
+        }
+    }
+
+    /// Handles one cell that arrived on `link`. An error closes the link.
+    pub async fn on_cell(self: &Arc<Self>, link: &Arc<LinkHandle>, mut buf: BytesMut) -> Result<(), Malformed> {
+        let c = Cell::parse(&buf)?;
+        let (circ, cmd) = (c.circ_id, c.cmd);
+        let key = (link.id, circ);
+        match cmd {
+            CellCmd::Create => self.on_create(link, circ, c.body),
+            CellCmd::Destroy => {
+                let reason = pb::Destroy::decode(c.body).map(|d| d.reason()).unwrap_or_default();
+                debug!(circ, reason = reason.as_str_name(), "destroy received");
+                let slot = self.circuits.lock().expect("circuits lock").remove(&key);
+                if let Some(slot) = slot {
+                    self.drop_slot(slot, reason);
+                }
+            }
+            CellCmd::Created | CellCmd::Control | CellCmd::Relay => {
+                enum Next {
+                    Forward(Arc<LinkHandle>, u32),
+                    Created(oneshot::Sender<Result<BytesMut, String>>),
+                    Tip(Arc<Endpoint>),
+                    Origin(Arc<OriginCircuit>),
+                    None,
+                }
+                let next = {
+                    let mut c = self.circuits.lock().expect("circuits lock");
+                    match c.get(&key) {
+                        Some(Slot::Forward { link, circ }) if cmd != CellCmd::Created => {
+                            Next::Forward(link.clone(), *circ)
+                        }
+                        Some(Slot::Pending(_)) if cmd == CellCmd::Created => match c.remove(&key) {
+                            Some(Slot::Pending(tx)) => Next::Created(tx),
+                            _ => Next::None,
+                        },
+                        Some(Slot::Tip(end)) if cmd != CellCmd::Created => Next::Tip(end.clone()),
+                        Some(Slot::Origin(oc)) => Next::Origin(oc.clone()),
+                        _ => Next::None,
+                    }
+                };
+                match next {
+                    Next::Forward(out, out_circ) => {
+                        cellfmt::set_circ_id(&mut buf, out_circ);
+                        if out.send(buf).await.is_err() {
+                            self.destroy(link, circ, DestroyReason::LinkLost);
+                        }
+                    }
+                    Next::Created(tx) => {
+                        let mut body = buf;
+                        let _ = body.split_to(cellfmt::HEADER_LEN);
+                        let _ = tx.send(Ok(body));
+                    }
+                    Next::Tip(end) => {
+                        let res = if cmd == CellCmd::Relay {
+                            end.on_relay(buf)
+                        } else {
+                            end.on_control(buf).map(|extend| {
+                                if let Some(ext) = extend {
+                                    tokio::spawn(self.clone().extend(link.clone(), circ, end.clone(), ext));
+                                }
+                            })
+                        };
+                        if let Err(e) = res {
+                            warn!(circ, error = %e, "circuit protocol error; destroying circuit");
+                            self.destroy(link, circ, DestroyReason::Protocol);
+                        }
+                    }
+                    Next::Origin(oc) => {
+                        if let Err(e) = oc.on_cell(cmd, buf) {
+                            warn!(circ, error = %e, "circuit protocol error; destroying circuit");
+                            self.destroy(link, circ, DestroyReason::Protocol);
+                        }
+                    }
+                    Next::None => debug!(circ, cmd = cmd.name(), "cell for unknown circuit dropped"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_create(self: &Arc<Self>, link: &Arc<LinkHandle>, circ: u32, msg1: &[u8]) {
+        let refuse = |why: &str| {
+            warn!(circ, reason = why, "circuit refused");
+            link.try_send(destroy_cell(circ, DestroyReason::BuildFailed));
+        };
+        if !(self.cfg.roles.relay || self.cfg.roles.exit) {
+            return refuse("this node has neither the relay nor the exit role");
+        }
+        if self.circuits.lock().expect("circuits lock").contains_key(&(link.id, circ)) {
+            return refuse("circuit id already in use on this link");
+        }
+        let (session, msg2) = match crypto::hop_respond(&self.keys.noise_private, msg1) {
+            Ok(x) => x,
+            Err(e) => return refuse(&e.to_string()),
+        };
+        let end = Endpoint::new(link.clone(), circ, session, Side::Exit(self.exit.clone()), self.cfg.stream_window);
+        self.circuits.lock().expect("circuits lock").insert((link.id, circ), Slot::Tip(end));
+        if !link.try_send(cell(circ, CellCmd::Created, &msg2)) {
+            self.destroy(link, circ, DestroyReason::Shutdown);
+        }
+        debug!(circ, "circuit created");
+    }
+
+    async fn extend(self: Arc<Self>, in_link: Arc<LinkHandle>, in_circ: u32, end: Arc<Endpoint>, ext: pb::Extend) {
+        let reply = match self.try_extend(&in_link, in_circ, &end, ext).await {
+            Ok(msg2) => pb::control_reply::Msg::Extended(pb::Extended { handshake: msg2 }),
+            Err((reason, detail)) => {
+                warn!(circ = in_circ, reason = reason.as_str_name(), %detail, "extend failed");
+                pb::control_reply::Msg::ExtendFailed(pb::ExtendFailed { reason: reason as i32, detail })
+            }
+        };
+        let reply = pb::ControlReply { msg: Some(reply) };
+        if end.send_control(&reply.encode_to_vec()).await.is_err() {
+            self.destroy(&in_link, in_circ, DestroyReason::LinkLost);
+        }
+    }
+
+    async fn try_extend(
+        self: &Arc<Self>,
+        in_link: &Arc<LinkHandle>,
+        in_circ: u32,
+        end: &Arc<Endpoint>,
+        ext: pb::Extend,
+    ) -> Result<Vec<u8>, (RefusalReason, String)> {
+        let id: [u8; 32] = ext
+            .node_id
+            .as_slice()
+            .try_into()
+            .map_err(|_| (RefusalReason::Malformed, "node id is not 32 bytes".to_string()))?;
+        let next = NodeId(id);
+        let peer = self.peer(&next).ok_or((RefusalReason::UnknownNode, format!("node {next} is not known here")))?;
+        if !(peer.roles.relay || peer.roles.exit) || peer.addr.is_none() {
+            return Err((RefusalReason::Role, format!("node {next} is neither relay nor exit")));
+        }
+        let out = self
+            .link_to(next)
+            .await
+            .map_err(|e| (RefusalReason::Unreachable, format!("node {next}: {e:#}")))?;
+        let out_circ = out.alloc_circ_id();
+        let (tx, rx) = oneshot::channel();
+        self.circuits.lock().expect("circuits lock").insert((out.id, out_circ), Slot::Pending(tx));
+        if out.send(cell(out_circ, CellCmd::Create, &ext.handshake)).await.is_err() {
+            self.remove(out.id, out_circ);
+            return Err((RefusalReason::Unreachable, format!("link to {next} closed")));
+        }
+        let answer = tokio::time::timeout(self.cfg.build_timeout, rx).await;
+        let msg2 = match answer {
+            Ok(Ok(Ok(msg2))) => msg2,
+            Ok(Ok(Err(why))) => return Err((RefusalReason::Unreachable, format!("node {next} refused: {why}"))),
+            Ok(Err(_)) | Err(_) => {
+                self.remove(out.id, out_circ);
+                return Err((RefusalReason::Unreachable, format!("node {next} did not answer")));
+            }
+        };
+        // Splice: from now on this node only forwards this circuit.
+        let mut c = self.circuits.lock().expect("circuits lock");
+        match c.get(&(in_link.id, in_circ)) {
+            Some(Slot::Tip(e)) if Arc::ptr_eq(e, end) => {
+                c.insert((in_link.id, in_circ), Slot::Forward { link: out.clone(), circ: out_circ });
+                c.insert((out.id, out_circ), Slot::Forward { link: in_link.clone(), circ: in_circ });
+            }
+            _ => {
+                drop(c);
+                out.try_send(destroy_cell(out_circ, DestroyReason::Finished));
+                return Err((RefusalReason::Unspecified, "circuit closed while extending".into()));
+            }
+        }
+        drop(c);
+        debug!(circ = in_circ, next = %next.short(), "circuit extended");
+        Ok(msg2.to_vec())
+    }
+
+    /// Closes every link and circuit.
+    pub fn shutdown_all(&self) {
+        let slots: Vec<Slot> = self.circuits.lock().expect("circuits lock").drain().map(|(_, s)| s).collect();
+        for s in slots {
+            if let Slot::Forward { link, circ } = &s {
+                link.try_send(destroy_cell(*circ, DestroyReason::Shutdown));
+            }
+            self.drop_slot(s, DestroyReason::Shutdown);
+        }
+        for l in self.links.lock().expect("links lock").values() {
+            l.close();
+        }
+    }
+}
+
+/// A DESTROY cell.
+pub fn destroy_cell(circ: u32, reason: DestroyReason) -> BytesMut {
+    cell(circ, CellCmd::Destroy, &pb::Destroy { reason: reason as i32 }.encode_to_vec())
+}
+
+/// Reads a peer's id from a hex string (for tools and tests).
+pub fn node_id_from_hex(s: &str) -> Result<NodeId> {
+    crate::identity::parse_key_hex(s).map(NodeId).map_err(|e| anyhow!("node id: {e}"))
+}
