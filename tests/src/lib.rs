@@ -1,0 +1,435 @@
+//! The multi-node harness: real `ferry` processes on loopback, configured
+//! with `ferry init` and `ferry peer-info` exactly as an operator would, plus
+//! a SOCKS5 client, a traffic generator, and recording TCP taps.
+//!
+//! The `ferry` binary is found next to the test executable's folder
+//! (`target/<profile>/ferry`); build it first with `cargo build --bins`
+//! (`make test` does).
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The `ferry` binary of the current build profile.
+pub fn ferry_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("FERRY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join("ferry");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("no `ferry` binary next to {}; run `cargo build --bins` first (make test does)", exe.display())
+}
+
+/// A free loopback port (bound and released; the kernel does not hand it out
+/// again at once).
+pub fn free_port() -> Result<SocketAddr> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One node to start.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Jurisdiction code.
+    pub jurisdiction: &'static str,
+    /// Roles, comma-separated.
+    pub roles: &'static str,
+}
+
+/// A running `ferry` process.
+pub struct Proc {
+    /// Its node id (hex).
+    pub id: String,
+    /// Its Noise static public key.
+    pub noise_key: [u8; 32],
+    /// Its jurisdiction.
+    pub jurisdiction: String,
+    /// Its link listener (nodes), if any.
+    pub link: Option<SocketAddr>,
+    /// Its SOCKS5 listener (the entry), if any.
+    pub socks: Option<SocketAddr>,
+    /// Its folder (keys, config, logs).
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    /// Its standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits until its log contains `needle`, up to `within`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                bail!("node {} never logged {needle:?}; log:\n{log}", self.jurisdiction);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options for a mesh.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Hops per circuit.
+    pub hops: usize,
+    /// Exits may reach loopback targets.
+    pub allow_private: bool,
+    /// Put a recording tap in front of every node's link listener.
+    pub tap: bool,
+    /// Extra keys to list as entry-only peers on every node (test clients).
+    pub extra_peers: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { hops: 3, allow_private: true, tap: false, extra_peers: Vec::new() }
+    }
+}
+
+/// A mesh of `ferry node` processes and one `ferry connect` entry.
+pub struct Mesh {
+    /// The nodes, in spec order.
+    pub nodes: Vec<Proc>,
+    /// The `ferry connect` entry.
+    pub entry: Proc,
+    /// Everything the taps saw, if tapped.
+    pub tapped: Arc<Mutex<Vec<u8>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn run_ferry(args: &[&str]) -> Result<String> {
+    let out = Command::new(ferry_bin()?).args(args).output().context("running ferry")?;
+    if !out.status.success() {
+        bail!("ferry {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Parses `key = "value"` out of a peer block.
+fn field(block: &str, key: &str) -> Result<String> {
+    block
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = \"")).map(|v| v.trim_end_matches('"').to_string()))
+        .ok_or_else(|| anyhow!("no {key} in peer block:\n{block}"))
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Result<Child> {
+    let err = std::fs::File::create(dir.join("stderr.log"))?;
+    Command::new(ferry_bin()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .context("spawning ferry")
+}
+
+/// Waits for the `ready:` line a node prints once it listens.
+fn wait_ready(child: &mut Child) -> Result<()> {
+    let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(l) if l.starts_with("ready:") => Ok(()),
+        Ok(l) => bail!("unexpected first line: {l}"),
+        Err(_) => bail!("node did not become ready within 20 s"),
+    }
+}
+
+impl Mesh {
+    /// Starts the nodes and an entry, all configured through the CLI.
+    /// Must be called inside a tokio runtime when `opts.tap` is set.
+    pub fn start(specs: &[Spec], opts: &Options) -> Result<Mesh> {
+        let root = tempfile::Builder::new().prefix("ferry-mesh-").tempdir()?;
+        let tapped = Arc::new(Mutex::new(Vec::new()));
+        struct Member {
+            dir: PathBuf,
+            block: String,
+            link: Option<SocketAddr>,
+            socks: Option<SocketAddr>,
+            jurisdiction: String,
+        }
+        let mut members = Vec::new();
+        let all = specs.iter().cloned().chain([Spec { jurisdiction: "NL", roles: "entry" }]);
+        for (i, s) in all.enumerate() {
+            let dir = root.path().join(format!("n{i}-{}", s.jurisdiction));
+            let link = free_port()?;
+            let socks = free_port()?;
+            let (l, so) = (link.to_string(), socks.to_string());
+            run_ferry(&["init", "--dir", dir.to_str().unwrap(), "--jurisdiction", s.jurisdiction, "--roles", s.roles, "--listen", &l, "--socks", &so])?;
+            let cfg = dir.join("ferry.toml");
+            let mut block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
+            let is_entry = s.roles == "entry";
+            if opts.tap && !is_entry {
+                let tap = start_tap(link, tapped.clone())?;
+                block = block.replace(&format!("addr = \"{link}\""), &format!("addr = \"{tap}\""));
+            }
+            members.push(Member {
+                dir,
+                block,
+                link: (!is_entry).then_some(link),
+                socks: is_entry.then_some(socks),
+                jurisdiction: s.jurisdiction.to_string(),
+            });
+        }
+        for (i, m) in members.iter().enumerate() {
+            let cfg = m.dir.join("ferry.toml");
+            let mut text = std::fs::read_to_string(&cfg)?;
+            text = text.replace("hops = 3", &format!("hops = {}", opts.hops));
+            if opts.allow_private {
+                text = text.replace("allow_private = false", "allow_private = true");
+            }
+            for (j, o) in members.iter().enumerate() {
+                if i != j {
+                    text.push('\n');
+                    text.push_str(&o.block);
+                }
+            }
+            for p in &opts.extra_peers {
+                text.push('\n');
+                text.push_str(p);
+            }
+            std::fs::write(&cfg, text)?;
+        }
+        let mut procs = Vec::new();
+        for m in members {
+            let cfg = m.dir.join("ferry.toml");
+            let cfg = cfg.to_str().unwrap();
+            let args: Vec<&str> = if m.socks.is_some() { vec!["connect", "--config", cfg] } else { vec!["node", "--config", cfg] };
+            let mut child = spawn(&m.dir, &args)?;
+            wait_ready(&mut child).with_context(|| format!("starting {}: {}", m.jurisdiction, std::fs::read_to_string(m.dir.join("stderr.log")).unwrap_or_default()))?;
+            let id = field(&m.block, "id")?;
+            let mut noise_key = [0u8; 32];
+            hex::decode_to_slice(field(&m.block, "noise_key")?, &mut noise_key)?;
+            procs.push(Proc { id, noise_key, jurisdiction: m.jurisdiction, link: m.link, socks: m.socks, dir: m.dir, child });
+        }
+        let entry = procs.pop().expect("entry");
+        Ok(Mesh { nodes: procs, entry, tapped, _dir: root })
+    }
+
+    /// The entry's SOCKS5 address.
+    pub fn socks(&self) -> SocketAddr {
+        self.entry.socks.expect("entry has socks")
+    }
+}
+
+/// A TCP proxy that records every byte both ways into `sink`.
+fn start_tap(target: SocketAddr, sink: Arc<Mutex<Vec<u8>>>) -> Result<SocketAddr> {
+    let std = StdListener::bind("127.0.0.1:0")?;
+    std.set_nonblocking(true)?;
+    let addr = std.local_addr()?;
+    let listener = TcpListener::from_std(std)?;
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(target).await else { return };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::join!(copy_record(cr, sw, sink.clone()), copy_record(sr, cw, sink));
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn copy_record(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, sink: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                if w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Opens a SOCKS5 CONNECT; `Err(code)` carries the server's reply code.
+pub async fn socks_connect(socks: SocketAddr, host: &str, port: u16) -> Result<std::result::Result<TcpStream, u8>> {
+    let mut s = TcpStream::connect(socks).await?;
+    s.set_nodelay(true)?;
+    s.write_all(&[5, 1, 0]).await?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await?;
+    if m != [5, 0] {
+        bail!("method selection answered {m:?}");
+    }
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await?;
+    if rep[0] != 5 {
+        bail!("bad reply version {}", rep[0]);
+    }
+    Ok(if rep[1] == 0 { Ok(s) } else { Err(rep[1]) })
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), for checkable traffic.
+pub struct Pattern(u64);
+
+impl Pattern {
+    /// A pattern from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Fills `buf`.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    /// SHA-256 of the first `len` bytes of the pattern for `seed`.
+    pub fn digest(seed: u64, len: usize) -> [u8; 32] {
+        let mut p = Pattern::new(seed);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            p.fill(&mut buf[..n]);
+            h.update(&buf[..n]);
+            left -= n;
+        }
+        h.finalize().into()
+    }
+}
+
+/// Writes `len` pattern bytes for `seed`, then half-closes.
+pub async fn send_pattern<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, len: usize) -> Result<()> {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        p.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        left -= n;
+    }
+    w.shutdown().await?;
+    Ok(())
+}
+
+/// Reads to EOF; returns (bytes, SHA-256).
+pub async fn read_digest<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<(usize, [u8; 32])> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, h.finalize().into()));
+        }
+        total += n;
+        h.update(&buf[..n]);
+    }
+}
+
+/// A target server: each connection sends an 8-byte seed and a length; the
+/// server answers with that many pattern bytes for seed+1 while it hashes
+/// what the client sends. Each connection's (bytes, digest) of the client's
+/// upload comes out of the returned channel.
+pub async fn pattern_server() -> Result<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u64, usize, [u8; 32])>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let mut head = [0u8; 16];
+                if r.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let seed = u64::from_be_bytes(head[..8].try_into().unwrap());
+                let len = u64::from_be_bytes(head[8..].try_into().unwrap()) as usize;
+                let (up, down) = tokio::join!(read_digest(&mut r), send_pattern(&mut w, seed + 1, len));
+                if let (Ok((n, d)), Ok(())) = (up, down) {
+                    let _ = tx.send((seed, n, d));
+                }
+            });
+        }
+    });
+    Ok((addr, rx))
+}
+
+/// A minimal HTTP server answering every request with `body`.
+pub async fn http_server(body: &'static str) -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
