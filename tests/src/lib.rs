@@ -258,7 +258,7 @@ impl Mesh {
 }
 
 /// A TCP proxy that records every byte both ways into `sink`.
-fn start_tap(target: SocketAddr, sink: Arc<Mutex<Vec<u8>>>) -> Result<SocketAddr> {
+pub fn start_tap(target: SocketAddr, sink: Arc<Mutex<Vec<u8>>>) -> Result<SocketAddr> {
     let std = StdListener::bind("127.0.0.1:0")?;
     std.set_nonblocking(true)?;
     let addr = std.local_addr()?;

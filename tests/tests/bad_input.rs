@@ -1,0 +1,158 @@
+//! Bad input closes only the connection that carried it, with a logged
+//! reason; a circuit carrying data across the same nodes keeps going and its
+//! bytes arrive intact.
+
+use ferry_node::config::peer_block;
+use ferry_node::crypto::{self, Session};
+use ferry_node::identity::Keys;
+use ferry_node::link::{HANDSHAKE_CODEC, TRANSPORT_CODEC};
+use ferry_router::Roles;
+use ferry_tests::{Mesh, Options, Proc, Spec, socks_connect};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Waits until the node closes `s` (EOF or reset), failing after 10 s.
+async fn closed_by_peer(mut s: TcpStream) {
+    let mut buf = [0u8; 1024];
+    let res = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "node kept the bad connection open");
+}
+
+/// Runs a link handshake with `node` as the test's fake peer.
+async fn handshake(node: &Proc, keys: &Keys) -> (TcpStream, Session) {
+    let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
+    let mut hs = crypto::link_initiator(&keys.noise_private, &node.noise_key).unwrap();
+    let mut out = Vec::new();
+    HANDSHAKE_CODEC.encode(&crypto::write_hs(&mut hs).unwrap(), &mut out);
+    s.write_all(&out).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let m2 = loop {
+        if let Some(f) = HANDSHAKE_CODEC.decode(&mut buf).unwrap() {
+            break f;
+        }
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "node closed the handshake");
+    };
+    crypto::read_hs(&mut hs, &m2).unwrap();
+    (s, Session::from_handshake(hs).unwrap())
+}
+
+/// Seals `plain` as one transport frame.
+fn frame(session: &mut Session, plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    TRANSPORT_CODEC.put_prefix(plain.len() + 16, &mut out);
+    let start = out.len();
+    out.extend_from_slice(plain);
+    session.tx.seal_tail(&mut out, start).unwrap();
+    out
+}
+
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_only_its_connection() {
+    let fake = Keys::generate();
+    let fake_block = peer_block(&fake.node_id(), &fake.noise_public, None, "NL", Roles { entry: true, ..Roles::default() });
+    let specs = [
+        Spec { jurisdiction: "DE", roles: "relay" },
+        Spec { jurisdiction: "CH", roles: "relay" },
+        Spec { jurisdiction: "IS", roles: "exit" },
+    ];
+    let mut mesh = Mesh::start(&specs, &Options { extra_peers: vec![fake_block], ..Options::default() }).unwrap();
+
+    // A circuit carrying data through all three nodes, open across the attacks.
+    let target = echo_server().await;
+    let s = socks_connect(mesh.socks(), "127.0.0.1", target.port()).await.unwrap().expect("SOCKS success");
+    let (mut r, mut w) = s.into_split();
+    let half: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    w.write_all(&half).await.unwrap();
+    let mut got = vec![0u8; half.len()];
+    r.read_exact(&mut got).await.unwrap();
+    assert!(got == half);
+
+    for node in &mesh.nodes {
+        // Garbage Noise handshake.
+        let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
+        let mut junk = vec![0, 0, 0, 96];
+        junk.extend((0..96u8).map(|i| i.wrapping_mul(37)));
+        s.write_all(&junk).await.unwrap();
+        closed_by_peer(s).await;
+        node.wait_log("link refused reason=noise handshake failed", Duration::from_secs(10)).unwrap();
+
+        // Oversized length prefix before the handshake.
+        let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
+        s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+        closed_by_peer(s).await;
+        node.wait_log("frame length 4294967295 exceeds the maximum of 65535", Duration::from_secs(10)).unwrap();
+
+        // An authenticated peer sending an oversized length prefix.
+        let (mut s, _) = handshake(node, &fake).await;
+        s.write_all(&0x7fff_ffffu32.to_be_bytes()).await.unwrap();
+        closed_by_peer(s).await;
+        node.wait_log("frame length 2147483647 exceeds the maximum of 65535", Duration::from_secs(10)).unwrap();
+
+        // An authenticated peer sending a well-sealed but malformed cell.
+        let (mut s, mut session) = handshake(node, &fake).await;
+        s.write_all(&frame(&mut session, &[0, 0, 0, 1, 99, 1, 2, 3])).await.unwrap();
+        closed_by_peer(s).await;
+        node.wait_log("malformed cell: unknown cell command code 99", Duration::from_secs(10)).unwrap();
+
+        // An authenticated peer sending a frame that does not authenticate.
+        let (mut s, mut session) = handshake(node, &fake).await;
+        let mut f = frame(&mut session, &[0, 0, 0, 1, 4, 0, 0]);
+        let last = f.len() - 1;
+        f[last] ^= 0x55;
+        s.write_all(&f).await.unwrap();
+        closed_by_peer(s).await;
+        node.wait_log("record failed to authenticate", Duration::from_secs(10)).unwrap();
+
+        // An unknown static key.
+        let stranger = Keys::generate();
+        let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
+        let mut hs = crypto::link_initiator(&stranger.noise_private, &node.noise_key).unwrap();
+        let mut out = Vec::new();
+        HANDSHAKE_CODEC.encode(&crypto::write_hs(&mut hs).unwrap(), &mut out);
+        s.write_all(&out).await.unwrap();
+        closed_by_peer(s).await;
+        node.wait_log("static key is not bound to any known node", Duration::from_secs(10)).unwrap();
+    }
+
+    // Junk on the SOCKS5 entry.
+    let mut s = TcpStream::connect(mesh.socks()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    closed_by_peer(s).await;
+    mesh.entry.wait_log("not SOCKS5: version byte 0x47", Duration::from_secs(10)).unwrap();
+
+    // The circuit survived all of it: the second half arrives intact.
+    w.write_all(&half).await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest == half, "second half came back altered ({} bytes)", rest.len());
+    for node in &mut mesh.nodes {
+        assert!(node.alive(), "node {} died", node.jurisdiction);
+    }
+    assert!(mesh.entry.alive());
+}
