@@ -217,10 +217,16 @@ impl NodeConfig {
 /// Validates an ISO 3166-1 alpha-2 code (any case) and upper-cases it.
 pub fn parse_jurisdiction(s: &str) -> Result<Jurisdiction> {
     let b = s.as_bytes();
-    if b.len() != 2 || !b.iter().all(u8::is_ascii_alphabetic) || celes::Country::from_alpha2(s).is_err() {
+    if b.len() != 2
+        || !b.iter().all(u8::is_ascii_alphabetic)
+        || celes::Country::from_alpha2(s).is_err()
+    {
         bail!("`{s}` is not an ISO 3166-1 alpha-2 country code (for example DE, CH, CA)");
     }
-    Ok(Jurisdiction([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
+    Ok(Jurisdiction([
+        b[0].to_ascii_uppercase(),
+        b[1].to_ascii_uppercase(),
+    ]))
 }
 
 /// Parses role names.
@@ -241,7 +247,8 @@ pub fn parse_roles<S: AsRef<str>>(names: &[S]) -> Result<Roles> {
 }
 
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr> {
-    s.parse().map_err(|e| anyhow!("{key} = `{s}`: not an IP:port address ({e})"))
+    s.parse()
+        .map_err(|e| anyhow!("{key} = `{s}`: not an IP:port address ({e})"))
 }
 
 impl TryFrom<FileConfig> for NodeConfig {
@@ -250,9 +257,18 @@ impl TryFrom<FileConfig> for NodeConfig {
     fn try_from(f: FileConfig) -> Result<Self> {
         let jurisdiction = parse_jurisdiction(&f.node.jurisdiction).context("node.jurisdiction")?;
         let roles = parse_roles(&f.node.roles).context("node.roles")?;
-        let link_listen = f.listen.link.as_deref().map(|s| parse_addr("listen.link", s)).transpose()?;
-        let socks_listen =
-            f.listen.socks.as_deref().map(|s| parse_addr("listen.socks", s)).transpose()?;
+        let link_listen = f
+            .listen
+            .link
+            .as_deref()
+            .map(|s| parse_addr("listen.link", s))
+            .transpose()?;
+        let socks_listen = f
+            .listen
+            .socks
+            .as_deref()
+            .map(|s| parse_addr("listen.socks", s))
+            .transpose()?;
         if (roles.relay || roles.exit) && link_listen.is_none() {
             bail!("listen.link is required for the relay and exit roles");
         }
@@ -281,11 +297,16 @@ impl TryFrom<FileConfig> for NodeConfig {
         if !(1..=300).contains(&f.exit.connect_timeout_secs) {
             bail!("exit.connect_timeout_secs must be 1 to 300");
         }
-        let exit_policy = ExitPolicy::parse(&f.exit.rules, f.exit.allow_private).context("exit.rules")?;
+        let exit_policy =
+            ExitPolicy::parse(&f.exit.rules, f.exit.allow_private).context("exit.rules")?;
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in f.peers.iter().enumerate() {
             let ctx = || format!("peers[{i}]");
-            let id = NodeId(crate::identity::parse_key_hex(&p.id).context("id").with_context(ctx)?);
+            let id = NodeId(
+                crate::identity::parse_key_hex(&p.id)
+                    .context("id")
+                    .with_context(ctx)?,
+            );
             let noise_key = crate::identity::parse_key_hex(&p.noise_key)
                 .context("noise_key")
                 .with_context(ctx)?;
@@ -295,7 +316,9 @@ impl TryFrom<FileConfig> for NodeConfig {
                 .map(|s| parse_addr("addr", s))
                 .transpose()
                 .with_context(ctx)?;
-            let jurisdiction = parse_jurisdiction(&p.jurisdiction).context("jurisdiction").with_context(ctx)?;
+            let jurisdiction = parse_jurisdiction(&p.jurisdiction)
+                .context("jurisdiction")
+                .with_context(ctx)?;
             let proles = parse_roles(&p.roles).context("roles").with_context(ctx)?;
             if (proles.relay || proles.exit) && addr.is_none() {
                 bail!("peers[{i}]: addr is required for a peer with the relay or exit role");
@@ -303,7 +326,13 @@ impl TryFrom<FileConfig> for NodeConfig {
             if peers.iter().any(|q| q.id == id || q.noise_key == noise_key) {
                 bail!("peers[{i}]: the same id or noise_key appears twice");
             }
-            peers.push(Peer { id, noise_key, addr, jurisdiction, roles: proles });
+            peers.push(Peer {
+                id,
+                noise_key,
+                addr,
+                jurisdiction,
+                roles: proles,
+            });
         }
         Ok(NodeConfig {
             jurisdiction,
@@ -335,12 +364,23 @@ pub struct Template<'a> {
 }
 
 fn roles_toml(r: Roles) -> String {
-    let names: Vec<String> = r.to_string().split(',').filter(|s| !s.is_empty()).map(|s| format!("\"{s}\"")).collect();
+    let names: Vec<String> = r
+        .to_string()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| format!("\"{s}\""))
+        .collect();
     format!("[{}]", names.join(", "))
 }
 
 /// The `[[peers]]` block describing a node, for other nodes' configs.
-pub fn peer_block(id: &NodeId, noise_public: &[u8; 32], addr: Option<SocketAddr>, jurisdiction: &str, roles: Roles) -> String {
+pub fn peer_block(
+    id: &NodeId,
+    noise_public: &[u8; 32],
+    addr: Option<SocketAddr>,
+    jurisdiction: &str,
+    roles: Roles,
+) -> String {
     let addr_line = match addr {
         Some(a) => format!("addr = \"{a}\"\n"),
         None => "# no addr: this node accepts no links (entry only)\n".into(),
@@ -441,7 +481,11 @@ mod tests {
     fn template_parses_and_validates() {
         let t = Template {
             jurisdiction: "DE",
-            roles: Roles { entry: true, relay: true, exit: true },
+            roles: Roles {
+                entry: true,
+                relay: true,
+                exit: true,
+            },
             link: Some("127.0.0.1:7000".parse().unwrap()),
             socks: Some("127.0.0.1:1080".parse().unwrap()),
         };

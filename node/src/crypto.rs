@@ -55,7 +55,10 @@ pub struct Sealer {
 impl Sealer {
     /// A sealer from a raw transport key.
     pub fn new(raw: &[u8; 32]) -> Self {
-        Self { key: key(raw), n: 0 }
+        Self {
+            key: key(raw),
+            n: 0,
+        }
     }
 
     /// Encrypts `buf` in place and returns the tag to append.
@@ -99,7 +102,10 @@ pub struct Opener {
 impl Opener {
     /// An opener from a raw transport key.
     pub fn new(raw: &[u8; 32]) -> Self {
-        Self { key: key(raw), n: 0 }
+        Self {
+            key: key(raw),
+            n: 0,
+        }
     }
 
     /// Decrypts `buf` (ciphertext then tag) in place; returns the plaintext
@@ -135,7 +141,10 @@ impl Session {
         let initiator = hs.is_initiator();
         let (i2r, r2i) = hs.dangerously_get_raw_split();
         let (tx, rx) = if initiator { (i2r, r2i) } else { (r2i, i2r) };
-        Ok(Self { tx: Sealer::new(&tx), rx: Opener::new(&rx) })
+        Ok(Self {
+            tx: Sealer::new(&tx),
+            rx: Opener::new(&rx),
+        })
     }
 }
 
@@ -179,7 +188,10 @@ pub fn hop_initiator(remote_public: &[u8; 32]) -> Result<snow::HandshakeState, C
 }
 
 /// Answers an origin's hop handshake: reads message 1, writes message 2.
-pub fn hop_respond(local_private: &[u8; 32], msg1: &[u8]) -> Result<(Session, Vec<u8>), CryptoError> {
+pub fn hop_respond(
+    local_private: &[u8; 32],
+    msg1: &[u8],
+) -> Result<(Session, Vec<u8>), CryptoError> {
     let mut hs = snow::Builder::new(params(HOP_PATTERN))
         .local_private_key(local_private)
         .and_then(|b| b.prologue(HOP_PROLOGUE))
@@ -187,7 +199,10 @@ pub fn hop_respond(local_private: &[u8; 32], msg1: &[u8]) -> Result<(Session, Ve
         .map_err(hs_err)?;
     let mut scratch = [0u8; 256];
     if msg1.len() > scratch.len() {
-        return Err(CryptoError::Handshake(format!("message 1 of {} bytes is too long", msg1.len())));
+        return Err(CryptoError::Handshake(format!(
+            "message 1 of {} bytes is too long",
+            msg1.len()
+        )));
     }
     hs.read_message(msg1, &mut scratch).map_err(hs_err)?;
     let mut msg2 = vec![0u8; 128];

@@ -41,7 +41,10 @@ fn roles_of(s: &str) -> Result<Roles> {
 
 /// Starts the demo mesh, the entry and the page server.
 pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Demo> {
-    let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("creating a temp dir")?;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-demo-")
+        .tempdir()
+        .context("creating a temp dir")?;
     let socks_l = node::bind(socks, "the demo's SOCKS5 entry")
         .await
         .with_context(|| format!("pass --socks 127.0.0.1:PORT to use another port than {socks}"))?;
@@ -57,7 +60,14 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         let keys = Keys::generate();
         keys.write_new(&d)?;
         let l = TcpListener::bind("127.0.0.1:0").await?;
-        members.push((d, keys, cc, roles_of(roles)?, Some(l.local_addr()?), Some(l)));
+        members.push((
+            d,
+            keys,
+            cc,
+            roles_of(roles)?,
+            Some(l.local_addr()?),
+            Some(l),
+        ));
     }
     let entry_dir = dir.path().join("entry");
     std::fs::create_dir_all(&entry_dir)?;
@@ -67,12 +77,19 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
 
     let blocks: Vec<String> = members
         .iter()
-        .map(|(_, k, cc, roles, addr, _)| config::peer_block(&k.node_id(), &k.noise_public, *addr, cc, *roles))
+        .map(|(_, k, cc, roles, addr, _)| {
+            config::peer_block(&k.node_id(), &k.noise_public, *addr, cc, *roles)
+        })
         .collect();
     let mut running = Vec::new();
     let mut nodes = Vec::new();
     for (i, (d, _, cc, roles, addr, listener)) in members.into_iter().enumerate() {
-        let mut text = config::render_template(&Template { jurisdiction: cc, roles, link: addr, socks: roles.entry.then_some(socks) });
+        let mut text = config::render_template(&Template {
+            jurisdiction: cc,
+            roles,
+            link: addr,
+            socks: roles.entry.then_some(socks),
+        });
         // The demo's exits serve the demo's own loopback page.
         text = text.replace("allow_private = false", "allow_private = true");
         for (j, b) in blocks.iter().enumerate() {
@@ -89,14 +106,26 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             nodes.push((keys.node_id().short(), cc.to_string(), roles.to_string(), a));
         }
         let listeners = if roles.entry {
-            Listeners { link: None, socks: socks_l.take() }
+            Listeners {
+                link: None,
+                socks: socks_l.take(),
+            }
         } else {
-            Listeners { link: listener, socks: None }
+            Listeners {
+                link: listener,
+                socks: None,
+            }
         };
         running.push(node::start(cfg, keys, listeners, shutdown.clone()));
     }
     tokio::spawn(serve_page(page_l, shutdown.clone()));
-    Ok(Demo { socks, page, nodes, running, _dir: dir })
+    Ok(Demo {
+        socks,
+        page,
+        nodes,
+        running,
+        _dir: dir,
+    })
 }
 
 impl Demo {
@@ -109,7 +138,8 @@ impl Demo {
 
     /// The lines `ferry demo` prints.
     pub fn banner(&self) -> String {
-        let jurisdictions: std::collections::BTreeSet<_> = self.nodes.iter().map(|n| n.1.clone()).collect();
+        let jurisdictions: std::collections::BTreeSet<_> =
+            self.nodes.iter().map(|n| n.1.clone()).collect();
         let mut s = format!(
             "Ferry demo: a mesh of {} nodes in {} jurisdictions, on loopback only.\n\n  {:<10}{:<14}{:<12}{}\n",
             self.nodes.len(),

@@ -162,14 +162,23 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// An endpoint over `link`/`circ` with a finished session.
-    pub fn new(link: Arc<LinkHandle>, circ: u32, session: Session, side: Side, window: u32) -> Arc<Self> {
+    pub fn new(
+        link: Arc<LinkHandle>,
+        circ: u32,
+        session: Session,
+        side: Side,
+        window: u32,
+    ) -> Arc<Self> {
         Arc::new(Self {
             link,
             circ,
             side,
             window,
             tx: tokio::sync::Mutex::new(Tx { sealer: session.tx }),
-            rx: Mutex::new(Rx { opener: session.rx, streams: HashMap::new() }),
+            rx: Mutex::new(Rx {
+                opener: session.rx,
+                streams: HashMap::new(),
+            }),
             closed: CancellationToken::new(),
             next_stream: AtomicU32::new(1),
             bytes: AtomicU64::new(0),
@@ -189,10 +198,19 @@ impl Endpoint {
     /// Ends every stream; the switch has forgotten the circuit.
     pub fn close(&self, reason: DestroyReason) {
         self.closed.cancel();
-        let streams: Vec<StreamSlot> =
-            self.rx.lock().expect("rx lock").streams.drain().map(|(_, s)| s).collect();
+        let streams: Vec<StreamSlot> = self
+            .rx
+            .lock()
+            .expect("rx lock")
+            .streams
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in streams {
-            let _ = s.inbound.send(Inbound::End(EndReason::CircuitClosed, format!("circuit closed: {}", reason.as_str_name())));
+            let _ = s.inbound.send(Inbound::End(
+                EndReason::CircuitClosed,
+                format!("circuit closed: {}", reason.as_str_name()),
+            ));
             s.credit.close();
         }
     }
@@ -228,14 +246,28 @@ impl Endpoint {
     }
 
     /// Sends END for a stream.
-    pub async fn send_end(&self, id: u32, reason: EndReason, detail: &str) -> Result<(), CircuitError> {
-        let body = pb::End { reason: reason as i32, detail: detail.to_string() }.encode_to_vec();
+    pub async fn send_end(
+        &self,
+        id: u32,
+        reason: EndReason,
+        detail: &str,
+    ) -> Result<(), CircuitError> {
+        let body = pb::End {
+            reason: reason as i32,
+            detail: detail.to_string(),
+        }
+        .encode_to_vec();
         self.send_msg(StreamKind::End, id, &body).await
     }
 
     /// Sends BEGIN for a new stream (origin side).
     pub async fn send_begin(&self, id: u32, host: &str, port: u16) -> Result<(), CircuitError> {
-        let body = pb::Begin { host: host.to_string(), port: port.into(), window: self.window }.encode_to_vec();
+        let body = pb::Begin {
+            host: host.to_string(),
+            port: port.into(),
+            window: self.window,
+        }
+        .encode_to_vec();
         self.send_msg(StreamKind::Begin, id, &body).await
     }
 
@@ -249,10 +281,24 @@ impl Endpoint {
             return Err(CircuitError::Protocol(format!("stream {id} opened twice")));
         }
         if r.streams.len() >= MAX_STREAMS_PER_CIRCUIT {
-            return Err(CircuitError::Protocol("too many streams on one circuit".into()));
+            return Err(CircuitError::Protocol(
+                "too many streams on one circuit".into(),
+            ));
         }
-        r.streams.insert(id, StreamSlot { inbound: tx, credit: credit.clone(), unacked: unacked.clone() });
-        Ok(StreamParts { id, inbound: rx, credit, unacked })
+        r.streams.insert(
+            id,
+            StreamSlot {
+                inbound: tx,
+                credit: credit.clone(),
+                unacked: unacked.clone(),
+            },
+        );
+        Ok(StreamParts {
+            id,
+            inbound: rx,
+            credit,
+            unacked,
+        })
     }
 
     /// Registers a new stream opened by this (origin) side.
@@ -272,7 +318,12 @@ impl Endpoint {
     /// Opens a CONTROL cell from the origin; returns an EXTEND to act on.
     pub fn on_control(&self, mut buf: BytesMut) -> Result<Option<pb::Extend>, CircuitError> {
         let body = &mut buf[cell::HEADER_LEN..];
-        let n = self.rx.lock().expect("rx lock").opener.open_in_place(body)?;
+        let n = self
+            .rx
+            .lock()
+            .expect("rx lock")
+            .opener
+            .open_in_place(body)?;
         let ctl: pb::Control = ferry_proto::decode_pb("control", &body[..n])?;
         match ctl.msg {
             Some(pb::control::Msg::Extend(e)) => Ok(Some(e)),
@@ -298,7 +349,9 @@ impl Endpoint {
                 let me = self.clone();
                 let exit = exit.clone();
                 let span = info_span!("stream", circ = self.circ, stream = id);
-                tokio::spawn(async move { me.exit_stream(exit, begin, parts).await }.instrument(span));
+                tokio::spawn(
+                    async move { me.exit_stream(exit, begin, parts).await }.instrument(span),
+                );
             }
             StreamKind::Connected => {
                 if !matches!(self.side, Side::Origin) {
@@ -341,10 +394,17 @@ impl Endpoint {
         Ok(())
     }
 
-    async fn exit_stream(self: Arc<Self>, exit: Option<Arc<ExitCtx>>, begin: pb::Begin, parts: StreamParts) {
+    async fn exit_stream(
+        self: Arc<Self>,
+        exit: Option<Arc<ExitCtx>>,
+        begin: pb::Begin,
+        parts: StreamParts,
+    ) {
         let id = parts.id;
         let Some(exit) = exit else {
-            let _ = self.send_end(id, EndReason::Policy, "this node is not an exit").await;
+            let _ = self
+                .send_end(id, EndReason::Policy, "this node is not an exit")
+                .await;
             return self.forget_stream(id);
         };
         let sock = match connect_target(&exit, &begin).await {
@@ -356,8 +416,15 @@ impl Endpoint {
                 return self.forget_stream(id);
             }
         };
-        let body = pb::Connected { window: self.window }.encode_to_vec();
-        if self.send_msg(StreamKind::Connected, id, &body).await.is_err() {
+        let body = pb::Connected {
+            window: self.window,
+        }
+        .encode_to_vec();
+        if self
+            .send_msg(StreamKind::Connected, id, &body)
+            .await
+            .is_err()
+        {
             return self.forget_stream(id);
         }
         self.run_stream(sock, parts).await;
@@ -365,11 +432,18 @@ impl Endpoint {
 
     /// Carries a connected stream both ways until both directions end.
     pub async fn run_stream(self: Arc<Self>, sock: TcpStream, parts: StreamParts) {
-        let StreamParts { id, inbound, credit, unacked } = parts;
+        let StreamParts {
+            id,
+            inbound,
+            credit,
+            unacked,
+        } = parts;
         let (r, w) = sock.into_split();
         let stop = self.closed.child_token();
         let up = self.clone().pump_up(id, r, credit, stop.clone());
-        let down = self.clone().pump_down(id, w, inbound, unacked, stop.clone());
+        let down = self
+            .clone()
+            .pump_down(id, w, inbound, unacked, stop.clone());
         tokio::join!(up, down);
         self.forget_stream(id);
         debug!(stream = id, "stream closed");
@@ -400,7 +474,9 @@ impl Endpoint {
                 Ok(n) => n,
                 Err(e) => {
                     debug!(error = %e, "stream read failed");
-                    let _ = self.send_end(id, EndReason::Reset, "connection reset").await;
+                    let _ = self
+                        .send_end(id, EndReason::Reset, "connection reset")
+                        .await;
                     stop.cancel();
                     return;
                 }
@@ -439,7 +515,9 @@ impl Endpoint {
                 Some(Inbound::Data(b)) => {
                     if let Err(e) = w.write_all(&b).await {
                         debug!(error = %e, "stream write failed");
-                        let _ = self.send_end(id, EndReason::Reset, "connection reset").await;
+                        let _ = self
+                            .send_end(id, EndReason::Reset, "connection reset")
+                            .await;
                         stop.cancel();
                         return;
                     }
@@ -447,7 +525,11 @@ impl Endpoint {
                     if consumed >= threshold {
                         unacked.fetch_sub(consumed, Ordering::AcqRel);
                         let credit = (consumed as u32).to_be_bytes();
-                        if self.send_msg(StreamKind::Window, id, &credit).await.is_err() {
+                        if self
+                            .send_msg(StreamKind::Window, id, &credit)
+                            .await
+                            .is_err()
+                        {
                             stop.cancel();
                             return;
                         }
@@ -474,7 +556,10 @@ impl Endpoint {
 }
 
 /// Resolves and connects to a BEGIN's target under the exit policy.
-async fn connect_target(exit: &ExitCtx, begin: &pb::Begin) -> Result<TcpStream, (EndReason, String)> {
+async fn connect_target(
+    exit: &ExitCtx,
+    begin: &pb::Begin,
+) -> Result<TcpStream, (EndReason, String)> {
     let port = u16::try_from(begin.port)
         .ok()
         .filter(|p| *p != 0)
@@ -504,10 +589,16 @@ async fn connect_target(exit: &ExitCtx, begin: &pb::Begin) -> Result<TcpStream, 
         })
         .collect();
     if allowed.is_empty() {
-        let why = refusals.into_iter().next().unwrap_or_else(|| "name has no addresses".into());
+        let why = refusals
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| "name has no addresses".into());
         return Err((EndReason::Policy, format!("exit policy: {why}")));
     }
-    let mut last = (EndReason::HostUnreachable, "no address answered".to_string());
+    let mut last = (
+        EndReason::HostUnreachable,
+        "no address answered".to_string(),
+    );
     for a in allowed {
         match tokio::time::timeout(exit.connect_timeout, TcpStream::connect(a)).await {
             Ok(Ok(s)) => {

@@ -26,7 +26,9 @@ pub struct Keys {
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keys").field("id", &self.node_id()).finish_non_exhaustive()
+        f.debug_struct("Keys")
+            .field("id", &self.node_id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -41,7 +43,11 @@ impl Keys {
     fn from_parts(identity: ed25519_dalek::SigningKey, noise_private: [u8; 32]) -> Self {
         let secret = x25519_dalek::StaticSecret::from(noise_private);
         let noise_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
-        Self { identity, noise_private, noise_public }
+        Self {
+            identity,
+            noise_private,
+            noise_public,
+        }
     }
 
     /// The node id: the Ed25519 public key.
@@ -54,7 +60,10 @@ impl Keys {
         for name in [IDENTITY_FILE, NOISE_FILE] {
             let p = dir.join(name);
             if p.exists() {
-                bail!("{} already exists; refusing to overwrite a node's keys", p.display());
+                bail!(
+                    "{} already exists; refusing to overwrite a node's keys",
+                    p.display()
+                );
             }
         }
         write_secret(&dir.join(IDENTITY_FILE), &self.identity.to_bytes())?;
@@ -66,7 +75,10 @@ impl Keys {
     pub fn load(dir: &Path) -> Result<Self> {
         let identity = read_secret(&dir.join(IDENTITY_FILE))?;
         let noise = read_secret(&dir.join(NOISE_FILE))?;
-        Ok(Self::from_parts(ed25519_dalek::SigningKey::from_bytes(&identity), noise))
+        Ok(Self::from_parts(
+            ed25519_dalek::SigningKey::from_bytes(&identity),
+            noise,
+        ))
     }
 }
 
@@ -83,7 +95,8 @@ fn write_secret(path: &PathBuf, key: &[u8; 32]) -> Result<()> {
 }
 
 fn read_secret(path: &PathBuf) -> Result<[u8; 32]> {
-    let meta = fs::metadata(path).with_context(|| format!("reading key file {}", path.display()))?;
+    let meta =
+        fs::metadata(path).with_context(|| format!("reading key file {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(
@@ -114,7 +127,10 @@ mod tests {
         let keys = Keys::generate();
         keys.write_new(dir.path()).unwrap();
         for name in [IDENTITY_FILE, NOISE_FILE] {
-            let mode = fs::metadata(dir.path().join(name)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
         let loaded = Keys::load(dir.path()).unwrap();

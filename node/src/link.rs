@@ -90,7 +90,11 @@ impl LinkHandle {
     }
 }
 
-async fn read_frame(sock: &mut TcpStream, buf: &mut BytesMut, codec: FrameCodec) -> Result<BytesMut> {
+async fn read_frame(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    codec: FrameCodec,
+) -> Result<BytesMut> {
     loop {
         if let Some(f) = codec.decode(buf)? {
             return Ok(f);
@@ -110,8 +114,12 @@ async fn write_frame(sock: &mut TcpStream, msg: &[u8]) -> Result<()> {
 
 /// Dials a peer and runs the initiator side of the link handshake.
 pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>> {
-    let info = switch.peer(&peer).ok_or_else(|| anyhow!("unknown node {peer}"))?;
-    let addr = info.addr.ok_or_else(|| anyhow!("node {peer} accepts no links"))?;
+    let info = switch
+        .peer(&peer)
+        .ok_or_else(|| anyhow!("unknown node {peer}"))?;
+    let addr = info
+        .addr
+        .ok_or_else(|| anyhow!("node {peer} accepts no links"))?;
     let fut = async {
         let mut sock = TcpStream::connect(addr).await.context("connecting")?;
         sock.set_nodelay(true)?;
@@ -174,7 +182,10 @@ fn start(
     });
     let span = tracing::info_span!("link", id = link.id, peer = %peer.short());
     let (r, w) = sock.into_split();
-    let Session { tx: sealer, rx: opener } = session;
+    let Session {
+        tx: sealer,
+        rx: opener,
+    } = session;
     tokio::spawn(write_loop(w, rx, sealer, closed.clone()).instrument(span.clone()));
     let sw = switch.clone();
     let l2 = link.clone();
@@ -222,7 +233,11 @@ async fn write_loop(
                 closed.cancel();
                 return;
             }
-            next = if out.len() < WRITE_BATCH { rx.try_recv().ok() } else { None };
+            next = if out.len() < WRITE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if let Err(e) = w.write_all(&out).await {
             debug!(error = %e, "link write failed");

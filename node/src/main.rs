@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry: a relay mesh for end-to-end encrypted traffic that leaves a jurisdiction cleanly.")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: a relay mesh for end-to-end encrypted traffic that leaves a jurisdiction cleanly."
+)]
 struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -95,11 +99,26 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logs(&cli);
     match cli.cmd {
-        Cmd::Init { dir, jurisdiction, roles, listen, socks } => init(dir, &jurisdiction, &roles, listen, socks),
+        Cmd::Init {
+            dir,
+            jurisdiction,
+            roles,
+            listen,
+            socks,
+        } => init(dir, &jurisdiction, &roles, listen, socks),
         Cmd::PeerInfo { config } => {
             let cfg = NodeConfig::load(&config)?;
             let keys = Keys::load(&cfg.key_dir)?;
-            print!("{}", config::peer_block(&keys.node_id(), &keys.noise_public, cfg.link_listen, cfg.jurisdiction.as_str(), cfg.roles));
+            print!(
+                "{}",
+                config::peer_block(
+                    &keys.node_id(),
+                    &keys.noise_public,
+                    cfg.link_listen,
+                    cfg.jurisdiction.as_str(),
+                    cfg.roles
+                )
+            );
             Ok(())
         }
         Cmd::Demo { socks } => runtime()?.block_on(demo(socks)),
@@ -109,27 +128,54 @@ fn main() -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
-fn init(dir: PathBuf, jurisdiction: &str, roles: &str, listen: SocketAddr, socks: SocketAddr) -> Result<()> {
+fn init(
+    dir: PathBuf,
+    jurisdiction: &str,
+    roles: &str,
+    listen: SocketAddr,
+    socks: SocketAddr,
+) -> Result<()> {
     let j = config::parse_jurisdiction(jurisdiction).context("--jurisdiction")?;
     let roles = config::parse_roles(&roles.split(',').collect::<Vec<_>>()).context("--roles")?;
     let cfg_path = dir.join("ferry.toml");
     if cfg_path.exists() {
-        bail!("{} already exists; refusing to overwrite it", cfg_path.display());
+        bail!(
+            "{} already exists; refusing to overwrite it",
+            cfg_path.display()
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let keys = Keys::generate();
     keys.write_new(&dir)?;
     let link = (roles.relay || roles.exit).then_some(listen);
-    let text = config::render_template(&Template { jurisdiction: j.as_str(), roles, link, socks: roles.entry.then_some(socks) });
+    let text = config::render_template(&Template {
+        jurisdiction: j.as_str(),
+        roles,
+        link,
+        socks: roles.entry.then_some(socks),
+    });
     std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
-    println!("Created node {} ({j}, {roles}) in {}", keys.node_id().short(), dir.display());
-    println!("  keys:   {}/identity.key, {}/noise.key (mode 0600)", dir.display(), dir.display());
+    println!(
+        "Created node {} ({j}, {roles}) in {}",
+        keys.node_id().short(),
+        dir.display()
+    );
+    println!(
+        "  keys:   {}/identity.key, {}/noise.key (mode 0600)",
+        dir.display(),
+        dir.display()
+    );
     println!("  config: {}", cfg_path.display());
     println!("\nPaste this block into the other nodes' configs:\n");
-    print!("{}", config::peer_block(&keys.node_id(), &keys.noise_public, link, j.as_str(), roles));
+    print!(
+        "{}",
+        config::peer_block(&keys.node_id(), &keys.noise_public, link, j.as_str(), roles)
+    );
     Ok(())
 }
 
@@ -156,7 +202,10 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
             cfg.socks_listen = Some(s);
         }
         if cfg.socks_listen.is_none() {
-            bail!("config {}: listen.socks is not set; pass --socks 127.0.0.1:PORT", path.display());
+            bail!(
+                "config {}: listen.socks is not set; pass --socks 127.0.0.1:PORT",
+                path.display()
+            );
         }
     }
     let keys = Keys::load(&cfg.key_dir)?;
@@ -164,12 +213,25 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone())?;
     let id = keys.node_id();
-    let link = listeners.link.as_ref().map(|l| l.local_addr()).transpose()?;
-    let socks = listeners.socks.as_ref().map(|l| l.local_addr()).transpose()?;
+    let link = listeners
+        .link
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
+    let socks = listeners
+        .socks
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let (j, roles) = (cfg.jurisdiction, cfg.roles);
     let running = node::start(cfg, keys, listeners, shutdown.clone());
     let fmt = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-    println!("ready: node {} ({j}, {roles}) link {} socks {}", id.short(), fmt(link), fmt(socks));
+    println!(
+        "ready: node {} ({j}, {roles}) link {} socks {}",
+        id.short(),
+        fmt(link),
+        fmt(socks)
+    );
     shutdown.cancelled().await;
     running.stop().await;
     println!("stopped");

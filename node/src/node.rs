@@ -25,7 +25,9 @@ pub struct Listeners {
 
 /// Binds a listener, naming the address and the config key on failure.
 pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding {what} on {addr} (is another process using it?)"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} on {addr} (is another process using it?)"))
 }
 
 impl Listeners {
@@ -53,7 +55,12 @@ pub struct Running {
 }
 
 /// Starts the node's tasks; they stop when `shutdown` is cancelled.
-pub fn start(cfg: NodeConfig, keys: Keys, listeners: Listeners, shutdown: CancellationToken) -> Running {
+pub fn start(
+    cfg: NodeConfig,
+    keys: Keys,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Running {
     let switch = Switch::new(Arc::new(keys), Arc::new(cfg), shutdown.clone());
     if let Some(l) = listeners.link {
         tokio::spawn(accept_links(l, switch.clone(), shutdown.clone()));

@@ -62,7 +62,10 @@ impl OriginCircuit {
                 end.on_relay(buf)?;
             }
             (_, cmd) => {
-                return Err(CircuitError::Protocol(format!("unexpected {} cell at the origin", cmd.name())));
+                return Err(CircuitError::Protocol(format!(
+                    "unexpected {} cell at the origin",
+                    cmd.name()
+                )));
             }
         }
         Ok(())
@@ -117,24 +120,40 @@ pub struct Origin {
 impl Origin {
     /// An origin over this node's switch.
     pub fn new(switch: Arc<Switch>) -> Arc<Self> {
-        Arc::new(Self { switch, rng: Mutex::new(StdRng::from_entropy()), pool: tokio::sync::Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            switch,
+            rng: Mutex::new(StdRng::from_entropy()),
+            pool: tokio::sync::Mutex::new(Vec::new()),
+        })
     }
 
     fn view(&self) -> MeshView {
-        MeshView::new(self.switch.peers().map(|p| NodeInfo { id: p.id, jurisdiction: p.jurisdiction, roles: p.roles }))
+        MeshView::new(self.switch.peers().map(|p| NodeInfo {
+            id: p.id,
+            jurisdiction: p.jurisdiction,
+            roles: p.roles,
+        }))
     }
 
     /// Opens a stream to `host:port` through the mesh; returns it connected.
-    pub async fn open_stream(&self, host: &str, port: u16) -> Result<(Arc<Endpoint>, StreamParts), OpenError> {
+    pub async fn open_stream(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Arc<Endpoint>, StreamParts), OpenError> {
         let end = self.circuit().await?;
-        let mut parts = end.open_stream().map_err(|e| OpenError::Build(e.to_string()))?;
+        let mut parts = end
+            .open_stream()
+            .map_err(|e| OpenError::Build(e.to_string()))?;
         if end.send_begin(parts.id, host, port).await.is_err() {
             return Err(OpenError::Build("circuit closed".into()));
         }
         match parts.inbound.recv().await {
             Some(Inbound::Connected(_)) => Ok((end, parts)),
             Some(Inbound::End(reason, detail)) => Err(OpenError::Refused { reason, detail }),
-            Some(Inbound::Data(_)) | None => Err(OpenError::Build("stream closed before it connected".into())),
+            Some(Inbound::Data(_)) | None => {
+                Err(OpenError::Build("stream closed before it connected".into()))
+            }
         }
     }
 
@@ -143,32 +162,56 @@ impl Origin {
         let mut pool = self.pool.lock().await;
         pool.retain(|c| c.endpoint().is_some());
         let max = self.switch.cfg.max_streams_per_circuit as usize;
-        if let Some(end) = pool.iter().filter_map(|c| c.endpoint()).find(|e| e.stream_count() < max) {
+        if let Some(end) = pool
+            .iter()
+            .filter_map(|c| c.endpoint())
+            .find(|e| e.stream_count() < max)
+        {
             return Ok(end);
         }
         let oc = self.build().await?;
-        let end = oc.endpoint().ok_or_else(|| OpenError::Build("circuit closed".into()))?;
+        let end = oc
+            .endpoint()
+            .ok_or_else(|| OpenError::Build("circuit closed".into()))?;
         pool.push(oc);
         Ok(end)
     }
 
     /// Builds a new circuit along a fresh path.
     pub async fn build(&self) -> Result<Arc<OriginCircuit>, OpenError> {
-        let req = PathRequest { hops: self.switch.cfg.hops, origin: Some(self.switch.keys.node_id()) };
+        let req = PathRequest {
+            hops: self.switch.cfg.hops,
+            origin: Some(self.switch.keys.node_id()),
+        };
         let path = {
             let mut rng = self.rng.lock().expect("rng lock");
             select_path(&self.view(), &req, &mut *rng)?
         };
         let first = path[0];
-        let link = self.switch.link_to(first).await.map_err(|e| OpenError::Build(format!("{e:#}")))?;
+        let link = self
+            .switch
+            .link_to(first)
+            .await
+            .map_err(|e| OpenError::Build(format!("{e:#}")))?;
         let circ = link.alloc_circ_id();
         let (tx, rx) = mpsc::unbounded_channel();
-        let oc = Arc::new(OriginCircuit { link: link.clone(), circ, state: Mutex::new(State::Building(tx)), path: path.clone() });
+        let oc = Arc::new(OriginCircuit {
+            link: link.clone(),
+            circ,
+            state: Mutex::new(State::Building(tx)),
+            path: path.clone(),
+        });
         self.switch.add_origin(&link, circ, oc.clone());
         let timeout = self.switch.cfg.build_timeout;
         match tokio::time::timeout(timeout, self.handshake_path(&link, circ, &path, rx)).await {
             Ok(Ok(session)) => {
-                let end = Endpoint::new(link.clone(), circ, session, Side::Origin, self.switch.cfg.stream_window);
+                let end = Endpoint::new(
+                    link.clone(),
+                    circ,
+                    session,
+                    Side::Origin,
+                    self.switch.cfg.stream_window,
+                );
                 let mut st = oc.state.lock().expect("state lock");
                 if matches!(*st, State::Closed) {
                     return Err(OpenError::Build("circuit destroyed while building".into()));
@@ -177,7 +220,12 @@ impl Origin {
                 drop(st);
                 let names: Vec<String> = path
                     .iter()
-                    .map(|id| self.switch.peer(id).map(|p| p.jurisdiction.to_string()).unwrap_or_default())
+                    .map(|id| {
+                        self.switch
+                            .peer(id)
+                            .map(|p| p.jurisdiction.to_string())
+                            .unwrap_or_default()
+                    })
                     .collect();
                 info!(circ, path = %names.join(" -> "), "circuit built");
                 Ok(oc)
@@ -188,7 +236,10 @@ impl Origin {
             }
             Err(_) => {
                 self.switch.destroy(&link, circ, DestroyReason::BuildFailed);
-                Err(OpenError::Build(format!("no answer within {}s", timeout.as_secs())))
+                Err(OpenError::Build(format!(
+                    "no answer within {}s",
+                    timeout.as_secs()
+                )))
             }
         }
     }
@@ -201,12 +252,17 @@ impl Origin {
         mut rx: mpsc::UnboundedReceiver<BuildEvent>,
     ) -> Result<Session, OpenError> {
         let key = |id: &NodeId| {
-            self.switch.peer(id).map(|p| p.noise_key).ok_or_else(|| OpenError::Build(format!("unknown node {id}")))
+            self.switch
+                .peer(id)
+                .map(|p| p.noise_key)
+                .ok_or_else(|| OpenError::Build(format!("unknown node {id}")))
         };
         let err = |e: crypto::CryptoError| OpenError::Build(e.to_string());
         let mut hs = crypto::hop_initiator(&key(&path[0])?).map_err(err)?;
         let m1 = crypto::write_hs(&mut hs).map_err(err)?;
-        link.send(cell(circ, CellCmd::Create, &m1)).await.map_err(|_| OpenError::Build("link closed".into()))?;
+        link.send(cell(circ, CellCmd::Create, &m1))
+            .await
+            .map_err(|_| OpenError::Build("link closed".into()))?;
         let m2 = match rx.recv().await {
             Some(BuildEvent::Created(mut b)) => b.split_off(cellfmt::HEADER_LEN),
             other => return Err(build_failure(path[0], other)),
@@ -216,20 +272,30 @@ impl Origin {
         for next in &path[1..] {
             let mut hs = crypto::hop_initiator(&key(next)?).map_err(err)?;
             let m1 = crypto::write_hs(&mut hs).map_err(err)?;
-            let ctl = pb::Control { msg: Some(pb::control::Msg::Extend(pb::Extend { node_id: next.0.to_vec(), handshake: m1 })) };
+            let ctl = pb::Control {
+                msg: Some(pb::control::Msg::Extend(pb::Extend {
+                    node_id: next.0.to_vec(),
+                    handshake: m1,
+                })),
+            };
             let mut buf = BytesMut::new();
             buf.put_slice(&cellfmt::header(circ, CellCmd::Control));
             buf.put_slice(&ctl.encode_to_vec());
-            session.tx.seal_tail_bytes(&mut buf, cellfmt::HEADER_LEN).map_err(err)?;
-            link.send(buf).await.map_err(|_| OpenError::Build("link closed".into()))?;
+            session
+                .tx
+                .seal_tail_bytes(&mut buf, cellfmt::HEADER_LEN)
+                .map_err(err)?;
+            link.send(buf)
+                .await
+                .map_err(|_| OpenError::Build("link closed".into()))?;
             let mut reply = match rx.recv().await {
                 Some(BuildEvent::Control(b)) => b,
                 other => return Err(build_failure(*next, other)),
             };
             let body = &mut reply[cellfmt::HEADER_LEN..];
             let n = session.rx.open_in_place(body).map_err(err)?;
-            let reply: pb::ControlReply =
-                ferry_proto::decode_pb("control reply", &body[..n]).map_err(|e| OpenError::Build(e.to_string()))?;
+            let reply: pb::ControlReply = ferry_proto::decode_pb("control reply", &body[..n])
+                .map_err(|e| OpenError::Build(e.to_string()))?;
             match reply.msg {
                 Some(pb::control_reply::Msg::Extended(ext)) => {
                     crypto::read_hs(&mut hs, &ext.handshake).map_err(err)?;
@@ -252,14 +318,17 @@ impl Origin {
     /// Closes every circuit.
     pub async fn close_all(&self) {
         for c in self.pool.lock().await.drain(..) {
-            self.switch.destroy(&c.link, c.circ, DestroyReason::Finished);
+            self.switch
+                .destroy(&c.link, c.circ, DestroyReason::Finished);
         }
     }
 }
 
 fn build_failure(hop: NodeId, ev: Option<BuildEvent>) -> OpenError {
     let why = match ev {
-        Some(BuildEvent::Destroyed(r)) => format!("hop {hop} destroyed the circuit: {}", r.as_str_name()),
+        Some(BuildEvent::Destroyed(r)) => {
+            format!("hop {hop} destroyed the circuit: {}", r.as_str_name())
+        }
         Some(other) => format!("hop {hop} answered out of turn: {other:?}"),
         None => format!("hop {hop}: circuit closed"),
     };

@@ -43,9 +43,14 @@ impl ExitPolicy {
         let rules = rules
             .iter()
             .enumerate()
-            .map(|(i, r)| parse_rule(r.as_ref()).map_err(|e| anyhow!("rule {i} `{}`: {e}", r.as_ref())))
+            .map(|(i, r)| {
+                parse_rule(r.as_ref()).map_err(|e| anyhow!("rule {i} `{}`: {e}", r.as_ref()))
+            })
             .collect::<Result<_>>()?;
-        Ok(Self { allow_private, rules })
+        Ok(Self {
+            allow_private,
+            rules,
+        })
     }
 
     /// Decides one resolved target.
@@ -54,7 +59,9 @@ impl ExitPolicy {
         if !self.allow_private
             && let Some(range) = special_range(ip)
         {
-            return Verdict::Deny(format!("{range} targets are not allowed (exit.allow_private = false)"));
+            return Verdict::Deny(format!(
+                "{range} targets are not allowed (exit.allow_private = false)"
+            ));
         }
         for r in &self.rules {
             if r.net.contains(&ip) && (r.ports.0..=r.ports.1).contains(&target.port()) {
@@ -101,7 +108,12 @@ fn parse_rule(s: &str) -> Result<Rule> {
     if ports.0 > ports.1 {
         bail!("port range {}-{} is empty", ports.0, ports.1);
     }
-    Ok(Rule { action, net, ports, text: s.to_string() })
+    Ok(Rule {
+        action,
+        net,
+        ports,
+        text: s.to_string(),
+    })
 }
 
 /// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
@@ -167,7 +179,16 @@ mod tests {
     #[test]
     fn private_ranges_denied_by_default() {
         let p = ExitPolicy::parse(&["allow 0.0.0.0/0", "allow ::/0"], false).unwrap();
-        for t in ["127.0.0.1:80", "10.1.2.3:80", "192.168.1.1:443", "[::1]:80", "[fd00::1]:80", "[::ffff:127.0.0.1]:80", "100.64.0.1:80", "169.254.1.1:80"] {
+        for t in [
+            "127.0.0.1:80",
+            "10.1.2.3:80",
+            "192.168.1.1:443",
+            "[::1]:80",
+            "[fd00::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "100.64.0.1:80",
+            "169.254.1.1:80",
+        ] {
             assert!(matches!(p.check(sa(t)), Verdict::Deny(_)), "{t}");
         }
         assert_eq!(p.check(sa("93.184.216.34:443")), Verdict::Allow);
@@ -182,16 +203,36 @@ mod tests {
 
     #[test]
     fn first_match_wins_with_ports() {
-        let p = ExitPolicy::parse(&["deny 0.0.0.0/0:25", "allow 93.0.0.0/8:80-443", "allow ::/0:*"], false).unwrap();
+        let p = ExitPolicy::parse(
+            &[
+                "deny 0.0.0.0/0:25",
+                "allow 93.0.0.0/8:80-443",
+                "allow ::/0:*",
+            ],
+            false,
+        )
+        .unwrap();
         assert_eq!(p.check(sa("93.1.1.1:443")), Verdict::Allow);
-        assert_eq!(p.check(sa("93.1.1.1:25")), Verdict::Deny("exit rule `deny 0.0.0.0/0:25`".into()));
-        assert_eq!(p.check(sa("93.1.1.1:8080")), Verdict::Deny("no exit rule allows it".into()));
+        assert_eq!(
+            p.check(sa("93.1.1.1:25")),
+            Verdict::Deny("exit rule `deny 0.0.0.0/0:25`".into())
+        );
+        assert_eq!(
+            p.check(sa("93.1.1.1:8080")),
+            Verdict::Deny("no exit rule allows it".into())
+        );
         assert_eq!(p.check(sa("[2001:db8::1]:22")), Verdict::Allow);
     }
 
     #[test]
     fn bad_rules_are_refused() {
-        for bad in ["permit 0.0.0.0/0", "allow 1.2.3.4", "allow 0.0.0.0/0:9-1", "allow ::/0:x", "allow"] {
+        for bad in [
+            "permit 0.0.0.0/0",
+            "allow 1.2.3.4",
+            "allow 0.0.0.0/0:9-1",
+            "allow ::/0:x",
+            "allow",
+        ] {
             assert!(ExitPolicy::parse(&[bad], false).is_err(), "{bad}");
         }
     }

@@ -78,7 +78,9 @@ pub enum SocksError {
 
 /// Reads the greeting and request; answers method selection and auth.
 /// Unsupported commands and address types get their reply before the error.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Request, SocksError> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Request, SocksError> {
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await?;
     if head[0] != 5 {
@@ -154,7 +156,11 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<R
         send_reply(s, reply::COMMAND_NOT_SUPPORTED).await?;
         return Err(SocksError::Command(req[1]));
     }
-    Ok(Request { host, port: u16::from_be_bytes(port), credentials })
+    Ok(Request {
+        host,
+        port: u16::from_be_bytes(port),
+        credentials,
+    })
 }
 
 /// Sends a reply with an all-zero bound address.
@@ -249,7 +255,14 @@ mod tests {
         b.extend_from_slice(b"example.org");
         b.extend_from_slice(&443u16.to_be_bytes());
         let (res, out) = run(b).await;
-        assert_eq!(res.unwrap(), Request { host: "example.org".into(), port: 443, credentials: None });
+        assert_eq!(
+            res.unwrap(),
+            Request {
+                host: "example.org".into(),
+                port: 443,
+                credentials: None
+            }
+        );
         assert_eq!(out, [5, 0]);
     }
 
@@ -261,7 +274,11 @@ mod tests {
         let (res, out) = run(b).await;
         assert_eq!(
             res.unwrap(),
-            Request { host: "::1".into(), port: 80, credentials: Some(("u".into(), "pw".into())) }
+            Request {
+                host: "::1".into(),
+                port: 80,
+                credentials: Some(("u".into(), "pw".into()))
+            }
         );
         assert_eq!(out, [5, 2, 1, 0]);
     }
@@ -269,7 +286,10 @@ mod tests {
     #[tokio::test]
     async fn junk_and_unsupported_requests_are_refused_with_reasons() {
         let (res, _) = run(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
-        assert_eq!(res.unwrap_err().to_string(), "not SOCKS5: version byte 0x47");
+        assert_eq!(
+            res.unwrap_err().to_string(),
+            "not SOCKS5: version byte 0x47"
+        );
         let (res, out) = run(vec![5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80]).await;
         assert!(matches!(res, Err(SocksError::Command(2))));
         assert_eq!(out[2..4], [5, reply::COMMAND_NOT_SUPPORTED]);

@@ -107,7 +107,10 @@ impl Switch {
     }
 
     pub(crate) fn link_up(&self, link: Arc<LinkHandle>) {
-        self.links.lock().expect("links lock").insert(link.peer, link);
+        self.links
+            .lock()
+            .expect("links lock")
+            .insert(link.peer, link);
     }
 
     /// Circuits this node holds, on all sides.
@@ -128,17 +131,28 @@ impl Switch {
     }
 
     fn live_link(&self, peer: &NodeId) -> Option<Arc<LinkHandle>> {
-        self.links.lock().expect("links lock").get(peer).filter(|l| !l.is_closed()).cloned()
+        self.links
+            .lock()
+            .expect("links lock")
+            .get(peer)
+            .filter(|l| !l.is_closed())
+            .cloned()
     }
 
     /// Registers a circuit this node originates.
     pub(crate) fn add_origin(&self, link: &LinkHandle, circ: u32, oc: Arc<OriginCircuit>) {
-        self.circuits.lock().expect("circuits lock").insert((link.id, circ), Slot::Origin(oc));
+        self.circuits
+            .lock()
+            .expect("circuits lock")
+            .insert((link.id, circ), Slot::Origin(oc));
     }
 
     /// Forgets one side of a circuit (no cells sent).
     pub(crate) fn remove(&self, link: LinkId, circ: u32) {
-        self.circuits.lock().expect("circuits lock").remove(&(link, circ));
+        self.circuits
+            .lock()
+            .expect("circuits lock")
+            .remove(&(link, circ));
     }
 
     /// A link went down: every circuit on it is destroyed, and the other side
@@ -153,7 +167,9 @@ impl Switch {
         let gone: Vec<(u32, Slot)> = {
             let mut c = self.circuits.lock().expect("circuits lock");
             let keys: Vec<_> = c.keys().filter(|(l, _)| *l == link.id).copied().collect();
-            keys.into_iter().filter_map(|k| c.remove(&k).map(|s| (k.1, s))).collect()
+            keys.into_iter()
+                .filter_map(|k| c.remove(&k).map(|s| (k.1, s)))
+                .collect()
         };
         for (_, slot) in gone {
             self.drop_slot(slot, DestroyReason::LinkLost);
@@ -177,7 +193,11 @@ impl Switch {
 
     /// Destroys a circuit from one side: forgets it and tells both neighbours.
     pub(crate) fn destroy(&self, link: &LinkHandle, circ: u32, reason: DestroyReason) {
-        let slot = self.circuits.lock().expect("circuits lock").remove(&(link.id, circ));
+        let slot = self
+            .circuits
+            .lock()
+            .expect("circuits lock")
+            .remove(&(link.id, circ));
         link.try_send(destroy_cell(circ, reason));
         if let Some(slot) = slot {
             self.drop_slot(slot, reason);
@@ -185,14 +205,20 @@ impl Switch {
     }
 
     /// Handles one cell that arrived on `link`. An error closes the link.
-    pub async fn on_cell(self: &Arc<Self>, link: &Arc<LinkHandle>, mut buf: BytesMut) -> Result<(), Malformed> {
+    pub async fn on_cell(
+        self: &Arc<Self>,
+        link: &Arc<LinkHandle>,
+        mut buf: BytesMut,
+    ) -> Result<(), Malformed> {
         let c = Cell::parse(&buf)?;
         let (circ, cmd) = (c.circ_id, c.cmd);
         let key = (link.id, circ);
         match cmd {
             CellCmd::Create => self.on_create(link, circ, c.body),
             CellCmd::Destroy => {
-                let reason = pb::Destroy::decode(c.body).map(|d| d.reason()).unwrap_or_default();
+                let reason = pb::Destroy::decode(c.body)
+                    .map(|d| d.reason())
+                    .unwrap_or_default();
                 debug!(circ, reason = reason.as_str_name(), "destroy received");
                 let slot = self.circuits.lock().expect("circuits lock").remove(&key);
                 if let Some(slot) = slot {
@@ -240,7 +266,12 @@ impl Switch {
                         } else {
                             end.on_control(buf).map(|extend| {
                                 if let Some(ext) = extend {
-                                    tokio::spawn(self.clone().extend(link.clone(), circ, end.clone(), ext));
+                                    tokio::spawn(self.clone().extend(
+                                        link.clone(),
+                                        circ,
+                                        end.clone(),
+                                        ext,
+                                    ));
                                 }
                             })
                         };
@@ -255,7 +286,9 @@ impl Switch {
                             self.destroy(link, circ, DestroyReason::Protocol);
                         }
                     }
-                    Next::None => debug!(circ, cmd = cmd.name(), "cell for unknown circuit dropped"),
+                    Next::None => {
+                        debug!(circ, cmd = cmd.name(), "cell for unknown circuit dropped")
+                    }
                 }
             }
         }
@@ -270,27 +303,50 @@ impl Switch {
         if !(self.cfg.roles.relay || self.cfg.roles.exit) {
             return refuse("this node has neither the relay nor the exit role");
         }
-        if self.circuits.lock().expect("circuits lock").contains_key(&(link.id, circ)) {
+        if self
+            .circuits
+            .lock()
+            .expect("circuits lock")
+            .contains_key(&(link.id, circ))
+        {
             return refuse("circuit id already in use on this link");
         }
         let (session, msg2) = match crypto::hop_respond(&self.keys.noise_private, msg1) {
             Ok(x) => x,
             Err(e) => return refuse(&e.to_string()),
         };
-        let end = Endpoint::new(link.clone(), circ, session, Side::Exit(self.exit.clone()), self.cfg.stream_window);
-        self.circuits.lock().expect("circuits lock").insert((link.id, circ), Slot::Tip(end));
+        let end = Endpoint::new(
+            link.clone(),
+            circ,
+            session,
+            Side::Exit(self.exit.clone()),
+            self.cfg.stream_window,
+        );
+        self.circuits
+            .lock()
+            .expect("circuits lock")
+            .insert((link.id, circ), Slot::Tip(end));
         if !link.try_send(cell(circ, CellCmd::Created, &msg2)) {
             self.destroy(link, circ, DestroyReason::Shutdown);
         }
         debug!(circ, "circuit created");
     }
 
-    async fn extend(self: Arc<Self>, in_link: Arc<LinkHandle>, in_circ: u32, end: Arc<Endpoint>, ext: pb::Extend) {
+    async fn extend(
+        self: Arc<Self>,
+        in_link: Arc<LinkHandle>,
+        in_circ: u32,
+        end: Arc<Endpoint>,
+        ext: pb::Extend,
+    ) {
         let reply = match self.try_extend(&in_link, in_circ, &end, ext).await {
             Ok(msg2) => pb::control_reply::Msg::Extended(pb::Extended { handshake: msg2 }),
             Err((reason, detail)) => {
                 warn!(circ = in_circ, reason = reason.as_str_name(), %detail, "extend failed");
-                pb::control_reply::Msg::ExtendFailed(pb::ExtendFailed { reason: reason as i32, detail })
+                pb::control_reply::Msg::ExtendFailed(pb::ExtendFailed {
+                    reason: reason as i32,
+                    detail,
+                })
             }
         };
         let reply = pb::ControlReply { msg: Some(reply) };
@@ -306,15 +362,22 @@ impl Switch {
         end: &Arc<Endpoint>,
         ext: pb::Extend,
     ) -> Result<Vec<u8>, (RefusalReason, String)> {
-        let id: [u8; 32] = ext
-            .node_id
-            .as_slice()
-            .try_into()
-            .map_err(|_| (RefusalReason::Malformed, "node id is not 32 bytes".to_string()))?;
+        let id: [u8; 32] = ext.node_id.as_slice().try_into().map_err(|_| {
+            (
+                RefusalReason::Malformed,
+                "node id is not 32 bytes".to_string(),
+            )
+        })?;
         let next = NodeId(id);
-        let peer = self.peer(&next).ok_or((RefusalReason::UnknownNode, format!("node {next} is not known here")))?;
+        let peer = self.peer(&next).ok_or((
+            RefusalReason::UnknownNode,
+            format!("node {next} is not known here"),
+        ))?;
         if !(peer.roles.relay || peer.roles.exit) || peer.addr.is_none() {
-            return Err((RefusalReason::Role, format!("node {next} is neither relay nor exit")));
+            return Err((
+                RefusalReason::Role,
+                format!("node {next} is neither relay nor exit"),
+            ));
         }
         let out = self
             .link_to(next)
@@ -322,31 +385,61 @@ impl Switch {
             .map_err(|e| (RefusalReason::Unreachable, format!("node {next}: {e:#}")))?;
         let out_circ = out.alloc_circ_id();
         let (tx, rx) = oneshot::channel();
-        self.circuits.lock().expect("circuits lock").insert((out.id, out_circ), Slot::Pending(tx));
-        if out.send(cell(out_circ, CellCmd::Create, &ext.handshake)).await.is_err() {
+        self.circuits
+            .lock()
+            .expect("circuits lock")
+            .insert((out.id, out_circ), Slot::Pending(tx));
+        if out
+            .send(cell(out_circ, CellCmd::Create, &ext.handshake))
+            .await
+            .is_err()
+        {
             self.remove(out.id, out_circ);
             return Err((RefusalReason::Unreachable, format!("link to {next} closed")));
         }
         let answer = tokio::time::timeout(self.cfg.build_timeout, rx).await;
         let msg2 = match answer {
             Ok(Ok(Ok(msg2))) => msg2,
-            Ok(Ok(Err(why))) => return Err((RefusalReason::Unreachable, format!("node {next} refused: {why}"))),
+            Ok(Ok(Err(why))) => {
+                return Err((
+                    RefusalReason::Unreachable,
+                    format!("node {next} refused: {why}"),
+                ));
+            }
             Ok(Err(_)) | Err(_) => {
                 self.remove(out.id, out_circ);
-                return Err((RefusalReason::Unreachable, format!("node {next} did not answer")));
+                return Err((
+                    RefusalReason::Unreachable,
+                    format!("node {next} did not answer"),
+                ));
             }
         };
         // Splice: from now on this node only forwards this circuit.
         let mut c = self.circuits.lock().expect("circuits lock");
         match c.get(&(in_link.id, in_circ)) {
             Some(Slot::Tip(e)) if Arc::ptr_eq(e, end) => {
-                c.insert((in_link.id, in_circ), Slot::Forward { link: out.clone(), circ: out_circ });
-                c.insert((out.id, out_circ), Slot::Forward { link: in_link.clone(), circ: in_circ });
+                c.insert(
+                    (in_link.id, in_circ),
+                    Slot::Forward {
+                        link: out.clone(),
+                        circ: out_circ,
+                    },
+                );
+                c.insert(
+                    (out.id, out_circ),
+                    Slot::Forward {
+                        link: in_link.clone(),
+                        circ: in_circ,
+                    },
+                );
             }
             _ => {
                 drop(c);
                 out.try_send(destroy_cell(out_circ, DestroyReason::Finished));
-                return Err((RefusalReason::Unspecified, "circuit closed while extending".into()));
+                return Err((
+                    RefusalReason::Unspecified,
+                    "circuit closed while extending".into(),
+                ));
             }
         }
         drop(c);
@@ -356,7 +449,13 @@ impl Switch {
 
     /// Closes every link and circuit.
     pub fn shutdown_all(&self) {
-        let slots: Vec<Slot> = self.circuits.lock().expect("circuits lock").drain().map(|(_, s)| s).collect();
+        let slots: Vec<Slot> = self
+            .circuits
+            .lock()
+            .expect("circuits lock")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in slots {
             if let Slot::Forward { link, circ } = &s {
                 link.try_send(destroy_cell(*circ, DestroyReason::Shutdown));
@@ -371,10 +470,19 @@ impl Switch {
 
 /// A DESTROY cell.
 pub fn destroy_cell(circ: u32, reason: DestroyReason) -> BytesMut {
-    cell(circ, CellCmd::Destroy, &pb::Destroy { reason: reason as i32 }.encode_to_vec())
+    cell(
+        circ,
+        CellCmd::Destroy,
+        &pb::Destroy {
+            reason: reason as i32,
+        }
+        .encode_to_vec(),
+    )
 }
 
 /// Reads a peer's id from a hex string (for tools and tests).
 pub fn node_id_from_hex(s: &str) -> Result<NodeId> {
-    crate::identity::parse_key_hex(s).map(NodeId).map_err(|e| anyhow!("node id: {e}"))
+    crate::identity::parse_key_hex(s)
+        .map(NodeId)
+        .map_err(|e| anyhow!("node id: {e}"))
 }

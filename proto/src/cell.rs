@@ -34,7 +34,12 @@ impl CellCmd {
             3 => CellCmd::Control,
             4 => CellCmd::Relay,
             5 => CellCmd::Destroy,
-            code => return Err(DecodeError::UnknownCode { what: "cell command", code }),
+            code => {
+                return Err(DecodeError::UnknownCode {
+                    what: "cell command",
+                    code,
+                });
+            }
         })
     }
 
@@ -65,11 +70,19 @@ impl<'a> Cell<'a> {
     /// Parses a cell from one record's plaintext.
     pub fn parse(buf: &'a [u8]) -> Result<Self, DecodeError> {
         if buf.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated { what: "cell", len: buf.len(), need: HEADER_LEN });
+            return Err(DecodeError::Truncated {
+                what: "cell",
+                len: buf.len(),
+                need: HEADER_LEN,
+            });
         }
         let body = &buf[HEADER_LEN..];
         if body.len() > MAX_CELL_BODY {
-            return Err(DecodeError::TooLong { what: "cell", len: body.len(), max: MAX_CELL_BODY });
+            return Err(DecodeError::TooLong {
+                what: "cell",
+                len: body.len(),
+                max: MAX_CELL_BODY,
+            });
         }
         Ok(Cell {
             circ_id: u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
@@ -140,11 +153,18 @@ mod tests {
     fn short_and_unknown_cells_are_errors() {
         assert_eq!(
             Cell::parse(&[0, 0, 1]),
-            Err(DecodeError::Truncated { what: "cell", len: 3, need: 5 })
+            Err(DecodeError::Truncated {
+                what: "cell",
+                len: 3,
+                need: 5
+            })
         );
         assert_eq!(
             Cell::parse(&[0, 0, 0, 1, 99]),
-            Err(DecodeError::UnknownCode { what: "cell command", code: 99 })
+            Err(DecodeError::UnknownCode {
+                what: "cell command",
+                code: 99
+            })
         );
     }
 }

@@ -105,7 +105,13 @@ mod tests {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3][..]);
         let cap = buf.capacity();
         let err = CODEC.decode(&mut buf).unwrap_err();
-        assert_eq!(err, FrameError::TooLong { len: u32::MAX as usize, max: 65535 });
+        assert_eq!(
+            err,
+            FrameError::TooLong {
+                len: u32::MAX as usize,
+                max: 65535
+            }
+        );
         assert_eq!(buf.capacity(), cap, "buffer grew for a refused frame");
     }
 
@@ -113,7 +119,10 @@ mod tests {
     fn short_frame_is_refused() {
         let codec = FrameCodec::new(16, 100);
         let mut buf = BytesMut::from(&[0, 0, 0, 3, 1, 2, 3][..]);
-        assert_eq!(codec.decode(&mut buf), Err(FrameError::TooShort { len: 3, min: 16 }));
+        assert_eq!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooShort { len: 3, min: 16 })
+        );
     }
 
     #[test]
@@ -121,7 +130,10 @@ mod tests {
         let mut buf = BytesMut::from(&[0, 0, 0, 5, 1, 2][..]);
         assert_eq!(CODEC.decode(&mut buf), Ok(None));
         buf.extend_from_slice(&[3, 4, 5]);
-        assert_eq!(CODEC.decode(&mut buf).unwrap().unwrap().as_ref(), &[1, 2, 3, 4, 5]);
+        assert_eq!(
+            CODEC.decode(&mut buf).unwrap().unwrap().as_ref(),
+            &[1, 2, 3, 4, 5]
+        );
         assert!(buf.is_empty());
     }
 

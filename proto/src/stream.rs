@@ -33,7 +33,12 @@ impl StreamKind {
             3 => StreamKind::Data,
             4 => StreamKind::Window,
             5 => StreamKind::End,
-            code => return Err(DecodeError::UnknownCode { what: "stream message", code }),
+            code => {
+                return Err(DecodeError::UnknownCode {
+                    what: "stream message",
+                    code,
+                });
+            }
         })
     }
 }
@@ -77,7 +82,11 @@ impl<'a> StreamMsg<'a> {
     pub fn window_credit(&self) -> Result<u32, DecodeError> {
         match self.body {
             [a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
-            body => Err(DecodeError::Truncated { what: "window credit", len: body.len(), need: 4 }),
+            body => Err(DecodeError::Truncated {
+                what: "window credit",
+                len: body.len(),
+                need: 4,
+            }),
         }
     }
 
@@ -98,8 +107,8 @@ pub fn header(kind: StreamKind, stream_id: u32) -> [u8; HEADER_LEN] {
 mod tests {
     use super::*;
     use crate::pb;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     fn any_kind() -> impl Strategy<Value = StreamKind> {
         prop_oneof![
@@ -143,9 +152,17 @@ mod tests {
 
     #[test]
     fn window_credit_needs_four_bytes() {
-        let msg = StreamMsg { kind: StreamKind::Window, stream_id: 1, body: &[0, 1, 0, 0] };
+        let msg = StreamMsg {
+            kind: StreamKind::Window,
+            stream_id: 1,
+            body: &[0, 1, 0, 0],
+        };
         assert_eq!(msg.window_credit(), Ok(65536));
-        let bad = StreamMsg { kind: StreamKind::Window, stream_id: 1, body: &[1] };
+        let bad = StreamMsg {
+            kind: StreamKind::Window,
+            stream_id: 1,
+            body: &[1],
+        };
         assert!(bad.window_credit().is_err());
     }
 

@@ -66,11 +66,15 @@ pub struct Roles {
 
 impl fmt::Display for Roles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = [(self.entry, "entry"), (self.relay, "relay"), (self.exit, "exit")]
-            .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, n)| *n)
-            .collect();
+        let names: Vec<&str> = [
+            (self.entry, "entry"),
+            (self.relay, "relay"),
+            (self.exit, "exit"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
         f.write_str(&names.join(","))
     }
 }

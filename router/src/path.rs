@@ -31,12 +31,18 @@ pub fn select_path<R: Rng>(
     req: &PathRequest,
     rng: &mut R,
 ) -> Result<Vec<NodeId>, NoPath> {
-    let no_path = |why: String| NoPath { hops: req.hops, why };
+    let no_path = |why: String| NoPath {
+        hops: req.hops,
+        why,
+    };
     if req.hops == 0 {
         return Err(no_path("a path needs at least one hop".into()));
     }
-    let usable: Vec<&NodeInfo> =
-        view.nodes().iter().filter(|n| Some(n.id) != req.origin).collect();
+    let usable: Vec<&NodeInfo> = view
+        .nodes()
+        .iter()
+        .filter(|n| Some(n.id) != req.origin)
+        .collect();
     let mut exits: Vec<&NodeInfo> = usable.iter().copied().filter(|n| n.roles.exit).collect();
     let mut relays: Vec<&NodeInfo> = usable.iter().copied().filter(|n| n.roles.relay).collect();
     if exits.is_empty() {
@@ -77,7 +83,10 @@ fn extend<'a>(path: &mut Vec<&'a NodeInfo>, relays: &[&'a NodeInfo], hops: usize
         return true;
     }
     for r in relays {
-        if path.iter().any(|p| p.id == r.id || p.jurisdiction == r.jurisdiction) {
+        if path
+            .iter()
+            .any(|p| p.id == r.id || p.jurisdiction == r.jurisdiction)
+        {
             continue;
         }
         path.push(r);
@@ -102,7 +111,11 @@ mod tests {
         NodeInfo {
             id: NodeId([i; 32]),
             jurisdiction: Jurisdiction([b[0], b[1]]),
-            roles: Roles { entry: false, relay, exit },
+            roles: Roles {
+                entry: false,
+                relay,
+                exit,
+            },
         }
     }
 
@@ -127,7 +140,9 @@ mod tests {
                 let ok_role = if last { n.roles.exit } else { n.roles.relay };
                 if !ok_role
                     || Some(n.id) == req.origin
-                    || path.iter().any(|&p| p == i || nodes[p].jurisdiction == n.jurisdiction)
+                    || path
+                        .iter()
+                        .any(|&p| p == i || nodes[p].jurisdiction == n.jurisdiction)
                 {
                     continue;
                 }
@@ -180,18 +195,37 @@ mod tests {
     #[test]
     fn no_exit_says_so() {
         let view = MeshView::new([node(1, "DE", true, false), node(2, "CH", true, false)]);
-        let err = select_path(&view, &PathRequest { hops: 2, origin: None }, &mut StdRng::seed_from_u64(1))
-            .unwrap_err();
+        let err = select_path(
+            &view,
+            &PathRequest {
+                hops: 2,
+                origin: None,
+            },
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("none has the exit role"), "{err}");
     }
 
     #[test]
     fn spreads_over_exits() {
-        let view = MeshView::new([node(1, "DE", true, true), node(2, "CH", true, true), node(3, "IS", true, true)]);
+        let view = MeshView::new([
+            node(1, "DE", true, true),
+            node(2, "CH", true, true),
+            node(3, "IS", true, true),
+        ]);
         let mut rng = StdRng::seed_from_u64(7);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..50 {
-            let p = select_path(&view, &PathRequest { hops: 1, origin: None }, &mut rng).unwrap();
+            let p = select_path(
+                &view,
+                &PathRequest {
+                    hops: 1,
+                    origin: None,
+                },
+                &mut rng,
+            )
+            .unwrap();
             seen.insert(p[0]);
         }
         assert_eq!(seen.len(), 3);

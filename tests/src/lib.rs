@@ -30,7 +30,10 @@ pub fn ferry_bin() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("no `ferry` binary next to {}; run `cargo build --bins` first (make test does)", exe.display())
+    bail!(
+        "no `ferry` binary next to {}; run `cargo build --bins` first (make test does)",
+        exe.display()
+    )
 }
 
 /// A free loopback port (bound and released; the kernel does not hand it out
@@ -80,7 +83,10 @@ impl Proc {
                 return Ok(log);
             }
             if Instant::now() > deadline {
-                bail!("node {} never logged {needle:?}; log:\n{log}", self.jurisdiction);
+                bail!(
+                    "node {} never logged {needle:?}; log:\n{log}",
+                    self.jurisdiction
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -93,7 +99,9 @@ impl Proc {
 
     /// Sends a signal.
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status();
     }
 }
 
@@ -119,7 +127,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { hops: 3, allow_private: true, tap: false, extra_peers: Vec::new() }
+        Self {
+            hops: 3,
+            allow_private: true,
+            tap: false,
+            extra_peers: Vec::new(),
+        }
     }
 }
 
@@ -135,9 +148,15 @@ pub struct Mesh {
 }
 
 fn run_ferry(args: &[&str]) -> Result<String> {
-    let out = Command::new(ferry_bin()?).args(args).output().context("running ferry")?;
+    let out = Command::new(ferry_bin()?)
+        .args(args)
+        .output()
+        .context("running ferry")?;
     if !out.status.success() {
-        bail!("ferry {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -146,7 +165,10 @@ fn run_ferry(args: &[&str]) -> Result<String> {
 fn field(block: &str, key: &str) -> Result<String> {
     block
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key} = \"")).map(|v| v.trim_end_matches('"').to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key} = \""))
+                .map(|v| v.trim_end_matches('"').to_string())
+        })
         .ok_or_else(|| anyhow!("no {key} in peer block:\n{block}"))
 }
 
@@ -194,13 +216,28 @@ impl Mesh {
             jurisdiction: String,
         }
         let mut members = Vec::new();
-        let all = specs.iter().cloned().chain([Spec { jurisdiction: "NL", roles: "entry" }]);
+        let all = specs.iter().cloned().chain([Spec {
+            jurisdiction: "NL",
+            roles: "entry",
+        }]);
         for (i, s) in all.enumerate() {
             let dir = root.path().join(format!("n{i}-{}", s.jurisdiction));
             let link = free_port()?;
             let socks = free_port()?;
             let (l, so) = (link.to_string(), socks.to_string());
-            run_ferry(&["init", "--dir", dir.to_str().unwrap(), "--jurisdiction", s.jurisdiction, "--roles", s.roles, "--listen", &l, "--socks", &so])?;
+            run_ferry(&[
+                "init",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--jurisdiction",
+                s.jurisdiction,
+                "--roles",
+                s.roles,
+                "--listen",
+                &l,
+                "--socks",
+                &so,
+            ])?;
             let cfg = dir.join("ferry.toml");
             let mut block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
             let is_entry = s.roles == "entry";
@@ -239,16 +276,39 @@ impl Mesh {
         for m in members {
             let cfg = m.dir.join("ferry.toml");
             let cfg = cfg.to_str().unwrap();
-            let args: Vec<&str> = if m.socks.is_some() { vec!["connect", "--config", cfg] } else { vec!["node", "--config", cfg] };
+            let args: Vec<&str> = if m.socks.is_some() {
+                vec!["connect", "--config", cfg]
+            } else {
+                vec!["node", "--config", cfg]
+            };
             let mut child = spawn(&m.dir, &args)?;
-            wait_ready(&mut child).with_context(|| format!("starting {}: {}", m.jurisdiction, std::fs::read_to_string(m.dir.join("stderr.log")).unwrap_or_default()))?;
+            wait_ready(&mut child).with_context(|| {
+                format!(
+                    "starting {}: {}",
+                    m.jurisdiction,
+                    std::fs::read_to_string(m.dir.join("stderr.log")).unwrap_or_default()
+                )
+            })?;
             let id = field(&m.block, "id")?;
             let mut noise_key = [0u8; 32];
             hex::decode_to_slice(field(&m.block, "noise_key")?, &mut noise_key)?;
-            procs.push(Proc { id, noise_key, jurisdiction: m.jurisdiction, link: m.link, socks: m.socks, dir: m.dir, child });
+            procs.push(Proc {
+                id,
+                noise_key,
+                jurisdiction: m.jurisdiction,
+                link: m.link,
+                socks: m.socks,
+                dir: m.dir,
+                child,
+            });
         }
         let entry = procs.pop().expect("entry");
-        Ok(Mesh { nodes: procs, entry, tapped, _dir: root })
+        Ok(Mesh {
+            nodes: procs,
+            entry,
+            tapped,
+            _dir: root,
+        })
     }
 
     /// The entry's SOCKS5 address.
@@ -267,7 +327,9 @@ pub fn start_tap(target: SocketAddr, sink: Arc<Mutex<Vec<u8>>>) -> Result<Socket
         while let Ok((client, _)) = listener.accept().await {
             let sink = sink.clone();
             tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(target).await else { return };
+                let Ok(server) = TcpStream::connect(target).await else {
+                    return;
+                };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 tokio::join!(copy_record(cr, sw, sink.clone()), copy_record(sr, cw, sink));
@@ -277,7 +339,11 @@ pub fn start_tap(target: SocketAddr, sink: Arc<Mutex<Vec<u8>>>) -> Result<Socket
     Ok(addr)
 }
 
-async fn copy_record(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, sink: Arc<Mutex<Vec<u8>>>) {
+async fn copy_record(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    sink: Arc<Mutex<Vec<u8>>>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
@@ -294,7 +360,11 @@ async fn copy_record(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::t
 }
 
 /// Opens a SOCKS5 CONNECT; `Err(code)` carries the server's reply code.
-pub async fn socks_connect(socks: SocketAddr, host: &str, port: u16) -> Result<std::result::Result<TcpStream, u8>> {
+pub async fn socks_connect(
+    socks: SocketAddr,
+    host: &str,
+    port: u16,
+) -> Result<std::result::Result<TcpStream, u8>> {
     let mut s = TcpStream::connect(socks).await?;
     s.set_nodelay(true)?;
     s.write_all(&[5, 1, 0]).await?;
@@ -352,7 +422,11 @@ impl Pattern {
 }
 
 /// Writes `len` pattern bytes for `seed`, then half-closes.
-pub async fn send_pattern<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, len: usize) -> Result<()> {
+pub async fn send_pattern<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    seed: u64,
+    len: usize,
+) -> Result<()> {
     let mut p = Pattern::new(seed);
     let mut buf = vec![0u8; 64 * 1024];
     let mut left = len;
@@ -385,7 +459,10 @@ pub async fn read_digest<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<(usize, [
 /// server answers with that many pattern bytes for seed+1 while it hashes
 /// what the client sends. Each connection's (bytes, digest) of the client's
 /// upload comes out of the returned channel.
-pub async fn pattern_server() -> Result<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u64, usize, [u8; 32])>)> {
+pub async fn pattern_server() -> Result<(
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, usize, [u8; 32])>,
+)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -400,7 +477,8 @@ pub async fn pattern_server() -> Result<(SocketAddr, tokio::sync::mpsc::Unbounde
                 }
                 let seed = u64::from_be_bytes(head[..8].try_into().unwrap());
                 let len = u64::from_be_bytes(head[8..].try_into().unwrap()) as usize;
-                let (up, down) = tokio::join!(read_digest(&mut r), send_pattern(&mut w, seed + 1, len));
+                let (up, down) =
+                    tokio::join!(read_digest(&mut r), send_pattern(&mut w, seed + 1, len));
                 if let (Ok((n, d)), Ok(())) = (up, down) {
                     let _ = tx.send((seed, n, d));
                 }
@@ -425,7 +503,10 @@ pub async fn http_server(body: &'static str) -> Result<SocketAddr> {
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = s.write_all(resp.as_bytes()).await;
                 let _ = s.shutdown().await;
             });

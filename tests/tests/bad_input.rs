@@ -40,7 +40,10 @@ async fn handshake(node: &Proc, keys: &Keys) -> (TcpStream, Session) {
         if let Some(f) = HANDSHAKE_CODEC.decode(&mut buf).unwrap() {
             break f;
         }
-        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "node closed the handshake");
+        assert!(
+            s.read_buf(&mut buf).await.unwrap() > 0,
+            "node closed the handshake"
+        );
     };
     crypto::read_hs(&mut hs, &m2).unwrap();
     (s, Session::from_handshake(hs).unwrap())
@@ -74,17 +77,45 @@ async fn echo_server() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_closes_only_its_connection() {
     let fake = Keys::generate();
-    let fake_block = peer_block(&fake.node_id(), &fake.noise_public, None, "NL", Roles { entry: true, ..Roles::default() });
+    let fake_block = peer_block(
+        &fake.node_id(),
+        &fake.noise_public,
+        None,
+        "NL",
+        Roles {
+            entry: true,
+            ..Roles::default()
+        },
+    );
     let specs = [
-        Spec { jurisdiction: "DE", roles: "relay" },
-        Spec { jurisdiction: "CH", roles: "relay" },
-        Spec { jurisdiction: "IS", roles: "exit" },
+        Spec {
+            jurisdiction: "DE",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "CH",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "IS",
+            roles: "exit",
+        },
     ];
-    let mut mesh = Mesh::start(&specs, &Options { extra_peers: vec![fake_block], ..Options::default() }).unwrap();
+    let mut mesh = Mesh::start(
+        &specs,
+        &Options {
+            extra_peers: vec![fake_block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
 
     // A circuit carrying data through all three nodes, open across the attacks.
     let target = echo_server().await;
-    let s = socks_connect(mesh.socks(), "127.0.0.1", target.port()).await.unwrap().expect("SOCKS success");
+    let s = socks_connect(mesh.socks(), "127.0.0.1", target.port())
+        .await
+        .unwrap()
+        .expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     let half: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     w.write_all(&half).await.unwrap();
@@ -99,25 +130,45 @@ async fn bad_input_closes_only_its_connection() {
         junk.extend((0..96u8).map(|i| i.wrapping_mul(37)));
         s.write_all(&junk).await.unwrap();
         closed_by_peer(s).await;
-        node.wait_log("link refused reason=noise handshake failed", Duration::from_secs(10)).unwrap();
+        node.wait_log(
+            "link refused reason=noise handshake failed",
+            Duration::from_secs(10),
+        )
+        .unwrap();
 
         // Oversized length prefix before the handshake.
         let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
-        s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+        s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+            .await
+            .unwrap();
         closed_by_peer(s).await;
-        node.wait_log("frame length 4294967295 exceeds the maximum of 65535", Duration::from_secs(10)).unwrap();
+        node.wait_log(
+            "frame length 4294967295 exceeds the maximum of 65535",
+            Duration::from_secs(10),
+        )
+        .unwrap();
 
         // An authenticated peer sending an oversized length prefix.
         let (mut s, _) = handshake(node, &fake).await;
         s.write_all(&0x7fff_ffffu32.to_be_bytes()).await.unwrap();
         closed_by_peer(s).await;
-        node.wait_log("frame length 2147483647 exceeds the maximum of 65535", Duration::from_secs(10)).unwrap();
+        node.wait_log(
+            "frame length 2147483647 exceeds the maximum of 65535",
+            Duration::from_secs(10),
+        )
+        .unwrap();
 
         // An authenticated peer sending a well-sealed but malformed cell.
         let (mut s, mut session) = handshake(node, &fake).await;
-        s.write_all(&frame(&mut session, &[0, 0, 0, 1, 99, 1, 2, 3])).await.unwrap();
+        s.write_all(&frame(&mut session, &[0, 0, 0, 1, 99, 1, 2, 3]))
+            .await
+            .unwrap();
         closed_by_peer(s).await;
-        node.wait_log("malformed cell: unknown cell command code 99", Duration::from_secs(10)).unwrap();
+        node.wait_log(
+            "malformed cell: unknown cell command code 99",
+            Duration::from_secs(10),
+        )
+        .unwrap();
 
         // An authenticated peer sending a frame that does not authenticate.
         let (mut s, mut session) = handshake(node, &fake).await;
@@ -126,7 +177,8 @@ async fn bad_input_closes_only_its_connection() {
         f[last] ^= 0x55;
         s.write_all(&f).await.unwrap();
         closed_by_peer(s).await;
-        node.wait_log("record failed to authenticate", Duration::from_secs(10)).unwrap();
+        node.wait_log("record failed to authenticate", Duration::from_secs(10))
+            .unwrap();
 
         // An unknown static key.
         let stranger = Keys::generate();
@@ -136,21 +188,36 @@ async fn bad_input_closes_only_its_connection() {
         HANDSHAKE_CODEC.encode(&crypto::write_hs(&mut hs).unwrap(), &mut out);
         s.write_all(&out).await.unwrap();
         closed_by_peer(s).await;
-        node.wait_log("static key is not bound to any known node", Duration::from_secs(10)).unwrap();
+        node.wait_log(
+            "static key is not bound to any known node",
+            Duration::from_secs(10),
+        )
+        .unwrap();
     }
 
     // Junk on the SOCKS5 entry.
     let mut s = TcpStream::connect(mesh.socks()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     closed_by_peer(s).await;
-    mesh.entry.wait_log("not SOCKS5: version byte 0x47", Duration::from_secs(10)).unwrap();
+    mesh.entry
+        .wait_log("not SOCKS5: version byte 0x47", Duration::from_secs(10))
+        .unwrap();
 
     // The circuit survived all of it: the second half arrives intact.
     w.write_all(&half).await.unwrap();
     w.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut rest)).await.unwrap().unwrap();
-    assert!(rest == half, "second half came back altered ({} bytes)", rest.len());
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        rest == half,
+        "second half came back altered ({} bytes)",
+        rest.len()
+    );
     for node in &mut mesh.nodes {
         assert!(node.alive(), "node {} died", node.jurisdiction);
     }

@@ -17,11 +17,27 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn links_carry_only_ciphertext() {
     let specs = [
-        Spec { jurisdiction: "DE", roles: "relay" },
-        Spec { jurisdiction: "CH", roles: "relay" },
-        Spec { jurisdiction: "IS", roles: "exit" },
+        Spec {
+            jurisdiction: "DE",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "CH",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "IS",
+            roles: "exit",
+        },
     ];
-    let mesh = Mesh::start(&specs, &Options { tap: true, ..Options::default() }).unwrap();
+    let mesh = Mesh::start(
+        &specs,
+        &Options {
+            tap: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
 
     // An echo target.
     let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -46,7 +62,10 @@ async fn links_carry_only_ciphertext() {
         payload.extend_from_slice(MARKER);
         payload.extend_from_slice(format!("-{i:05}\n").as_bytes());
     }
-    let s = socks_connect(socks_tap, "127.0.0.1", target.port()).await.unwrap().expect("SOCKS success");
+    let s = socks_connect(socks_tap, "127.0.0.1", target.port())
+        .await
+        .unwrap()
+        .expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     let sent = payload.clone();
     let writer = tokio::spawn(async move {
@@ -54,15 +73,36 @@ async fn links_carry_only_ciphertext() {
         w.shutdown().await.unwrap();
     });
     let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     writer.await.unwrap();
-    assert!(back == payload, "echo came back altered ({} of {} bytes)", back.len(), payload.len());
+    assert!(
+        back == payload,
+        "echo came back altered ({} of {} bytes)",
+        back.len(),
+        payload.len()
+    );
 
     let links = mesh.tapped.lock().unwrap().clone();
     // Both directions of both relay links crossed the taps: at least four
     // copies of the payload's size, plus framing.
-    assert!(links.len() > 4 * payload.len(), "taps saw only {} bytes", links.len());
-    assert!(!contains(&links, MARKER), "plaintext marker seen on a relay link");
-    assert!(!contains(&links, b"-00042\n"), "plaintext fragment seen on a relay link");
-    assert!(contains(&client_leg.lock().unwrap(), MARKER), "the taps must see plaintext where it travels");
+    assert!(
+        links.len() > 4 * payload.len(),
+        "taps saw only {} bytes",
+        links.len()
+    );
+    assert!(
+        !contains(&links, MARKER),
+        "plaintext marker seen on a relay link"
+    );
+    assert!(
+        !contains(&links, b"-00042\n"),
+        "plaintext fragment seen on a relay link"
+    );
+    assert!(
+        contains(&client_leg.lock().unwrap(), MARKER),
+        "the taps must see plaintext where it travels"
+    );
 }

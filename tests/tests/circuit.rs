@@ -2,7 +2,10 @@
 //! on concurrent streams, the real curl through the SOCKS5 entry, and an
 //! exit-policy refusal reaching the client as SOCKS reply 0x02.
 
-use ferry_tests::{Mesh, Options, Pattern, Spec, http_server, pattern_server, read_digest, send_pattern, socks_connect};
+use ferry_tests::{
+    Mesh, Options, Pattern, Spec, http_server, pattern_server, read_digest, send_pattern,
+    socks_connect,
+};
 use std::process::Command;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -11,9 +14,18 @@ use tokio::io::AsyncWriteExt;
 /// diversity, every circuit crosses all three.
 fn three_nodes() -> Vec<Spec> {
     vec![
-        Spec { jurisdiction: "DE", roles: "relay" },
-        Spec { jurisdiction: "CH", roles: "relay" },
-        Spec { jurisdiction: "IS", roles: "exit" },
+        Spec {
+            jurisdiction: "DE",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "CH",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "IS",
+            roles: "exit",
+        },
     ]
 }
 
@@ -29,7 +41,10 @@ async fn ten_mib_each_way_on_concurrent_streams_arrive_intact() {
     for seed in 0..streams {
         let socks = mesh.socks();
         tasks.push(tokio::spawn(async move {
-            let s = socks_connect(socks, "127.0.0.1", target.port()).await.unwrap().expect("SOCKS success");
+            let s = socks_connect(socks, "127.0.0.1", target.port())
+                .await
+                .unwrap()
+                .expect("SOCKS success");
             let (mut r, mut w) = s.into_split();
             let mut head = seed.to_be_bytes().to_vec();
             head.extend_from_slice(&(len as u64).to_be_bytes());
@@ -38,24 +53,39 @@ async fn ten_mib_each_way_on_concurrent_streams_arrive_intact() {
             up.unwrap();
             let (n, digest) = down.unwrap();
             assert_eq!(n, len, "stream {seed}: download length");
-            assert!(digest == Pattern::digest(seed + 1, len), "stream {seed}: download corrupted");
+            assert!(
+                digest == Pattern::digest(seed + 1, len),
+                "stream {seed}: download corrupted"
+            );
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.expect("transfer finished in time").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("transfer finished in time")
+            .unwrap();
     }
     let mut seen = Vec::new();
     for _ in 0..streams {
-        let (seed, n, digest) = tokio::time::timeout(Duration::from_secs(30), uploads.recv()).await.unwrap().unwrap();
+        let (seed, n, digest) = tokio::time::timeout(Duration::from_secs(30), uploads.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(n, len, "stream {seed}: upload length");
-        assert!(digest == Pattern::digest(seed, len), "stream {seed}: upload corrupted");
+        assert!(
+            digest == Pattern::digest(seed, len),
+            "stream {seed}: upload corrupted"
+        );
         seen.push(seed);
     }
     seen.sort();
     assert_eq!(seen, (0..streams).collect::<Vec<_>>());
     // The entry's log names the circuit's path: all three jurisdictions.
     let log = mesh.entry.log();
-    let built = log.lines().find(|l| l.contains("circuit built")).expect("circuit built line");
+    let built = log
+        .lines()
+        .find(|l| l.contains("circuit built"))
+        .expect("circuit built line");
     for cc in ["DE", "CH", "IS"] {
         assert!(built.contains(cc), "{built}");
     }
@@ -68,29 +98,51 @@ async fn curl_fetches_a_page_through_the_socks_entry() {
     let socks = mesh.socks().to_string();
     let url = format!("http://localhost:{}/", page.port());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl").args(["-sS", "--max-time", "20", "--socks5-hostname", &socks, &url]).output()
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks, &url])
+            .output()
     })
     .await
     .unwrap()
     .expect("curl runs");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through three hops\n");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello through three hops\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_policy_refusal_reaches_the_client_as_reply_0x02() {
-    let opts = Options { allow_private: false, ..Options::default() };
+    let opts = Options {
+        allow_private: false,
+        ..Options::default()
+    };
     let mesh = Mesh::start(&three_nodes(), &opts).unwrap();
     let page = http_server("must not be reached\n").await.unwrap();
-    let reply = socks_connect(mesh.socks(), "127.0.0.1", page.port()).await.unwrap();
-    assert_eq!(reply.err(), Some(0x02), "loopback target must be refused by the exit policy");
+    let reply = socks_connect(mesh.socks(), "127.0.0.1", page.port())
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.err(),
+        Some(0x02),
+        "loopback target must be refused by the exit policy"
+    );
     // The refusal says why, at the entry.
-    mesh.entry.wait_log("loopback targets are not allowed", Duration::from_secs(10)).unwrap();
+    mesh.entry
+        .wait_log("loopback targets are not allowed", Duration::from_secs(10))
+        .unwrap();
     // curl reports it as a SOCKS refusal with reply 2: exit code 97.
     let socks = mesh.socks().to_string();
     let url = format!("http://127.0.0.1:{}/", page.port());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl").args(["-sS", "--max-time", "20", "--socks5-hostname", &socks, &url]).output()
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks, &url])
+            .output()
     })
     .await
     .unwrap()
@@ -98,5 +150,8 @@ async fn exit_policy_refusal_reaches_the_client_as_reply_0x02() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(97), "curl said: {err}");
     // Older curl prints the reply code, newer the RFC 1928 text.
-    assert!(err.contains("(2)") || err.contains("not allowed by ruleset"), "curl said: {err}");
+    assert!(
+        err.contains("(2)") || err.contains("not allowed by ruleset"),
+        "curl said: {err}"
+    );
 }
