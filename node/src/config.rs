@@ -495,6 +495,25 @@ mod tests {
         assert_eq!(cfg.hops, 3);
     }
 
+    /// `node/ferry.example.toml` documents every key; it is the template
+    /// itself, so the two cannot drift. `FERRY_UPDATE_EXAMPLE=1` rewrites it.
+    #[test]
+    fn example_file_is_the_template() {
+        let t = render_template(&Template {
+            jurisdiction: "DE",
+            roles: Roles { entry: false, relay: true, exit: true },
+            link: Some("127.0.0.1:7000".parse().unwrap()),
+            socks: None,
+        });
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/ferry.example.toml");
+        if std::env::var_os("FERRY_UPDATE_EXAMPLE").is_some() {
+            std::fs::write(path, &t).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap();
+        assert_eq!(on_disk, t, "ferry.example.toml is stale: run with FERRY_UPDATE_EXAMPLE=1");
+        parse(&t).unwrap();
+    }
+
     #[test]
     fn unknown_key_is_named() {
         let err = parse("[node]\njurisdiction = \"DE\"\nroles = [\"relay\"]\ncolour = 1\n[listen]\nlink=\"127.0.0.1:1\"\n")

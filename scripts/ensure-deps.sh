@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Makes sure the system packages Ferry needs are present: installs them with
+# apt-get when run as root on Debian, or stops with one line naming them.
+#   scripts/ensure-deps.sh build   what building needs
+#   scripts/ensure-deps.sh test    that, plus what the tests drive (curl)
+set -euo pipefail
+what=${1:-build}
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "ferry: Rust is not installed (no cargo on PATH); install it with rustup and run this again" >&2
+  exit 1
+fi
+
+need=()
+command -v cc >/dev/null 2>&1 || need+=(gcc)          # ring builds C and assembly
+if [ "$what" = test ]; then
+  command -v curl >/dev/null 2>&1 || need+=(curl)     # tests use the real curl as a SOCKS5 client
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "ferry: installing ${need[*]} with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+else
+  echo "ferry: missing build packages: ${need[*]} (on Debian: sudo apt-get install ${need[*]})" >&2
+  exit 1
+fi
