@@ -92,6 +92,18 @@ impl Proc {
         }
     }
 
+    /// Resident memory of the process, in bytes (from /proc).
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .ok_or_else(|| anyhow!("no VmRSS"))?
+            .parse()?;
+        Ok(kb * 1024)
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
