@@ -501,7 +501,11 @@ mod tests {
     fn example_file_is_the_template() {
         let t = render_template(&Template {
             jurisdiction: "DE",
-            roles: Roles { entry: false, relay: true, exit: true },
+            roles: Roles {
+                entry: false,
+                relay: true,
+                exit: true,
+            },
             link: Some("127.0.0.1:7000".parse().unwrap()),
             socks: None,
         });
@@ -510,7 +514,10 @@ mod tests {
             std::fs::write(path, &t).unwrap();
         }
         let on_disk = std::fs::read_to_string(path).unwrap();
-        assert_eq!(on_disk, t, "ferry.example.toml is stale: run with FERRY_UPDATE_EXAMPLE=1");
+        assert_eq!(
+            on_disk, t,
+            "ferry.example.toml is stale: run with FERRY_UPDATE_EXAMPLE=1"
+        );
         parse(&t).unwrap();
     }
 

@@ -1,0 +1,177 @@
+//! The `ferry` command line as a user meets it: `init`, config errors,
+//! and `ferry demo` — the README's first command — end to end with curl and
+//! Ctrl-C.
+
+use ferry_tests::{Mesh, Options, Spec, ferry_bin, free_port, socks_connect};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    Command::new(ferry_bin().unwrap())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn init_writes_private_keys_and_a_config_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("n1");
+    let out = ferry(&[
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--jurisdiction",
+        "ch",
+        "--roles",
+        "relay,exit",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[[peers]]") && stdout.contains("jurisdiction = \"CH\""),
+        "{stdout}"
+    );
+    for key in ["identity.key", "noise.key"] {
+        let mode = std::fs::metadata(d.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let cfg = std::fs::read_to_string(d.join("ferry.toml")).unwrap();
+    assert!(cfg.contains("roles = [\"relay\", \"exit\"]"), "{cfg}");
+    // Running init again must not replace the node's identity.
+    let again = ferry(&["init", "--dir", d.to_str().unwrap(), "--jurisdiction", "CH"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+}
+
+#[test]
+fn bad_input_to_init_and_node_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("x");
+    let out = ferry(&[
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--jurisdiction",
+        "XK1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an ISO 3166-1 alpha-2 country code")
+    );
+    assert!(!d.exists(), "a refused init must leave nothing behind");
+    let out = ferry(&[
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--jurisdiction",
+        "DE",
+        "--roles",
+        "relay,mirror",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role `mirror`"));
+
+    let out = ferry(&["init", "--dir", d.to_str().unwrap(), "--jurisdiction", "DE"]);
+    assert!(out.status.success());
+    let cfg = d.join("ferry.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("hops = 3", "hops = 3\nhop_count = 4");
+    std::fs::write(&cfg, text).unwrap();
+    let out = ferry(&["node", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `hop_count`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_port_answers_connection_refused() {
+    let specs = [
+        Spec {
+            jurisdiction: "DE",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "CH",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "IS",
+            roles: "exit",
+        },
+    ];
+    let mesh = Mesh::start(&specs, &Options::default()).unwrap();
+    let closed = free_port().unwrap();
+    let reply = socks_connect(mesh.socks(), "127.0.0.1", closed.port())
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.err(),
+        Some(0x05),
+        "a closed port is SOCKS 'connection refused'"
+    );
+}
+
+#[test]
+fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
+    let socks = free_port().unwrap().to_string();
+    let mut child = Command::new(ferry_bin().unwrap())
+        .args(["demo", "--socks", &socks])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut banner = Vec::new();
+    while !banner.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
+        banner.push(
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("demo banner"),
+        );
+    }
+    let text = banner.join("\n");
+    assert!(text.contains("6 nodes in 6 jurisdictions"), "{text}");
+    let curl_line = banner
+        .iter()
+        .find(|l| l.contains("curl --socks5-hostname"))
+        .expect("curl line");
+    let args: Vec<&str> = curl_line
+        .split_whitespace()
+        .skip_while(|w| *w != "curl")
+        .skip(1)
+        .collect();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"));
+
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exited with {status}");
+    let mut rest = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        rest.push(l);
+    }
+    assert!(rest.iter().any(|l| l == "Stopped."), "{rest:?}");
+}
