@@ -156,8 +156,6 @@ pub struct Endpoint {
     rx: Mutex<Rx>,
     closed: CancellationToken,
     next_stream: AtomicU32,
-    /// Bytes of stream payload carried, both ways (for the demo's log line).
-    pub bytes: AtomicU64,
 }
 
 impl Endpoint {
@@ -181,7 +179,6 @@ impl Endpoint {
             }),
             closed: CancellationToken::new(),
             next_stream: AtomicU32::new(1),
-            bytes: AtomicU64::new(0),
         })
     }
 
@@ -373,7 +370,6 @@ impl Endpoint {
                             self.window
                         )));
                     }
-                    self.bytes.fetch_add(len, Ordering::Relaxed);
                     let _ = buf.split_to(HEADROOM);
                     let _ = s.inbound.send(Inbound::Data(buf));
                 }
@@ -410,8 +406,7 @@ impl Endpoint {
         let sock = match connect_target(&exit, &begin).await {
             Ok(s) => s,
             Err((reason, detail)) => {
-                debug!(reason = reason.as_str_name(), %detail, "stream refused");
-                tracing::info!(reason = reason.as_str_name(), "stream refused at exit");
+                tracing::info!(reason = reason.as_str_name(), %detail, "stream refused at exit");
                 let _ = self.send_end(id, reason, &detail).await;
                 return self.forget_stream(id);
             }
@@ -487,7 +482,6 @@ impl Endpoint {
             }
             buf[cell::HEADER_LEN..HEADROOM].copy_from_slice(&smsg::header(StreamKind::Data, id));
             let rec = buf.split();
-            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
             if self.send_sealed(CellCmd::Relay, rec).await.is_err() {
                 stop.cancel();
                 return;
@@ -513,7 +507,11 @@ impl Endpoint {
             };
             match m {
                 Some(Inbound::Data(b)) => {
-                    if let Err(e) = w.write_all(&b).await {
+                    let wrote = tokio::select! {
+                        r = w.write_all(&b) => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    if let Err(e) = wrote {
                         debug!(error = %e, "stream write failed");
                         let _ = self
                             .send_end(id, EndReason::Reset, "connection reset")

@@ -22,6 +22,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+/// How long the origin waits for the exit to connect a stream. Exits time
+/// out their own connects sooner (`exit.connect_timeout_secs`, at most 300);
+/// this only catches an exit that never answers.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(330);
+
 /// What arrives for a circuit while it is being built.
 #[derive(Debug)]
 enum BuildEvent {
@@ -148,11 +153,20 @@ impl Origin {
         if end.send_begin(parts.id, host, port).await.is_err() {
             return Err(OpenError::Build("circuit closed".into()));
         }
-        match parts.inbound.recv().await {
-            Some(Inbound::Connected(_)) => Ok((end, parts)),
-            Some(Inbound::End(reason, detail)) => Err(OpenError::Refused { reason, detail }),
-            Some(Inbound::Data(_)) | None => {
+        match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
+            Ok(Some(Inbound::Connected(_))) => Ok((end, parts)),
+            Ok(Some(Inbound::End(reason, detail))) => Err(OpenError::Refused { reason, detail }),
+            Ok(Some(Inbound::Data(_)) | None) => {
                 Err(OpenError::Build("stream closed before it connected".into()))
+            }
+            Err(_) => {
+                let _ = end
+                    .send_end(parts.id, EndReason::Timeout, "origin gave up waiting")
+                    .await;
+                Err(OpenError::Refused {
+                    reason: EndReason::Timeout,
+                    detail: format!("the exit did not answer within {}s", OPEN_TIMEOUT.as_secs()),
+                })
             }
         }
     }

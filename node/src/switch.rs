@@ -14,7 +14,7 @@ use crate::endpoint::{Endpoint, ExitCtx, Side};
 use crate::identity::Keys;
 use crate::link::{self, LinkHandle, LinkId, cell};
 use crate::origin::OriginCircuit;
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use bytes::BytesMut;
 use ferry_proto::pb::{self, DestroyReason, RefusalReason};
 use ferry_proto::{Cell, CellCmd, cell as cellfmt};
@@ -111,11 +111,6 @@ impl Switch {
             .lock()
             .expect("links lock")
             .insert(link.peer, link);
-    }
-
-    /// Circuits this node holds, on all sides.
-    pub fn circuit_count(&self) -> usize {
-        self.circuits.lock().expect("circuits lock").len()
     }
 
     /// The link to `peer`, dialing it if there is none.
@@ -457,9 +452,6 @@ impl Switch {
             .map(|(_, s)| s)
             .collect();
         for s in slots {
-            if let Slot::Forward { link, circ } = &s {
-                link.try_send(destroy_cell(*circ, DestroyReason::Shutdown));
-            }
             self.drop_slot(s, DestroyReason::Shutdown);
         }
         for l in self.links.lock().expect("links lock").values() {
@@ -478,11 +470,4 @@ pub fn destroy_cell(circ: u32, reason: DestroyReason) -> BytesMut {
         }
         .encode_to_vec(),
     )
-}
-
-/// Reads a peer's id from a hex string (for tools and tests).
-pub fn node_id_from_hex(s: &str) -> Result<NodeId> {
-    crate::identity::parse_key_hex(s)
-        .map(NodeId)
-        .map_err(|e| anyhow!("node id: {e}"))
 }
