@@ -14,7 +14,9 @@ use crate::switch::Switch;
 use bytes::{BufMut, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
 use ferry_proto::{CellCmd, cell as cellfmt};
-use ferry_router::{MeshView, NodeId, NodeInfo, PathRequest, select_path};
+use ferry_router::{
+    MeshView, NodeId, NodeInfo, PathIndex, PathRequest, Resolved, RulingSet, Time, TrafficScope,
+};
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -133,11 +135,11 @@ impl Origin {
     }
 
     fn view(&self) -> MeshView {
-        MeshView::new(self.switch.peers().map(|p| NodeInfo {
-            id: p.id,
-            jurisdiction: p.jurisdiction,
-            roles: p.roles,
-        }))
+        MeshView::new(
+            self.switch
+                .peers()
+                .map(|p| NodeInfo::new(p.id, Some(p.jurisdiction), p.roles)),
+        )
     }
 
     /// Opens a stream to `host:port` through the mesh; returns it connected.
@@ -194,12 +196,26 @@ impl Origin {
     /// Builds a new circuit along a fresh path.
     pub async fn build(&self) -> Result<Arc<OriginCircuit>, OpenError> {
         let req = PathRequest {
-            hops: self.switch.cfg.hops,
             origin: Some(self.switch.keys.node_id()),
         };
+        let constraints = Resolved::defaults(self.switch.cfg.hops);
+        // Rulings and per-connection constraints reach the data plane with
+        // the routing issue; until then the index holds every configured peer.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let index = PathIndex::build(
+            &self.view(),
+            &RulingSet::new(),
+            &TrafficScope::default(),
+            Time(now),
+        );
         let path = {
             let mut rng = self.rng.lock().expect("rng lock");
-            select_path(&self.view(), &req, &mut *rng)?
+            index
+                .pick(&constraints, &req, &mut *rng)?
+                .as_slice()
+                .to_vec()
         };
         let first = path[0];
         let link = self

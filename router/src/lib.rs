@@ -1,10 +1,70 @@
 #![doc = include_str!("../README.md")]
 
+mod drain;
+pub mod geo;
 mod path;
+pub mod ruling;
 
-pub use path::{NoPath, PathRequest, select_path};
+pub use drain::{
+    Action, DrainConfig, DrainPlan, Impact, JurisdictionImpact, LiveCircuit, plan_drain, what_if,
+};
+pub use geo::{Blocs, JurisdictionSet, Region};
+pub use path::{
+    Constraints, MAX_HOPS, NoPath, Path, PathIndex, PathRequest, Resolved, select_path,
+};
+pub use ruling::{Rejected, Ruling, RulingSet, Scope, Status, TrafficScope};
 
 use std::fmt;
+
+/// A point in time: milliseconds since the UNIX epoch. The router never reads
+/// a clock; every decision takes `now` as an input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Time(pub u64);
+
+impl Time {
+    /// `self + ms`, saturating.
+    pub fn plus_ms(self, ms: u64) -> Time {
+        Time(self.0.saturating_add(ms))
+    }
+
+    /// `self - ms`, saturating at zero.
+    pub fn minus_ms(self, ms: u64) -> Time {
+        Time(self.0.saturating_sub(ms))
+    }
+}
+
+/// Errors of the router's inputs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    /// A region that is neither a country code nor a bloc name.
+    #[error("`{0}` is neither a country code nor a bloc name")]
+    BadRegion(String),
+    /// A bloc name not in the bloc table.
+    #[error("unknown bloc `{0}`")]
+    UnknownBloc(String),
+    /// The bloc file is malformed.
+    #[error("bloc file: {0}")]
+    BadBlocs(String),
+    /// A ruling is inconsistent.
+    #[error("{0}")]
+    BadRuling(String),
+    /// A constraint is inconsistent.
+    #[error("constraint: {0}")]
+    BadConstraint(String),
+}
+
+impl RouterError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RouterError::BadRegion(_) => "bad_region",
+            RouterError::UnknownBloc(_) => "unknown_bloc",
+            RouterError::BadBlocs(_) => "bad_blocs",
+            RouterError::BadRuling(_) => "bad_ruling",
+            RouterError::BadConstraint(_) => "bad_constraint",
+        }
+    }
+}
 
 /// A node's identity: its Ed25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,15 +139,65 @@ impl fmt::Display for Roles {
     }
 }
 
+/// A node's own operating state, as it advertises it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NodeState {
+    /// Serving.
+    #[default]
+    Active,
+    /// Leaving: no new circuits; live ones must be gone by `until`.
+    Draining {
+        /// The deadline.
+        until: Time,
+    },
+    /// Gone: carries nothing.
+    Exited,
+}
+
 /// What the router knows of one node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NodeInfo {
     /// Identity.
     pub id: NodeId,
-    /// Where it operates.
-    pub jurisdiction: Jurisdiction,
+    /// Where it operates; `None` if unknown (excluded unless a constraint
+    /// allows unknown jurisdictions: fail closed).
+    pub jurisdiction: Option<Jurisdiction>,
     /// What it does.
     pub roles: Roles,
+    /// Operator family: nodes run by one operator share it.
+    pub family: u32,
+    /// Capacity in Mbit/s.
+    pub capacity: u32,
+    /// Measured load, 0.0 (idle) to 1.0 (full).
+    pub load: f32,
+    /// Measured round-trip time from here, in milliseconds.
+    pub rtt_ms: u32,
+    /// Its own state.
+    pub state: NodeState,
+}
+
+impl NodeInfo {
+    /// A node with neutral measurements (capacity 100, idle, 10 ms).
+    pub fn new(id: NodeId, jurisdiction: Option<Jurisdiction>, roles: Roles) -> Self {
+        Self {
+            id,
+            jurisdiction,
+            roles,
+            family: u32::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]),
+            capacity: 100,
+            load: 0.0,
+            rtt_ms: 10,
+            state: NodeState::Active,
+        }
+    }
+
+    /// Selection weight: capacity, discounted by load and by round-trip
+    /// time; never zero, so every eligible node can be chosen.
+    pub fn weight(&self) -> f64 {
+        let free = (1.0 - f64::from(self.load)).clamp(0.05, 1.0);
+        let rtt = 1.0 / (1.0 + f64::from(self.rtt_ms) / 50.0);
+        (f64::from(self.capacity) * free * rtt).max(1e-6)
+    }
 }
 
 /// All nodes the router may choose from.
@@ -99,13 +209,10 @@ pub struct MeshView {
 impl MeshView {
     /// A view of these nodes. Duplicate ids keep the first.
     pub fn new(nodes: impl IntoIterator<Item = NodeInfo>) -> Self {
-        let mut out: Vec<NodeInfo> = Vec::new();
-        for n in nodes {
-            if !out.iter().any(|o| o.id == n.id) {
-                out.push(n);
-            }
+        let mut seen = std::collections::HashSet::new();
+        Self {
+            nodes: nodes.into_iter().filter(|n| seen.insert(n.id)).collect(),
         }
-        Self { nodes: out }
     }
 
     /// The nodes.
