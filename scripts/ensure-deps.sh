@@ -11,8 +11,16 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+have_libclang() {
+  [ -n "${LIBCLANG_PATH:-}" ] && return 0
+  ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && return 0
+  ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1
+}
+
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc)          # ring builds C and assembly
+command -v c++ >/dev/null 2>&1 || need+=(g++)         # RocksDB is C++
+have_libclang || need+=(clang libclang-dev)           # RocksDB's bindings (bindgen)
 if [ "$what" = test ]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)     # tests use the real curl as a SOCKS5 client
 fi

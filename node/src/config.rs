@@ -27,9 +27,82 @@ pub struct FileConfig {
     /// `[exit]`
     #[serde(default)]
     pub exit: FileExit,
+    /// `[mesh]`
+    #[serde(default)]
+    pub mesh: FileMesh,
+    /// `[authority]`
+    #[serde(default)]
+    pub authority: FileAuthority,
+    /// `[admin]`
+    #[serde(default)]
+    pub admin: FileAdmin,
     /// `[[peers]]`
     #[serde(default)]
     pub peers: Vec<FilePeer>,
+}
+
+/// `[mesh]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMesh {
+    /// Control-plane (libp2p) listener.
+    pub listen: Option<String>,
+    /// Bootstrap addresses.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Advert lifetime.
+    #[serde(default = "default_advert_ttl")]
+    pub advert_ttl_secs: u64,
+}
+
+impl Default for FileMesh {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            bootstrap: Vec::new(),
+            advert_ttl_secs: default_advert_ttl(),
+        }
+    }
+}
+
+fn default_advert_ttl() -> u64 {
+    30
+}
+
+/// `[authority]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuthority {
+    /// Trusted authority public keys, hex.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Signatures a ruling needs.
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+}
+
+impl Default for FileAuthority {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            threshold: default_threshold(),
+        }
+    }
+}
+
+fn default_threshold() -> usize {
+    1
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    /// Admin HTTP listener.
+    pub listen: Option<String>,
+    /// Allow a non-loopback admin listener.
+    #[serde(default)]
+    pub allow_remote: bool,
 }
 
 /// `[node]`
@@ -43,6 +116,23 @@ pub struct FileNode {
     /// Folder holding `identity.key` and `noise.key`, relative to the file.
     #[serde(default = "default_key_dir")]
     pub key_dir: PathBuf,
+    /// Folder of the node's RocksDB store, relative to the file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Operator family name: nodes of one operator share it.
+    #[serde(default)]
+    pub family: String,
+    /// Advertised capacity, Mbit/s.
+    #[serde(default = "default_capacity")]
+    pub capacity_mbps: u32,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+fn default_capacity() -> u32 {
+    1000
 }
 
 fn default_key_dir() -> PathBuf {
@@ -192,8 +282,24 @@ pub struct NodeConfig {
     pub exit_policy: ExitPolicy,
     /// Exit connect timeout.
     pub connect_timeout: Duration,
-    /// Known peers.
+    /// Static peers (a fixed mesh; the control plane adds advertised ones).
     pub peers: Vec<Peer>,
+    /// Folder of the store.
+    pub data_dir: PathBuf,
+    /// Operator family.
+    pub family: String,
+    /// Advertised capacity.
+    pub capacity_mbps: u32,
+    /// Control-plane listener.
+    pub mesh_listen: Option<SocketAddr>,
+    /// Bootstrap addresses.
+    pub bootstrap: Vec<String>,
+    /// Advert lifetime.
+    pub advert_ttl: Duration,
+    /// Trusted authority keys.
+    pub authority: crate::authority::Authority,
+    /// Admin API listener.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -206,9 +312,12 @@ impl NodeConfig {
             toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
         let mut cfg =
             NodeConfig::try_from(file).with_context(|| format!("config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
         if cfg.key_dir.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
             cfg.key_dir = base.join(&cfg.key_dir);
+        }
+        if cfg.data_dir.is_relative() {
+            cfg.data_dir = base.join(&cfg.data_dir);
         }
         Ok(cfg)
     }
@@ -299,6 +408,37 @@ impl TryFrom<FileConfig> for NodeConfig {
         }
         let exit_policy =
             ExitPolicy::parse(&f.exit.rules, f.exit.allow_private).context("exit.rules")?;
+        let mesh_listen = f
+            .mesh
+            .listen
+            .as_deref()
+            .map(|s| parse_addr("mesh.listen", s))
+            .transpose()?;
+        for (i, b) in f.mesh.bootstrap.iter().enumerate() {
+            crate::control::multiaddr(b).with_context(|| format!("mesh.bootstrap[{i}]"))?;
+        }
+        if !(3..=3600).contains(&f.mesh.advert_ttl_secs) {
+            bail!(
+                "mesh.advert_ttl_secs = {}: must be 3 to 3600",
+                f.mesh.advert_ttl_secs
+            );
+        }
+        let authority = crate::authority::Authority::new(&f.authority.keys, f.authority.threshold)
+            .context("authority")?;
+        let admin_listen = f
+            .admin
+            .listen
+            .as_deref()
+            .map(|s| parse_addr("admin.listen", s))
+            .transpose()?;
+        if let Some(a) = admin_listen
+            && !a.ip().is_loopback()
+            && !f.admin.allow_remote
+        {
+            bail!(
+                "admin.listen = `{a}` is not a loopback address; set admin.allow_remote = true to expose it on purpose"
+            );
+        }
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in f.peers.iter().enumerate() {
             let ctx = || format!("peers[{i}]");
@@ -347,6 +487,14 @@ impl TryFrom<FileConfig> for NodeConfig {
             exit_policy,
             connect_timeout: Duration::from_secs(f.exit.connect_timeout_secs),
             peers,
+            data_dir: f.node.data_dir,
+            family: f.node.family,
+            capacity_mbps: f.node.capacity_mbps,
+            mesh_listen,
+            bootstrap: f.mesh.bootstrap,
+            advert_ttl: Duration::from_secs(f.mesh.advert_ttl_secs),
+            authority,
+            admin_listen,
         })
     }
 }
@@ -361,6 +509,14 @@ pub struct Template<'a> {
     pub link: Option<SocketAddr>,
     /// SOCKS listener, if any.
     pub socks: Option<SocketAddr>,
+    /// Control-plane listener, if any.
+    pub mesh: Option<SocketAddr>,
+    /// Admin API listener, if any.
+    pub admin: Option<SocketAddr>,
+    /// Bootstrap addresses.
+    pub bootstrap: &'a [String],
+    /// Trusted authority keys, hex.
+    pub authority_keys: &'a [String],
 }
 
 fn roles_toml(r: Roles) -> String {
@@ -403,6 +559,20 @@ pub fn render_template(t: &Template<'_>) -> String {
         Some(a) => format!("socks = \"{a}\""),
         None => "# socks = \"127.0.0.1:1080\"".into(),
     };
+    let opt = |key: &str, a: Option<SocketAddr>, example: &str| match a {
+        Some(a) => format!("{key} = \"{a}\""),
+        None => format!("# {key} = \"{example}\""),
+    };
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mesh = opt("listen", t.mesh, "127.0.0.1:7100");
+    let admin = opt("listen", t.admin, "127.0.0.1:7200");
+    let bootstrap = list(t.bootstrap);
+    let authority_keys = list(t.authority_keys);
     format!(
         r#"# Ferry node configuration.
 #
@@ -420,6 +590,12 @@ jurisdiction = "{jurisdiction}"
 roles = {roles}
 # Folder holding identity.key (Ed25519) and noise.key (X25519), mode 0600.
 key_dir = "."
+# Folder of the node's RocksDB store: peers, rulings, node and drain state.
+data_dir = "data"
+# Operator family: path selection keeps two nodes of one family off a circuit.
+family = ""
+# Capacity advertised to path selection, Mbit/s.
+capacity_mbps = 1000
 
 [listen]
 # Data-plane link listener (TCP, Noise). Required for the relay and exit roles.
@@ -429,6 +605,29 @@ key_dir = "."
 # socks_allow_remote = true.
 {socks}
 socks_allow_remote = false
+
+[mesh]
+# Control-plane listener (libp2p over TCP, Noise, Yamux): gossip of signed
+# node adverts and rulings, Kademlia discovery. Omit to only dial out.
+{mesh}
+# Any one reachable node is enough: "IP:port" or a libp2p multiaddr.
+bootstrap = [{bootstrap}]
+# Lifetime of this node's signed advert; it is renewed every third of it. A
+# node that vanishes leaves every peer's path selection within this time.
+advert_ttl_secs = 30
+
+[authority]
+# Public keys (64 hex digits, from `ferry authority keygen`) whose signatures
+# make a ruling valid. Rulings signed otherwise are refused and counted.
+keys = [{authority_keys}]
+# Signatures from distinct keys a ruling needs (k of n).
+threshold = 1
+
+[admin]
+# Admin HTTP API: GET /v1/status, POST /v1/rulings. Loopback unless
+# allow_remote = true.
+{admin}
+allow_remote = false
 
 [circuit]
 # Nodes on each circuit after the origin; the last one is the exit. 1 to 8.
@@ -488,6 +687,10 @@ mod tests {
             },
             link: Some("127.0.0.1:7000".parse().unwrap()),
             socks: Some("127.0.0.1:1080".parse().unwrap()),
+            mesh: Some("127.0.0.1:7100".parse().unwrap()),
+            admin: Some("127.0.0.1:7200".parse().unwrap()),
+            bootstrap: &["127.0.0.1:7101".to_string()],
+            authority_keys: &[],
         };
         let cfg = parse(&render_template(&t)).unwrap();
         assert_eq!(cfg.jurisdiction.as_str(), "DE");
@@ -508,6 +711,10 @@ mod tests {
             },
             link: Some("127.0.0.1:7000".parse().unwrap()),
             socks: None,
+            mesh: Some("127.0.0.1:7100".parse().unwrap()),
+            admin: Some("127.0.0.1:7200".parse().unwrap()),
+            bootstrap: &["127.0.0.1:7101".to_string()],
+            authority_keys: &[],
         });
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/ferry.example.toml");
         if std::env::var_os("FERRY_UPDATE_EXAMPLE").is_some() {

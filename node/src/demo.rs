@@ -89,6 +89,10 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             roles,
             link: addr,
             socks: roles.entry.then_some(socks),
+            mesh: None,
+            admin: None,
+            bootstrap: &[],
+            authority_keys: &[],
         });
         // The demo's exits serve the demo's own loopback page.
         text = text.replace("allow_private = false", "allow_private = true");
@@ -109,11 +113,13 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             Listeners {
                 link: None,
                 socks: socks_l.take(),
+                admin: None,
             }
         } else {
             Listeners {
                 link: listener,
                 socks: None,
+                admin: None,
             }
         };
         running.push(node::start(cfg, keys, listeners, shutdown.clone()));

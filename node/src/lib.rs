@@ -7,20 +7,30 @@
 //!   and opens records in place (see [`crypto`]).
 //! - `ed25519-dalek` / `x25519-dalek` for the identity and Noise static keys.
 //! - `celes` for the ISO 3166-1 country table; `ipnet` for exit-policy CIDRs.
+//! - `libp2p` for the control plane (identify, Kademlia, gossipsub);
+//!   `rocksdb` for the node's store.
+//! - `axum` for the admin API, `ureq` for the CLI's calls to it,
+//!   `humantime` for RFC 3339 dates in ruling files.
 //! - `tokio` for I/O, `clap` for the CLI, `toml`/`serde` for config,
 //!   `tracing` for logs.
 //!
 //! Not in this crate: routing decisions (they live in `ferry-router`), wire
 //! layouts (`ferry-proto`).
 
+pub mod admin;
+pub mod authority;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod demo;
+pub mod directory;
 pub mod endpoint;
 pub mod identity;
 pub mod link;
 pub mod node;
 pub mod origin;
 pub mod policy;
+pub mod rulings;
 pub mod socks;
+pub mod store;
 pub mod switch;

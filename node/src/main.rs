@@ -1,12 +1,16 @@
 //! `ferry`: the Ferry node and its tools.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use ferry_node::authority::{RulingFile, SignedFile, now_ms, sign};
 use ferry_node::config::{self, NodeConfig, Template};
-use ferry_node::identity::Keys;
+use ferry_node::identity::{Keys, parse_key_hex};
 use ferry_node::node::{self, Listeners};
+use ferry_proto::pb;
+use prost::Message;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -42,7 +46,7 @@ enum Cmd {
     },
     /// Create a node: its keys (mode 0600) and a fully commented config file.
     Init {
-        /// Folder for the node's keys and ferry.toml (created if missing).
+        /// Folder for the node's keys, store and ferry.toml (created if missing).
         #[arg(long)]
         dir: PathBuf,
         /// Where the node operates: ISO 3166-1 alpha-2 code (DE, CH, CA, ...).
@@ -51,12 +55,24 @@ enum Cmd {
         /// Comma-separated roles: entry, relay, exit.
         #[arg(long, default_value = "relay")]
         roles: String,
-        /// Link listen address (relay and exit roles).
+        /// Data-plane link listen address (relay and exit roles).
         #[arg(long, default_value = "127.0.0.1:7000")]
         listen: SocketAddr,
         /// SOCKS5 listen address (entry role).
         #[arg(long, default_value = "127.0.0.1:1080")]
         socks: SocketAddr,
+        /// Control-plane (libp2p) listen address.
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        mesh: SocketAddr,
+        /// Admin API listen address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// A node to join the mesh through (IP:port of its mesh listener); repeatable.
+        #[arg(long)]
+        bootstrap: Vec<String>,
+        /// A trusted authority public key (hex, or a .pub file); repeatable.
+        #[arg(long = "authority-key")]
+        authority_keys: Vec<String>,
     },
     /// Run a node from its config file, until SIGINT or SIGTERM.
     Node {
@@ -73,18 +89,74 @@ enum Cmd {
         #[arg(long)]
         socks: Option<SocketAddr>,
     },
-    /// Print this node's [[peers]] block, to paste into other nodes' configs.
+    /// Print this node's [[peers]] block, for a static mesh without gossip.
     PeerInfo {
         /// The node's ferry.toml.
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show a running node's status through its admin API.
+    Status {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Authority keys, which sign jurisdiction rulings.
+    Authority {
+        #[command(subcommand)]
+        cmd: AuthorityCmd,
+    },
+    /// Jurisdiction rulings: sign and publish.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthorityCmd {
+    /// Create an authority key pair: authority.key (mode 0600) and authority.pub.
+    Keygen {
+        /// Folder for the key files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Sign a ruling file (TOML or JSON), or add a signature to a signed one (k of n).
+    Sign {
+        /// The authority's private key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// A ruling file, or a signed ruling file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Where to write the signed ruling (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long nodes accept it for the first time (e.g. 30d, 12h).
+        #[arg(long, default_value = "30d")]
+        valid_for: humantime::Duration,
+    },
+    /// Send a signed ruling to a node, which verifies it and gossips it on.
+    Publish {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// The signed ruling file.
+        file: PathBuf,
+    },
 }
 
 fn init_logs(cli: &Cli) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -105,7 +177,21 @@ fn main() -> Result<()> {
             roles,
             listen,
             socks,
-        } => init(dir, &jurisdiction, &roles, listen, socks),
+            mesh,
+            admin,
+            bootstrap,
+            authority_keys,
+        } => init(
+            &dir,
+            &jurisdiction,
+            &roles,
+            listen,
+            socks,
+            mesh,
+            admin,
+            &bootstrap,
+            &authority_keys,
+        ),
         Cmd::PeerInfo { config } => {
             let cfg = NodeConfig::load(&config)?;
             let keys = Keys::load(&cfg.key_dir)?;
@@ -121,6 +207,22 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Status { admin, json } => status(admin, json),
+        Cmd::Authority {
+            cmd: AuthorityCmd::Keygen { out },
+        } => keygen(&out),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Sign {
+                    key,
+                    input,
+                    out,
+                    valid_for,
+                },
+        } => policy_sign(&key, &input, &out, valid_for.into()),
+        Cmd::Policy {
+            cmd: PolicyCmd::Publish { admin, file },
+        } => policy_publish(admin, &file),
         Cmd::Demo { socks } => runtime()?.block_on(demo(socks)),
         Cmd::Node { config } => runtime()?.block_on(run_node(config, None, true)),
         Cmd::Connect { config, socks } => runtime()?.block_on(run_node(config, Some(socks), false)),
@@ -133,15 +235,39 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// A hex key given directly, or read from a file.
+fn key_arg(s: &str) -> Result<String> {
+    let text = if Path::new(s).is_file() {
+        std::fs::read_to_string(s)?
+    } else {
+        s.to_string()
+    };
+    let text = text.trim().to_string();
+    parse_key_hex(&text).with_context(|| format!("authority key `{s}`"))?;
+    Ok(text)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn init(
-    dir: PathBuf,
+    dir: &Path,
     jurisdiction: &str,
     roles: &str,
     listen: SocketAddr,
     socks: SocketAddr,
+    mesh: SocketAddr,
+    admin: SocketAddr,
+    bootstrap: &[String],
+    authority_keys: &[String],
 ) -> Result<()> {
     let j = config::parse_jurisdiction(jurisdiction).context("--jurisdiction")?;
     let roles = config::parse_roles(&roles.split(',').collect::<Vec<_>>()).context("--roles")?;
+    for b in bootstrap {
+        ferry_node::control::multiaddr(b).context("--bootstrap")?;
+    }
+    let authority_keys = authority_keys
+        .iter()
+        .map(|k| key_arg(k))
+        .collect::<Result<Vec<_>>>()?;
     let cfg_path = dir.join("ferry.toml");
     if cfg_path.exists() {
         bail!(
@@ -149,15 +275,19 @@ fn init(
             cfg_path.display()
         );
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let keys = Keys::generate();
-    keys.write_new(&dir)?;
+    keys.write_new(dir)?;
     let link = (roles.relay || roles.exit).then_some(listen);
     let text = config::render_template(&Template {
         jurisdiction: j.as_str(),
         roles,
         link,
         socks: roles.entry.then_some(socks),
+        mesh: Some(mesh),
+        admin: Some(admin),
+        bootstrap,
+        authority_keys: &authority_keys,
     });
     std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
     println!(
@@ -166,16 +296,180 @@ fn init(
         dir.display()
     );
     println!(
-        "  keys:   {}/identity.key, {}/noise.key (mode 0600)",
-        dir.display(),
+        "  keys:   {0}/identity.key, {0}/noise.key (mode 0600)",
         dir.display()
     );
     println!("  config: {}", cfg_path.display());
-    println!("\nPaste this block into the other nodes' configs:\n");
+    println!("  mesh:   {mesh} (others bootstrap from it), admin API on {admin}");
+    println!(
+        "\nFor a static mesh without gossip, paste this block into the other nodes' configs:\n"
+    );
     print!(
         "{}",
         config::peer_block(&keys.node_id(), &keys.noise_public, link, j.as_str(), roles)
     );
+    Ok(())
+}
+
+fn keygen(out: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(out)?;
+    let (kp, pp) = (out.join("authority.key"), out.join("authority.pub"));
+    if kp.exists() || pp.exists() {
+        bail!(
+            "{} already holds an authority key; refusing to overwrite it",
+            out.display()
+        );
+    }
+    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&kp)?;
+    writeln!(f, "{}", hex::encode(key.to_bytes()))?;
+    let public = hex::encode(key.verifying_key().as_bytes());
+    std::fs::write(&pp, format!("{public}\n"))?;
+    println!("authority public key: {public}");
+    println!("  private: {} (mode 0600; keep it offline)", kp.display());
+    println!(
+        "  public:  {} (goes in every node's [authority] keys)",
+        pp.display()
+    );
+    Ok(())
+}
+
+fn policy_sign(key: &Path, input: &Path, out: &Path, valid_for: Duration) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(key)
+        .with_context(|| format!("reading {}", key.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {:o}: others can read it; run `chmod 600 {}`",
+            key.display(),
+            mode & 0o777,
+            key.display()
+        );
+    }
+    let seed = parse_key_hex(std::fs::read_to_string(key)?.trim())
+        .with_context(|| format!("key file {}", key.display()))?;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let mut signed = match serde_json::from_str::<SignedFile>(&text) {
+        Ok(f) => f.to_signed()?,
+        Err(_) => {
+            let file = RulingFile::parse(&text)
+                .with_context(|| format!("ruling file {}", input.display()))?;
+            pb::SignedRuling {
+                body: file.to_body(now_ms(), valid_for)?.encode_to_vec(),
+                signatures: vec![],
+            }
+        }
+    };
+    sign(&mut signed, &sk);
+    let file = SignedFile::from_signed(&signed)?;
+    std::fs::write(out, serde_json::to_string_pretty(&file)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "signed ruling {} v{} ({} signature{}) -> {}",
+        file.ruling.id,
+        file.ruling.version,
+        file.signatures.len(),
+        if file.signatures.len() == 1 { "" } else { "s" },
+        out.display()
+    );
+    Ok(())
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
+    let body =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut resp = agent()
+        .post(&format!("http://{admin}/v1/rulings"))
+        .header("content-type", "application/json")
+        .send(body.as_bytes())
+        .with_context(|| format!("reaching the admin API at {admin}"))?;
+    let code = resp.status();
+    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
+    if code.is_success() {
+        println!("{}", v["status"].as_str().unwrap_or("accepted"));
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "refused ({}): {}",
+            v["error"].as_str().unwrap_or("?"),
+            v["detail"].as_str().unwrap_or("")
+        ))
+    }
+}
+
+fn status(admin: SocketAddr, json: bool) -> Result<()> {
+    let mut resp = agent()
+        .get(&format!("http://{admin}/v1/status"))
+        .call()
+        .with_context(|| format!("reaching the admin API at {admin}"))?;
+    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+    println!(
+        "node {}  {}  {}  {}",
+        &s("node_id")[..8.min(s("node_id").len())],
+        s("jurisdiction"),
+        s("roles"),
+        s("state")
+    );
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    println!("peers: {}", peers.len());
+    if let Some(by) = v["peers_by_jurisdiction"].as_object() {
+        for (j, ids) in by {
+            let ids: Vec<String> = ids
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .map(|x| x[..8].to_string())
+                .collect();
+            println!("  {j}  {}", ids.join(" "));
+        }
+    }
+    let rulings = v["rulings"].as_array().cloned().unwrap_or_default();
+    println!("rulings in force: {}", rulings.len());
+    for r in rulings {
+        println!(
+            "  {} v{}  {}  blocked from {}  exit by {}{}",
+            r["id"].as_str().unwrap_or("?"),
+            r["version"],
+            r["region"].as_str().unwrap_or("?"),
+            r["blocked_from"].as_str().unwrap_or("?"),
+            r["exit_by"].as_str().unwrap_or("?"),
+            if r["lifted"].as_bool() == Some(true) {
+                "  (lifted)"
+            } else {
+                ""
+            }
+        );
+    }
+    for key in ["ruling_rejections", "advert_rejections"] {
+        if let Some(m) = v[key].as_object().filter(|m| !m.is_empty()) {
+            let parts: Vec<String> = m.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            println!("{}: {}", key.replace('_', " "), parts.join(" "));
+        }
+    }
     Ok(())
 }
 
@@ -198,6 +492,8 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
     let mut cfg = NodeConfig::load(&path)?;
     if let Some(s) = socks {
         cfg.roles.entry = true;
+        cfg.roles.relay = false;
+        cfg.roles.exit = false;
         if let Some(s) = s {
             cfg.socks_listen = Some(s);
         }
@@ -209,6 +505,7 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
         }
     }
     let keys = Keys::load(&cfg.key_dir)?;
+    let store = std::sync::Arc::new(ferry_node::store::Store::open(&cfg.data_dir)?);
     let listeners = Listeners::bind_config(&cfg, links).await?;
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone())?;
@@ -224,7 +521,7 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
         .map(|l| l.local_addr())
         .transpose()?;
     let (j, roles) = (cfg.jurisdiction, cfg.roles);
-    let running = node::start(cfg, keys, listeners, shutdown.clone());
+    let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
     let fmt = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
         "ready: node {} ({j}, {roles}) link {} socks {}",

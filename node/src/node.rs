@@ -1,10 +1,15 @@
 //! Running a node: bind, serve links and the SOCKS5 entry, stop on a signal.
 
+use crate::admin::{self, AdminState};
 use crate::config::NodeConfig;
+use crate::control::{self, GossipCounters};
+use crate::directory::Directory;
 use crate::identity::Keys;
 use crate::link;
 use crate::origin::Origin;
+use crate::rulings::Rulings;
 use crate::socks;
+use crate::store::{Store, cf};
 use crate::switch::Switch;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
@@ -21,6 +26,8 @@ pub struct Listeners {
     pub link: Option<TcpListener>,
     /// SOCKS5 entry.
     pub socks: Option<TcpListener>,
+    /// Admin API.
+    pub admin: Option<TcpListener>,
 }
 
 /// Binds a listener, naming the address and the config key on failure.
@@ -42,7 +49,11 @@ impl Listeners {
             Some(a) if cfg.roles.entry => Some(bind(a, "listen.socks").await?),
             _ => None,
         };
-        Ok(Self { link, socks })
+        let admin = match cfg.admin_listen {
+            Some(a) => Some(bind(a, "admin.listen").await?),
+            None => None,
+        };
+        Ok(Self { link, socks, admin })
     }
 }
 
@@ -54,14 +65,87 @@ pub struct Running {
     pub origin: Option<Arc<Origin>>,
 }
 
-/// Starts the node's tasks; they stop when `shutdown` is cancelled.
+/// Starts a node with a static mesh only: no store, no control plane.
 pub fn start(
     cfg: NodeConfig,
     keys: Keys,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Running {
-    let switch = Switch::new(Arc::new(keys), Arc::new(cfg), shutdown.clone());
+    let directory = Arc::new(Directory::with_static(&cfg.peers));
+    let switch = Switch::new(Arc::new(keys), Arc::new(cfg), directory, shutdown.clone());
+    start_data_plane(switch, listeners, shutdown)
+}
+
+/// Starts a full node: the control plane, the admin API and the data plane,
+/// over its store. Open the store (`Store::open(&cfg.data_dir)`) before
+/// binding listeners, so a second process on the same data dir is told so
+/// before anything else.
+pub fn start_full(
+    cfg: NodeConfig,
+    keys: Keys,
+    store: Arc<Store>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    store.put(cf::META, b"node_id", &keys.node_id().0)?;
+    let directory = Arc::new(Directory::with_static(&cfg.peers));
+    let now = crate::authority::now_ms();
+    let me = keys.node_id();
+    let mut recovered = 0;
+    for (_, bytes) in store.all(cf::PEERS)? {
+        if directory.accept(&bytes, &me, now) == Ok(true) {
+            recovered += 1;
+        }
+    }
+    let rulings = Arc::new(Rulings::load(cfg.authority.clone(), Some(store.clone()))?);
+    tracing::info!(
+        peers = recovered,
+        rulings = rulings.snapshot().iter().count(),
+        "state recovered from the store"
+    );
+    let counters = Arc::new(GossipCounters::default());
+    let keys = Arc::new(keys);
+    let cfg = Arc::new(cfg);
+    let link_addr = listeners.link.as_ref().and_then(|l| l.local_addr().ok());
+    let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr);
+    let settings = control::Settings {
+        listen: cfg.mesh_listen,
+        bootstrap: cfg.bootstrap.clone(),
+        advert_ttl: cfg.advert_ttl,
+    };
+    let shared = control::Shared {
+        directory: directory.clone(),
+        rulings: rulings.clone(),
+        counters: counters.clone(),
+        store,
+    };
+    let control = control::start(&keys, settings, shared, signer, shutdown.clone())?;
+    let switch = Switch::new(keys, cfg, directory, shutdown.clone());
+    if let Some(l) = listeners.admin {
+        let state = Arc::new(AdminState {
+            switch: switch.clone(),
+            rulings,
+            counters,
+            control,
+        });
+        tokio::spawn(admin::serve(l, state, shutdown.clone()));
+    }
+    Ok(start_data_plane(
+        switch,
+        Listeners {
+            admin: None,
+            ..listeners
+        },
+        shutdown,
+    ))
+}
+
+fn start_data_plane(
+    switch: Arc<Switch>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Running {
     if let Some(l) = listeners.link {
         tokio::spawn(accept_links(l, switch.clone(), shutdown.clone()));
     }

@@ -15,7 +15,7 @@ use bytes::{BufMut, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
 use ferry_proto::{CellCmd, cell as cellfmt};
 use ferry_router::{
-    MeshView, NodeId, NodeInfo, PathIndex, PathRequest, Resolved, RulingSet, Time, TrafficScope,
+    MeshView, NodeId, PathIndex, PathRequest, Resolved, RulingSet, Time, TrafficScope,
 };
 use prost::Message;
 use rand::SeedableRng;
@@ -135,11 +135,8 @@ impl Origin {
     }
 
     fn view(&self) -> MeshView {
-        MeshView::new(
-            self.switch
-                .peers()
-                .map(|p| NodeInfo::new(p.id, Some(p.jurisdiction), p.roles)),
-        )
+        let now = crate::authority::now_ms();
+        MeshView::new(self.switch.directory.live(now).iter().map(|e| e.info()))
     }
 
     /// Opens a stream to `host:port` through the mesh; returns it connected.

@@ -8,8 +8,10 @@
 //! circuit is complete the tip is the exit, and its session with the origin is
 //! the end-to-end session that carries the streams.
 
+use crate::authority::now_ms;
 use crate::config::{NodeConfig, Peer};
 use crate::crypto;
+use crate::directory::Directory;
 use crate::endpoint::{Endpoint, ExitCtx, Side};
 use crate::identity::Keys;
 use crate::link::{self, LinkHandle, LinkId, cell};
@@ -47,8 +49,8 @@ pub struct Switch {
     pub cfg: Arc<NodeConfig>,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
-    peers: HashMap<NodeId, Peer>,
-    by_key: HashMap<[u8; 32], NodeId>,
+    /// Known nodes: static peers and advertised ones.
+    pub directory: Arc<Directory>,
     links: Mutex<HashMap<NodeId, Arc<LinkHandle>>>,
     dial_lock: tokio::sync::Mutex<()>,
     circuits: Mutex<HashMap<(LinkId, u32), Slot>>,
@@ -63,9 +65,12 @@ pub struct Malformed(#[from] ferry_proto::DecodeError);
 
 impl Switch {
     /// A switch for this node.
-    pub fn new(keys: Arc<Keys>, cfg: Arc<NodeConfig>, shutdown: CancellationToken) -> Arc<Self> {
-        let peers: HashMap<_, _> = cfg.peers.iter().map(|p| (p.id, p.clone())).collect();
-        let by_key = cfg.peers.iter().map(|p| (p.noise_key, p.id)).collect();
+    pub fn new(
+        keys: Arc<Keys>,
+        cfg: Arc<NodeConfig>,
+        directory: Arc<Directory>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let exit = cfg.roles.exit.then(|| {
             Arc::new(ExitCtx {
                 policy: cfg.exit_policy.clone(),
@@ -77,8 +82,7 @@ impl Switch {
             keys,
             cfg,
             shutdown,
-            peers,
-            by_key,
+            directory,
             links: Mutex::new(HashMap::new()),
             dial_lock: tokio::sync::Mutex::new(()),
             circuits: Mutex::new(HashMap::new()),
@@ -87,19 +91,14 @@ impl Switch {
         })
     }
 
-    /// A known peer.
-    pub fn peer(&self, id: &NodeId) -> Option<&Peer> {
-        self.peers.get(id)
+    /// A live known node.
+    pub fn peer(&self, id: &NodeId) -> Option<Peer> {
+        self.directory.get(id, now_ms()).map(|e| e.peer)
     }
 
-    /// All known peers.
-    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.values()
-    }
-
-    /// The node a Noise static key belongs to.
+    /// The live node a Noise static key is bound to (by config or advert).
     pub fn peer_by_noise_key(&self, key: &[u8; 32]) -> Option<NodeId> {
-        self.by_key.get(key).copied()
+        self.directory.by_noise_key(key, now_ms())
     }
 
     pub(crate) fn next_link_id(&self) -> LinkId {

@@ -231,8 +231,10 @@ pub fn plan_drain(
         let deadline = affected.iter().map(|(_, w)| w.1).min().unwrap_or(now);
         let done_by = deadline.minus_ms(cfg.margin_ms);
         let latest = done_by.minus_ms(cfg.migration_ms);
+        // Feasible only if a migration started now ends by `done_by`
+        // (checked directly: the subtractions above saturate at zero).
         let lo = start.min(latest).max(now);
-        let at = if latest >= lo {
+        let at = if now.plus_ms(cfg.migration_ms) <= done_by {
             let span = latest.0 - lo.0 + 1;
             Time(lo.0 + splitmix(cfg.seed ^ splitmix(c.id)) % span)
         } else {

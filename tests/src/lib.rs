@@ -63,8 +63,13 @@ pub struct Proc {
     pub link: Option<SocketAddr>,
     /// Its SOCKS5 listener (the entry), if any.
     pub socks: Option<SocketAddr>,
+    /// Its admin API.
+    pub admin: SocketAddr,
+    /// Its control-plane listener.
+    pub mesh: SocketAddr,
     /// Its folder (keys, config, logs).
     pub dir: PathBuf,
+    args: Vec<String>,
     child: Child,
 }
 
@@ -109,6 +114,63 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// `GET /v1/status` from its admin API.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut r = agent
+            .get(&format!("http://{}/v1/status", self.admin))
+            .call()?;
+        Ok(r.body_mut().read_json()?)
+    }
+
+    /// Polls its status until `pred` holds, up to `within`; returns the
+    /// status that satisfied it.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let last = self.status();
+            if let Ok(v) = &last
+                && pred(v)
+            {
+                return Ok(v.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} never reached: {what}; last status: {last:?}",
+                    self.jurisdiction
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `kill -9`, then start it again with the same config; waits until ready.
+    pub fn kill9_and_restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let log = self.dir.join("stderr.log");
+        let old = std::fs::read_to_string(&log).unwrap_or_default();
+        std::fs::write(self.dir.join("stderr.before-restart.log"), old)?;
+        self.child = spawn(&self.dir, &args)?;
+        wait_ready(&mut self.child)
+    }
+
+    /// `kill -9`, and leave it dead.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
@@ -135,6 +197,13 @@ pub struct Options {
     pub tap: bool,
     /// Extra keys to list as entry-only peers on every node (test clients).
     pub extra_peers: Vec<String>,
+    /// Discover the mesh by gossip from the first node instead of static
+    /// `[[peers]]` blocks.
+    pub gossip: bool,
+    /// Trusted authority public keys (hex).
+    pub authority_keys: Vec<String>,
+    /// Advert lifetime.
+    pub advert_ttl_secs: u64,
 }
 
 impl Default for Options {
@@ -144,6 +213,9 @@ impl Default for Options {
             allow_private: true,
             tap: false,
             extra_peers: Vec::new(),
+            gossip: false,
+            authority_keys: Vec::new(),
+            advert_ttl_secs: 30,
         }
     }
 }
@@ -159,7 +231,8 @@ pub struct Mesh {
     _dir: tempfile::TempDir,
 }
 
-fn run_ferry(args: &[&str]) -> Result<String> {
+/// Runs `ferry` with `args` to completion; its standard output.
+pub fn run_ferry(args: &[&str]) -> Result<String> {
     let out = Command::new(ferry_bin()?)
         .args(args)
         .output()
@@ -225,8 +298,11 @@ impl Mesh {
             block: String,
             link: Option<SocketAddr>,
             socks: Option<SocketAddr>,
+            admin: SocketAddr,
+            mesh: SocketAddr,
             jurisdiction: String,
         }
+        let first_mesh = free_port()?;
         let mut members = Vec::new();
         let all = specs.iter().cloned().chain([Spec {
             jurisdiction: "NL",
@@ -236,8 +312,16 @@ impl Mesh {
             let dir = root.path().join(format!("n{i}-{}", s.jurisdiction));
             let link = free_port()?;
             let socks = free_port()?;
-            let (l, so) = (link.to_string(), socks.to_string());
-            run_ferry(&[
+            let admin = free_port()?;
+            let mesh = if i == 0 { first_mesh } else { free_port()? };
+            let (l, so, ad, me) = (
+                link.to_string(),
+                socks.to_string(),
+                admin.to_string(),
+                mesh.to_string(),
+            );
+            let boot = first_mesh.to_string();
+            let mut args = vec![
                 "init",
                 "--dir",
                 dir.to_str().unwrap(),
@@ -249,7 +333,18 @@ impl Mesh {
                 &l,
                 "--socks",
                 &so,
-            ])?;
+                "--admin",
+                &ad,
+                "--mesh",
+                &me,
+            ];
+            if opts.gossip && i > 0 {
+                args.extend(["--bootstrap", &boot]);
+            }
+            for k in &opts.authority_keys {
+                args.extend(["--authority-key", k.as_str()]);
+            }
+            run_ferry(&args)?;
             let cfg = dir.join("ferry.toml");
             let mut block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
             let is_entry = s.roles == "entry";
@@ -262,6 +357,8 @@ impl Mesh {
                 block,
                 link: (!is_entry).then_some(link),
                 socks: is_entry.then_some(socks),
+                admin,
+                mesh,
                 jurisdiction: s.jurisdiction.to_string(),
             });
         }
@@ -269,11 +366,15 @@ impl Mesh {
             let cfg = m.dir.join("ferry.toml");
             let mut text = std::fs::read_to_string(&cfg)?;
             text = text.replace("hops = 3", &format!("hops = {}", opts.hops));
+            text = text.replace(
+                "advert_ttl_secs = 30",
+                &format!("advert_ttl_secs = {}", opts.advert_ttl_secs),
+            );
             if opts.allow_private {
                 text = text.replace("allow_private = false", "allow_private = true");
             }
             for (j, o) in members.iter().enumerate() {
-                if i != j {
+                if i != j && !opts.gossip {
                     text.push('\n');
                     text.push_str(&o.block);
                 }
@@ -294,6 +395,7 @@ impl Mesh {
                 vec!["node", "--config", cfg]
             };
             let mut child = spawn(&m.dir, &args)?;
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
             wait_ready(&mut child).with_context(|| {
                 format!(
                     "starting {}: {}",
@@ -310,7 +412,10 @@ impl Mesh {
                 jurisdiction: m.jurisdiction,
                 link: m.link,
                 socks: m.socks,
+                admin: m.admin,
+                mesh: m.mesh,
                 dir: m.dir,
+                args,
                 child,
             });
         }
@@ -525,4 +630,74 @@ pub async fn http_server(body: &'static str) -> Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// A bare libp2p gossipsub peer, for publishing what a ferry node never would.
+pub mod gossip {
+    use anyhow::{Result, bail};
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{gossipsub, noise, tcp, yamux};
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    /// Connects to `node`, subscribes to `topic`, and publishes every message
+    /// of `msgs` once a second until `done()` holds or `within` passes.
+    pub async fn publish_until(
+        node: SocketAddr,
+        topic: &str,
+        msgs: &[Vec<u8>],
+        within: Duration,
+        done: impl Fn() -> bool,
+    ) -> Result<()> {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|key| {
+                let cfg = gossipsub::ConfigBuilder::default()
+                    .heartbeat_interval(Duration::from_millis(500))
+                    .max_transmit_size(64 * 1024)
+                    .build()
+                    .expect("gossipsub config");
+                gossipsub::Behaviour::<
+                    gossipsub::IdentityTransform,
+                    gossipsub::AllowAllSubscriptionFilter,
+                >::new(gossipsub::MessageAuthenticity::Signed(key.clone()), cfg)
+                .expect("gossipsub")
+            })?
+            .build();
+        let t = gossipsub::IdentTopic::new(topic);
+        swarm.behaviour_mut().subscribe(&t)?;
+        swarm.dial(
+            format!("/ip4/{}/tcp/{}", node.ip(), node.port()).parse::<libp2p::Multiaddr>()?,
+        )?;
+        let deadline = Instant::now() + within;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if done() {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("the nodes never counted the garbage");
+                    }
+                    // Until the node has us in its mesh, publishing fails;
+                    // after that, nodes drop repeats by content.
+                    for m in msgs {
+                        let _ = swarm.behaviour_mut().publish(t.clone(), m.clone());
+                    }
+                }
+                ev = swarm.select_next_some() => {
+                    if let SwarmEvent::OutgoingConnectionError { error, .. } = ev {
+                        bail!("could not reach the node: {error}");
+                    }
+                }
+            }
+        }
+    }
 }

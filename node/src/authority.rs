@@ -1,0 +1,444 @@
+//! Jurisdiction rulings as the authority writes, signs and nodes verify them.
+//!
+//! An operator writes a ruling file (TOML or JSON, the router's model with
+//! RFC 3339 dates), signs it with `ferry policy sign` (once per authority key
+//! for k-of-n), and publishes the signed file to any node. Nodes verify it
+//! against the authority public keys in their config before it touches the
+//! router; every refusal has a bounded reason that is counted.
+
+use crate::identity::parse_key_hex;
+use anyhow::{Context, Result, anyhow, bail};
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ferry_proto::pb;
+use ferry_router::{Blocs, Region, Ruling, Scope, Time};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Domain separation for ruling signatures.
+pub const RULING_CONTEXT: &[u8] = b"ferry/ruling/1";
+/// The largest signed ruling a node accepts, in bytes.
+pub const MAX_SIGNED_RULING: usize = 16 * 1024;
+
+/// Milliseconds since the UNIX epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A ruling file as an operator writes it.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulingFile {
+    /// Stable id across versions.
+    pub id: String,
+    /// Monotonic per id.
+    pub version: u64,
+    /// Country code or bloc name.
+    pub region: String,
+    /// RFC 3339, for example `2026-12-01T00:00:00Z`.
+    pub blocked_from: String,
+    /// RFC 3339.
+    pub exit_by: String,
+    /// Service classes it covers (empty with no tenants: all traffic).
+    #[serde(default)]
+    pub classes: Vec<String>,
+    /// Tenants it covers.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// This version lifts the ruling.
+    #[serde(default)]
+    pub lifted: bool,
+}
+
+fn parse_time(key: &str, s: &str) -> Result<u64> {
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| anyhow!("{key} = `{s}`: not an RFC 3339 time ({e})"))?;
+    Ok(t.duration_since(UNIX_EPOCH)
+        .map_err(|_| anyhow!("{key} is before 1970"))?
+        .as_millis() as u64)
+}
+
+fn fmt_time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+impl RulingFile {
+    /// Parses TOML or JSON (by the first non-blank character).
+    pub fn parse(text: &str) -> Result<Self> {
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).context("ruling JSON")
+        } else {
+            toml::from_str(text).map_err(|e| anyhow!("ruling TOML: {e}"))
+        }
+    }
+
+    /// The body to sign, valid for receipt for `valid_for`.
+    pub fn to_body(&self, now: u64, valid_for: Duration) -> Result<pb::RulingBody> {
+        let body = pb::RulingBody {
+            id: self.id.clone(),
+            version: self.version,
+            region: self.region.clone(),
+            blocked_from_ms: parse_time("blocked_from", &self.blocked_from)?,
+            exit_by_ms: parse_time("exit_by", &self.exit_by)?,
+            classes: self.classes.clone(),
+            tenants: self.tenants.clone(),
+            reason: self.reason.clone(),
+            lifted: self.lifted,
+            signed_at_ms: now,
+            expires_at_ms: now + valid_for.as_millis() as u64,
+        };
+        to_ruling(&body)?.validate(&Blocs::builtin())?;
+        Ok(body)
+    }
+
+    /// The file form of a body.
+    pub fn from_body(b: &pb::RulingBody) -> Self {
+        Self {
+            id: b.id.clone(),
+            version: b.version,
+            region: b.region.clone(),
+            blocked_from: fmt_time(b.blocked_from_ms),
+            exit_by: fmt_time(b.exit_by_ms),
+            classes: b.classes.clone(),
+            tenants: b.tenants.clone(),
+            reason: b.reason.clone(),
+            lifted: b.lifted,
+        }
+    }
+}
+
+/// The router's ruling for a body.
+pub fn to_ruling(b: &pb::RulingBody) -> Result<Ruling> {
+    let scope = match (b.classes.is_empty(), b.tenants.is_empty()) {
+        (true, true) => Scope::All,
+        (false, true) => Scope::Classes(b.classes.clone()),
+        (true, false) => Scope::Tenants(b.tenants.clone()),
+        (false, false) => bail!("a ruling covers classes or tenants, not both"),
+    };
+    Ok(Ruling {
+        id: b.id.clone(),
+        version: b.version,
+        region: Region::parse(&b.region)?,
+        blocked_from: Time(b.blocked_from_ms),
+        exit_by: Time(b.exit_by_ms),
+        scope,
+        reason: b.reason.clone(),
+        lifted: b.lifted,
+    })
+}
+
+/// A signed ruling file: the exact signed bytes plus a readable copy.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedFile {
+    /// For people; nodes use `body_hex`.
+    pub ruling: RulingFile,
+    /// The signed `RulingBody`, hex.
+    pub body_hex: String,
+    /// Authority signatures.
+    pub signatures: Vec<SignatureFile>,
+}
+
+/// One signature in a signed file.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureFile {
+    /// Authority public key, hex.
+    pub key: String,
+    /// Ed25519 signature, hex.
+    pub signature: String,
+}
+
+impl SignedFile {
+    /// The wire form.
+    pub fn to_signed(&self) -> Result<pb::SignedRuling> {
+        let sigs = self
+            .signatures
+            .iter()
+            .map(|s| {
+                Ok(pb::AuthoritySignature {
+                    key: hex::decode(&s.key).context("signature key")?,
+                    signature: hex::decode(&s.signature).context("signature")?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(pb::SignedRuling {
+            body: hex::decode(&self.body_hex).context("body_hex")?,
+            signatures: sigs,
+        })
+    }
+
+    /// The file form of a signed ruling.
+    pub fn from_signed(s: &pb::SignedRuling) -> Result<Self> {
+        let body = pb::RulingBody::decode(s.body.as_slice()).context("ruling body")?;
+        Ok(Self {
+            ruling: RulingFile::from_body(&body),
+            body_hex: hex::encode(&s.body),
+            signatures: s
+                .signatures
+                .iter()
+                .map(|x| SignatureFile {
+                    key: hex::encode(&x.key),
+                    signature: hex::encode(&x.signature),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn message(body: &[u8]) -> Vec<u8> {
+    let mut m = RULING_CONTEXT.to_vec();
+    m.extend_from_slice(body);
+    m
+}
+
+/// Adds `key`'s signature (replacing an earlier one by the same key).
+pub fn sign(signed: &mut pb::SignedRuling, key: &SigningKey) {
+    let public = key.verifying_key().to_bytes().to_vec();
+    signed.signatures.retain(|s| s.key != public);
+    let sig = key.sign(&message(&signed.body));
+    signed.signatures.push(pb::AuthoritySignature {
+        key: public,
+        signature: sig.to_bytes().to_vec(),
+    });
+}
+
+/// Why a ruling was refused: a bounded label (for counting) and a detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct Refusal {
+    /// `malformed`, `oversized`, `unsigned`, `unknown_key`, `bad_signature`,
+    /// `threshold`, `expired`, `invalid`, `rollback`.
+    pub kind: &'static str,
+    /// For the log and the admin API's answer.
+    pub detail: String,
+}
+
+fn refuse(kind: &'static str, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        kind,
+        detail: detail.into(),
+    }
+}
+
+/// The authority keys a node trusts, and how many must sign.
+#[derive(Debug, Clone, Default)]
+pub struct Authority {
+    /// Trusted public keys.
+    pub keys: Vec<VerifyingKey>,
+    /// Signatures needed (k of n).
+    pub threshold: usize,
+}
+
+impl Authority {
+    /// Parses hex public keys.
+    pub fn new<S: AsRef<str>>(keys: &[S], threshold: usize) -> Result<Self> {
+        let keys = keys
+            .iter()
+            .map(|k| {
+                let b = parse_key_hex(k.as_ref())?;
+                VerifyingKey::from_bytes(&b).map_err(|e| anyhow!("authority key: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !keys.is_empty() && !(1..=keys.len()).contains(&threshold) {
+            bail!(
+                "authority.threshold = {threshold}: must be 1 to {} (the number of keys)",
+                keys.len()
+            );
+        }
+        Ok(Self { keys, threshold })
+    }
+
+    /// Verifies a signed ruling's bytes: size, signatures (k of n), expiry.
+    /// Returns the body; the caller applies it (where rollbacks are caught).
+    pub fn verify(
+        &self,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<(pb::SignedRuling, pb::RulingBody, Ruling), Refusal> {
+        if bytes.len() > MAX_SIGNED_RULING {
+            return Err(refuse(
+                "oversized",
+                format!("{} bytes, the limit is {MAX_SIGNED_RULING}", bytes.len()),
+            ));
+        }
+        let signed =
+            pb::SignedRuling::decode(bytes).map_err(|e| refuse("malformed", e.to_string()))?;
+        if signed.signatures.is_empty() {
+            return Err(refuse("unsigned", "the ruling carries no signature"));
+        }
+        if self.keys.is_empty() {
+            return Err(refuse(
+                "unknown_key",
+                "this node trusts no authority key (authority.keys is empty)",
+            ));
+        }
+        let msg = message(&signed.body);
+        let mut good: Vec<&VerifyingKey> = Vec::new();
+        let (mut unknown, mut bad) = (0, 0);
+        for s in &signed.signatures {
+            let Some(k) = self
+                .keys
+                .iter()
+                .find(|k| k.as_bytes().as_slice() == s.key.as_slice())
+            else {
+                unknown += 1;
+                continue;
+            };
+            let ok = ed25519_dalek::Signature::from_slice(&s.signature)
+                .is_ok_and(|sig| k.verify(&msg, &sig).is_ok());
+            if ok {
+                if !good.contains(&k) {
+                    good.push(k);
+                }
+            } else {
+                bad += 1;
+            }
+        }
+        if good.len() < self.threshold {
+            return Err(if bad > 0 {
+                refuse(
+                    "bad_signature",
+                    format!("{bad} signature(s) by trusted keys do not verify"),
+                )
+            } else if unknown > 0 && good.is_empty() {
+                refuse(
+                    "unknown_key",
+                    "signed only by keys this node does not trust",
+                )
+            } else {
+                refuse(
+                    "threshold",
+                    format!(
+                        "{} valid signature(s), {} needed",
+                        good.len(),
+                        self.threshold
+                    ),
+                )
+            });
+        }
+        let body = pb::RulingBody::decode(signed.body.as_slice())
+            .map_err(|e| refuse("malformed", e.to_string()))?;
+        if body.expires_at_ms < now {
+            return Err(refuse(
+                "expired",
+                format!(
+                    "ruling {} v{}: its signature expired",
+                    body.id, body.version
+                ),
+            ));
+        }
+        let ruling = to_ruling(&body).map_err(|e| refuse("invalid", format!("{e:#}")))?;
+        ruling
+            .validate(&Blocs::builtin())
+            .map_err(|e| refuse("invalid", e.to_string()))?;
+        Ok((signed, body, ruling))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::OsRng;
+
+    fn body(id: &str, version: u64) -> pb::SignedRuling {
+        let f = RulingFile {
+            id: id.into(),
+            version,
+            region: "PK".into(),
+            blocked_from: "2026-12-01T00:00:00Z".into(),
+            exit_by: "2026-12-15T00:00:00Z".into(),
+            classes: vec![],
+            tenants: vec![],
+            reason: "order".into(),
+            lifted: false,
+        };
+        pb::SignedRuling {
+            body: f
+                .to_body(now_ms(), Duration::from_secs(3600))
+                .unwrap()
+                .encode_to_vec(),
+            signatures: vec![],
+        }
+    }
+
+    #[test]
+    fn k_of_n_signatures_are_required_and_forgeries_refused() {
+        let (a, b, c) = (
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+        );
+        let keys: Vec<String> = [&a, &b]
+            .iter()
+            .map(|k| hex::encode(k.verifying_key().as_bytes()))
+            .collect();
+        let auth = Authority::new(&keys, 2).unwrap();
+        let mut s = body("r", 1);
+        assert_eq!(
+            auth.verify(&s.encode_to_vec(), now_ms()).unwrap_err().kind,
+            "unsigned"
+        );
+        sign(&mut s, &a);
+        assert_eq!(
+            auth.verify(&s.encode_to_vec(), now_ms()).unwrap_err().kind,
+            "threshold"
+        );
+        sign(&mut s, &b);
+        let (_, body_ok, ruling) = auth.verify(&s.encode_to_vec(), now_ms()).unwrap();
+        assert_eq!((ruling.id.as_str(), body_ok.version), ("r", 1));
+        // Forged: the body changed after signing.
+        let mut forged = s.clone();
+        forged.body = body("r", 2).body;
+        assert_eq!(
+            auth.verify(&forged.encode_to_vec(), now_ms())
+                .unwrap_err()
+                .kind,
+            "bad_signature"
+        );
+        // Signed by an unknown key only.
+        let mut stranger = body("r", 3);
+        sign(&mut stranger, &c);
+        assert_eq!(
+            auth.verify(&stranger.encode_to_vec(), now_ms())
+                .unwrap_err()
+                .kind,
+            "unknown_key"
+        );
+        // Expired.
+        assert_eq!(
+            auth.verify(&s.encode_to_vec(), now_ms() + 7_200_000)
+                .unwrap_err()
+                .kind,
+            "expired"
+        );
+        // Junk.
+        assert_eq!(
+            auth.verify(&[0xff; 40], now_ms()).unwrap_err().kind,
+            "malformed"
+        );
+        assert_eq!(
+            auth.verify(&vec![0; MAX_SIGNED_RULING + 1], now_ms())
+                .unwrap_err()
+                .kind,
+            "oversized"
+        );
+    }
+
+    #[test]
+    fn signed_file_round_trips() {
+        let k = SigningKey::generate(&mut OsRng);
+        let mut s = body("r", 1);
+        sign(&mut s, &k);
+        let file = SignedFile::from_signed(&s).unwrap();
+        let text = serde_json::to_string_pretty(&file).unwrap();
+        let back: SignedFile = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.to_signed().unwrap(), s);
+        assert_eq!(back.ruling.blocked_from, "2026-12-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,337 @@
+//! The control plane: rust-libp2p on tokio. TCP with Noise and Yamux;
+//! identify and Kademlia to discover the mesh from bootstrap addresses;
+//! gossipsub to spread signed node adverts and signed rulings.
+//!
+//! The swarm runs in one task that owns it. Adverts are re-signed and
+//! published every third of their lifetime, so a node that vanishes is
+//! forgotten one lifetime after its last advert. Rulings in force are
+//! re-published on the same beat (gossipsub drops duplicates by content),
+//! which brings nodes that joined late up to date.
+
+use crate::directory::{Directory, OwnAdvert};
+use crate::rulings::{Offered, Rulings};
+use crate::store::{Store, cf};
+use anyhow::{Context, Result, anyhow};
+use futures::StreamExt;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, gossipsub, identify, identity, kad, noise, ping, tcp, yamux,
+};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Gossip topic for node adverts.
+pub const ADVERTS: &str = "ferry/adverts/1";
+/// Gossip topic for rulings.
+pub const RULINGS: &str = "ferry/rulings/1";
+/// Largest gossip message libp2p accepts at all; Ferry's own bounds are lower.
+pub const MAX_GOSSIP: usize = 64 * 1024;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+/// What the rest of the node asks of the control plane.
+#[derive(Debug)]
+pub enum Command {
+    /// Publish a signed ruling that was accepted locally.
+    PublishRuling(Vec<u8>),
+}
+
+/// Counters of gossip dropped, by reason.
+#[derive(Debug, Default)]
+pub struct GossipCounters {
+    adverts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl GossipCounters {
+    /// Adverts dropped, by reason.
+    pub fn advert_rejections(&self) -> BTreeMap<&'static str, u64> {
+        self.adverts.lock().expect("lock").clone()
+    }
+}
+
+/// The control plane's settings.
+pub struct Settings {
+    /// libp2p listen address.
+    pub listen: Option<SocketAddr>,
+    /// Bootstrap addresses (IP:port or multiaddr).
+    pub bootstrap: Vec<String>,
+    /// Advert lifetime.
+    pub advert_ttl: Duration,
+}
+
+/// Turns `IP:port` or a multiaddr into a multiaddr.
+pub fn multiaddr(s: &str) -> Result<Multiaddr> {
+    if s.starts_with('/') {
+        return s.parse().map_err(|e| anyhow!("`{s}`: {e}"));
+    }
+    let a: SocketAddr = s
+        .parse()
+        .map_err(|e| anyhow!("`{s}`: not IP:port or a multiaddr ({e})"))?;
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v) => format!("/ip4/{v}"),
+        std::net::IpAddr::V6(v) => format!("/ip6/{v}"),
+    };
+    Ok(format!("{ip}/tcp/{}", a.port()).parse()?)
+}
+
+/// The libp2p peer id of a node id.
+pub fn peer_id(node: &ferry_router::NodeId) -> Option<PeerId> {
+    let pk = identity::ed25519::PublicKey::try_from_bytes(&node.0).ok()?;
+    Some(PeerId::from_public_key(&identity::PublicKey::from(pk)))
+}
+
+/// Everything the control task shares with the node.
+pub struct Shared {
+    /// Known nodes.
+    pub directory: Arc<Directory>,
+    /// Rulings.
+    pub rulings: Arc<Rulings>,
+    /// Dropped gossip.
+    pub counters: Arc<GossipCounters>,
+    /// The store.
+    pub store: Arc<Store>,
+}
+
+/// Starts the control plane. `advert` re-signs this node's advert.
+pub fn start(
+    keys: &crate::identity::Keys,
+    settings: Settings,
+    shared: Shared,
+    advert: impl Fn(Vec<String>, u64, u64) -> Vec<u8> + Send + 'static,
+    shutdown: CancellationToken,
+) -> Result<mpsc::UnboundedSender<Command>> {
+    let mut seed = keys.identity.to_bytes();
+    let kp = identity::Keypair::ed25519_from_bytes(&mut seed).context("identity key")?;
+    let me = kp.public().to_peer_id();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(kp)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_behaviour(|key| {
+            let gcfg = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(MAX_GOSSIP)
+                .message_id_fn(|m: &gossipsub::Message| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    m.topic.hash(&mut h);
+                    m.data.hash(&mut h);
+                    gossipsub::MessageId::from(h.finish().to_be_bytes().to_vec())
+                })
+                .build()
+                .map_err(|e| anyhow!("gossipsub config: {e}"))?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gcfg,
+            )
+            .map_err(|e| anyhow!("gossipsub: {e}"))?;
+            let mut kad = kad::Behaviour::with_config(
+                me,
+                kad::store::MemoryStore::new(me),
+                kad::Config::new(StreamProtocol::new("/ferry/kad/1")),
+            );
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify =
+                identify::Behaviour::new(identify::Config::new("/ferry/id/1".into(), key.public()));
+            Ok(Behaviour {
+                gossipsub,
+                kad,
+                identify,
+                ping: ping::Behaviour::default(),
+            })
+        })
+        .map_err(|e| anyhow!("libp2p behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    let adverts = gossipsub::IdentTopic::new(ADVERTS);
+    let rulings_topic = gossipsub::IdentTopic::new(RULINGS);
+    swarm.behaviour_mut().gossipsub.subscribe(&adverts)?;
+    swarm.behaviour_mut().gossipsub.subscribe(&rulings_topic)?;
+    if let Some(l) = settings.listen {
+        swarm
+            .listen_on(multiaddr(&l.to_string())?)
+            .with_context(|| format!("listening on {l} (mesh.listen)"))?;
+    }
+    // Dial the bootstrap nodes, and every node the store remembers.
+    let mut dials: Vec<Multiaddr> = Vec::new();
+    for b in &settings.bootstrap {
+        dials.push(multiaddr(b).with_context(|| "mesh.bootstrap".to_string())?);
+    }
+    for (_, bytes) in shared.store.all(cf::PEERS)? {
+        if let Ok((a, _)) = crate::directory::verify_advert(&bytes, 0) {
+            dials.extend(a.p2p_addrs.iter().filter_map(|s| s.parse().ok()));
+        }
+    }
+    for d in dials {
+        if let Err(e) = swarm.dial(d) {
+            debug!(error = %e, "dial failed");
+        }
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let own = keys.node_id();
+    let ttl = settings.advert_ttl;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ttl / 3);
+        let mut kad_tick = tokio::time::interval(Duration::from_secs(10));
+        let mut listen_addrs: Vec<String> = Vec::new();
+        let mut seq = shared
+            .store
+            .get(cf::STATE, b"advert_seq")
+            .ok()
+            .flatten()
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    let now = crate::authority::now_ms();
+                    seq = (seq + 1).max(now);
+                    let _ = shared.store.put(cf::STATE, b"advert_seq", &seq.to_be_bytes());
+                    let bytes = advert(listen_addrs.clone(), seq, now + ttl.as_millis() as u64);
+                    publish(&mut swarm, &adverts, bytes);
+                    for r in shared.rulings.signed() {
+                        publish(&mut swarm, &rulings_topic, r);
+                    }
+                    let gone = shared.directory.expire(now);
+                    if gone > 0 {
+                        info!(gone, "peers expired");
+                    }
+                }
+                _ = kad_tick.tick() => {
+                    let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+                Some(cmd) = rx.recv() => match cmd {
+                    Command::PublishRuling(bytes) => publish(&mut swarm, &rulings_topic, bytes),
+                },
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::NewListenAddr { address, .. } => {
+                        listen_addrs.push(format!("{address}/p2p/{me}"));
+                        tick.reset_immediately();
+                    }
+                    SwarmEvent::ConnectionEstablished { .. } => {
+                        // A new neighbour: tell it who we are and what is in force.
+                        tick.reset_immediately();
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                        for a in info.listen_addrs {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                        }
+                        let _ = swarm.behaviour_mut().kad.bootstrap();
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                        let now = crate::authority::now_ms();
+                        if message.topic == adverts.hash() {
+                            on_advert(&mut swarm, &shared, &own, &message.data, now);
+                        } else if message.topic == rulings_topic.hash() {
+                            let _ = shared.rulings.offer(&message.data, now);
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+        debug!("control plane stopped");
+    });
+    Ok(tx)
+}
+
+fn publish(swarm: &mut libp2p::Swarm<Behaviour>, topic: &gossipsub::IdentTopic, bytes: Vec<u8>) {
+    if let Err(e) = swarm
+        .behaviour_mut()
+        .gossipsub
+        .publish(topic.clone(), bytes)
+    {
+        debug!(error = %e, "gossip publish");
+    }
+}
+
+fn on_advert(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    shared: &Shared,
+    own: &ferry_router::NodeId,
+    data: &[u8],
+    now: u64,
+) {
+    match shared.directory.accept(data, own, now) {
+        Ok(true) => {
+            if let Ok((a, e)) = crate::directory::verify_advert(data, now) {
+                let _ = shared.store.put(cf::PEERS, &a.node_id, data);
+                if let Some(pid) = peer_id(&e.peer.id)
+                    && !swarm.is_connected(&pid)
+                {
+                    for addr in e
+                        .p2p_addrs
+                        .iter()
+                        .filter_map(|s| s.parse::<Multiaddr>().ok())
+                    {
+                        let _ = swarm.dial(addr);
+                    }
+                }
+                debug!(node = %e.peer.id.short(), jurisdiction = %e.peer.jurisdiction, "advert accepted");
+            }
+        }
+        Ok(false) => {}
+        Err(d) => {
+            *shared
+                .counters
+                .adverts
+                .lock()
+                .expect("lock")
+                .entry(d.kind)
+                .or_default() += 1;
+            warn!(reason = d.kind, detail = %d.detail, "advert dropped");
+        }
+    }
+}
+
+/// Offers a ruling from the admin API, and gossips it if it took.
+pub fn offer_and_publish(
+    rulings: &Rulings,
+    tx: &mpsc::UnboundedSender<Command>,
+    bytes: Vec<u8>,
+) -> Result<Offered, crate::authority::Refusal> {
+    let r = rulings.offer(&bytes, crate::authority::now_ms())?;
+    if r == Offered::InForce {
+        let _ = tx.send(Command::PublishRuling(bytes));
+    }
+    Ok(r)
+}
+
+/// Builds this node's advert signer.
+pub fn advert_signer(
+    keys: Arc<crate::identity::Keys>,
+    cfg: Arc<crate::config::NodeConfig>,
+    link: Option<SocketAddr>,
+) -> impl Fn(Vec<String>, u64, u64) -> Vec<u8> + Send + 'static {
+    move |p2p, seq, expires| {
+        OwnAdvert {
+            key: &keys.identity,
+            noise_public: keys.noise_public,
+            link,
+            p2p_addrs: p2p,
+            jurisdiction: cfg.jurisdiction,
+            roles: cfg.roles,
+            family: cfg.family.clone(),
+            capacity_mbps: cfg.capacity_mbps,
+            state: ferry_router::NodeState::Active,
+        }
+        .sign(seq, expires)
+    }
+}

@@ -1,0 +1,406 @@
+//! The directory of known nodes: static peers from the config, and nodes
+//! learned from signed adverts, each with an expiry. It answers the data
+//! plane's two questions — which node does this Noise key belong to, and
+//! where do I reach that node — and gives the router its mesh view. An advert
+//! that is not renewed expires, and its node leaves path selection.
+
+use crate::config::Peer;
+use crate::identity::parse_key_hex;
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ferry_proto::pb;
+use ferry_router::{Jurisdiction, NodeId, NodeInfo, NodeState, Roles, Time};
+use prost::Message;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::RwLock;
+
+/// Domain separation for advert signatures.
+pub const ADVERT_CONTEXT: &[u8] = b"ferry/advert/1";
+/// The largest signed advert a node accepts, in bytes.
+pub const MAX_SIGNED_ADVERT: usize = 4096;
+
+/// One known node.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Identity, keys, address, jurisdiction, roles.
+    pub peer: Peer,
+    /// Operator family, from its advert.
+    pub family: String,
+    /// Capacity, Mbit/s.
+    pub capacity: u32,
+    /// Load, 0..1.
+    pub load: f32,
+    /// Its advertised state.
+    pub state: NodeState,
+    /// Control-plane addresses.
+    pub p2p_addrs: Vec<String>,
+    /// Advert sequence number (0 for static peers).
+    pub seq: u64,
+    /// Expiry, ms since the epoch (`None`: static, never expires).
+    pub expires_at_ms: Option<u64>,
+}
+
+impl Entry {
+    fn live(&self, now: u64) -> bool {
+        self.expires_at_ms.is_none_or(|e| e > now)
+    }
+
+    /// The router's view of the node.
+    pub fn info(&self) -> NodeInfo {
+        let mut n = NodeInfo::new(self.peer.id, Some(self.peer.jurisdiction), self.peer.roles);
+        if !self.family.is_empty() {
+            n.family = family_id(&self.family);
+        }
+        n.capacity = self.capacity;
+        n.load = self.load;
+        n.state = self.state;
+        n
+    }
+}
+
+/// A stable number for an operator family name.
+pub fn family_id(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Why an advert was dropped: a bounded label, and a detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct Dropped {
+    /// `oversized`, `undecodable`, `bad_signature`, `expired`, `invalid`,
+    /// `stale`, `key_conflict`.
+    pub kind: &'static str,
+    /// Detail for the log (no addresses or keys).
+    pub detail: String,
+}
+
+fn drop_(kind: &'static str, detail: impl Into<String>) -> Dropped {
+    Dropped {
+        kind,
+        detail: detail.into(),
+    }
+}
+
+/// The directory.
+#[derive(Debug, Default)]
+pub struct Directory {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_id: HashMap<NodeId, Entry>,
+    by_key: HashMap<[u8; 32], NodeId>,
+}
+
+impl Directory {
+    /// A directory holding the config's static peers.
+    pub fn with_static(peers: &[Peer]) -> Self {
+        let d = Self::default();
+        for p in peers {
+            d.insert(Entry {
+                peer: p.clone(),
+                family: String::new(),
+                capacity: 100,
+                load: 0.0,
+                state: NodeState::Active,
+                p2p_addrs: Vec::new(),
+                seq: 0,
+                expires_at_ms: None,
+            });
+        }
+        d
+    }
+
+    fn insert(&self, e: Entry) {
+        let mut g = self.inner.write().expect("directory lock");
+        if let Some(old) = g.by_id.get(&e.peer.id) {
+            let k = old.peer.noise_key;
+            g.by_key.remove(&k);
+        }
+        g.by_key.insert(e.peer.noise_key, e.peer.id);
+        g.by_id.insert(e.peer.id, e);
+    }
+
+    /// A live node by id.
+    pub fn get(&self, id: &NodeId, now: u64) -> Option<Entry> {
+        self.inner
+            .read()
+            .expect("directory lock")
+            .by_id
+            .get(id)
+            .filter(|e| e.live(now))
+            .cloned()
+    }
+
+    /// The live node a Noise static key is bound to.
+    pub fn by_noise_key(&self, key: &[u8; 32], now: u64) -> Option<NodeId> {
+        let g = self.inner.read().expect("directory lock");
+        g.by_key
+            .get(key)
+            .filter(|id| g.by_id.get(id).is_some_and(|e| e.live(now)))
+            .copied()
+    }
+
+    /// Every live node.
+    pub fn live(&self, now: u64) -> Vec<Entry> {
+        self.inner
+            .read()
+            .expect("directory lock")
+            .by_id
+            .values()
+            .filter(|e| e.live(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets expired adverts; returns how many.
+    pub fn expire(&self, now: u64) -> usize {
+        let mut g = self.inner.write().expect("directory lock");
+        let dead: Vec<NodeId> = g
+            .by_id
+            .values()
+            .filter(|e| !e.live(now))
+            .map(|e| e.peer.id)
+            .collect();
+        for id in &dead {
+            if let Some(e) = g.by_id.remove(id) {
+                g.by_key.remove(&e.peer.noise_key);
+            }
+        }
+        dead.len()
+    }
+
+    /// Verifies and records a signed advert. `Ok(true)` if it was news.
+    pub fn accept(&self, bytes: &[u8], own: &NodeId, now: u64) -> Result<bool, Dropped> {
+        let (advert, entry) = verify_advert(bytes, now)?;
+        if entry.peer.id == *own {
+            return Ok(false);
+        }
+        {
+            let g = self.inner.read().expect("directory lock");
+            if let Some(old) = g.by_id.get(&entry.peer.id) {
+                if old.seq >= advert.seq {
+                    return if old.seq == advert.seq {
+                        Ok(false)
+                    } else {
+                        Err(drop_("stale", "older sequence number"))
+                    };
+                }
+            }
+            if let Some(holder) = g.by_key.get(&entry.peer.noise_key)
+                && *holder != entry.peer.id
+                && g.by_id.get(holder).is_some_and(|e| e.live(now))
+            {
+                return Err(drop_(
+                    "key_conflict",
+                    format!("noise key already bound to node {holder}"),
+                ));
+            }
+        }
+        self.insert(entry);
+        Ok(true)
+    }
+}
+
+/// Checks a signed advert and turns it into an entry.
+pub fn verify_advert(bytes: &[u8], now: u64) -> Result<(pb::NodeAdvert, Entry), Dropped> {
+    if bytes.len() > MAX_SIGNED_ADVERT {
+        return Err(drop_(
+            "oversized",
+            format!("{} bytes, the limit is {MAX_SIGNED_ADVERT}", bytes.len()),
+        ));
+    }
+    let signed =
+        pb::SignedAdvert::decode(bytes).map_err(|e| drop_("undecodable", e.to_string()))?;
+    let a = pb::NodeAdvert::decode(signed.advert.as_slice())
+        .map_err(|e| drop_("undecodable", e.to_string()))?;
+    let id: [u8; 32] = a
+        .node_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| drop_("invalid", "node id is not 32 bytes"))?;
+    let vk = VerifyingKey::from_bytes(&id)
+        .map_err(|_| drop_("invalid", "node id is not an Ed25519 key"))?;
+    let sig = ed25519_dalek::Signature::from_slice(&signed.signature)
+        .map_err(|_| drop_("bad_signature", "malformed signature"))?;
+    let mut msg = ADVERT_CONTEXT.to_vec();
+    msg.extend_from_slice(&signed.advert);
+    vk.verify(&msg, &sig)
+        .map_err(|_| drop_("bad_signature", "signature does not verify"))?;
+    if a.expires_at_ms <= now {
+        return Err(drop_("expired", "advert expired"));
+    }
+    let noise_key: [u8; 32] = a
+        .noise_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| drop_("invalid", "noise key is not 32 bytes"))?;
+    let jurisdiction = crate::config::parse_jurisdiction(&a.jurisdiction)
+        .map_err(|e| drop_("invalid", e.to_string()))?;
+    let roles = Roles {
+        entry: a.roles & 1 != 0,
+        relay: a.roles & 2 != 0,
+        exit: a.roles & 4 != 0,
+    };
+    let addr: Option<SocketAddr> = a
+        .link_addrs
+        .first()
+        .map(|s| s.parse())
+        .transpose()
+        .map_err(|_| drop_("invalid", "bad link address"))?;
+    if (roles.relay || roles.exit) && addr.is_none() {
+        return Err(drop_("invalid", "relay or exit without a link address"));
+    }
+    let state = match a.state() {
+        pb::NodeState::Draining => NodeState::Draining {
+            until: Time(a.exit_by_ms),
+        },
+        pb::NodeState::Exited => NodeState::Exited,
+        _ => NodeState::Active,
+    };
+    let entry = Entry {
+        peer: Peer {
+            id: NodeId(id),
+            noise_key,
+            addr,
+            jurisdiction,
+            roles,
+        },
+        family: a.family.clone(),
+        capacity: a.capacity_mbps,
+        load: a.load.clamp(0.0, 1.0),
+        state,
+        p2p_addrs: a.p2p_addrs.clone(),
+        seq: a.seq,
+        expires_at_ms: Some(a.expires_at_ms),
+    };
+    Ok((a, entry))
+}
+
+/// What a node advertises about itself.
+pub struct OwnAdvert<'a> {
+    /// Identity key.
+    pub key: &'a SigningKey,
+    /// Noise static public key.
+    pub noise_public: [u8; 32],
+    /// Link listener.
+    pub link: Option<SocketAddr>,
+    /// libp2p listen addresses.
+    pub p2p_addrs: Vec<String>,
+    /// Jurisdiction.
+    pub jurisdiction: Jurisdiction,
+    /// Roles.
+    pub roles: Roles,
+    /// Operator family.
+    pub family: String,
+    /// Capacity.
+    pub capacity_mbps: u32,
+    /// State.
+    pub state: NodeState,
+}
+
+impl OwnAdvert<'_> {
+    /// Signs an advert with this sequence number and expiry.
+    pub fn sign(&self, seq: u64, expires_at_ms: u64) -> Vec<u8> {
+        let roles = u32::from(self.roles.entry)
+            | u32::from(self.roles.relay) << 1
+            | u32::from(self.roles.exit) << 2;
+        let (state, exit_by_ms) = match self.state {
+            NodeState::Active => (pb::NodeState::Active, 0),
+            NodeState::Draining { until } => (pb::NodeState::Draining, until.0),
+            NodeState::Exited => (pb::NodeState::Exited, 0),
+        };
+        let a = pb::NodeAdvert {
+            node_id: self.key.verifying_key().to_bytes().to_vec(),
+            noise_key: self.noise_public.to_vec(),
+            link_addrs: self.link.iter().map(|a| a.to_string()).collect(),
+            p2p_addrs: self.p2p_addrs.clone(),
+            jurisdiction: self.jurisdiction.to_string(),
+            roles,
+            family: self.family.clone(),
+            capacity_mbps: self.capacity_mbps,
+            load: 0.0,
+            state: state as i32,
+            exit_by_ms,
+            seq,
+            expires_at_ms,
+        }
+        .encode_to_vec();
+        let mut msg = ADVERT_CONTEXT.to_vec();
+        msg.extend_from_slice(&a);
+        let signature = self.key.sign(&msg).to_bytes().to_vec();
+        pb::SignedAdvert {
+            advert: a,
+            signature,
+        }
+        .encode_to_vec()
+    }
+}
+
+/// Parses a node id from hex.
+pub fn node_id_hex(s: &str) -> anyhow::Result<NodeId> {
+    Ok(NodeId(parse_key_hex(s)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Keys;
+
+    fn own(k: &Keys) -> OwnAdvert<'_> {
+        OwnAdvert {
+            key: &k.identity,
+            noise_public: k.noise_public,
+            link: Some("127.0.0.1:7001".parse().unwrap()),
+            p2p_addrs: vec![],
+            jurisdiction: Jurisdiction(*b"DE"),
+            roles: Roles {
+                entry: false,
+                relay: true,
+                exit: false,
+            },
+            family: "op".into(),
+            capacity_mbps: 100,
+            state: NodeState::Active,
+        }
+    }
+
+    #[test]
+    fn adverts_are_verified_sequenced_and_expire() {
+        let k = Keys::generate();
+        let d = Directory::default();
+        let me = NodeId([0; 32]);
+        let a1 = own(&k).sign(1, 1_000);
+        assert_eq!(d.accept(&a1, &me, 500), Ok(true));
+        assert_eq!(d.accept(&a1, &me, 500), Ok(false));
+        assert_eq!(d.by_noise_key(&k.noise_public, 500), Some(k.node_id()));
+        let a2 = own(&k).sign(2, 2_000);
+        assert_eq!(d.accept(&a2, &me, 600), Ok(true));
+        assert_eq!(d.accept(&a1, &me, 600).unwrap_err().kind, "stale");
+        assert!(d.get(&k.node_id(), 1_999).is_some());
+        assert!(
+            d.get(&k.node_id(), 2_000).is_none(),
+            "expired adverts leave the directory's answers"
+        );
+        assert_eq!(d.expire(2_000), 1);
+        let mut forged = a2.clone();
+        let n = forged.len();
+        forged[n - 70] ^= 1;
+        assert!(d.accept(&forged, &me, 600).is_err());
+        assert_eq!(
+            d.accept(&[1, 2, 3], &me, 600).unwrap_err().kind,
+            "undecodable"
+        );
+        assert_eq!(
+            d.accept(&vec![0; 5000], &me, 600).unwrap_err().kind,
+            "oversized"
+        );
+        assert_eq!(
+            d.accept(&own(&k).sign(3, 100), &me, 600).unwrap_err().kind,
+            "expired"
+        );
+    }
+}

@@ -1,0 +1,390 @@
+//! Mesh membership over libp2p, signed rulings and the RocksDB store, with
+//! real `ferry` processes on loopback that find each other from one
+//! bootstrap address.
+
+use ferry_tests::{Mesh, Options, Proc, Spec, run_ferry, socks_connect};
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SIX: [Spec; 6] = [
+    Spec {
+        jurisdiction: "DE",
+        roles: "relay",
+    },
+    Spec {
+        jurisdiction: "CH",
+        roles: "relay,exit",
+    },
+    Spec {
+        jurisdiction: "IS",
+        roles: "relay,exit",
+    },
+    Spec {
+        jurisdiction: "CA",
+        roles: "relay,exit",
+    },
+    Spec {
+        jurisdiction: "SG",
+        roles: "relay",
+    },
+    Spec {
+        jurisdiction: "PK",
+        roles: "relay",
+    },
+];
+
+/// An authority key pair made with the CLI: (folder, public key hex).
+fn authority(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let d = dir.join(name);
+    run_ferry(&["authority", "keygen", "--out", d.to_str().unwrap()]).unwrap();
+    let public = std::fs::read_to_string(d.join("authority.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (d, public)
+}
+
+/// Writes, signs (with each key) and returns the path of a signed ruling.
+fn signed_ruling(
+    dir: &Path,
+    key_dirs: &[&Path],
+    id: &str,
+    version: u64,
+    region: &str,
+) -> std::path::PathBuf {
+    let src = dir.join(format!("{id}-v{version}.toml"));
+    std::fs::write(
+        &src,
+        format!(
+            "id = \"{id}\"\nversion = {version}\nregion = \"{region}\"\nblocked_from = \"2030-01-01T00:00:00Z\"\n\
+             exit_by = \"2030-02-01T00:00:00Z\"\nreason = \"test order\"\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("{id}-v{version}-{}.signed.json", key_dirs.len()));
+    let mut input = src;
+    for k in key_dirs {
+        let key = k.join("authority.key");
+        run_ferry(&[
+            "policy",
+            "sign",
+            "--key",
+            key.to_str().unwrap(),
+            "--in",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        input = out.clone();
+    }
+    out
+}
+
+fn publish(node: &Proc, file: &Path) -> Result<String, String> {
+    let out = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
+        .args([
+            "policy",
+            "publish",
+            "--admin",
+            &node.admin.to_string(),
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into())
+    }
+}
+
+fn peers_of(v: &Value) -> Vec<(String, String)> {
+    v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap_or_default().to_string(),
+                p["jurisdiction"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every process lists every other one, with its jurisdiction.
+fn converge(all: &[&Proc], within: Duration) {
+    for p in all {
+        let want: Vec<(String, String)> = all
+            .iter()
+            .filter(|o| o.id != p.id)
+            .map(|o| (o.id.clone(), o.jurisdiction.clone()))
+            .collect();
+        p.wait_status("all peers known", within, |v| {
+            let have = peers_of(v);
+            want.iter().all(|w| have.contains(w))
+        })
+        .unwrap();
+    }
+}
+
+fn ruling_version(v: &Value, id: &str) -> Option<u64> {
+    v["rulings"]
+        .as_array()?
+        .iter()
+        .find(|r| r["id"] == id)
+        .and_then(|r| r["version"].as_u64())
+}
+
+async fn echo_once(mesh: &Mesh) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let s = socks_connect(mesh.socks(), "127.0.0.1", port)
+        .await
+        .unwrap()
+        .expect("SOCKS success");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(b"across an advertised mesh").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"across an advertised mesh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_nodes_find_each_other_from_one_bootstrap_address() {
+    let mesh = Mesh::start(
+        &SIX,
+        &Options {
+            gossip: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+    let t = Instant::now();
+    converge(&all, Duration::from_secs(30));
+    eprintln!("7 processes converged in {:?}", t.elapsed());
+    // Links are accepted from keys that adverts bind: a circuit works.
+    echo_once(&mesh).await;
+    let by = &mesh.nodes[0].status().unwrap()["peers_by_jurisdiction"];
+    for cc in ["CH", "IS", "CA", "SG", "PK", "NL"] {
+        assert_eq!(by[cc].as_array().map(Vec::len), Some(1), "{cc} in {by}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rulings_spread_and_bad_ones_are_refused_everywhere() {
+    let keys = tempfile::tempdir().unwrap();
+    let (trusted, public) = authority(keys.path(), "trusted");
+    let (stranger, _) = authority(keys.path(), "stranger");
+    let opts = Options {
+        gossip: true,
+        authority_keys: vec![public],
+        ..Options::default()
+    };
+    let mesh = Mesh::start(&SIX[..4], &opts).unwrap();
+    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+    converge(&all, Duration::from_secs(30));
+
+    let v2 = signed_ruling(keys.path(), &[&trusted], "pk-order", 2, "PK");
+    assert_eq!(publish(&mesh.nodes[0], &v2).unwrap().trim(), "in force");
+    let t = Instant::now();
+    for p in &all {
+        p.wait_status("ruling v2 in force", Duration::from_secs(20), |v| {
+            ruling_version(v, "pk-order") == Some(2)
+        })
+        .unwrap();
+    }
+    eprintln!("ruling in force at all 5 processes in {:?}", t.elapsed());
+
+    // Forged: a body that the signatures do not cover.
+    let v3 = signed_ruling(keys.path(), &[&trusted], "pk-order", 3, "PK");
+    let v4 = signed_ruling(keys.path(), &[&stranger], "pk-order", 4, "PK");
+    let mut forged: Value = serde_json::from_str(&std::fs::read_to_string(&v3).unwrap()).unwrap();
+    let other: Value = serde_json::from_str(&std::fs::read_to_string(&v4).unwrap()).unwrap();
+    forged["body_hex"] = other["body_hex"].clone();
+    let forged_path = keys.path().join("forged.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    let v1 = signed_ruling(keys.path(), &[&trusted], "pk-order", 1, "PK");
+    for p in &all {
+        let e = publish(p, &forged_path).unwrap_err();
+        assert!(e.contains("bad_signature"), "{e}");
+        let e = publish(p, &v4).unwrap_err();
+        assert!(e.contains("unknown_key"), "{e}");
+        let e = publish(p, &v1).unwrap_err();
+        assert!(e.contains("rollback"), "{e}");
+    }
+    for p in &all {
+        let v = p.status().unwrap();
+        assert_eq!(
+            ruling_version(&v, "pk-order"),
+            Some(2),
+            "the last good state stays"
+        );
+        for reason in ["bad_signature", "unknown_key", "rollback"] {
+            assert!(
+                v["ruling_rejections"][reason].as_u64() >= Some(1),
+                "{reason} not counted: {}",
+                v["ruling_rejections"]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_and_restart_keeps_identity_rulings_and_peers() {
+    let keys = tempfile::tempdir().unwrap();
+    let (trusted, public) = authority(keys.path(), "trusted");
+    let opts = Options {
+        gossip: true,
+        authority_keys: vec![public],
+        ..Options::default()
+    };
+    let mut mesh = Mesh::start(&SIX[..3], &opts).unwrap();
+    {
+        let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+        converge(&all, Duration::from_secs(30));
+        let r = signed_ruling(keys.path(), &[&trusted], "gcc", 1, "GCC");
+        publish(&mesh.nodes[0], &r).unwrap();
+        for p in &all {
+            p.wait_status("ruling in force", Duration::from_secs(20), |v| {
+                ruling_version(v, "gcc") == Some(1)
+            })
+            .unwrap();
+        }
+    }
+    let node = &mut mesh.nodes[1];
+    let before = node.status().unwrap();
+    node.kill9_and_restart().unwrap();
+    // Straight from the store, before any gossip could have refilled it.
+    let log = node
+        .wait_log("state recovered from the store", Duration::from_secs(10))
+        .unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("state recovered from the store"))
+        .unwrap();
+    assert!(
+        line.contains("peers=3") && line.contains("rulings=1"),
+        "{line}"
+    );
+    let after = node.status().unwrap();
+    assert_eq!(after["node_id"], before["node_id"], "same identity");
+    assert_eq!(ruling_version(&after, "gcc"), Some(1), "same rulings");
+    assert_eq!(peers_of(&after).len(), 3, "peers recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_node_leaves_every_peers_candidates_within_the_bound() {
+    let ttl = 3;
+    let opts = Options {
+        gossip: true,
+        advert_ttl_secs: ttl,
+        ..Options::default()
+    };
+    let mut mesh = Mesh::start(&SIX[..4], &opts).unwrap();
+    {
+        let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+        converge(&all, Duration::from_secs(30));
+    }
+    let gone_id = mesh.nodes[3].id.clone();
+    mesh.nodes[3].kill9().unwrap();
+    let t = Instant::now();
+    // Its last advert lives at most `ttl` seconds; allow one more for the poll.
+    let bound = Duration::from_secs(ttl + 1);
+    for p in mesh.nodes[..3].iter().chain([&mesh.entry]) {
+        p.wait_status("vanished node dropped", bound, |v| {
+            !peers_of(v).iter().any(|(id, _)| *id == gone_id)
+        })
+        .unwrap();
+    }
+    eprintln!(
+        "vanished node dropped everywhere after {:?} (advert_ttl_secs = {ttl})",
+        t.elapsed()
+    );
+    assert!(t.elapsed() <= bound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
+    let keys = tempfile::tempdir().unwrap();
+    let (trusted, public) = authority(keys.path(), "trusted");
+    let opts = Options {
+        gossip: true,
+        authority_keys: vec![public],
+        ..Options::default()
+    };
+    let mesh = Mesh::start(&SIX[..3], &opts).unwrap();
+    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+    converge(&all, Duration::from_secs(30));
+
+    let forged_advert = {
+        // A well-formed advert for one key, signed by another.
+        let victim = ferry_node::identity::Keys::generate();
+        let liar = ferry_node::identity::Keys::generate();
+        let good = ferry_node::directory::OwnAdvert {
+            key: &victim.identity,
+            noise_public: victim.noise_public,
+            link: Some("127.0.0.1:9".parse().unwrap()),
+            p2p_addrs: vec![],
+            jurisdiction: ferry_router::Jurisdiction(*b"FR"),
+            roles: ferry_router::Roles {
+                entry: false,
+                relay: true,
+                exit: false,
+            },
+            family: String::new(),
+            capacity_mbps: 1,
+            state: ferry_router::NodeState::Active,
+        }
+        .sign(1, u64::MAX / 2);
+        let mut signed =
+            <ferry_proto::pb::SignedAdvert as prost::Message>::decode(good.as_slice()).unwrap();
+        use ed25519_dalek::Signer;
+        signed.signature = liar.identity.sign(b"something else").to_bytes().to_vec();
+        prost::Message::encode_to_vec(&signed)
+    };
+    let junk: Vec<Vec<u8>> = vec![
+        b"\xff\xfe not protobuf".to_vec(),
+        vec![0x0a; 5000],
+        forged_advert,
+    ];
+    ferry_tests::gossip::publish_until(
+        mesh.nodes[0].mesh,
+        ferry_node::control::ADVERTS,
+        &junk,
+        Duration::from_secs(30),
+        || {
+            all.iter().all(|p| {
+                p.status().is_ok_and(|v| {
+                    let r = &v["advert_rejections"];
+                    ["undecodable", "oversized", "bad_signature"]
+                        .iter()
+                        .all(|k| r[k].as_u64() >= Some(1))
+                })
+            })
+        },
+    )
+    .await
+    .unwrap();
+    // The mesh keeps working: a ruling still spreads, a circuit still carries.
+    let r = signed_ruling(keys.path(), &[&trusted], "after-junk", 1, "AE");
+    publish(&mesh.nodes[2], &r).unwrap();
+    for p in &all {
+        p.wait_status("ruling after junk", Duration::from_secs(20), |v| {
+            ruling_version(v, "after-junk") == Some(1)
+        })
+        .unwrap();
+    }
+    echo_once(&mesh).await;
+}
