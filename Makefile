@@ -7,10 +7,9 @@ demo:
 	cargo run --release -- demo
 
 # The whole test suite: unit and property tests, and multi-process mesh tests
-# (which run the `ferry` binary, so it is built first).
+# (they run the `ferry` binary, which `cargo test` builds for node/tests).
 test:
 	@scripts/ensure-deps.sh test
-	cargo build --workspace --bins
 	cargo test --workspace
 
 # Goodput harness (direct TCP, 1-hop and 3-hop circuits) and criterion benches.
@@ -20,6 +19,6 @@ bench:
 	cargo run --release -p ferry-bench --bin goodput
 	cargo bench -p ferry-bench
 
+# fmt and clippy (reusing the RocksDB library a test build made; see the script).
 lint:
-	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/lint.sh

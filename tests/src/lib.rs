@@ -3,8 +3,8 @@
 //! a SOCKS5 client, a traffic generator, and recording TCP taps.
 //!
 //! The `ferry` binary is found next to the test executable's folder
-//! (`target/<profile>/ferry`); build it first with `cargo build --bins`
-//! (`make test` does).
+//! (`target/<profile>/ferry`). `cargo test --workspace` builds it (for
+//! `node/tests`); `FERRY_BIN` points elsewhere.
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
@@ -31,7 +31,7 @@ pub fn ferry_bin() -> Result<PathBuf> {
         }
     }
     bail!(
-        "no `ferry` binary next to {}; run `cargo build --bins` first (make test does)",
+        "no `ferry` binary next to {}; run the tests with `cargo test --workspace` (make test), or `cargo build --bins` first",
         exe.display()
     )
 }

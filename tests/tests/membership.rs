@@ -264,6 +264,21 @@ async fn kill9_and_restart_keeps_identity_rulings_and_peers() {
         }
     }
     let node = &mut mesh.nodes[1];
+    // A second process on the same data dir is told why it cannot start.
+    let cfg = node.dir.join("ferry.toml");
+    let second = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
+        .args(["node", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("is in use by another ferry process"), "{err}");
+    // `ferry status` shows it readably.
+    let text = run_ferry(&["status", "--admin", &node.admin.to_string()]).unwrap();
+    assert!(
+        text.contains("peers: 3") && text.contains("gcc v1  GCC"),
+        "{text}"
+    );
     let before = node.status().unwrap();
     node.kill9_and_restart().unwrap();
     // Straight from the store, before any gossip could have refilled it.
