@@ -42,6 +42,39 @@ pub fn free_port() -> Result<SocketAddr> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// Two relays and an exit, each in its own jurisdiction: with 3 hops and
+/// diversity, every circuit crosses all three.
+pub const THREE: [Spec; 3] = [
+    Spec {
+        jurisdiction: "DE",
+        roles: "relay",
+    },
+    Spec {
+        jurisdiction: "CH",
+        roles: "relay",
+    },
+    Spec {
+        jurisdiction: "IS",
+        roles: "exit",
+    },
+];
+
+/// A TCP echo server on loopback: every connection gets back what it sends.
+pub async fn echo_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(a)
+}
+
 /// One node to start.
 #[derive(Clone, Debug)]
 pub struct Spec {

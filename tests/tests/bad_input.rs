@@ -7,11 +7,10 @@ use ferry_node::crypto::{self, Session};
 use ferry_node::identity::Keys;
 use ferry_node::link::{HANDSHAKE_CODEC, TRANSPORT_CODEC};
 use ferry_router::Roles;
-use ferry_tests::{Mesh, Options, Proc, Spec, socks_connect};
-use std::net::SocketAddr;
+use ferry_tests::{Mesh, Options, Proc, socks_connect};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Waits until the node closes `s` (EOF or reset), failing after 10 s.
 async fn closed_by_peer(mut s: TcpStream) {
@@ -59,21 +58,6 @@ fn frame(session: &mut Session, plain: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    a
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_closes_only_its_connection() {
     let fake = Keys::generate();
@@ -87,20 +71,7 @@ async fn bad_input_closes_only_its_connection() {
             ..Roles::default()
         },
     );
-    let specs = [
-        Spec {
-            jurisdiction: "DE",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "CH",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "IS",
-            roles: "exit",
-        },
-    ];
+    let specs = ferry_tests::THREE;
     let mut mesh = Mesh::start(
         &specs,
         &Options {
@@ -111,7 +82,7 @@ async fn bad_input_closes_only_its_connection() {
     .unwrap();
 
     // A circuit carrying data through all three nodes, open across the attacks.
-    let target = echo_server().await;
+    let target = ferry_tests::echo_server().await.unwrap();
     let s = socks_connect(mesh.socks(), "127.0.0.1", target.port())
         .await
         .unwrap()

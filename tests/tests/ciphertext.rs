@@ -2,11 +2,10 @@
 //! payload's plaintext: every link of the mesh runs through a recording tap,
 //! and a marker sent through a 3-hop circuit must appear in none of it.
 
-use ferry_tests::{Mesh, Options, Spec, socks_connect, start_tap};
+use ferry_tests::{Mesh, Options, socks_connect, start_tap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const MARKER: &[u8] = b"FERRY-PLAINTEXT-MARKER-7f3a";
 
@@ -16,20 +15,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn links_carry_only_ciphertext() {
-    let specs = [
-        Spec {
-            jurisdiction: "DE",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "CH",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "IS",
-            roles: "exit",
-        },
-    ];
+    let specs = ferry_tests::THREE;
     let mesh = Mesh::start(
         &specs,
         &Options {
@@ -39,18 +25,7 @@ async fn links_carry_only_ciphertext() {
     )
     .unwrap();
 
-    // An echo target.
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let target = ferry_tests::echo_server().await.unwrap();
 
     // The client's own leg to the entry is plaintext by design: tap it too,
     // to show the taps do see a marker where one travels.

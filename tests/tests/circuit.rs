@@ -3,37 +3,17 @@
 //! exit-policy refusal reaching the client as SOCKS reply 0x02.
 
 use ferry_tests::{
-    Mesh, Options, Pattern, Spec, http_server, pattern_server, read_digest, send_pattern,
-    socks_connect,
+    Mesh, Options, Pattern, http_server, pattern_server, read_digest, send_pattern, socks_connect,
 };
 use std::process::Command;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-/// Two relays and an exit, each in its own jurisdiction: with 3 hops and
-/// diversity, every circuit crosses all three.
-fn three_nodes() -> Vec<Spec> {
-    vec![
-        Spec {
-            jurisdiction: "DE",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "CH",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "IS",
-            roles: "exit",
-        },
-    ]
-}
-
 const MIB: usize = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_each_way_on_concurrent_streams_arrive_intact() {
-    let mesh = Mesh::start(&three_nodes(), &Options::default()).unwrap();
+    let mesh = Mesh::start(&ferry_tests::THREE, &Options::default()).unwrap();
     let (target, mut uploads) = pattern_server().await.unwrap();
     let streams = 4u64;
     let len = 10 * MIB;
@@ -93,7 +73,7 @@ async fn ten_mib_each_way_on_concurrent_streams_arrive_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_fetches_a_page_through_the_socks_entry() {
-    let mesh = Mesh::start(&three_nodes(), &Options::default()).unwrap();
+    let mesh = Mesh::start(&ferry_tests::THREE, &Options::default()).unwrap();
     let page = http_server("hello through three hops\n").await.unwrap();
     let socks = mesh.socks().to_string();
     let url = format!("http://localhost:{}/", page.port());
@@ -122,7 +102,7 @@ async fn exit_policy_refusal_reaches_the_client_as_reply_0x02() {
         allow_private: false,
         ..Options::default()
     };
-    let mesh = Mesh::start(&three_nodes(), &opts).unwrap();
+    let mesh = Mesh::start(&ferry_tests::THREE, &opts).unwrap();
     let page = http_server("must not be reached\n").await.unwrap();
     let reply = socks_connect(mesh.socks(), "127.0.0.1", page.port())
         .await

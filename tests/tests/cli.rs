@@ -2,7 +2,7 @@
 //! and `ferry demo` — the README's first command — end to end with curl and
 //! Ctrl-C.
 
-use ferry_tests::{Mesh, Options, Spec, ferry_bin, free_port, socks_connect};
+use ferry_tests::{Mesh, Options, ferry_bin, free_port, socks_connect};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
@@ -92,20 +92,7 @@ fn bad_input_to_init_and_node_is_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_answers_connection_refused() {
-    let specs = [
-        Spec {
-            jurisdiction: "DE",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "CH",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "IS",
-            roles: "exit",
-        },
-    ];
+    let specs = ferry_tests::THREE;
     let mesh = Mesh::start(&specs, &Options::default()).unwrap();
     let closed = free_port().unwrap();
     let reply = socks_connect(mesh.socks(), "127.0.0.1", closed.port())

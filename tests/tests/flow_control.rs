@@ -3,7 +3,7 @@
 //! buffers are full, every process's memory stays small, and once the client
 //! reads, every byte arrives intact.
 
-use ferry_tests::{Mesh, Options, Pattern, Spec, read_digest, send_pattern, socks_connect};
+use ferry_tests::{Mesh, Options, Pattern, read_digest, send_pattern, socks_connect};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,20 +47,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_stalls_its_sender_with_bounded_memory() {
-    let specs = [
-        Spec {
-            jurisdiction: "DE",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "CH",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "IS",
-            roles: "exit",
-        },
-    ];
+    let specs = ferry_tests::THREE;
     let mesh = Mesh::start(&specs, &Options::default()).unwrap();
     let written = Arc::new(AtomicU64::new(0));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -140,14 +140,7 @@ fn ruling_version(v: &Value, id: &str) -> Option<u64> {
 }
 
 async fn echo_once(mesh: &Mesh) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (s, _) = l.accept().await.unwrap();
-        let (mut r, mut w) = s.into_split();
-        tokio::io::copy(&mut r, &mut w).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
+    let port = ferry_tests::echo_server().await.unwrap().port();
     let s = socks_connect(mesh.socks(), "127.0.0.1", port)
         .await
         .unwrap()

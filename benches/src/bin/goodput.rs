@@ -106,23 +106,7 @@ async fn main() -> Result<()> {
             ..Options::default()
         },
     )?;
-    let three = Mesh::start(
-        &[
-            Spec {
-                jurisdiction: "DE",
-                roles: "relay",
-            },
-            Spec {
-                jurisdiction: "CH",
-                roles: "relay",
-            },
-            Spec {
-                jurisdiction: "IS",
-                roles: "exit",
-            },
-        ],
-        &Options::default(),
-    )?;
+    let three = Mesh::start(&ferry_tests::THREE, &Options::default())?;
     // Warm up: build the circuits before timing.
     measure(Some(one.socks()), 1 << 20).await?;
     measure(Some(three.socks()), 1 << 20).await?;
