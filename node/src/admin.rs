@@ -72,6 +72,8 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
                 ferry_router::NodeState::Draining { .. } => "draining",
                 ferry_router::NodeState::Exited => "exited",
             },
+            "load": e.load,
+            "capacity_mbps": e.capacity,
             "expires_in_secs": e.expires_at_ms.map(|x| x.saturating_sub(now) / 1000),
         }));
     }

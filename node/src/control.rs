@@ -314,13 +314,22 @@ pub fn offer_and_publish(
     Ok(r)
 }
 
-/// Builds this node's advert signer.
+/// Builds this node's advert signer. Its load is what the links wrote since
+/// the previous advert, as a share of the advertised capacity.
 pub fn advert_signer(
     keys: Arc<crate::identity::Keys>,
     cfg: Arc<crate::config::NodeConfig>,
     link: Option<SocketAddr>,
+    switch: Arc<crate::switch::Switch>,
 ) -> impl Fn(Vec<String>, u64, u64) -> Vec<u8> + Send + 'static {
+    let last = Mutex::new((crate::authority::now_ms(), switch.bytes_out()));
     move |p2p, seq, expires| {
+        let (t1, b1) = (crate::authority::now_ms(), switch.bytes_out());
+        let (t0, b0) = std::mem::replace(&mut *last.lock().expect("lock"), (t1, b1));
+        let secs = (t1.saturating_sub(t0) as f64 / 1000.0).max(0.001);
+        let bits_per_sec = b1.saturating_sub(b0) as f64 * 8.0 / secs;
+        let load =
+            (bits_per_sec / (f64::from(cfg.capacity_mbps.max(1)) * 1e6)).clamp(0.0, 1.0) as f32;
         OwnAdvert {
             key: &keys.identity,
             noise_public: keys.noise_public,
@@ -330,6 +339,7 @@ pub fn advert_signer(
             roles: cfg.roles,
             family: cfg.family.clone(),
             capacity_mbps: cfg.capacity_mbps,
+            load,
             state: ferry_router::NodeState::Active,
         }
         .sign(seq, expires)

@@ -298,6 +298,8 @@ pub struct OwnAdvert<'a> {
     pub family: String,
     /// Capacity.
     pub capacity_mbps: u32,
+    /// Measured load, 0.0 to 1.0.
+    pub load: f32,
     /// State.
     pub state: NodeState,
 }
@@ -322,7 +324,7 @@ impl OwnAdvert<'_> {
             roles,
             family: self.family.clone(),
             capacity_mbps: self.capacity_mbps,
-            load: 0.0,
+            load: self.load.clamp(0.0, 1.0),
             state: state as i32,
             exit_by_ms,
             seq,
@@ -364,6 +366,7 @@ mod tests {
             },
             family: "op".into(),
             capacity_mbps: 100,
+            load: 0.25,
             state: NodeState::Active,
         }
     }
@@ -377,6 +380,7 @@ mod tests {
         assert_eq!(d.accept(&a1, &me, 500), Ok(true));
         assert_eq!(d.accept(&a1, &me, 500), Ok(false));
         assert_eq!(d.by_noise_key(&k.noise_public, 500), Some(k.node_id()));
+        assert_eq!(d.get(&k.node_id(), 500).unwrap().load, 0.25);
         let a2 = own(&k).sign(2, 2_000);
         assert_eq!(d.accept(&a2, &me, 600), Ok(true));
         assert_eq!(d.accept(&a1, &me, 600).unwrap_err().kind, "stale");

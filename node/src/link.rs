@@ -186,7 +186,10 @@ fn start(
         tx: sealer,
         rx: opener,
     } = session;
-    tokio::spawn(write_loop(w, rx, sealer, closed.clone()).instrument(span.clone()));
+    tokio::spawn(
+        write_loop(w, rx, sealer, closed.clone(), switch.bytes_out.clone())
+            .instrument(span.clone()),
+    );
     let sw = switch.clone();
     let l2 = link.clone();
     tokio::spawn(
@@ -214,6 +217,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<BytesMut>,
     mut sealer: crypto::Sealer,
     closed: CancellationToken,
+    written: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_NOISE_MESSAGE + 4);
     loop {
@@ -239,6 +243,7 @@ async fn write_loop(
                 None
             };
         }
+        written.fetch_add(out.len() as u64, Ordering::Relaxed);
         if let Err(e) = w.write_all(&out).await {
             debug!(error = %e, "link write failed");
             closed.cancel();

@@ -108,20 +108,25 @@ pub fn start_full(
     let keys = Arc::new(keys);
     let cfg = Arc::new(cfg);
     let link_addr = listeners.link.as_ref().and_then(|l| l.local_addr().ok());
-    let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr);
+    let switch = Switch::new(
+        keys.clone(),
+        cfg.clone(),
+        directory.clone(),
+        shutdown.clone(),
+    );
+    let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr, switch.clone());
     let settings = control::Settings {
         listen: cfg.mesh_listen,
         bootstrap: cfg.bootstrap.clone(),
         advert_ttl: cfg.advert_ttl,
     };
     let shared = control::Shared {
-        directory: directory.clone(),
+        directory,
         rulings: rulings.clone(),
         counters: counters.clone(),
         store,
     };
     let control = control::start(&keys, settings, shared, signer, shutdown.clone())?;
-    let switch = Switch::new(keys, cfg, directory, shutdown.clone());
     if let Some(l) = listeners.admin {
         let state = Arc::new(AdminState {
             switch: switch.clone(),

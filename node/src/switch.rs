@@ -56,6 +56,8 @@ pub struct Switch {
     circuits: Mutex<HashMap<(LinkId, u32), Slot>>,
     next_link: AtomicU64,
     exit: Option<Arc<ExitCtx>>,
+    /// Bytes written to all links (for the advertised load).
+    pub(crate) bytes_out: Arc<AtomicU64>,
 }
 
 /// A cell broke the link protocol: the link is closed with this reason.
@@ -88,6 +90,7 @@ impl Switch {
             circuits: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
             exit,
+            bytes_out: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -99,6 +102,11 @@ impl Switch {
     /// The live node a Noise static key is bound to (by config or advert).
     pub fn peer_by_noise_key(&self, key: &[u8; 32]) -> Option<NodeId> {
         self.directory.by_noise_key(key, now_ms())
+    }
+
+    /// Bytes written to links since start.
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed)
     }
 
     pub(crate) fn next_link_id(&self) -> LinkId {

@@ -237,6 +237,8 @@ pub struct Options {
     pub authority_keys: Vec<String>,
     /// Advert lifetime.
     pub advert_ttl_secs: u64,
+    /// Advertised capacity of every node, Mbit/s.
+    pub capacity_mbps: u32,
 }
 
 impl Default for Options {
@@ -249,6 +251,7 @@ impl Default for Options {
             gossip: false,
             authority_keys: Vec::new(),
             advert_ttl_secs: 30,
+            capacity_mbps: 1000,
         }
     }
 }
@@ -399,6 +402,10 @@ impl Mesh {
             let cfg = m.dir.join("ferry.toml");
             let mut text = std::fs::read_to_string(&cfg)?;
             text = text.replace("hops = 3", &format!("hops = {}", opts.hops));
+            text = text.replace(
+                "capacity_mbps = 1000",
+                &format!("capacity_mbps = {}", opts.capacity_mbps),
+            );
             text = text.replace(
                 "advert_ttl_secs = 30",
                 &format!("advert_ttl_secs = {}", opts.advert_ttl_secs),

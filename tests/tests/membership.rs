@@ -353,6 +353,7 @@ async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
             },
             family: String::new(),
             capacity_mbps: 1,
+            load: 0.0,
             state: ferry_router::NodeState::Active,
         }
         .sign(1, u64::MAX / 2);
@@ -395,4 +396,53 @@ async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
         .unwrap();
     }
     echo_once(&mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertised_load_follows_traffic() {
+    // Nodes advertise 10 Mbit/s and re-advertise every second.
+    let opts = Options {
+        gossip: true,
+        advert_ttl_secs: 3,
+        capacity_mbps: 10,
+        ..Options::default()
+    };
+    let mesh = Mesh::start(&ferry_tests::THREE, &opts).unwrap();
+    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+    converge(&all, Duration::from_secs(30));
+    let loads = |v: &Value| -> Vec<f64> {
+        v["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["load"].as_f64())
+            .collect()
+    };
+    assert!(
+        loads(&mesh.entry.status().unwrap())
+            .iter()
+            .all(|l| *l < 0.5),
+        "idle mesh reports load"
+    );
+    // 8 MiB through the circuit: far above 10 Mbit/s for the second it takes.
+    let target = ferry_tests::echo_server().await.unwrap();
+    let s = socks_connect(mesh.socks(), "127.0.0.1", target.port())
+        .await
+        .unwrap()
+        .expect("SOCKS success");
+    let (mut r, mut w) = s.into_split();
+    let data = vec![7u8; 8 << 20];
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), 8 << 20);
+    mesh.entry
+        .wait_status("a relay advertises load", Duration::from_secs(10), |v| {
+            loads(v).iter().any(|l| *l > 0.5)
+        })
+        .unwrap();
 }
