@@ -270,24 +270,22 @@ fn on_advert(
     now: u64,
 ) {
     match shared.directory.accept(data, own, now) {
-        Ok(true) => {
-            if let Ok((a, e)) = crate::directory::verify_advert(data, now) {
-                let _ = shared.store.put(cf::PEERS, &a.node_id, data);
-                if let Some(pid) = peer_id(&e.peer.id)
-                    && !swarm.is_connected(&pid)
+        Ok(Some(e)) => {
+            let _ = shared.store.put(cf::PEERS, &e.peer.id.0, data);
+            if let Some(pid) = peer_id(&e.peer.id)
+                && !swarm.is_connected(&pid)
+            {
+                for addr in e
+                    .p2p_addrs
+                    .iter()
+                    .filter_map(|s| s.parse::<Multiaddr>().ok())
                 {
-                    for addr in e
-                        .p2p_addrs
-                        .iter()
-                        .filter_map(|s| s.parse::<Multiaddr>().ok())
-                    {
-                        let _ = swarm.dial(addr);
-                    }
+                    let _ = swarm.dial(addr);
                 }
-                debug!(node = %e.peer.id.short(), jurisdiction = %e.peer.jurisdiction, "advert accepted");
             }
+            debug!(node = %e.peer.id.short(), jurisdiction = %e.peer.jurisdiction, "advert accepted");
         }
-        Ok(false) => {}
+        Ok(None) => {}
         Err(d) => {
             *shared
                 .counters

@@ -173,18 +173,18 @@ impl Directory {
         dead.len()
     }
 
-    /// Verifies and records a signed advert. `Ok(true)` if it was news.
-    pub fn accept(&self, bytes: &[u8], own: &NodeId, now: u64) -> Result<bool, Dropped> {
+    /// Verifies and records a signed advert; the entry if it was news.
+    pub fn accept(&self, bytes: &[u8], own: &NodeId, now: u64) -> Result<Option<Entry>, Dropped> {
         let (advert, entry) = verify_advert(bytes, now)?;
         if entry.peer.id == *own {
-            return Ok(false);
+            return Ok(None);
         }
         {
             let g = self.inner.read().expect("directory lock");
             if let Some(old) = g.by_id.get(&entry.peer.id) {
                 if old.seq >= advert.seq {
                     return if old.seq == advert.seq {
-                        Ok(false)
+                        Ok(None)
                     } else {
                         Err(drop_("stale", "older sequence number"))
                     };
@@ -200,8 +200,8 @@ impl Directory {
                 ));
             }
         }
-        self.insert(entry);
-        Ok(true)
+        self.insert(entry.clone());
+        Ok(Some(entry))
     }
 }
 
@@ -377,12 +377,12 @@ mod tests {
         let d = Directory::default();
         let me = NodeId([0; 32]);
         let a1 = own(&k).sign(1, 1_000);
-        assert_eq!(d.accept(&a1, &me, 500), Ok(true));
-        assert_eq!(d.accept(&a1, &me, 500), Ok(false));
+        assert!(d.accept(&a1, &me, 500).unwrap().is_some());
+        assert!(d.accept(&a1, &me, 500).unwrap().is_none());
         assert_eq!(d.by_noise_key(&k.noise_public, 500), Some(k.node_id()));
         assert_eq!(d.get(&k.node_id(), 500).unwrap().load, 0.25);
         let a2 = own(&k).sign(2, 2_000);
-        assert_eq!(d.accept(&a2, &me, 600), Ok(true));
+        assert!(d.accept(&a2, &me, 600).unwrap().is_some());
         assert_eq!(d.accept(&a1, &me, 600).unwrap_err().kind, "stale");
         assert!(d.get(&k.node_id(), 1_999).is_some());
         assert!(

@@ -94,7 +94,10 @@ pub fn start_full(
     let me = keys.node_id();
     let mut recovered = 0;
     for (_, bytes) in store.all(cf::PEERS)? {
-        if directory.accept(&bytes, &me, now) == Ok(true) {
+        if directory
+            .accept(&bytes, &me, now)
+            .is_ok_and(|e| e.is_some())
+        {
             recovered += 1;
         }
     }
