@@ -3,7 +3,7 @@
 //! rulings in force, refusals) and `POST /v1/rulings` (a signed ruling file,
 //! as `ferry policy sign` writes it).
 
-use crate::authority::{SignedFile, now_ms};
+use crate::authority::{SignedFile, fmt_time, now_ms};
 use crate::control::{Command, GossipCounters, offer_and_publish};
 use crate::rulings::{Offered, Rulings};
 use crate::switch::Switch;
@@ -47,11 +47,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     }
 }
 
-fn ms_to_rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
-}
-
 async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
     let now = now_ms();
     let sw = &st.switch;
@@ -91,8 +86,8 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
                 "id": r.id,
                 "version": r.version,
                 "region": r.region.to_string(),
-                "blocked_from": ms_to_rfc3339(r.blocked_from.0),
-                "exit_by": ms_to_rfc3339(r.exit_by.0),
+                "blocked_from": fmt_time(r.blocked_from.0),
+                "exit_by": fmt_time(r.exit_by.0),
                 "scope": scope,
                 "lifted": r.lifted,
                 "reason": r.reason,

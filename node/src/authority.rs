@@ -63,7 +63,8 @@ fn parse_time(key: &str, s: &str) -> Result<u64> {
         .as_millis() as u64)
 }
 
-fn fmt_time(ms: u64) -> String {
+/// RFC 3339 (seconds) for a time in ms since the UNIX epoch.
+pub fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 

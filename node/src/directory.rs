@@ -5,7 +5,6 @@
 //! that is not renewed expires, and its node leaves path selection.
 
 use crate::config::Peer;
-use crate::identity::parse_key_hex;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use ferry_proto::pb;
 use ferry_router::{Jurisdiction, NodeId, NodeInfo, NodeState, Roles, Time};
@@ -340,11 +339,6 @@ impl OwnAdvert<'_> {
         }
         .encode_to_vec()
     }
-}
-
-/// Parses a node id from hex.
-pub fn node_id_hex(s: &str) -> anyhow::Result<NodeId> {
-    Ok(NodeId(parse_key_hex(s)?))
 }
 
 #[cfg(test)]
