@@ -36,10 +36,22 @@ pub fn ferry_bin() -> Result<PathBuf> {
     )
 }
 
-/// A free loopback port (bound and released; the kernel does not hand it out
-/// again at once).
+/// A free loopback port for a node to bind later. Ports come from below the
+/// kernel's ephemeral range (32768 and up on Linux), so an outgoing
+/// connection can never take one between now and the node's bind, and a
+/// process-wide counter keeps concurrent tests from sharing one.
 pub fn free_port() -> Result<SocketAddr> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(997);
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (start.wrapping_add(n) % 12_000) as u16;
+        if let Ok(l) = StdListener::bind(("127.0.0.1", port)) {
+            return Ok(l.local_addr()?);
+        }
+    }
+    bail!("no free loopback port in 20000..32000")
 }
 
 /// Two relays and an exit, each in its own jurisdiction: with 3 hops and
