@@ -14,7 +14,12 @@ fi
 have_libclang() {
   [ -n "${LIBCLANG_PATH:-}" ] && return 0
   ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && return 0
-  ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1
+  # libclang itself, not libclang-cpp (which some machines carry alone).
+  local f
+  for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
 }
 
 need=()
