@@ -1,7 +1,11 @@
 //! The admin HTTP API, bound to localhost by default:
-//! `GET /v1/status` (identity, jurisdiction, state, peers by jurisdiction,
-//! rulings in force, refusals) and `POST /v1/rulings` (a signed ruling file,
-//! as `ferry policy sign` writes it).
+//! `GET /v1/status` (identity, jurisdiction, state, circuits, peers by
+//! jurisdiction, rulings in force, refusals, drain progress),
+//! `POST /v1/rulings` (a signed ruling file, as `ferry policy sign` writes
+//! it), `POST /v1/drain` (`{"exit_by": RFC 3339}` or `{"in_secs": N}`, and
+//! an optional `"reason"`: the operator drains the node, persisted),
+//! `DELETE /v1/drain` (cancels it), `GET /livez` and `GET /readyz` (200
+//! only while the node is active: 503 while draining or exited).
 
 use crate::authority::{SignedFile, fmt_time, now_ms};
 use crate::control::{Command, GossipCounters, offer_and_publish};
@@ -11,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_router::{Scope, Status, Time, TrafficScope};
+use ferry_router::Scope;
 use prost::Message;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -30,6 +34,8 @@ pub struct AdminState {
     pub counters: Arc<GossipCounters>,
     /// The control plane, to gossip accepted rulings.
     pub control: mpsc::UnboundedSender<Command>,
+    /// The origin, if the node is an entry.
+    pub origin: Option<Arc<crate::origin::Origin>>,
 }
 
 /// Serves until `shutdown`.
@@ -37,6 +43,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/rulings", post(post_ruling))
+        .route("/v1/drain", post(post_drain).delete(delete_drain))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
@@ -73,7 +82,6 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
         }));
     }
     let set = st.rulings.snapshot();
-    let j = Some(sw.cfg.jurisdiction);
     let rulings: Vec<Value> = set
         .iter()
         .map(|r| {
@@ -94,16 +102,53 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
             })
         })
         .collect();
-    let here = match set.status(j, &TrafficScope::default(), Time(now)).0 {
-        Status::Allowed => "active",
-        Status::Draining { .. } => "draining",
-        Status::Blocked => "exited",
+    let cur = sw.state.current();
+    let until = match cur.state {
+        ferry_router::NodeState::Draining { until } => Some(fmt_time(until.0)),
+        _ => None,
+    };
+    let origin = match &st.origin {
+        Some(o) => {
+            let mut circuits = Vec::new();
+            for c in o.circuits().await {
+                circuits.push(json!({
+                    "path": c.jurisdictions(sw),
+                    "path_ids": c.path.iter().map(|p| hex::encode(p.0)).collect::<Vec<_>>(),
+                    "streams": c.stream_count(),
+                    "built_at_ms": c.built_at_ms,
+                    "tenant": c.route.scope.tenant,
+                    "class": c.route.scope.class,
+                }));
+            }
+            let s = &o.stats;
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            json!({
+                "circuits": circuits,
+                "migrations_started": n(&s.migrations_started),
+                "migrations_done": n(&s.migrations_done),
+                "migrations_failed": n(&s.migrations_failed),
+                "streams_moved": n(&s.streams_moved),
+                "exit_circuits_closed": n(&s.exit_closed),
+            })
+        }
+        None => Value::Null,
     };
     Json(json!({
         "node_id": hex::encode(sw.keys.node_id().0),
         "jurisdiction": sw.cfg.jurisdiction.to_string(),
         "roles": sw.cfg.roles.to_string(),
-        "state": here,
+        "state": cur.name(),
+        "state_reason": cur.reason,
+        "draining_until": until,
+        "operator_drain": sw.state.operator().map(|d| json!({
+            "exit_by": fmt_time(d.until_ms),
+            "reason": d.reason,
+            "persisted": d.persisted,
+        })),
+        "circuits": sw.circuit_count(),
+        "circuit_neighbours": sw.circuit_neighbours(),
+        "link_bytes_out": sw.bytes_out(),
+        "origin": origin,
         "peers": peers,
         "peers_by_jurisdiction": by_j,
         "rulings": rulings,
@@ -133,6 +178,88 @@ async fn post_ruling(State(st): State<Arc<AdminState>>, body: String) -> (Status
         Err(e) => (
             StatusCode::BAD_REQUEST,
             Json(json!({ "error": e.kind, "detail": e.detail })),
+        ),
+    }
+}
+
+async fn readyz(State(st): State<Arc<AdminState>>) -> (StatusCode, Json<Value>) {
+    let cur = st.switch.state.current();
+    let code = if cur.state == ferry_router::NodeState::Active {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(json!({ "ready": code == StatusCode::OK, "state": cur.name(), "reason": cur.reason })),
+    )
+}
+
+/// `POST /v1/drain` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    exit_by: Option<String>,
+    in_secs: Option<u64>,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn post_drain(State(st): State<Arc<AdminState>>, body: String) -> (StatusCode, Json<Value>) {
+    let bad = |detail: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "malformed", "detail": detail })),
+        )
+    };
+    let req: DrainRequest = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e.to_string()),
+    };
+    let now = now_ms();
+    let until = match (req.exit_by, req.in_secs) {
+        (Some(t), None) => match humantime::parse_rfc3339_weak(&t) {
+            Ok(t) => t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            Err(e) => return bad(format!("exit_by `{t}`: {e} (use RFC 3339, e.g. 2026-12-01T00:00:00Z)")),
+        },
+        (None, Some(s)) => now + s.saturating_mul(1000),
+        _ => return bad("give exactly one of exit_by (RFC 3339) and in_secs".into()),
+    };
+    if until <= now {
+        return bad(format!("exit_by {} is not in the future", fmt_time(until)));
+    }
+    if req.reason.len() > 200 {
+        return bad("reason is longer than 200 characters".into());
+    }
+    match st.switch.state.drain(until, &req.reason, true) {
+        Ok(d) => {
+            tracing::info!(exit_by = %fmt_time(d.until_ms), "operator drain requested");
+            (
+                StatusCode::OK,
+                Json(json!({ "status": "draining", "exit_by": fmt_time(d.until_ms) })),
+            )
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "store", "detail": format!("{e:#}") })),
+        ),
+    }
+}
+
+async fn delete_drain(State(st): State<Arc<AdminState>>) -> (StatusCode, Json<Value>) {
+    match st.switch.state.undrain() {
+        Ok(had) => {
+            tracing::info!(had, "operator drain cancelled");
+            (
+                StatusCode::OK,
+                Json(json!({ "status": if had { "cancelled" } else { "no operator drain" } })),
+            )
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "store", "detail": format!("{e:#}") })),
         ),
     }
 }

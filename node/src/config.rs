@@ -36,9 +36,112 @@ pub struct FileConfig {
     /// `[admin]`
     #[serde(default)]
     pub admin: FileAdmin,
+    /// `[routing]`
+    #[serde(default)]
+    pub routing: FileRouting,
+    /// `[drain]`
+    #[serde(default)]
+    pub drain: FileDrain,
+    /// `[[tenants]]`
+    #[serde(default)]
+    pub tenants: Vec<FileTenant>,
     /// `[[peers]]`
     #[serde(default)]
     pub peers: Vec<FilePeer>,
+}
+
+/// `[routing]`: constraints on every circuit this entry builds.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRouting {
+    /// No hop in these regions.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// The exit in one of these (empty: anywhere).
+    #[serde(default)]
+    pub exit_in: Vec<String>,
+    /// No relay in these.
+    #[serde(default)]
+    pub avoid_transit: Vec<String>,
+    /// Allow nodes whose jurisdiction is unknown.
+    #[serde(default)]
+    pub allow_unknown: bool,
+    /// Allow two hops in one jurisdiction.
+    #[serde(default)]
+    pub allow_same_jurisdiction: bool,
+    /// Allow two hops of one operator family.
+    #[serde(default)]
+    pub allow_same_family: bool,
+}
+
+/// `[[tenants]]`: per-tenant class and constraints, by SOCKS5 username.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTenant {
+    /// The SOCKS5 username.
+    pub name: String,
+    /// Traffic class.
+    #[serde(default)]
+    pub class: String,
+    /// No hop in these regions.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// The exit in one of these.
+    #[serde(default)]
+    pub exit_in: Vec<String>,
+    /// No relay in these.
+    #[serde(default)]
+    pub avoid_transit: Vec<String>,
+    /// Hops, if not the node's.
+    pub hops: Option<usize>,
+}
+
+/// `[drain]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDrain {
+    /// SIGTERM drains this long, then exits.
+    #[serde(default = "default_grace")]
+    pub grace_secs: u64,
+    /// Migrations finish this long before an exit date.
+    #[serde(default = "default_margin")]
+    pub margin_secs: u64,
+    /// Time one migration is given.
+    #[serde(default = "default_migration")]
+    pub migration_secs: u64,
+}
+
+impl Default for FileDrain {
+    fn default() -> Self {
+        Self {
+            grace_secs: default_grace(),
+            margin_secs: default_margin(),
+            migration_secs: default_migration(),
+        }
+    }
+}
+
+fn default_grace() -> u64 {
+    30
+}
+
+fn default_margin() -> u64 {
+    10
+}
+
+fn default_migration() -> u64 {
+    5
+}
+
+/// Drain timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// SIGTERM drains this long, then the process exits.
+    pub grace: Duration,
+    /// Migrations finish this long before an exit date.
+    pub margin: Duration,
+    /// Time one migration is given.
+    pub migration: Duration,
 }
 
 /// `[mesh]`
@@ -298,6 +401,10 @@ pub struct NodeConfig {
     pub advert_ttl: Duration,
     /// Trusted authority keys.
     pub authority: crate::authority::Authority,
+    /// Routing constraints and tenants (entries).
+    pub routing: crate::routing::Policy,
+    /// Drain timing.
+    pub drain: DrainSettings,
     /// Admin API listener.
     pub admin_listen: Option<SocketAddr>,
 }
@@ -474,7 +581,65 @@ impl TryFrom<FileConfig> for NodeConfig {
                 roles: proles,
             });
         }
+        let constraints = |ex: &[String], exit: &[String], avoid: &[String], key: &str| {
+            let r = |v: &[String], k: &str| {
+                crate::routing::parse_regions(v).with_context(|| format!("{key}.{k}"))
+            };
+            Ok::<_, anyhow::Error>(ferry_router::Constraints {
+                exclude: r(ex, "exclude")?,
+                exit_in: r(exit, "exit_in")?,
+                avoid_transit: r(avoid, "avoid_transit")?,
+                ..Default::default()
+            })
+        };
+        let fr = &f.routing;
+        let mut node_constraints =
+            constraints(&fr.exclude, &fr.exit_in, &fr.avoid_transit, "routing")?;
+        node_constraints.allow_unknown = fr.allow_unknown;
+        node_constraints.allow_same_jurisdiction = fr.allow_same_jurisdiction;
+        node_constraints.allow_same_family = fr.allow_same_family;
+        let mut tenants = std::collections::HashMap::new();
+        for (i, t) in f.tenants.iter().enumerate() {
+            let key = format!("tenants[{i}]");
+            if t.name.is_empty() || t.name.len() > 255 {
+                bail!("{key}.name must be 1 to 255 characters (it is a SOCKS5 username)");
+            }
+            if t.hops.is_some_and(|h| !(1..=8).contains(&h)) {
+                bail!("{key}.hops must be 1 to 8");
+            }
+            let mut c = constraints(&t.exclude, &t.exit_in, &t.avoid_transit, &key)?;
+            c.hops = t.hops;
+            // Relaxations come from [routing] only.
+            c.allow_unknown = fr.allow_unknown;
+            c.allow_same_jurisdiction = fr.allow_same_jurisdiction;
+            c.allow_same_family = fr.allow_same_family;
+            let tenant = crate::routing::Tenant {
+                class: t.class.clone(),
+                constraints: c,
+            };
+            if tenants.insert(t.name.clone(), tenant).is_some() {
+                bail!("{key}: tenant `{}` appears twice", t.name);
+            }
+        }
+        if !(1..=86_400).contains(&f.drain.grace_secs) {
+            bail!("drain.grace_secs must be 1 to 86400");
+        }
+        if f.drain.margin_secs > 3600 || !(1..=600).contains(&f.drain.migration_secs) {
+            bail!("drain.margin_secs must be 0 to 3600 and drain.migration_secs 1 to 600");
+        }
+        let drain = DrainSettings {
+            grace: Duration::from_secs(f.drain.grace_secs),
+            margin: Duration::from_secs(f.drain.margin_secs),
+            migration: Duration::from_secs(f.drain.migration_secs),
+        };
+        let routing = crate::routing::Policy {
+            node: node_constraints,
+            tenants,
+            hops: f.circuit.hops,
+        };
         Ok(NodeConfig {
+            routing,
+            drain,
             jurisdiction,
             roles,
             key_dir: f.node.key_dir,
@@ -650,6 +815,43 @@ allow_private = false
 rules = ["allow 0.0.0.0/0", "allow ::/0"]
 # Time allowed to connect to a target. 1 to 300.
 connect_timeout_secs = 10
+
+[routing]
+# Constraints on every circuit this entry builds; tenants and per-connection
+# options (in the SOCKS5 password, see the README) add to them. Regions are
+# ISO 3166-1 alpha-2 codes or blocs: EU, EEA, FIVE_EYES, FOURTEEN_EYES, GCC.
+# No hop in these:
+exclude = []
+# The exit in one of these (empty: anywhere):
+exit_in = []
+# No relay (non-exit hop) in these:
+avoid_transit = []
+# Relaxations (off: unknown jurisdictions are never used, and no two hops
+# share a jurisdiction or an operator family):
+allow_unknown = false
+allow_same_jurisdiction = false
+allow_same_family = false
+
+[drain]
+# SIGTERM drains the node for this long (no new circuits; owners move theirs
+# away), then the process exits; a second SIGTERM exits at once. 1 to 86400.
+grace_secs = 30
+# Entries finish moving circuits off a leaving node this long before its
+# exit date. 0 to 3600.
+margin_secs = 10
+# Time one circuit move is given (build, move streams, retries). 1 to 600.
+migration_secs = 5
+
+# Tenants, by SOCKS5 username: a traffic class (rulings can be scoped to
+# classes or tenants) and constraints added to [routing].
+#
+# [[tenants]]
+# name = "acme"
+# class = "enterprise"
+# exclude = ["PK"]
+# exit_in = ["CA", "CH"]
+# avoid_transit = ["FIVE_EYES"]
+# hops = 3
 
 # Known peers. A node accepts links only from Noise keys listed here, and
 # builds circuits only through these nodes. `ferry peer-info --config FILE`

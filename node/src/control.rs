@@ -46,6 +46,8 @@ struct Behaviour {
 pub enum Command {
     /// Publish a signed ruling that was accepted locally.
     PublishRuling(Vec<u8>),
+    /// Sign and publish this node's advert now (its state changed).
+    Advertise,
 }
 
 /// Counters of gossip dropped, by reason.
@@ -219,6 +221,7 @@ pub fn start(
                 }
                 Some(cmd) = rx.recv() => match cmd {
                     Command::PublishRuling(bytes) => publish(&mut swarm, &rulings_topic, bytes),
+                    Command::Advertise => tick.reset_immediately(),
                 },
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::NewListenAddr { address, .. } => {
@@ -338,7 +341,7 @@ pub fn advert_signer(
             family: cfg.family.clone(),
             capacity_mbps: cfg.capacity_mbps,
             load,
-            state: ferry_router::NodeState::Active,
+            state: switch.state.current().state,
         }
         .sign(seq, expires)
     }

@@ -1,7 +1,15 @@
 //! `ferry demo`: a local multi-jurisdiction mesh on loopback, with a SOCKS5
 //! entry and a small page to fetch through it. Every node is configured the
 //! way `ferry init` configures one (keys on disk, a commented TOML file,
-//! parsed and validated), then run in this process on its own sockets.
+//! parsed and validated, a RocksDB store), then run in this process on its
+//! own sockets: links, gossip (bootstrapped from the first node) and an
+//! admin API each.
+//!
+//! The demo makes its own authority key and writes where it is, with the
+//! entry's admin address, to `ferry-demo.json` in the temp dir, so
+//! `ferry demo ruling block PK --in 20s --exit-in 60s` can sign a ruling
+//! and publish it to the running demo: gossip carries it to every node and
+//! the log shows the drain.
 
 use crate::config::{self, NodeConfig, Template};
 use crate::identity::Keys;
@@ -29,8 +37,10 @@ pub struct Demo {
     pub socks: SocketAddr,
     /// The demo page.
     pub page: SocketAddr,
-    /// The mesh nodes: id, jurisdiction, roles, link address.
-    pub nodes: Vec<(String, String, String, SocketAddr)>,
+    /// The mesh nodes: id, jurisdiction, roles, link address, admin address.
+    pub nodes: Vec<(String, String, String, SocketAddr, SocketAddr)>,
+    /// The entry's admin API.
+    pub admin: SocketAddr,
     running: Vec<Running>,
     _dir: tempfile::TempDir,
 }
@@ -51,6 +61,27 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
     let mut socks_l = Some(socks_l);
     let page_l = TcpListener::bind("127.0.0.1:0").await?;
     let page = page_l.local_addr()?;
+    let auth_dir = dir.path().join("authority");
+    let auth_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(&auth_dir)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(auth_dir.join("authority.key"))?;
+        writeln!(f, "{}", hex::encode(auth_key.to_bytes()))?;
+    }
+    let auth_pub = hex::encode(auth_key.verifying_key().as_bytes());
+    // Gossip ports: libp2p binds them itself, so pick free ones here.
+    let mut mesh_ports = Vec::new();
+    for _ in 0..=MESH.len() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        mesh_ports.push(l.local_addr()?);
+    }
+    let boot = [mesh_ports[0].to_string()];
 
     // Keys and link listeners first: every config lists every other node.
     let mut members = Vec::new();
@@ -83,19 +114,26 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         .collect();
     let mut running = Vec::new();
     let mut nodes = Vec::new();
+    let mut entry_admin = None;
     for (i, (d, _, cc, roles, addr, listener)) in members.into_iter().enumerate() {
+        let admin_l = TcpListener::bind("127.0.0.1:0").await?;
+        let admin = admin_l.local_addr()?;
         let mut text = config::render_template(&Template {
             jurisdiction: cc,
             roles,
             link: addr,
             socks: roles.entry.then_some(socks),
-            mesh: None,
-            admin: None,
-            bootstrap: &[],
-            authority_keys: &[],
+            mesh: Some(mesh_ports[i]),
+            admin: Some(admin),
+            bootstrap: if i == 0 { &[] } else { &boot },
+            authority_keys: std::slice::from_ref(&auth_pub),
         });
-        // The demo's exits serve the demo's own loopback page.
+        // The demo's exits serve the demo's own loopback page; its drains
+        // are short, so keep the margins short too.
         text = text.replace("allow_private = false", "allow_private = true");
+        text = text.replace("advert_ttl_secs = 30", "advert_ttl_secs = 6");
+        text = text.replace("margin_secs = 10", "margin_secs = 5");
+        text = text.replace("migration_secs = 5", "migration_secs = 3");
         for (j, b) in blocks.iter().enumerate() {
             if j != i {
                 text.push('\n');
@@ -107,30 +145,150 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         let cfg = NodeConfig::load(&path)?;
         let keys = Keys::load(&cfg.key_dir)?;
         if let Some(a) = addr {
-            nodes.push((keys.node_id().short(), cc.to_string(), roles.to_string(), a));
+            nodes.push((
+                keys.node_id().short(),
+                cc.to_string(),
+                roles.to_string(),
+                a,
+                admin,
+            ));
+        } else {
+            entry_admin = Some(admin);
         }
         let listeners = if roles.entry {
             Listeners {
                 link: None,
                 socks: socks_l.take(),
-                admin: None,
+                admin: Some(admin_l),
             }
         } else {
             Listeners {
                 link: listener,
                 socks: None,
-                admin: None,
+                admin: Some(admin_l),
             }
         };
-        running.push(node::start(cfg, keys, listeners, shutdown.clone()));
+        let store = std::sync::Arc::new(crate::store::Store::open(&cfg.data_dir)?);
+        running.push(node::start_full(
+            cfg,
+            keys,
+            store,
+            listeners,
+            shutdown.clone(),
+        )?);
     }
+    let admin = entry_admin.context("the demo has an entry")?;
+    let state = serde_json::json!({
+        "admin": admin.to_string(),
+        "authority_key": auth_dir.join("authority.key"),
+        "pid": std::process::id(),
+    });
+    std::fs::write(state_file(), serde_json::to_string_pretty(&state)?)?;
     tokio::spawn(serve_page(page_l, shutdown.clone()));
     Ok(Demo {
         socks,
         page,
         nodes,
+        admin,
         running,
         _dir: dir,
+    })
+}
+
+/// Where a running demo says how to reach it.
+pub fn state_file() -> std::path::PathBuf {
+    std::env::temp_dir().join("ferry-demo.json")
+}
+
+/// A ruling for the running demo: `block` REGION from `start` for
+/// `exit_in`, or `lift` it.
+pub struct DemoRuling {
+    /// Lift instead of block.
+    pub lift: bool,
+    /// Country code or bloc.
+    pub region: String,
+    /// Blocked from now + this.
+    pub start: std::time::Duration,
+    /// Exit by blocked_from + this.
+    pub exit_in: std::time::Duration,
+    /// Classes it covers (empty: all traffic).
+    pub classes: Vec<String>,
+}
+
+/// Signs `r` with the running demo's authority key and publishes it to the
+/// demo's entry; returns what to print.
+pub fn apply_ruling(r: &DemoRuling) -> Result<String> {
+    use crate::authority::{RulingFile, SignedFile, fmt_time, now_ms, sign};
+    use prost::Message;
+    let path = state_file();
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no running demo found ({} is missing): start `ferry demo` in another terminal first",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let admin = v["admin"].as_str().context("demo state: admin")?.to_string();
+    let key_path = v["authority_key"]
+        .as_str()
+        .context("demo state: authority_key")?;
+    let seed = crate::identity::parse_key_hex(
+        std::fs::read_to_string(key_path)
+            .with_context(|| format!("reading {key_path}: is the demo still running?"))?
+            .trim(),
+    )?;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let region = r.region.trim().to_ascii_uppercase();
+    crate::routing::parse_regions(&[region.as_str()])?;
+    let now = now_ms();
+    let from = now + r.start.as_millis() as u64;
+    let exit = from + r.exit_in.as_millis() as u64;
+    let file = RulingFile {
+        id: format!("demo-{region}"),
+        version: now,
+        region: region.clone(),
+        blocked_from: fmt_time(from),
+        exit_by: fmt_time(exit),
+        classes: r.classes.clone(),
+        tenants: Vec::new(),
+        reason: "applied with `ferry demo ruling`".into(),
+        lifted: r.lift,
+    };
+    let mut signed = ferry_proto::pb::SignedRuling {
+        body: file
+            .to_body(now, std::time::Duration::from_secs(86_400))?
+            .encode_to_vec(),
+        signatures: vec![],
+    };
+    sign(&mut signed, &sk);
+    let body = serde_json::to_string(&SignedFile::from_signed(&signed)?)?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut resp = agent
+        .post(&format!("http://{admin}/v1/rulings"))
+        .header("content-type", "application/json")
+        .send(body.as_bytes())
+        .with_context(|| format!("reaching the demo's admin API at {admin}: is the demo still running?"))?;
+    let code = resp.status();
+    let answer: serde_json::Value = resp.body_mut().read_json()?;
+    if !code.is_success() {
+        anyhow::bail!(
+            "the demo refused the ruling ({}): {}",
+            answer["error"].as_str().unwrap_or("?"),
+            answer["detail"].as_str().unwrap_or("")
+        );
+    }
+    Ok(if r.lift {
+        format!("ruling demo-{region} lifted: {region} nodes return to service")
+    } else {
+        format!(
+            "ruling demo-{region}: {region} blocked from {} and exit by {}.\n             Watch the demo's log: {region} nodes drain, circuits through them move, and at the exit date\n             they carry nothing. `ferry status --admin {admin}` shows the entry's circuits.",
+            fmt_time(from),
+            fmt_time(exit)
+        )
     })
 }
 
@@ -140,6 +298,7 @@ impl Demo {
         for r in &self.running {
             r.stop().await;
         }
+        let _ = std::fs::remove_file(state_file());
     }
 
     /// The lines `ferry demo` prints.
@@ -155,16 +314,21 @@ impl Demo {
             "roles",
             "link"
         );
-        for (id, cc, roles, addr) in &self.nodes {
+        for (id, cc, roles, addr, _) in &self.nodes {
             s.push_str(&format!("  {id:<10}{cc:<14}{roles:<12}{addr}\n"));
         }
         s.push_str(&format!(
             "\nSOCKS5 entry: {socks}\nTry it:       curl --socks5-hostname {socks} http://localhost:{port}/\n\n\
              Each connection crosses 3 nodes in 3 different jurisdictions, end-to-end\n\
-             encrypted from the entry to the exit; the log below shows each circuit's path.\n\
+             encrypted from the entry to the exit; the log below shows each circuit's path.\n\n\
+             Watch a drain: in another terminal, block PK (its relay drains, live circuits move):\n\
+             \x20 ferry demo ruling block PK --in 20s --exit-in 60s\n\
+             \x20 ferry demo ruling lift PK\n\
+             Entry status: ferry status --admin {admin}\n\n\
              Press Ctrl-C to stop.\n",
             socks = self.socks,
-            port = self.page.port()
+            port = self.page.port(),
+            admin = self.admin,
         ));
         s
     }

@@ -92,6 +92,34 @@ pub struct Directory {
 struct Inner {
     by_id: HashMap<NodeId, Entry>,
     by_key: HashMap<[u8; 32], NodeId>,
+    /// What this node learnt first-hand (a drain notice on a circuit, a
+    /// refusal while building): node → (state, forget at, learnt at; ms).
+    /// Stricter than the advert until an advert signed later arrives (an
+    /// advert's sequence number is its signing time in ms).
+    learnt: HashMap<NodeId, (NodeState, u64, u64)>,
+}
+
+/// The stricter of two states (exited, then the earlier drain deadline).
+pub fn stricter(a: NodeState, b: NodeState) -> NodeState {
+    match (a, b) {
+        (NodeState::Exited, _) | (_, NodeState::Exited) => NodeState::Exited,
+        (NodeState::Draining { until: x }, NodeState::Draining { until: y }) => {
+            NodeState::Draining { until: x.min(y) }
+        }
+        (d @ NodeState::Draining { .. }, _) | (_, d @ NodeState::Draining { .. }) => d,
+        _ => NodeState::Active,
+    }
+}
+
+impl Inner {
+    fn with_learnt(&self, mut e: Entry, now: u64) -> Entry {
+        if let Some((st, until, _)) = self.learnt.get(&e.peer.id)
+            && *until > now
+        {
+            e.state = stricter(e.state, *st);
+        }
+        e
+    }
 }
 
 impl Directory {
@@ -125,13 +153,19 @@ impl Directory {
 
     /// A live node by id.
     pub fn get(&self, id: &NodeId, now: u64) -> Option<Entry> {
-        self.inner
-            .read()
-            .expect("directory lock")
-            .by_id
+        let g = self.inner.read().expect("directory lock");
+        g.by_id
             .get(id)
             .filter(|e| e.live(now))
             .cloned()
+            .map(|e| g.with_learnt(e, now))
+    }
+
+    /// Records a state learnt first-hand, kept until `forget_at` (ms).
+    pub fn learn(&self, id: NodeId, state: NodeState, forget_at: u64, now: u64) {
+        let mut g = self.inner.write().expect("directory lock");
+        let prev = g.learnt.get(&id).map(|(s, ..)| *s).unwrap_or_default();
+        g.learnt.insert(id, (stricter(prev, state), forget_at, now));
     }
 
     /// The live node a Noise static key is bound to.
@@ -145,13 +179,12 @@ impl Directory {
 
     /// Every live node.
     pub fn live(&self, now: u64) -> Vec<Entry> {
-        self.inner
-            .read()
-            .expect("directory lock")
-            .by_id
+        let g = self.inner.read().expect("directory lock");
+        g.by_id
             .values()
             .filter(|e| e.live(now))
             .cloned()
+            .map(|e| g.with_learnt(e, now))
             .collect()
     }
 
@@ -169,6 +202,7 @@ impl Directory {
                 g.by_key.remove(&e.peer.noise_key);
             }
         }
+        g.learnt.retain(|_, (_, until, _)| *until > now);
         dead.len()
     }
 
@@ -200,6 +234,14 @@ impl Directory {
             }
         }
         self.insert(entry.clone());
+        let mut g = self.inner.write().expect("directory lock");
+        if g
+            .learnt
+            .get(&entry.peer.id)
+            .is_some_and(|(.., at)| advert.seq > *at)
+        {
+            g.learnt.remove(&entry.peer.id);
+        }
         Ok(Some(entry))
     }
 }

@@ -7,28 +7,45 @@
 //! so a slow reader stalls its own stream's sender and nothing else, and no
 //! node ever buffers more than the window per stream. A peer that sends past
 //! the window breaks the protocol and loses the circuit.
+//!
+//! A stream ([`StreamCore`]) is not tied to one circuit. Every DATA message
+//! carries the stream offset of its first byte and WINDOW carries the
+//! absolute count consumed, so each sender keeps what it sent and the peer
+//! has not consumed (at most the window) and can send it again. To move a
+//! stream (make-before-break, when a relay drains), the origin builds a new
+//! circuit to the same exit, attaches the stream there, and sends `Resume`
+//! with the exit's secret token and how much it has received; the exit
+//! attaches the stream to the new circuit, answers `Resumed` with how much
+//! it has received, and each side resends from the other's count. Both
+//! sides stop accepting the stream's messages from the old circuit at the
+//! moment they switch, so bytes still in flight there are dropped and sent
+//! again: none is lost, duplicated or reordered. A DATA offset below what
+//! was received is trimmed; one above is a protocol error.
 
 use crate::crypto::{CryptoError, Opener, Sealer, Session};
 use crate::link::LinkHandle;
 use crate::policy::{ExitPolicy, Verdict};
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
 use ferry_proto::stream::{self as smsg, StreamKind, StreamMsg};
-use ferry_proto::{CellCmd, MAX_STREAM_DATA, cell};
+use ferry_proto::{CellCmd, MAX_DATA_PAYLOAD, cell};
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
-/// Bytes in front of a stream message in its cell: cell header, stream header.
-const HEADROOM: usize = cell::HEADER_LEN + smsg::HEADER_LEN;
+/// Bytes in front of a DATA payload in its cell: cell header, stream
+/// header, offset.
+const HEADROOM: usize = cell::HEADER_LEN + smsg::HEADER_LEN + smsg::DATA_OFFSET_LEN;
+/// Time the origin waits for `Resumed` when moving a stream.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most streams the exit side accepts on one circuit.
 pub const MAX_STREAMS_PER_CIRCUIT: usize = 1024;
 
@@ -41,6 +58,41 @@ pub struct ExitCtx {
     pub connect_timeout: Duration,
     /// Our receive window per stream.
     pub window: u32,
+    /// Streams that can be moved here from another circuit.
+    pub resumables: Arc<Resumables>,
+}
+
+/// The exit's streams by resume token.
+#[derive(Default)]
+pub struct Resumables(Mutex<HashMap<[u8; 16], Weak<StreamCore>>>);
+
+impl std::fmt::Debug for Resumables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "Resumables({n} streams)")
+    }
+}
+
+impl Resumables {
+    fn insert(&self, token: [u8; 16], core: &Arc<StreamCore>) {
+        self.0
+            .lock()
+            .expect("resumables lock")
+            .insert(token, Arc::downgrade(core));
+    }
+
+    fn remove(&self, token: &[u8; 16]) {
+        self.0.lock().expect("resumables lock").remove(token);
+    }
+
+    fn get(&self, token: &[u8]) -> Option<Arc<StreamCore>> {
+        let token: [u8; 16] = token.try_into().ok()?;
+        self.0
+            .lock()
+            .expect("resumables lock")
+            .get(&token)
+            .and_then(Weak::upgrade)
+    }
 }
 
 /// Which end this is.
@@ -118,23 +170,287 @@ impl Credit {
     }
 }
 
-struct StreamSlot {
+/// What this side sent and the peer has not consumed yet.
+#[derive(Default)]
+struct TxState {
+    /// Offset of the next byte to send.
+    sent: u64,
+    /// Bytes the peer has consumed (its absolute acknowledgement).
+    acked: u64,
+    /// Payload in `[acked, sent)`, by offset: what a move sends again.
+    resend: VecDeque<(u64, Bytes)>,
+    /// The END this side sent, if it did.
+    fin: Option<(EndReason, String)>,
+}
+
+/// Where a stream lives now.
+struct Attach {
+    end: Arc<Endpoint>,
+    id: u32,
+}
+
+/// One stream, independent of the circuit that carries it now.
+pub struct StreamCore {
+    attach: Mutex<Attach>,
+    /// Serialises DATA/END sends and moves, so a move sees a settled `sent`.
+    send_lock: tokio::sync::Mutex<()>,
+    tx: Mutex<TxState>,
+    credit: Credit,
+    /// Our receive window.
+    window: u32,
+    /// Offset of the next byte expected from the peer.
+    received: AtomicU64,
+    /// Bytes written to our socket (what WINDOW acknowledges).
+    consumed: AtomicU64,
+    fin_received: AtomicBool,
     inbound: mpsc::UnboundedSender<Inbound>,
-    credit: Arc<Credit>,
-    /// Bytes received and not yet acknowledged; bounded by our window.
-    unacked: Arc<AtomicU64>,
+    /// The exit's resume token (learnt from CONNECTED at the origin).
+    token: Mutex<[u8; 16]>,
+    /// A move waiting for `Resumed`.
+    resumed: Mutex<Option<oneshot::Sender<Result<(u64, bool), String>>>>,
+    /// Bytes moved between circuits (for status).
+    moves: AtomicU32,
+}
+
+impl StreamCore {
+    fn new(
+        end: &Arc<Endpoint>,
+        id: u32,
+        credit: u64,
+        token: [u8; 16],
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Inbound>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let core = Arc::new(Self {
+            attach: Mutex::new(Attach {
+                end: end.clone(),
+                id,
+            }),
+            send_lock: tokio::sync::Mutex::new(()),
+            tx: Mutex::new(TxState::default()),
+            credit: Credit::default(),
+            window: end.window,
+            received: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+            fin_received: AtomicBool::new(false),
+            inbound: tx,
+            token: Mutex::new(token),
+            resumed: Mutex::new(None),
+            moves: AtomicU32::new(0),
+        });
+        core.credit.add(credit);
+        (core, rx)
+    }
+
+    /// The circuit and stream id carrying the stream now.
+    fn current(&self) -> (Arc<Endpoint>, u32) {
+        let a = self.attach.lock().expect("attach lock");
+        (a.end.clone(), a.id)
+    }
+
+    /// The endpoint carrying the stream now.
+    pub fn endpoint(&self) -> Arc<Endpoint> {
+        self.current().0
+    }
+
+    /// Times the stream moved to another circuit.
+    pub fn moves(&self) -> u32 {
+        self.moves.load(Ordering::Relaxed)
+    }
+
+    fn on_ack(&self, ack: u64) -> Result<(), CircuitError> {
+        let mut tx = self.tx.lock().expect("tx lock");
+        if ack > tx.sent {
+            return Err(CircuitError::Protocol(format!(
+                "acknowledged {ack} bytes of {} sent",
+                tx.sent
+            )));
+        }
+        if ack > tx.acked {
+            self.credit.add(ack - tx.acked);
+            tx.acked = ack;
+            while tx
+                .resend
+                .front()
+                .is_some_and(|(off, b)| off + b.len() as u64 <= ack)
+            {
+                tx.resend.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one DATA record: `buf` is `HEADROOM` bytes, then the payload.
+    async fn send_data(&self, mut buf: BytesMut) -> Result<(), CircuitError> {
+        let _order = self.send_lock.lock().await;
+        let off = {
+            let mut tx = self.tx.lock().expect("tx lock");
+            let off = tx.sent;
+            let payload = Bytes::copy_from_slice(&buf[HEADROOM..]);
+            tx.sent += payload.len() as u64;
+            tx.resend.push_back((off, payload));
+            off
+        };
+        let (end, id) = self.current();
+        buf[cell::HEADER_LEN..cell::HEADER_LEN + smsg::HEADER_LEN]
+            .copy_from_slice(&smsg::header(StreamKind::Data, id));
+        buf[HEADROOM - smsg::DATA_OFFSET_LEN..HEADROOM].copy_from_slice(&off.to_be_bytes());
+        end.send_sealed(CellCmd::Relay, buf).await
+    }
+
+    /// Sends END (and remembers it, to send again after a move).
+    pub async fn send_end(&self, reason: EndReason, detail: &str) -> Result<(), CircuitError> {
+        let _order = self.send_lock.lock().await;
+        self.tx.lock().expect("tx lock").fin = Some((reason, detail.to_string()));
+        let (end, id) = self.current();
+        end.send_end(id, reason, detail).await
+    }
+
+    async fn send_ack(&self) -> Result<(), CircuitError> {
+        let (end, id) = self.current();
+        let ack = self.consumed.load(Ordering::Acquire).to_be_bytes();
+        end.send_msg(StreamKind::Window, id, &ack).await
+    }
+
+    /// Sends what the peer has not received, from offset `from`, on the
+    /// circuit the stream is attached to; then END if the peer lacks it.
+    async fn resend(&self, from: u64, peer_fin: bool) -> Result<(), CircuitError> {
+        let (records, fin) = {
+            let tx = self.tx.lock().expect("tx lock");
+            if from < tx.acked || from > tx.sent {
+                return Err(CircuitError::Protocol(format!(
+                    "peer resumes at {from}, outside [{}, {}]",
+                    tx.acked, tx.sent
+                )));
+            }
+            let records: Vec<(u64, Bytes)> = tx
+                .resend
+                .iter()
+                .filter(|(off, b)| off + b.len() as u64 > from)
+                .map(|(off, b)| {
+                    let skip = from.saturating_sub(*off) as usize;
+                    (off + skip as u64, b.slice(skip..))
+                })
+                .collect();
+            (records, tx.fin.clone())
+        };
+        let (end, id) = self.current();
+        for (off, payload) in records {
+            let mut buf = BytesMut::with_capacity(HEADROOM + payload.len() + 16);
+            buf.put_bytes(0, cell::HEADER_LEN);
+            buf.put_slice(&smsg::header(StreamKind::Data, id));
+            buf.put_slice(&off.to_be_bytes());
+            buf.put_slice(&payload);
+            end.send_sealed(CellCmd::Relay, buf).await?;
+        }
+        if let (false, Some((reason, detail))) = (peer_fin, fin) {
+            end.send_end(id, reason, &detail).await?;
+        }
+        Ok(())
+    }
+
+    /// Origin side: moves the stream onto `new` (a circuit to the same
+    /// exit). On failure the stream stays where it was, if that circuit is
+    /// still open.
+    pub async fn move_to(self: &Arc<Self>, new: &Arc<Endpoint>) -> Result<(), CircuitError> {
+        let _order = self.send_lock.lock().await;
+        let (old, old_id) = self.current();
+        match self.resume_on(new).await {
+            Ok(()) => {
+                self.moves.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if !old.is_closed() && self.resume_on(&old).await.is_ok() {
+                    debug!(stream = old_id, "move failed; stream stays on its circuit");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches to `new`, sends `Resume`, waits for `Resumed`, resends.
+    /// Called with `send_lock` held.
+    async fn resume_on(self: &Arc<Self>, new: &Arc<Endpoint>) -> Result<(), CircuitError> {
+        let (old, old_id) = self.current();
+        let new_id = new.next_stream.fetch_add(1, Ordering::Relaxed);
+        new.register(new_id, self.clone())?;
+        // From here the old circuit's messages for this stream are dropped,
+        // so `received` is final for it.
+        old.forget_stream(old_id);
+        *self.attach.lock().expect("attach lock") = Attach {
+            end: new.clone(),
+            id: new_id,
+        };
+        let (tx, rx) = oneshot::channel();
+        *self.resumed.lock().expect("resumed lock") = Some(tx);
+        let body = pb::Resume {
+            token: self.token.lock().expect("token lock").to_vec(),
+            received: self.received.load(Ordering::Acquire),
+            fin: self.fin_received.load(Ordering::Acquire),
+        }
+        .encode_to_vec();
+        new.send_msg(StreamKind::Resume, new_id, &body).await?;
+        let answer = tokio::time::timeout(RESUME_TIMEOUT, rx).await;
+        let (peer_received, peer_fin) = match answer {
+            Ok(Ok(Ok(r))) => r,
+            Ok(Ok(Err(why))) => return Err(CircuitError::Protocol(why)),
+            Ok(Err(_)) => return Err(CircuitError::Closed),
+            Err(_) => {
+                return Err(CircuitError::Protocol(format!(
+                    "no answer to resume within {}s",
+                    RESUME_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        self.resend(peer_received, peer_fin).await?;
+        self.send_ack().await
+    }
+
+    /// Exit side: the origin moved the stream onto `new` as `new_id`.
+    async fn accept_move(
+        self: Arc<Self>,
+        new: Arc<Endpoint>,
+        new_id: u32,
+        resume: pb::Resume,
+    ) -> Result<(), CircuitError> {
+        let _order = self.send_lock.lock().await;
+        let (old, old_id) = self.current();
+        new.register(new_id, self.clone())?;
+        old.forget_stream(old_id);
+        *self.attach.lock().expect("attach lock") = Attach {
+            end: new.clone(),
+            id: new_id,
+        };
+        let body = pb::Resumed {
+            received: self.received.load(Ordering::Acquire),
+            fin: self.fin_received.load(Ordering::Acquire),
+        }
+        .encode_to_vec();
+        new.send_msg(StreamKind::Resumed, new_id, &body).await?;
+        self.resend(resume.received, resume.fin).await?;
+        self.send_ack().await?;
+        self.moves.fetch_add(1, Ordering::Relaxed);
+        debug!(stream = new_id, "stream moved onto this circuit");
+        Ok(())
+    }
+
+    /// The circuit under the stream closed: end it locally.
+    fn circuit_closed(&self, reason: EndReason, detail: String) {
+        if let Some(w) = self.resumed.lock().expect("resumed lock").take() {
+            let _ = w.send(Err(detail));
+            return;
+        }
+        let _ = self.inbound.send(Inbound::End(reason, detail));
+        self.credit.close();
+    }
 }
 
 /// What a new stream's tasks hold.
 pub struct StreamParts {
-    /// The stream id.
-    pub id: u32,
+    /// The stream.
+    pub core: Arc<StreamCore>,
     /// What arrives for it.
     pub inbound: mpsc::UnboundedReceiver<Inbound>,
-    /// Its send credit.
-    pub credit: Arc<Credit>,
-    /// Its received-unacknowledged count.
-    pub unacked: Arc<AtomicU64>,
 }
 
 struct Tx {
@@ -143,7 +459,7 @@ struct Tx {
 
 struct Rx {
     opener: Opener,
-    streams: HashMap<u32, StreamSlot>,
+    streams: HashMap<u32, Arc<StreamCore>>,
 }
 
 /// One end of an end-to-end session.
@@ -156,6 +472,25 @@ pub struct Endpoint {
     rx: Mutex<Rx>,
     closed: CancellationToken,
     next_stream: AtomicU32,
+}
+
+/// The stream end reason and text for a circuit destroyed for `reason`.
+pub fn closed_reason(reason: DestroyReason) -> (EndReason, String) {
+    match reason {
+        DestroyReason::Exited => (
+            EndReason::ExitLeft,
+            "a node on the circuit reached its exit date (jurisdiction ruling or operator drain)"
+                .into(),
+        ),
+        DestroyReason::Draining => (
+            EndReason::ExitLeft,
+            "a node on the circuit is draining and the stream could not move".into(),
+        ),
+        r => (
+            EndReason::CircuitClosed,
+            format!("circuit closed: {}", r.as_str_name()),
+        ),
+    }
 }
 
 impl Endpoint {
@@ -172,7 +507,9 @@ impl Endpoint {
             circ,
             side,
             window,
-            tx: tokio::sync::Mutex::new(Tx { sealer: session.tx }),
+            tx: tokio::sync::Mutex::new(Tx {
+                sealer: session.tx,
+            }),
             rx: Mutex::new(Rx {
                 opener: session.rx,
                 streams: HashMap::new(),
@@ -192,10 +529,21 @@ impl Endpoint {
         self.rx.lock().expect("rx lock").streams.len()
     }
 
-    /// Ends every stream; the switch has forgotten the circuit.
+    /// The streams attached here.
+    pub fn streams(&self) -> Vec<Arc<StreamCore>> {
+        self.rx
+            .lock()
+            .expect("rx lock")
+            .streams
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Ends every stream attached here; the switch has forgotten the circuit.
     pub fn close(&self, reason: DestroyReason) {
         self.closed.cancel();
-        let streams: Vec<StreamSlot> = self
+        let streams: Vec<Arc<StreamCore>> = self
             .rx
             .lock()
             .expect("rx lock")
@@ -203,12 +551,9 @@ impl Endpoint {
             .drain()
             .map(|(_, s)| s)
             .collect();
+        let (why, detail) = closed_reason(reason);
         for s in streams {
-            let _ = s.inbound.send(Inbound::End(
-                EndReason::CircuitClosed,
-                format!("circuit closed: {}", reason.as_str_name()),
-            ));
-            s.credit.close();
+            s.circuit_closed(why, detail.clone());
         }
     }
 
@@ -235,20 +580,15 @@ impl Endpoint {
 
     /// Sends a small stream message.
     async fn send_msg(&self, kind: StreamKind, id: u32, body: &[u8]) -> Result<(), CircuitError> {
-        let mut buf = BytesMut::with_capacity(HEADROOM + body.len() + 16);
+        let mut buf = BytesMut::with_capacity(cell::HEADER_LEN + smsg::HEADER_LEN + body.len() + 16);
         buf.put_bytes(0, cell::HEADER_LEN);
         buf.put_slice(&smsg::header(kind, id));
         buf.put_slice(body);
         self.send_sealed(CellCmd::Relay, buf).await
     }
 
-    /// Sends END for a stream.
-    pub async fn send_end(
-        &self,
-        id: u32,
-        reason: EndReason,
-        detail: &str,
-    ) -> Result<(), CircuitError> {
+    /// Sends END for a stream id on this circuit.
+    async fn send_end(&self, id: u32, reason: EndReason, detail: &str) -> Result<(), CircuitError> {
         let body = pb::End {
             reason: reason as i32,
             detail: detail.to_string(),
@@ -257,22 +597,7 @@ impl Endpoint {
         self.send_msg(StreamKind::End, id, &body).await
     }
 
-    /// Sends BEGIN for a new stream (origin side).
-    pub async fn send_begin(&self, id: u32, host: &str, port: u16) -> Result<(), CircuitError> {
-        let body = pb::Begin {
-            host: host.to_string(),
-            port: port.into(),
-            window: self.window,
-        }
-        .encode_to_vec();
-        self.send_msg(StreamKind::Begin, id, &body).await
-    }
-
-    fn register(&self, id: u32, initial_credit: u64) -> Result<StreamParts, CircuitError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let credit = Arc::new(Credit::default());
-        credit.add(initial_credit);
-        let unacked = Arc::new(AtomicU64::new(0));
+    fn register(&self, id: u32, core: Arc<StreamCore>) -> Result<(), CircuitError> {
         let mut r = self.rx.lock().expect("rx lock");
         if r.streams.contains_key(&id) {
             return Err(CircuitError::Protocol(format!("stream {id} opened twice")));
@@ -282,34 +607,48 @@ impl Endpoint {
                 "too many streams on one circuit".into(),
             ));
         }
-        r.streams.insert(
-            id,
-            StreamSlot {
-                inbound: tx,
-                credit: credit.clone(),
-                unacked: unacked.clone(),
-            },
-        );
-        Ok(StreamParts {
-            id,
-            inbound: rx,
-            credit,
-            unacked,
-        })
+        r.streams.insert(id, core);
+        Ok(())
     }
 
-    /// Registers a new stream opened by this (origin) side.
-    pub fn open_stream(&self) -> Result<StreamParts, CircuitError> {
+    /// Opens a stream to `host:port` from this (origin) side: registers it
+    /// and sends BEGIN. CONNECTED or END arrives on the parts' inbound.
+    pub async fn begin(
+        self: &Arc<Self>,
+        host: &str,
+        port: u16,
+    ) -> Result<StreamParts, CircuitError> {
         if self.is_closed() {
             return Err(CircuitError::Closed);
         }
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         // Credit arrives with CONNECTED, carrying the exit's window.
-        self.register(id, 0)
+        let (core, inbound) = StreamCore::new(self, id, 0, [0; 16]);
+        self.register(id, core.clone())?;
+        let body = pb::Begin {
+            host: host.to_string(),
+            port: port.into(),
+            window: self.window,
+        }
+        .encode_to_vec();
+        if let Err(e) = self.send_msg(StreamKind::Begin, id, &body).await {
+            self.forget_stream(id);
+            return Err(e);
+        }
+        Ok(StreamParts { core, inbound })
     }
 
     fn forget_stream(&self, id: u32) {
         self.rx.lock().expect("rx lock").streams.remove(&id);
+    }
+
+    /// Forgets a stream wherever it is attached now.
+    fn forget(core: &StreamCore) {
+        let (end, id) = core.current();
+        let mut r = end.rx.lock().expect("rx lock");
+        if r.streams.get(&id).is_some_and(|s| std::ptr::eq(&**s, core)) {
+            r.streams.remove(&id);
+        }
     }
 
     /// Opens a CONTROL cell from the origin; returns an EXTEND to act on.
@@ -342,12 +681,40 @@ impl Endpoint {
                 };
                 let begin: pb::Begin = ferry_proto::decode_pb("begin", msg.body)?;
                 drop(r);
-                let parts = self.register(id, u64::from(begin.window))?;
+                let token: [u8; 16] = rand::random();
+                let (core, inbound) = StreamCore::new(self, id, u64::from(begin.window), token);
+                self.register(id, core.clone())?;
                 let me = self.clone();
                 let exit = exit.clone();
                 let span = info_span!("stream", circ = self.circ, stream = id);
                 tokio::spawn(
-                    async move { me.exit_stream(exit, begin, parts).await }.instrument(span),
+                    async move { me.exit_stream(exit, begin, StreamParts { core, inbound }).await }
+                        .instrument(span),
+                );
+            }
+            StreamKind::Resume => {
+                let Side::Exit(exit) = &self.side else {
+                    return Err(CircuitError::Protocol("RESUME sent to the origin".into()));
+                };
+                let resume: pb::Resume = ferry_proto::decode_pb("resume", msg.body)?;
+                drop(r);
+                let core = exit.as_ref().and_then(|x| x.resumables.get(&resume.token));
+                let me = self.clone();
+                let span = info_span!("stream", circ = self.circ, stream = id);
+                tokio::spawn(
+                    async move {
+                        let Some(core) = core else {
+                            info!(reason = "unknown resume token", "stream move refused");
+                            let _ = me
+                                .send_end(id, EndReason::UnknownStream, "no such stream at this exit")
+                                .await;
+                            return;
+                        };
+                        if let Err(e) = core.accept_move(me, id, resume).await {
+                            info!(error = %e, "stream move failed");
+                        }
+                    }
+                    .instrument(span),
                 );
             }
             StreamKind::Connected => {
@@ -356,33 +723,69 @@ impl Endpoint {
                 }
                 let c: pb::Connected = ferry_proto::decode_pb("connected", msg.body)?;
                 if let Some(s) = r.streams.get(&id) {
+                    if let Ok(t) = <[u8; 16]>::try_from(c.resume_token.as_slice()) {
+                        *s.token.lock().expect("token lock") = t;
+                    }
                     s.credit.add(u64::from(c.window));
                     let _ = s.inbound.send(Inbound::Connected(c.window));
                 }
             }
+            StreamKind::Resumed => {
+                if !matches!(self.side, Side::Origin) {
+                    return Err(CircuitError::Protocol("RESUMED sent to the exit".into()));
+                }
+                let m: pb::Resumed = ferry_proto::decode_pb("resumed", msg.body)?;
+                if let Some(s) = r.streams.get(&id)
+                    && let Some(w) = s.resumed.lock().expect("resumed lock").take()
+                {
+                    let _ = w.send(Ok((m.received, m.fin)));
+                }
+            }
             StreamKind::Data => {
+                let (off, payload) = msg.data()?;
+                let len = payload.len() as u64;
                 if let Some(s) = r.streams.get(&id) {
-                    let len = msg.body.len() as u64;
-                    let held = s.unacked.fetch_add(len, Ordering::AcqRel) + len;
+                    let expect = s.received.load(Ordering::Acquire);
+                    if off > expect {
+                        return Err(CircuitError::Protocol(format!(
+                            "stream {id}: data at offset {off}, expected {expect}"
+                        )));
+                    }
+                    let skip = expect - off;
+                    if skip >= len {
+                        return Ok(());
+                    }
+                    let end = off + len;
+                    let held = end - s.consumed.load(Ordering::Acquire);
                     if held > u64::from(self.window) {
                         return Err(CircuitError::Protocol(format!(
                             "stream {id} sent {held} bytes against a window of {}",
                             self.window
                         )));
                     }
-                    let _ = buf.split_to(HEADROOM);
+                    s.received.store(end, Ordering::Release);
+                    let _ = buf.split_to(HEADROOM + skip as usize);
                     let _ = s.inbound.send(Inbound::Data(buf));
                 }
             }
             StreamKind::Window => {
-                let credit = msg.window_credit()?;
+                let ack = msg.window_ack()?;
                 if let Some(s) = r.streams.get(&id) {
-                    s.credit.add(u64::from(credit));
+                    s.on_ack(ack)?;
                 }
             }
             StreamKind::End => {
                 let end: pb::End = ferry_proto::decode_pb("end", msg.body)?;
                 if let Some(s) = r.streams.get(&id) {
+                    if let Some(w) = s.resumed.lock().expect("resumed lock").take() {
+                        let _ = w.send(Err(format!(
+                            "exit refused the move: {} {}",
+                            end.reason().as_str_name(),
+                            end.detail
+                        )));
+                        return Ok(());
+                    }
+                    s.fin_received.store(true, Ordering::Release);
                     let _ = s.inbound.send(Inbound::End(end.reason(), end.detail));
                 }
             }
@@ -396,158 +799,138 @@ impl Endpoint {
         begin: pb::Begin,
         parts: StreamParts,
     ) {
-        let id = parts.id;
+        let core = parts.core.clone();
         let Some(exit) = exit else {
-            let _ = self
-                .send_end(id, EndReason::Policy, "this node is not an exit")
+            let _ = core
+                .send_end(EndReason::Policy, "this node is not an exit")
                 .await;
-            return self.forget_stream(id);
+            return Endpoint::forget(&core);
         };
         let sock = match connect_target(&exit, &begin).await {
             Ok(s) => s,
             Err((reason, detail)) => {
                 tracing::info!(reason = reason.as_str_name(), %detail, "stream refused at exit");
-                let _ = self.send_end(id, reason, &detail).await;
-                return self.forget_stream(id);
+                let _ = core.send_end(reason, &detail).await;
+                return Endpoint::forget(&core);
             }
         };
+        let token = *core.token.lock().expect("token lock");
         let body = pb::Connected {
             window: self.window,
+            resume_token: token.to_vec(),
         }
         .encode_to_vec();
-        if self
-            .send_msg(StreamKind::Connected, id, &body)
-            .await
-            .is_err()
-        {
-            return self.forget_stream(id);
+        let (end, id) = core.current();
+        if end.send_msg(StreamKind::Connected, id, &body).await.is_err() {
+            return Endpoint::forget(&core);
         }
-        self.run_stream(sock, parts).await;
+        exit.resumables.insert(token, &core);
+        run_stream(sock, parts).await;
+        exit.resumables.remove(&token);
     }
+}
 
-    /// Carries a connected stream both ways until both directions end.
-    pub async fn run_stream(self: Arc<Self>, sock: TcpStream, parts: StreamParts) {
-        let StreamParts {
-            id,
-            inbound,
-            credit,
-            unacked,
-        } = parts;
-        let (r, w) = sock.into_split();
-        let stop = self.closed.child_token();
-        let up = self.clone().pump_up(id, r, credit, stop.clone());
-        let down = self
-            .clone()
-            .pump_down(id, w, inbound, unacked, stop.clone());
-        tokio::join!(up, down);
-        self.forget_stream(id);
-        debug!(stream = id, "stream closed");
-    }
+/// Carries a connected stream both ways until both directions end.
+pub async fn run_stream(sock: TcpStream, parts: StreamParts) {
+    let StreamParts { core, inbound } = parts;
+    let (r, w) = sock.into_split();
+    let stop = CancellationToken::new();
+    let up = pump_up(core.clone(), r, stop.clone());
+    let down = pump_down(core.clone(), w, inbound, stop.clone());
+    tokio::join!(up, down);
+    Endpoint::forget(&core);
+    debug!(moves = core.moves(), "stream closed");
+}
 
-    /// Socket → circuit.
-    async fn pump_up(
-        self: Arc<Self>,
-        id: u32,
-        mut r: tokio::net::tcp::OwnedReadHalf,
-        credit: Arc<Credit>,
-        stop: CancellationToken,
-    ) {
-        let mut buf = BytesMut::with_capacity(4 * (HEADROOM + MAX_STREAM_DATA + 16));
-        loop {
-            buf.reserve(HEADROOM + MAX_STREAM_DATA + 16);
-            buf.put_bytes(0, HEADROOM);
-            let mut room = (&mut buf).limit(MAX_STREAM_DATA);
-            let read = tokio::select! {
-                r = r.read_buf(&mut room) => r,
-                _ = stop.cancelled() => return,
-            };
-            let n = match read {
-                Ok(0) => {
-                    let _ = self.send_end(id, EndReason::Done, "").await;
-                    return;
-                }
-                Ok(n) => n,
-                Err(e) => {
-                    debug!(error = %e, "stream read failed");
-                    let _ = self
-                        .send_end(id, EndReason::Reset, "connection reset")
-                        .await;
-                    stop.cancel();
-                    return;
-                }
-            };
-            tokio::select! {
-                r = credit.acquire(n as u64) => if r.is_err() { return },
-                _ = stop.cancelled() => return,
+/// Socket → circuit.
+async fn pump_up(core: Arc<StreamCore>, mut r: tokio::net::tcp::OwnedReadHalf, stop: CancellationToken) {
+    let mut buf = BytesMut::with_capacity(4 * (HEADROOM + MAX_DATA_PAYLOAD + 16));
+    loop {
+        buf.reserve(HEADROOM + MAX_DATA_PAYLOAD + 16);
+        buf.put_bytes(0, HEADROOM);
+        let mut room = (&mut buf).limit(MAX_DATA_PAYLOAD);
+        let read = tokio::select! {
+            r = r.read_buf(&mut room) => r,
+            _ = stop.cancelled() => return,
+        };
+        let n = match read {
+            Ok(0) => {
+                let _ = core.send_end(EndReason::Done, "").await;
+                return;
             }
-            buf[cell::HEADER_LEN..HEADROOM].copy_from_slice(&smsg::header(StreamKind::Data, id));
-            let rec = buf.split();
-            if self.send_sealed(CellCmd::Relay, rec).await.is_err() {
+            Ok(n) => n,
+            Err(e) => {
+                debug!(error = %e, "stream read failed");
+                let _ = core.send_end(EndReason::Reset, "connection reset").await;
                 stop.cancel();
                 return;
             }
+        };
+        tokio::select! {
+            r = core.credit.acquire(n as u64) => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+        let rec = buf.split();
+        if core.send_data(rec).await.is_err() {
+            stop.cancel();
+            return;
         }
     }
+}
 
-    /// Circuit → socket.
-    async fn pump_down(
-        self: Arc<Self>,
-        id: u32,
-        mut w: tokio::net::tcp::OwnedWriteHalf,
-        mut inbound: mpsc::UnboundedReceiver<Inbound>,
-        unacked: Arc<AtomicU64>,
-        stop: CancellationToken,
-    ) {
-        let threshold = u64::from(self.window / 4);
-        let mut consumed = 0u64;
-        loop {
-            let m = tokio::select! {
-                m = inbound.recv() => m,
-                _ = stop.cancelled() => return,
-            };
-            match m {
-                Some(Inbound::Data(b)) => {
-                    let wrote = tokio::select! {
-                        r = w.write_all(&b) => r,
-                        _ = stop.cancelled() => return,
-                    };
-                    if let Err(e) = wrote {
-                        debug!(error = %e, "stream write failed");
-                        let _ = self
-                            .send_end(id, EndReason::Reset, "connection reset")
-                            .await;
+/// Circuit → socket.
+async fn pump_down(
+    core: Arc<StreamCore>,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    stop: CancellationToken,
+) {
+    let threshold = u64::from(core.window / 4);
+    let mut acked = 0u64;
+    loop {
+        let m = tokio::select! {
+            m = inbound.recv() => m,
+            _ = stop.cancelled() => return,
+        };
+        match m {
+            Some(Inbound::Data(b)) => {
+                let wrote = tokio::select! {
+                    r = w.write_all(&b) => r,
+                    _ = stop.cancelled() => return,
+                };
+                if let Err(e) = wrote {
+                    debug!(error = %e, "stream write failed");
+                    let _ = core.send_end(EndReason::Reset, "connection reset").await;
+                    stop.cancel();
+                    return;
+                }
+                let consumed = core.consumed.fetch_add(b.len() as u64, Ordering::AcqRel)
+                    + b.len() as u64;
+                if consumed - acked >= threshold {
+                    if core.send_ack().await.is_err() {
                         stop.cancel();
                         return;
                     }
-                    consumed += b.len() as u64;
-                    if consumed >= threshold {
-                        unacked.fetch_sub(consumed, Ordering::AcqRel);
-                        let credit = (consumed as u32).to_be_bytes();
-                        if self
-                            .send_msg(StreamKind::Window, id, &credit)
-                            .await
-                            .is_err()
-                        {
-                            stop.cancel();
-                            return;
-                        }
-                        consumed = 0;
-                    }
+                    acked = consumed;
                 }
-                Some(Inbound::Connected(_)) => {}
-                Some(Inbound::End(EndReason::Done, _)) => {
-                    let _ = w.shutdown().await;
-                    return;
-                }
-                Some(Inbound::End(reason, detail)) => {
+            }
+            Some(Inbound::Connected(_)) => {}
+            Some(Inbound::End(EndReason::Done, _)) => {
+                let _ = w.shutdown().await;
+                return;
+            }
+            Some(Inbound::End(reason, detail)) => {
+                if matches!(reason, EndReason::ExitLeft | EndReason::CircuitClosed) {
+                    info!(reason = reason.as_str_name(), %detail, "stream closed");
+                } else {
                     debug!(reason = reason.as_str_name(), %detail, "stream ended by peer");
-                    stop.cancel();
-                    return;
                 }
-                None => {
-                    stop.cancel();
-                    return;
-                }
+                stop.cancel();
+                return;
+            }
+            None => {
+                stop.cancel();
+                return;
             }
         }
     }

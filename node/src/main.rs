@@ -43,6 +43,8 @@ enum Cmd {
         /// Address of the demo's SOCKS5 entry.
         #[arg(long, default_value = "127.0.0.1:1080")]
         socks: SocketAddr,
+        #[command(subcommand)]
+        cmd: Option<DemoCmd>,
     },
     /// Create a node: its keys (mode 0600) and a fully commented config file.
     Init {
@@ -104,6 +106,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a running node: it takes no new circuits, its circuits move
+    /// away, and at the exit date it carries nothing. Persisted: a restart
+    /// keeps draining. `--cancel` makes it active again.
+    Drain {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// The exit date, RFC 3339 (2026-12-01T00:00:00Z).
+        #[arg(long, conflicts_with_all = ["within", "cancel"], required_unless_present_any = ["within", "cancel"])]
+        exit_by: Option<String>,
+        /// The exit date as a time from now (90s, 10m, 2h).
+        #[arg(long = "in", value_parser = humantime::parse_duration, conflicts_with = "cancel")]
+        within: Option<Duration>,
+        /// Why (shown in status and logs).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Cancel the operator's drain.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Authority keys, which sign jurisdiction rulings.
     Authority {
         #[command(subcommand)]
@@ -113,6 +135,27 @@ enum Cmd {
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoCmd {
+    /// Apply a ruling to the running demo (signed with the demo's authority key).
+    Ruling {
+        /// block or lift.
+        #[arg(value_parser = ["block", "lift"])]
+        action: String,
+        /// Country code or bloc (PK, GCC, ...).
+        region: String,
+        /// Blocked from this long from now.
+        #[arg(long = "in", default_value = "20s", value_parser = humantime::parse_duration)]
+        start: Duration,
+        /// Exit date: this long after the block starts.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        exit_in: Duration,
+        /// Only this traffic class (repeatable); default all traffic.
+        #[arg(long)]
+        class: Vec<String>,
     },
 }
 
@@ -208,6 +251,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Status { admin, json } => status(admin, json),
+        Cmd::Drain {
+            admin,
+            exit_by,
+            within,
+            reason,
+            cancel,
+        } => drain(admin, exit_by, within, &reason, cancel),
         Cmd::Authority {
             cmd: AuthorityCmd::Keygen { out },
         } => keygen(&out),
@@ -223,7 +273,28 @@ fn main() -> Result<()> {
         Cmd::Policy {
             cmd: PolicyCmd::Publish { admin, file },
         } => policy_publish(admin, &file),
-        Cmd::Demo { socks } => runtime()?.block_on(demo(socks)),
+        Cmd::Demo {
+            cmd:
+                Some(DemoCmd::Ruling {
+                    action,
+                    region,
+                    start,
+                    exit_in,
+                    class,
+                }),
+            ..
+        } => {
+            let msg = ferry_node::demo::apply_ruling(&ferry_node::demo::DemoRuling {
+                lift: action == "lift",
+                region,
+                start,
+                exit_in,
+                classes: class,
+            })?;
+            println!("{msg}");
+            Ok(())
+        }
+        Cmd::Demo { socks, cmd: None } => runtime()?.block_on(demo(socks)),
         Cmd::Node { config } => runtime()?.block_on(run_node(config, None, true)),
         Cmd::Connect { config, socks } => runtime()?.block_on(run_node(config, Some(socks), false)),
     }
@@ -415,6 +486,44 @@ fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
     }
 }
 
+fn drain(
+    admin: SocketAddr,
+    exit_by: Option<String>,
+    within: Option<Duration>,
+    reason: &str,
+    cancel: bool,
+) -> Result<()> {
+    let url = format!("http://{admin}/v1/drain");
+    let mut resp = if cancel {
+        agent().delete(&url).call()
+    } else {
+        let body = match (exit_by, within) {
+            (Some(t), _) => serde_json::json!({ "exit_by": t, "reason": reason }),
+            (None, Some(d)) => serde_json::json!({ "in_secs": d.as_secs().max(1), "reason": reason }),
+            (None, None) => bail!("give --exit-by TIME, --in DURATION or --cancel"),
+        };
+        agent()
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(body.to_string().as_bytes())
+    }
+    .with_context(|| format!("reaching the admin API at {admin}"))?;
+    let code = resp.status();
+    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
+    if !code.is_success() {
+        bail!(
+            "refused ({}): {}",
+            v["error"].as_str().unwrap_or("?"),
+            v["detail"].as_str().unwrap_or("")
+        );
+    }
+    match v["exit_by"].as_str() {
+        Some(t) => println!("draining; exit by {t}"),
+        None => println!("{}", v["status"].as_str().unwrap_or("ok")),
+    }
+    Ok(())
+}
+
 fn status(admin: SocketAddr, json: bool) -> Result<()> {
     let mut resp = agent()
         .get(&format!("http://{admin}/v1/status"))
@@ -433,6 +542,22 @@ fn status(admin: SocketAddr, json: bool) -> Result<()> {
         s("roles"),
         s("state")
     );
+    if let Some(r) = v["state_reason"].as_str().filter(|r| !r.is_empty()) {
+        println!("  {r}");
+    }
+    println!("circuits carried: {}", v["circuits"]);
+    if let Some(cs) = v["origin"]["circuits"].as_array() {
+        println!("own circuits: {}", cs.len());
+        for c in cs {
+            let path: Vec<&str> = c["path"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect();
+            println!("  {}  streams {}", path.join(" -> "), c["streams"]);
+        }
+    }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers: {}", peers.len());
     if let Some(by) = v["peers_by_jurisdiction"].as_object() {
@@ -473,6 +598,62 @@ fn status(admin: SocketAddr, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// SIGINT stops at once. The first SIGTERM drains the node for
+/// `drain.grace_secs` (no new circuits; owners move theirs; an entry waits
+/// for its streams) and stops when nothing is left or the grace ends; a
+/// second SIGTERM stops at once.
+fn on_signals(token: CancellationToken, running: &node::Running) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let switch = running.switch.clone();
+    let origin = running.origin.clone();
+    tokio::spawn(async move {
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => {
+                    if draining {
+                        tracing::info!("second SIGTERM: stopping now");
+                        break;
+                    }
+                    draining = true;
+                    let grace = switch.cfg.drain.grace;
+                    let until = now_ms() + grace.as_millis() as u64;
+                    if let Err(e) = switch.state.drain(until, "SIGTERM", false) {
+                        tracing::warn!(error = %format!("{e:#}"), "could not start the drain");
+                        break;
+                    }
+                    tracing::info!(grace_secs = grace.as_secs(), "SIGTERM: draining; send SIGTERM again to stop at once");
+                    let (sw, or, tok) = (switch.clone(), origin.clone(), token.clone());
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(Duration::from_millis(200));
+                        // Let the state watcher send its notices first.
+                        tick.tick().await;
+                        tick.tick().await;
+                        loop {
+                            tick.tick().await;
+                            let streams = match &or {
+                                Some(o) => o.stream_count().await,
+                                None => 0,
+                            };
+                            let left = sw.circuit_count() + streams;
+                            if left == 0 || now_ms() >= until {
+                                tracing::info!(left, "drain finished; stopping");
+                                tok.cancel();
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
 /// Cancels `token` on SIGINT or SIGTERM.
 fn on_signal(token: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -508,7 +689,6 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
     let store = std::sync::Arc::new(ferry_node::store::Store::open(&cfg.data_dir)?);
     let listeners = Listeners::bind_config(&cfg, links).await?;
     let shutdown = CancellationToken::new();
-    on_signal(shutdown.clone())?;
     let id = keys.node_id();
     let link = listeners
         .link
@@ -521,7 +701,8 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
         .map(|l| l.local_addr())
         .transpose()?;
     let (j, roles) = (cfg.jurisdiction, cfg.roles);
-    let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
+ let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
+    on_signals(shutdown.clone(), &running)?;
     let fmt = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
         "ready: node {} ({j}, {roles}) link {} socks {}",

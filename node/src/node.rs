@@ -2,12 +2,16 @@
 
 use crate::admin::{self, AdminState};
 use crate::config::NodeConfig;
-use crate::control::{self, GossipCounters};
+use crate::control::{self, Command, GossipCounters};
 use crate::directory::Directory;
 use crate::identity::Keys;
 use crate::link;
 use crate::origin::Origin;
 use crate::rulings::Rulings;
+use crate::state::NodeStateCtl;
+use ferry_proto::pb::DestroyReason;
+use ferry_router::NodeState;
+use tokio::sync::mpsc;
 use crate::socks;
 use crate::store::{Store, cf};
 use crate::switch::Switch;
@@ -16,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, warn};
+use tracing::{Instrument, info, warn};
 
 /// Bound listeners for a node. Binding happens before `run`, so a caller
 /// (a test, the demo) can bind port 0 and learn the address first.
@@ -73,8 +77,22 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Running {
     let directory = Arc::new(Directory::with_static(&cfg.peers));
-    let switch = Switch::new(Arc::new(keys), Arc::new(cfg), directory, shutdown.clone());
-    start_data_plane(switch, listeners, shutdown)
+    let rulings = Arc::new(
+        Rulings::load(cfg.authority.clone(), None).expect("rulings without a store load"),
+    );
+    let state = Arc::new(
+        NodeStateCtl::load(cfg.jurisdiction, rulings.clone(), None)
+            .expect("state without a store loads"),
+    );
+    let switch = Switch::new(
+        Arc::new(keys),
+        Arc::new(cfg),
+        directory,
+        rulings,
+        state,
+        shutdown.clone(),
+    );
+    start_data_plane(switch, listeners, shutdown, None)
 }
 
 /// Starts a full node: the control plane, the admin API and the data plane,
@@ -102,9 +120,15 @@ pub fn start_full(
         }
     }
     let rulings = Arc::new(Rulings::load(cfg.authority.clone(), Some(store.clone()))?);
+    let state = Arc::new(NodeStateCtl::load(
+        cfg.jurisdiction,
+        rulings.clone(),
+        Some(store.clone()),
+    )?);
     tracing::info!(
         peers = recovered,
         rulings = rulings.snapshot().iter().count(),
+        state = state.current().name(),
         "state recovered from the store"
     );
     let counters = Arc::new(GossipCounters::default());
@@ -115,6 +139,8 @@ pub fn start_full(
         keys.clone(),
         cfg.clone(),
         directory.clone(),
+        rulings.clone(),
+        state,
         shutdown.clone(),
     );
     let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr, switch.clone());
@@ -130,29 +156,34 @@ pub fn start_full(
         store,
     };
     let control = control::start(&keys, settings, shared, signer, shutdown.clone())?;
+    let running = start_data_plane(
+        switch.clone(),
+        Listeners {
+            link: listeners.link,
+            socks: listeners.socks,
+            admin: None,
+        },
+        shutdown.clone(),
+        Some(control.clone()),
+    );
     if let Some(l) = listeners.admin {
         let state = Arc::new(AdminState {
-            switch: switch.clone(),
+            switch,
             rulings,
             counters,
             control,
+            origin: running.origin.clone(),
         });
-        tokio::spawn(admin::serve(l, state, shutdown.clone()));
+        tokio::spawn(admin::serve(l, state, shutdown));
     }
-    Ok(start_data_plane(
-        switch,
-        Listeners {
-            admin: None,
-            ..listeners
-        },
-        shutdown,
-    ))
+    Ok(running)
 }
 
 fn start_data_plane(
     switch: Arc<Switch>,
     listeners: Listeners,
     shutdown: CancellationToken,
+    control: Option<mpsc::UnboundedSender<Command>>,
 ) -> Running {
     if let Some(l) = listeners.link {
         tokio::spawn(accept_links(l, switch.clone(), shutdown.clone()));
@@ -160,9 +191,57 @@ fn start_data_plane(
     let origin = listeners.socks.map(|l| {
         let origin = Origin::new(switch.clone());
         tokio::spawn(socks::serve(l, origin.clone(), shutdown.clone()));
+        tokio::spawn(origin.clone().run_drains(shutdown.clone()));
         origin
     });
+    tokio::spawn(watch_state(switch.clone(), control, shutdown));
     Running { switch, origin }
+}
+
+/// Re-evaluates the node's state every 200 ms and acts on changes:
+/// draining → notices to circuit owners (new circuits are refused by the
+/// switch); exited → every circuit destroyed; any change → a fresh advert.
+async fn watch_state(
+    switch: Arc<Switch>,
+    control: Option<mpsc::UnboundedSender<Command>>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let st = &switch.state;
+    let first = st.current();
+    if first.state != NodeState::Active {
+        info!(state = first.name(), reason = %first.reason, "node is leaving the mesh");
+    }
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = crate::authority::now_ms();
+        if let Some(cur) = st.tick(now) {
+            match cur.state {
+                NodeState::Active => info!("node is active again"),
+                NodeState::Draining { until } => {
+                    info!(
+                        until = %crate::authority::fmt_time(until.0),
+                        reason = %cur.reason,
+                        circuits = switch.circuit_count(),
+                        "node draining: no new circuits; owners are moving theirs"
+                    );
+                    switch.notify_drain(until.0, &cur.reason);
+                }
+                NodeState::Exited => {
+                    let n = switch.destroy_all(DestroyReason::Exited);
+                    info!(circuits_closed = n, reason = %cur.reason, "node exited: it carries nothing");
+                }
+            }
+            if let Some(c) = &control {
+                let _ = c.send(Command::Advertise);
+            }
+        } else if st.current().state == NodeState::Exited && switch.circuit_count() > 0 {
+            switch.destroy_all(DestroyReason::Exited);
+        }
+    }
 }
 
 impl Running {

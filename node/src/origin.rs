@@ -6,22 +6,43 @@
 //! current tip an EXTEND sealed with its session: the tip alone can read
 //! which node comes next, so every relay learns only its two neighbours. The
 //! session with the last hop — the exit — is the end-to-end session.
+//!
+//! Every path comes from the router (`ferry-router`), over the live mesh
+//! view (adverts, plus what this node learnt first-hand: drain notices and
+//! refusals) and the rulings in force, for the connection's traffic scope
+//! and constraints (see `routing`). Streams share a circuit only if their
+//! routes are equal.
+//!
+//! Drains: [`Origin::run_drains`] plans every 250 ms with the router's
+//! `plan_drain` over this node's circuits. A circuit through a leaving relay
+//! is rebuilt to the same exit around it, make-before-break, at the time the
+//! plan spreads it to (kept once planned, and re-planned only when the
+//! deadline moves), with retries and backoff; its streams move with no byte
+//! lost (see `endpoint`), then the old circuit is destroyed. A circuit whose
+//! exit is leaving cannot move (its TCP connections live there): it takes no
+//! new streams and is closed at the deadline with the reason.
 
 use crate::crypto::{self, Session};
 use crate::endpoint::{CircuitError, Endpoint, Inbound, Side, StreamParts};
+use crate::routing::Route;
 use crate::link::{LinkHandle, cell};
 use crate::switch::Switch;
 use bytes::{BufMut, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
 use ferry_proto::{CellCmd, cell as cellfmt};
 use ferry_router::{
-    MeshView, NodeId, PathIndex, PathRequest, Resolved, RulingSet, Time, TrafficScope,
+    Action, DrainConfig, LiveCircuit, MeshView, NodeId, NodeState, PathIndex, PathRequest, Status,
+    Time,
 };
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How long the origin waits for the exit to connect a stream. Exits time
@@ -50,6 +71,16 @@ pub struct OriginCircuit {
     state: Mutex<State>,
     /// The nodes on the circuit, origin side first.
     pub path: Vec<NodeId>,
+    /// Its id for the drain planner.
+    pub id: u64,
+    /// The route its streams asked for.
+    pub route: Arc<Route>,
+    /// Set when the circuit is leaving: no new streams on it.
+    closing: AtomicBool,
+    /// Set while a migration task runs for it.
+    migrating: AtomicBool,
+    /// When it was built, ms since the epoch.
+    pub built_at_ms: u64,
 }
 
 impl OriginCircuit {
@@ -90,6 +121,23 @@ impl OriginCircuit {
         }
     }
 
+    /// The path by jurisdiction, for logs and status.
+    pub fn jurisdictions(&self, sw: &Switch) -> Vec<String> {
+        self.path
+            .iter()
+            .map(|id| {
+                sw.peer(id)
+                    .map(|p| p.jurisdiction.to_string())
+                    .unwrap_or_else(|| "??".into())
+            })
+            .collect()
+    }
+
+    /// Streams on it.
+    pub fn stream_count(&self) -> usize {
+        self.endpoint().map_or(0, |e| e.stream_count())
+    }
+
     fn endpoint(&self) -> Option<Arc<Endpoint>> {
         match &*self.state.lock().expect("state lock") {
             State::Open(e) if !e.is_closed() => Some(e.clone()),
@@ -107,6 +155,9 @@ pub enum OpenError {
     /// Building the circuit failed.
     #[error("circuit build failed: {0}")]
     Build(String),
+    /// The connection's routing options are malformed.
+    #[error("routing options: {0}")]
+    Options(String),
     /// The exit refused or failed the stream.
     #[error("exit refused the stream: {} {detail}", reason.as_str_name())]
     Refused {
@@ -122,7 +173,31 @@ pub struct Origin {
     switch: Arc<Switch>,
     rng: Mutex<StdRng>,
     pool: tokio::sync::Mutex<Vec<Arc<OriginCircuit>>>,
+    next_id: AtomicU64,
+    /// Migrations planned: circuit → (start, done by). Kept once planned so
+    /// the spread holds; replaced when the deadline moves.
+    scheduled: Mutex<HashMap<u64, (Time, Time)>>,
+    /// Counters for status.
+    pub stats: OriginStats,
 }
+
+/// What the origin has done about drains.
+#[derive(Debug, Default)]
+pub struct OriginStats {
+    /// Migrations started.
+    pub migrations_started: AtomicU64,
+    /// Migrations finished (every stream moved).
+    pub migrations_done: AtomicU64,
+    /// Migration attempts that failed (retried).
+    pub migrations_failed: AtomicU64,
+    /// Circuits closed because their exit left.
+    pub exit_closed: AtomicU64,
+    /// Streams moved.
+    pub streams_moved: AtomicU64,
+}
+
+/// Tries per stream open when a hop turns out to be leaving.
+const BUILD_TRIES: usize = 3;
 
 impl Origin {
     /// An origin over this node's switch.
@@ -131,36 +206,50 @@ impl Origin {
             switch,
             rng: Mutex::new(StdRng::from_entropy()),
             pool: tokio::sync::Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            scheduled: Mutex::new(HashMap::new()),
+            stats: OriginStats::default(),
         })
     }
 
-    fn view(&self) -> MeshView {
-        let now = crate::authority::now_ms();
+    fn view(&self, now: u64) -> MeshView {
         MeshView::new(self.switch.directory.live(now).iter().map(|e| e.info()))
     }
 
-    /// Opens a stream to `host:port` through the mesh; returns it connected.
+    /// The circuits, for status.
+    pub async fn circuits(&self) -> Vec<Arc<OriginCircuit>> {
+        let pool = self.pool.lock().await;
+        pool.iter().filter(|c| c.endpoint().is_some()).cloned().collect()
+    }
+
+    /// The switch under it.
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    /// Opens a stream to `host:port` through the mesh along `route`;
+    /// returns it connected.
     pub async fn open_stream(
         &self,
         host: &str,
         port: u16,
-    ) -> Result<(Arc<Endpoint>, StreamParts), OpenError> {
-        let end = self.circuit().await?;
+        route: &Arc<Route>,
+    ) -> Result<StreamParts, OpenError> {
+        let end = self.circuit(route).await?;
         let mut parts = end
-            .open_stream()
+            .begin(host, port)
+            .await
             .map_err(|e| OpenError::Build(e.to_string()))?;
-        if end.send_begin(parts.id, host, port).await.is_err() {
-            return Err(OpenError::Build("circuit closed".into()));
-        }
         match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
-            Ok(Some(Inbound::Connected(_))) => Ok((end, parts)),
+            Ok(Some(Inbound::Connected(_))) => Ok(parts),
             Ok(Some(Inbound::End(reason, detail))) => Err(OpenError::Refused { reason, detail }),
             Ok(Some(Inbound::Data(_)) | None) => {
                 Err(OpenError::Build("stream closed before it connected".into()))
             }
             Err(_) => {
-                let _ = end
-                    .send_end(parts.id, EndReason::Timeout, "origin gave up waiting")
+                let _ = parts
+                    .core
+                    .send_end(EndReason::Timeout, "origin gave up waiting")
                     .await;
                 Err(OpenError::Refused {
                     reason: EndReason::Timeout,
@@ -170,47 +259,83 @@ impl Origin {
         }
     }
 
-    /// A circuit with room for one more stream, built if needed.
-    async fn circuit(&self) -> Result<Arc<Endpoint>, OpenError> {
+    /// Whether every node on `path` may carry `route`'s traffic now.
+    fn usable(&self, path: &[NodeId], route: &Route, now: u64) -> bool {
+        let set = self.switch.rulings.snapshot();
+        path.iter().all(|id| match self.switch.directory.get(id, now) {
+            Some(e) => {
+                e.state == NodeState::Active
+                    && set
+                        .status(Some(e.peer.jurisdiction), &route.scope, Time(now))
+                        .0
+                        == Status::Allowed
+            }
+            None => false,
+        })
+    }
+
+    /// A circuit with room for one more stream on `route`, built if needed.
+    async fn circuit(&self, route: &Arc<Route>) -> Result<Arc<Endpoint>, OpenError> {
         let mut pool = self.pool.lock().await;
         pool.retain(|c| c.endpoint().is_some());
         let max = self.switch.cfg.max_streams_per_circuit as usize;
+        let now = crate::authority::now_ms();
         if let Some(end) = pool
             .iter()
+            .filter(|c| {
+                c.route.key == route.key
+                    && !c.closing.load(Ordering::Acquire)
+                    && self.usable(&c.path, route, now)
+            })
             .filter_map(|c| c.endpoint())
             .find(|e| e.stream_count() < max)
         {
             return Ok(end);
         }
-        let oc = self.build().await?;
-        let end = oc
-            .endpoint()
-            .ok_or_else(|| OpenError::Build("circuit closed".into()))?;
-        pool.push(oc);
-        Ok(end)
+        let mut last = None;
+        for _ in 0..BUILD_TRIES {
+            match self.build(route, None, &[]).await {
+                Ok(oc) => {
+                    let end = oc
+                        .endpoint()
+                        .ok_or_else(|| OpenError::Build("circuit closed".into()))?;
+                    pool.push(oc);
+                    return Ok(end);
+                }
+                // A hop refused because it is leaving: it is now known
+                // here, so the next pick avoids it.
+                Err(Failed { err, leaving: true }) => last = Some(err),
+                Err(Failed { err, .. }) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| OpenError::Build("no circuit".into())))
     }
 
-    /// Builds a new circuit along a fresh path.
-    pub async fn build(&self) -> Result<Arc<OriginCircuit>, OpenError> {
+    /// Builds a new circuit for `route`, ending at `exit` if given, around
+    /// `avoid`.
+    async fn build(
+        &self,
+        route: &Arc<Route>,
+        exit: Option<NodeId>,
+        avoid: &[NodeId],
+    ) -> Result<Arc<OriginCircuit>, Failed> {
         let req = PathRequest {
             origin: Some(self.switch.keys.node_id()),
+            exit,
+            avoid: avoid.to_vec(),
         };
-        let constraints = Resolved::defaults(self.switch.cfg.hops);
-        // Rulings and per-connection constraints reach the data plane with
-        // the routing issue; until then the index holds every configured peer.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = crate::authority::now_ms();
         let index = PathIndex::build(
-            &self.view(),
-            &RulingSet::new(),
-            &TrafficScope::default(),
+            &self.view(now),
+            &self.switch.rulings.snapshot(),
+            &route.scope,
             Time(now),
         );
         let path = {
             let mut rng = self.rng.lock().expect("rng lock");
             index
-                .pick(&constraints, &req, &mut *rng)?
+                .pick(&route.constraints, &req, &mut *rng)
+                .map_err(|e| Failed::from(OpenError::NoPath(e)))?
                 .as_slice()
                 .to_vec()
         };
@@ -219,7 +344,7 @@ impl Origin {
             .switch
             .link_to(first)
             .await
-            .map_err(|e| OpenError::Build(format!("{e:#}")))?;
+            .map_err(|e| Failed::from(OpenError::Build(format!("{e:#}"))))?;
         let circ = link.alloc_circ_id();
         let (tx, rx) = mpsc::unbounded_channel();
         let oc = Arc::new(OriginCircuit {
@@ -227,6 +352,11 @@ impl Origin {
             circ,
             state: Mutex::new(State::Building(tx)),
             path: path.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            route: route.clone(),
+            closing: AtomicBool::new(false),
+            migrating: AtomicBool::new(false),
+            built_at_ms: now,
         });
         self.switch.add_origin(&link, circ, oc.clone());
         let timeout = self.switch.cfg.build_timeout;
@@ -241,20 +371,11 @@ impl Origin {
                 );
                 let mut st = oc.state.lock().expect("state lock");
                 if matches!(*st, State::Closed) {
-                    return Err(OpenError::Build("circuit destroyed while building".into()));
+                    return Err(OpenError::Build("circuit destroyed while building".into()).into());
                 }
                 *st = State::Open(end);
                 drop(st);
-                let names: Vec<String> = path
-                    .iter()
-                    .map(|id| {
-                        self.switch
-                            .peer(id)
-                            .map(|p| p.jurisdiction.to_string())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                info!(circ, path = %names.join(" -> "), "circuit built");
+                info!(circ, path = %oc.jurisdictions(&self.switch).join(" -> "), "circuit built");
                 Ok(oc)
             }
             Ok(Err(e)) => {
@@ -263,12 +384,25 @@ impl Origin {
             }
             Err(_) => {
                 self.switch.destroy(&link, circ, DestroyReason::BuildFailed);
-                Err(OpenError::Build(format!(
-                    "no answer within {}s",
-                    timeout.as_secs()
-                )))
+                Err(OpenError::Build(format!("no answer within {}s", timeout.as_secs())).into())
             }
         }
+    }
+
+    /// Notes that `node` refused to carry a new circuit because it is
+    /// leaving: path selection avoids it until its advert says otherwise.
+    fn learn_leaving(&self, node: NodeId) {
+        let now = crate::authority::now_ms();
+        let until = now + self.switch.cfg.drain.grace.as_millis() as u64;
+        self.switch.directory.learn(
+            node,
+            NodeState::Draining {
+                until: Time(until),
+            },
+            until + 60_000,
+            now,
+        );
+        info!(node = %node.short(), "hop is leaving; building around it");
     }
 
     async fn handshake_path(
@@ -277,22 +411,22 @@ impl Origin {
         circ: u32,
         path: &[NodeId],
         mut rx: mpsc::UnboundedReceiver<BuildEvent>,
-    ) -> Result<Session, OpenError> {
+    ) -> Result<Session, Failed> {
         let key = |id: &NodeId| {
             self.switch
                 .peer(id)
                 .map(|p| p.noise_key)
-                .ok_or_else(|| OpenError::Build(format!("unknown node {id}")))
+                .ok_or_else(|| Failed::from(OpenError::Build(format!("unknown node {id}"))))
         };
-        let err = |e: crypto::CryptoError| OpenError::Build(e.to_string());
+        let err = |e: crypto::CryptoError| Failed::from(OpenError::Build(e.to_string()));
         let mut hs = crypto::hop_initiator(&key(&path[0])?).map_err(err)?;
         let m1 = crypto::write_hs(&mut hs).map_err(err)?;
         link.send(cell(circ, CellCmd::Create, &m1))
             .await
-            .map_err(|_| OpenError::Build("link closed".into()))?;
+            .map_err(|_| Failed::from(OpenError::Build("link closed".into())))?;
         let m2 = match rx.recv().await {
             Some(BuildEvent::Created(mut b)) => b.split_off(cellfmt::HEADER_LEN),
-            other => return Err(build_failure(path[0], other)),
+            other => return Err(self.build_failure(path[0], other)),
         };
         crypto::read_hs(&mut hs, &m2).map_err(err)?;
         let mut session = Session::from_handshake(hs).map_err(err)?;
@@ -314,15 +448,15 @@ impl Origin {
                 .map_err(err)?;
             link.send(buf)
                 .await
-                .map_err(|_| OpenError::Build("link closed".into()))?;
+                .map_err(|_| Failed::from(OpenError::Build("link closed".into())))?;
             let mut reply = match rx.recv().await {
                 Some(BuildEvent::Control(b)) => b,
-                other => return Err(build_failure(*next, other)),
+                other => return Err(self.build_failure(*next, other)),
             };
             let body = &mut reply[cellfmt::HEADER_LEN..];
             let n = session.rx.open_in_place(body).map_err(err)?;
             let reply: pb::ControlReply = ferry_proto::decode_pb("control reply", &body[..n])
-                .map_err(|e| OpenError::Build(e.to_string()))?;
+                .map_err(|e| Failed::from(OpenError::Build(e.to_string())))?;
             match reply.msg {
                 Some(pb::control_reply::Msg::Extended(ext)) => {
                     crypto::read_hs(&mut hs, &ext.handshake).map_err(err)?;
@@ -330,16 +464,45 @@ impl Origin {
                     debug!(circ, hop = %next.short(), "extended");
                 }
                 Some(pb::control_reply::Msg::ExtendFailed(f)) => {
-                    return Err(OpenError::Build(format!(
-                        "extending to {next} failed: {} {}",
-                        f.reason().as_str_name(),
-                        f.detail
-                    )));
+                    let leaving = f.reason() == pb::RefusalReason::Draining;
+                    if leaving {
+                        self.learn_leaving(*next);
+                    }
+                    return Err(Failed {
+                        err: OpenError::Build(format!(
+                            "extending to {next} failed: {} {}",
+                            f.reason().as_str_name(),
+                            f.detail
+                        )),
+                        leaving,
+                    });
                 }
-                None => return Err(OpenError::Build("empty control reply".into())),
+                None => return Err(OpenError::Build("empty control reply".into()).into()),
             }
         }
         Ok(session)
+    }
+
+    fn build_failure(&self, hop: NodeId, ev: Option<BuildEvent>) -> Failed {
+        let mut leaving = false;
+        let why = match ev {
+            Some(BuildEvent::Destroyed(r)) => {
+                if matches!(r, DestroyReason::Draining | DestroyReason::Exited) {
+                    leaving = true;
+                    self.learn_leaving(hop);
+                }
+                format!("hop {hop} destroyed the circuit: {}", r.as_str_name())
+            }
+            Some(other) => format!("hop {hop} answered out of turn: {other:?}"),
+            None => format!("hop {hop}: circuit closed"),
+        };
+        if !leaving {
+            warn!(%why, "circuit build failed");
+        }
+        Failed {
+            err: OpenError::Build(why),
+            leaving,
+        }
     }
 
     /// Closes every circuit.
@@ -349,16 +512,215 @@ impl Origin {
                 .destroy(&c.link, c.circ, DestroyReason::Finished);
         }
     }
+
+    /// Streams this origin carries.
+    pub async fn stream_count(&self) -> usize {
+        self.pool
+            .lock()
+            .await
+            .iter()
+            .map(|c| c.stream_count())
+            .sum()
+    }
+
+    /// Plans and carries out drains until `shutdown`.
+    pub async fn run_drains(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            self.drain_tick().await;
+        }
+    }
+
+    async fn drain_tick(self: &Arc<Self>) {
+        let now = crate::authority::now_ms();
+        let me = self.switch.keys.node_id();
+        let circuits: Vec<Arc<OriginCircuit>> = {
+            let mut pool = self.pool.lock().await;
+            pool.retain(|c| c.endpoint().is_some());
+            pool.clone()
+        };
+        if circuits.is_empty() {
+            return;
+        }
+        let live: Vec<LiveCircuit> = circuits
+            .iter()
+            .map(|c| LiveCircuit {
+                id: c.id,
+                path: c.path.clone(),
+                scope: c.route.scope.clone(),
+                owner: me,
+                rate_bps: 0,
+            })
+            .collect();
+        let d = &self.switch.cfg.drain;
+        let cfg = DrainConfig {
+            margin_ms: d.margin.as_millis() as u64,
+            migration_ms: d.migration.as_millis() as u64,
+            seed: u64::from_be_bytes(me.0[..8].try_into().expect("8 bytes")),
+        };
+        let plan = ferry_router::plan_drain(
+            &self.view(now),
+            &self.switch.rulings.snapshot(),
+            Time(now),
+            &live,
+            &cfg,
+        );
+        let by_id: HashMap<u64, &Arc<OriginCircuit>> =
+            circuits.iter().map(|c| (c.id, c)).collect();
+        let mut planned = std::collections::HashSet::new();
+        for action in plan.actions {
+            match action {
+                Action::Migrate {
+                    circuit,
+                    at,
+                    done_by,
+                    avoid,
+                    ..
+                } => {
+                    let Some(c) = by_id.get(&circuit) else {
+                        continue;
+                    };
+                    planned.insert(circuit);
+                    c.closing.store(true, Ordering::Release);
+                    let start = {
+                        let mut s = self.scheduled.lock().expect("schedule lock");
+                        let e = s.entry(circuit).or_insert((at, done_by));
+                        if e.1 != done_by {
+                            // The deadline moved (an amended ruling): re-plan.
+                            *e = (at, done_by);
+                        }
+                        e.0
+                    };
+                    if start.0 <= now && !c.migrating.swap(true, Ordering::AcqRel) {
+                        let me = self.clone();
+                        let c = (*c).clone();
+                        tokio::spawn(async move { me.migrate(c, done_by, avoid).await });
+                    }
+                }
+                Action::CloseExitStreams { circuit, at, .. } => {
+                    let Some(c) = by_id.get(&circuit) else {
+                        continue;
+                    };
+                    planned.insert(circuit);
+                    c.closing.store(true, Ordering::Release);
+                    if at.0 <= now {
+                        info!(
+                            circ = c.circ,
+                            path = %c.jurisdictions(&self.switch).join(" -> "),
+                            streams = c.stream_count(),
+                            "closing circuit: its exit is leaving the mesh and its streams cannot move"
+                        );
+                        self.stats.exit_closed.fetch_add(1, Ordering::Relaxed);
+                        self.switch.destroy(&c.link, c.circ, DestroyReason::Exited);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Lifted rulings and cancelled drains: the circuit may serve again.
+        for c in &circuits {
+            if !planned.contains(&c.id) && !c.migrating.load(Ordering::Acquire) {
+                c.closing.store(false, Ordering::Release);
+                self.scheduled.lock().expect("schedule lock").remove(&c.id);
+            }
+        }
+    }
+
+    /// Moves `old`'s streams onto a new circuit to the same exit around
+    /// `avoid`, retrying with backoff while the old circuit lives.
+    async fn migrate(self: Arc<Self>, old: Arc<OriginCircuit>, done_by: Time, avoid: Vec<NodeId>) {
+        self.stats.migrations_started.fetch_add(1, Ordering::Relaxed);
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.try_migrate(&old, &avoid).await {
+                Ok(moved) => {
+                    self.stats.migrations_done.fetch_add(1, Ordering::Relaxed);
+                    let late = crate::authority::now_ms() > done_by.0;
+                    info!(circ = old.circ, streams = moved, attempt, late, "circuit moved off a leaving node");
+                    break;
+                }
+                Err(e) => {
+                    self.stats.migrations_failed.fetch_add(1, Ordering::Relaxed);
+                    if old.endpoint().is_none() {
+                        warn!(circ = old.circ, error = %e, "migration failed and the circuit is gone");
+                        break;
+                    }
+                    warn!(circ = old.circ, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "migration failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        self.scheduled.lock().expect("schedule lock").remove(&old.id);
+        old.migrating.store(false, Ordering::Release);
+    }
+
+    async fn try_migrate(
+        &self,
+        old: &Arc<OriginCircuit>,
+        avoid: &[NodeId],
+    ) -> Result<usize, String> {
+        let Some(old_end) = old.endpoint() else {
+            return Err("circuit closed".into());
+        };
+        let streams = old_end.streams();
+        if streams.is_empty() {
+            // Nothing to move: close it; the next stream builds afresh.
+            self.switch
+                .destroy(&old.link, old.circ, DestroyReason::Finished);
+            return Ok(0);
+        }
+        let exit = *old.path.last().expect("a path has an exit");
+        let new = self
+            .build(&old.route, Some(exit), avoid)
+            .await
+            .map_err(|f| f.err.to_string())?;
+        let new_end = new.endpoint().ok_or("new circuit closed")?;
+        self.pool.lock().await.push(new.clone());
+        let mut failed = None;
+        let mut moved = 0;
+        for s in streams {
+            match s.move_to(&new_end).await {
+                Ok(()) => moved += 1,
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        self.stats
+            .streams_moved
+            .fetch_add(moved as u64, Ordering::Relaxed);
+        if let Some(e) = failed {
+            return Err(format!("{moved} streams moved, one failed: {e}"));
+        }
+        info!(
+            from = %old.jurisdictions(&self.switch).join(" -> "),
+            to = %new.jurisdictions(&self.switch).join(" -> "),
+            streams = moved,
+            "streams moved to a new circuit"
+        );
+        self.switch
+            .destroy(&old.link, old.circ, DestroyReason::Finished);
+        Ok(moved)
+    }
 }
 
-fn build_failure(hop: NodeId, ev: Option<BuildEvent>) -> OpenError {
-    let why = match ev {
-        Some(BuildEvent::Destroyed(r)) => {
-            format!("hop {hop} destroyed the circuit: {}", r.as_str_name())
+/// A failed build, and whether a hop refused because it is leaving.
+pub(crate) struct Failed {
+    err: OpenError,
+    leaving: bool,
+}
+
+impl From<OpenError> for Failed {
+    fn from(err: OpenError) -> Self {
+        Self {
+            err,
+            leaving: false,
         }
-        Some(other) => format!("hop {hop} answered out of turn: {other:?}"),
-        None => format!("hop {hop}: circuit closed"),
-    };
-    warn!(%why, "circuit build failed");
-    OpenError::Build(why)
+    }
 }

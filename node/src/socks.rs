@@ -1,9 +1,13 @@
 //! The SOCKS5 entry (RFC 1928, CONNECT only; RFC 1929 username/password
-//! accepted). Every read is bounded by the protocol's own one-byte lengths;
+//! carries routing: the username names a tenant (`[[tenants]]`; empty or
+//! `-` for none) and the password holds per-connection options such as
+//! `exclude=PK,AE;exit_in=CA;avoid=FIVE_EYES` — see `routing`). A
+//! connection whose constraints leave no path, or whose options are
+//! malformed, gets reply 0x02 and a log line naming the constraint.
+//! Every read is bounded by the protocol's own one-byte lengths;
 //! a client that sends anything else is told why (where SOCKS has a reply for
 //! it) and closed, and only that connection is affected.
 
-use crate::endpoint::Endpoint;
 use crate::origin::{OpenError, Origin};
 use ferry_proto::pb::EndReason;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -171,7 +175,7 @@ pub async fn send_reply<S: AsyncWrite + Unpin>(s: &mut S, code: u8) -> std::io::
 /// The SOCKS reply for a stream that could not be opened.
 pub fn reply_for(err: &OpenError) -> u8 {
     match err {
-        OpenError::NoPath(_) => reply::NOT_ALLOWED,
+        OpenError::NoPath(_) | OpenError::Options(_) => reply::NOT_ALLOWED,
         OpenError::Build(_) => reply::GENERAL_FAILURE,
         OpenError::Refused { reason, .. } => match reason {
             EndReason::Policy => reply::NOT_ALLOWED,
@@ -220,10 +224,20 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         Err(_) => return warn!(reason = "handshake timed out", "socks connection closed"),
     };
     debug!(host = %req.host, port = req.port, "socks connect");
-    match origin.open_stream(&req.host, req.port).await {
-        Ok((end, parts)) => {
+    let (user, pass) = req.credentials.clone().unwrap_or_default();
+    let tenant = if user == "-" { "" } else { user.as_str() };
+    let route = crate::routing::ConnOptions::parse(&pass)
+        .and_then(|o| origin.switch().cfg.routing.route(tenant, &o))
+        .map(Arc::new)
+        .map_err(|e| OpenError::Options(format!("{e:#}")));
+    let opened = match route {
+        Ok(r) => origin.open_stream(&req.host, req.port, &r).await,
+        Err(e) => Err(e),
+    };
+    match opened {
+        Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
-                Endpoint::run_stream(end, sock, parts).await;
+                crate::endpoint::run_stream(sock, parts).await;
             }
         }
         Err(e) => {

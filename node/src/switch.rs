@@ -34,7 +34,7 @@ enum Slot {
     /// Forward everything to the other side.
     Forward { link: Arc<LinkHandle>, circ: u32 },
     /// We sent CREATE on this side and wait for CREATED.
-    Pending(oneshot::Sender<Result<BytesMut, String>>),
+    Pending(oneshot::Sender<Result<BytesMut, DestroyReason>>),
     /// We are the circuit's tip: we hold a session with its origin.
     Tip(Arc<Endpoint>),
     /// We are the circuit's origin.
@@ -51,6 +51,10 @@ pub struct Switch {
     pub shutdown: CancellationToken,
     /// Known nodes: static peers and advertised ones.
     pub directory: Arc<Directory>,
+    /// Rulings in force.
+    pub rulings: Arc<crate::rulings::Rulings>,
+    /// This node's own state (active, draining, exited).
+    pub state: Arc<crate::state::NodeStateCtl>,
     links: Mutex<HashMap<NodeId, Arc<LinkHandle>>>,
     dial_lock: tokio::sync::Mutex<()>,
     circuits: Mutex<HashMap<(LinkId, u32), Slot>>,
@@ -71,6 +75,8 @@ impl Switch {
         keys: Arc<Keys>,
         cfg: Arc<NodeConfig>,
         directory: Arc<Directory>,
+        rulings: Arc<crate::rulings::Rulings>,
+        state: Arc<crate::state::NodeStateCtl>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let exit = cfg.roles.exit.then(|| {
@@ -78,6 +84,7 @@ impl Switch {
                 policy: cfg.exit_policy.clone(),
                 connect_timeout: cfg.connect_timeout,
                 window: cfg.stream_window,
+                resumables: Default::default(),
             })
         });
         Arc::new(Self {
@@ -85,6 +92,8 @@ impl Switch {
             cfg,
             shutdown,
             directory,
+            rulings,
+            state,
             links: Mutex::new(HashMap::new()),
             dial_lock: tokio::sync::Mutex::new(()),
             circuits: Mutex::new(HashMap::new()),
@@ -186,7 +195,7 @@ impl Switch {
                 link.try_send(destroy_cell(circ, reason));
             }
             Slot::Pending(tx) => {
-                let _ = tx.send(Err(format!("circuit destroyed: {}", reason.as_str_name())));
+                let _ = tx.send(Err(reason));
             }
             Slot::Tip(end) => end.close(reason),
             Slot::Origin(oc) => oc.close(reason),
@@ -227,10 +236,10 @@ impl Switch {
                     self.drop_slot(slot, reason);
                 }
             }
-            CellCmd::Created | CellCmd::Control | CellCmd::Relay => {
+            CellCmd::Created | CellCmd::Control | CellCmd::Relay | CellCmd::Notice => {
                 enum Next {
                     Forward(Arc<LinkHandle>, u32),
-                    Created(oneshot::Sender<Result<BytesMut, String>>),
+                    Created(oneshot::Sender<Result<BytesMut, DestroyReason>>),
                     Tip(Arc<Endpoint>),
                     Origin(Arc<OriginCircuit>),
                     None,
@@ -262,6 +271,10 @@ impl Switch {
                         let _ = body.split_to(cellfmt::HEADER_LEN);
                         let _ = tx.send(Ok(body));
                     }
+                    Next::Tip(_) if cmd == CellCmd::Notice => {
+                        // The origin owns the circuit; the exit needs no notice.
+                    }
+                    Next::Origin(_) if cmd == CellCmd::Notice => self.on_notice(&buf),
                     Next::Tip(end) => {
                         let res = if cmd == CellCmd::Relay {
                             end.on_relay(buf)
@@ -297,11 +310,144 @@ impl Switch {
         Ok(())
     }
 
+    /// A hop on one of our circuits says it is draining: remember it until
+    /// its deadline, so the drain planner moves the circuit.
+    fn on_notice(&self, buf: &[u8]) {
+        let Ok(n) = pb::DrainNotice::decode(&buf[cellfmt::HEADER_LEN..]) else {
+            return debug!("undecodable drain notice dropped");
+        };
+        let Ok(id) = <[u8; 32]>::try_from(n.node_id.as_slice()) else {
+            return debug!("drain notice without a node id dropped");
+        };
+        let now = now_ms();
+        let state = if n.until_ms > now {
+            ferry_router::NodeState::Draining {
+                until: ferry_router::Time(n.until_ms),
+            }
+        } else {
+            ferry_router::NodeState::Exited
+        };
+        debug!(node = %NodeId(id).short(), "drain notice received");
+        self.directory
+            .learn(NodeId(id), state, n.until_ms.max(now) + 60_000, now);
+    }
+
+    /// Tells the neighbours on every circuit through this node that it is
+    /// draining until `until_ms` (they pass it on to the owner).
+    pub fn notify_drain(&self, until_ms: u64, reason: &str) {
+        let body = pb::DrainNotice {
+            node_id: self.keys.node_id().0.to_vec(),
+            until_ms,
+            reason: reason.to_string(),
+        }
+        .encode_to_vec();
+        let targets: Vec<(Arc<LinkHandle>, u32)> = {
+            let c = self.circuits.lock().expect("circuits lock");
+            let links = self.links.lock().expect("links lock");
+            c.iter()
+                .filter(|(_, s)| matches!(s, Slot::Forward { .. } | Slot::Tip(_)))
+                .filter_map(|((lid, circ), _)| {
+                    links
+                        .values()
+                        .find(|l| l.id == *lid)
+                        .map(|l| (l.clone(), *circ))
+                })
+                .collect()
+        };
+        for (link, circ) in &targets {
+            link.try_send(cell(*circ, CellCmd::Notice, &body));
+        }
+        debug!(circuits = targets.len(), "drain notices sent");
+    }
+
+    /// Circuits this node carries for others: relayed, or as their tip
+    /// (the exit). Its own circuits, as an entry, are the origin's.
+    pub fn circuit_count(&self) -> usize {
+        let c = self.circuits.lock().expect("circuits lock");
+        let forwards = c
+            .values()
+            .filter(|s| matches!(s, Slot::Forward { .. }))
+            .count();
+        let tips = c.values().filter(|s| matches!(s, Slot::Tip(_))).count();
+        forwards / 2 + tips
+    }
+
+    /// Circuit sides on this node by the neighbour's jurisdiction.
+    pub fn circuit_neighbours(&self) -> std::collections::BTreeMap<String, usize> {
+        let links: HashMap<LinkId, NodeId> = self
+            .links
+            .lock()
+            .expect("links lock")
+            .values()
+            .map(|l| (l.id, l.peer))
+            .collect();
+        let keys: Vec<LinkId> = self
+            .circuits
+            .lock()
+            .expect("circuits lock")
+            .keys()
+            .map(|(l, _)| *l)
+            .collect();
+        let mut out = std::collections::BTreeMap::new();
+        for l in keys {
+            let j = links
+                .get(&l)
+                .and_then(|p| self.peer(p))
+                .map(|p| p.jurisdiction.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            *out.entry(j).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Destroys every circuit (the node reached its exit date); links stay.
+    pub fn destroy_all(&self, reason: DestroyReason) -> usize {
+        let all: Vec<((LinkId, u32), Slot)> = self
+            .circuits
+            .lock()
+            .expect("circuits lock")
+            .drain()
+            .collect();
+        let links: HashMap<LinkId, Arc<LinkHandle>> = self
+            .links
+            .lock()
+            .expect("links lock")
+            .values()
+            .map(|l| (l.id, l.clone()))
+            .collect();
+        let n = all.len();
+        for ((lid, circ), slot) in all {
+            if let Some(l) = links.get(&lid) {
+                l.try_send(destroy_cell(circ, reason));
+            }
+            match slot {
+                Slot::Tip(end) => end.close(reason),
+                Slot::Origin(oc) => oc.close(reason),
+                Slot::Pending(tx) => {
+                    let _ = tx.send(Err(reason));
+                }
+                Slot::Forward { .. } => {}
+            }
+        }
+        n
+    }
+
     fn on_create(self: &Arc<Self>, link: &Arc<LinkHandle>, circ: u32, msg1: &[u8]) {
         let refuse = |why: &str| {
             warn!(circ, reason = why, "circuit refused");
             link.try_send(destroy_cell(circ, DestroyReason::BuildFailed));
         };
+        let st = self.state.current();
+        if st.state != ferry_router::NodeState::Active {
+            let reason = if st.state == ferry_router::NodeState::Exited {
+                DestroyReason::Exited
+            } else {
+                DestroyReason::Draining
+            };
+            debug!(circ, state = st.name(), "new circuit refused: node is leaving");
+            link.try_send(destroy_cell(circ, reason));
+            return;
+        }
         if !(self.cfg.roles.relay || self.cfg.roles.exit) {
             return refuse("this node has neither the relay nor the exit role");
         }
@@ -402,10 +548,16 @@ impl Switch {
         let answer = tokio::time::timeout(self.cfg.build_timeout, rx).await;
         let msg2 = match answer {
             Ok(Ok(Ok(msg2))) => msg2,
+            Ok(Ok(Err(why @ (DestroyReason::Draining | DestroyReason::Exited)))) => {
+                return Err((
+                    RefusalReason::Draining,
+                    format!("node {next} is leaving: {}", why.as_str_name()),
+                ));
+            }
             Ok(Ok(Err(why))) => {
                 return Err((
                     RefusalReason::Unreachable,
-                    format!("node {next} refused: {why}"),
+                    format!("node {next} refused: {}", why.as_str_name()),
                 ));
             }
             Ok(Err(_)) | Err(_) => {

@@ -23,6 +23,9 @@ pub enum CellCmd {
     Relay = 4,
     /// Either way: tear the circuit down. Body: plaintext `pb::Destroy`.
     Destroy = 5,
+    /// Hop → neighbours: the hop is draining. Body: plaintext
+    /// `pb::DrainNotice`. Relays forward it like RELAY cells.
+    Notice = 6,
 }
 
 impl CellCmd {
@@ -34,6 +37,7 @@ impl CellCmd {
             3 => CellCmd::Control,
             4 => CellCmd::Relay,
             5 => CellCmd::Destroy,
+            6 => CellCmd::Notice,
             code => {
                 return Err(DecodeError::UnknownCode {
                     what: "cell command",
@@ -51,6 +55,7 @@ impl CellCmd {
             CellCmd::Control => "control",
             CellCmd::Relay => "relay",
             CellCmd::Destroy => "destroy",
+            CellCmd::Notice => "notice",
         }
     }
 }

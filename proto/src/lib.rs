@@ -24,8 +24,10 @@ pub const MAX_CELL: usize = MAX_NOISE_MESSAGE - TAG_LEN;
 pub const MAX_CELL_BODY: usize = MAX_CELL - cell::HEADER_LEN;
 /// Largest plaintext inside the end-to-end session (one stream message).
 pub const MAX_STREAM_MSG: usize = MAX_CELL_BODY - TAG_LEN;
-/// Largest payload of one stream DATA message.
+/// Largest body of one stream message.
 pub const MAX_STREAM_DATA: usize = MAX_STREAM_MSG - stream::HEADER_LEN;
+/// Largest payload of one DATA message (its body less the offset).
+pub const MAX_DATA_PAYLOAD: usize = MAX_STREAM_DATA - stream::DATA_OFFSET_LEN;
 
 /// Decoding failure of a cell, stream message or protobuf body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

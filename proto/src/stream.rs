@@ -1,12 +1,18 @@
 //! Stream messages: the plaintext inside the end-to-end session.
 //!
-//! Layout: `kind: u8 | stream_id: u32 BE | body`. DATA bodies are raw bytes;
-//! WINDOW bodies are a `u32` BE credit in bytes; the others are protobuf.
+//! Layout: `kind: u8 | stream_id: u32 BE | body`. DATA bodies are the
+//! stream offset of their first byte (`u64` BE) and then raw bytes; WINDOW
+//! bodies are the absolute count of bytes the receiver has consumed (`u64`
+//! BE); the others are protobuf. Offsets and absolute acknowledgements make a
+//! stream independent of the circuit under it: after a move, each side
+//! resends exactly what the other has not received (see `pb::Resume`).
 
 use crate::{DecodeError, MAX_STREAM_MSG};
 
 /// Bytes of the stream message header.
 pub const HEADER_LEN: usize = 5;
+/// Bytes of a DATA message's offset, before its payload.
+pub const DATA_OFFSET_LEN: usize = 8;
 
 /// What a stream message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,12 +22,16 @@ pub enum StreamKind {
     Begin = 1,
     /// Exit → origin: connected. Body: `pb::Connected`.
     Connected = 2,
-    /// Either way: payload bytes.
+    /// Either way: payload bytes, after their stream offset (`u64` BE).
     Data = 3,
-    /// Either way: the receiver consumed this many more bytes (`u32` BE).
+    /// Either way: the receiver has consumed this many bytes in all (`u64` BE).
     Window = 4,
     /// Either way: no more data, and why. Body: `pb::End`.
     End = 5,
+    /// Origin → exit: move a stream onto this circuit. Body: `pb::Resume`.
+    Resume = 6,
+    /// Exit → origin: moved. Body: `pb::Resumed`.
+    Resumed = 7,
 }
 
 impl StreamKind {
@@ -33,6 +43,8 @@ impl StreamKind {
             3 => StreamKind::Data,
             4 => StreamKind::Window,
             5 => StreamKind::End,
+            6 => StreamKind::Resume,
+            7 => StreamKind::Resumed,
             code => {
                 return Err(DecodeError::UnknownCode {
                     what: "stream message",
@@ -78,16 +90,31 @@ impl<'a> StreamMsg<'a> {
         })
     }
 
-    /// The WINDOW credit, if this is a well-formed WINDOW message.
-    pub fn window_credit(&self) -> Result<u32, DecodeError> {
-        match self.body {
-            [a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
-            body => Err(DecodeError::Truncated {
-                what: "window credit",
-                len: body.len(),
-                need: 4,
+    /// The WINDOW acknowledgement (bytes consumed in all), if this is a
+    /// well-formed WINDOW message.
+    pub fn window_ack(&self) -> Result<u64, DecodeError> {
+        match <[u8; 8]>::try_from(self.body) {
+            Ok(b) => Ok(u64::from_be_bytes(b)),
+            Err(_) => Err(DecodeError::Truncated {
+                what: "window acknowledgement",
+                len: self.body.len(),
+                need: 8,
             }),
         }
+    }
+
+    /// A DATA message's offset and payload.
+    pub fn data(&self) -> Result<(u64, &'a [u8]), DecodeError> {
+        if self.body.len() < DATA_OFFSET_LEN {
+            return Err(DecodeError::Truncated {
+                what: "data offset",
+                len: self.body.len(),
+                need: DATA_OFFSET_LEN,
+            });
+        }
+        let (off, payload) = self.body.split_at(DATA_OFFSET_LEN);
+        let off: [u8; 8] = off.try_into().expect("8 bytes");
+        Ok((u64::from_be_bytes(off), payload))
     }
 
     /// Appends the message to `out`.
@@ -117,6 +144,8 @@ mod tests {
             Just(StreamKind::Data),
             Just(StreamKind::Window),
             Just(StreamKind::End),
+            Just(StreamKind::Resume),
+            Just(StreamKind::Resumed),
         ]
     }
 
@@ -151,19 +180,37 @@ mod tests {
     }
 
     #[test]
-    fn window_credit_needs_four_bytes() {
+    fn window_ack_needs_eight_bytes() {
         let msg = StreamMsg {
+            kind: StreamKind::Window,
+            stream_id: 1,
+            body: &[0, 0, 0, 1, 0, 0, 0, 0],
+        };
+        assert_eq!(msg.window_ack(), Ok(1 << 32));
+        let bad = StreamMsg {
             kind: StreamKind::Window,
             stream_id: 1,
             body: &[0, 1, 0, 0],
         };
-        assert_eq!(msg.window_credit(), Ok(65536));
-        let bad = StreamMsg {
-            kind: StreamKind::Window,
-            stream_id: 1,
-            body: &[1],
+        assert!(bad.window_ack().is_err());
+    }
+
+    #[test]
+    fn data_carries_its_offset() {
+        let mut body = 77u64.to_be_bytes().to_vec();
+        body.extend_from_slice(b"abc");
+        let msg = StreamMsg {
+            kind: StreamKind::Data,
+            stream_id: 9,
+            body: &body,
         };
-        assert!(bad.window_credit().is_err());
+        assert_eq!(msg.data(), Ok((77, &b"abc"[..])));
+        let short = StreamMsg {
+            kind: StreamKind::Data,
+            stream_id: 9,
+            body: &body[..7],
+        };
+        assert!(short.data().is_err());
     }
 
     #[test]

@@ -58,29 +58,7 @@ impl Constraints {
     ) -> Result<Resolved, RouterError> {
         let t = tenant.resolve(blocs, default_hops)?;
         let c = conn.resolve(blocs, t.hops)?;
-        let mut exclude = t.exclude;
-        exclude.extend(&c.exclude);
-        let mut avoid_transit = t.avoid_transit;
-        avoid_transit.extend(&c.avoid_transit);
-        let exit_in = match (t.exit_in, c.exit_in) {
-            (Some(a), Some(b)) => Some(a.intersect(&b)),
-            (a, b) => a.or(b),
-        };
-        let text = [t.text, c.text]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
-        Ok(Resolved {
-            exclude,
-            exit_in,
-            avoid_transit,
-            hops: c.hops,
-            allow_unknown: t.allow_unknown && c.allow_unknown,
-            diverse_jurisdiction: t.diverse_jurisdiction || c.diverse_jurisdiction,
-            diverse_family: t.diverse_family || c.diverse_family,
-            text,
-        })
+        Ok(t.and(c))
     }
 
     /// Resolves regions to jurisdiction sets.
@@ -150,6 +128,40 @@ pub struct Resolved {
 }
 
 impl Resolved {
+    /// Both sets of demands at once (`more` is the more specific one):
+    /// excludes add up, exit sets intersect, `more`'s hop count wins, and a
+    /// relaxation holds only if both allow it.
+    pub fn and(self, more: Resolved) -> Resolved {
+        let mut exclude = self.exclude;
+        exclude.extend(&more.exclude);
+        let mut avoid_transit = self.avoid_transit;
+        avoid_transit.extend(&more.avoid_transit);
+        let exit_in = match (self.exit_in, more.exit_in) {
+            (Some(a), Some(b)) => Some(a.intersect(&b)),
+            (a, b) => a.or(b),
+        };
+        let text = [self.text, more.text]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Resolved {
+            exclude,
+            exit_in,
+            avoid_transit,
+            hops: more.hops,
+            allow_unknown: self.allow_unknown && more.allow_unknown,
+            diverse_jurisdiction: self.diverse_jurisdiction || more.diverse_jurisdiction,
+            diverse_family: self.diverse_family || more.diverse_family,
+            text,
+        }
+    }
+
+    /// The constraints as written (`exclude=PK exit_in=CA`), for logs.
+    pub fn describe(&self) -> &str {
+        &self.text
+    }
+
     /// Defaults: `hops` hops, diversity on, unknown jurisdictions excluded.
     pub fn defaults(hops: usize) -> Self {
         Constraints {
@@ -230,6 +242,21 @@ pub struct NoPath {
 pub struct PathRequest {
     /// The origin, if it is itself a mesh node: never chosen as a hop.
     pub origin: Option<NodeId>,
+    /// The exit the path must end at (moving streams keeps their exit,
+    /// because their TCP connections live there).
+    pub exit: Option<NodeId>,
+    /// Nodes no hop may be (a drain plan's avoid list).
+    pub avoid: Vec<NodeId>,
+}
+
+impl PathRequest {
+    fn allowed(&self, n: &NodeInfo) -> bool {
+        Some(n.id) != self.origin && !self.avoid.contains(&n.id)
+    }
+
+    fn exit_allowed(&self, n: &NodeInfo) -> bool {
+        self.allowed(n) && self.exit.is_none_or(|x| x == n.id)
+    }
 }
 
 struct Weighted {
@@ -350,19 +377,31 @@ impl PathIndex {
 
     /// The fast path: weighted sampling with rejection; no allocation.
     fn sample<R: Rng>(&self, c: &Resolved, req: &PathRequest, rng: &mut R) -> Option<Path> {
-        let not_origin = |n: &NodeInfo| Some(n.id) != req.origin;
         let mut chosen: [&NodeInfo; MAX_HOPS] = [self.nodes.first()?; MAX_HOPS];
+        let fixed_exit = match req.exit {
+            Some(x) => Some(
+                self.exits
+                    .idx
+                    .iter()
+                    .map(|&i| &self.nodes[i as usize])
+                    .find(|n| n.id == x && req.exit_allowed(n) && c.exit_ok(n))?,
+            ),
+            None => None,
+        };
         'round: for _ in 0..ROUNDS {
-            let exit = (0..TRIES_PER_HOP).find_map(|_| {
-                let n = &self.nodes[self.exits.sample(rng)? as usize];
-                (not_origin(n) && c.exit_ok(n)).then_some(n)
-            })?;
+            let exit = match fixed_exit {
+                Some(n) => n,
+                None => (0..TRIES_PER_HOP).find_map(|_| {
+                    let n = &self.nodes[self.exits.sample(rng)? as usize];
+                    (req.exit_allowed(n) && c.exit_ok(n)).then_some(n)
+                })?,
+            };
             chosen[c.hops - 1] = exit;
             for h in (0..c.hops - 1).rev() {
                 let placed = &chosen[h + 1..c.hops];
                 let relay = (0..TRIES_PER_HOP).find_map(|_| {
                     let n = &self.nodes[self.relays.sample(rng)? as usize];
-                    (not_origin(n) && c.relay_ok(n) && c.diverse(n, placed)).then_some(n)
+                    (req.allowed(n) && c.relay_ok(n) && c.diverse(n, placed)).then_some(n)
                 });
                 match relay {
                     Some(n) => chosen[h] = n,
@@ -383,22 +422,19 @@ impl PathIndex {
 
     /// The exact path: depth-first over every candidate, in random order.
     fn search<R: Rng>(&self, c: &Resolved, req: &PathRequest, rng: &mut R) -> Result<Path, NoPath> {
-        let not_origin = |n: &&NodeInfo| Some(n.id) != req.origin;
         let mut exits: Vec<&NodeInfo> = self
             .exits
             .idx
             .iter()
             .map(|&i| &self.nodes[i as usize])
-            .filter(not_origin)
-            .filter(|n| c.exit_ok(n))
+            .filter(|n| req.exit_allowed(n) && c.exit_ok(n))
             .collect();
         let mut relays: Vec<&NodeInfo> = self
             .relays
             .idx
             .iter()
             .map(|&i| &self.nodes[i as usize])
-            .filter(not_origin)
-            .filter(|n| c.relay_ok(n))
+            .filter(|n| req.allowed(n) && c.relay_ok(n))
             .collect();
         exits.shuffle(rng);
         relays.shuffle(rng);
@@ -450,6 +486,8 @@ impl PathIndex {
             }
             if Some(n.id) == req.origin {
                 note("the origin itself".into(), n);
+            } else if req.avoid.contains(&n.id) {
+                note("avoided (draining)".into(), n);
             } else if n.jurisdiction.is_none() && !c.allow_unknown {
                 note("unknown jurisdiction (fail closed)".into(), n);
             } else if n.jurisdiction.is_some_and(|j| c.exclude.contains(j)) {
@@ -459,6 +497,9 @@ impl PathIndex {
             }
         }
         let mut why = format!("{} nodes known", self.nodes.len());
+        if let Some(x) = req.exit {
+            let _ = write!(why, "; exit fixed to {}", x.short());
+        }
         for (reason, ids) in &removed {
             let shown: Vec<&str> = ids.iter().take(5).map(String::as_str).collect();
             let more = if ids.len() > 5 {

@@ -217,11 +217,14 @@ proptest! {
     #![proptest_config(config())]
 
     /// A path comes back exactly when brute force finds one; every returned
-    /// path uses only usable nodes and keeps every constraint and diversity.
+    /// path uses only usable nodes and keeps every constraint and diversity,
+    /// the fixed exit if one is asked for, and the avoid list.
     #[test]
     fn paths_are_exact_and_keep_every_rule(
         nodes in arb_mesh(), rulings in arb_rulings(), c in arb_constraints(),
         scope in arb_traffic(), t in 0u64..1200, seed: u64, origin_idx in 0usize..12,
+        exit_idx in prop::option::weighted(0.3, 0usize..12),
+        avoid_idx in prop::collection::vec(0usize..12, 0..3),
     ) {
         let t = Time(t);
         let view = MeshView::new(nodes.clone());
@@ -229,8 +232,15 @@ proptest! {
         let origin = nodes.get(origin_idx).map(|n| n.id);
         let resolved = c.resolve(&Blocs::builtin(), 3).unwrap();
         let hops = c.hops.unwrap();
-        let got = select_path(&view, &set, &scope, t, &resolved, &PathRequest { origin }, &mut StdRng::seed_from_u64(seed));
-        let ok = |n: &NodeInfo, last: bool| Some(n.id) != origin && usable(n, &rulings, &scope, t) && hop_allowed(n, &c, last);
+        let exit = exit_idx.and_then(|i| nodes.get(i)).map(|n| n.id);
+        let avoid: Vec<NodeId> = avoid_idx.iter().filter_map(|&i| nodes.get(i)).map(|n| n.id).collect();
+        let req = PathRequest { origin, exit, avoid: avoid.clone() };
+        let got = select_path(&view, &set, &scope, t, &resolved, &req, &mut StdRng::seed_from_u64(seed));
+        let ok = |n: &NodeInfo, last: bool| Some(n.id) != origin
+            && !avoid.contains(&n.id)
+            && (!last || exit.is_none_or(|x| x == n.id))
+            && usable(n, &rulings, &scope, t)
+            && hop_allowed(n, &c, last);
         let exists = brute_force(&nodes, &ok, &c, hops);
         prop_assert_eq!(got.is_ok(), exists, "{:?}", got);
         match got {

@@ -251,6 +251,11 @@ pub struct Options {
     pub advert_ttl_secs: u64,
     /// Advertised capacity of every node, Mbit/s.
     pub capacity_mbps: u32,
+    /// `[drain]` settings: grace, margin, migration (seconds).
+    pub drain_secs: (u64, u64, u64),
+    /// Specs (by index) prepared but not started: [`Mesh::start_held`]
+    /// starts them later (late joiners in gossip mode).
+    pub hold: Vec<usize>,
 }
 
 impl Default for Options {
@@ -264,6 +269,8 @@ impl Default for Options {
             authority_keys: Vec::new(),
             advert_ttl_secs: 30,
             capacity_mbps: 1000,
+            drain_secs: (30, 10, 5),
+            hold: Vec::new(),
         }
     }
 }
@@ -276,7 +283,60 @@ pub struct Mesh {
     pub entry: Proc,
     /// Everything the taps saw, if tapped.
     pub tapped: Arc<Mutex<Vec<u8>>>,
+    held: Vec<Held>,
     _dir: tempfile::TempDir,
+}
+
+/// A node prepared but not started.
+struct Held {
+    dir: PathBuf,
+    block: String,
+    link: Option<SocketAddr>,
+    admin: SocketAddr,
+    mesh: SocketAddr,
+    jurisdiction: String,
+}
+
+fn launch(
+    dir: PathBuf,
+    block: &str,
+    link: Option<SocketAddr>,
+    socks: Option<SocketAddr>,
+    admin: SocketAddr,
+    mesh: SocketAddr,
+    jurisdiction: String,
+) -> Result<Proc> {
+    let cfg = dir.join("ferry.toml");
+    let cfg = cfg.to_str().unwrap();
+    let args: Vec<&str> = if socks.is_some() {
+        vec!["connect", "--config", cfg]
+    } else {
+        vec!["node", "--config", cfg]
+    };
+    let mut child = spawn(&dir, &args)?;
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    wait_ready(&mut child).with_context(|| {
+        format!(
+            "starting {}: {}",
+            jurisdiction,
+            std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+        )
+    })?;
+    let id = field(block, "id")?;
+    let mut noise_key = [0u8; 32];
+    hex::decode_to_slice(field(block, "noise_key")?, &mut noise_key)?;
+    Ok(Proc {
+        id,
+        noise_key,
+        jurisdiction,
+        link,
+        socks,
+        admin,
+        mesh,
+        dir,
+        args,
+        child,
+    })
 }
 
 /// Runs `ferry` with `args` to completion; its standard output.
@@ -425,6 +485,13 @@ impl Mesh {
             if opts.allow_private {
                 text = text.replace("allow_private = false", "allow_private = true");
             }
+            let (grace, margin, migration) = opts.drain_secs;
+            text = text.replace("grace_secs = 30", &format!("grace_secs = {grace}"));
+            text = text.replace("margin_secs = 10", &format!("margin_secs = {margin}"));
+            text = text.replace(
+                "migration_secs = 5",
+                &format!("migration_secs = {migration}"),
+            );
             for (j, o) in members.iter().enumerate() {
                 if i != j && !opts.gossip {
                     text.push('\n');
@@ -438,46 +505,54 @@ impl Mesh {
             std::fs::write(&cfg, text)?;
         }
         let mut procs = Vec::new();
-        for m in members {
-            let cfg = m.dir.join("ferry.toml");
-            let cfg = cfg.to_str().unwrap();
-            let args: Vec<&str> = if m.socks.is_some() {
-                vec!["connect", "--config", cfg]
-            } else {
-                vec!["node", "--config", cfg]
-            };
-            let mut child = spawn(&m.dir, &args)?;
-            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            wait_ready(&mut child).with_context(|| {
-                format!(
-                    "starting {}: {}",
-                    m.jurisdiction,
-                    std::fs::read_to_string(m.dir.join("stderr.log")).unwrap_or_default()
-                )
-            })?;
-            let id = field(&m.block, "id")?;
-            let mut noise_key = [0u8; 32];
-            hex::decode_to_slice(field(&m.block, "noise_key")?, &mut noise_key)?;
-            procs.push(Proc {
-                id,
-                noise_key,
-                jurisdiction: m.jurisdiction,
-                link: m.link,
-                socks: m.socks,
-                admin: m.admin,
-                mesh: m.mesh,
-                dir: m.dir,
-                args,
-                child,
-            });
+        let mut held = Vec::new();
+        for (i, m) in members.into_iter().enumerate() {
+            if opts.hold.contains(&i) {
+                held.push(Held {
+                    dir: m.dir,
+                    block: m.block,
+                    link: m.link,
+                    admin: m.admin,
+                    mesh: m.mesh,
+                    jurisdiction: m.jurisdiction,
+                });
+                continue;
+            }
+            procs.push(launch(
+                m.dir,
+                &m.block,
+                m.link,
+                m.socks,
+                m.admin,
+                m.mesh,
+                m.jurisdiction,
+            )?);
         }
         let entry = procs.pop().expect("entry");
         Ok(Mesh {
             nodes: procs,
             entry,
             tapped,
+            held,
             _dir: root,
         })
+    }
+
+    /// Starts the held nodes; they are appended to `nodes`.
+    pub fn start_held(&mut self) -> Result<()> {
+        for h in std::mem::take(&mut self.held) {
+            let p = launch(h.dir, &h.block, h.link, None, h.admin, h.mesh, h.jurisdiction)?;
+            self.nodes.push(p);
+        }
+        Ok(())
+    }
+
+    /// The first running node in `jurisdiction`.
+    pub fn node(&self, jurisdiction: &str) -> &Proc {
+        self.nodes
+            .iter()
+            .find(|p| p.jurisdiction == jurisdiction)
+            .unwrap_or_else(|| panic!("no running node in {jurisdiction}"))
     }
 
     /// The entry's SOCKS5 address.
@@ -534,13 +609,36 @@ pub async fn socks_connect(
     host: &str,
     port: u16,
 ) -> Result<std::result::Result<TcpStream, u8>> {
+    socks_connect_as(socks, host, port, None).await
+}
+
+/// [`socks_connect`] with RFC 1929 credentials: (tenant, options).
+pub async fn socks_connect_as(
+    socks: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> Result<std::result::Result<TcpStream, u8>> {
     let mut s = TcpStream::connect(socks).await?;
     s.set_nodelay(true)?;
-    s.write_all(&[5, 1, 0]).await?;
+    let method = if auth.is_some() { 2 } else { 0 };
+    s.write_all(&[5, 1, method]).await?;
     let mut m = [0u8; 2];
     s.read_exact(&mut m).await?;
-    if m != [5, 0] {
+    if m != [5, method] {
         bail!("method selection answered {m:?}");
+    }
+    if let Some((u, p)) = auth {
+        let mut a = vec![1, u.len() as u8];
+        a.extend_from_slice(u.as_bytes());
+        a.push(p.len() as u8);
+        a.extend_from_slice(p.as_bytes());
+        s.write_all(&a).await?;
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r).await?;
+        if r != [1, 0] {
+            bail!("authentication answered {r:?}");
+        }
     }
     let mut req = vec![5, 1, 0, 3, host.len() as u8];
     req.extend_from_slice(host.as_bytes());
@@ -596,10 +694,30 @@ pub async fn send_pattern<W: AsyncWriteExt + Unpin>(
     seed: u64,
     len: usize,
 ) -> Result<()> {
+    send_pattern_paced(w, seed, len, None).await
+}
+
+/// [`send_pattern`] at about `rate` bytes per second, if given: 64 KiB
+/// every tick of a tokio interval (a bounded loop: `len` bytes).
+pub async fn send_pattern_paced<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    seed: u64,
+    len: usize,
+    rate: Option<u64>,
+) -> Result<()> {
     let mut p = Pattern::new(seed);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut tick = rate.map(|r| {
+        let per = Duration::from_secs_f64(buf.len() as f64 / r.max(1) as f64);
+        let mut t = tokio::time::interval(per);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     let mut left = len;
     while left > 0 {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
         let n = left.min(buf.len());
         p.fill(&mut buf[..n]);
         w.write_all(&buf[..n]).await?;
@@ -632,6 +750,16 @@ pub async fn pattern_server() -> Result<(
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(u64, usize, [u8; 32])>,
 )> {
+    pattern_server_paced(None).await
+}
+
+/// [`pattern_server`] sending at about `rate` bytes per second.
+pub async fn pattern_server_paced(
+    rate: Option<u64>,
+) -> Result<(
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, usize, [u8; 32])>,
+)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -646,8 +774,10 @@ pub async fn pattern_server() -> Result<(
                 }
                 let seed = u64::from_be_bytes(head[..8].try_into().unwrap());
                 let len = u64::from_be_bytes(head[8..].try_into().unwrap()) as usize;
-                let (up, down) =
-                    tokio::join!(read_digest(&mut r), send_pattern(&mut w, seed + 1, len));
+                let (up, down) = tokio::join!(
+                    read_digest(&mut r),
+                    send_pattern_paced(&mut w, seed + 1, len, rate)
+                );
                 if let (Ok((n, d)), Ok(())) = (up, down) {
                     let _ = tx.send((seed, n, d));
                 }

@@ -1,0 +1,609 @@
+//! Jurisdiction-aware routing and graceful drains, with real processes:
+//! rulings signed with the CLI and published through the admin API, gossip
+//! carrying them, long checksummed streams moving off a leaving relay, exits
+//! in a blocked jurisdiction closing at the deadline, amended and lifted
+//! rulings, SIGTERM, and per-connection constraints in SOCKS5 auth.
+
+use ferry_node::authority::{fmt_time, now_ms};
+use ferry_tests::{
+    Mesh, Options, Pattern, Proc, Spec, pattern_server_paced, read_digest, run_ferry,
+    send_pattern_paced, socks_connect_as,
+};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const MIB: usize = 1024 * 1024;
+
+fn spec(jurisdiction: &'static str, roles: &'static str) -> Spec {
+    Spec {
+        jurisdiction,
+        roles,
+    }
+}
+
+/// An authority made with the CLI: (key folder, public key).
+fn authority(dir: &Path) -> (PathBuf, String) {
+    let d = dir.join("authority");
+    run_ferry(&["authority", "keygen", "--out", d.to_str().unwrap()]).unwrap();
+    let public = std::fs::read_to_string(d.join("authority.pub")).unwrap();
+    (d, public.trim().to_string())
+}
+
+/// A ruling on `region`, signed with the CLI.
+struct Ruling<'a> {
+    version: u64,
+    region: &'a str,
+    from_ms: u64,
+    exit_ms: u64,
+    classes: &'a [&'a str],
+    lifted: bool,
+}
+
+fn sign(dir: &Path, key: &Path, r: &Ruling<'_>) -> PathBuf {
+    let src = dir.join(format!("ruling-v{}.toml", r.version));
+    let classes: Vec<String> = r.classes.iter().map(|c| format!("\"{c}\"")).collect();
+    std::fs::write(
+        &src,
+        format!(
+            "id = \"test-{region}\"\nversion = {v}\nregion = \"{region}\"\nblocked_from = \"{from}\"\n\
+             exit_by = \"{exit}\"\nclasses = [{classes}]\nreason = \"test order\"\nlifted = {lifted}\n",
+            region = r.region,
+            v = r.version,
+            from = fmt_time(r.from_ms),
+            exit = fmt_time(r.exit_ms),
+            classes = classes.join(", "),
+            lifted = r.lifted,
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("ruling-v{}.signed.json", r.version));
+    run_ferry(&[
+        "policy",
+        "sign",
+        "--key",
+        key.join("authority.key").to_str().unwrap(),
+        "--in",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    out
+}
+
+fn publish(node: &Proc, file: &Path) {
+    run_ferry(&[
+        "policy",
+        "publish",
+        "--admin",
+        &node.admin.to_string(),
+        file.to_str().unwrap(),
+    ])
+    .unwrap();
+}
+
+fn knows(v: &Value, jurisdictions: &[&str]) -> bool {
+    let have: Vec<&str> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["state"] == "active")
+        .filter_map(|p| p["jurisdiction"].as_str())
+        .collect();
+    jurisdictions.iter().all(|j| have.contains(j))
+}
+
+/// The entry's own circuits: (path by jurisdiction, streams, built at).
+fn circuits(v: &Value) -> Vec<(Vec<String>, u64, u64)> {
+    v["origin"]["circuits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let path = c["path"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect();
+            (
+                path,
+                c["streams"].as_u64().unwrap_or(0),
+                c["built_at_ms"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// A checksummed transfer both ways through the entry: `len` bytes each
+/// way, both directions paced at `rate`. Returns the download check.
+fn transfer(
+    socks: SocketAddr,
+    target: SocketAddr,
+    seed: u64,
+    len: usize,
+    rate: Option<u64>,
+    auth: Option<(&'static str, &'static str)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let s = socks_connect_as(socks, "127.0.0.1", target.port(), auth)
+            .await
+            .unwrap()
+            .expect("SOCKS success");
+        let (mut r, mut w) = s.into_split();
+        let mut head = seed.to_be_bytes().to_vec();
+        head.extend_from_slice(&(len as u64).to_be_bytes());
+        w.write_all(&head).await.unwrap();
+        let (down, up) = tokio::join!(
+            read_digest(&mut r),
+            send_pattern_paced(&mut w, seed, len, rate)
+        );
+        up.unwrap();
+        let (n, digest) = down.unwrap();
+        assert_eq!(n, len, "stream {seed}: download length");
+        assert!(
+            digest == Pattern::digest(seed + 1, len),
+            "stream {seed}: download corrupted"
+        );
+    })
+}
+
+/// Waits for the tasks, then checks each upload the server hashed.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    uploads: &mut UnboundedReceiver<(u64, usize, [u8; 32])>,
+    len: usize,
+) {
+    let n = tasks.len();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("transfer finished in time")
+            .unwrap();
+    }
+    for _ in 0..n {
+        let (seed, got, digest) = tokio::time::timeout(Duration::from_secs(30), uploads.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, len, "stream {seed}: upload length");
+        assert!(
+            digest == Pattern::digest(seed, len),
+            "stream {seed}: upload corrupted"
+        );
+    }
+}
+
+fn gossip_opts(public: String, drain_secs: (u64, u64, u64), hold: Vec<usize>) -> Options {
+    Options {
+        hops: 2,
+        gossip: true,
+        authority_keys: vec![public],
+        advert_ttl_secs: 3,
+        drain_secs,
+        hold,
+        ..Options::default()
+    }
+}
+
+/// Waits until `t` (ms since the epoch).
+async fn until(t: u64) {
+    let now = now_ms();
+    if t > now {
+        tokio::time::sleep(Duration::from_millis(t - now)).await;
+    }
+}
+
+/// After the exit date, no node has a circuit touching PK, PK holds none,
+/// says it exited, and forwards nothing.
+fn assert_pk_left(mesh: &Mesh) {
+    let pk = mesh.node("PK");
+    let v = pk
+        .wait_status("PK exited with no circuits", Duration::from_secs(5), |v| {
+            v["state"] == "exited" && v["circuits"] == 0
+        })
+        .unwrap();
+    let before = v["link_bytes_out"].as_u64().unwrap();
+    for p in mesh.nodes.iter().chain([&mesh.entry]) {
+        let v = p.status().unwrap();
+        assert!(
+            v["circuit_neighbours"].get("PK").is_none(),
+            "{}: circuits still touch PK: {}",
+            p.jurisdiction,
+            v["circuit_neighbours"]
+        );
+        for (path, ..) in circuits(&v) {
+            assert!(!path.contains(&"PK".to_string()), "entry circuit {path:?}");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = pk.status().unwrap()["link_bytes_out"].as_u64().unwrap();
+    assert_eq!(before, after, "PK forwarded data after its exit date");
+    assert_eq!(pk.status().unwrap()["state"], "exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = authority(keys.path());
+    // PK is the only relay at first, so the streams start through it; DE
+    // joins later and takes them over.
+    let specs = [spec("CA", "exit"), spec("PK", "relay"), spec("DE", "relay")];
+    let mut mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![2])).unwrap();
+    mesh.entry
+        .wait_status("entry knows CA and PK", Duration::from_secs(30), |v| {
+            knows(v, &["CA", "PK"])
+        })
+        .unwrap();
+    let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
+    let len = 50 * MIB;
+    let tasks: Vec<_> = (0..2)
+        .map(|i| transfer(mesh.socks(), target, i * 10, len, Some(4 * MIB as u64), None))
+        .collect();
+    mesh.entry
+        .wait_status("streams run through PK", Duration::from_secs(20), |v| {
+            circuits(v)
+                .iter()
+                .any(|(p, n, _)| p == &["PK", "CA"] && *n == 2)
+        })
+        .unwrap();
+    mesh.start_held().unwrap();
+    mesh.entry
+        .wait_status("entry knows DE", Duration::from_secs(30), |v| {
+            knows(v, &["DE"])
+        })
+        .unwrap();
+    let now = now_ms();
+    let (from, exit) = (now + 1_500, now + 10_000);
+    let file = sign(
+        keys.path(),
+        &key,
+        &Ruling {
+            version: 1,
+            region: "PK",
+            from_ms: from,
+            exit_ms: exit,
+            classes: &[],
+            lifted: false,
+        },
+    );
+    publish(&mesh.nodes[0], &file);
+    // New connections after blocked_from never use PK.
+    until(from + 300).await;
+    let short = transfer(mesh.socks(), target, 100, MIB, None, None);
+    tokio::time::timeout(Duration::from_secs(60), short)
+        .await
+        .unwrap()
+        .unwrap();
+    until(exit + 500).await;
+    let v = mesh.entry.status().unwrap();
+    for (path, _, built) in circuits(&v) {
+        assert!(
+            built < from || !path.contains(&"PK".to_string()),
+            "{path:?} built after blocked_from"
+        );
+    }
+    assert_pk_left(&mesh);
+    finish(tasks, &mut uploads, len).await;
+    let _ = uploads.recv().await; // the short transfer's upload
+    let v = mesh.entry.status().unwrap();
+    assert!(
+        v["origin"]["streams_moved"].as_u64().unwrap() >= 2,
+        "{}",
+        v["origin"]
+    );
+    assert!(mesh.entry.log().contains("streams moved to a new circuit"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = authority(keys.path());
+    let specs = [spec("CA", "exit"), spec("PK", "exit"), spec("DE", "relay")];
+    let mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
+    mesh.entry
+        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
+            knows(v, &["CA", "PK", "DE"])
+        })
+        .unwrap();
+    let (target, _uploads) = pattern_server_paced(Some(MIB as u64)).await.unwrap();
+    // A long download through an exit in PK.
+    let s = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", "exit_in=PK")))
+        .await
+        .unwrap()
+        .expect("SOCKS success");
+    let (mut r, mut w) = s.into_split();
+    let mut head = 7u64.to_be_bytes().to_vec();
+    head.extend_from_slice(&(1000 * MIB as u64).to_be_bytes());
+    w.write_all(&head).await.unwrap();
+    let download = tokio::spawn(async move {
+        let res = read_digest(&mut r).await;
+        (res.map(|x| x.0).unwrap_or(0), now_ms())
+    });
+    let now = now_ms();
+    let (from, exit) = (now + 1_000, now + 5_000);
+    let file = sign(
+        keys.path(),
+        &key,
+        &Ruling {
+            version: 1,
+            region: "PK",
+            from_ms: from,
+            exit_ms: exit,
+            classes: &[],
+            lifted: false,
+        },
+    );
+    publish(&mesh.nodes[0], &file);
+    until(from + 300).await;
+    // No new streams to a draining exit: the constraint now has no path.
+    let refused = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", "exit_in=PK")))
+        .await
+        .unwrap();
+    assert_eq!(refused.err(), Some(2), "a new stream to an exit in PK");
+    let (got, closed_at) = tokio::time::timeout(Duration::from_secs(30), download)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got > 0 && got < 1000 * MIB, "got {got} bytes");
+    assert!(closed_at <= exit + 1_500, "closed {} ms after the exit date", closed_at.saturating_sub(exit));
+    let log = mesh.entry.log();
+    assert!(
+        log.contains("its exit is leaving the mesh") || log.contains("EXIT_LEFT"),
+        "no reason in the entry's log:\n{log}"
+    );
+    // Reconnecting gets an allowed exit.
+    let t = transfer(mesh.socks(), target, 20, MIB, None, None);
+    tokio::time::timeout(Duration::from_secs(60), t)
+        .await
+        .unwrap()
+        .unwrap();
+    until(exit + 300).await;
+    assert_pk_left(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = authority(keys.path());
+    let specs = [spec("CA", "exit"), spec("PK", "relay"), spec("DE", "relay")];
+    let mut mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![2])).unwrap();
+    mesh.entry
+        .wait_status("entry knows CA and PK", Duration::from_secs(30), |v| {
+            knows(v, &["CA", "PK"])
+        })
+        .unwrap();
+    let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
+    let len = 50 * MIB;
+    let tasks = vec![transfer(mesh.socks(), target, 30, len, Some(4 * MIB as u64), None)];
+    mesh.entry
+        .wait_status("stream runs through PK", Duration::from_secs(20), |v| {
+            circuits(v).iter().any(|(p, n, _)| p == &["PK", "CA"] && *n == 1)
+        })
+        .unwrap();
+    mesh.start_held().unwrap();
+    mesh.entry
+        .wait_status("entry knows DE", Duration::from_secs(30), |v| {
+            knows(v, &["DE"])
+        })
+        .unwrap();
+    let now = now_ms();
+    let r1 = Ruling {
+        version: 1,
+        region: "PK",
+        from_ms: now + 500,
+        exit_ms: now + 300_000,
+        classes: &[],
+        lifted: false,
+    };
+    publish(&mesh.nodes[0], &sign(keys.path(), &key, &r1));
+    mesh.node("PK")
+        .wait_status("PK draining", Duration::from_secs(10), |v| v["state"] == "draining")
+        .unwrap();
+    // Amended: the exit date moves to 7 s from now.
+    let exit = now_ms() + 7_000;
+    let r2 = Ruling {
+        version: 2,
+        exit_ms: exit,
+        ..r1
+    };
+    publish(&mesh.nodes[0], &sign(keys.path(), &key, &r2));
+    until(exit + 500).await;
+    assert_pk_left(&mesh);
+    finish(tasks, &mut uploads, len).await;
+    // Lifted: PK serves again.
+    let r3 = Ruling {
+        version: 3,
+        lifted: true,
+        ..r2
+    };
+    publish(&mesh.nodes[0], &sign(keys.path(), &key, &r3));
+    let pk = mesh.node("PK");
+    pk.wait_status("PK active again", Duration::from_secs(10), |v| v["state"] == "active")
+        .unwrap();
+    let ready = ureq::get(&format!("http://{}/readyz", pk.admin)).call();
+    assert!(ready.is_ok(), "readyz after the lift: {ready:?}");
+    mesh.entry
+        .wait_status("entry sees PK active", Duration::from_secs(15), |v| {
+            knows(v, &["PK"])
+        })
+        .unwrap();
+    // Through PK again (DE excluded).
+    let t = transfer(mesh.socks(), target, 40, MIB, None, Some(("", "exclude=DE")));
+    tokio::time::timeout(Duration::from_secs(60), t)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = authority(keys.path());
+    let specs = [spec("CA", "exit"), spec("DE", "relay"), spec("IS", "relay")];
+    let mut mesh = Mesh::start(&specs, &gossip_opts(public, (8, 2, 2), vec![2])).unwrap();
+    mesh.entry
+        .wait_status("entry knows CA and DE", Duration::from_secs(30), |v| {
+            knows(v, &["CA", "DE"])
+        })
+        .unwrap();
+    let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
+    let len = 50 * MIB;
+    let tasks = vec![transfer(mesh.socks(), target, 50, len, Some(4 * MIB as u64), None)];
+    mesh.entry
+        .wait_status("stream runs through DE", Duration::from_secs(20), |v| {
+            circuits(v).iter().any(|(p, n, _)| p == &["DE", "CA"] && *n == 1)
+        })
+        .unwrap();
+    mesh.start_held().unwrap();
+    mesh.entry
+        .wait_status("entry knows IS", Duration::from_secs(30), |v| {
+            knows(v, &["IS"])
+        })
+        .unwrap();
+    let de = mesh.nodes.iter().position(|p| p.jurisdiction == "DE").unwrap();
+    let signalled = Instant::now();
+    mesh.nodes[de].signal("TERM");
+    finish(tasks, &mut uploads, len).await;
+    let v = mesh.entry.status().unwrap();
+    assert!(v["origin"]["streams_moved"].as_u64().unwrap() >= 1, "{}", v["origin"]);
+    // DE stops by itself once nothing is left, within its grace.
+    let mut stopped = false;
+    while signalled.elapsed() < Duration::from_secs(12) {
+        if !mesh.nodes[de].alive() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "DE still running after its grace");
+    let log = mesh.nodes[de].log();
+    assert!(log.contains("SIGTERM: draining"), "{log}");
+    assert!(log.contains("drain finished"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_ruling_leaves_other_traffic_alone() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = authority(keys.path());
+    let specs = [spec("CA", "exit"), spec("PK", "relay"), spec("DE", "relay")];
+    let mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
+    mesh.entry
+        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
+            knows(v, &["CA", "PK", "DE"])
+        })
+        .unwrap();
+    let (target, _uploads) = pattern_server_paced(None).await.unwrap();
+    let now = now_ms();
+    let from = now + 500;
+    let file = sign(
+        keys.path(),
+        &key,
+        &Ruling {
+            version: 1,
+            region: "PK",
+            from_ms: from,
+            exit_ms: now + 120_000,
+            classes: &["enterprise"],
+            lifted: false,
+        },
+    );
+    publish(&mesh.nodes[0], &file);
+    mesh.entry
+        .wait_status("ruling at the entry", Duration::from_secs(10), |v| {
+            v["rulings"].as_array().is_some_and(|r| !r.is_empty())
+        })
+        .unwrap();
+    until(from + 200).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        tasks.push(transfer(mesh.socks(), target, 200 + i, MIB, None, Some(("", "class=enterprise"))));
+        // Other traffic may still cross PK: with DE excluded it must.
+        tasks.push(transfer(mesh.socks(), target, 300 + i, MIB, None, Some(("", "exclude=DE"))));
+    }
+    let v = mesh
+        .entry
+        .wait_status("both kinds of circuits", Duration::from_secs(20), |v| {
+            v["origin"]["circuits"].as_array().is_some_and(|c| c.len() >= 2)
+        })
+        .unwrap();
+    for c in v["origin"]["circuits"].as_array().unwrap() {
+        let path: Vec<&str> = c["path"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
+        if c["class"] == "enterprise" {
+            assert!(!path.contains(&"PK"), "enterprise traffic through PK: {path:?}");
+        } else {
+            assert_eq!(path, ["PK", "CA"]);
+        }
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let pk = mesh.node("PK").status().unwrap();
+    assert_eq!(pk["state"], "active", "a scoped ruling does not drain the node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
+    let specs = [
+        spec("CH", "relay,exit"),
+        spec("DE", "relay"),
+        spec("CA", "exit"),
+        spec("IS", "relay,exit"),
+    ];
+    let mesh = Mesh::start(
+        &specs,
+        &Options {
+            hops: 2,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let (target, _uploads) = pattern_server_paced(None).await.unwrap();
+    let cases: [(&'static str, fn(&[&str]) -> bool); 3] = [
+        ("exit_in=CA", |p| p.last() == Some(&"CA")),
+        ("exclude=DE,IS", |p| !p.contains(&"DE") && !p.contains(&"IS")),
+        ("avoid=EU;exit=IS,CH", |p| {
+            p[0] != "DE" && matches!(p.last(), Some(&"IS") | Some(&"CH"))
+        }),
+    ];
+    for (opts, ok) in cases {
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let s = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("acme", opts)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|code| panic!("{opts}: reply {code}"));
+            let _ = i;
+            held.push(s);
+        }
+        let v = mesh.entry.status().unwrap();
+        for c in v["origin"]["circuits"].as_array().unwrap() {
+            let path: Vec<&str> = c["path"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
+            if c["streams"].as_u64() > Some(0) {
+                assert!(ok(&path), "{opts}: path {path:?}");
+            }
+        }
+        drop(held);
+        mesh.entry
+            .wait_status("streams closed", Duration::from_secs(10), |v| {
+                v["origin"]["circuits"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().all(|c| c["streams"] == 0))
+            })
+            .unwrap();
+    }
+    for (opts, named) in [("exit_in=JP", "exit_in=JP"), ("colour=red", "unknown option `colour`")] {
+        let r = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", opts)))
+            .await
+            .unwrap();
+        assert_eq!(r.err(), Some(2), "{opts}");
+        mesh.entry.wait_log(named, Duration::from_secs(5)).unwrap();
+    }
+}
