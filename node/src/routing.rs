@@ -34,6 +34,8 @@ pub fn parse_regions<S: AsRef<str>>(items: &[S]) -> Result<Vec<Region>> {
             let s = s.as_ref().trim();
             let r = Region::parse(s).map_err(|e| anyhow!("{e}"))?;
             match &r {
+                // `EU` is two letters and a bloc: the router resolves it.
+                Region::Jurisdiction(_) if blocs().names().any(|b| b.eq_ignore_ascii_case(s)) => {}
                 Region::Jurisdiction(_) => {
                     crate::config::parse_jurisdiction(s)?;
                 }
@@ -163,11 +165,13 @@ mod tests {
 
     #[test]
     fn options_parse_and_bad_ones_are_named() {
-        let o = ConnOptions::parse("exclude=PK,AE; exit_in=CA&avoid=FIVE_EYES;hops=2;class=enterprise")
-            .unwrap();
+        let o = ConnOptions::parse(
+            "exclude=PK,AE; exit_in=CA&avoid=FIVE_EYES,EU;hops=2;class=enterprise",
+        )
+        .unwrap();
         assert_eq!(o.constraints.exclude.len(), 2);
         assert_eq!(o.constraints.exit_in.len(), 1);
-        assert_eq!(o.constraints.avoid_transit.len(), 1);
+        assert_eq!(o.constraints.avoid_transit.len(), 2);
         assert_eq!(o.constraints.hops, Some(2));
         assert_eq!(o.class.as_deref(), Some("enterprise"));
         assert!(ConnOptions::parse("").unwrap().constraints == Constraints::default());
