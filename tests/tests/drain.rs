@@ -476,15 +476,16 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
     let v = mesh.entry.status().unwrap();
     assert!(v["origin"]["streams_moved"].as_u64().unwrap() >= 1, "{}", v["origin"]);
     // DE stops by itself once nothing is left, within its grace.
-    let mut stopped = false;
-    while signalled.elapsed() < Duration::from_secs(12) {
+    let stopped = loop {
         if !mesh.nodes[de].alive() {
-            stopped = true;
-            break;
+            break true;
+        }
+        if signalled.elapsed() > Duration::from_secs(12) {
+            break false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(stopped, "DE still running after its grace");
+    };
+    assert!(stopped, "DE still running after its grace:\n{}", mesh.nodes[de].log());
     let log = mesh.nodes[de].log();
     assert!(log.contains("SIGTERM: draining"), "{log}");
     assert!(log.contains("drain finished"), "{log}");
