@@ -108,10 +108,14 @@ async fn refused_port_answers_connection_refused() {
 #[test]
 fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
     let socks = free_port().unwrap().to_string();
+    // Its own temp dir: the demo says where it is in TMPDIR/ferry-demo.json.
+    let tmp = tempfile::tempdir().unwrap();
+    let log_path = tmp.path().join("demo.log");
     let mut child = Command::new(ferry_bin().unwrap())
         .args(["demo", "--socks", &socks])
+        .env("TMPDIR", tmp.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -150,6 +154,44 @@ fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"));
+
+    // A ruling applied to the running demo drains PK, and lifting it
+    // brings PK back.
+    let ruling = |args: &[&str]| {
+        let out = Command::new(ferry_bin().unwrap())
+            .args(["demo", "ruling"])
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "demo ruling {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let wait_log = |needle: &str| {
+        let t = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains(needle) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no `{needle}` in the demo's log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let said = ruling(&["block", "PK", "--in", "1s", "--exit-in", "3s"]);
+    assert!(said.contains("PK blocked from"), "{said}");
+    wait_log("node draining");
+    wait_log("node exited");
+    let said = ruling(&["lift", "PK"]);
+    assert!(said.contains("lifted"), "{said}");
+    wait_log("node is active again");
 
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

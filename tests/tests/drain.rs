@@ -616,3 +616,59 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
         mesh.entry.wait_log(named, Duration::from_secs(5)).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
+    let specs = [spec("CA", "exit"), spec("DE", "relay")];
+    let mut mesh = Mesh::start(
+        &specs,
+        &Options {
+            hops: 2,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let admin = mesh.nodes[1].admin.to_string();
+    let readyz = |admin: &str| {
+        ureq::get(&format!("http://{admin}/readyz"))
+            .call()
+            .map(|r| r.status().as_u16())
+            .unwrap_or_else(|e| match e {
+                ureq::Error::StatusCode(c) => c,
+                e => panic!("readyz: {e}"),
+            })
+    };
+    assert_eq!(readyz(&admin), 200);
+    let said = run_ferry(&["drain", "--admin", &admin, "--in", "10m", "--reason", "maintenance"]).unwrap();
+    assert!(said.contains("draining; exit by"), "{said}");
+    mesh.nodes[1]
+        .wait_status("DE draining", Duration::from_secs(5), |v| v["state"] == "draining")
+        .unwrap();
+    assert_eq!(readyz(&admin), 503);
+    // New circuits avoid it: DE is the only relay, so there is no path.
+    let (target, _uploads) = pattern_server_paced(None).await.unwrap();
+    let r = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), None)
+        .await
+        .unwrap();
+    assert_eq!(r.err(), Some(2), "a circuit through a draining relay");
+    mesh.nodes[1].kill9_and_restart().unwrap();
+    let v = mesh.nodes[1]
+        .wait_status("DE draining after restart", Duration::from_secs(10), |v| {
+            v["state"] == "draining"
+        })
+        .unwrap();
+    assert!(v["state_reason"].as_str().unwrap().contains("maintenance"), "{v}");
+    assert_eq!(readyz(&admin), 503);
+    let said = run_ferry(&["drain", "--admin", &admin, "--cancel"]).unwrap();
+    assert!(said.contains("cancelled"), "{said}");
+    mesh.nodes[1]
+        .wait_status("DE active", Duration::from_secs(5), |v| v["state"] == "active")
+        .unwrap();
+    assert_eq!(readyz(&admin), 200);
+    let bad = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
+        .args(["drain", "--admin", &admin, "--exit-by", "yesterday"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
