@@ -222,7 +222,11 @@ async fn post_drain(State(st): State<Arc<AdminState>>, body: String) -> (StatusC
             Ok(t) => t
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-            Err(e) => return bad(format!("exit_by `{t}`: {e} (use RFC 3339, e.g. 2026-12-01T00:00:00Z)")),
+            Err(e) => {
+                return bad(format!(
+                    "exit_by `{t}`: {e} (use RFC 3339, e.g. 2026-12-01T00:00:00Z)"
+                ));
+            }
         },
         (None, Some(s)) => now + s.saturating_mul(1000),
         _ => return bad("give exactly one of exit_by (RFC 3339) and in_secs".into()),

@@ -228,7 +228,10 @@ pub fn apply_ruling(r: &DemoRuling) -> Result<String> {
         )
     })?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
-    let admin = v["admin"].as_str().context("demo state: admin")?.to_string();
+    let admin = v["admin"]
+        .as_str()
+        .context("demo state: admin")?
+        .to_string();
     let key_path = v["authority_key"]
         .as_str()
         .context("demo state: authority_key")?;
@@ -271,7 +274,9 @@ pub fn apply_ruling(r: &DemoRuling) -> Result<String> {
         .post(&format!("http://{admin}/v1/rulings"))
         .header("content-type", "application/json")
         .send(body.as_bytes())
-        .with_context(|| format!("reaching the demo's admin API at {admin}: is the demo still running?"))?;
+        .with_context(|| {
+            format!("reaching the demo's admin API at {admin}: is the demo still running?")
+        })?;
     let code = resp.status();
     let answer: serde_json::Value = resp.body_mut().read_json()?;
     if !code.is_success() {

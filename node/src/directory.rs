@@ -235,8 +235,7 @@ impl Directory {
         }
         self.insert(entry.clone());
         let mut g = self.inner.write().expect("directory lock");
-        if g
-            .learnt
+        if g.learnt
             .get(&entry.peer.id)
             .is_some_and(|(.., at)| advert.seq > *at)
         {

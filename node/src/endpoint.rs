@@ -183,6 +183,9 @@ struct TxState {
     fin: Option<(EndReason, String)>,
 }
 
+/// Where a pending move hears back: `Resumed` (received, fin) or why not.
+type ResumeReply = oneshot::Sender<Result<(u64, bool), String>>;
+
 /// Where a stream lives now.
 struct Attach {
     end: Arc<Endpoint>,
@@ -207,7 +210,7 @@ pub struct StreamCore {
     /// The exit's resume token (learnt from CONNECTED at the origin).
     token: Mutex<[u8; 16]>,
     /// A move waiting for `Resumed`.
-    resumed: Mutex<Option<oneshot::Sender<Result<(u64, bool), String>>>>,
+    resumed: Mutex<Option<ResumeReply>>,
     /// Bytes moved between circuits (for status).
     moves: AtomicU32,
 }
@@ -507,9 +510,7 @@ impl Endpoint {
             circ,
             side,
             window,
-            tx: tokio::sync::Mutex::new(Tx {
-                sealer: session.tx,
-            }),
+            tx: tokio::sync::Mutex::new(Tx { sealer: session.tx }),
             rx: Mutex::new(Rx {
                 opener: session.rx,
                 streams: HashMap::new(),
@@ -580,7 +581,8 @@ impl Endpoint {
 
     /// Sends a small stream message.
     async fn send_msg(&self, kind: StreamKind, id: u32, body: &[u8]) -> Result<(), CircuitError> {
-        let mut buf = BytesMut::with_capacity(cell::HEADER_LEN + smsg::HEADER_LEN + body.len() + 16);
+        let mut buf =
+            BytesMut::with_capacity(cell::HEADER_LEN + smsg::HEADER_LEN + body.len() + 16);
         buf.put_bytes(0, cell::HEADER_LEN);
         buf.put_slice(&smsg::header(kind, id));
         buf.put_slice(body);
@@ -688,8 +690,11 @@ impl Endpoint {
                 let exit = exit.clone();
                 let span = info_span!("stream", circ = self.circ, stream = id);
                 tokio::spawn(
-                    async move { me.exit_stream(exit, begin, StreamParts { core, inbound }).await }
-                        .instrument(span),
+                    async move {
+                        me.exit_stream(exit, begin, StreamParts { core, inbound })
+                            .await
+                    }
+                    .instrument(span),
                 );
             }
             StreamKind::Resume => {
@@ -706,7 +711,11 @@ impl Endpoint {
                         let Some(core) = core else {
                             info!(reason = "unknown resume token", "stream move refused");
                             let _ = me
-                                .send_end(id, EndReason::UnknownStream, "no such stream at this exit")
+                                .send_end(
+                                    id,
+                                    EndReason::UnknownStream,
+                                    "no such stream at this exit",
+                                )
                                 .await;
                             return;
                         };
@@ -821,7 +830,11 @@ impl Endpoint {
         }
         .encode_to_vec();
         let (end, id) = core.current();
-        if end.send_msg(StreamKind::Connected, id, &body).await.is_err() {
+        if end
+            .send_msg(StreamKind::Connected, id, &body)
+            .await
+            .is_err()
+        {
             return Endpoint::forget(&core);
         }
         exit.resumables.insert(token, &core);
@@ -843,7 +856,11 @@ pub async fn run_stream(sock: TcpStream, parts: StreamParts) {
 }
 
 /// Socket → circuit.
-async fn pump_up(core: Arc<StreamCore>, mut r: tokio::net::tcp::OwnedReadHalf, stop: CancellationToken) {
+async fn pump_up(
+    core: Arc<StreamCore>,
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    stop: CancellationToken,
+) {
     let mut buf = BytesMut::with_capacity(4 * (HEADROOM + MAX_DATA_PAYLOAD + 16));
     loop {
         buf.reserve(HEADROOM + MAX_DATA_PAYLOAD + 16);
@@ -904,8 +921,8 @@ async fn pump_down(
                     stop.cancel();
                     return;
                 }
-                let consumed = core.consumed.fetch_add(b.len() as u64, Ordering::AcqRel)
-                    + b.len() as u64;
+                let consumed =
+                    core.consumed.fetch_add(b.len() as u64, Ordering::AcqRel) + b.len() as u64;
                 if consumed - acked >= threshold {
                     if core.send_ack().await.is_err() {
                         stop.cancel();

@@ -499,7 +499,9 @@ fn drain(
     } else {
         let body = match (exit_by, within) {
             (Some(t), _) => serde_json::json!({ "exit_by": t, "reason": reason }),
-            (None, Some(d)) => serde_json::json!({ "in_secs": d.as_secs().max(1), "reason": reason }),
+            (None, Some(d)) => {
+                serde_json::json!({ "in_secs": d.as_secs().max(1), "reason": reason })
+            }
             (None, None) => bail!("give --exit-by TIME, --in DURATION or --cancel"),
         };
         agent()
@@ -701,7 +703,7 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
         .map(|l| l.local_addr())
         .transpose()?;
     let (j, roles) = (cfg.jurisdiction, cfg.roles);
- let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
+    let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
     on_signals(shutdown.clone(), &running)?;
     let fmt = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(

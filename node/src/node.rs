@@ -8,17 +8,17 @@ use crate::identity::Keys;
 use crate::link;
 use crate::origin::Origin;
 use crate::rulings::Rulings;
-use crate::state::NodeStateCtl;
-use ferry_proto::pb::DestroyReason;
-use ferry_router::NodeState;
-use tokio::sync::mpsc;
 use crate::socks;
+use crate::state::NodeStateCtl;
 use crate::store::{Store, cf};
 use crate::switch::Switch;
 use anyhow::{Context, Result};
+use ferry_proto::pb::DestroyReason;
+use ferry_router::NodeState;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
@@ -77,9 +77,8 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Running {
     let directory = Arc::new(Directory::with_static(&cfg.peers));
-    let rulings = Arc::new(
-        Rulings::load(cfg.authority.clone(), None).expect("rulings without a store load"),
-    );
+    let rulings =
+        Arc::new(Rulings::load(cfg.authority.clone(), None).expect("rulings without a store load"));
     let state = Arc::new(
         NodeStateCtl::load(cfg.jurisdiction, rulings.clone(), None)
             .expect("state without a store loads"),

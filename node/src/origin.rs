@@ -24,8 +24,8 @@
 
 use crate::crypto::{self, Session};
 use crate::endpoint::{CircuitError, Endpoint, Inbound, Side, StreamParts};
-use crate::routing::Route;
 use crate::link::{LinkHandle, cell};
+use crate::routing::Route;
 use crate::switch::Switch;
 use bytes::{BufMut, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
@@ -219,7 +219,10 @@ impl Origin {
     /// The circuits, for status.
     pub async fn circuits(&self) -> Vec<Arc<OriginCircuit>> {
         let pool = self.pool.lock().await;
-        pool.iter().filter(|c| c.endpoint().is_some()).cloned().collect()
+        pool.iter()
+            .filter(|c| c.endpoint().is_some())
+            .cloned()
+            .collect()
     }
 
     /// The switch under it.
@@ -262,16 +265,17 @@ impl Origin {
     /// Whether every node on `path` may carry `route`'s traffic now.
     fn usable(&self, path: &[NodeId], route: &Route, now: u64) -> bool {
         let set = self.switch.rulings.snapshot();
-        path.iter().all(|id| match self.switch.directory.get(id, now) {
-            Some(e) => {
-                e.state == NodeState::Active
-                    && set
-                        .status(Some(e.peer.jurisdiction), &route.scope, Time(now))
-                        .0
-                        == Status::Allowed
-            }
-            None => false,
-        })
+        path.iter()
+            .all(|id| match self.switch.directory.get(id, now) {
+                Some(e) => {
+                    e.state == NodeState::Active
+                        && set
+                            .status(Some(e.peer.jurisdiction), &route.scope, Time(now))
+                            .0
+                            == Status::Allowed
+                }
+                None => false,
+            })
     }
 
     /// A circuit with room for one more stream on `route`, built if needed.
@@ -396,9 +400,7 @@ impl Origin {
         let until = now + self.switch.cfg.drain.grace.as_millis() as u64;
         self.switch.directory.learn(
             node,
-            NodeState::Draining {
-                until: Time(until),
-            },
+            NodeState::Draining { until: Time(until) },
             until + 60_000,
             now,
         );
@@ -570,8 +572,7 @@ impl Origin {
             &live,
             &cfg,
         );
-        let by_id: HashMap<u64, &Arc<OriginCircuit>> =
-            circuits.iter().map(|c| (c.id, c)).collect();
+        let by_id: HashMap<u64, &Arc<OriginCircuit>> = circuits.iter().map(|c| (c.id, c)).collect();
         let mut planned = std::collections::HashSet::new();
         for action in plan.actions {
             match action {
@@ -634,7 +635,9 @@ impl Origin {
     /// Moves `old`'s streams onto a new circuit to the same exit around
     /// `avoid`, retrying with backoff while the old circuit lives.
     async fn migrate(self: Arc<Self>, old: Arc<OriginCircuit>, done_by: Time, avoid: Vec<NodeId>) {
-        self.stats.migrations_started.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .migrations_started
+            .fetch_add(1, Ordering::Relaxed);
         let mut delay = Duration::from_millis(200);
         let mut attempt = 0u32;
         loop {
@@ -643,7 +646,13 @@ impl Origin {
                 Ok(moved) => {
                     self.stats.migrations_done.fetch_add(1, Ordering::Relaxed);
                     let late = crate::authority::now_ms() > done_by.0;
-                    info!(circ = old.circ, streams = moved, attempt, late, "circuit moved off a leaving node");
+                    info!(
+                        circ = old.circ,
+                        streams = moved,
+                        attempt,
+                        late,
+                        "circuit moved off a leaving node"
+                    );
                     break;
                 }
                 Err(e) => {
@@ -658,7 +667,10 @@ impl Origin {
                 }
             }
         }
-        self.scheduled.lock().expect("schedule lock").remove(&old.id);
+        self.scheduled
+            .lock()
+            .expect("schedule lock")
+            .remove(&old.id);
         old.migrating.store(false, Ordering::Release);
     }
 

@@ -40,10 +40,12 @@ pub fn parse_regions<S: AsRef<str>>(items: &[S]) -> Result<Vec<Region>> {
                     crate::config::parse_jurisdiction(s)?;
                 }
                 Region::Bloc(_) => {
-                    blocs()
-                        .resolve(&r)
-                        .map_err(|_| anyhow!("`{s}` is neither a country code nor a known bloc ({})",
-                            blocs().names().collect::<Vec<_>>().join(", ")))?;
+                    blocs().resolve(&r).map_err(|_| {
+                        anyhow!(
+                            "`{s}` is neither a country code nor a known bloc ({})",
+                            blocs().names().collect::<Vec<_>>().join(", ")
+                        )
+                    })?;
                 }
             }
             Ok(r)
@@ -73,11 +75,19 @@ impl ConnOptions {
     /// Parses the options text (the SOCKS5 password).
     pub fn parse(text: &str) -> Result<Self> {
         let mut o = ConnOptions::default();
-        for pair in text.split([';', '&']).map(str::trim).filter(|p| !p.is_empty()) {
+        for pair in text
+            .split([';', '&'])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let (k, v) = pair
                 .split_once('=')
                 .ok_or_else(|| anyhow!("option `{pair}` is not key=value"))?;
-            let list: Vec<&str> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            let list: Vec<&str> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
             let c = &mut o.constraints;
             match k.trim() {
                 "exclude" => c.exclude.extend(parse_regions(&list)?),

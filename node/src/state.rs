@@ -134,7 +134,11 @@ impl NodeStateCtl {
                     "ruling {id} v{version} blocks {} (exit by {}){}",
                     self.jurisdiction,
                     fmt_time(exit_by.0),
-                    if why.is_empty() { String::new() } else { format!(": {why}") }
+                    if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {why}")
+                    }
                 );
             }
         }
@@ -152,7 +156,11 @@ impl NodeStateCtl {
                 cur.reason = format!(
                     "operator drain (exit by {}){}",
                     fmt_time(d.until_ms),
-                    if d.reason.is_empty() { String::new() } else { format!(": {}", d.reason) }
+                    if d.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", d.reason)
+                    }
                 );
             }
         }
@@ -196,7 +204,12 @@ impl NodeStateCtl {
 
     /// Cancels the operator's drain; whether there was one.
     pub fn undrain(&self) -> Result<bool> {
-        let had = self.operator.lock().expect("operator lock").take().is_some();
+        let had = self
+            .operator
+            .lock()
+            .expect("operator lock")
+            .take()
+            .is_some();
         if let Some(s) = &self.store {
             s.delete(cf::DRAIN, OPERATOR_KEY)?;
         }
@@ -212,7 +225,8 @@ mod tests {
     fn operator_drain_survives_a_restart_and_sigterm_drain_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let j = crate::config::parse_jurisdiction("DE").unwrap();
-        let rulings = || Arc::new(Rulings::load(crate::authority::Authority::default(), None).unwrap());
+        let rulings =
+            || Arc::new(Rulings::load(crate::authority::Authority::default(), None).unwrap());
         let now = crate::authority::now_ms();
         {
             let store = Arc::new(Store::open(dir.path()).unwrap());
@@ -220,14 +234,24 @@ mod tests {
             assert_eq!(ctl.current().state, NodeState::Active);
             ctl.drain(now + 60_000, "maintenance", true).unwrap();
             let c = ctl.tick(now).unwrap();
-            assert_eq!(c.state, NodeState::Draining { until: Time(now + 60_000) });
+            assert_eq!(
+                c.state,
+                NodeState::Draining {
+                    until: Time(now + 60_000)
+                }
+            );
             assert!(c.reason.contains("maintenance"), "{}", c.reason);
             assert_eq!(ctl.tick(now + 60_000).unwrap().state, NodeState::Exited);
         }
         {
             let store = Arc::new(Store::open(dir.path()).unwrap());
             let ctl = NodeStateCtl::load(j, rulings(), Some(store)).unwrap();
-            assert_eq!(ctl.evaluate(now).state, NodeState::Draining { until: Time(now + 60_000) });
+            assert_eq!(
+                ctl.evaluate(now).state,
+                NodeState::Draining {
+                    until: Time(now + 60_000)
+                }
+            );
             assert!(ctl.undrain().unwrap());
             assert_eq!(ctl.evaluate(now).state, NodeState::Active);
             ctl.drain(now + 5_000, "SIGTERM", false).unwrap();

@@ -444,7 +444,11 @@ impl Switch {
             } else {
                 DestroyReason::Draining
             };
-            debug!(circ, state = st.name(), "new circuit refused: node is leaving");
+            debug!(
+                circ,
+                state = st.name(),
+                "new circuit refused: node is leaving"
+            );
             link.try_send(destroy_cell(circ, reason));
             return;
         }

@@ -541,7 +541,15 @@ impl Mesh {
     /// Starts the held nodes; they are appended to `nodes`.
     pub fn start_held(&mut self) -> Result<()> {
         for h in std::mem::take(&mut self.held) {
-            let p = launch(h.dir, &h.block, h.link, None, h.admin, h.mesh, h.jurisdiction)?;
+            let p = launch(
+                h.dir,
+                &h.block,
+                h.link,
+                None,
+                h.admin,
+                h.mesh,
+                h.jurisdiction,
+            )?;
             self.nodes.push(p);
         }
         Ok(())

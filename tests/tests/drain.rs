@@ -247,7 +247,16 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
     let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
     let len = 50 * MIB;
     let tasks: Vec<_> = (0..2)
-        .map(|i| transfer(mesh.socks(), target, i * 10, len, Some(4 * MIB as u64), None))
+        .map(|i| {
+            transfer(
+                mesh.socks(),
+                target,
+                i * 10,
+                len,
+                Some(4 * MIB as u64),
+                None,
+            )
+        })
         .collect();
     mesh.entry
         .wait_status("streams run through PK", Duration::from_secs(20), |v| {
@@ -316,10 +325,15 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
         .unwrap();
     let (target, _uploads) = pattern_server_paced(Some(MIB as u64)).await.unwrap();
     // A long download through an exit in PK.
-    let s = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", "exit_in=PK")))
-        .await
-        .unwrap()
-        .expect("SOCKS success");
+    let s = socks_connect_as(
+        mesh.socks(),
+        "127.0.0.1",
+        target.port(),
+        Some(("", "exit_in=PK")),
+    )
+    .await
+    .unwrap()
+    .expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     let mut head = 7u64.to_be_bytes().to_vec();
     head.extend_from_slice(&(1000 * MIB as u64).to_be_bytes());
@@ -345,16 +359,25 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
     publish(&mesh.nodes[0], &file);
     until(from + 300).await;
     // No new streams to a draining exit: the constraint now has no path.
-    let refused = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", "exit_in=PK")))
-        .await
-        .unwrap();
+    let refused = socks_connect_as(
+        mesh.socks(),
+        "127.0.0.1",
+        target.port(),
+        Some(("", "exit_in=PK")),
+    )
+    .await
+    .unwrap();
     assert_eq!(refused.err(), Some(2), "a new stream to an exit in PK");
     let (got, closed_at) = tokio::time::timeout(Duration::from_secs(30), download)
         .await
         .unwrap()
         .unwrap();
     assert!(got > 0 && got < 1000 * MIB, "got {got} bytes");
-    assert!(closed_at <= exit + 1_500, "closed {} ms after the exit date", closed_at.saturating_sub(exit));
+    assert!(
+        closed_at <= exit + 1_500,
+        "closed {} ms after the exit date",
+        closed_at.saturating_sub(exit)
+    );
     let log = mesh.entry.log();
     assert!(
         log.contains("its exit is leaving the mesh") || log.contains("EXIT_LEFT"),
@@ -383,10 +406,19 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
         .unwrap();
     let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
     let len = 50 * MIB;
-    let tasks = vec![transfer(mesh.socks(), target, 30, len, Some(4 * MIB as u64), None)];
+    let tasks = vec![transfer(
+        mesh.socks(),
+        target,
+        30,
+        len,
+        Some(4 * MIB as u64),
+        None,
+    )];
     mesh.entry
         .wait_status("stream runs through PK", Duration::from_secs(20), |v| {
-            circuits(v).iter().any(|(p, n, _)| p == &["PK", "CA"] && *n == 1)
+            circuits(v)
+                .iter()
+                .any(|(p, n, _)| p == &["PK", "CA"] && *n == 1)
         })
         .unwrap();
     mesh.start_held().unwrap();
@@ -406,7 +438,9 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     };
     publish(&mesh.nodes[0], &sign(keys.path(), &key, &r1));
     mesh.node("PK")
-        .wait_status("PK draining", Duration::from_secs(10), |v| v["state"] == "draining")
+        .wait_status("PK draining", Duration::from_secs(10), |v| {
+            v["state"] == "draining"
+        })
         .unwrap();
     // Amended: the exit date moves to 7 s from now.
     let exit = now_ms() + 7_000;
@@ -427,8 +461,10 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     };
     publish(&mesh.nodes[0], &sign(keys.path(), &key, &r3));
     let pk = mesh.node("PK");
-    pk.wait_status("PK active again", Duration::from_secs(10), |v| v["state"] == "active")
-        .unwrap();
+    pk.wait_status("PK active again", Duration::from_secs(10), |v| {
+        v["state"] == "active"
+    })
+    .unwrap();
     let ready = ureq::get(&format!("http://{}/readyz", pk.admin)).call();
     assert!(ready.is_ok(), "readyz after the lift: {ready:?}");
     mesh.entry
@@ -437,7 +473,14 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
         })
         .unwrap();
     // Through PK again (DE excluded).
-    let t = transfer(mesh.socks(), target, 40, MIB, None, Some(("", "exclude=DE")));
+    let t = transfer(
+        mesh.socks(),
+        target,
+        40,
+        MIB,
+        None,
+        Some(("", "exclude=DE")),
+    );
     tokio::time::timeout(Duration::from_secs(60), t)
         .await
         .unwrap()
@@ -457,10 +500,19 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
         .unwrap();
     let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
     let len = 50 * MIB;
-    let tasks = vec![transfer(mesh.socks(), target, 50, len, Some(4 * MIB as u64), None)];
+    let tasks = vec![transfer(
+        mesh.socks(),
+        target,
+        50,
+        len,
+        Some(4 * MIB as u64),
+        None,
+    )];
     mesh.entry
         .wait_status("stream runs through DE", Duration::from_secs(20), |v| {
-            circuits(v).iter().any(|(p, n, _)| p == &["DE", "CA"] && *n == 1)
+            circuits(v)
+                .iter()
+                .any(|(p, n, _)| p == &["DE", "CA"] && *n == 1)
         })
         .unwrap();
     mesh.start_held().unwrap();
@@ -469,12 +521,20 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
             knows(v, &["IS"])
         })
         .unwrap();
-    let de = mesh.nodes.iter().position(|p| p.jurisdiction == "DE").unwrap();
+    let de = mesh
+        .nodes
+        .iter()
+        .position(|p| p.jurisdiction == "DE")
+        .unwrap();
     let signalled = Instant::now();
     mesh.nodes[de].signal("TERM");
     finish(tasks, &mut uploads, &[50], len).await;
     let v = mesh.entry.status().unwrap();
-    assert!(v["origin"]["streams_moved"].as_u64().unwrap() >= 1, "{}", v["origin"]);
+    assert!(
+        v["origin"]["streams_moved"].as_u64().unwrap() >= 1,
+        "{}",
+        v["origin"]
+    );
     // DE stops by itself once nothing is left, within its grace.
     let stopped = loop {
         if !mesh.nodes[de].alive() {
@@ -485,7 +545,11 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(stopped, "DE still running after its grace:\n{}", mesh.nodes[de].log());
+    assert!(
+        stopped,
+        "DE still running after its grace:\n{}",
+        mesh.nodes[de].log()
+    );
     let log = mesh.nodes[de].log();
     assert!(log.contains("SIGTERM: draining"), "{log}");
     assert!(log.contains("drain finished"), "{log}");
@@ -526,20 +590,44 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
     until(from + 200).await;
     let mut tasks = Vec::new();
     for i in 0..4 {
-        tasks.push(transfer(mesh.socks(), target, 200 + i, MIB, None, Some(("", "class=enterprise"))));
+        tasks.push(transfer(
+            mesh.socks(),
+            target,
+            200 + i,
+            MIB,
+            None,
+            Some(("", "class=enterprise")),
+        ));
         // Other traffic may still cross PK: with DE excluded it must.
-        tasks.push(transfer(mesh.socks(), target, 300 + i, MIB, None, Some(("", "exclude=DE"))));
+        tasks.push(transfer(
+            mesh.socks(),
+            target,
+            300 + i,
+            MIB,
+            None,
+            Some(("", "exclude=DE")),
+        ));
     }
     let v = mesh
         .entry
         .wait_status("both kinds of circuits", Duration::from_secs(20), |v| {
-            v["origin"]["circuits"].as_array().is_some_and(|c| c.len() >= 2)
+            v["origin"]["circuits"]
+                .as_array()
+                .is_some_and(|c| c.len() >= 2)
         })
         .unwrap();
     for c in v["origin"]["circuits"].as_array().unwrap() {
-        let path: Vec<&str> = c["path"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
+        let path: Vec<&str> = c["path"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect();
         if c["class"] == "enterprise" {
-            assert!(!path.contains(&"PK"), "enterprise traffic through PK: {path:?}");
+            assert!(
+                !path.contains(&"PK"),
+                "enterprise traffic through PK: {path:?}"
+            );
         } else {
             assert_eq!(path, ["PK", "CA"]);
         }
@@ -551,7 +639,10 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
             .unwrap();
     }
     let pk = mesh.node("PK").status().unwrap();
-    assert_eq!(pk["state"], "active", "a scoped ruling does not drain the node");
+    assert_eq!(
+        pk["state"], "active",
+        "a scoped ruling does not drain the node"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,30 +662,46 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
     )
     .unwrap();
     let (target, _uploads) = pattern_server_paced(None).await.unwrap();
-    let cases: [(&'static str, fn(&[&str]) -> bool); 3] = [
+    type PathOk = fn(&[&str]) -> bool;
+    let cases: [(&'static str, PathOk); 3] = [
         ("exit_in=CA", |p| p.last() == Some(&"CA")),
-        ("exclude=DE,IS", |p| !p.contains(&"DE") && !p.contains(&"IS")),
+        ("exclude=DE,IS", |p| {
+            !p.contains(&"DE") && !p.contains(&"IS")
+        }),
         ("avoid=EU;exit=IS,CH", |p| {
             p[0] != "DE" && matches!(p.last(), Some(&"IS") | Some(&"CH"))
         }),
     ];
     for (opts, ok) in cases {
         let mut held = Vec::new();
-        for i in 0..3 {
-            let s = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("acme", opts)))
-                .await
-                .unwrap()
-                .unwrap_or_else(|code| {
-                    let log = mesh.entry.log();
-                    let last = log.lines().rev().find(|l| l.contains("refused")).unwrap_or("");
-                    panic!("{opts}: reply {code}: {last}")
-                });
-            let _ = i;
+        for _ in 0..3 {
+            let s = socks_connect_as(
+                mesh.socks(),
+                "127.0.0.1",
+                target.port(),
+                Some(("acme", opts)),
+            )
+            .await
+            .unwrap()
+            .unwrap_or_else(|code| {
+                let log = mesh.entry.log();
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("refused"))
+                    .unwrap_or("");
+                panic!("{opts}: reply {code}: {last}")
+            });
             held.push(s);
         }
         let v = mesh.entry.status().unwrap();
         for c in v["origin"]["circuits"].as_array().unwrap() {
-            let path: Vec<&str> = c["path"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
+            let path: Vec<&str> = c["path"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect();
             if c["streams"].as_u64() > Some(0) {
                 assert!(ok(&path), "{opts}: path {path:?}");
             }
@@ -608,7 +715,10 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
             })
             .unwrap();
     }
-    for (opts, named) in [("exit_in=JP", "exit_in=JP"), ("colour=red", "unknown option `colour`")] {
+    for (opts, named) in [
+        ("exit_in=JP", "exit_in=JP"),
+        ("colour=red", "unknown option `colour`"),
+    ] {
         let r = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", opts)))
             .await
             .unwrap();
@@ -639,10 +749,21 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
             })
     };
     assert_eq!(readyz(&admin), 200);
-    let said = run_ferry(&["drain", "--admin", &admin, "--in", "10m", "--reason", "maintenance"]).unwrap();
+    let said = run_ferry(&[
+        "drain",
+        "--admin",
+        &admin,
+        "--in",
+        "10m",
+        "--reason",
+        "maintenance",
+    ])
+    .unwrap();
     assert!(said.contains("draining; exit by"), "{said}");
     mesh.nodes[1]
-        .wait_status("DE draining", Duration::from_secs(5), |v| v["state"] == "draining")
+        .wait_status("DE draining", Duration::from_secs(5), |v| {
+            v["state"] == "draining"
+        })
         .unwrap();
     assert_eq!(readyz(&admin), 503);
     // New circuits avoid it: DE is the only relay, so there is no path.
@@ -657,12 +778,17 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
             v["state"] == "draining"
         })
         .unwrap();
-    assert!(v["state_reason"].as_str().unwrap().contains("maintenance"), "{v}");
+    assert!(
+        v["state_reason"].as_str().unwrap().contains("maintenance"),
+        "{v}"
+    );
     assert_eq!(readyz(&admin), 503);
     let said = run_ferry(&["drain", "--admin", &admin, "--cancel"]).unwrap();
     assert!(said.contains("cancelled"), "{said}");
     mesh.nodes[1]
-        .wait_status("DE active", Duration::from_secs(5), |v| v["state"] == "active")
+        .wait_status("DE active", Duration::from_secs(5), |v| {
+            v["state"] == "active"
+        })
         .unwrap();
     assert_eq!(readyz(&admin), 200);
     let bad = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
@@ -670,5 +796,9 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }
