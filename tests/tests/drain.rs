@@ -75,6 +75,20 @@ fn sign(dir: &Path, key: &Path, r: &Ruling<'_>) -> PathBuf {
     out
 }
 
+/// Blocks PK for all traffic from `from` to `exit` (version 1), through
+/// the first node's admin API.
+fn block_pk(dir: &Path, key: &Path, mesh: &Mesh, from: u64, exit: u64) {
+    let r = Ruling {
+        version: 1,
+        region: "PK",
+        from_ms: from,
+        exit_ms: exit,
+        classes: &[],
+        lifted: false,
+    };
+    publish(&mesh.nodes[0], &sign(dir, key, &r));
+}
+
 fn publish(node: &Proc, file: &Path) {
     run_ferry(&[
         "policy",
@@ -195,6 +209,72 @@ fn gossip_opts(public: String, drain_secs: (u64, u64, u64), hold: Vec<usize>) ->
     }
 }
 
+/// A gossip mesh where `first` is the only relay while `seeds` start long
+/// paced transfers (50 MiB each way) through it; then `second` joins, so
+/// the streams have somewhere to move. Returns the mesh, the target's
+/// upload digests and the transfers.
+struct LongStreams {
+    mesh: Mesh,
+    target: SocketAddr,
+    uploads: UnboundedReceiver<(u64, usize, [u8; 32])>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+const LONG: usize = 50 * MIB;
+
+async fn long_streams(
+    public: String,
+    drain_secs: (u64, u64, u64),
+    first: &'static str,
+    second: &'static str,
+    seeds: &[u64],
+) -> LongStreams {
+    let specs = [
+        spec("CA", "exit"),
+        spec(first, "relay"),
+        spec(second, "relay"),
+    ];
+    let mut mesh = Mesh::start(&specs, &gossip_opts(public, drain_secs, vec![2])).unwrap();
+    mesh.entry
+        .wait_status(
+            "entry knows the exit and the relay",
+            Duration::from_secs(30),
+            |v| knows(v, &["CA", first]),
+        )
+        .unwrap();
+    let rate = Some(4 * MIB as u64);
+    let (target, uploads) = pattern_server_paced(rate).await.unwrap();
+    let tasks: Vec<_> = seeds
+        .iter()
+        .map(|s| transfer(mesh.socks(), target, *s, LONG, rate, None))
+        .collect();
+    mesh.entry
+        .wait_status(
+            "streams run through the relay",
+            Duration::from_secs(20),
+            |v| {
+                circuits(v)
+                    .iter()
+                    .any(|(p, n, _)| p == &[first, "CA"] && *n == seeds.len() as u64)
+            },
+        )
+        .unwrap();
+    mesh.start_held().unwrap();
+    mesh.entry
+        .wait_status(
+            "entry knows the second relay",
+            Duration::from_secs(30),
+            |v| knows(v, &[second]),
+        )
+        .unwrap();
+    LongStreams {
+        mesh,
+        target,
+        uploads,
+        tasks,
+    }
+}
+
 /// Waits until `t` (ms since the epoch).
 async fn until(t: u64) {
     let now = now_ms();
@@ -237,55 +317,15 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
     let (key, public) = authority(keys.path());
     // PK is the only relay at first, so the streams start through it; DE
     // joins later and takes them over.
-    let specs = [spec("CA", "exit"), spec("PK", "relay"), spec("DE", "relay")];
-    let mut mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![2])).unwrap();
-    mesh.entry
-        .wait_status("entry knows CA and PK", Duration::from_secs(30), |v| {
-            knows(v, &["CA", "PK"])
-        })
-        .unwrap();
-    let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
-    let len = 50 * MIB;
-    let tasks: Vec<_> = (0..2)
-        .map(|i| {
-            transfer(
-                mesh.socks(),
-                target,
-                i * 10,
-                len,
-                Some(4 * MIB as u64),
-                None,
-            )
-        })
-        .collect();
-    mesh.entry
-        .wait_status("streams run through PK", Duration::from_secs(20), |v| {
-            circuits(v)
-                .iter()
-                .any(|(p, n, _)| p == &["PK", "CA"] && *n == 2)
-        })
-        .unwrap();
-    mesh.start_held().unwrap();
-    mesh.entry
-        .wait_status("entry knows DE", Duration::from_secs(30), |v| {
-            knows(v, &["DE"])
-        })
-        .unwrap();
+    let LongStreams {
+        mesh,
+        target,
+        mut uploads,
+        tasks,
+    } = long_streams(public, (30, 2, 2), "PK", "DE", &[0, 10]).await;
     let now = now_ms();
     let (from, exit) = (now + 1_500, now + 10_000);
-    let file = sign(
-        keys.path(),
-        &key,
-        &Ruling {
-            version: 1,
-            region: "PK",
-            from_ms: from,
-            exit_ms: exit,
-            classes: &[],
-            lifted: false,
-        },
-    );
-    publish(&mesh.nodes[0], &file);
+    block_pk(keys.path(), &key, &mesh, from, exit);
     // New connections after blocked_from never use PK.
     until(from + 300).await;
     let short = transfer(mesh.socks(), target, 100, MIB, None, None);
@@ -302,7 +342,7 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
         );
     }
     assert_pk_left(&mesh);
-    finish(tasks, &mut uploads, &[0, 10], len).await;
+    finish(tasks, &mut uploads, &[0, 10], LONG).await;
     let v = mesh.entry.status().unwrap();
     assert!(
         v["origin"]["streams_moved"].as_u64().unwrap() >= 2,
@@ -344,19 +384,7 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
     });
     let now = now_ms();
     let (from, exit) = (now + 1_000, now + 5_000);
-    let file = sign(
-        keys.path(),
-        &key,
-        &Ruling {
-            version: 1,
-            region: "PK",
-            from_ms: from,
-            exit_ms: exit,
-            classes: &[],
-            lifted: false,
-        },
-    );
-    publish(&mesh.nodes[0], &file);
+    block_pk(keys.path(), &key, &mesh, from, exit);
     until(from + 300).await;
     // No new streams to a draining exit: the constraint now has no path.
     let refused = socks_connect_as(
@@ -397,36 +425,12 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
 async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = authority(keys.path());
-    let specs = [spec("CA", "exit"), spec("PK", "relay"), spec("DE", "relay")];
-    let mut mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![2])).unwrap();
-    mesh.entry
-        .wait_status("entry knows CA and PK", Duration::from_secs(30), |v| {
-            knows(v, &["CA", "PK"])
-        })
-        .unwrap();
-    let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
-    let len = 50 * MIB;
-    let tasks = vec![transfer(
-        mesh.socks(),
+    let LongStreams {
+        mesh,
         target,
-        30,
-        len,
-        Some(4 * MIB as u64),
-        None,
-    )];
-    mesh.entry
-        .wait_status("stream runs through PK", Duration::from_secs(20), |v| {
-            circuits(v)
-                .iter()
-                .any(|(p, n, _)| p == &["PK", "CA"] && *n == 1)
-        })
-        .unwrap();
-    mesh.start_held().unwrap();
-    mesh.entry
-        .wait_status("entry knows DE", Duration::from_secs(30), |v| {
-            knows(v, &["DE"])
-        })
-        .unwrap();
+        mut uploads,
+        tasks,
+    } = long_streams(public, (30, 2, 2), "PK", "DE", &[30]).await;
     let now = now_ms();
     let r1 = Ruling {
         version: 1,
@@ -452,7 +456,7 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     publish(&mesh.nodes[0], &sign(keys.path(), &key, &r2));
     until(exit + 500).await;
     assert_pk_left(&mesh);
-    finish(tasks, &mut uploads, &[30], len).await;
+    finish(tasks, &mut uploads, &[30], LONG).await;
     // Lifted: PK serves again.
     let r3 = Ruling {
         version: 3,
@@ -491,36 +495,12 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
 async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
     let keys = tempfile::tempdir().unwrap();
     let (_, public) = authority(keys.path());
-    let specs = [spec("CA", "exit"), spec("DE", "relay"), spec("IS", "relay")];
-    let mut mesh = Mesh::start(&specs, &gossip_opts(public, (8, 2, 2), vec![2])).unwrap();
-    mesh.entry
-        .wait_status("entry knows CA and DE", Duration::from_secs(30), |v| {
-            knows(v, &["CA", "DE"])
-        })
-        .unwrap();
-    let (target, mut uploads) = pattern_server_paced(Some(4 * MIB as u64)).await.unwrap();
-    let len = 50 * MIB;
-    let tasks = vec![transfer(
-        mesh.socks(),
-        target,
-        50,
-        len,
-        Some(4 * MIB as u64),
-        None,
-    )];
-    mesh.entry
-        .wait_status("stream runs through DE", Duration::from_secs(20), |v| {
-            circuits(v)
-                .iter()
-                .any(|(p, n, _)| p == &["DE", "CA"] && *n == 1)
-        })
-        .unwrap();
-    mesh.start_held().unwrap();
-    mesh.entry
-        .wait_status("entry knows IS", Duration::from_secs(30), |v| {
-            knows(v, &["IS"])
-        })
-        .unwrap();
+    let LongStreams {
+        mut mesh,
+        mut uploads,
+        tasks,
+        ..
+    } = long_streams(public, (8, 2, 2), "DE", "IS", &[50]).await;
     let de = mesh
         .nodes
         .iter()
@@ -528,7 +508,7 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
         .unwrap();
     let signalled = Instant::now();
     mesh.nodes[de].signal("TERM");
-    finish(tasks, &mut uploads, &[50], len).await;
+    finish(tasks, &mut uploads, &[50], LONG).await;
     let v = mesh.entry.status().unwrap();
     assert!(
         v["origin"]["streams_moved"].as_u64().unwrap() >= 1,
