@@ -690,6 +690,7 @@ impl Origin {
             return Ok(0);
         }
         let exit = *old.path.last().expect("a path has an exit");
+        let started = std::time::Instant::now();
         let new = self
             .build(&old.route, Some(exit), avoid)
             .await
@@ -714,6 +715,7 @@ impl Origin {
             from = %old.jurisdictions(&self.switch).join(" -> "),
             to = %new.jurisdictions(&self.switch).join(" -> "),
             streams = moved,
+            took_ms = started.elapsed().as_millis() as u64,
             "streams moved to a new circuit"
         );
         self.switch

@@ -349,7 +349,16 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
         "{}",
         v["origin"]
     );
-    assert!(mesh.entry.log().contains("streams moved to a new circuit"));
+    let log = mesh.entry.log();
+    let moves: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("streams moved to a new circuit"))
+        .collect();
+    assert!(!moves.is_empty(), "{log}");
+    // Shown with --nocapture: how long each move took.
+    for m in moves {
+        eprintln!("{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
