@@ -274,7 +274,7 @@ impl Switch {
                     Next::Tip(_) if cmd == CellCmd::Notice => {
                         // The origin owns the circuit; the exit needs no notice.
                     }
-                    Next::Origin(_) if cmd == CellCmd::Notice => self.on_notice(&buf),
+                    Next::Origin(oc) if cmd == CellCmd::Notice => self.on_notice(&buf, &oc.path),
                     Next::Tip(end) => {
                         let res = if cmd == CellCmd::Relay {
                             end.on_relay(buf)
@@ -312,13 +312,23 @@ impl Switch {
 
     /// A hop on one of our circuits says it is draining: remember it until
     /// its deadline, so the drain planner moves the circuit.
-    fn on_notice(&self, buf: &[u8]) {
+    ///
+    /// A notice is plaintext from a link neighbour, so any relay on the path
+    /// could forge one. It is taken only for a relay on this circuit's own
+    /// path (which that relay could cut anyway), never for the exit (whose
+    /// streams cannot move: only its signed advert may close them early),
+    /// and it lasts until the named node's next signed advert.
+    fn on_notice(&self, buf: &[u8], path: &[NodeId]) {
         let Ok(n) = pb::DrainNotice::decode(&buf[cellfmt::HEADER_LEN..]) else {
             return debug!("undecodable drain notice dropped");
         };
         let Ok(id) = <[u8; 32]>::try_from(n.node_id.as_slice()) else {
             return debug!("drain notice without a node id dropped");
         };
+        let relays = &path[..path.len().saturating_sub(1)];
+        if !relays.contains(&NodeId(id)) {
+            return debug!("drain notice for a node that is not a relay of this circuit dropped");
+        }
         let now = now_ms();
         let state = if n.until_ms > now {
             ferry_router::NodeState::Draining {
@@ -332,8 +342,9 @@ impl Switch {
             .learn(NodeId(id), state, n.until_ms.max(now) + 60_000, now);
     }
 
-    /// Tells the neighbours on every circuit through this node that it is
-    /// draining until `until_ms` (they pass it on to the owner).
+    /// Tells the neighbours on every circuit this node relays that it is
+    /// draining until `until_ms` (they pass it on to the owner). As an exit
+    /// it sends none: owners take an exit's drain from its signed advert.
     pub fn notify_drain(&self, until_ms: u64, reason: &str) {
         let body = pb::DrainNotice {
             node_id: self.keys.node_id().0.to_vec(),
@@ -345,7 +356,7 @@ impl Switch {
             let c = self.circuits.lock().expect("circuits lock");
             let links = self.links.lock().expect("links lock");
             c.iter()
-                .filter(|(_, s)| matches!(s, Slot::Forward { .. } | Slot::Tip(_)))
+                .filter(|(_, s)| matches!(s, Slot::Forward { .. }))
                 .filter_map(|((lid, circ), _)| {
                     links
                         .values()
