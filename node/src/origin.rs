@@ -541,8 +541,12 @@ impl Origin {
     async fn drain_tick(self: &Arc<Self>) {
         let now = crate::authority::now_ms();
         let me = self.switch.keys.node_id();
+        // A stream open holds the pool while it builds; plan at the next
+        // tick rather than wait behind it.
         let circuits: Vec<Arc<OriginCircuit>> = {
-            let mut pool = self.pool.lock().await;
+            let Ok(mut pool) = self.pool.try_lock() else {
+                return;
+            };
             pool.retain(|c| c.endpoint().is_some());
             pool.clone()
         };
