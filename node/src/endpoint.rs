@@ -25,12 +25,12 @@
 use crate::crypto::{CryptoError, Opener, Sealer, Session};
 use crate::link::LinkHandle;
 use crate::policy::{ExitPolicy, Verdict};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
 use ferry_proto::stream::{self as smsg, StreamKind, StreamMsg};
 use ferry_proto::{CellCmd, MAX_DATA_PAYLOAD, cell};
 use prost::Message;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -170,6 +170,56 @@ impl Credit {
     }
 }
 
+/// A byte ring holding a stream's payload in `[acked, sent)`: one copy per
+/// byte sent and no allocation in steady state. It grows (by doubling, rare)
+/// up to the send window, which credit enforces: `sent - acked` never
+/// exceeds it.
+#[derive(Default)]
+struct Ring {
+    buf: Vec<u8>,
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn push(&mut self, data: &[u8]) {
+        if self.len + data.len() > self.buf.len() {
+            let cap = (self.len + data.len()).next_power_of_two().max(64 * 1024);
+            let mut grown = vec![0u8; cap];
+            self.copy_to(0, self.len, &mut grown[..self.len]);
+            self.buf = grown;
+            self.head = 0;
+        }
+        let cap = self.buf.len();
+        let tail = (self.head + self.len) % cap;
+        let first = data.len().min(cap - tail);
+        self.buf[tail..tail + first].copy_from_slice(&data[..first]);
+        self.buf[..data.len() - first].copy_from_slice(&data[first..]);
+        self.len += data.len();
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        if n > 0 {
+            self.head = (self.head + n) % self.buf.len();
+            self.len -= n;
+        }
+    }
+
+    /// Copies bytes `[skip, skip + out.len())` of the ring into `out`.
+    fn copy_to(&self, skip: usize, n: usize, out: &mut [u8]) {
+        debug_assert!(skip + n <= self.len && out.len() == n);
+        if n == 0 {
+            return;
+        }
+        let cap = self.buf.len();
+        let start = (self.head + skip) % cap;
+        let first = n.min(cap - start);
+        out[..first].copy_from_slice(&self.buf[start..start + first]);
+        out[first..].copy_from_slice(&self.buf[..n - first]);
+    }
+}
+
 /// What this side sent and the peer has not consumed yet.
 #[derive(Default)]
 struct TxState {
@@ -177,8 +227,8 @@ struct TxState {
     sent: u64,
     /// Bytes the peer has consumed (its absolute acknowledgement).
     acked: u64,
-    /// Payload in `[acked, sent)`, by offset: what a move sends again.
-    resend: VecDeque<(u64, Bytes)>,
+    /// Payload in `[acked, sent)`: what a move sends again.
+    resend: Ring,
     /// The END this side sent, if it did.
     fin: Option<(EndReason, String)>,
 }
@@ -240,7 +290,9 @@ impl StreamCore {
             resumed: Mutex::new(None),
             moves: AtomicU32::new(0),
         });
-        core.credit.add(credit);
+        // The peer's window, but never more than ours: what we keep for
+        // resending is bounded by our own configuration, not by the peer.
+        core.credit.add(credit.min(u64::from(end.window)));
         (core, rx)
     }
 
@@ -270,14 +322,9 @@ impl StreamCore {
         }
         if ack > tx.acked {
             self.credit.add(ack - tx.acked);
+            let n = (ack - tx.acked) as usize;
+            tx.resend.consume(n);
             tx.acked = ack;
-            while tx
-                .resend
-                .front()
-                .is_some_and(|(off, b)| off + b.len() as u64 <= ack)
-            {
-                tx.resend.pop_front();
-            }
         }
         Ok(())
     }
@@ -288,9 +335,8 @@ impl StreamCore {
         let off = {
             let mut tx = self.tx.lock().expect("tx lock");
             let off = tx.sent;
-            let payload = Bytes::copy_from_slice(&buf[HEADROOM..]);
-            tx.sent += payload.len() as u64;
-            tx.resend.push_back((off, payload));
+            tx.resend.push(&buf[HEADROOM..]);
+            tx.sent += (buf.len() - HEADROOM) as u64;
             off
         };
         let (end, id) = self.current();
@@ -317,38 +363,43 @@ impl StreamCore {
     /// Sends what the peer has not received, from offset `from`, on the
     /// circuit the stream is attached to; then END if the peer lacks it.
     async fn resend(&self, from: u64, peer_fin: bool) -> Result<(), CircuitError> {
-        let (records, fin) = {
-            let tx = self.tx.lock().expect("tx lock");
-            if from < tx.acked || from > tx.sent {
-                return Err(CircuitError::Protocol(format!(
-                    "peer resumes at {from}, outside [{}, {}]",
-                    tx.acked, tx.sent
-                )));
-            }
-            let records: Vec<(u64, Bytes)> = tx
-                .resend
-                .iter()
-                .filter(|(off, b)| off + b.len() as u64 > from)
-                .map(|(off, b)| {
-                    let skip = from.saturating_sub(*off) as usize;
-                    (off + skip as u64, b.slice(skip..))
-                })
-                .collect();
-            (records, tx.fin.clone())
-        };
         let (end, id) = self.current();
-        for (off, payload) in records {
-            let mut buf = BytesMut::with_capacity(HEADROOM + payload.len() + 16);
-            buf.put_bytes(0, cell::HEADER_LEN);
-            buf.put_slice(&smsg::header(StreamKind::Data, id));
-            buf.put_slice(&off.to_be_bytes());
-            buf.put_slice(&payload);
-            end.send_sealed(CellCmd::Relay, buf).await?;
+        let mut off = from;
+        loop {
+            // One record at a time, copied out under the lock.
+            let (buf, fin) = {
+                let tx = self.tx.lock().expect("tx lock");
+                if off < tx.acked || off > tx.sent {
+                    return Err(CircuitError::Protocol(format!(
+                        "peer resumes at {off}, outside [{}, {}]",
+                        tx.acked, tx.sent
+                    )));
+                }
+                let n = ((tx.sent - off) as usize).min(MAX_DATA_PAYLOAD);
+                if n == 0 {
+                    (None, tx.fin.clone())
+                } else {
+                    let mut buf = BytesMut::with_capacity(HEADROOM + n + 16);
+                    buf.put_bytes(0, cell::HEADER_LEN);
+                    buf.put_slice(&smsg::header(StreamKind::Data, id));
+                    buf.put_slice(&off.to_be_bytes());
+                    buf.put_bytes(0, n);
+                    tx.resend
+                        .copy_to((off - tx.acked) as usize, n, &mut buf[HEADROOM..]);
+                    off += n as u64;
+                    (Some(buf), None)
+                }
+            };
+            match buf {
+                Some(b) => end.send_sealed(CellCmd::Relay, b).await?,
+                None => {
+                    if let (false, Some((reason, detail))) = (peer_fin, fin) {
+                        end.send_end(id, reason, &detail).await?;
+                    }
+                    return Ok(());
+                }
+            }
         }
-        if let (false, Some((reason, detail))) = (peer_fin, fin) {
-            end.send_end(id, reason, &detail).await?;
-        }
-        Ok(())
     }
 
     /// Origin side: moves the stream onto `new` (a circuit to the same
@@ -735,7 +786,7 @@ impl Endpoint {
                     if let Ok(t) = <[u8; 16]>::try_from(c.resume_token.as_slice()) {
                         *s.token.lock().expect("token lock") = t;
                     }
-                    s.credit.add(u64::from(c.window));
+                    s.credit.add(u64::from(c.window.min(self.window)));
                     let _ = s.inbound.send(Inbound::Connected(c.window));
                 }
             }
@@ -1018,5 +1069,44 @@ fn io_reason(e: &std::io::Error) -> EndReason {
         HostUnreachable => EndReason::HostUnreachable,
         TimedOut => EndReason::Timeout,
         _ => EndReason::HostUnreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ring;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The ring holds exactly the bytes pushed and not consumed, across
+        /// wrap-arounds and growth, compared with a plain Vec.
+        #[test]
+        fn ring_matches_a_plain_buffer(ops in proptest::collection::vec((any::<bool>(), 1usize..70_000), 1..30)) {
+            let mut ring = Ring::default();
+            let mut model: std::collections::VecDeque<u8> = Default::default();
+            let mut next = 0u8;
+            for (push, n) in ops {
+                if push {
+                    let data: Vec<u8> = (0..n).map(|_| { next = next.wrapping_add(1); next }).collect();
+                    ring.push(&data);
+                    model.extend(&data);
+                } else {
+                    let n = n.min(model.len());
+                    ring.consume(n);
+                    model.drain(..n);
+                }
+                prop_assert_eq!(ring.len, model.len());
+                let mut out = vec![0u8; model.len()];
+                ring.copy_to(0, model.len(), &mut out);
+                prop_assert!(out.iter().eq(model.iter()));
+                if model.len() > 10 {
+                    let mut part = vec![0u8; 7];
+                    ring.copy_to(3, 7, &mut part);
+                    prop_assert!(part.iter().eq(model.iter().skip(3).take(7)));
+                }
+            }
+        }
     }
 }
