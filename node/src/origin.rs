@@ -31,8 +31,8 @@ use bytes::{BufMut, BytesMut};
 use ferry_proto::pb::{self, DestroyReason, EndReason};
 use ferry_proto::{CellCmd, cell as cellfmt};
 use ferry_router::{
-    Action, DrainConfig, LiveCircuit, MeshView, NodeId, NodeState, PathIndex, PathRequest, Status,
-    Time,
+    Action, DrainConfig, LiveCircuit, MeshView, NodeId, NodeState, PathIndex, PathRequest,
+    RulingSet, Status, Time,
 };
 use prost::Message;
 use rand::SeedableRng;
@@ -79,6 +79,8 @@ pub struct OriginCircuit {
     closing: AtomicBool,
     /// Set while a migration task runs for it.
     migrating: AtomicBool,
+    /// Set once the planner said it cannot move in time (warned once).
+    at_risk: AtomicBool,
     /// When it was built, ms since the epoch.
     pub built_at_ms: u64,
 }
@@ -263,8 +265,7 @@ impl Origin {
     }
 
     /// Whether every node on `path` may carry `route`'s traffic now.
-    fn usable(&self, path: &[NodeId], route: &Route, now: u64) -> bool {
-        let set = self.switch.rulings.snapshot();
+    fn usable(&self, set: &RulingSet, path: &[NodeId], route: &Route, now: u64) -> bool {
         path.iter()
             .all(|id| match self.switch.directory.get(id, now) {
                 Some(e) => {
@@ -284,12 +285,13 @@ impl Origin {
         pool.retain(|c| c.endpoint().is_some());
         let max = self.switch.cfg.max_streams_per_circuit as usize;
         let now = crate::authority::now_ms();
+        let set = self.switch.rulings.snapshot();
         if let Some(end) = pool
             .iter()
             .filter(|c| {
                 c.route.key == route.key
                     && !c.closing.load(Ordering::Acquire)
-                    && self.usable(&c.path, route, now)
+                    && self.usable(&set, &c.path, route, now)
             })
             .filter_map(|c| c.endpoint())
             .find(|e| e.stream_count() < max)
@@ -360,6 +362,7 @@ impl Origin {
             route: route.clone(),
             closing: AtomicBool::new(false),
             migrating: AtomicBool::new(false),
+            at_risk: AtomicBool::new(false),
             built_at_ms: now,
         });
         self.switch.add_origin(&link, circ, oc.clone());
@@ -577,6 +580,17 @@ impl Origin {
             &cfg,
         );
         let by_id: HashMap<u64, &Arc<OriginCircuit>> = circuits.iter().map(|c| (c.id, c)).collect();
+        for id in &plan.at_risk {
+            if let Some(c) = by_id.get(id)
+                && !c.at_risk.swap(true, Ordering::AcqRel)
+            {
+                warn!(
+                    circ = c.circ,
+                    path = %c.jurisdictions(&self.switch).join(" -> "),
+                    "circuit cannot be moved by its deadline minus the margin; moving it now"
+                );
+            }
+        }
         let mut planned = std::collections::HashSet::new();
         for action in plan.actions {
             match action {
