@@ -126,6 +126,16 @@ enum Cmd {
         #[arg(long)]
         cancel: bool,
     },
+    /// Check a running node for a container health check: exit 0 if it is
+    /// alive (or, with --ready, active and taking circuits), else 1 with why.
+    Healthcheck {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// Require readiness (/readyz: not draining or exited), not only liveness.
+        #[arg(long)]
+        ready: bool,
+    },
     /// Authority keys, which sign jurisdiction rulings.
     Authority {
         #[command(subcommand)]
@@ -251,6 +261,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Status { admin, json } => status(admin, json),
+        Cmd::Healthcheck { admin, ready } => healthcheck(admin, ready),
         Cmd::Drain {
             admin,
             exit_by,
@@ -484,6 +495,39 @@ fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
             v["detail"].as_str().unwrap_or("")
         ))
     }
+}
+
+fn healthcheck(admin: SocketAddr, ready: bool) -> Result<()> {
+    let path = if ready { "readyz" } else { "livez" };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&format!("http://{admin}/{path}"))
+        .call()
+        .with_context(|| format!("node not answering on {admin}"))?;
+    if resp.status().is_success() {
+        println!("ok");
+        return Ok(());
+    }
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    let why = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .map(|v| {
+            format!(
+                "{}{}",
+                v["state"].as_str().unwrap_or("?"),
+                v["reason"]
+                    .as_str()
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )
+        })
+        .unwrap_or(body);
+    bail!("not {}: {why}", if ready { "ready" } else { "live" })
 }
 
 fn drain(

@@ -755,6 +755,18 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
         })
         .unwrap();
     assert_eq!(readyz(&admin), 503);
+    // The container health check: alive, but not ready, and it says why.
+    run_ferry(&["healthcheck", "--admin", &admin]).unwrap();
+    let hc = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
+        .args(["healthcheck", "--admin", &admin, "--ready"])
+        .output()
+        .unwrap();
+    assert!(!hc.status.success());
+    let why = String::from_utf8_lossy(&hc.stderr);
+    assert!(
+        why.contains("not ready: draining") && why.contains("maintenance"),
+        "{why}"
+    );
     // New circuits avoid it: DE is the only relay, so there is no path.
     let (target, _uploads) = pattern_server_paced(None).await.unwrap();
     let r = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), None)
@@ -780,6 +792,7 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
         })
         .unwrap();
     assert_eq!(readyz(&admin), 200);
+    run_ferry(&["healthcheck", "--admin", &admin, "--ready"]).unwrap();
     let bad = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
         .args(["drain", "--admin", &admin, "--exit-by", "yesterday"])
         .output()
