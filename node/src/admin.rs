@@ -36,6 +36,41 @@ pub struct AdminState {
     pub control: mpsc::UnboundedSender<Command>,
     /// The origin, if the node is an entry.
     pub origin: Option<Arc<crate::origin::Origin>>,
+    /// The node's metrics registry.
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// Serves `GET /metrics` (Prometheus text format) until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "metrics listener stopped");
+    }
+}
+
+async fn metrics(
+    State(st): State<Arc<AdminState>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let body = st
+        .metrics
+        .render(&st.switch, st.origin.as_deref(), &st.rulings, &st.counters)
+        .await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 /// Serves until `shutdown`.

@@ -36,6 +36,9 @@ pub struct FileConfig {
     /// `[admin]`
     #[serde(default)]
     pub admin: FileAdmin,
+    /// `[metrics]`
+    #[serde(default)]
+    pub metrics: FileAdmin,
     /// `[routing]`
     #[serde(default)]
     pub routing: FileRouting,
@@ -407,6 +410,8 @@ pub struct NodeConfig {
     pub drain: DrainSettings,
     /// Admin API listener.
     pub admin_listen: Option<SocketAddr>,
+    /// Prometheus metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -581,6 +586,20 @@ impl TryFrom<FileConfig> for NodeConfig {
                 roles: proles,
             });
         }
+        let metrics_listen = f
+            .metrics
+            .listen
+            .as_deref()
+            .map(|s| parse_addr("metrics.listen", s))
+            .transpose()?;
+        if let Some(a) = metrics_listen
+            && !a.ip().is_loopback()
+            && !f.metrics.allow_remote
+        {
+            bail!(
+                "metrics.listen = `{a}` is not a loopback address; set metrics.allow_remote = true to expose it on purpose"
+            );
+        }
         let constraints = |ex: &[String], exit: &[String], avoid: &[String], key: &str| {
             let r = |v: &[String], k: &str| {
                 crate::routing::parse_regions(v).with_context(|| format!("{key}.{k}"))
@@ -660,6 +679,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             advert_ttl: Duration::from_secs(f.mesh.advert_ttl_secs),
             authority,
             admin_listen,
+            metrics_listen,
         })
     }
 }
@@ -678,6 +698,8 @@ pub struct Template<'a> {
     pub mesh: Option<SocketAddr>,
     /// Admin API listener, if any.
     pub admin: Option<SocketAddr>,
+    /// Metrics listener.
+    pub metrics: Option<SocketAddr>,
     /// Bootstrap addresses.
     pub bootstrap: &'a [String],
     /// Trusted authority keys, hex.
@@ -736,6 +758,7 @@ pub fn render_template(t: &Template<'_>) -> String {
     };
     let mesh = opt("listen", t.mesh, "127.0.0.1:7100");
     let admin = opt("listen", t.admin, "127.0.0.1:7200");
+    let metrics = opt("listen", t.metrics, "127.0.0.1:9300");
     let bootstrap = list(t.bootstrap);
     let authority_keys = list(t.authority_keys);
     format!(
@@ -792,6 +815,12 @@ threshold = 1
 # Admin HTTP API: GET /v1/status, POST /v1/rulings. Loopback unless
 # allow_remote = true.
 {admin}
+allow_remote = false
+
+[metrics]
+# Prometheus metrics: GET /metrics on its own listener. Loopback unless
+# allow_remote = true. Omit to serve none.
+{metrics}
 allow_remote = false
 
 [circuit]
@@ -891,6 +920,7 @@ mod tests {
             socks: Some("127.0.0.1:1080".parse().unwrap()),
             mesh: Some("127.0.0.1:7100".parse().unwrap()),
             admin: Some("127.0.0.1:7200".parse().unwrap()),
+            metrics: None,
             bootstrap: &["127.0.0.1:7101".to_string()],
             authority_keys: &[],
         };
@@ -915,6 +945,7 @@ mod tests {
             socks: None,
             mesh: Some("127.0.0.1:7100".parse().unwrap()),
             admin: Some("127.0.0.1:7200".parse().unwrap()),
+            metrics: None,
             bootstrap: &["127.0.0.1:7101".to_string()],
             authority_keys: &[],
         });

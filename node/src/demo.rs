@@ -125,6 +125,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             socks: roles.entry.then_some(socks),
             mesh: Some(mesh_ports[i]),
             admin: Some(admin),
+            metrics: None,
             bootstrap: if i == 0 { &[] } else { &boot },
             authority_keys: std::slice::from_ref(&auth_pub),
         });
@@ -160,12 +161,14 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
                 link: None,
                 socks: socks_l.take(),
                 admin: Some(admin_l),
+                metrics: None,
             }
         } else {
             Listeners {
                 link: listener,
                 socks: None,
                 admin: Some(admin_l),
+                metrics: None,
             }
         };
         let store = std::sync::Arc::new(crate::store::Store::open(&cfg.data_dir)?);

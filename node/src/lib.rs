@@ -27,6 +27,7 @@ pub mod directory;
 pub mod endpoint;
 pub mod identity;
 pub mod link;
+pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod policy;

@@ -69,6 +69,9 @@ enum Cmd {
         /// Admin API listen address.
         #[arg(long, default_value = "127.0.0.1:7200")]
         admin: SocketAddr,
+        /// Prometheus metrics listen address (GET /metrics); none if omitted.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
         /// A node to join the mesh through (IP:port of its mesh listener); repeatable.
         #[arg(long)]
         bootstrap: Vec<String>,
@@ -232,6 +235,7 @@ fn main() -> Result<()> {
             socks,
             mesh,
             admin,
+            metrics,
             bootstrap,
             authority_keys,
         } => init(
@@ -242,6 +246,7 @@ fn main() -> Result<()> {
             socks,
             mesh,
             admin,
+            metrics,
             &bootstrap,
             &authority_keys,
         ),
@@ -338,6 +343,7 @@ fn init(
     socks: SocketAddr,
     mesh: SocketAddr,
     admin: SocketAddr,
+    metrics: Option<SocketAddr>,
     bootstrap: &[String],
     authority_keys: &[String],
 ) -> Result<()> {
@@ -368,6 +374,7 @@ fn init(
         socks: roles.entry.then_some(socks),
         mesh: Some(mesh),
         admin: Some(admin),
+        metrics,
         bootstrap,
         authority_keys: &authority_keys,
     });

@@ -32,6 +32,8 @@ pub struct Listeners {
     pub socks: Option<TcpListener>,
     /// Admin API.
     pub admin: Option<TcpListener>,
+    /// Prometheus metrics.
+    pub metrics: Option<TcpListener>,
 }
 
 /// Binds a listener, naming the address and the config key on failure.
@@ -57,7 +59,16 @@ impl Listeners {
             Some(a) => Some(bind(a, "admin.listen").await?),
             None => None,
         };
-        Ok(Self { link, socks, admin })
+        let metrics = match cfg.metrics_listen {
+            Some(a) => Some(bind(a, "metrics.listen").await?),
+            None => None,
+        };
+        Ok(Self {
+            link,
+            socks,
+            admin,
+            metrics,
+        })
     }
 }
 
@@ -161,19 +172,24 @@ pub fn start_full(
             link: listeners.link,
             socks: listeners.socks,
             admin: None,
+            metrics: None,
         },
         shutdown.clone(),
         Some(control.clone()),
     );
+    let state = Arc::new(AdminState {
+        switch,
+        rulings,
+        counters,
+        control,
+        origin: running.origin.clone(),
+        metrics: crate::metrics::Metrics::new(),
+    });
     if let Some(l) = listeners.admin {
-        let state = Arc::new(AdminState {
-            switch,
-            rulings,
-            counters,
-            control,
-            origin: running.origin.clone(),
-        });
-        tokio::spawn(admin::serve(l, state, shutdown));
+        tokio::spawn(admin::serve(l, state.clone(), shutdown.clone()));
+    }
+    if let Some(l) = listeners.metrics {
+        tokio::spawn(admin::serve_metrics(l, state, shutdown));
     }
     Ok(running)
 }

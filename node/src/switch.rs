@@ -371,6 +371,16 @@ impl Switch {
         debug!(circuits = targets.len(), "drain notices sent");
     }
 
+    /// Live links.
+    pub fn link_count(&self) -> usize {
+        self.links
+            .lock()
+            .expect("links lock")
+            .values()
+            .filter(|l| !l.is_closed())
+            .count()
+    }
+
     /// Circuits this node carries for others: relayed, or as their tip
     /// (the exit). Its own circuits, as an entry, are the origin's.
     pub fn circuit_count(&self) -> usize {

@@ -112,6 +112,8 @@ pub struct Proc {
     pub admin: SocketAddr,
     /// Its control-plane listener.
     pub mesh: SocketAddr,
+    /// Its Prometheus metrics listener.
+    pub metrics: SocketAddr,
     /// Its folder (keys, config, logs).
     pub dir: PathBuf,
     args: Vec<String>,
@@ -294,18 +296,31 @@ struct Held {
     link: Option<SocketAddr>,
     admin: SocketAddr,
     mesh: SocketAddr,
+    metrics: SocketAddr,
     jurisdiction: String,
+}
+
+/// Where a node listens, besides its SOCKS5 entry.
+struct Ports {
+    link: Option<SocketAddr>,
+    admin: SocketAddr,
+    mesh: SocketAddr,
+    metrics: SocketAddr,
 }
 
 fn launch(
     dir: PathBuf,
     block: &str,
-    link: Option<SocketAddr>,
+    ports: Ports,
     socks: Option<SocketAddr>,
-    admin: SocketAddr,
-    mesh: SocketAddr,
     jurisdiction: String,
 ) -> Result<Proc> {
+    let Ports {
+        link,
+        admin,
+        mesh,
+        metrics,
+    } = ports;
     let cfg = dir.join("ferry.toml");
     let cfg = cfg.to_str().unwrap();
     let args: Vec<&str> = if socks.is_some() {
@@ -333,6 +348,7 @@ fn launch(
         socks,
         admin,
         mesh,
+        metrics,
         dir,
         args,
         child,
@@ -408,6 +424,7 @@ impl Mesh {
             socks: Option<SocketAddr>,
             admin: SocketAddr,
             mesh: SocketAddr,
+            metrics: SocketAddr,
             jurisdiction: String,
         }
         let first_mesh = free_port()?;
@@ -421,12 +438,14 @@ impl Mesh {
             let link = free_port()?;
             let socks = free_port()?;
             let admin = free_port()?;
+            let metrics = free_port()?;
             let mesh = if i == 0 { first_mesh } else { free_port()? };
-            let (l, so, ad, me) = (
+            let (l, so, ad, me, mt) = (
                 link.to_string(),
                 socks.to_string(),
                 admin.to_string(),
                 mesh.to_string(),
+                metrics.to_string(),
             );
             let boot = first_mesh.to_string();
             let mut args = vec![
@@ -445,6 +464,8 @@ impl Mesh {
                 &ad,
                 "--mesh",
                 &me,
+                "--metrics",
+                &mt,
             ];
             if opts.gossip && i > 0 {
                 args.extend(["--bootstrap", &boot]);
@@ -467,6 +488,7 @@ impl Mesh {
                 socks: is_entry.then_some(socks),
                 admin,
                 mesh,
+                metrics,
                 jurisdiction: s.jurisdiction.to_string(),
             });
         }
@@ -514,19 +536,18 @@ impl Mesh {
                     link: m.link,
                     admin: m.admin,
                     mesh: m.mesh,
+                    metrics: m.metrics,
                     jurisdiction: m.jurisdiction,
                 });
                 continue;
             }
-            procs.push(launch(
-                m.dir,
-                &m.block,
-                m.link,
-                m.socks,
-                m.admin,
-                m.mesh,
-                m.jurisdiction,
-            )?);
+            let ports = Ports {
+                link: m.link,
+                admin: m.admin,
+                mesh: m.mesh,
+                metrics: m.metrics,
+            };
+            procs.push(launch(m.dir, &m.block, ports, m.socks, m.jurisdiction)?);
         }
         let entry = procs.pop().expect("entry");
         Ok(Mesh {
@@ -541,15 +562,13 @@ impl Mesh {
     /// Starts the held nodes; they are appended to `nodes`.
     pub fn start_held(&mut self) -> Result<()> {
         for h in std::mem::take(&mut self.held) {
-            let p = launch(
-                h.dir,
-                &h.block,
-                h.link,
-                None,
-                h.admin,
-                h.mesh,
-                h.jurisdiction,
-            )?;
+            let ports = Ports {
+                link: h.link,
+                admin: h.admin,
+                mesh: h.mesh,
+                metrics: h.metrics,
+            };
+            let p = launch(h.dir, &h.block, ports, None, h.jurisdiction)?;
             self.nodes.push(p);
         }
         Ok(())

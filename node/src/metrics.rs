@@ -1,0 +1,264 @@
+//! Prometheus metrics (the `prometheus` crate, without its protobuf
+//! feature), one registry per node — never the crate's global default, so
+//! several nodes in one process (the demo) keep theirs apart.
+//!
+//! Most values are read from the node's own state when `/metrics` is
+//! scraped (links, circuits, state, rulings, drain progress, peers), so the
+//! data path carries no extra bookkeeping for them; counters fed from
+//! monotonic sources (bytes, migrations, refusals of gossip) are advanced to
+//! the source's value at each scrape. Names are `ferry_<name>_<unit>[_total]`
+//! and every label takes bounded values: jurisdictions, states, reasons,
+//! ruling ids — never peer ids or client addresses.
+
+use crate::authority::now_ms;
+use crate::control::GossipCounters;
+use crate::origin::Origin;
+use crate::rulings::Rulings;
+use crate::switch::Switch;
+use ferry_router::{NodeState, Status, Time, TrafficScope};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::atomic::Ordering;
+
+/// A node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    build_info: IntGaugeVec,
+    links: IntGauge,
+    circuits: IntGauge,
+    origin_circuits: IntGauge,
+    streams: IntGauge,
+    link_sent: IntCounter,
+    state: IntGaugeVec,
+    exit_seconds: IntGauge,
+    blocked_circuits: IntGaugeVec,
+    migrations: IntCounterVec,
+    streams_moved: IntCounter,
+    exit_closed: IntCounter,
+    ruling_version: IntGaugeVec,
+    ruling_rejections: IntCounterVec,
+    advert_rejections: IntCounterVec,
+    peers: IntGaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(r, IntGauge::new(name, help).expect("valid metric"))
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+    )
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(r, IntCounter::new(name, help).expect("valid metric"))
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+    )
+}
+
+/// Advances a counter to `to` (sources only grow).
+fn advance(c: &IntCounter, to: u64) {
+    let now = c.get();
+    if to > now {
+        c.inc_by(to - now);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            build_info: gauge_vec(
+                &r,
+                "ferry_build_info",
+                "Ferry's version (always 1).",
+                "version",
+            ),
+            links: gauge(&r, "ferry_links_active", "Data-plane links open."),
+            circuits: gauge(
+                &r,
+                "ferry_circuits_active",
+                "Circuits this node carries for others (relayed, or as their exit).",
+            ),
+            origin_circuits: gauge(
+                &r,
+                "ferry_origin_circuits_active",
+                "Circuits this node built as an entry.",
+            ),
+            streams: gauge(
+                &r,
+                "ferry_streams_active",
+                "Client streams on this entry's circuits.",
+            ),
+            link_sent: counter(
+                &r,
+                "ferry_link_sent_bytes_total",
+                "Bytes written to data-plane links (ciphertext).",
+            ),
+            state: gauge_vec(
+                &r,
+                "ferry_node_state",
+                "1 for the node's state (active, draining, exited), 0 for the others.",
+                "state",
+            ),
+            exit_seconds: gauge(
+                &r,
+                "ferry_node_exit_seconds",
+                "Seconds until the node's exit date while draining; 0 otherwise.",
+            ),
+            blocked_circuits: gauge_vec(
+                &r,
+                "ferry_blocked_jurisdiction_circuits",
+                "Circuit sides on this node whose neighbour is in a jurisdiction a ruling drains or blocks, plus this entry's circuits crossing it.",
+                "jurisdiction",
+            ),
+            migrations: counter_vec(
+                &r,
+                "ferry_migrations_total",
+                "Circuit moves off leaving nodes, by result (started, succeeded, failed).",
+                "result",
+            ),
+            streams_moved: counter(
+                &r,
+                "ferry_streams_moved_total",
+                "Streams moved to another circuit.",
+            ),
+            exit_closed: counter(
+                &r,
+                "ferry_exit_circuits_closed_total",
+                "Circuits closed because their exit left the mesh.",
+            ),
+            ruling_version: gauge_vec(
+                &r,
+                "ferry_ruling_version",
+                "Version of each ruling in force.",
+                "ruling",
+            ),
+            ruling_rejections: counter_vec(
+                &r,
+                "ferry_ruling_rejections_total",
+                "Rulings refused, by reason.",
+                "reason",
+            ),
+            advert_rejections: counter_vec(
+                &r,
+                "ferry_advert_rejections_total",
+                "Node adverts dropped, by reason.",
+                "reason",
+            ),
+            peers: gauge_vec(
+                &r,
+                "ferry_peers",
+                "Live known nodes by jurisdiction.",
+                "jurisdiction",
+            ),
+            registry: r,
+        }
+    }
+
+    /// Reads the node's state into the metrics and encodes them in the text
+    /// exposition format.
+    pub async fn render(
+        &self,
+        sw: &Switch,
+        origin: Option<&Origin>,
+        rulings: &Rulings,
+        gossip: &GossipCounters,
+    ) -> String {
+        let now = now_ms();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        self.links.set(sw.link_count() as i64);
+        self.circuits.set(sw.circuit_count() as i64);
+        advance(&self.link_sent, sw.bytes_out());
+        let cur = sw.state.current();
+        for name in ["active", "draining", "exited"] {
+            self.state
+                .with_label_values(&[name])
+                .set(i64::from(cur.name() == name));
+        }
+        self.exit_seconds.set(match cur.state {
+            NodeState::Draining { until } => (until.0.saturating_sub(now) / 1000) as i64,
+            _ => 0,
+        });
+        let set = rulings.snapshot();
+        let leaving = |j: &str| {
+            crate::config::parse_jurisdiction(j).is_ok_and(|j| {
+                set.status(Some(j), &TrafficScope::default(), Time(now)).0 != Status::Allowed
+            })
+        };
+        self.blocked_circuits.reset();
+        for (j, n) in sw.circuit_neighbours() {
+            if leaving(&j) {
+                self.blocked_circuits.with_label_values(&[&j]).add(n as i64);
+            }
+        }
+        if let Some(o) = origin {
+            let circuits = o.circuits().await;
+            self.origin_circuits.set(circuits.len() as i64);
+            self.streams
+                .set(circuits.iter().map(|c| c.stream_count()).sum::<usize>() as i64);
+            for c in &circuits {
+                for j in c.jurisdictions(sw) {
+                    if leaving(&j) {
+                        self.blocked_circuits.with_label_values(&[&j]).inc();
+                    }
+                }
+            }
+            let s = &o.stats;
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            for (result, v) in [
+                ("started", get(&s.migrations_started)),
+                ("succeeded", get(&s.migrations_done)),
+                ("failed", get(&s.migrations_failed)),
+            ] {
+                advance(&self.migrations.with_label_values(&[result]), v);
+            }
+            advance(&self.streams_moved, get(&s.streams_moved));
+            advance(&self.exit_closed, get(&s.exit_closed));
+        }
+        self.ruling_version.reset();
+        for r in set.iter().filter(|r| !r.lifted) {
+            self.ruling_version
+                .with_label_values(&[&r.id])
+                .set(r.version.min(i64::MAX as u64) as i64);
+        }
+        for (reason, n) in rulings.rejections() {
+            advance(&self.ruling_rejections.with_label_values(&[reason]), n);
+        }
+        for (reason, n) in gossip.advert_rejections() {
+            advance(&self.advert_rejections.with_label_values(&[reason]), n);
+        }
+        self.peers.reset();
+        for e in sw.directory.live(now) {
+            self.peers
+                .with_label_values(&[&e.peer.jurisdiction.to_string()])
+                .inc();
+        }
+        let mut out = Vec::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

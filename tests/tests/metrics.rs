@@ -1,0 +1,157 @@
+//! `/metrics` on every node's own listener, fetched with the real `curl`:
+//! the names are there, labels carry no peer ids, and the state and drain
+//! metrics move when a ruling drains a jurisdiction.
+
+use ferry_node::authority::{fmt_time, now_ms};
+use ferry_tests::{Mesh, Options, Proc, Spec, run_ferry};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn scrape(p: &Proc) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{}/metrics", p.metrics))
+        .output()
+        .expect("running curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn wait_sample(p: &Proc, series: &str, want: f64, within: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        let text = scrape(p);
+        if sample(&text, series) == Some(want) {
+            return text;
+        }
+        assert!(
+            t.elapsed() < within,
+            "{} never showed {series} {want}:\n{text}",
+            p.jurisdiction
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn metrics_are_served_and_move_with_a_drain() {
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().join("authority");
+    run_ferry(&["authority", "keygen", "--out", kd.to_str().unwrap()]).unwrap();
+    let public = std::fs::read_to_string(kd.join("authority.pub")).unwrap();
+    let specs = [
+        Spec {
+            jurisdiction: "CA",
+            roles: "exit",
+        },
+        Spec {
+            jurisdiction: "PK",
+            roles: "relay",
+        },
+    ];
+    let mesh = Mesh::start(
+        &specs,
+        &Options {
+            hops: 2,
+            gossip: true,
+            authority_keys: vec![public.trim().to_string()],
+            advert_ttl_secs: 3,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let pk = &mesh.nodes[1];
+    let text = wait_sample(
+        pk,
+        "ferry_peers{jurisdiction=\"CA\"}",
+        1.0,
+        Duration::from_secs(30),
+    );
+    for name in [
+        "ferry_build_info",
+        "ferry_links_active",
+        "ferry_circuits_active",
+        "ferry_link_sent_bytes_total",
+        "ferry_node_state",
+        "ferry_node_exit_seconds",
+        "ferry_peers",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, "ferry_node_state{state=\"active\"}"),
+        Some(1.0)
+    );
+    // Labels hold jurisdictions and states, never node ids.
+    for id in mesh.nodes.iter().map(|n| &n.id) {
+        assert!(!text.contains(&id[..16]), "a node id in the metrics");
+    }
+    let now = now_ms();
+    let src = keys.path().join("pk.toml");
+    std::fs::write(
+        &src,
+        format!(
+            "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\n",
+            fmt_time(now + 500),
+            fmt_time(now + 30_000)
+        ),
+    )
+    .unwrap();
+    let signed = keys.path().join("pk.json");
+    run_ferry(&[
+        "policy",
+        "sign",
+        "--key",
+        kd.join("authority.key").to_str().unwrap(),
+        "--in",
+        src.to_str().unwrap(),
+        "--out",
+        signed.to_str().unwrap(),
+    ])
+    .unwrap();
+    run_ferry(&[
+        "policy",
+        "publish",
+        "--admin",
+        &mesh.nodes[0].admin.to_string(),
+        signed.to_str().unwrap(),
+    ])
+    .unwrap();
+    let text = wait_sample(
+        pk,
+        "ferry_node_state{state=\"draining\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let left = sample(&text, "ferry_node_exit_seconds").unwrap();
+    assert!(left > 0.0 && left <= 30.0, "exit in {left} s");
+    assert_eq!(
+        sample(&text, "ferry_ruling_version{ruling=\"pk\"}"),
+        Some(1.0)
+    );
+    let entry = wait_sample(
+        &mesh.entry,
+        "ferry_ruling_version{ruling=\"pk\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        entry.contains("# TYPE ferry_migrations_total counter"),
+        "{entry}"
+    );
+}
