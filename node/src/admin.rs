@@ -36,8 +36,6 @@ pub struct AdminState {
     pub control: mpsc::UnboundedSender<Command>,
     /// The origin, if the node is an entry.
     pub origin: Option<Arc<crate::origin::Origin>>,
-    /// The node's metrics registry.
-    pub metrics: crate::metrics::Metrics,
 }
 
 /// Serves `GET /metrics` (Prometheus text format) until `shutdown`.
@@ -61,6 +59,7 @@ async fn metrics(
     State(st): State<Arc<AdminState>>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     let body = st
+        .switch
         .metrics
         .render(&st.switch, st.origin.as_deref(), &st.rulings, &st.counters)
         .await;

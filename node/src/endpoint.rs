@@ -60,6 +60,8 @@ pub struct ExitCtx {
     pub window: u32,
     /// Streams that can be moved here from another circuit.
     pub resumables: Arc<Resumables>,
+    /// The node's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The exit's streams by resume token.
@@ -736,7 +738,12 @@ impl Endpoint {
                 drop(r);
                 let token: [u8; 16] = rand::random();
                 let (core, inbound) = StreamCore::new(self, id, u64::from(begin.window), token);
-                self.register(id, core.clone())?;
+                if let Err(e) = self.register(id, core.clone()) {
+                    if let Some(x) = exit {
+                        x.metrics.refusals.with_label_values(&["capacity"]).inc();
+                    }
+                    return Err(e);
+                }
                 let me = self.clone();
                 let exit = exit.clone();
                 let span = info_span!("stream", circ = self.circ, stream = id);
@@ -889,7 +896,9 @@ impl Endpoint {
             return Endpoint::forget(&core);
         }
         exit.resumables.insert(token, &core);
+        exit.metrics.streams_opened.inc();
         run_stream(sock, parts).await;
+        exit.metrics.streams_closed.inc();
         exit.resumables.remove(&token);
     }
 }

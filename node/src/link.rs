@@ -120,6 +120,7 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
     let addr = info
         .addr
         .ok_or_else(|| anyhow!("node {peer} accepts no links"))?;
+    let started = std::time::Instant::now();
     let fut = async {
         let mut sock = TcpStream::connect(addr).await.context("connecting")?;
         sock.set_nodelay(true)?;
@@ -133,6 +134,10 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
     let (sock, session, buf) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
         .map_err(|_| anyhow!("link handshake with {peer} timed out"))??;
+    switch
+        .metrics
+        .handshake_seconds
+        .observe(started.elapsed().as_secs_f64());
     Ok(start(switch, sock, session, buf, peer, true))
 }
 
@@ -140,6 +145,7 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
 /// the link itself. Returns when the handshake fails (with the reason).
 pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<LinkHandle>> {
     sock.set_nodelay(true)?;
+    let started = std::time::Instant::now();
     let fut = async {
         let mut buf = BytesMut::with_capacity(1024);
         let m1 = read_frame(&mut sock, &mut buf, HANDSHAKE_CODEC).await?;
@@ -156,9 +162,26 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
         write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
         Ok::<_, anyhow::Error>((Session::from_handshake(hs)?, buf, peer))
     };
-    let (session, buf, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+    let res = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
-        .map_err(|_| anyhow!("link handshake timed out"))??;
+        .map_err(|_| anyhow!("link handshake timed out"))
+        .and_then(|r| r);
+    let (session, buf, peer) = match res {
+        Ok(x) => x,
+        Err(e) => {
+            let reason = if format!("{e:#}").contains("static key") {
+                "auth"
+            } else {
+                "malformed"
+            };
+            switch.metrics.refusals.with_label_values(&[reason]).inc();
+            return Err(e);
+        }
+    };
+    switch
+        .metrics
+        .handshake_seconds
+        .observe(started.elapsed().as_secs_f64());
     Ok(start(&switch, sock, session, buf, peer, false))
 }
 
@@ -199,15 +222,25 @@ fn start(
                 _ = closed.cancelled() => None,
             };
             match &reason {
-                Some(r) => warn!(reason = %r, "link closed"),
+                Some(r) => {
+                    if r.contains("malformed") || r.contains("authenticat") || r.contains("frame") {
+                        sw.metrics.refusals.with_label_values(&["malformed"]).inc();
+                    }
+                    warn!(reason = %r, "link closed")
+                }
                 None => debug!("link closed"),
             }
+            sw.metrics
+                .links_closed
+                .with_label_values(&[if reason.is_some() { "error" } else { "normal" }])
+                .inc();
             l2.close();
             sw.link_down(&l2);
         }
         .instrument(span),
     );
     switch.link_up(link.clone());
+    switch.metrics.links_opened.inc();
     debug!(link = link.id, peer = %peer.short(), initiator, "link up");
     link
 }
@@ -262,6 +295,7 @@ async fn read_loop(
 ) -> Result<()> {
     loop {
         while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut buf)? {
+            switch.metrics.link_received.inc_by(frame.len() as u64 + 4);
             let len = opener.open_in_place(&mut frame)?;
             frame.truncate(len);
             switch.on_cell(link, frame).await?;

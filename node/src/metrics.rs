@@ -16,7 +16,10 @@ use crate::origin::Origin;
 use crate::rulings::Rulings;
 use crate::switch::Switch;
 use ferry_router::{NodeState, Status, Time, TrafficScope};
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use std::sync::atomic::Ordering;
 
 /// A node's metrics.
@@ -38,6 +41,44 @@ pub struct Metrics {
     ruling_rejections: IntCounterVec,
     advert_rejections: IntCounterVec,
     peers: IntGaugeVec,
+    /// Links opened.
+    pub links_opened: IntCounter,
+    /// Links closed, by reason (`error`, `normal`).
+    pub links_closed: IntCounterVec,
+    /// Link handshake time.
+    pub handshake_seconds: Histogram,
+    /// Circuits opened here (as a hop, or built as an entry).
+    pub circuits_opened: IntCounter,
+    /// Circuits closed, by reason (the DESTROY reason, `link_lost`, ...).
+    pub circuits_closed: IntCounterVec,
+    /// Circuit build time at the entry.
+    pub build_seconds: Histogram,
+    /// Streams opened (connected at the exit, or at the entry).
+    pub streams_opened: IntCounter,
+    /// Streams closed.
+    pub streams_closed: IntCounter,
+    /// Refusals by reason: ruling, constraint, capacity, auth, malformed.
+    pub refusals: IntCounterVec,
+    /// Bytes read from data-plane links (ciphertext).
+    pub link_received: IntCounter,
+}
+
+fn histogram(r: &Registry, name: &str, help: &str) -> Histogram {
+    let buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    reg(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid metric"),
+    )
+}
+
+/// The label for a DESTROY reason: `DESTROY_REASON_LINK_LOST` → `link_lost`.
+pub fn destroy_label(r: ferry_proto::pb::DestroyReason) -> String {
+    r.as_str_name()
+        .trim_start_matches("DESTROY_REASON_")
+        .to_ascii_lowercase()
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -73,6 +114,12 @@ fn advance(c: &IntCounter, to: u64) {
     let now = c.get();
     if to > now {
         c.inc_by(to - now);
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
     }
 }
 
@@ -170,6 +217,51 @@ impl Metrics {
                 "ferry_peers",
                 "Live known nodes by jurisdiction.",
                 "jurisdiction",
+            ),
+            links_opened: counter(&r, "ferry_links_opened_total", "Data-plane links opened."),
+            links_closed: counter_vec(
+                &r,
+                "ferry_links_closed_total",
+                "Data-plane links closed, by reason (error, normal).",
+                "reason",
+            ),
+            handshake_seconds: histogram(
+                &r,
+                "ferry_link_handshake_seconds",
+                "Time to complete a link's Noise handshake.",
+            ),
+            circuits_opened: counter(
+                &r,
+                "ferry_circuits_opened_total",
+                "Circuits opened on this node.",
+            ),
+            circuits_closed: counter_vec(
+                &r,
+                "ferry_circuits_closed_total",
+                "Circuits closed on this node, by reason.",
+                "reason",
+            ),
+            build_seconds: histogram(
+                &r,
+                "ferry_circuit_build_seconds",
+                "Time for this entry to build a circuit, hop by hop.",
+            ),
+            streams_opened: counter(&r, "ferry_streams_opened_total", "Streams connected."),
+            streams_closed: counter(
+                &r,
+                "ferry_streams_closed_total",
+                "Streams finished or ended.",
+            ),
+            refusals: counter_vec(
+                &r,
+                "ferry_refusals_total",
+                "Requests refused, by reason (ruling, constraint, capacity, auth, malformed).",
+                "reason",
+            ),
+            link_received: counter(
+                &r,
+                "ferry_link_received_bytes_total",
+                "Bytes read from data-plane links (ciphertext).",
             ),
             registry: r,
         }

@@ -183,7 +183,6 @@ pub fn start_full(
         counters,
         control,
         origin: running.origin.clone(),
-        metrics: crate::metrics::Metrics::new(),
     });
     if let Some(l) = listeners.admin {
         tokio::spawn(admin::serve(l, state.clone(), shutdown.clone()));

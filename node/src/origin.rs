@@ -367,6 +367,7 @@ impl Origin {
         });
         self.switch.add_origin(&link, circ, oc.clone());
         let timeout = self.switch.cfg.build_timeout;
+        let started = std::time::Instant::now();
         match tokio::time::timeout(timeout, self.handshake_path(&link, circ, &path, rx)).await {
             Ok(Ok(session)) => {
                 let end = Endpoint::new(
@@ -382,6 +383,9 @@ impl Origin {
                 }
                 *st = State::Open(end);
                 drop(st);
+                let m = &self.switch.metrics;
+                m.build_seconds.observe(started.elapsed().as_secs_f64());
+                m.circuits_opened.inc();
                 info!(circ, path = %oc.jurisdictions(&self.switch).join(" -> "), "circuit built");
                 Ok(oc)
             }

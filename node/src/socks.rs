@@ -234,13 +234,19 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         Ok(r) => origin.open_stream(&req.host, req.port, &r).await,
         Err(e) => Err(e),
     };
+    let metrics = origin.switch().metrics.clone();
     match opened {
         Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
+                metrics.streams_opened.inc();
                 crate::endpoint::run_stream(sock, parts).await;
+                metrics.streams_closed.inc();
             }
         }
         Err(e) => {
+            if matches!(e, OpenError::NoPath(_) | OpenError::Options(_)) {
+                metrics.refusals.with_label_values(&["constraint"]).inc();
+            }
             let code = reply_for(&e);
             info!(reply = code, reason = %e, "socks request refused");
             let _ = send_reply(&mut sock, code).await;

@@ -62,6 +62,8 @@ pub struct Switch {
     exit: Option<Arc<ExitCtx>>,
     /// Bytes written to all links (for the advertised load).
     pub(crate) bytes_out: Arc<AtomicU64>,
+    /// The node's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A cell broke the link protocol: the link is closed with this reason.
@@ -79,12 +81,14 @@ impl Switch {
         state: Arc<crate::state::NodeStateCtl>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let exit = cfg.roles.exit.then(|| {
             Arc::new(ExitCtx {
                 policy: cfg.exit_policy.clone(),
                 connect_timeout: cfg.connect_timeout,
                 window: cfg.stream_window,
                 resumables: Default::default(),
+                metrics: metrics.clone(),
             })
         });
         Arc::new(Self {
@@ -100,6 +104,7 @@ impl Switch {
             next_link: AtomicU64::new(1),
             exit,
             bytes_out: Arc::new(AtomicU64::new(0)),
+            metrics,
         })
     }
 
@@ -189,6 +194,12 @@ impl Switch {
 
     /// Ends what a removed slot holds; tells the other side of a forward.
     fn drop_slot(&self, slot: Slot, reason: DestroyReason) {
+        if !matches!(slot, Slot::Pending(_)) {
+            self.metrics
+                .circuits_closed
+                .with_label_values(&[&crate::metrics::destroy_label(reason)])
+                .inc();
+        }
         match slot {
             Slot::Forward { link, circ } => {
                 self.remove(link.id, circ);
@@ -437,6 +448,18 @@ impl Switch {
             .map(|l| (l.id, l.clone()))
             .collect();
         let n = all.len();
+        let forwards = all
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Forward { .. }))
+            .count();
+        let others = all
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Tip(_) | Slot::Origin(_)))
+            .count();
+        self.metrics
+            .circuits_closed
+            .with_label_values(&[&crate::metrics::destroy_label(reason)])
+            .inc_by((forwards / 2 + others) as u64);
         for ((lid, circ), slot) in all {
             if let Some(l) = links.get(&lid) {
                 l.try_send(destroy_cell(circ, reason));
@@ -501,7 +524,9 @@ impl Switch {
             .insert((link.id, circ), Slot::Tip(end));
         if !link.try_send(cell(circ, CellCmd::Created, &msg2)) {
             self.destroy(link, circ, DestroyReason::Shutdown);
+            return;
         }
+        self.metrics.circuits_opened.inc();
         debug!(circ, "circuit created");
     }
 

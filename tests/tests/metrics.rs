@@ -3,7 +3,7 @@
 //! metrics move when a ruling drains a jurisdiction.
 
 use ferry_node::authority::{fmt_time, now_ms};
-use ferry_tests::{Mesh, Options, Proc, Spec, run_ferry};
+use ferry_tests::{Mesh, Options, Proc, Spec, http_server, run_ferry, socks_connect_as};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,18 @@ fn wait_sample(p: &Proc, series: &str, want: f64, within: Duration) -> String {
     }
 }
 
-#[test]
-fn metrics_are_served_and_move_with_a_drain() {
+/// The sum of every sample of `name` (all label sets).
+fn total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_move_with_a_drain() {
     let keys = tempfile::tempdir().unwrap();
     let kd = keys.path().join("authority");
     run_ferry(&["authority", "keygen", "--out", kd.to_str().unwrap()]).unwrap();
@@ -100,6 +110,51 @@ fn metrics_are_served_and_move_with_a_drain() {
     // Labels hold jurisdictions and states, never node ids.
     for id in mesh.nodes.iter().map(|n| &n.id) {
         assert!(!text.contains(&id[..16]), "a node id in the metrics");
+    }
+    // Traffic and a refusal move the data-plane counters.
+    let page = http_server("counted\n").await.unwrap();
+    let refused = socks_connect_as(
+        mesh.socks(),
+        "127.0.0.1",
+        page.port(),
+        Some(("", "exit_in=JP")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.err(), Some(2));
+    let socks = mesh.socks().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks])
+            .arg(format!("http://127.0.0.1:{}/", page.port()))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("counted"));
+    let entry = scrape(&mesh.entry);
+    assert_eq!(total(&entry, "ferry_refusals_total"), 1.0, "{entry}");
+    assert!(
+        entry.contains("ferry_refusals_total{reason=\"constraint\"} 1"),
+        "{entry}"
+    );
+    for name in [
+        "ferry_circuits_opened_total",
+        "ferry_circuit_build_seconds_count",
+        "ferry_link_handshake_seconds_count",
+        "ferry_streams_opened_total",
+        "ferry_link_sent_bytes_total",
+    ] {
+        assert!(total(&entry, name) >= 1.0, "{name}:\n{entry}");
+    }
+    let exit = scrape(&mesh.nodes[0]);
+    for name in [
+        "ferry_streams_opened_total",
+        "ferry_circuits_opened_total",
+        "ferry_link_received_bytes_total",
+    ] {
+        assert!(total(&exit, name) >= 1.0, "{name}:\n{exit}");
     }
     let now = now_ms();
     let src = keys.path().join("pk.toml");
