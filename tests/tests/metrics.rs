@@ -111,7 +111,12 @@ async fn metrics_are_served_and_move_with_a_drain() {
     for id in mesh.nodes.iter().map(|n| &n.id) {
         assert!(!text.contains(&id[..16]), "a node id in the metrics");
     }
-    // Traffic and a refusal move the data-plane counters.
+    // Traffic and a refusal move the data-plane counters, once the entry
+    // knows the mesh.
+    for j in ["CA", "PK"] {
+        let series = format!("ferry_peers{{jurisdiction=\"{j}\"}}");
+        wait_sample(&mesh.entry, &series, 1.0, Duration::from_secs(30));
+    }
     let page = http_server("counted\n").await.unwrap();
     let refused = socks_connect_as(
         mesh.socks(),
@@ -132,7 +137,12 @@ async fn metrics_are_served_and_move_with_a_drain() {
     })
     .await
     .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("counted"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("counted"),
+        "curl: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        mesh.entry.log()
+    );
     let entry = scrape(&mesh.entry);
     assert_eq!(total(&entry, "ferry_refusals_total"), 1.0, "{entry}");
     assert!(
