@@ -467,6 +467,26 @@ pub fn parse_roles<S: AsRef<str>>(names: &[S]) -> Result<Roles> {
     Ok(roles)
 }
 
+/// A `[section] listen` address that must be loopback unless the section
+/// sets `allow_remote = true`.
+fn local_listener(section: &str, f: &FileAdmin) -> Result<Option<SocketAddr>> {
+    let key = format!("{section}.listen");
+    let addr = f
+        .listen
+        .as_deref()
+        .map(|s| parse_addr(&key, s))
+        .transpose()?;
+    if let Some(a) = addr
+        && !a.ip().is_loopback()
+        && !f.allow_remote
+    {
+        bail!(
+            "{key} = `{a}` is not a loopback address; set {section}.allow_remote = true to expose it on purpose"
+        );
+    }
+    Ok(addr)
+}
+
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr> {
     s.parse()
         .map_err(|e| anyhow!("{key} = `{s}`: not an IP:port address ({e})"))
@@ -537,20 +557,7 @@ impl TryFrom<FileConfig> for NodeConfig {
         }
         let authority = crate::authority::Authority::new(&f.authority.keys, f.authority.threshold)
             .context("authority")?;
-        let admin_listen = f
-            .admin
-            .listen
-            .as_deref()
-            .map(|s| parse_addr("admin.listen", s))
-            .transpose()?;
-        if let Some(a) = admin_listen
-            && !a.ip().is_loopback()
-            && !f.admin.allow_remote
-        {
-            bail!(
-                "admin.listen = `{a}` is not a loopback address; set admin.allow_remote = true to expose it on purpose"
-            );
-        }
+        let admin_listen = local_listener("admin", &f.admin)?;
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in f.peers.iter().enumerate() {
             let ctx = || format!("peers[{i}]");
@@ -586,20 +593,7 @@ impl TryFrom<FileConfig> for NodeConfig {
                 roles: proles,
             });
         }
-        let metrics_listen = f
-            .metrics
-            .listen
-            .as_deref()
-            .map(|s| parse_addr("metrics.listen", s))
-            .transpose()?;
-        if let Some(a) = metrics_listen
-            && !a.ip().is_loopback()
-            && !f.metrics.allow_remote
-        {
-            bail!(
-                "metrics.listen = `{a}` is not a loopback address; set metrics.allow_remote = true to expose it on purpose"
-            );
-        }
+        let metrics_listen = local_listener("metrics", &f.metrics)?;
         let constraints = |ex: &[String], exit: &[String], avoid: &[String], key: &str| {
             let r = |v: &[String], k: &str| {
                 crate::routing::parse_regions(v).with_context(|| format!("{key}.{k}"))
