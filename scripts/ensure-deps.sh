@@ -28,6 +28,7 @@ command -v c++ >/dev/null 2>&1 || need+=(g++)         # RocksDB is C++
 have_libclang || need+=(clang libclang-dev)           # RocksDB's bindings (bindgen)
 if [ "$what" = test ]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)     # tests use the real curl as a SOCKS5 client
+  command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # a real Prometheus scrapes a test mesh
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 

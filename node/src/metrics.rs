@@ -130,8 +130,51 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry with every metric registered.
+    /// A fresh registry with every metric registered, and every known
+    /// label value of the counters present at 0 (so queries and alerts see
+    /// a series before the first event).
     pub fn new() -> Self {
+        let m = Self::bare();
+        for reason in ["ruling", "constraint", "capacity", "auth", "malformed"] {
+            m.refusals.with_label_values(&[reason]);
+        }
+        for reason in ["error", "normal"] {
+            m.links_closed.with_label_values(&[reason]);
+        }
+        for result in ["started", "succeeded", "failed"] {
+            m.migrations.with_label_values(&[result]);
+        }
+        for r in [
+            "malformed",
+            "oversized",
+            "unsigned",
+            "unknown_key",
+            "bad_signature",
+            "threshold",
+            "expired",
+            "invalid",
+            "rollback",
+        ] {
+            m.ruling_rejections.with_label_values(&[r]);
+        }
+        for r in [
+            "oversized",
+            "undecodable",
+            "bad_signature",
+            "expired",
+            "invalid",
+            "stale",
+            "key_conflict",
+        ] {
+            m.advert_rejections.with_label_values(&[r]);
+        }
+        for r in (1..=7).filter_map(|i| ferry_proto::pb::DestroyReason::try_from(i).ok()) {
+            m.circuits_closed.with_label_values(&[&destroy_label(r)]);
+        }
+        m
+    }
+
+    fn bare() -> Self {
         let r = Registry::new();
         Self {
             build_info: gauge_vec(
@@ -172,11 +215,16 @@ impl Metrics {
                 "ferry_node_exit_seconds",
                 "Seconds until the node's exit date while draining; 0 otherwise.",
             ),
-            blocked_circuits: gauge_vec(
+            blocked_circuits: reg(
                 &r,
-                "ferry_blocked_jurisdiction_circuits",
-                "Circuit sides on this node whose neighbour is in a jurisdiction a ruling drains or blocks, plus this entry's circuits crossing it.",
-                "jurisdiction",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ferry_blocked_jurisdiction_circuits",
+                        "Circuit sides on this node whose neighbour is in a jurisdiction a ruling drains or blocks, plus this entry's circuits crossing it; status is draining (before the exit date) or blocked (after it).",
+                    ),
+                    &["jurisdiction", "status"],
+                )
+                .expect("valid metric"),
             ),
             migrations: counter_vec(
                 &r,
@@ -294,15 +342,21 @@ impl Metrics {
             _ => 0,
         });
         let set = rulings.snapshot();
-        let leaving = |j: &str| {
-            crate::config::parse_jurisdiction(j).is_ok_and(|j| {
-                set.status(Some(j), &TrafficScope::default(), Time(now)).0 != Status::Allowed
-            })
+        // `draining` or `blocked` for a jurisdiction a ruling covers now.
+        let leaving = |j: &str| -> Option<&'static str> {
+            let j = crate::config::parse_jurisdiction(j).ok()?;
+            match set.status(Some(j), &TrafficScope::default(), Time(now)).0 {
+                Status::Allowed => None,
+                Status::Draining { .. } => Some("draining"),
+                Status::Blocked => Some("blocked"),
+            }
         };
         self.blocked_circuits.reset();
         for (j, n) in sw.circuit_neighbours() {
-            if leaving(&j) {
-                self.blocked_circuits.with_label_values(&[&j]).add(n as i64);
+            if let Some(st) = leaving(&j) {
+                self.blocked_circuits
+                    .with_label_values(&[&j, st])
+                    .add(n as i64);
             }
         }
         if let Some(o) = origin {
@@ -312,8 +366,8 @@ impl Metrics {
                 .set(circuits.iter().map(|c| c.stream_count()).sum::<usize>() as i64);
             for c in &circuits {
                 for j in c.jurisdictions(sw) {
-                    if leaving(&j) {
-                        self.blocked_circuits.with_label_values(&[&j]).inc();
+                    if let Some(st) = leaving(&j) {
+                        self.blocked_circuits.with_label_values(&[&j, st]).inc();
                     }
                 }
             }

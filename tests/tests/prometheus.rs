@@ -1,0 +1,306 @@
+//! A real Prometheus server (Debian's `prometheus`, installed by
+//! `scripts/ensure-deps.sh test`) scrapes a running mesh; the alert rules in
+//! `deploy/prometheus/` load and evaluate, every query of the Grafana
+//! dashboard in `deploy/grafana/` returns data, and the drain metrics move
+//! when a ruling drains PK.
+
+use ferry_node::authority::{fmt_time, now_ms};
+use ferry_tests::{Mesh, Options, Spec, free_port, http_server, run_ferry, socks_connect_as};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Kills Prometheus when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn query(base: &str, expr: &str) -> Value {
+    let mut resp = ureq::get(&format!("{base}/api/v1/query"))
+        .query("query", expr)
+        .call()
+        .unwrap_or_else(|e| panic!("query {expr}: {e}"));
+    resp.body_mut().read_json().unwrap()
+}
+
+/// Waits until `expr` returns at least one series; returns the answer.
+fn wait_data(base: &str, expr: &str, within: Duration) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = query(base, expr);
+        assert_eq!(v["status"], "success", "{expr}: {v}");
+        if v["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+        {
+            return v;
+        }
+        assert!(t.elapsed() < within, "no data for {expr}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn value(v: &Value) -> f64 {
+    v["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
+    let bin = Command::new("prometheus").arg("--version").output();
+    assert!(
+        bin.is_ok_and(|o| o.status.success()),
+        "prometheus is not installed: run scripts/ensure-deps.sh test"
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().join("authority");
+    run_ferry(&["authority", "keygen", "--out", kd.to_str().unwrap()]).unwrap();
+    let public = std::fs::read_to_string(kd.join("authority.pub")).unwrap();
+    let specs = [
+        Spec {
+            jurisdiction: "CA",
+            roles: "exit",
+        },
+        Spec {
+            jurisdiction: "PK",
+            roles: "relay",
+        },
+        Spec {
+            jurisdiction: "DE",
+            roles: "relay",
+        },
+    ];
+    let mesh = Mesh::start(
+        &specs,
+        &Options {
+            hops: 2,
+            gossip: true,
+            authority_keys: vec![public.trim().to_string()],
+            advert_ttl_secs: 3,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    mesh.entry
+        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
+            v["peers"].as_array().is_some_and(|p| p.len() >= 3)
+        })
+        .unwrap();
+
+    // Prometheus on loopback, scraping every node each second.
+    let dir = tempfile::tempdir().unwrap();
+    let targets: Vec<String> = mesh
+        .nodes
+        .iter()
+        .chain([&mesh.entry])
+        .map(|p| format!("\"{}\"", p.metrics))
+        .collect();
+    let rules = repo().join("deploy/prometheus/ferry-rules.yml");
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: ferry\n    static_configs:\n      - targets: [{}]\n",
+            rules.display(),
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let web = free_port().unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _server = Server(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting prometheus"),
+    );
+    let base = format!("http://{web}");
+    let t = Instant::now();
+    while ureq::get(&format!("{base}/-/ready")).call().is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "prometheus not ready: {}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Traffic: a held stream through PK (DE excluded), a fetch, a refusal,
+    // and a ruling signed by a key nobody trusts (a counted rejection).
+    let page = http_server("scraped\n").await.unwrap();
+    let _held = socks_connect_as(
+        mesh.socks(),
+        "127.0.0.1",
+        page.port(),
+        Some(("", "exclude=DE")),
+    )
+    .await
+    .unwrap()
+    .expect("a stream through PK");
+    let refused = socks_connect_as(
+        mesh.socks(),
+        "127.0.0.1",
+        page.port(),
+        Some(("", "exit_in=JP")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.err(), Some(2));
+    let stranger = keys.path().join("stranger");
+    run_ferry(&["authority", "keygen", "--out", stranger.to_str().unwrap()]).unwrap();
+    let ruling = |key: &Path, name: &str| {
+        let now = now_ms();
+        let src = keys.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &src,
+            format!(
+                "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\n",
+                fmt_time(now + 500),
+                fmt_time(now + 600_000)
+            ),
+        )
+        .unwrap();
+        let out = keys.path().join(format!("{name}.json"));
+        run_ferry(&[
+            "policy",
+            "sign",
+            "--key",
+            key.join("authority.key").to_str().unwrap(),
+            "--in",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        out
+    };
+    let forged = ruling(&stranger, "forged");
+    let _ = Command::new(ferry_tests::ferry_bin().unwrap())
+        .args([
+            "policy",
+            "publish",
+            "--admin",
+            &mesh.entry.admin.to_string(),
+        ])
+        .arg(&forged)
+        .output()
+        .unwrap();
+
+    // Before the ruling: PK active.
+    let pk = mesh.node("PK").metrics.to_string();
+    let active = wait_data(
+        &base,
+        &format!("ferry_node_state{{instance=\"{pk}\",state=\"active\"}} == 1"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(value(&active), 1.0);
+    // The ruling: PK drains; the drain metrics move.
+    let signed = ruling(&kd, "pk");
+    run_ferry(&[
+        "policy",
+        "publish",
+        "--admin",
+        &mesh.nodes[0].admin.to_string(),
+        signed.to_str().unwrap(),
+    ])
+    .unwrap();
+    wait_data(
+        &base,
+        &format!("ferry_node_state{{instance=\"{pk}\",state=\"draining\"}} == 1"),
+        Duration::from_secs(20),
+    );
+    let left = wait_data(
+        &base,
+        "sum(ferry_blocked_jurisdiction_circuits{jurisdiction=\"PK\",status=\"draining\"})",
+        Duration::from_secs(20),
+    );
+    assert!(value(&left) >= 1.0, "{left}");
+    let secs = wait_data(
+        &base,
+        &format!("ferry_node_exit_seconds{{instance=\"{pk}\"}} > 0"),
+        Duration::from_secs(20),
+    );
+    assert!(value(&secs) <= 600.0, "{secs}");
+
+    // Every dashboard query returns data.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/ferry-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut n = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            wait_data(&base, expr, Duration::from_secs(30));
+            n += 1;
+        }
+    }
+    assert!(n >= 15, "only {n} queries in the dashboard");
+
+    // Every rule loaded, evaluates without error, and its expression runs.
+    let mut resp = ureq::get(&format!("{base}/api/v1/rules")).call().unwrap();
+    let rules: Value = resp.body_mut().read_json().unwrap();
+    let loaded: Vec<&Value> = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    assert_eq!(loaded.len(), 4, "{rules}");
+    for r in loaded {
+        let q = query(&base, r["query"].as_str().unwrap());
+        assert_eq!(q["status"], "success", "{}: {q}", r["name"]);
+    }
+    // Evaluated by Prometheus itself (every second) without error.
+    let t = Instant::now();
+    loop {
+        let mut resp = ureq::get(&format!("{base}/api/v1/rules")).call().unwrap();
+        let rules: Value = resp.body_mut().read_json().unwrap();
+        let bad: Vec<String> = rules["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .filter(|r| r["health"] != "ok")
+            .map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"]))
+            .collect();
+        if bad.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "rules not healthy: {bad:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The selectors the rules alert on exist, so the alerts can fire.
+    for series in [
+        "up{job=\"ferry\"}",
+        "ferry_node_state",
+        "ferry_circuits_active",
+        "ferry_node_exit_seconds",
+        "ferry_ruling_rejections_total{reason=\"unknown_key\"} > 0",
+    ] {
+        wait_data(&base, series, Duration::from_secs(20));
+    }
+}
