@@ -75,11 +75,21 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         writeln!(f, "{}", hex::encode(auth_key.to_bytes()))?;
     }
     let auth_pub = hex::encode(auth_key.verifying_key().as_bytes());
-    // Gossip ports: libp2p binds them itself, so pick free ones here.
+    // Gossip ports: libp2p binds them itself, so pick free ones here, below
+    // the kernel's ephemeral range (32768 and up on Linux), where an
+    // outgoing connection could take a port between our check and
+    // libp2p's bind.
     let mut mesh_ports = Vec::new();
-    for _ in 0..=MESH.len() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        mesh_ports.push(l.local_addr()?);
+    let mut candidate = 20_000 + (std::process::id() % 1000) as u16 * 10;
+    while mesh_ports.len() <= MESH.len() {
+        candidate = if candidate >= 32_000 {
+            20_000
+        } else {
+            candidate + 1
+        };
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", candidate)) {
+            mesh_ports.push(l.local_addr()?);
+        }
     }
     let boot = [mesh_ports[0].to_string()];
 

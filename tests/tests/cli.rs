@@ -127,10 +127,13 @@ fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
     });
     let mut banner = Vec::new();
     while !banner.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
-        banner.push(
-            rx.recv_timeout(Duration::from_secs(30))
-                .expect("demo banner"),
-        );
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => banner.push(l),
+            Err(e) => panic!(
+                "no demo banner ({e}):\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ),
+        }
     }
     let text = banner.join("\n");
     assert!(text.contains("6 nodes in 6 jurisdictions"), "{text}");
