@@ -841,6 +841,111 @@ pub async fn http_server(body: &'static str) -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Rulings made and published with the CLI, as an operator would.
+pub mod rulings {
+    use super::{Proc, run_ferry};
+    use ferry_node::authority::fmt_time;
+    use std::path::{Path, PathBuf};
+
+    /// An authority key pair in `dir/name`: (folder, public key hex).
+    pub fn authority(dir: &Path, name: &str) -> (PathBuf, String) {
+        let d = dir.join(name);
+        run_ferry(&["authority", "keygen", "--out", d.to_str().unwrap()]).unwrap();
+        let public = std::fs::read_to_string(d.join("authority.pub")).unwrap();
+        (d, public.trim().to_string())
+    }
+
+    /// A ruling on `region` from `from_ms` to `exit_ms` (ms since the
+    /// epoch); id `test-REGION`.
+    #[derive(Clone, Copy)]
+    pub struct Ruling<'a> {
+        /// Its version.
+        pub version: u64,
+        /// Country code or bloc.
+        pub region: &'a str,
+        /// Blocked from.
+        pub from_ms: u64,
+        /// Exit date.
+        pub exit_ms: u64,
+        /// Classes it covers (empty: all traffic).
+        pub classes: &'a [&'a str],
+        /// Lifts the ruling.
+        pub lifted: bool,
+    }
+
+    impl<'a> Ruling<'a> {
+        /// Version 1, all traffic.
+        pub fn block(region: &'a str, from_ms: u64, exit_ms: u64) -> Self {
+            Self {
+                version: 1,
+                region,
+                from_ms,
+                exit_ms,
+                classes: &[],
+                lifted: false,
+            }
+        }
+    }
+
+    /// Writes `r` as a TOML ruling file in `dir` and signs it with the key
+    /// in `key_dir`; returns the signed file.
+    pub fn sign(dir: &Path, key_dir: &Path, r: &Ruling<'_>) -> PathBuf {
+        let name = format!(
+            "{}-v{}-{}",
+            r.region,
+            r.version,
+            key_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("key")
+        );
+        let src = dir.join(format!("{name}.toml"));
+        let classes: Vec<String> = r.classes.iter().map(|c| format!("\"{c}\"")).collect();
+        std::fs::write(
+            &src,
+            format!(
+                "id = \"test-{region}\"\nversion = {v}\nregion = \"{region}\"\nblocked_from = \"{from}\"\n\
+                 exit_by = \"{exit}\"\nclasses = [{classes}]\nreason = \"test order\"\nlifted = {lifted}\n",
+                region = r.region,
+                v = r.version,
+                from = fmt_time(r.from_ms),
+                exit = fmt_time(r.exit_ms),
+                classes = classes.join(", "),
+                lifted = r.lifted,
+            ),
+        )
+        .unwrap();
+        let out = dir.join(format!("{name}.signed.json"));
+        run_ferry(&[
+            "policy",
+            "sign",
+            "--key",
+            key_dir.join("authority.key").to_str().unwrap(),
+            "--in",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        out
+    }
+
+    /// Publishes a signed ruling through `node`'s admin API: the CLI's
+    /// answer, or its error.
+    pub fn publish(node: &Proc, file: &Path) -> Result<String, String> {
+        let out = std::process::Command::new(super::ferry_bin().unwrap())
+            .args(["policy", "publish", "--admin", &node.admin.to_string()])
+            .arg(file)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into())
+        }
+    }
+}
+
 /// A bare libp2p gossipsub peer, for publishing what a ferry node never would.
 pub mod gossip {
     use anyhow::{Result, bail};

@@ -4,7 +4,8 @@
 //! in a blocked jurisdiction closing at the deadline, amended and lifted
 //! rulings, SIGTERM, and per-connection constraints in SOCKS5 auth.
 
-use ferry_node::authority::{fmt_time, now_ms};
+use ferry_node::authority::now_ms;
+use ferry_tests::rulings::{self, Ruling, sign};
 use ferry_tests::{
     Mesh, Options, Pattern, Proc, Spec, pattern_server_paced, read_digest, run_ferry,
     send_pattern_paced, socks_connect_as,
@@ -25,79 +26,21 @@ fn spec(jurisdiction: &'static str, roles: &'static str) -> Spec {
     }
 }
 
-/// An authority made with the CLI: (key folder, public key).
-fn authority(dir: &Path) -> (PathBuf, String) {
-    let d = dir.join("authority");
-    run_ferry(&["authority", "keygen", "--out", d.to_str().unwrap()]).unwrap();
-    let public = std::fs::read_to_string(d.join("authority.pub")).unwrap();
-    (d, public.trim().to_string())
-}
-
-/// A ruling on `region`, signed with the CLI.
-struct Ruling<'a> {
-    version: u64,
-    region: &'a str,
-    from_ms: u64,
-    exit_ms: u64,
-    classes: &'a [&'a str],
-    lifted: bool,
-}
-
-fn sign(dir: &Path, key: &Path, r: &Ruling<'_>) -> PathBuf {
-    let src = dir.join(format!("ruling-v{}.toml", r.version));
-    let classes: Vec<String> = r.classes.iter().map(|c| format!("\"{c}\"")).collect();
-    std::fs::write(
-        &src,
-        format!(
-            "id = \"test-{region}\"\nversion = {v}\nregion = \"{region}\"\nblocked_from = \"{from}\"\n\
-             exit_by = \"{exit}\"\nclasses = [{classes}]\nreason = \"test order\"\nlifted = {lifted}\n",
-            region = r.region,
-            v = r.version,
-            from = fmt_time(r.from_ms),
-            exit = fmt_time(r.exit_ms),
-            classes = classes.join(", "),
-            lifted = r.lifted,
-        ),
-    )
-    .unwrap();
-    let out = dir.join(format!("ruling-v{}.signed.json", r.version));
-    run_ferry(&[
-        "policy",
-        "sign",
-        "--key",
-        key.join("authority.key").to_str().unwrap(),
-        "--in",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
-    out
-}
-
 /// Blocks PK for all traffic from `from` to `exit` (version 1), through
 /// the first node's admin API.
 fn block_pk(dir: &Path, key: &Path, mesh: &Mesh, from: u64, exit: u64) {
-    let r = Ruling {
-        version: 1,
-        region: "PK",
-        from_ms: from,
-        exit_ms: exit,
-        classes: &[],
-        lifted: false,
-    };
-    publish(&mesh.nodes[0], &sign(dir, key, &r));
+    publish(
+        &mesh.nodes[0],
+        &sign(dir, key, &Ruling::block("PK", from, exit)),
+    );
 }
 
 fn publish(node: &Proc, file: &Path) {
-    run_ferry(&[
-        "policy",
-        "publish",
-        "--admin",
-        &node.admin.to_string(),
-        file.to_str().unwrap(),
-    ])
-    .unwrap();
+    rulings::publish(node, file).unwrap();
+}
+
+fn authority(dir: &Path) -> (PathBuf, String) {
+    rulings::authority(dir, "authority")
 }
 
 fn knows(v: &Value, jurisdictions: &[&str]) -> bool {

@@ -2,8 +2,9 @@
 //! the names are there, labels carry no peer ids, and the state and drain
 //! metrics move when a ruling drains a jurisdiction.
 
-use ferry_node::authority::{fmt_time, now_ms};
-use ferry_tests::{Mesh, Options, Proc, Spec, http_server, run_ferry, socks_connect_as};
+use ferry_node::authority::now_ms;
+use ferry_tests::rulings::{self, Ruling};
+use ferry_tests::{Mesh, Options, Proc, Spec, http_server, socks_connect_as};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -58,9 +59,7 @@ fn total(text: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_and_move_with_a_drain() {
     let keys = tempfile::tempdir().unwrap();
-    let kd = keys.path().join("authority");
-    run_ferry(&["authority", "keygen", "--out", kd.to_str().unwrap()]).unwrap();
-    let public = std::fs::read_to_string(kd.join("authority.pub")).unwrap();
+    let (kd, public) = rulings::authority(keys.path(), "authority");
     let specs = [
         Spec {
             jurisdiction: "CA",
@@ -76,7 +75,7 @@ async fn metrics_are_served_and_move_with_a_drain() {
         &Options {
             hops: 2,
             gossip: true,
-            authority_keys: vec![public.trim().to_string()],
+            authority_keys: vec![public],
             advert_ttl_secs: 3,
             ..Options::default()
         },
@@ -167,36 +166,12 @@ async fn metrics_are_served_and_move_with_a_drain() {
         assert!(total(&exit, name) >= 1.0, "{name}:\n{exit}");
     }
     let now = now_ms();
-    let src = keys.path().join("pk.toml");
-    std::fs::write(
-        &src,
-        format!(
-            "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\n",
-            fmt_time(now + 500),
-            fmt_time(now + 30_000)
-        ),
-    )
-    .unwrap();
-    let signed = keys.path().join("pk.json");
-    run_ferry(&[
-        "policy",
-        "sign",
-        "--key",
-        kd.join("authority.key").to_str().unwrap(),
-        "--in",
-        src.to_str().unwrap(),
-        "--out",
-        signed.to_str().unwrap(),
-    ])
-    .unwrap();
-    run_ferry(&[
-        "policy",
-        "publish",
-        "--admin",
-        &mesh.nodes[0].admin.to_string(),
-        signed.to_str().unwrap(),
-    ])
-    .unwrap();
+    let signed = rulings::sign(
+        keys.path(),
+        &kd,
+        &Ruling::block("PK", now + 500, now + 30_000),
+    );
+    rulings::publish(&mesh.nodes[0], &signed).unwrap();
     let text = wait_sample(
         pk,
         "ferry_node_state{state=\"draining\"}",
@@ -206,12 +181,12 @@ async fn metrics_are_served_and_move_with_a_drain() {
     let left = sample(&text, "ferry_node_exit_seconds").unwrap();
     assert!(left > 0.0 && left <= 30.0, "exit in {left} s");
     assert_eq!(
-        sample(&text, "ferry_ruling_version{ruling=\"pk\"}"),
+        sample(&text, "ferry_ruling_version{ruling=\"test-PK\"}"),
         Some(1.0)
     );
     let entry = wait_sample(
         &mesh.entry,
-        "ferry_ruling_version{ruling=\"pk\"}",
+        "ferry_ruling_version{ruling=\"test-PK\"}",
         1.0,
         Duration::from_secs(10),
     );

@@ -4,8 +4,9 @@
 //! dashboard in `deploy/grafana/` returns data, and the drain metrics move
 //! when a ruling drains PK.
 
-use ferry_node::authority::{fmt_time, now_ms};
-use ferry_tests::{Mesh, Options, Spec, free_port, http_server, run_ferry, socks_connect_as};
+use ferry_node::authority::now_ms;
+use ferry_tests::rulings::{self, Ruling};
+use ferry_tests::{Mesh, Options, Spec, free_port, http_server, socks_connect_as};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,9 +66,7 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
         "prometheus is not installed: run scripts/ensure-deps.sh test"
     );
     let keys = tempfile::tempdir().unwrap();
-    let kd = keys.path().join("authority");
-    run_ferry(&["authority", "keygen", "--out", kd.to_str().unwrap()]).unwrap();
-    let public = std::fs::read_to_string(kd.join("authority.pub")).unwrap();
+    let (kd, public) = rulings::authority(keys.path(), "authority");
     let specs = [
         Spec {
             jurisdiction: "CA",
@@ -87,7 +86,7 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
         &Options {
             hops: 2,
             gossip: true,
-            authority_keys: vec![public.trim().to_string()],
+            authority_keys: vec![public],
             advert_ttl_secs: 3,
             ..Options::default()
         },
@@ -166,45 +165,11 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
     .await
     .unwrap();
     assert_eq!(refused.err(), Some(2));
-    let stranger = keys.path().join("stranger");
-    run_ferry(&["authority", "keygen", "--out", stranger.to_str().unwrap()]).unwrap();
-    let ruling = |key: &Path, name: &str| {
-        let now = now_ms();
-        let src = keys.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &src,
-            format!(
-                "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\n",
-                fmt_time(now + 500),
-                fmt_time(now + 600_000)
-            ),
-        )
-        .unwrap();
-        let out = keys.path().join(format!("{name}.json"));
-        run_ferry(&[
-            "policy",
-            "sign",
-            "--key",
-            key.join("authority.key").to_str().unwrap(),
-            "--in",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .unwrap();
-        out
-    };
-    let forged = ruling(&stranger, "forged");
-    let _ = Command::new(ferry_tests::ferry_bin().unwrap())
-        .args([
-            "policy",
-            "publish",
-            "--admin",
-            &mesh.entry.admin.to_string(),
-        ])
-        .arg(&forged)
-        .output()
-        .unwrap();
+    let (stranger, _) = rulings::authority(keys.path(), "stranger");
+    let now = now_ms();
+    let pk_ruling = Ruling::block("PK", now + 500, now + 600_000);
+    let forged = rulings::sign(keys.path(), &stranger, &pk_ruling);
+    assert!(rulings::publish(&mesh.entry, &forged).is_err());
 
     // Before the ruling: PK active.
     let pk = mesh.node("PK").metrics.to_string();
@@ -215,15 +180,8 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
     );
     assert_eq!(value(&active), 1.0);
     // The ruling: PK drains; the drain metrics move.
-    let signed = ruling(&kd, "pk");
-    run_ferry(&[
-        "policy",
-        "publish",
-        "--admin",
-        &mesh.nodes[0].admin.to_string(),
-        signed.to_str().unwrap(),
-    ])
-    .unwrap();
+    let signed = rulings::sign(keys.path(), &kd, &pk_ruling);
+    rulings::publish(&mesh.nodes[0], &signed).unwrap();
     wait_data(
         &base,
         &format!("ferry_node_state{{instance=\"{pk}\",state=\"draining\"}} == 1"),
