@@ -2,6 +2,7 @@
 //! real `ferry` processes on loopback that find each other from one
 //! bootstrap address.
 
+use ferry_tests::rulings::{authority, publish};
 use ferry_tests::{Mesh, Options, Proc, Spec, run_ferry, socks_connect};
 use serde_json::Value;
 use std::path::Path;
@@ -34,17 +35,6 @@ const SIX: [Spec; 6] = [
         roles: "relay",
     },
 ];
-
-/// An authority key pair made with the CLI: (folder, public key hex).
-fn authority(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
-    let d = dir.join(name);
-    run_ferry(&["authority", "keygen", "--out", d.to_str().unwrap()]).unwrap();
-    let public = std::fs::read_to_string(d.join("authority.pub"))
-        .unwrap()
-        .trim()
-        .to_string();
-    (d, public)
-}
 
 /// Writes, signs (with each key) and returns the path of a signed ruling.
 fn signed_ruling(
@@ -81,24 +71,6 @@ fn signed_ruling(
         input = out.clone();
     }
     out
-}
-
-fn publish(node: &Proc, file: &Path) -> Result<String, String> {
-    let out = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
-        .args([
-            "policy",
-            "publish",
-            "--admin",
-            &node.admin.to_string(),
-            file.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into())
-    }
 }
 
 fn peers_of(v: &Value) -> Vec<(String, String)> {
