@@ -301,3 +301,48 @@ async fn delete_drain(State(st): State<Arc<AdminState>>) -> (StatusCode, Json<Va
         ),
     }
 }
+
+/// The admin API's client side, for the CLI and `ferry demo ruling`.
+pub mod client {
+    use anyhow::{Context, Result, bail};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    /// An HTTP agent that hands back error statuses as answers (the API
+    /// explains its refusals in the body).
+    pub fn agent(timeout: Duration) -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into()
+    }
+
+    /// An admin API answer: its JSON on success; otherwise an error with
+    /// the API's reason (`refused (kind): detail`).
+    pub fn answer(
+        admin: &str,
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
+        let mut resp = resp.with_context(|| format!("reaching the admin API at {admin}"))?;
+        let code = resp.status();
+        let v: Value = resp.body_mut().read_json().context("admin API answer")?;
+        if !code.is_success() {
+            bail!(
+                "refused ({}): {}",
+                v["error"].as_str().unwrap_or("?"),
+                v["detail"].as_str().unwrap_or("")
+            );
+        }
+        Ok(v)
+    }
+
+    /// Posts a signed ruling file (JSON) to `/v1/rulings`.
+    pub fn publish_ruling(admin: &str, body: &str) -> Result<Value> {
+        let resp = agent(Duration::from_secs(10))
+            .post(&format!("http://{admin}/v1/rulings"))
+            .header("content-type", "application/json")
+            .send(body.as_bytes());
+        answer(admin, resp)
+    }
+}

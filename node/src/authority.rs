@@ -13,6 +13,7 @@ use ferry_proto::pb;
 use ferry_router::{Blocs, Region, Ruling, Scope, Time};
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Domain separation for ruling signatures.
@@ -196,6 +197,54 @@ fn message(body: &[u8]) -> Vec<u8> {
     let mut m = RULING_CONTEXT.to_vec();
     m.extend_from_slice(body);
     m
+}
+
+/// Creates an authority key pair in `dir`: `authority.key` (hex seed, mode
+/// 0600) and `authority.pub`; refuses to overwrite either. Returns the key
+/// and the paths of both files.
+pub fn write_keypair(dir: &Path) -> Result<(SigningKey, PathBuf, PathBuf)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (kp, pp) = (dir.join("authority.key"), dir.join("authority.pub"));
+    if kp.exists() || pp.exists() {
+        bail!(
+            "{} already holds an authority key; refusing to overwrite it",
+            dir.display()
+        );
+    }
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&kp)?;
+    writeln!(f, "{}", hex::encode(key.to_bytes()))?;
+    std::fs::write(
+        &pp,
+        format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
+    )?;
+    Ok((key, kp, pp))
+}
+
+/// Loads an authority private key file, refusing one others can read.
+pub fn load_key(path: &Path) -> Result<SigningKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {:o}: others can read it; run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    let seed = parse_key_hex(std::fs::read_to_string(path)?.trim())
+        .with_context(|| format!("key file {}", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
 }
 
 /// Adds `key`'s signature (replacing an earlier one by the same key).

@@ -17,6 +17,7 @@ use crate::node::{self, Listeners, Running};
 use anyhow::{Context, Result};
 use ferry_router::Roles;
 use std::net::SocketAddr;
+use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -62,18 +63,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
     let page_l = TcpListener::bind("127.0.0.1:0").await?;
     let page = page_l.local_addr()?;
     let auth_dir = dir.path().join("authority");
-    let auth_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(&auth_dir)?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(auth_dir.join("authority.key"))?;
-        writeln!(f, "{}", hex::encode(auth_key.to_bytes()))?;
-    }
+    let (auth_key, _, _) = crate::authority::write_keypair(&auth_dir)?;
     let auth_pub = hex::encode(auth_key.verifying_key().as_bytes());
     // Gossip ports: libp2p binds them itself, so pick free ones here, below
     // the kernel's ephemeral range (32768 and up on Linux), where an
@@ -248,12 +238,8 @@ pub fn apply_ruling(r: &DemoRuling) -> Result<String> {
     let key_path = v["authority_key"]
         .as_str()
         .context("demo state: authority_key")?;
-    let seed = crate::identity::parse_key_hex(
-        std::fs::read_to_string(key_path)
-            .with_context(|| format!("reading {key_path}: is the demo still running?"))?
-            .trim(),
-    )?;
-    let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let sk = crate::authority::load_key(Path::new(key_path))
+        .with_context(|| format!("is the demo still running? ({key_path})"))?;
     let region = r.region.trim().to_ascii_uppercase();
     crate::routing::parse_regions(&[region.as_str()])?;
     let now = now_ms();
@@ -278,27 +264,8 @@ pub fn apply_ruling(r: &DemoRuling) -> Result<String> {
     };
     sign(&mut signed, &sk);
     let body = serde_json::to_string(&SignedFile::from_signed(&signed)?)?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(10)))
-        .build()
-        .into();
-    let mut resp = agent
-        .post(&format!("http://{admin}/v1/rulings"))
-        .header("content-type", "application/json")
-        .send(body.as_bytes())
-        .with_context(|| {
-            format!("reaching the demo's admin API at {admin}: is the demo still running?")
-        })?;
-    let code = resp.status();
-    let answer: serde_json::Value = resp.body_mut().read_json()?;
-    if !code.is_success() {
-        anyhow::bail!(
-            "the demo refused the ruling ({}): {}",
-            answer["error"].as_str().unwrap_or("?"),
-            answer["detail"].as_str().unwrap_or("")
-        );
-    }
+    crate::admin::client::publish_ruling(&admin, &body)
+        .context("the demo refused the ruling, or is no longer running")?;
     Ok(if r.lift {
         format!("ruling demo-{region} lifted: {region} nodes return to service")
     } else {

@@ -304,11 +304,6 @@ impl StreamCore {
         (a.end.clone(), a.id)
     }
 
-    /// The endpoint carrying the stream now.
-    pub fn endpoint(&self) -> Arc<Endpoint> {
-        self.current().0
-    }
-
     /// Times the stream moved to another circuit.
     pub fn moves(&self) -> u32 {
         self.moves.load(Ordering::Relaxed)

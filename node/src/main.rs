@@ -1,7 +1,8 @@
 //! `ferry`: the Ferry node and its tools.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use ferry_node::admin::client;
 use ferry_node::authority::{RulingFile, SignedFile, now_ms, sign};
 use ferry_node::config::{self, NodeConfig, Template};
 use ferry_node::identity::{Keys, parse_key_hex};
@@ -401,26 +402,11 @@ fn init(
 }
 
 fn keygen(out: &Path) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(out)?;
-    let (kp, pp) = (out.join("authority.key"), out.join("authority.pub"));
-    if kp.exists() || pp.exists() {
-        bail!(
-            "{} already holds an authority key; refusing to overwrite it",
-            out.display()
-        );
-    }
-    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&kp)?;
-    writeln!(f, "{}", hex::encode(key.to_bytes()))?;
-    let public = hex::encode(key.verifying_key().as_bytes());
-    std::fs::write(&pp, format!("{public}\n"))?;
-    println!("authority public key: {public}");
+    let (key, kp, pp) = ferry_node::authority::write_keypair(out)?;
+    println!(
+        "authority public key: {}",
+        hex::encode(key.verifying_key().as_bytes())
+    );
     println!("  private: {} (mode 0600; keep it offline)", kp.display());
     println!(
         "  public:  {} (goes in every node's [authority] keys)",
@@ -430,22 +416,7 @@ fn keygen(out: &Path) -> Result<()> {
 }
 
 fn policy_sign(key: &Path, input: &Path, out: &Path, valid_for: Duration) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(key)
-        .with_context(|| format!("reading {}", key.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "{} has mode {:o}: others can read it; run `chmod 600 {}`",
-            key.display(),
-            mode & 0o777,
-            key.display()
-        );
-    }
-    let seed = parse_key_hex(std::fs::read_to_string(key)?.trim())
-        .with_context(|| format!("key file {}", key.display()))?;
-    let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let sk = ferry_node::authority::load_key(key)?;
     let text =
         std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let mut signed = match serde_json::from_str::<SignedFile>(&text) {
@@ -475,43 +446,20 @@ fn policy_sign(key: &Path, input: &Path, out: &Path, valid_for: Duration) -> Res
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into()
+    client::agent(Duration::from_secs(10))
 }
 
 fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
     let body =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let mut resp = agent()
-        .post(&format!("http://{admin}/v1/rulings"))
-        .header("content-type", "application/json")
-        .send(body.as_bytes())
-        .with_context(|| format!("reaching the admin API at {admin}"))?;
-    let code = resp.status();
-    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
-    if code.is_success() {
-        println!("{}", v["status"].as_str().unwrap_or("accepted"));
-        Ok(())
-    } else {
-        Err(anyhow!(
-            "refused ({}): {}",
-            v["error"].as_str().unwrap_or("?"),
-            v["detail"].as_str().unwrap_or("")
-        ))
-    }
+    let v = client::publish_ruling(&admin.to_string(), &body)?;
+    println!("{}", v["status"].as_str().unwrap_or("accepted"));
+    Ok(())
 }
 
 fn healthcheck(admin: SocketAddr, ready: bool) -> Result<()> {
     let path = if ready { "readyz" } else { "livez" };
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(3)))
-        .build()
-        .into();
-    let mut resp = agent
+    let mut resp = client::agent(Duration::from_secs(3))
         .get(&format!("http://{admin}/{path}"))
         .call()
         .with_context(|| format!("node not answering on {admin}"))?;
@@ -545,7 +493,7 @@ fn drain(
     cancel: bool,
 ) -> Result<()> {
     let url = format!("http://{admin}/v1/drain");
-    let mut resp = if cancel {
+    let resp = if cancel {
         agent().delete(&url).call()
     } else {
         let body = match (exit_by, within) {
@@ -559,17 +507,8 @@ fn drain(
             .post(&url)
             .header("content-type", "application/json")
             .send(body.to_string().as_bytes())
-    }
-    .with_context(|| format!("reaching the admin API at {admin}"))?;
-    let code = resp.status();
-    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
-    if !code.is_success() {
-        bail!(
-            "refused ({}): {}",
-            v["error"].as_str().unwrap_or("?"),
-            v["detail"].as_str().unwrap_or("")
-        );
-    }
+    };
+    let v = client::answer(&admin.to_string(), resp)?;
     match v["exit_by"].as_str() {
         Some(t) => println!("draining; exit by {t}"),
         None => println!("{}", v["status"].as_str().unwrap_or("ok")),

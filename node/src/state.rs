@@ -103,11 +103,6 @@ impl NodeStateCtl {
         self.current.lock().expect("state lock").clone()
     }
 
-    /// Whether the node takes new circuits.
-    pub fn is_active(&self) -> bool {
-        self.current().state == NodeState::Active
-    }
-
     /// The operator's drain, if one is set.
     pub fn operator(&self) -> Option<OperatorDrain> {
         self.operator.lock().expect("operator lock").clone()

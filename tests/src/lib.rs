@@ -96,6 +96,16 @@ pub struct Spec {
     pub roles: &'static str,
 }
 
+impl Spec {
+    /// A node in `jurisdiction` with `roles` (comma-separated).
+    pub const fn new(jurisdiction: &'static str, roles: &'static str) -> Self {
+        Self {
+            jurisdiction,
+            roles,
+        }
+    }
+}
+
 /// A running `ferry` process.
 pub struct Proc {
     /// Its node id (hex).
@@ -258,6 +268,20 @@ pub struct Options {
     /// Specs (by index) prepared but not started: [`Mesh::start_held`]
     /// starts them later (late joiners in gossip mode).
     pub hold: Vec<usize>,
+}
+
+impl Options {
+    /// A gossip mesh trusting the authority key `public`: two hops (relay
+    /// and exit), adverts renewed every second (ttl 3 s).
+    pub fn gossip(public: String) -> Self {
+        Self {
+            hops: 2,
+            gossip: true,
+            authority_keys: vec![public],
+            advert_ttl_secs: 3,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for Options {

@@ -19,13 +19,6 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 const MIB: usize = 1024 * 1024;
 
-fn spec(jurisdiction: &'static str, roles: &'static str) -> Spec {
-    Spec {
-        jurisdiction,
-        roles,
-    }
-}
-
 /// Blocks PK for all traffic from `from` to `exit` (version 1), through
 /// the first node's admin API.
 fn block_pk(dir: &Path, key: &Path, mesh: &Mesh, from: u64, exit: u64) {
@@ -142,13 +135,9 @@ async fn finish(
 
 fn gossip_opts(public: String, drain_secs: (u64, u64, u64), hold: Vec<usize>) -> Options {
     Options {
-        hops: 2,
-        gossip: true,
-        authority_keys: vec![public],
-        advert_ttl_secs: 3,
         drain_secs,
         hold,
-        ..Options::default()
+        ..Options::gossip(public)
     }
 }
 
@@ -173,9 +162,9 @@ async fn long_streams(
     seeds: &[u64],
 ) -> LongStreams {
     let specs = [
-        spec("CA", "exit"),
-        spec(first, "relay"),
-        spec(second, "relay"),
+        Spec::new("CA", "exit"),
+        Spec::new(first, "relay"),
+        Spec::new(second, "relay"),
     ];
     let mut mesh = Mesh::start(&specs, &gossip_opts(public, drain_secs, vec![2])).unwrap();
     mesh.entry
@@ -308,7 +297,11 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
 async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = authority(keys.path());
-    let specs = [spec("CA", "exit"), spec("PK", "exit"), spec("DE", "relay")];
+    let specs = [
+        Spec::new("CA", "exit"),
+        Spec::new("PK", "exit"),
+        Spec::new("DE", "relay"),
+    ];
     let mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
     mesh.entry
         .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
@@ -491,7 +484,11 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
 async fn a_scoped_ruling_leaves_other_traffic_alone() {
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = authority(keys.path());
-    let specs = [spec("CA", "exit"), spec("PK", "relay"), spec("DE", "relay")];
+    let specs = [
+        Spec::new("CA", "exit"),
+        Spec::new("PK", "relay"),
+        Spec::new("DE", "relay"),
+    ];
     let mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
     mesh.entry
         .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
@@ -580,10 +577,10 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
     let specs = [
-        spec("CH", "relay,exit"),
-        spec("DE", "relay"),
-        spec("CA", "exit"),
-        spec("IS", "relay,exit"),
+        Spec::new("CH", "relay,exit"),
+        Spec::new("DE", "relay"),
+        Spec::new("CA", "exit"),
+        Spec::new("IS", "relay,exit"),
     ];
     let mesh = Mesh::start(
         &specs,
@@ -661,7 +658,7 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
-    let specs = [spec("CA", "exit"), spec("DE", "relay")];
+    let specs = [Spec::new("CA", "exit"), Spec::new("DE", "relay")];
     let mut mesh = Mesh::start(
         &specs,
         &Options {

@@ -60,27 +60,8 @@ fn total(text: &str, name: &str) -> f64 {
 async fn metrics_are_served_and_move_with_a_drain() {
     let keys = tempfile::tempdir().unwrap();
     let (kd, public) = rulings::authority(keys.path(), "authority");
-    let specs = [
-        Spec {
-            jurisdiction: "CA",
-            roles: "exit",
-        },
-        Spec {
-            jurisdiction: "PK",
-            roles: "relay",
-        },
-    ];
-    let mesh = Mesh::start(
-        &specs,
-        &Options {
-            hops: 2,
-            gossip: true,
-            authority_keys: vec![public],
-            advert_ttl_secs: 3,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let specs = [Spec::new("CA", "exit"), Spec::new("PK", "relay")];
+    let mesh = Mesh::start(&specs, &Options::gossip(public)).unwrap();
     let pk = &mesh.nodes[1];
     let text = wait_sample(
         pk,

@@ -68,30 +68,11 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
     let keys = tempfile::tempdir().unwrap();
     let (kd, public) = rulings::authority(keys.path(), "authority");
     let specs = [
-        Spec {
-            jurisdiction: "CA",
-            roles: "exit",
-        },
-        Spec {
-            jurisdiction: "PK",
-            roles: "relay",
-        },
-        Spec {
-            jurisdiction: "DE",
-            roles: "relay",
-        },
+        Spec::new("CA", "exit"),
+        Spec::new("PK", "relay"),
+        Spec::new("DE", "relay"),
     ];
-    let mesh = Mesh::start(
-        &specs,
-        &Options {
-            hops: 2,
-            gossip: true,
-            authority_keys: vec![public],
-            advert_ttl_secs: 3,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = Mesh::start(&specs, &Options::gossip(public)).unwrap();
     mesh.entry
         .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
             v["peers"].as_array().is_some_and(|p| p.len() >= 3)
