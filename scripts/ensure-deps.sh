@@ -2,7 +2,10 @@
 # Makes sure the system packages Ferry needs are present: installs them with
 # apt-get when run as root on Debian, or stops with one line naming them.
 #   scripts/ensure-deps.sh build   what building needs
-#   scripts/ensure-deps.sh test    that, plus what the tests drive (curl)
+#   scripts/ensure-deps.sh test    that, plus what the tests drive: curl,
+#                                  prometheus, debootstrap (the container
+#                                  test's base image), and the Python
+#                                  packages that render and check the Helm chart
 set -euo pipefail
 what=${1:-build}
 
@@ -22,6 +25,21 @@ have_libclang() {
   return 1
 }
 
+python_deps() {
+  # Helm's Go SDK (helm-python-sdk) renders and lints the chart offline;
+  # kubernetes-validate holds the Kubernetes schemas.
+  [ "$what" = test ] || return 0
+  if ! command -v python3 >/dev/null 2>&1; then
+    echo "ferry: the Helm chart test needs python3 (on Debian: apt-get install python3 python3-pip)" >&2
+    exit 1
+  fi
+  python3 -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null && return 0
+  echo "ferry: installing helm-python-sdk, kubernetes-validate and PyYAML with pip" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    'helm-python-sdk==0.2.2' 'kubernetes-validate==1.37.0' PyYAML ||
+    { echo "ferry: could not install them: python3 -m pip install helm-python-sdk kubernetes-validate PyYAML" >&2; exit 1; }
+}
+
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc)          # ring builds C and assembly
 command -v c++ >/dev/null 2>&1 || need+=(g++)         # RocksDB is C++
@@ -29,8 +47,12 @@ have_libclang || need+=(clang libclang-dev)           # RocksDB's bindings (bind
 if [ "$what" = test ]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)     # tests use the real curl as a SOCKS5 client
   command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # a real Prometheus scrapes a test mesh
+  command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap) # the container test's local base image
 fi
-[ ${#need[@]} -eq 0 ] && exit 0
+if [ ${#need[@]} -eq 0 ]; then
+  python_deps
+  exit 0
+fi
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "ferry: installing ${need[*]} with apt-get" >&2
@@ -41,3 +63,4 @@ else
   echo "ferry: missing build packages: ${need[*]} (on Debian: sudo apt-get install ${need[*]})" >&2
   exit 1
 fi
+python_deps

@@ -5,7 +5,12 @@
 //! it), `POST /v1/drain` (`{"exit_by": RFC 3339}` or `{"in_secs": N}`, and
 //! an optional `"reason"`: the operator drains the node, persisted),
 //! `DELETE /v1/drain` (cancels it), `GET /livez` and `GET /readyz` (200
-//! only while the node is active: 503 while draining or exited).
+//! only while the node is active and has joined the mesh: 503 while
+//! joining, draining or exited).
+//!
+//! The metrics listener serves `GET /metrics`, `/livez` and `/readyz` and
+//! nothing else, so it can face a cluster's network (probes, scrapes)
+//! while the admin API, which can drain the node, stays on loopback.
 
 use crate::authority::{SignedFile, fmt_time, now_ms};
 use crate::control::{Command, GossipCounters, offer_and_publish};
@@ -46,6 +51,8 @@ pub async fn serve_metrics(
 ) {
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -173,6 +180,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
         "roles": sw.cfg.roles.to_string(),
         "state": cur.name(),
         "state_reason": cur.reason,
+        "ready": sw.readiness(now).ready,
         "draining_until": until,
         "operator_drain": sw.state.operator().map(|d| json!({
             "exit_by": fmt_time(d.until_ms),
@@ -217,15 +225,15 @@ async fn post_ruling(State(st): State<Arc<AdminState>>, body: String) -> (Status
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> (StatusCode, Json<Value>) {
-    let cur = st.switch.state.current();
-    let code = if cur.state == ferry_router::NodeState::Active {
+    let r = st.switch.readiness(now_ms());
+    let code = if r.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         code,
-        Json(json!({ "ready": code == StatusCode::OK, "state": cur.name(), "reason": cur.reason })),
+        Json(json!({ "ready": r.ready, "state": r.state, "reason": r.reason })),
     )
 }
 
@@ -237,6 +245,13 @@ struct DrainRequest {
     in_secs: Option<u64>,
     #[serde(default)]
     reason: String,
+    /// false: not kept across a restart (a pre-stop drain).
+    #[serde(default = "yes")]
+    persist: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn post_drain(State(st): State<Arc<AdminState>>, body: String) -> (StatusCode, Json<Value>) {
@@ -271,9 +286,9 @@ async fn post_drain(State(st): State<Arc<AdminState>>, body: String) -> (StatusC
     if req.reason.len() > 200 {
         return bad("reason is longer than 200 characters".into());
     }
-    match st.switch.state.drain(until, &req.reason, true) {
+    match st.switch.state.drain(until, &req.reason, req.persist) {
         Ok(d) => {
-            tracing::info!(exit_by = %fmt_time(d.until_ms), "operator drain requested");
+            tracing::info!(exit_by = %fmt_time(d.until_ms), persist = req.persist, "operator drain requested");
             (
                 StatusCode::OK,
                 Json(json!({ "status": "draining", "exit_by": fmt_time(d.until_ms) })),

@@ -3,6 +3,14 @@
 //! validated runtime form, built with `TryFrom` before any socket is bound.
 //! Every key is documented in the file `ferry init` writes (see
 //! [`render_template`]) and in `node/ferry.example.toml`.
+//!
+//! For containers, the file's text may take values from the environment
+//! before it is parsed: `${NAME}` (an error naming the variable and line if
+//! it is unset) and `${NAME:-default}`, as Vector's config does; `$$` is a
+//! literal `$`; comment lines are left alone. List keys (`node.roles`,
+//! `mesh.bootstrap`, `authority.keys`, `exit.rules`) also take one
+//! comma-separated string, so a single variable can carry a list. The
+//! image's own config, `deploy/docker/ferry.toml`, is built this way.
 
 use crate::policy::ExitPolicy;
 use anyhow::{Context, Result, anyhow, bail};
@@ -154,7 +162,7 @@ pub struct FileMesh {
     /// Control-plane (libp2p) listener.
     pub listen: Option<String>,
     /// Bootstrap addresses.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_list")]
     pub bootstrap: Vec<String>,
     /// Advert lifetime.
     #[serde(default = "default_advert_ttl")]
@@ -180,7 +188,7 @@ fn default_advert_ttl() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct FileAuthority {
     /// Trusted authority public keys, hex.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_list")]
     pub keys: Vec<String>,
     /// Signatures a ruling needs.
     #[serde(default = "default_threshold")]
@@ -218,6 +226,7 @@ pub struct FileNode {
     /// ISO 3166-1 alpha-2 code of where the node operates.
     pub jurisdiction: String,
     /// Any of `entry`, `relay`, `exit`.
+    #[serde(deserialize_with = "string_list")]
     pub roles: Vec<String>,
     /// Folder holding `identity.key` and `noise.key`, relative to the file.
     #[serde(default = "default_key_dir")]
@@ -251,6 +260,8 @@ fn default_key_dir() -> PathBuf {
 pub struct FileListen {
     /// Data-plane link listener (relay and exit roles).
     pub link: Option<String>,
+    /// The link address other nodes dial, if not the listener's own.
+    pub advertise_link: Option<String>,
     /// SOCKS5 entry (entry role).
     pub socks: Option<String>,
     /// Allow the SOCKS5 entry on a non-loopback address.
@@ -308,7 +319,7 @@ pub struct FileExit {
     #[serde(default)]
     pub allow_private: bool,
     /// Ordered `allow|deny CIDR[:PORTS]` rules; first match wins, no match denies.
-    #[serde(default = "default_rules")]
+    #[serde(default = "default_rules", deserialize_with = "string_list")]
     pub rules: Vec<String>,
     /// Time allowed to connect to a target.
     #[serde(default = "default_connect_timeout")]
@@ -374,6 +385,9 @@ pub struct NodeConfig {
     pub key_dir: PathBuf,
     /// Link listener, for relay and exit roles.
     pub link_listen: Option<SocketAddr>,
+    /// The link address this node advertises, when it is not the
+    /// listener's own (a wildcard listener, NAT, a container).
+    pub link_advertise: Option<SocketAddr>,
     /// SOCKS5 listener, for the entry role.
     pub socks_listen: Option<SocketAddr>,
     /// Hops per circuit.
@@ -420,6 +434,8 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
+        let text = interpolate(&text, |k| std::env::var(k).ok())
+            .with_context(|| format!("config {}", path.display()))?;
         let file: FileConfig =
             toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
         let mut cfg =
@@ -433,6 +449,91 @@ impl NodeConfig {
         }
         Ok(cfg)
     }
+}
+
+/// Expands `${NAME}` and `${NAME:-default}` from `env` in a config file's
+/// text, outside comment lines; `$$` is a literal `$`. An unset variable
+/// without a default is an error naming it and its line.
+pub fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+                continue;
+            }
+            let Some(body) = after.strip_prefix('{') else {
+                out.push('$');
+                rest = after;
+                continue;
+            };
+            let end = body
+                .find('}')
+                .ok_or_else(|| anyhow!("line {}: `${{` without a closing `}}`", n + 1))?;
+            let (name, default) = match body[..end].split_once(":-") {
+                Some((name, d)) => (name, Some(d)),
+                None => (&body[..end], None),
+            };
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                bail!(
+                    "line {}: `${{{}}}` is not an environment variable name",
+                    n + 1,
+                    name
+                );
+            }
+            match (env(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => bail!(
+                    "line {}: environment variable {name} is not set (write ${{{name}:-DEFAULT}} for a default)",
+                    n + 1
+                ),
+            }
+            rest = &body[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// A list of strings, written as a TOML array or as one comma-separated
+/// string (so one environment variable can carry it); blanks are dropped.
+fn string_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of strings, or one comma-separated string")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::new();
+            while let Some(s) = a.next_element::<String>()? {
+                v.push(s);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// Validates an ISO 3166-1 alpha-2 code (any case) and upper-cases it.
@@ -513,6 +614,30 @@ impl TryFrom<FileConfig> for NodeConfig {
         if (roles.relay || roles.exit) && link_listen.is_none() {
             bail!("listen.link is required for the relay and exit roles");
         }
+        let link_advertise = f
+            .listen
+            .advertise_link
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_addr("listen.advertise_link", s))
+            .transpose()?;
+        if let Some(a) = link_advertise
+            && (a.ip().is_unspecified() || a.port() == 0)
+        {
+            bail!(
+                "listen.advertise_link = `{a}`: give the IP:port other nodes dial, not a wildcard"
+            );
+        }
+        if let Some(l) = link_listen
+            && l.ip().is_unspecified()
+            && link_advertise.is_none()
+            && (roles.relay || roles.exit)
+        {
+            bail!(
+                "listen.link = `{l}` is a wildcard address, which other nodes cannot dial: \
+                 set listen.advertise_link to this node's reachable IP:port"
+            );
+        }
         if let Some(s) = socks_listen
             && !s.ip().is_loopback()
             && !f.listen.socks_allow_remote
@@ -547,7 +672,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             .map(|s| parse_addr("mesh.listen", s))
             .transpose()?;
         for (i, b) in f.mesh.bootstrap.iter().enumerate() {
-            crate::control::multiaddr(b).with_context(|| format!("mesh.bootstrap[{i}]"))?;
+            crate::control::parse_bootstrap(b).with_context(|| format!("mesh.bootstrap[{i}]"))?;
         }
         if !(3..=3600).contains(&f.mesh.advert_ttl_secs) {
             bail!(
@@ -657,6 +782,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             roles,
             key_dir: f.node.key_dir,
             link_listen,
+            link_advertise,
             socks_listen,
             hops: f.circuit.hops,
             stream_window: window,
@@ -782,6 +908,10 @@ capacity_mbps = 1000
 [listen]
 # Data-plane link listener (TCP, Noise). Required for the relay and exit roles.
 {link}
+# The link address other nodes dial, when it is not the listener's own: a
+# wildcard listener (0.0.0.0), NAT, or a container (in the image's config:
+# "${{FERRY_ADVERTISE_IP}}:7000"). Required when listen.link is a wildcard.
+# advertise_link = "203.0.113.7:7000"
 # SOCKS5 entry (RFC 1928, CONNECT). Required for the entry role. It has no
 # authentication of its own, so it must be a loopback address unless
 # socks_allow_remote = true.
@@ -792,7 +922,9 @@ socks_allow_remote = false
 # Control-plane listener (libp2p over TCP, Noise, Yamux): gossip of signed
 # node adverts and rulings, Kademlia discovery. Omit to only dial out.
 {mesh}
-# Any one reachable node is enough: "IP:port" or a libp2p multiaddr.
+# Any one reachable node is enough: "IP:port", "host.name:port" (resolved at
+# each dial, and dialled again every 2 s while no peer is connected), or a
+# libp2p multiaddr. A list, or one comma-separated string.
 bootstrap = [{bootstrap}]
 # Lifetime of this node's signed advert; it is renewed every third of it. A
 # node that vanishes leaves every peer's path selection within this time.
@@ -982,5 +1114,116 @@ mod tests {
         assert!(err.to_string().contains("listen.link is required"), "{err}");
         let err = parse("[node]\njurisdiction = \"DE\"\nroles = [\"entry\"]\n[listen]\nsocks = \"0.0.0.0:1080\"\n").unwrap_err();
         assert!(err.to_string().contains("socks_allow_remote"), "{err}");
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn interpolation_fills_defaults_and_names_what_is_missing() {
+        let e = env(&[("J", "DE"), ("EMPTY", "")]);
+        let out = interpolate(
+            "a = \"${J}\"\nb = ${N:-3}\nc = \"${EMPTY:-x}\"\n# ${NOPE}\nd = \"$$ $x\"\n",
+            &e,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "a = \"DE\"\nb = 3\nc = \"\"\n# ${NOPE}\nd = \"$ $x\"\n"
+        );
+        let err = interpolate("a = 1\nb = \"${MISSING}\"\n", &e).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("line 2: environment variable MISSING is not set"),
+            "{err}"
+        );
+        let err = interpolate("b = \"${OPEN\"\n", &e).unwrap_err();
+        assert!(err.to_string().contains("without a closing"), "{err}");
+        let err = interpolate("b = \"${1X}\"\n", &e).unwrap_err();
+        assert!(
+            err.to_string().contains("not an environment variable name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lists_take_a_comma_separated_string() {
+        let cfg = parse("[node]\njurisdiction = \"DE\"\nroles = \"relay, exit\"\n[listen]\nlink = \"127.0.0.1:7000\"\n[mesh]\nbootstrap = \"ferry-0.ferry:7100,10.1.2.3:7100,\"\n[exit]\nrules = \"deny 10.0.0.0/8, allow 0.0.0.0/0:443\"\n").unwrap();
+        assert!(cfg.roles.relay && cfg.roles.exit && !cfg.roles.entry);
+        assert_eq!(cfg.bootstrap, ["ferry-0.ferry:7100", "10.1.2.3:7100"]);
+        let err = parse("[node]\njurisdiction = \"DE\"\nroles = 7\n").unwrap_err();
+        assert!(err.to_string().contains("comma-separated string"), "{err}");
+        let err = parse("[node]\njurisdiction = \"DE\"\nroles = \"entry\"\n[mesh]\nbootstrap = \"bad_name:7100\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("mesh.bootstrap[0]"), "{err:#}");
+    }
+
+    #[test]
+    fn a_wildcard_link_listener_needs_an_advertised_address() {
+        let base = "[node]\njurisdiction = \"DE\"\nroles = [\"relay\"]\n[listen]\nlink = \"0.0.0.0:7000\"\n";
+        let err = parse(base).unwrap_err();
+        assert!(
+            err.to_string().contains("set listen.advertise_link"),
+            "{err}"
+        );
+        let cfg = parse(&format!("{base}advertise_link = \"10.0.0.5:7000\"\n")).unwrap();
+        assert_eq!(cfg.link_advertise, Some("10.0.0.5:7000".parse().unwrap()));
+        let err = parse(&format!("{base}advertise_link = \"0.0.0.0:7000\"\n")).unwrap_err();
+        assert!(err.to_string().contains("not a wildcard"), "{err}");
+    }
+
+    /// The image's config (`deploy/docker/ferry.toml`) is valid with only
+    /// the required variables set, honours the others, and names a missing
+    /// jurisdiction.
+    #[test]
+    fn the_image_config_builds_from_the_environment() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/docker/ferry.toml"
+        ))
+        .unwrap();
+        let load = |vars: &[(&str, &str)]| {
+            let t = interpolate(&text, env(vars))?;
+            let file: FileConfig = toml::from_str(&t).map_err(|e| anyhow!("{e}"))?;
+            NodeConfig::try_from(file)
+        };
+        let cfg = load(&[
+            ("FERRY_JURISDICTION", "CH"),
+            ("FERRY_ADVERTISE_LINK", "172.28.5.11:7000"),
+        ])
+        .unwrap();
+        assert!(cfg.roles.relay && !cfg.roles.exit);
+        assert_eq!(cfg.metrics_listen, Some("0.0.0.0:9300".parse().unwrap()));
+        assert!(cfg.admin_listen.unwrap().ip().is_loopback());
+        assert_eq!(cfg.key_dir, PathBuf::from("/var/lib/ferry"));
+        let authority = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+                .verifying_key()
+                .as_bytes(),
+        );
+        let cfg = load(&[
+            ("FERRY_JURISDICTION", "PK"),
+            ("FERRY_ROLES", "entry"),
+            ("FERRY_SOCKS", "0.0.0.0:1080"),
+            ("FERRY_SOCKS_ALLOW_REMOTE", "true"),
+            ("FERRY_BOOTSTRAP", "ch:7100,de:7100"),
+            ("FERRY_AUTHORITY_KEYS", &authority),
+            ("FERRY_DRAIN_GRACE_SECS", "7"),
+        ])
+        .unwrap();
+        assert!(cfg.roles.entry && !cfg.roles.relay);
+        assert_eq!(cfg.bootstrap.len(), 2);
+        assert_eq!(cfg.drain.grace, Duration::from_secs(7));
+        let err = load(&[]).unwrap_err();
+        assert!(
+            err.to_string().contains("FERRY_JURISDICTION is not set"),
+            "{err}"
+        );
+        let err = load(&[("FERRY_JURISDICTION", "CH")]).unwrap_err();
+        assert!(err.to_string().contains("advertise_link"), "{err}");
     }
 }

@@ -48,6 +48,8 @@ pub enum Command {
     PublishRuling(Vec<u8>),
     /// Sign and publish this node's advert now (its state changed).
     Advertise,
+    /// Dial these (bootstrap names, resolved off the swarm's task).
+    Dial(Vec<Multiaddr>),
 }
 
 /// Counters of gossip dropped, by reason.
@@ -67,7 +69,7 @@ impl GossipCounters {
 pub struct Settings {
     /// libp2p listen address.
     pub listen: Option<SocketAddr>,
-    /// Bootstrap addresses (IP:port or multiaddr).
+    /// Bootstrap addresses (IP:port, host.name:port or multiaddr).
     pub bootstrap: Vec<String>,
     /// Advert lifetime.
     pub advert_ttl: Duration,
@@ -86,6 +88,86 @@ pub fn multiaddr(s: &str) -> Result<Multiaddr> {
         std::net::IpAddr::V6(v) => format!("/ip6/{v}"),
     };
     Ok(format!("{ip}/tcp/{}", a.port()).parse()?)
+}
+
+/// A bootstrap address as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// An address to dial as it is (`IP:port` or a multiaddr).
+    Addr(Multiaddr),
+    /// A host name and port, resolved each time it is dialled (a
+    /// Kubernetes pod's DNS name, a Compose service name).
+    Name(String, u16),
+}
+
+/// Parses `IP:port`, `host.name:port` or a multiaddr.
+pub fn parse_bootstrap(s: &str) -> Result<Bootstrap> {
+    if s.starts_with('/') || s.parse::<SocketAddr>().is_ok() {
+        return multiaddr(s).map(Bootstrap::Addr);
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("`{s}`: not IP:port, host.name:port or a multiaddr"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| anyhow!("`{s}`: port must be 1 to 65535"))?;
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(anyhow!("`{s}`: `{host}` is not a host name"));
+    }
+    Ok(Bootstrap::Name(host.to_string(), port))
+}
+
+/// Resolves bootstrap addresses into dialable multiaddrs; a name that does
+/// not resolve (yet: a peer still starting) is skipped this time.
+pub async fn resolve_bootstrap(list: &[Bootstrap]) -> Vec<Multiaddr> {
+    let mut out = Vec::new();
+    for b in list {
+        match b {
+            Bootstrap::Addr(a) => out.push(a.clone()),
+            Bootstrap::Name(host, port) => {
+                let found = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::lookup_host((host.as_str(), *port)),
+                )
+                .await;
+                match found {
+                    Ok(Ok(addrs)) => {
+                        out.extend(addrs.filter_map(|a| multiaddr(&a.to_string()).ok()));
+                    }
+                    Ok(Err(e)) => debug!(%host, error = %e, "bootstrap name did not resolve"),
+                    Err(_) => debug!(%host, "bootstrap name resolution timed out"),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Resolves the bootstrap list off the swarm's task and has it dialled.
+fn dial_bootstrap(list: &Arc<Vec<Bootstrap>>, tx: &mpsc::UnboundedSender<Command>) {
+    if list.is_empty() {
+        return;
+    }
+    let (list, tx) = (list.clone(), tx.clone());
+    tokio::spawn(async move {
+        let addrs = resolve_bootstrap(&list).await;
+        if addrs.is_empty() {
+            debug!(
+                configured = list.len(),
+                "no bootstrap address resolved yet; trying again in 2 s"
+            );
+        }
+        let _ = tx.send(Command::Dial(addrs));
+    });
 }
 
 /// The libp2p peer id of a node id.
@@ -169,11 +251,18 @@ pub fn start(
             .listen_on(multiaddr(&l.to_string())?)
             .with_context(|| format!("listening on {l} (mesh.listen)"))?;
     }
-    // Dial the bootstrap nodes, and every node the store remembers.
+    // Dial the bootstrap nodes (resolving names off this task), and every
+    // node the store remembers.
+    let bootstrap = Arc::new(
+        settings
+            .bootstrap
+            .iter()
+            .map(|b| parse_bootstrap(b).context("mesh.bootstrap"))
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    dial_bootstrap(&bootstrap, &tx);
     let mut dials: Vec<Multiaddr> = Vec::new();
-    for b in &settings.bootstrap {
-        dials.push(multiaddr(b).with_context(|| "mesh.bootstrap".to_string())?);
-    }
     for (_, bytes) in shared.store.all(cf::PEERS)? {
         if let Ok((a, _)) = crate::directory::verify_advert(&bytes, 0) {
             dials.extend(a.p2p_addrs.iter().filter_map(|s| s.parse().ok()));
@@ -185,12 +274,17 @@ pub fn start(
         }
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let own = keys.node_id();
+    let redial = tx.clone();
     let ttl = settings.advert_ttl;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
         let mut kad_tick = tokio::time::interval(Duration::from_secs(10));
+        // While no peer is connected, the bootstrap list is resolved and
+        // dialled again every 2 s (peers that start later, names that
+        // resolve later); connected, nothing is dialled.
+        let mut alone_tick = tokio::time::interval(Duration::from_secs(2));
+        alone_tick.tick().await;
         let mut listen_addrs: Vec<String> = Vec::new();
         let mut seq = shared
             .store
@@ -219,9 +313,21 @@ pub fn start(
                 _ = kad_tick.tick() => {
                     let _ = swarm.behaviour_mut().kad.bootstrap();
                 }
+                _ = alone_tick.tick() => {
+                    if swarm.connected_peers().next().is_none() {
+                        dial_bootstrap(&bootstrap, &redial);
+                    }
+                }
                 Some(cmd) = rx.recv() => match cmd {
                     Command::PublishRuling(bytes) => publish(&mut swarm, &rulings_topic, bytes),
                     Command::Advertise => tick.reset_immediately(),
+                    Command::Dial(addrs) => {
+                        for a in addrs {
+                            if let Err(e) = swarm.dial(a) {
+                                debug!(error = %e, "bootstrap dial failed");
+                            }
+                        }
+                    }
                 },
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::NewListenAddr { address, .. } => {
@@ -237,6 +343,11 @@ pub fn start(
                             swarm.behaviour_mut().kad.add_address(&peer_id, a);
                         }
                         let _ = swarm.behaviour_mut().kad.bootstrap();
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })) if topic == adverts.hash() => {
+                        // A peer now listens for adverts (a publish at
+                        // connection time can come before its subscription).
+                        tick.reset_immediately();
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
                         let now = crate::authority::now_ms();

@@ -504,6 +504,15 @@ pub struct StreamParts {
     pub inbound: mpsc::UnboundedReceiver<Inbound>,
 }
 
+impl StreamParts {
+    /// The stream's log span, with the short ids of its circuit (as first
+    /// attached) and of the stream on it.
+    pub fn span(&self) -> tracing::Span {
+        let (end, id) = self.core.current();
+        info_span!("stream", circ = end.circ, stream = id)
+    }
+}
+
 struct Tx {
     sealer: Sealer,
 }
@@ -892,22 +901,58 @@ impl Endpoint {
         }
         exit.resumables.insert(token, &core);
         exit.metrics.streams_opened.inc();
-        run_stream(sock, parts).await;
-        exit.metrics.streams_closed.inc();
+        let why = run_stream(sock, parts).await;
+        exit.metrics.streams_closed.with_label_values(&[why]).inc();
         exit.resumables.remove(&token);
     }
 }
 
-/// Carries a connected stream both ways until both directions end.
-pub async fn run_stream(sock: TcpStream, parts: StreamParts) {
+/// Why a stream ended, as a metric label: `done` when both directions
+/// finished normally, else the first cause seen (the peer's END reason,
+/// `reset` for a failed socket, `circuit_closed` when the circuit went).
+pub type CloseReason = &'static str;
+
+/// The label of an END reason: `END_REASON_EXIT_LEFT` → `exit_left`.
+pub fn end_label(r: EndReason) -> CloseReason {
+    match r {
+        EndReason::Done => "done",
+        EndReason::Reset => "reset",
+        EndReason::CircuitClosed => "circuit_closed",
+        EndReason::ExitLeft => "exit_left",
+        EndReason::Protocol => "protocol",
+        _ => "other",
+    }
+}
+
+/// Every value [`end_label`] and [`run_stream`] give.
+pub const CLOSE_REASONS: [CloseReason; 6] = [
+    "done",
+    "reset",
+    "circuit_closed",
+    "exit_left",
+    "protocol",
+    "other",
+];
+
+/// `stopped`: this direction was stopped because the other one failed.
+const STOPPED: CloseReason = "stopped";
+
+/// Carries a connected stream both ways until both directions end, and
+/// says why it ended.
+pub async fn run_stream(sock: TcpStream, parts: StreamParts) -> CloseReason {
     let StreamParts { core, inbound } = parts;
     let (r, w) = sock.into_split();
     let stop = CancellationToken::new();
     let up = pump_up(core.clone(), r, stop.clone());
     let down = pump_down(core.clone(), w, inbound, stop.clone());
-    tokio::join!(up, down);
+    let (up, down) = tokio::join!(up, down);
     Endpoint::forget(&core);
-    debug!(moves = core.moves(), "stream closed");
+    let reason = [down, up]
+        .into_iter()
+        .find(|r| *r != "done" && *r != STOPPED)
+        .unwrap_or("done");
+    debug!(moves = core.moves(), reason, "stream closed");
+    reason
 }
 
 /// Socket → circuit.
@@ -915,7 +960,7 @@ async fn pump_up(
     core: Arc<StreamCore>,
     mut r: tokio::net::tcp::OwnedReadHalf,
     stop: CancellationToken,
-) {
+) -> CloseReason {
     let mut buf = BytesMut::with_capacity(4 * (HEADROOM + MAX_DATA_PAYLOAD + 16));
     loop {
         buf.reserve(HEADROOM + MAX_DATA_PAYLOAD + 16);
@@ -923,29 +968,29 @@ async fn pump_up(
         let mut room = (&mut buf).limit(MAX_DATA_PAYLOAD);
         let read = tokio::select! {
             r = r.read_buf(&mut room) => r,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return STOPPED,
         };
         let n = match read {
             Ok(0) => {
                 let _ = core.send_end(EndReason::Done, "").await;
-                return;
+                return "done";
             }
             Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "stream read failed");
                 let _ = core.send_end(EndReason::Reset, "connection reset").await;
                 stop.cancel();
-                return;
+                return "reset";
             }
         };
         tokio::select! {
-            r = core.credit.acquire(n as u64) => if r.is_err() { return },
-            _ = stop.cancelled() => return,
+            r = core.credit.acquire(n as u64) => if r.is_err() { return "circuit_closed" },
+            _ = stop.cancelled() => return STOPPED,
         }
         let rec = buf.split();
         if core.send_data(rec).await.is_err() {
             stop.cancel();
-            return;
+            return "circuit_closed";
         }
     }
 }
@@ -956,32 +1001,32 @@ async fn pump_down(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     mut inbound: mpsc::UnboundedReceiver<Inbound>,
     stop: CancellationToken,
-) {
+) -> CloseReason {
     let threshold = u64::from(core.window / 4);
     let mut acked = 0u64;
     loop {
         let m = tokio::select! {
             m = inbound.recv() => m,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return STOPPED,
         };
         match m {
             Some(Inbound::Data(b)) => {
                 let wrote = tokio::select! {
                     r = w.write_all(&b) => r,
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return STOPPED,
                 };
                 if let Err(e) = wrote {
                     debug!(error = %e, "stream write failed");
                     let _ = core.send_end(EndReason::Reset, "connection reset").await;
                     stop.cancel();
-                    return;
+                    return "reset";
                 }
                 let consumed =
                     core.consumed.fetch_add(b.len() as u64, Ordering::AcqRel) + b.len() as u64;
                 if consumed - acked >= threshold {
                     if core.send_ack().await.is_err() {
                         stop.cancel();
-                        return;
+                        return "circuit_closed";
                     }
                     acked = consumed;
                 }
@@ -989,7 +1034,7 @@ async fn pump_down(
             Some(Inbound::Connected(_)) => {}
             Some(Inbound::End(EndReason::Done, _)) => {
                 let _ = w.shutdown().await;
-                return;
+                return "done";
             }
             Some(Inbound::End(reason, detail)) => {
                 if matches!(reason, EndReason::ExitLeft | EndReason::CircuitClosed) {
@@ -998,11 +1043,11 @@ async fn pump_down(
                     debug!(reason = reason.as_str_name(), %detail, "stream ended by peer");
                 }
                 stop.cancel();
-                return;
+                return end_label(reason);
             }
             None => {
                 stop.cancel();
-                return;
+                return "circuit_closed";
             }
         }
     }

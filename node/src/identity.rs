@@ -6,7 +6,7 @@ use ferry_router::NodeId;
 use rand::rngs::OsRng;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// File name of the Ed25519 identity seed.
@@ -72,6 +72,26 @@ impl Keys {
     }
 
     /// Loads both key files from `dir`.
+    /// Loads the keys in `dir`, or creates them (and `dir`, mode 0700) if
+    /// neither file exists yet: a container's first start on an empty
+    /// volume. One file without the other is an error, never a new key.
+    /// Returns whether they were created.
+    pub fn load_or_create(dir: &Path) -> Result<(Self, bool)> {
+        let (id, noise) = (dir.join(IDENTITY_FILE), dir.join(NOISE_FILE));
+        if id.exists() || noise.exists() {
+            return Ok((Self::load(dir)?, false));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let keys = Self::generate();
+        keys.write_new(dir)?;
+        Ok((keys, true))
+    }
+
+    /// Loads the keys in `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
         let identity = read_secret(&dir.join(IDENTITY_FILE))?;
         let noise = read_secret(&dir.join(NOISE_FILE))?;
@@ -138,6 +158,23 @@ mod tests {
         assert_eq!(loaded.noise_public, keys.noise_public);
         let err = keys.write_new(dir.path()).unwrap_err();
         assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+    }
+
+    #[test]
+    fn keys_are_created_once_and_a_lone_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("state");
+        let (a, created) = Keys::load_or_create(&sub).unwrap();
+        assert!(created);
+        let mode = fs::metadata(&sub).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let (b, created) = Keys::load_or_create(&sub).unwrap();
+        assert!(!created);
+        assert_eq!(a.node_id(), b.node_id());
+        fs::remove_file(sub.join(NOISE_FILE)).unwrap();
+        let err = Keys::load_or_create(&sub).unwrap_err();
+        assert!(format!("{err:#}").contains("noise.key"), "{err:#}");
+        assert!(sub.join(IDENTITY_FILE).exists(), "the identity was kept");
     }
 
     #[test]

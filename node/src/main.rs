@@ -21,11 +21,19 @@ use tokio_util::sync::CancellationToken;
     about = "Ferry: a relay mesh for end-to-end encrypted traffic that leaves a jurisdiction cleanly."
 )]
 struct Cli {
-    /// Log format on standard error.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    /// Log format on standard error: text, or json (one object a line,
+    /// with the link, circuit and stream spans around each event).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "FERRY_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
+    /// Payload, keys and client addresses appear only at debug.
+    #[arg(long, global = true, default_value = "info", env = "FERRY_LOG")]
     log: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -73,7 +81,7 @@ enum Cmd {
         /// Prometheus metrics listen address (GET /metrics); none if omitted.
         #[arg(long)]
         metrics: Option<SocketAddr>,
-        /// A node to join the mesh through (IP:port of its mesh listener); repeatable.
+        /// A node to join the mesh through (IP:port or host.name:port of its mesh listener); repeatable.
         #[arg(long)]
         bootstrap: Vec<String>,
         /// A trusted authority public key (hex, or a .pub file); repeatable.
@@ -85,6 +93,10 @@ enum Cmd {
         /// The node's ferry.toml.
         #[arg(long)]
         config: PathBuf,
+        /// Create the node's keys in its key_dir if neither key file exists
+        /// (a container's first start on an empty volume).
+        #[arg(long)]
+        create_keys: bool,
     },
     /// Run a local SOCKS5 entry into the mesh (no link listener), until SIGINT or SIGTERM.
     Connect {
@@ -129,6 +141,14 @@ enum Cmd {
         /// Cancel the operator's drain.
         #[arg(long)]
         cancel: bool,
+        /// Do not keep the drain across a restart (for a container's
+        /// pre-stop hook: the restarted node comes back active).
+        #[arg(long, conflicts_with = "cancel")]
+        transient: bool,
+        /// Wait until the node carries nothing (or its exit date passes),
+        /// printing progress; exit 0 once it is empty, 1 if the date passed first.
+        #[arg(long, conflicts_with = "cancel")]
+        wait: bool,
     },
     /// Check a running node for a container health check: exit 0 if it is
     /// alive (or, with --ready, active and taking circuits), else 1 with why.
@@ -274,7 +294,9 @@ fn main() -> Result<()> {
             within,
             reason,
             cancel,
-        } => drain(admin, exit_by, within, &reason, cancel),
+            transient,
+            wait,
+        } => drain(admin, exit_by, within, &reason, cancel, transient, wait),
         Cmd::Authority {
             cmd: AuthorityCmd::Keygen { out },
         } => keygen(&out),
@@ -312,8 +334,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo { socks, cmd: None } => runtime()?.block_on(demo(socks)),
-        Cmd::Node { config } => runtime()?.block_on(run_node(config, None, true)),
-        Cmd::Connect { config, socks } => runtime()?.block_on(run_node(config, Some(socks), false)),
+        Cmd::Node {
+            config,
+            create_keys,
+        } => runtime()?.block_on(run_node(config, None, true, create_keys)),
+        Cmd::Connect { config, socks } => {
+            runtime()?.block_on(run_node(config, Some(socks), false, false))
+        }
     }
 }
 
@@ -351,7 +378,7 @@ fn init(
     let j = config::parse_jurisdiction(jurisdiction).context("--jurisdiction")?;
     let roles = config::parse_roles(&roles.split(',').collect::<Vec<_>>()).context("--roles")?;
     for b in bootstrap {
-        ferry_node::control::multiaddr(b).context("--bootstrap")?;
+        ferry_node::control::parse_bootstrap(b).context("--bootstrap")?;
     }
     let authority_keys = authority_keys
         .iter()
@@ -491,15 +518,20 @@ fn drain(
     within: Option<Duration>,
     reason: &str,
     cancel: bool,
+    transient: bool,
+    wait: bool,
 ) -> Result<()> {
     let url = format!("http://{admin}/v1/drain");
     let resp = if cancel {
         agent().delete(&url).call()
     } else {
+        let persist = !transient;
         let body = match (exit_by, within) {
-            (Some(t), _) => serde_json::json!({ "exit_by": t, "reason": reason }),
+            (Some(t), _) => {
+                serde_json::json!({ "exit_by": t, "reason": reason, "persist": persist })
+            }
             (None, Some(d)) => {
-                serde_json::json!({ "in_secs": d.as_secs().max(1), "reason": reason })
+                serde_json::json!({ "in_secs": d.as_secs().max(1), "reason": reason, "persist": persist })
             }
             (None, None) => bail!("give --exit-by TIME, --in DURATION or --cancel"),
         };
@@ -513,7 +545,49 @@ fn drain(
         Some(t) => println!("draining; exit by {t}"),
         None => println!("{}", v["status"].as_str().unwrap_or("ok")),
     }
+    if wait && let Some(t) = v["exit_by"].as_str() {
+        let until = humantime::parse_rfc3339_weak(t)
+            .context("the node's exit date")?
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        wait_empty(admin, until)?;
+    }
     Ok(())
+}
+
+/// Polls the node until it carries no circuit and no stream, printing
+/// what is left every few seconds; an error if the exit date passes first.
+fn wait_empty(admin: SocketAddr, until_ms: u64) -> Result<()> {
+    let mut last_print = 0u64;
+    loop {
+        let v = client::answer(
+            &admin.to_string(),
+            agent().get(&format!("http://{admin}/v1/status")).call(),
+        )?;
+        let circuits = v["circuits"].as_u64().unwrap_or(0);
+        let origin = v["origin"]["circuits"].as_array();
+        let streams: u64 = origin
+            .into_iter()
+            .flatten()
+            .map(|c| c["streams"].as_u64().unwrap_or(0))
+            .sum();
+        let now = now_ms();
+        if circuits == 0 && streams == 0 {
+            println!("drained: the node carries nothing");
+            return Ok(());
+        }
+        if v["state"] == "exited" || now > until_ms + 2_000 {
+            bail!("exit date passed with {circuits} circuit(s) and {streams} stream(s) left");
+        }
+        if now >= last_print + 5_000 {
+            println!(
+                "waiting: {circuits} circuit(s) carried, {streams} stream(s) of its own; exit in {} s",
+                until_ms.saturating_sub(now) / 1000
+            );
+            last_print = now;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn status(admin: SocketAddr, json: bool) -> Result<()> {
@@ -661,7 +735,12 @@ fn on_signal(token: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool) -> Result<()> {
+async fn run_node(
+    path: PathBuf,
+    socks: Option<Option<SocketAddr>>,
+    links: bool,
+    create_keys: bool,
+) -> Result<()> {
     let mut cfg = NodeConfig::load(&path)?;
     if let Some(s) = socks {
         cfg.roles.entry = true;
@@ -677,7 +756,15 @@ async fn run_node(path: PathBuf, socks: Option<Option<SocketAddr>>, links: bool)
             );
         }
     }
-    let keys = Keys::load(&cfg.key_dir)?;
+    let keys = if create_keys {
+        let (keys, created) = Keys::load_or_create(&cfg.key_dir)?;
+        if created {
+            tracing::info!(node = %keys.node_id().short(), "created the node's keys");
+        }
+        keys
+    } else {
+        Keys::load(&cfg.key_dir)?
+    };
     let store = std::sync::Arc::new(ferry_node::store::Store::open(&cfg.data_dir)?);
     let listeners = Listeners::bind_config(&cfg, links).await?;
     let shutdown = CancellationToken::new();

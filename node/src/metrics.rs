@@ -26,12 +26,14 @@ use std::sync::atomic::Ordering;
 pub struct Metrics {
     registry: Registry,
     build_info: IntGaugeVec,
+    node_info: IntGaugeVec,
     links: IntGauge,
     circuits: IntGauge,
     origin_circuits: IntGauge,
     streams: IntGauge,
     link_sent: IntCounter,
     state: IntGaugeVec,
+    ready: IntGauge,
     exit_seconds: IntGauge,
     blocked_circuits: IntGaugeVec,
     migrations: IntCounterVec,
@@ -55,11 +57,12 @@ pub struct Metrics {
     pub build_seconds: Histogram,
     /// Streams opened (connected at the exit, or at the entry).
     pub streams_opened: IntCounter,
-    /// Streams closed.
-    pub streams_closed: IntCounter,
+    /// Streams closed, by reason (see `endpoint::CLOSE_REASONS`).
+    pub streams_closed: IntCounterVec,
     /// Refusals by reason: ruling, constraint, capacity, auth, malformed.
     pub refusals: IntCounterVec,
-    /// Bytes read from data-plane links (ciphertext).
+    /// Bytes read from data-plane links (ciphertext): the `received`
+    /// child of `ferry_link_bytes_total`.
     pub link_received: IntCounter,
 }
 
@@ -168,6 +171,9 @@ impl Metrics {
         ] {
             m.advert_rejections.with_label_values(&[r]);
         }
+        for r in crate::endpoint::CLOSE_REASONS {
+            m.streams_closed.with_label_values(&[r]);
+        }
         for r in (1..=7).filter_map(|i| ferry_proto::pb::DestroyReason::try_from(i).ok()) {
             m.circuits_closed.with_label_values(&[&destroy_label(r)]);
         }
@@ -176,12 +182,29 @@ impl Metrics {
 
     fn bare() -> Self {
         let r = Registry::new();
+        let link_bytes = counter_vec(
+            &r,
+            "ferry_link_bytes_total",
+            "Bytes on data-plane links (ciphertext), by direction (sent, received).",
+            "direction",
+        );
         Self {
             build_info: gauge_vec(
                 &r,
                 "ferry_build_info",
                 "Ferry's version (always 1).",
                 "version",
+            ),
+            node_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ferry_node_info",
+                        "The node's jurisdiction and roles (always 1); join on instance to group other series by jurisdiction.",
+                    ),
+                    &["jurisdiction", "roles"],
+                )
+                .expect("valid metric"),
             ),
             links: gauge(&r, "ferry_links_active", "Data-plane links open."),
             circuits: gauge(
@@ -199,10 +222,12 @@ impl Metrics {
                 "ferry_streams_active",
                 "Client streams on this entry's circuits.",
             ),
-            link_sent: counter(
+            link_sent: link_bytes.with_label_values(&["sent"]),
+            link_received: link_bytes.with_label_values(&["received"]),
+            ready: gauge(
                 &r,
-                "ferry_link_sent_bytes_total",
-                "Bytes written to data-plane links (ciphertext).",
+                "ferry_node_ready",
+                "1 while the node takes new circuits (/readyz): active and joined; 0 while joining, draining or exited.",
             ),
             state: gauge_vec(
                 &r,
@@ -295,21 +320,17 @@ impl Metrics {
                 "Time for this entry to build a circuit, hop by hop.",
             ),
             streams_opened: counter(&r, "ferry_streams_opened_total", "Streams connected."),
-            streams_closed: counter(
+            streams_closed: counter_vec(
                 &r,
                 "ferry_streams_closed_total",
-                "Streams finished or ended.",
+                "Streams ended, by reason (done, reset, circuit_closed, exit_left, protocol, other).",
+                "reason",
             ),
             refusals: counter_vec(
                 &r,
                 "ferry_refusals_total",
                 "Requests refused, by reason (ruling, constraint, capacity, auth, malformed).",
                 "reason",
-            ),
-            link_received: counter(
-                &r,
-                "ferry_link_received_bytes_total",
-                "Bytes read from data-plane links (ciphertext).",
             ),
             registry: r,
         }
@@ -328,9 +349,13 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        self.node_info
+            .with_label_values(&[sw.cfg.jurisdiction.as_str(), &sw.cfg.roles.to_string()])
+            .set(1);
         self.links.set(sw.link_count() as i64);
         self.circuits.set(sw.circuit_count() as i64);
         advance(&self.link_sent, sw.bytes_out());
+        self.ready.set(i64::from(sw.readiness(now).ready));
         let cur = sw.state.current();
         for name in ["active", "draining", "exited"] {
             self.state

@@ -144,7 +144,9 @@ pub fn start_full(
     let counters = Arc::new(GossipCounters::default());
     let keys = Arc::new(keys);
     let cfg = Arc::new(cfg);
-    let link_addr = listeners.link.as_ref().and_then(|l| l.local_addr().ok());
+    let link_addr = cfg
+        .link_advertise
+        .or_else(|| listeners.link.as_ref().and_then(|l| l.local_addr().ok()));
     let switch = Switch::new(
         keys.clone(),
         cfg.clone(),

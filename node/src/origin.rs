@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// How long the origin waits for the exit to connect a stream. Exits time
 /// out their own connects sooner (`exit.connect_timeout_secs`, at most 300);
@@ -63,6 +63,9 @@ enum State {
     Open(Arc<Endpoint>),
     Closed,
 }
+
+/// The circuit pool, locked.
+type Pool<'a> = tokio::sync::MutexGuard<'a, Vec<Arc<OriginCircuit>>>;
 
 /// A circuit this node originates.
 pub struct OriginCircuit {
@@ -240,11 +243,15 @@ impl Origin {
         port: u16,
         route: &Arc<Route>,
     ) -> Result<StreamParts, OpenError> {
-        let end = self.circuit(route).await?;
-        let mut parts = end
-            .begin(host, port)
-            .await
-            .map_err(|e| OpenError::Build(e.to_string()))?;
+        // The stream is registered on its circuit while the pool is held,
+        // so the drain planner (which closes idle circuits under the same
+        // lock) never closes a circuit a stream is joining.
+        let mut parts = {
+            let (end, _pool) = self.circuit(route).await?;
+            end.begin(host, port)
+                .await
+                .map_err(|e| OpenError::Build(e.to_string()))?
+        };
         match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
             Ok(Some(Inbound::Connected(_))) => Ok(parts),
             Ok(Some(Inbound::End(reason, detail))) => Err(OpenError::Refused { reason, detail }),
@@ -279,8 +286,9 @@ impl Origin {
             })
     }
 
-    /// A circuit with room for one more stream on `route`, built if needed.
-    async fn circuit(&self, route: &Arc<Route>) -> Result<Arc<Endpoint>, OpenError> {
+    /// A circuit with room for one more stream on `route`, built if needed,
+    /// and the pool, still held.
+    async fn circuit(&self, route: &Arc<Route>) -> Result<(Arc<Endpoint>, Pool<'_>), OpenError> {
         let mut pool = self.pool.lock().await;
         pool.retain(|c| c.endpoint().is_some());
         let max = self.switch.cfg.max_streams_per_circuit as usize;
@@ -296,7 +304,7 @@ impl Origin {
             .filter_map(|c| c.endpoint())
             .find(|e| e.stream_count() < max)
         {
-            return Ok(end);
+            return Ok((end, pool));
         }
         let mut last = None;
         for _ in 0..BUILD_TRIES {
@@ -306,7 +314,7 @@ impl Origin {
                         .endpoint()
                         .ok_or_else(|| OpenError::Build("circuit closed".into()))?;
                     pool.push(oc);
-                    return Ok(end);
+                    return Ok((end, pool));
                 }
                 // A hop refused because it is leaving: it is now known
                 // here, so the next pick avoids it.
@@ -368,7 +376,12 @@ impl Origin {
         self.switch.add_origin(&link, circ, oc.clone());
         let timeout = self.switch.cfg.build_timeout;
         let started = std::time::Instant::now();
-        match tokio::time::timeout(timeout, self.handshake_path(&link, circ, &path, rx)).await {
+        let span = tracing::info_span!("circuit", circ);
+        let built = tokio::time::timeout(timeout, self.handshake_path(&link, circ, &path, rx))
+            .instrument(span.clone())
+            .await;
+        let _span = span.enter();
+        match built {
             Ok(Ok(session)) => {
                 let end = Endpoint::new(
                     link.clone(),
@@ -386,7 +399,7 @@ impl Origin {
                 let m = &self.switch.metrics;
                 m.build_seconds.observe(started.elapsed().as_secs_f64());
                 m.circuits_opened.inc();
-                info!(circ, path = %oc.jurisdictions(&self.switch).join(" -> "), "circuit built");
+                info!(path = %oc.jurisdictions(&self.switch).join(" -> "), "circuit built");
                 Ok(oc)
             }
             Ok(Err(e)) => {
@@ -596,6 +609,9 @@ impl Origin {
             }
         }
         let mut planned = std::collections::HashSet::new();
+        // Circuits through a leaving node that carry no stream: nothing to
+        // move or wait for, so they close now and the node empties sooner.
+        let mut idle: Vec<Arc<OriginCircuit>> = Vec::new();
         for action in plan.actions {
             match action {
                 Action::Migrate {
@@ -610,6 +626,10 @@ impl Origin {
                     };
                     planned.insert(circuit);
                     c.closing.store(true, Ordering::Release);
+                    if c.stream_count() == 0 && !c.migrating.load(Ordering::Acquire) {
+                        idle.push((*c).clone());
+                        continue;
+                    }
                     let start = {
                         let mut s = self.scheduled.lock().expect("schedule lock");
                         let e = s.entry(circuit).or_insert((at, done_by));
@@ -622,7 +642,10 @@ impl Origin {
                     if start.0 <= now && !c.migrating.swap(true, Ordering::AcqRel) {
                         let me = self.clone();
                         let c = (*c).clone();
-                        tokio::spawn(async move { me.migrate(c, done_by, avoid).await });
+                        let span = tracing::info_span!("circuit", circ = c.circ);
+                        tokio::spawn(
+                            async move { me.migrate(c, done_by, avoid).await }.instrument(span),
+                        );
                     }
                 }
                 Action::CloseExitStreams { circuit, at, .. } => {
@@ -631,7 +654,9 @@ impl Origin {
                     };
                     planned.insert(circuit);
                     c.closing.store(true, Ordering::Release);
-                    if at.0 <= now {
+                    if c.stream_count() == 0 {
+                        idle.push((*c).clone());
+                    } else if at.0 <= now {
                         info!(
                             circ = c.circ,
                             path = %c.jurisdictions(&self.switch).join(" -> "),
@@ -643,6 +668,15 @@ impl Origin {
                     }
                 }
                 _ => {}
+            }
+        }
+        if !idle.is_empty()
+            && let Ok(_pool) = self.pool.try_lock()
+        {
+            for c in idle.iter().filter(|c| c.stream_count() == 0) {
+                debug!(circ = c.circ, "idle circuit through a leaving node closed");
+                self.switch
+                    .destroy(&c.link, c.circ, DestroyReason::Finished);
             }
         }
         // Lifted rulings and cancelled drains: the circuit may serve again.

@@ -239,8 +239,11 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
                 metrics.streams_opened.inc();
-                crate::endpoint::run_stream(sock, parts).await;
-                metrics.streams_closed.inc();
+                let span = parts.span();
+                let why = crate::endpoint::run_stream(sock, parts)
+                    .instrument(span)
+                    .await;
+                metrics.streams_closed.with_label_values(&[why]).inc();
             }
         }
         Err(e) => {

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 /// What one side of a circuit is on this node.
 enum Slot {
@@ -70,6 +70,17 @@ pub struct Switch {
 #[derive(Debug, thiserror::Error)]
 #[error("malformed cell: {0}")]
 pub struct Malformed(#[from] ferry_proto::DecodeError);
+
+/// What `/readyz` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    /// Takes new circuits.
+    pub ready: bool,
+    /// `joining`, `active`, `draining` or `exited`.
+    pub state: &'static str,
+    /// Why not ready (empty when ready).
+    pub reason: String,
+}
 
 impl Switch {
     /// A switch for this node.
@@ -292,12 +303,11 @@ impl Switch {
                         } else {
                             end.on_control(buf).map(|extend| {
                                 if let Some(ext) = extend {
-                                    tokio::spawn(self.clone().extend(
-                                        link.clone(),
-                                        circ,
-                                        end.clone(),
-                                        ext,
-                                    ));
+                                    tokio::spawn(
+                                        self.clone()
+                                            .extend(link.clone(), circ, end.clone(), ext)
+                                            .instrument(tracing::info_span!("circuit", circ)),
+                                    );
                                 }
                             })
                         };
@@ -394,6 +404,38 @@ impl Switch {
 
     /// Circuits this node carries for others: relayed, or as their tip
     /// (the exit). Its own circuits, as an entry, are the origin's.
+    /// Whether the node takes new circuits, and if not why: it is
+    /// `joining` while it knows no live peer (unless it has nothing to join:
+    /// no bootstrap address and no static peer), and `draining` or `exited`
+    /// as its state says.
+    pub fn readiness(&self, now: u64) -> Readiness {
+        let cur = self.state.current();
+        if cur.state != ferry_router::NodeState::Active {
+            return Readiness {
+                ready: false,
+                state: cur.name(),
+                reason: cur.reason,
+            };
+        }
+        let alone = self.cfg.bootstrap.is_empty() && self.cfg.peers.is_empty();
+        if !alone && self.directory.live(now).is_empty() {
+            return Readiness {
+                ready: false,
+                state: "joining",
+                reason: format!(
+                    "no live peer known yet ({} bootstrap address(es))",
+                    self.cfg.bootstrap.len()
+                ),
+            };
+        }
+        Readiness {
+            ready: true,
+            state: cur.name(),
+            reason: String::new(),
+        }
+    }
+
+    /// Circuits this node carries for others.
     pub fn circuit_count(&self) -> usize {
         let c = self.circuits.lock().expect("circuits lock");
         let forwards = c
@@ -477,6 +519,7 @@ impl Switch {
     }
 
     fn on_create(self: &Arc<Self>, link: &Arc<LinkHandle>, circ: u32, msg1: &[u8]) {
+        let _span = tracing::info_span!("circuit", circ).entered();
         let refuse = |why: &str| {
             warn!(circ, reason = why, "circuit refused");
             link.try_send(destroy_cell(circ, DestroyReason::BuildFailed));

@@ -268,6 +268,8 @@ pub struct Options {
     /// Specs (by index) prepared but not started: [`Mesh::start_held`]
     /// starts them later (late joiners in gossip mode).
     pub hold: Vec<usize>,
+    /// Nodes log JSON (`--log-format json`) instead of text.
+    pub log_json: bool,
 }
 
 impl Options {
@@ -297,6 +299,7 @@ impl Default for Options {
             capacity_mbps: 1000,
             drain_secs: (30, 10, 5),
             hold: Vec::new(),
+            log_json: false,
         }
     }
 }
@@ -338,6 +341,7 @@ fn launch(
     ports: Ports,
     socks: Option<SocketAddr>,
     jurisdiction: String,
+    json: bool,
 ) -> Result<Proc> {
     let Ports {
         link,
@@ -347,11 +351,14 @@ fn launch(
     } = ports;
     let cfg = dir.join("ferry.toml");
     let cfg = cfg.to_str().unwrap();
-    let args: Vec<&str> = if socks.is_some() {
+    let mut args: Vec<&str> = if socks.is_some() {
         vec!["connect", "--config", cfg]
     } else {
         vec!["node", "--config", cfg]
     };
+    if json {
+        args.extend(["--log-format", "json"]);
+    }
     let mut child = spawn(&dir, &args)?;
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     wait_ready(&mut child).with_context(|| {
@@ -571,7 +578,14 @@ impl Mesh {
                 mesh: m.mesh,
                 metrics: m.metrics,
             };
-            procs.push(launch(m.dir, &m.block, ports, m.socks, m.jurisdiction)?);
+            procs.push(launch(
+                m.dir,
+                &m.block,
+                ports,
+                m.socks,
+                m.jurisdiction,
+                opts.log_json,
+            )?);
         }
         let entry = procs.pop().expect("entry");
         Ok(Mesh {
@@ -592,7 +606,7 @@ impl Mesh {
                 mesh: h.mesh,
                 metrics: h.metrics,
             };
-            let p = launch(h.dir, &h.block, ports, None, h.jurisdiction)?;
+            let p = launch(h.dir, &h.block, ports, None, h.jurisdiction, false)?;
             self.nodes.push(p);
         }
         Ok(())

@@ -73,8 +73,11 @@ async fn metrics_are_served_and_move_with_a_drain() {
         "ferry_build_info",
         "ferry_links_active",
         "ferry_circuits_active",
-        "ferry_link_sent_bytes_total",
+        "ferry_link_bytes_total",
         "ferry_node_state",
+        "ferry_node_ready",
+        "ferry_node_info",
+        "ferry_streams_closed_total",
         "ferry_node_exit_seconds",
         "ferry_peers",
     ] {
@@ -86,6 +89,15 @@ async fn metrics_are_served_and_move_with_a_drain() {
     assert_eq!(
         sample(&text, "ferry_node_state{state=\"active\"}"),
         Some(1.0)
+    );
+    assert_eq!(sample(&text, "ferry_node_ready"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "ferry_node_info{jurisdiction=\"PK\",roles=\"relay\"}"
+        ),
+        Some(1.0),
+        "{text}"
     );
     // Labels hold jurisdictions and states, never node ids.
     for id in mesh.nodes.iter().map(|n| &n.id) {
@@ -123,7 +135,11 @@ async fn metrics_are_served_and_move_with_a_drain() {
         String::from_utf8_lossy(&out.stderr),
         mesh.entry.log()
     );
-    let entry = scrape(&mesh.entry);
+    // The stream ends normally at both ends once curl has its page.
+    let done = "ferry_streams_closed_total{reason=\"done\"}";
+    let entry = wait_sample(&mesh.entry, done, 1.0, Duration::from_secs(10));
+    wait_sample(&mesh.nodes[0], done, 1.0, Duration::from_secs(10));
+    assert_eq!(total(&entry, "ferry_streams_closed_total"), 1.0, "{entry}");
     assert_eq!(total(&entry, "ferry_refusals_total"), 1.0, "{entry}");
     assert!(
         entry.contains("ferry_refusals_total{reason=\"constraint\"} 1"),
@@ -134,7 +150,7 @@ async fn metrics_are_served_and_move_with_a_drain() {
         "ferry_circuit_build_seconds_count",
         "ferry_link_handshake_seconds_count",
         "ferry_streams_opened_total",
-        "ferry_link_sent_bytes_total",
+        "ferry_link_bytes_total{direction=\"sent\"}",
     ] {
         assert!(total(&entry, name) >= 1.0, "{name}:\n{entry}");
     }
@@ -142,7 +158,7 @@ async fn metrics_are_served_and_move_with_a_drain() {
     for name in [
         "ferry_streams_opened_total",
         "ferry_circuits_opened_total",
-        "ferry_link_received_bytes_total",
+        "ferry_link_bytes_total{direction=\"received\"}",
     ] {
         assert!(total(&exit, name) >= 1.0, "{name}:\n{exit}");
     }
@@ -159,6 +175,7 @@ async fn metrics_are_served_and_move_with_a_drain() {
         1.0,
         Duration::from_secs(10),
     );
+    assert_eq!(sample(&text, "ferry_node_ready"), Some(0.0), "{text}");
     let left = sample(&text, "ferry_node_exit_seconds").unwrap();
     assert!(left > 0.0 && left <= 30.0, "exit in {left} s");
     assert_eq!(
