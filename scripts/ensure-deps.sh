@@ -4,8 +4,10 @@
 #   scripts/ensure-deps.sh build   what building needs
 #   scripts/ensure-deps.sh test    that, plus what the tests drive: curl,
 #                                  prometheus, debootstrap (the container
-#                                  test's base image), and the Python
-#                                  packages that render and check the Helm chart
+#                                  test's base image), Docker and Compose
+#                                  (started if the daemon is not running), and
+#                                  the Python packages that render and check
+#                                  the Helm chart
 set -euo pipefail
 what=${1:-build}
 
@@ -40,6 +42,37 @@ python_deps() {
     { echo "ferry: could not install them: python3 -m pip install helm-python-sdk kubernetes-validate PyYAML" >&2; exit 1; }
 }
 
+docker_up() {
+  # The container test drives the Docker engine: start it if it is not
+  # answering (a machine whose daemon was stopped, or just installed).
+  [ "$what" = test ] || return 0
+  docker info >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "ferry: the Docker daemon is not running; the container test needs it (sudo service docker start)" >&2
+    exit 1
+  fi
+  echo "ferry: starting the Docker daemon" >&2
+  # A daemon still shutting down holds its pid file: let it finish; a pid
+  # file whose process is gone would stop the new one.
+  for _ in $(seq 1 30); do
+    pgrep -x dockerd >/dev/null 2>&1 || break
+    sleep 1
+  done
+  if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    rm -f /var/run/docker.pid
+  fi
+  { command -v service && service docker start; } >/dev/null 2>&1 || true
+  for i in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && return 0
+    if [ "$i" = 5 ] && ! pgrep -x dockerd >/dev/null 2>&1; then
+      (nohup dockerd >/var/log/ferry-dockerd.log 2>&1 &)
+    fi
+    sleep 1
+  done
+  echo "ferry: the Docker daemon did not start (see /var/log/ferry-dockerd.log or the docker service's log)" >&2
+  exit 1
+}
+
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc)          # ring builds C and assembly
 command -v c++ >/dev/null 2>&1 || need+=(g++)         # RocksDB is C++
@@ -48,9 +81,12 @@ if [ "$what" = test ]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)     # tests use the real curl as a SOCKS5 client
   command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # a real Prometheus scrapes a test mesh
   command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap) # the container test's local base image
+  command -v docker >/dev/null 2>&1 || need+=(docker.io)       # the container test
+  { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || need+=(docker-compose)
 fi
 if [ ${#need[@]} -eq 0 ]; then
   python_deps
+  docker_up
   exit 0
 fi
 
@@ -64,3 +100,4 @@ else
   exit 1
 fi
 python_deps
+docker_up
