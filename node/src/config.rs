@@ -910,7 +910,7 @@ capacity_mbps = 1000
 {link}
 # The link address other nodes dial, when it is not the listener's own: a
 # wildcard listener (0.0.0.0), NAT, or a container (in the image's config:
-# "${{FERRY_ADVERTISE_IP}}:7000"). Required when listen.link is a wildcard.
+# "${{FERRY_ADVERTISE_LINK}}"). Required when listen.link is a wildcard.
 # advertise_link = "203.0.113.7:7000"
 # SOCKS5 entry (RFC 1928, CONNECT). Required for the entry role. It has no
 # authentication of its own, so it must be a loopback address unless
