@@ -668,6 +668,22 @@ async fn copy_record(
     let _ = w.shutdown().await;
 }
 
+/// The real `curl` fetching `url` through the SOCKS5 entry at `socks`
+/// (host names resolved by the exit), 20 s at most.
+pub fn curl_socks(socks: &str, url: &str) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--socks5-hostname", socks, url])
+        .output()
+        .expect("running curl")
+}
+
+/// [`curl_socks`] from async code, off the runtime's threads.
+pub async fn curl_socks_async(socks: SocketAddr, url: String) -> std::process::Output {
+    tokio::task::spawn_blocking(move || curl_socks(&socks.to_string(), &url))
+        .await
+        .expect("curl task")
+}
+
 /// Opens a SOCKS5 CONNECT; `Err(code)` carries the server's reply code.
 pub async fn socks_connect(
     socks: SocketAddr,

@@ -3,9 +3,9 @@
 //! exit-policy refusal reaching the client as SOCKS reply 0x02.
 
 use ferry_tests::{
-    Mesh, Options, Pattern, http_server, pattern_server, read_digest, send_pattern, socks_connect,
+    Mesh, Options, Pattern, curl_socks_async, http_server, pattern_server, read_digest,
+    send_pattern, socks_connect,
 };
-use std::process::Command;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -75,16 +75,8 @@ async fn ten_mib_each_way_on_concurrent_streams_arrive_intact() {
 async fn curl_fetches_a_page_through_the_socks_entry() {
     let mesh = Mesh::start(&ferry_tests::THREE, &Options::default()).unwrap();
     let page = http_server("hello through three hops\n").await.unwrap();
-    let socks = mesh.socks().to_string();
     let url = format!("http://localhost:{}/", page.port());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks, &url])
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("curl runs");
+    let out = curl_socks_async(mesh.socks(), url).await;
     assert!(
         out.status.success(),
         "curl failed: {}",
@@ -117,16 +109,8 @@ async fn exit_policy_refusal_reaches_the_client_as_reply_0x02() {
         .wait_log("loopback targets are not allowed", Duration::from_secs(10))
         .unwrap();
     // curl reports it as a SOCKS refusal with reply 2: exit code 97.
-    let socks = mesh.socks().to_string();
     let url = format!("http://127.0.0.1:{}/", page.port());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks, &url])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let out = curl_socks_async(mesh.socks(), url).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(97), "curl said: {err}");
     // Older curl prints the reply code, newer the RFC 1928 text.

@@ -15,7 +15,7 @@
 
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling};
-use ferry_tests::{ferry_bin, free_port, socks_connect_as};
+use ferry_tests::{curl_socks, ferry_bin, free_port, socks_connect_as};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -110,6 +110,34 @@ fn free_net() -> String {
         .map(|i| format!("172.28.{}", (std::process::id() as usize + i) % 200 + 20))
         .find(|net| !used.contains(&format!("{net}.")))
         .expect("a free 172.28.x.0/24")
+}
+
+/// Removes what an earlier run that was killed (not unwound) left behind:
+/// its containers, volumes and network.
+fn remove_stale_projects() {
+    let o = run(Command::new("docker").args([
+        "ps",
+        "-a",
+        "--filter",
+        "label=com.docker.compose.project",
+        "--format",
+        "{{.ID}} {{.Label \"com.docker.compose.project\"}}",
+    ]));
+    let mut projects = std::collections::BTreeSet::new();
+    for line in text(&o).lines() {
+        if let Some((id, project)) = line.split_once(' ')
+            && project.starts_with("ferrytest")
+        {
+            let _ = Command::new("docker").args(["rm", "-fv", id]).output();
+            projects.insert(project.to_string());
+        }
+    }
+    for p in projects {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &format!("{p}_mesh")])
+            .output();
+        println!("removed the leftovers of {p}");
+    }
 }
 
 /// The running mesh; `compose down` and the test image go when it drops.
@@ -211,14 +239,6 @@ fn wait<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-/// `curl` through the mesh's SOCKS5 port.
-fn curl_via(socks: &str, url: &str) -> Output {
-    Command::new("curl")
-        .args(["-sS", "--max-time", "15", "--socks5-hostname", socks, url])
-        .output()
-        .expect("running curl")
-}
-
 /// A Prometheus instant query's result vector.
 fn prom_query(port: u16, q: &str) -> Vec<serde_json::Value> {
     let o = Command::new("curl")
@@ -286,6 +306,7 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
         "Docker is not running here: the container test needs the Docker engine"
     );
     let compose = compose_cmd();
+    remove_stale_projects();
     let t0 = Instant::now();
 
     // Images: the local base, ferry's runtime stage, and Prometheus.
@@ -358,13 +379,13 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
     // A page through the mesh, with the real curl.
     let socks = format!("127.0.0.1:{socks_port}");
     let body = wait("a page through the mesh", Duration::from_secs(90), || {
-        let o = curl_via(&socks, "http://prometheus:9090/-/healthy");
+        let o = curl_socks(&socks, "http://prometheus:9090/-/healthy");
         let b = String::from_utf8_lossy(&o.stdout).to_string();
         b.contains("Healthy").then_some(b)
     });
     println!("curl through the mesh: {}", body.trim());
     // The exits reach the mesh's Prometheus and nothing else private.
-    let o = curl_via(&socks, &format!("http://{net}.11:9300/metrics"));
+    let o = curl_socks(&socks, &format!("http://{net}.11:9300/metrics"));
     assert_eq!(
         o.status.code(),
         Some(97),

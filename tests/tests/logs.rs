@@ -3,9 +3,8 @@
 //! event; and at `info` no log holds payload, client target addresses or
 //! key material.
 
-use ferry_tests::{Mesh, Options, THREE, http_server, socks_connect};
+use ferry_tests::{Mesh, Options, THREE, curl_socks_async, http_server, socks_connect};
 use serde_json::Value;
-use std::process::Command;
 
 /// Each line of a node's log as JSON (a line that is not JSON fails).
 fn json_lines(log: &str, who: &str) -> Vec<Value> {
@@ -46,16 +45,8 @@ async fn json_logs_carry_spans_and_no_secrets() {
     let mesh = Mesh::start(&THREE, &opts).unwrap();
     let marker = "payload-7f3a9c-never-logged";
     let page = http_server(marker).await.unwrap();
-    let socks = mesh.socks().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks])
-            .arg(format!("http://127.0.0.1:{}/", page.port()))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let url = format!("http://127.0.0.1:{}/", page.port());
+    let out = curl_socks_async(mesh.socks(), url).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains(marker));
     // A target that refuses: the exit logs why, inside the stream's span.
     let refused = socks_connect(mesh.socks(), "127.0.0.1", 1).await.unwrap();

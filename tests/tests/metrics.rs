@@ -4,7 +4,7 @@
 
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling};
-use ferry_tests::{Mesh, Options, Proc, Spec, http_server, socks_connect_as};
+use ferry_tests::{Mesh, Options, Proc, Spec, curl_socks_async, http_server, socks_connect_as};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -119,16 +119,8 @@ async fn metrics_are_served_and_move_with_a_drain() {
     .await
     .unwrap();
     assert_eq!(refused.err(), Some(2));
-    let socks = mesh.socks().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--socks5-hostname", &socks])
-            .arg(format!("http://127.0.0.1:{}/", page.port()))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let url = format!("http://127.0.0.1:{}/", page.port());
+    let out = curl_socks_async(mesh.socks(), url).await;
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("counted"),
         "curl: {}\n{}",
