@@ -59,7 +59,9 @@ pub struct Metrics {
     pub streams_opened: IntCounter,
     /// Streams closed, by reason (see `endpoint::CLOSE_REASONS`).
     pub streams_closed: IntCounterVec,
-    /// Refusals by reason: ruling, constraint, capacity, auth, malformed.
+    /// Refusals by reason: ruling (a new circuit through a node a ruling
+    /// drains), draining (the operator's or SIGTERM's drain), constraint,
+    /// capacity, auth, malformed.
     pub refusals: IntCounterVec,
     /// Bytes read from data-plane links (ciphertext): the `received`
     /// child of `ferry_link_bytes_total`.
@@ -138,7 +140,14 @@ impl Metrics {
     /// a series before the first event).
     pub fn new() -> Self {
         let m = Self::bare();
-        for reason in ["ruling", "constraint", "capacity", "auth", "malformed"] {
+        for reason in [
+            "ruling",
+            "draining",
+            "constraint",
+            "capacity",
+            "auth",
+            "malformed",
+        ] {
             m.refusals.with_label_values(&[reason]);
         }
         for reason in ["error", "normal"] {
@@ -329,7 +338,7 @@ impl Metrics {
             refusals: counter_vec(
                 &r,
                 "ferry_refusals_total",
-                "Requests refused, by reason (ruling, constraint, capacity, auth, malformed).",
+                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed).",
                 "reason",
             ),
             registry: r,

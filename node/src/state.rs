@@ -43,6 +43,8 @@ pub struct Current {
     pub state: NodeState,
     /// Why it is not active (empty when active).
     pub reason: String,
+    /// A ruling (not the operator) made it leave.
+    pub by_ruling: bool,
 }
 
 impl Current {
@@ -91,6 +93,7 @@ impl NodeStateCtl {
             current: Mutex::new(Current {
                 state: NodeState::Active,
                 reason: String::new(),
+                by_ruling: false,
             }),
         };
         let now = crate::authority::now_ms();
@@ -114,6 +117,7 @@ impl NodeStateCtl {
         let mut cur = Current {
             state: NodeState::Active,
             reason: String::new(),
+            by_ruling: false,
         };
         match set.status(Some(self.jurisdiction), &TrafficScope::default(), Time(now)) {
             (Status::Allowed, _) => {}
@@ -125,6 +129,7 @@ impl NodeStateCtl {
                     Status::Draining { until } => NodeState::Draining { until },
                     _ => NodeState::Exited,
                 };
+                cur.by_ruling = true;
                 cur.reason = format!(
                     "ruling {id} v{version} blocks {} (exit by {}){}",
                     self.jurisdiction,
@@ -148,6 +153,7 @@ impl NodeStateCtl {
             let stricter = crate::directory::stricter(cur.state, st);
             if stricter != cur.state {
                 cur.state = stricter;
+                cur.by_ruling = false;
                 cur.reason = format!(
                     "operator drain (exit by {}){}",
                     fmt_time(d.until_ms),

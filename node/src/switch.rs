@@ -536,6 +536,8 @@ impl Switch {
                 state = st.name(),
                 "new circuit refused: node is leaving"
             );
+            let why = if st.by_ruling { "ruling" } else { "draining" };
+            self.metrics.refusals.with_label_values(&[why]).inc();
             link.try_send(destroy_cell(circ, reason));
             return;
         }

@@ -185,3 +185,46 @@ async fn metrics_are_served_and_move_with_a_drain() {
         "{entry}"
     );
 }
+
+/// A relay that a ruling drains refuses a new circuit and counts it as a
+/// `ruling` refusal. The mesh is static (no gossip), so the entry learns of
+/// the drain only from the refusal itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_refused_under_a_ruling_is_counted_as_one() {
+    let keys = tempfile::tempdir().unwrap();
+    let (kd, public) = rulings::authority(keys.path(), "authority");
+    let specs = [Spec::new("CA", "exit"), Spec::new("PK", "relay")];
+    let opts = Options {
+        hops: 2,
+        authority_keys: vec![public],
+        ..Options::default()
+    };
+    let mesh = Mesh::start(&specs, &opts).unwrap();
+    let pk = &mesh.nodes[1];
+    let now = now_ms();
+    let signed = rulings::sign(
+        keys.path(),
+        &kd,
+        &Ruling::block("PK", now + 300, now + 60_000),
+    );
+    rulings::publish(pk, &signed).unwrap();
+    let ruling = "ferry_refusals_total{reason=\"ruling\"}";
+    let text = wait_sample(
+        pk,
+        "ferry_node_state{state=\"draining\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(sample(&text, ruling), Some(0.0), "{text}");
+    let page = http_server("unreachable\n").await.unwrap();
+    let refused = socks_connect_as(mesh.socks(), "127.0.0.1", page.port(), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.err(), Some(2), "no path but through PK");
+    let text = scrape(pk);
+    assert!(sample(&text, ruling) >= Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "ferry_refusals_total{reason=\"draining\"}"),
+        Some(0.0)
+    );
+}
