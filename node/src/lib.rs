@@ -11,8 +11,14 @@
 //!   `rocksdb` for the node's store.
 //! - `axum` for the admin API, `ureq` for the CLI's calls to it,
 //!   `humantime` for RFC 3339 dates in ruling files.
-//! - `tokio` for I/O, `clap` for the CLI, `toml`/`serde` for config,
-//!   `tracing` for logs.
+//! - `tokio` for I/O, `clap` for the CLI (its `env` feature reads
+//!   `FERRY_LOG_FORMAT`/`FERRY_LOG`), `toml`/`serde` for config,
+//!   `tracing` for logs, `prometheus` for metrics.
+//! - Config values from the environment (`${VAR}`, `${VAR:-default}`) are
+//!   expanded by a few lines of our own ([`config::interpolate`]) rather
+//!   than a crate: the rules (comment lines untouched, errors naming the
+//!   variable and line) are Ferry's, and the candidates (`shellexpand`,
+//!   `envsubst`) would expand `~` or leave unset variables empty.
 //!
 //! Not in this crate: routing decisions (they live in `ferry-router`), wire
 //! layouts (`ferry-proto`).
