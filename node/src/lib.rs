@@ -16,9 +16,10 @@
 //!   `tracing` for logs, `prometheus` for metrics.
 //! - Config values from the environment (`${VAR}`, `${VAR:-default}`) are
 //!   expanded by a few lines of our own ([`config::interpolate`]) rather
-//!   than a crate: the rules (comment lines untouched, errors naming the
-//!   variable and line) are Ferry's, and the candidates (`shellexpand`,
-//!   `envsubst`) would expand `~` or leave unset variables empty.
+//!   than `shellexpand`: that crate also expands a bare `$NAME`, so any `$`
+//!   in a value (a password, a tenant name) would silently become a
+//!   lookup, and its errors carry no line; ours expands only `${...}`,
+//!   leaves comment lines alone and names the variable and line.
 //!
 //! Not in this crate: routing decisions (they live in `ferry-router`), wire
 //! layouts (`ferry-proto`).
