@@ -101,7 +101,8 @@ check(pre[pre.index("--in") + 1] == f"{window}s", "preStop drains for the drain 
 check(pod["terminationGracePeriodSeconds"] > window,
       f"grace period {pod['terminationGracePeriodSeconds']} s > drain window {window} s")
 check(env["FERRY_ADVERTISE_LINK"]["value"] == "$(POD_IP):7000"
-      and env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP",
+      and env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+      and "hostNetwork" not in pod,
       "each pod advertises its own address")
 check(env["FERRY_BOOTSTRAP"]["value"].split(",")[0] == "ferry-0.ferry-mesh.mesh.svc.cluster.local:7100",
       "bootstrap through the release's own pods by DNS name")
@@ -150,6 +151,9 @@ custom = {
     "configOverride": "[node]\njurisdiction = \"CH\"\nroles = [\"relay\"]\n",
     "extraEnv": [{"name": "RUST_LOG", "value": "info"}],
     "logFormat": "text",
+    "dataPlane": {"address": "hostIP"},
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "topology.kubernetes.io/region", "operator": "In", "values": ["eu-central"]}]}]}}},
     "logLevel": "debug",
 }
 lint(custom)
@@ -170,6 +174,12 @@ check(env["FERRY_EXIT_RULES"]["value"] == "allow 10.1.0.0/16:443,deny 0.0.0.0/0"
 check(env["RUST_LOG"]["value"] == "info", "extra env")
 check(env["FERRY_LOG_FORMAT"]["value"] == "text" and env["FERRY_LOG"]["value"] == "debug", "log settings")
 check(c["image"] == "registry.example/ferry:1.2.3", "image")
+check(pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet", "host networking")
+check(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP", "advertises the node's address")
+anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+check(anti["topologyKey"] == "kubernetes.io/hostname"
+      and anti["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"], "one pod per node")
+check("nodeAffinity" in pod["affinity"], "the node affinity given is kept")
 check(c["resources"]["limits"]["memory"] == "2Gi", "resources")
 pre = c["lifecycle"]["preStop"]["exec"]["command"]
 check(pre[pre.index("--in") + 1] == "300s" and pod["terminationGracePeriodSeconds"] == 360, "drain window")
@@ -206,6 +216,7 @@ for values, needle in [
     ({"jurisdiction": "DE", "drain": {"windowSeconds": 120}}, "must be longer than drain.windowSeconds"),
     ({"jurisdiction": "DE", "roles": ["entry"]}, "is not relay or exit"),
     ({"jurisdiction": "DE", "logFormat": "xml"}, "is not json or text"),
+    ({"jurisdiction": "DE", "dataPlane": {"address": "nodePort"}}, "is not podIP or hostIP"),
 ]:
     try:
         render(values)
