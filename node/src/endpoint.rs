@@ -120,6 +120,10 @@ pub enum CircuitError {
     /// The circuit is closed.
     #[error("circuit closed")]
     Closed,
+    /// The exit answered a move with "no such stream": the stream has
+    /// ended there, so it can never move; the origin ends it too.
+    #[error("the exit no longer has this stream")]
+    UnknownStream,
 }
 
 /// What the stream's writer gets from the circuit.
@@ -236,7 +240,7 @@ struct TxState {
 }
 
 /// Where a pending move hears back: `Resumed` (received, fin) or why not.
-type ResumeReply = oneshot::Sender<Result<(u64, bool), String>>;
+type ResumeReply = oneshot::Sender<Result<(u64, bool), CircuitError>>;
 
 /// Where a stream lives now.
 struct Attach {
@@ -410,6 +414,16 @@ impl StreamCore {
                 self.moves.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
+            Err(CircuitError::UnknownStream) => {
+                // Gone at the exit: no circuit can carry it again.
+                Endpoint::forget(self);
+                let _ = self.inbound.send(Inbound::End(
+                    EndReason::UnknownStream,
+                    "the exit no longer has this stream".into(),
+                ));
+                self.credit.close();
+                Err(CircuitError::UnknownStream)
+            }
             Err(e) => {
                 if !old.is_closed() && self.resume_on(&old).await.is_ok() {
                     debug!(stream = old_id, "move failed; stream stays on its circuit");
@@ -444,7 +458,7 @@ impl StreamCore {
         let answer = tokio::time::timeout(RESUME_TIMEOUT, rx).await;
         let (peer_received, peer_fin) = match answer {
             Ok(Ok(Ok(r))) => r,
-            Ok(Ok(Err(why))) => return Err(CircuitError::Protocol(why)),
+            Ok(Ok(Err(e))) => return Err(e),
             Ok(Err(_)) => return Err(CircuitError::Closed),
             Err(_) => {
                 return Err(CircuitError::Protocol(format!(
@@ -488,7 +502,7 @@ impl StreamCore {
     /// The circuit under the stream closed: end it locally.
     fn circuit_closed(&self, reason: EndReason, detail: String) {
         if let Some(w) = self.resumed.lock().expect("resumed lock").take() {
-            let _ = w.send(Err(detail));
+            let _ = w.send(Err(CircuitError::Protocol(detail)));
             return;
         }
         let _ = self.inbound.send(Inbound::End(reason, detail));
@@ -702,7 +716,7 @@ impl Endpoint {
     }
 
     /// Forgets a stream wherever it is attached now.
-    fn forget(core: &StreamCore) {
+    pub(crate) fn forget(core: &StreamCore) {
         let (end, id) = core.current();
         let mut r = end.rx.lock().expect("rx lock");
         if r.streams.get(&id).is_some_and(|s| std::ptr::eq(&**s, core)) {
@@ -849,11 +863,15 @@ impl Endpoint {
                 let end: pb::End = ferry_proto::decode_pb("end", msg.body)?;
                 if let Some(s) = r.streams.get(&id) {
                     if let Some(w) = s.resumed.lock().expect("resumed lock").take() {
-                        let _ = w.send(Err(format!(
-                            "exit refused the move: {} {}",
-                            end.reason().as_str_name(),
-                            end.detail
-                        )));
+                        let _ = w.send(Err(if end.reason() == EndReason::UnknownStream {
+                            CircuitError::UnknownStream
+                        } else {
+                            CircuitError::Protocol(format!(
+                                "exit refused the move: {} {}",
+                                end.reason().as_str_name(),
+                                end.detail
+                            ))
+                        }));
                         return Ok(());
                     }
                     s.fin_received.store(true, Ordering::Release);

@@ -252,8 +252,8 @@ impl Origin {
                 .await
                 .map_err(|e| OpenError::Build(e.to_string()))?
         };
-        match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
-            Ok(Some(Inbound::Connected(_))) => Ok(parts),
+        let opened = match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
+            Ok(Some(Inbound::Connected(_))) => return Ok(parts),
             Ok(Some(Inbound::End(reason, detail))) => Err(OpenError::Refused { reason, detail }),
             Ok(Some(Inbound::Data(_)) | None) => {
                 Err(OpenError::Build("stream closed before it connected".into()))
@@ -268,7 +268,11 @@ impl Origin {
                     detail: format!("the exit did not answer within {}s", OPEN_TIMEOUT.as_secs()),
                 })
             }
-        }
+        };
+        // It never opened: off its circuit, which would otherwise count it
+        // (for sharing, and as a stream a drain must move).
+        Endpoint::forget(&parts.core);
+        opened
     }
 
     /// Whether every node on `path` may carry `route`'s traffic now.
@@ -758,6 +762,10 @@ impl Origin {
         for s in streams {
             match s.move_to(&new_end).await {
                 Ok(()) => moved += 1,
+                // Ended at the exit already: nothing left to move.
+                Err(CircuitError::UnknownStream) => {
+                    warn!("a stream the exit no longer had was ended instead of moved");
+                }
                 Err(e) => failed = Some(e.to_string()),
             }
         }

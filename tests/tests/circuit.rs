@@ -118,4 +118,13 @@ async fn exit_policy_refusal_reaches_the_client_as_reply_0x02() {
         err.contains("(2)") || err.contains("not allowed by ruleset"),
         "curl said: {err}"
     );
+    // Refused streams leave nothing on the circuit: it counts no stream
+    // (one left behind would be shared against the limit, and a drain
+    // would try to move a stream the exit never had).
+    let status = mesh.entry.status().unwrap();
+    let circuits = status["origin"]["circuits"].as_array().unwrap();
+    assert!(!circuits.is_empty(), "{status}");
+    for c in circuits {
+        assert_eq!(c["streams"], 0, "a refused stream stayed on {c}");
+    }
 }

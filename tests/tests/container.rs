@@ -12,6 +12,11 @@
 //! every node; held streams cross the mesh; a signed ruling drains PK, which
 //! exits carrying nothing while the held streams move and keep working; a
 //! relay stopped with SIGTERM drains before it exits; `compose down`.
+//!
+//! `FERRY_TEST_IMAGE=TAG` runs the same test on an image built elsewhere
+//! (the whole shipped Dockerfile, on a machine that can pull its bases):
+//! `docker build -f deploy/docker/Dockerfile -t ferry:local . &&
+//! FERRY_TEST_IMAGE=ferry:local cargo test -p ferry-tests --test container`.
 
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling};
@@ -145,6 +150,7 @@ struct Mesh {
     compose: Vec<&'static str>,
     project: String,
     env: Vec<(String, String)>,
+    /// The image this test built, removed at the end (empty when given).
     image: String,
 }
 
@@ -221,9 +227,11 @@ impl Drop for Mesh {
             .cmd()
             .args(["down", "-v", "--remove-orphans", "-t", "5"])
             .output();
-        let _ = Command::new("docker")
-            .args(["rmi", "-f", &self.image])
-            .output();
+        if !self.image.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rmi", "-f", &self.image])
+                .output();
+        }
     }
 }
 
@@ -313,17 +321,24 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
     let base = text(&run(&mut Command::new(format!(
         "{ROOT}/scripts/container-base.sh"
     ))));
-    let work = tempfile::tempdir().unwrap();
-    let bin = work.path().join("ferry");
-    std::fs::copy(ferry_bin().unwrap(), &bin).unwrap();
-    run(Command::new("strip").arg("--strip-debug").arg(&bin));
-    let image = format!("ferry-test:{}", std::process::id());
-    let config = PathBuf::from(format!("{ROOT}/deploy/docker/ferry.toml"));
-    build_image(
-        &image,
-        &runtime_stage(&base),
-        &[("ferry", &bin), ("deploy/docker/ferry.toml", &config)],
-    );
+    let given = std::env::var("FERRY_TEST_IMAGE").ok();
+    let image = match &given {
+        Some(tag) => tag.clone(),
+        None => {
+            let work = tempfile::tempdir().unwrap();
+            let bin = work.path().join("ferry");
+            std::fs::copy(ferry_bin().unwrap(), &bin).unwrap();
+            run(Command::new("strip").arg("--strip-debug").arg(&bin));
+            let image = format!("ferry-test:{}", std::process::id());
+            let config = PathBuf::from(format!("{ROOT}/deploy/docker/ferry.toml"));
+            build_image(
+                &image,
+                &runtime_stage(&base),
+                &[("ferry", &bin), ("deploy/docker/ferry.toml", &config)],
+            );
+            image
+        }
+    };
     let prom = which_prometheus();
     let prom_image = "ferry-test-prometheus:local";
     build_image(
@@ -362,7 +377,11 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
             ("FERRY_PROMETHEUS_PORT".into(), prom_port.to_string()),
             ("FERRY_AUTHORITY_KEYS".into(), public),
         ],
-        image,
+        image: if given.is_some() {
+            String::new()
+        } else {
+            image
+        },
     };
     run(mesh.cmd().args(["up", "-d", "--no-build"]));
     for s in NODES {
