@@ -433,9 +433,15 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
     // Held streams, on circuits of three tenants (a circuit each): 3 hops
     // out of 5 jurisdictions, so most cross PK, and there are always
     // enough nodes to build around PK and then around one more.
-    let tenants = ["hold-a", "hold-b", "hold-c"];
+    // Held streams, a circuit each (one tenant each): 3 hops out of 5
+    // jurisdictions, so most cross PK, and there are always enough nodes to
+    // build around PK and then around one more. At least three, and more
+    // (at most 12) until one crosses PK, so the move off PK is exercised.
+    let names: Vec<String> = (0..12).map(|i| format!("hold-{i}")).collect();
+    let mut tenants: Vec<&str> = Vec::new();
     let mut held = Vec::new();
-    for t in tenants {
+    let mut via_pk: Vec<&str> = Vec::new();
+    for t in &names {
         let mut s = socks_connect_as(
             socks.parse().unwrap(),
             "prometheus",
@@ -447,13 +453,15 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
         .unwrap_or_else(|code| panic!("{t}: SOCKS reply {code}"));
         assert!(http_on(&mut s).await.contains("Healthy"));
         held.push(s);
+        tenants.push(t);
+        if path_of(&mesh.status("entry"), t).iter().any(|j| j == "PK") {
+            via_pk.push(t);
+        }
+        if tenants.len() >= 3 && !via_pk.is_empty() {
+            break;
+        }
     }
-    let entry = mesh.status("entry");
-    let via_pk: Vec<&str> = tenants
-        .iter()
-        .copied()
-        .filter(|t| path_of(&entry, t).iter().any(|j| j == "PK"))
-        .collect();
+    assert!(!via_pk.is_empty(), "no circuit of 12 crossed PK");
     println!("held streams crossing PK before the ruling: {via_pk:?}");
 
     // A ruling: PK blocked in 2 s, out by 20 s.
@@ -521,21 +529,34 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
     assert!(firing.is_empty(), "traffic after the exit date: {firing:?}");
 
     // SIGTERM on a relay that carries a held stream: it drains, the stream
-    // moves, and the container exits 0 by itself.
+    // moves, and the container exits 0 by itself. Streams whose exit is the
+    // stopped node cannot move, so it waits out its grace (20 s) for them;
+    // a relay that is no held stream's exit stops as soon as it is empty,
+    // so one is picked when there is one.
     let entry = mesh.status("entry");
-    let path = path_of(&entry, tenants[0]);
-    let relay = path[..path.len() - 1]
-        .first()
-        .expect("a relay hop")
-        .to_ascii_lowercase();
-    let moved_before = entry["origin"]["streams_moved"].as_u64().unwrap();
-    // Streams whose exit is the stopped node cannot move: it waits out its
-    // grace (20 s) for them. Otherwise it stops as soon as it is empty.
     let exits: Vec<String> = tenants
         .iter()
         .filter_map(|t| path_of(&entry, t).last().map(|j| j.to_ascii_lowercase()))
         .collect();
+    let hops: Vec<(usize, String)> = tenants
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            let p = path_of(&entry, t);
+            p[..p.len() - 1]
+                .iter()
+                .map(|j| (i, j.to_ascii_lowercase()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (which, relay) = hops
+        .iter()
+        .find(|(_, r)| !exits.contains(r))
+        .or(hops.first())
+        .cloned()
+        .expect("a relay hop");
     let exit_here = exits.contains(&relay);
+    let moved_before = entry["origin"]["streams_moved"].as_u64().unwrap();
     let t = Instant::now();
     run(Command::new("docker").args(["stop", "-t", "60", &mesh.container(&relay)]));
     let took = t.elapsed();
@@ -554,7 +575,7 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
             "{relay} was only a relay of moving circuits, yet stopping took {took:?}"
         );
     }
-    assert!(http_on(&mut held[0]).await.contains("Healthy"));
+    assert!(http_on(&mut held[which]).await.contains("Healthy"));
     let moved_after = mesh.status("entry")["origin"]["streams_moved"]
         .as_u64()
         .unwrap();
