@@ -519,11 +519,13 @@ pub struct StreamParts {
 }
 
 impl StreamParts {
-    /// The stream's log span, with the short ids of its circuit (as first
-    /// attached) and of the stream on it.
-    pub fn span(&self) -> tracing::Span {
+    /// Records the short ids of the stream's circuit (as first attached)
+    /// and of the stream on it in `span` (declared with `circ` and
+    /// `stream` fields).
+    pub fn record_ids(&self, span: &tracing::Span) {
         let (end, id) = self.core.current();
-        info_span!("stream", circ = end.circ, stream = id)
+        span.record("circ", end.circ);
+        span.record("stream", id);
     }
 }
 

@@ -203,7 +203,15 @@ pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: Cancell
         next += 1;
         let origin = origin.clone();
         let stop = shutdown.clone();
-        let span = tracing::info_span!("socks", conn = next);
+        // One SOCKS connection is one stream: its span gets the stream's
+        // circuit and id once open (recorded, not a nested span, so the
+        // forwarding path enters one span per poll, not two).
+        let span = tracing::info_span!(
+            "socks",
+            conn = next,
+            circ = tracing::field::Empty,
+            stream = tracing::field::Empty
+        );
         tokio::spawn(
             async move {
                 tokio::select! {
@@ -239,10 +247,8 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
                 metrics.streams_opened.inc();
-                let span = parts.span();
-                let why = crate::endpoint::run_stream(sock, parts)
-                    .instrument(span)
-                    .await;
+                parts.record_ids(&tracing::Span::current());
+                let why = crate::endpoint::run_stream(sock, parts).await;
                 metrics.streams_closed.with_label_values(&[why]).inc();
             }
         }
