@@ -417,11 +417,10 @@ impl StreamCore {
             Err(CircuitError::UnknownStream) => {
                 // Gone at the exit: no circuit can carry it again.
                 Endpoint::forget(self);
-                let _ = self.inbound.send(Inbound::End(
+                self.circuit_closed(
                     EndReason::UnknownStream,
                     "the exit no longer has this stream".into(),
-                ));
-                self.credit.close();
+                );
                 Err(CircuitError::UnknownStream)
             }
             Err(e) => {

@@ -18,10 +18,12 @@ struct Node {
 }
 
 impl Node {
-    fn init(dir: &Path, name: &str, args: &[&str]) -> Node {
+    /// `ferry init` in `dir/name` with its control plane on `mesh`, then
+    /// `ferry node`.
+    fn init(dir: &Path, name: &str, mesh: SocketAddr, args: &[&str]) -> Node {
         let d = dir.join(name);
         let (admin, metrics) = (free_port().unwrap(), free_port().unwrap());
-        let (link, mesh) = (free_port().unwrap(), free_port().unwrap());
+        let link = free_port().unwrap();
         let (admin_s, metrics_s) = (admin.to_string(), metrics.to_string());
         let (link_s, mesh_s) = (link.to_string(), mesh.to_string());
         let mut all = vec![
@@ -46,21 +48,6 @@ impl Node {
             admin,
             metrics,
         }
-    }
-
-    fn mesh_port(&self) -> u16 {
-        let text = std::fs::read_to_string(&self.config).unwrap();
-        let line = text
-            .lines()
-            .skip_while(|l| *l != "[mesh]")
-            .find(|l| l.starts_with("listen = "))
-            .unwrap();
-        line.trim_end_matches('"')
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
     }
 
     fn restart_after_kill9(&mut self) {
@@ -129,6 +116,7 @@ fn a_node_is_ready_only_once_joined_and_a_transient_drain_waits_and_does_not_per
     let mut de = Node::init(
         dir.path(),
         "de",
+        free_port().unwrap(),
         &[
             "--jurisdiction",
             "DE",
@@ -158,37 +146,12 @@ fn a_node_is_ready_only_once_joined_and_a_transient_drain_waits_and_does_not_per
     );
 
     // The peer appears on that port; DE dials again and joins.
-    let ch_dir = dir.path().join("ch");
-    let ch_mesh_s = ch_mesh.to_string();
-    let ch_link = free_port().unwrap().to_string();
-    let ch_admin = free_port().unwrap().to_string();
-    let ch_metrics = free_port().unwrap();
-    run_ferry(&[
-        "init",
-        "--dir",
-        ch_dir.to_str().unwrap(),
-        "--jurisdiction",
-        "CH",
-        "--roles",
-        "exit",
-        "--listen",
-        &ch_link,
-        "--mesh",
-        &ch_mesh_s,
-        "--admin",
-        &ch_admin,
-        "--metrics",
-        &ch_metrics.to_string(),
-    ])
-    .unwrap();
-    let ch_config = ch_dir.join("ferry.toml").to_str().unwrap().to_string();
-    let ch = Node {
-        child: start(&ch_config),
-        config: ch_config,
-        admin: ch_admin.parse().unwrap(),
-        metrics: ch_metrics,
-    };
-    assert_eq!(ch.mesh_port(), ch_mesh.port());
+    let ch = Node::init(
+        dir.path(),
+        "ch",
+        ch_mesh,
+        &["--jurisdiction", "CH", "--roles", "exit"],
+    );
     // A node with nothing to join is ready at once.
     wait_probe(ch.metrics, "/readyz", 200, Duration::from_secs(20));
     let t = Instant::now();
