@@ -20,7 +20,7 @@ fn pair() -> (snow::HandshakeState, snow::HandshakeState) {
 
 fn keypair() -> ([u8; 32], [u8; 32]) {
     let k = ferry_node::identity::Keys::generate();
-    (k.noise_private, k.noise_public)
+    (k.noise_private(), k.noise_public())
 }
 
 fn seal_open(c: &mut Criterion) {

@@ -4,9 +4,13 @@
 //! `POST /v1/rulings` (a signed ruling file, as `ferry policy sign` writes
 //! it), `POST /v1/drain` (`{"exit_by": RFC 3339}` or `{"in_secs": N}`, and
 //! an optional `"reason"`: the operator drains the node, persisted),
-//! `DELETE /v1/drain` (cancels it), `GET /livez` and `GET /readyz` (200
-//! only while the node is active and has joined the mesh: 503 while
-//! joining, draining or exited).
+//! `DELETE /v1/drain` (cancels it), `POST /v1/revocations` (a signed
+//! revocation file, as `ferry authority revoke` writes it),
+//! `POST /v1/keys/rotate-noise` (`{"grace_secs": N}`: a new Noise key, the
+//! old one accepted for N seconds), `GET /v1/paths?n=N` (an entry: which
+//! nodes N freshly picked paths would use), `GET /livez` and `GET /readyz`
+//! (200 only while the node is admitted, active and has joined the mesh:
+//! 503 while unadmitted, joining, draining or exited).
 //!
 //! The metrics listener serves `GET /metrics`, `/livez` and `/readyz` and
 //! nothing else, so it can face a cluster's network (probes, scrapes)
@@ -14,7 +18,7 @@
 
 use crate::authority::{SignedFile, fmt_time, now_ms};
 use crate::control::{Command, GossipCounters, offer_and_publish};
-use crate::rulings::{Offered, Rulings};
+use crate::rulings::{Offered, Revocations, Rulings};
 use crate::switch::Switch;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -35,6 +39,10 @@ pub struct AdminState {
     pub switch: Arc<Switch>,
     /// Rulings.
     pub rulings: Arc<Rulings>,
+    /// Revocations.
+    pub revocations: Arc<Revocations>,
+    /// The store (a revoked node's advert is deleted from it).
+    pub store: Arc<crate::store::Store>,
     /// Gossip refusals.
     pub counters: Arc<GossipCounters>,
     /// The control plane, to gossip accepted rulings.
@@ -68,7 +76,13 @@ async fn metrics(
     let body = st
         .switch
         .metrics
-        .render(&st.switch, st.origin.as_deref(), &st.rulings, &st.counters)
+        .render(
+            &st.switch,
+            st.origin.as_deref(),
+            &st.rulings,
+            &st.revocations,
+            &st.counters,
+        )
         .await;
     (
         [(
@@ -85,6 +99,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .route("/v1/status", get(status))
         .route("/v1/rulings", post(post_ruling))
         .route("/v1/drain", post(post_drain).delete(delete_drain))
+        .route("/v1/revocations", post(post_revocation))
+        .route("/v1/keys/rotate-noise", post(post_rotate_noise))
+        .route("/v1/paths", get(get_paths))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
@@ -95,6 +112,162 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     {
         tracing::warn!(error = %e, "admin API stopped");
     }
+}
+
+fn certificate_status(sw: &Switch, now: u64) -> Value {
+    let Some(c) = &sw.certificate else {
+        return json!({
+            "present": false,
+            "needed": sw.needs_certificate(),
+            "problem": sw.admission_problem(now),
+        });
+    };
+    match &c.verified {
+        Ok(cert) => json!({
+            "present": true,
+            "needed": sw.needs_certificate(),
+            "jurisdiction": cert.jurisdiction.to_string(),
+            "family": cert.family,
+            "roles": cert.roles.to_string(),
+            "capacity_max_mbps": cert.capacity_max_mbps,
+            "not_before": fmt_time(cert.not_before_ms),
+            "not_after": fmt_time(cert.not_after_ms),
+            "expires_in_secs": cert.not_after_ms.saturating_sub(now) / 1000,
+            "problem": c.problem(now),
+        }),
+        Err(e) => json!({
+            "present": true,
+            "needed": sw.needs_certificate(),
+            "problem": format!("its certificate is refused: {e}"),
+        }),
+    }
+}
+
+/// `POST /v1/revocations`: a signed revocation file. Applied here (the node
+/// leaves the directory, its links close), then gossiped.
+async fn post_revocation(
+    State(st): State<Arc<AdminState>>,
+    body: String,
+) -> (StatusCode, Json<Value>) {
+    let file: crate::cert::RevocationFile = match serde_json::from_str(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": "malformed", "detail": format!("not a revocation file: {e}") })),
+            );
+        }
+    };
+    let bytes = match file.to_signed() {
+        Ok(s) => s.encode_to_vec(),
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": "malformed", "detail": format!("{e:#}") })),
+            );
+        }
+    };
+    match crate::control::apply_revocation(&st.revocations, &st.switch.directory, &st.store, &bytes)
+    {
+        Ok(id) => {
+            let news = id.is_some();
+            if news {
+                st.switch.close_revoked();
+                let _ = st.control.send(Command::PublishRevocation(bytes));
+            }
+            (
+                StatusCode::OK,
+                Json(json!({ "revoked": file.revocation.node_id, "new": news })),
+            )
+        }
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": e.kind, "detail": e.detail })),
+        ),
+    }
+}
+
+/// `POST /v1/keys/rotate-noise` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateReq {
+    grace_secs: u64,
+}
+
+/// Switches the node to a new Noise key; the old one answers handshakes for
+/// `grace_secs` more, then is erased. A fresh advert carries both.
+async fn post_rotate_noise(
+    State(st): State<Arc<AdminState>>,
+    Json(req): Json<RotateReq>,
+) -> (StatusCode, Json<Value>) {
+    if !(1..=30 * 86_400).contains(&req.grace_secs) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "invalid", "detail": "grace_secs must be 1 to 2592000 (30 days)" })),
+        );
+    }
+    let now = now_ms();
+    match st
+        .switch
+        .keys
+        .noise
+        .rotate(std::time::Duration::from_secs(req.grace_secs), now)
+    {
+        Ok(public) => {
+            let _ = st.control.send(Command::Advertise);
+            tracing::info!(grace_secs = req.grace_secs, "Noise key rotated; the old one is being retired");
+            (
+                StatusCode::OK,
+                Json(json!({
+                    "noise_key": hex::encode(public),
+                    "old_key_until": fmt_time(now + req.grace_secs * 1000),
+                })),
+            )
+        }
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": "rotating", "detail": format!("{e:#}") })),
+        ),
+    }
+}
+
+/// `GET /v1/paths?n=N` query.
+#[derive(serde::Deserialize)]
+struct PathsQuery {
+    n: Option<usize>,
+}
+
+/// How `n` freshly picked paths (default 1000, at most 100000) spread over
+/// the nodes: what an SRE checks after a capacity change.
+async fn get_paths(
+    State(st): State<Arc<AdminState>>,
+    axum::extract::Query(q): axum::extract::Query<PathsQuery>,
+) -> (StatusCode, Json<Value>) {
+    let Some(o) = &st.origin else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": "not_entry", "detail": "this node is not an entry: it picks no paths" })),
+        );
+    };
+    let n = q.n.unwrap_or(1000).clamp(1, 100_000);
+    let (counts, failed) = o.sample_paths(n);
+    let now = now_ms();
+    let nodes: Vec<Value> = counts
+        .iter()
+        .map(|(id, c)| {
+            let e = st.switch.directory.get(id, now);
+            json!({
+                "id": hex::encode(id.0),
+                "jurisdiction": e.as_ref().map(|e| e.peer.jurisdiction.to_string()),
+                "capacity_mbps": e.as_ref().map(|e| e.info().capacity),
+                "paths": c,
+            })
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        Json(json!({ "picked": n - failed, "failed": failed, "nodes": nodes })),
+    )
 }
 
 async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
@@ -195,6 +368,14 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
         "peers_by_jurisdiction": by_j,
         "rulings": rulings,
         "ruling_rejections": st.rulings.rejections(),
+        "revoked": st.revocations.revoked().iter().map(|id| hex::encode(id.0)).collect::<Vec<_>>(),
+        "revocation_rejections": st.revocations.rejections(),
+        "certificate": certificate_status(sw, now),
+        "noise_key": hex::encode(sw.keys.noise_public()),
+        "retiring_noise_key_until": match sw.keys.noise.retiring(now) {
+            (k, until) if !k.is_empty() => Some(fmt_time(until)),
+            _ => None,
+        },
         "advert_rejections": st.counters.advert_rejections(),
     }))
 }
@@ -350,6 +531,32 @@ pub mod client {
             );
         }
         Ok(v)
+    }
+
+    /// Posts a signed revocation file (JSON) to `/v1/revocations`.
+    pub fn publish_revocation(admin: &str, body: &str) -> Result<Value> {
+        let resp = agent(Duration::from_secs(10))
+            .post(&format!("http://{admin}/v1/revocations"))
+            .header("content-type", "application/json")
+            .send(body.as_bytes());
+        answer(admin, resp)
+    }
+
+    /// Asks the node to rotate its Noise key, the old one accepted for
+    /// `grace_secs`.
+    pub fn rotate_noise(admin: &str, grace_secs: u64) -> Result<Value> {
+        let resp = agent(Duration::from_secs(10))
+            .post(&format!("http://{admin}/v1/keys/rotate-noise"))
+            .send_json(serde_json::json!({ "grace_secs": grace_secs }));
+        answer(admin, resp)
+    }
+
+    /// How `n` freshly picked paths would spread over the nodes.
+    pub fn paths(admin: &str, n: usize) -> Result<Value> {
+        let resp = agent(Duration::from_secs(30))
+            .get(&format!("http://{admin}/v1/paths?n={n}"))
+            .call();
+        answer(admin, resp)
     }
 
     /// Posts a signed ruling file (JSON) to `/v1/rulings`.

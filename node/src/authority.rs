@@ -193,12 +193,6 @@ impl SignedFile {
     }
 }
 
-fn message(body: &[u8]) -> Vec<u8> {
-    let mut m = RULING_CONTEXT.to_vec();
-    m.extend_from_slice(body);
-    m
-}
-
 /// Creates an authority key pair in `dir`: `authority.key` (hex seed, mode
 /// 0600) and `authority.pub`; refuses to overwrite either. Returns the key
 /// and the paths of both files.
@@ -249,12 +243,24 @@ pub fn load_key(path: &Path) -> Result<SigningKey> {
 
 /// Adds `key`'s signature (replacing an earlier one by the same key).
 pub fn sign(signed: &mut pb::SignedRuling, key: &SigningKey) {
+    sign_with(RULING_CONTEXT, &signed.body, &mut signed.signatures, key);
+}
+
+/// Adds `key`'s signature over `context` then `body` to `signatures`,
+/// replacing an earlier one by the same key.
+pub fn sign_with(
+    context: &[u8],
+    body: &[u8],
+    signatures: &mut Vec<pb::AuthoritySignature>,
+    key: &SigningKey,
+) {
     let public = key.verifying_key().to_bytes().to_vec();
-    signed.signatures.retain(|s| s.key != public);
-    let sig = key.sign(&message(&signed.body));
-    signed.signatures.push(pb::AuthoritySignature {
+    signatures.retain(|s| s.key != public);
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(body);
+    signatures.push(pb::AuthoritySignature {
         key: public,
-        signature: sig.to_bytes().to_vec(),
+        signature: key.sign(&msg).to_bytes().to_vec(),
     });
 }
 
@@ -304,23 +310,37 @@ impl Authority {
         Ok(Self { keys, threshold })
     }
 
-    /// Verifies a signed ruling's bytes: size, signatures (k of n), expiry.
-    /// Returns the body; the caller applies it (where rollbacks are caught).
-    pub fn verify(
+    /// Whether one signature is by a trusted key and verifies.
+    pub fn signature_valid(
         &self,
-        bytes: &[u8],
-        now: u64,
-    ) -> Result<(pb::SignedRuling, pb::RulingBody, Ruling), Refusal> {
-        if bytes.len() > MAX_SIGNED_RULING {
-            return Err(refuse(
-                "oversized",
-                format!("{} bytes, the limit is {MAX_SIGNED_RULING}", bytes.len()),
-            ));
-        }
-        let signed =
-            pb::SignedRuling::decode(bytes).map_err(|e| refuse("malformed", e.to_string()))?;
-        if signed.signatures.is_empty() {
-            return Err(refuse("unsigned", "the ruling carries no signature"));
+        context: &[u8],
+        body: &[u8],
+        sig: &pb::AuthoritySignature,
+    ) -> bool {
+        let Some(k) = self
+            .keys
+            .iter()
+            .find(|k| k.as_bytes().as_slice() == sig.key.as_slice())
+        else {
+            return false;
+        };
+        let mut msg = context.to_vec();
+        msg.extend_from_slice(body);
+        ed25519_dalek::Signature::from_slice(&sig.signature)
+            .is_ok_and(|s| k.verify(&msg, &s).is_ok())
+    }
+
+    /// Checks that at least `threshold` distinct trusted keys signed
+    /// `context` followed by `body`. Shared by rulings, node certificates
+    /// and revocations (each with its own context string).
+    pub fn check_signatures(
+        &self,
+        context: &[u8],
+        body: &[u8],
+        signatures: &[pb::AuthoritySignature],
+    ) -> Result<(), Refusal> {
+        if signatures.is_empty() {
+            return Err(refuse("unsigned", "it carries no authority signature"));
         }
         if self.keys.is_empty() {
             return Err(refuse(
@@ -328,10 +348,11 @@ impl Authority {
                 "this node trusts no authority key (authority.keys is empty)",
             ));
         }
-        let msg = message(&signed.body);
+        let mut msg = context.to_vec();
+        msg.extend_from_slice(body);
         let mut good: Vec<&VerifyingKey> = Vec::new();
         let (mut unknown, mut bad) = (0, 0);
-        for s in &signed.signatures {
+        for s in signatures {
             let Some(k) = self
                 .keys
                 .iter()
@@ -350,35 +371,66 @@ impl Authority {
                 bad += 1;
             }
         }
-        if good.len() < self.threshold {
-            return Err(if bad > 0 {
-                refuse(
-                    "bad_signature",
-                    format!("{bad} signature(s) by trusted keys do not verify"),
-                )
-            } else if unknown > 0 && good.is_empty() {
-                refuse(
-                    "unknown_key",
-                    "signed only by keys this node does not trust",
-                )
-            } else {
-                refuse(
-                    "threshold",
-                    format!(
-                        "{} valid signature(s), {} needed",
-                        good.len(),
-                        self.threshold
-                    ),
-                )
-            });
+        if good.len() >= self.threshold {
+            return Ok(());
         }
+        Err(if bad > 0 {
+            refuse(
+                "bad_signature",
+                format!("{bad} signature(s) by trusted keys do not verify"),
+            )
+        } else if unknown > 0 && good.is_empty() {
+            refuse(
+                "unknown_key",
+                "signed only by keys this node does not trust",
+            )
+        } else {
+            refuse(
+                "threshold",
+                format!(
+                    "{} valid signature(s), {} needed",
+                    good.len(),
+                    self.threshold
+                ),
+            )
+        })
+    }
+
+    /// Verifies a signed ruling's bytes: size, signatures (k of n), and,
+    /// with `window_at`, that the signature's receipt window is open at
+    /// that time. Returns the body; the caller applies it (where rollbacks
+    /// are caught).
+    ///
+    /// What the window means: it bounds when a ruling may be *introduced*
+    /// into the mesh (`ferry policy publish` through a node's admin API).
+    /// Once a ruling is in force somewhere, nodes pass it on (gossip, and
+    /// the sync every node runs when it connects) with no window, so a node
+    /// that joins a year later still learns it; replays are caught by the
+    /// version (a held or older version of an id is a duplicate or a
+    /// rollback), not by age.
+    pub fn verify(
+        &self,
+        bytes: &[u8],
+        window_at: Option<u64>,
+    ) -> Result<(pb::SignedRuling, pb::RulingBody, Ruling), Refusal> {
+        if bytes.len() > MAX_SIGNED_RULING {
+            return Err(refuse(
+                "oversized",
+                format!("{} bytes, the limit is {MAX_SIGNED_RULING}", bytes.len()),
+            ));
+        }
+        let signed =
+            pb::SignedRuling::decode(bytes).map_err(|e| refuse("malformed", e.to_string()))?;
+        self.check_signatures(RULING_CONTEXT, &signed.body, &signed.signatures)?;
         let body = pb::RulingBody::decode(signed.body.as_slice())
             .map_err(|e| refuse("malformed", e.to_string()))?;
-        if body.expires_at_ms < now {
+        if let Some(now) = window_at
+            && body.expires_at_ms < now
+        {
             return Err(refuse(
                 "expired",
                 format!(
-                    "ruling {} v{}: its signature expired",
+                    "ruling {} v{}: its signature's window to be published has passed; sign a new version",
                     body.id, body.version
                 ),
             ));
@@ -431,22 +483,22 @@ mod tests {
         let auth = Authority::new(&keys, 2).unwrap();
         let mut s = body("r", 1);
         assert_eq!(
-            auth.verify(&s.encode_to_vec(), now_ms()).unwrap_err().kind,
+            auth.verify(&s.encode_to_vec(), Some(now_ms())).unwrap_err().kind,
             "unsigned"
         );
         sign(&mut s, &a);
         assert_eq!(
-            auth.verify(&s.encode_to_vec(), now_ms()).unwrap_err().kind,
+            auth.verify(&s.encode_to_vec(), Some(now_ms())).unwrap_err().kind,
             "threshold"
         );
         sign(&mut s, &b);
-        let (_, body_ok, ruling) = auth.verify(&s.encode_to_vec(), now_ms()).unwrap();
+        let (_, body_ok, ruling) = auth.verify(&s.encode_to_vec(), Some(now_ms())).unwrap();
         assert_eq!((ruling.id.as_str(), body_ok.version), ("r", 1));
         // Forged: the body changed after signing.
         let mut forged = s.clone();
         forged.body = body("r", 2).body;
         assert_eq!(
-            auth.verify(&forged.encode_to_vec(), now_ms())
+            auth.verify(&forged.encode_to_vec(), Some(now_ms()))
                 .unwrap_err()
                 .kind,
             "bad_signature"
@@ -455,25 +507,25 @@ mod tests {
         let mut stranger = body("r", 3);
         sign(&mut stranger, &c);
         assert_eq!(
-            auth.verify(&stranger.encode_to_vec(), now_ms())
+            auth.verify(&stranger.encode_to_vec(), Some(now_ms()))
                 .unwrap_err()
                 .kind,
             "unknown_key"
         );
         // Expired.
         assert_eq!(
-            auth.verify(&s.encode_to_vec(), now_ms() + 7_200_000)
+            auth.verify(&s.encode_to_vec(), Some(now_ms() + 7_200_000))
                 .unwrap_err()
                 .kind,
             "expired"
         );
         // Junk.
         assert_eq!(
-            auth.verify(&[0xff; 40], now_ms()).unwrap_err().kind,
+            auth.verify(&[0xff; 40], Some(now_ms())).unwrap_err().kind,
             "malformed"
         );
         assert_eq!(
-            auth.verify(&vec![0; MAX_SIGNED_RULING + 1], now_ms())
+            auth.verify(&vec![0; MAX_SIGNED_RULING + 1], Some(now_ms()))
                 .unwrap_err()
                 .kind,
             "oversized"

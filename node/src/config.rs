@@ -932,9 +932,17 @@ advert_ttl_secs = 30
 
 [authority]
 # Public keys (64 hex digits, from `ferry authority keygen`) whose signatures
-# make a ruling valid. Rulings signed otherwise are refused and counted.
+# make a ruling, a node certificate or a revocation valid. Anything signed
+# otherwise is refused and counted. Every node of a gossip mesh needs a
+# certificate from this authority in its key dir (`node.cert`, from
+# `ferry authority admit` for the `node.request` that `ferry init` wrote);
+# peers refuse adverts without one, and take jurisdiction, family, roles and
+# capacity ceiling from it. To rotate the authority's keys: add the new key
+# here on every node (a rolling restart), cosign the rulings in force with
+# it and publish them again, re-admit nodes with it, then remove the old key.
 keys = [{authority_keys}]
-# Signatures from distinct keys a ruling needs (k of n).
+# Signatures from distinct keys a ruling, certificate or revocation needs
+# (k of n).
 threshold = 1
 
 [admin]

@@ -4,18 +4,26 @@
 //!
 //! The swarm runs in one task that owns it. Adverts are re-signed and
 //! published every third of their lifetime, so a node that vanishes is
-//! forgotten one lifetime after its last advert. Rulings in force are
-//! re-published on the same beat (gossipsub drops duplicates by content),
-//! which brings nodes that joined late up to date.
+//! forgotten one lifetime after its last advert.
+//!
+//! Rulings and revocations are gossiped once, when they are new. A node
+//! learns what is already in force by *sync*: on every new connection it
+//! asks the peer (request-response, `/ferry/sync/1`) for its signed rulings
+//! and revocations, and a node with bootstrap addresses is not ready (an
+//! entry builds no circuit) until one peer has answered. So a node that
+//! joins a minute or a year after a ruling was signed has it within one
+//! round trip of its first connection, and nothing is re-gossiped (the
+//! re-gossip of the same bytes that gossipsub drops as a duplicate is gone).
 
 use crate::directory::{Directory, OwnAdvert};
-use crate::rulings::{Offered, Rulings};
+use crate::rulings::{Offered, Revocations, Rulings, Source};
 use crate::store::{Store, cf};
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, gossipsub, identify, identity, kad, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, gossipsub, identify, identity, kad, noise, ping,
+    request_response, tcp, yamux,
 };
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -30,6 +38,27 @@ use tracing::{debug, info, warn};
 pub const ADVERTS: &str = "ferry/adverts/1";
 /// Gossip topic for rulings.
 pub const RULINGS: &str = "ferry/rulings/1";
+/// Gossip topic for revocations.
+pub const REVOCATIONS: &str = "ferry/revocations/1";
+/// The sync protocol: what is in force, asked at each connection.
+pub const SYNC: &str = "/ferry/sync/1";
+/// Most rulings, and most revocations, one sync answer may carry; the rest
+/// are ignored (the answer is also bounded in bytes by the codec).
+pub const MAX_SYNC_ITEMS: usize = 1024;
+
+/// A sync request (it asks for everything in force).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncRequest {}
+
+/// A sync answer: signed rulings in force and signed revocations, as the
+/// bytes that gossip carries.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SyncResponse {
+    /// `SignedRuling` bytes.
+    pub rulings: Vec<Vec<u8>>,
+    /// `SignedRevocation` bytes.
+    pub revocations: Vec<Vec<u8>>,
+}
 /// Largest gossip message libp2p accepts at all; Ferry's own bounds are lower.
 pub const MAX_GOSSIP: usize = 64 * 1024;
 
@@ -39,6 +68,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
 }
 
 /// What the rest of the node asks of the control plane.
@@ -46,6 +76,8 @@ struct Behaviour {
 pub enum Command {
     /// Publish a signed ruling that was accepted locally.
     PublishRuling(Vec<u8>),
+    /// Publish a signed revocation that was accepted locally.
+    PublishRevocation(Vec<u8>),
     /// Sign and publish this node's advert now (its state changed).
     Advertise,
     /// Dial these (bootstrap names, resolved off the swarm's task).
@@ -182,6 +214,8 @@ pub struct Shared {
     pub directory: Arc<Directory>,
     /// Rulings.
     pub rulings: Arc<Rulings>,
+    /// Revocations.
+    pub revocations: Arc<Revocations>,
     /// Dropped gossip.
     pub counters: Arc<GossipCounters>,
     /// The store.
@@ -232,11 +266,16 @@ pub fn start(
             kad.set_mode(Some(kad::Mode::Server));
             let identify =
                 identify::Behaviour::new(identify::Config::new("/ferry/id/1".into(), key.public()));
+            let sync = request_response::cbor::Behaviour::new(
+                [(StreamProtocol::new(SYNC), request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            );
             Ok(Behaviour {
                 gossipsub,
                 kad,
                 identify,
                 ping: ping::Behaviour::default(),
+                sync,
             })
         })
         .map_err(|e| anyhow!("libp2p behaviour: {e}"))?
@@ -244,8 +283,10 @@ pub fn start(
         .build();
     let adverts = gossipsub::IdentTopic::new(ADVERTS);
     let rulings_topic = gossipsub::IdentTopic::new(RULINGS);
+    let revocations_topic = gossipsub::IdentTopic::new(REVOCATIONS);
     swarm.behaviour_mut().gossipsub.subscribe(&adverts)?;
     swarm.behaviour_mut().gossipsub.subscribe(&rulings_topic)?;
+    swarm.behaviour_mut().gossipsub.subscribe(&revocations_topic)?;
     if let Some(l) = settings.listen {
         swarm
             .listen_on(multiaddr(&l.to_string())?)
@@ -264,7 +305,9 @@ pub fn start(
     dial_bootstrap(&bootstrap, &tx);
     let mut dials: Vec<Multiaddr> = Vec::new();
     for (_, bytes) in shared.store.all(cf::PEERS)? {
-        if let Ok((a, _)) = crate::directory::verify_advert(&bytes, 0) {
+        if let Ok((a, e)) = crate::directory::verify_advert(&bytes, 0)
+            && !shared.directory.is_revoked(&e.peer.id)
+        {
             dials.extend(a.p2p_addrs.iter().filter_map(|s| s.parse().ok()));
         }
     }
@@ -302,9 +345,6 @@ pub fn start(
                     let _ = shared.store.put(cf::STATE, b"advert_seq", &seq.to_be_bytes());
                     let bytes = advert(listen_addrs.clone(), seq, now + ttl.as_millis() as u64);
                     publish(&mut swarm, &adverts, bytes);
-                    for r in shared.rulings.signed() {
-                        publish(&mut swarm, &rulings_topic, r);
-                    }
                     let gone = shared.directory.expire(now);
                     if gone > 0 {
                         info!(gone, "peers expired");
@@ -320,6 +360,7 @@ pub fn start(
                 }
                 Some(cmd) = rx.recv() => match cmd {
                     Command::PublishRuling(bytes) => publish(&mut swarm, &rulings_topic, bytes),
+                    Command::PublishRevocation(bytes) => publish(&mut swarm, &revocations_topic, bytes),
                     Command::Advertise => tick.reset_immediately(),
                     Command::Dial(addrs) => {
                         for a in addrs {
@@ -334,10 +375,15 @@ pub fn start(
                         listen_addrs.push(format!("{address}/p2p/{me}"));
                         tick.reset_immediately();
                     }
-                    SwarmEvent::ConnectionEstablished { .. } => {
-                        // A new neighbour: tell it who we are and what is in force.
+                    SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                        // A new neighbour: tell it who we are, and ask it
+                        // what is in force.
                         tick.reset_immediately();
+                        if num_established.get() == 1 {
+                            swarm.behaviour_mut().sync.send_request(&peer_id, SyncRequest {});
+                        }
                     }
+                    SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => on_sync(&mut swarm, &shared, ev),
                     SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                         for a in info.listen_addrs {
                             swarm.behaviour_mut().kad.add_address(&peer_id, a);
@@ -354,7 +400,9 @@ pub fn start(
                         if message.topic == adverts.hash() {
                             on_advert(&mut swarm, &shared, &own, &message.data, now);
                         } else if message.topic == rulings_topic.hash() {
-                            let _ = shared.rulings.offer(&message.data, now);
+                            let _ = shared.rulings.offer(&message.data, now, Source::Gossip);
+                        } else if message.topic == revocations_topic.hash() {
+                            let _ = on_revocation(&shared, &message.data);
                         }
                     }
                     _ => {}
@@ -364,6 +412,92 @@ pub fn start(
         debug!("control plane stopped");
     });
     Ok(tx)
+}
+
+/// Answers a peer's sync, or applies a peer's answer to ours.
+fn on_sync(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    shared: &Shared,
+    ev: request_response::Event<SyncRequest, SyncResponse>,
+) {
+    use request_response::{Event, Message};
+    match ev {
+        Event::Message {
+            message: Message::Request { channel, .. },
+            ..
+        } => {
+            let answer = SyncResponse {
+                rulings: shared.rulings.signed(),
+                revocations: shared.revocations.signed(),
+            };
+            let _ = swarm.behaviour_mut().sync.send_response(channel, answer);
+        }
+        Event::Message {
+            peer,
+            message: Message::Response { response, .. },
+            ..
+        } => {
+            let now = crate::authority::now_ms();
+            let (mut new, mut revoked) = (0, 0);
+            for r in response.revocations.iter().take(MAX_SYNC_ITEMS) {
+                if matches!(on_revocation(shared, r), Ok(Some(_))) {
+                    revoked += 1;
+                }
+            }
+            // In version order per id, so a peer's history applies in order.
+            let mut rulings: Vec<&Vec<u8>> = response.rulings.iter().take(MAX_SYNC_ITEMS).collect();
+            rulings.sort_by_key(|b| {
+                shared
+                    .directory
+                    .authority()
+                    .verify(b, None)
+                    .map(|(_, body, _)| body.version)
+                    .unwrap_or(0)
+            });
+            for r in rulings {
+                if shared.rulings.offer(r, now, Source::Sync) == Ok(Offered::InForce) {
+                    new += 1;
+                }
+            }
+            let first = shared.rulings.mark_synced();
+            debug!(%peer, rulings = response.rulings.len(), new, revoked, "synced with a peer");
+            if first {
+                info!(
+                    rulings = shared.rulings.snapshot().iter().count(),
+                    revocations = shared.revocations.revoked().len(),
+                    "rulings and revocations in force received from the mesh"
+                );
+            }
+        }
+        Event::OutboundFailure { error, .. } => debug!(%error, "sync request failed"),
+        Event::InboundFailure { error, .. } => debug!(%error, "sync answer failed"),
+        Event::ResponseSent { .. } => {}
+    }
+}
+
+/// Applies a signed revocation: the node leaves the directory (so every
+/// path selection), its stored advert is deleted, and the data plane closes
+/// its links (within one state tick). The revoked node if it was news.
+fn on_revocation(
+    shared: &Shared,
+    bytes: &[u8],
+) -> Result<Option<ferry_router::NodeId>, crate::authority::Refusal> {
+    apply_revocation(&shared.revocations, &shared.directory, &shared.store, bytes)
+}
+
+/// Verifies and applies a signed revocation (see [`on_revocation`]).
+pub fn apply_revocation(
+    revocations: &Revocations,
+    directory: &Directory,
+    store: &Store,
+    bytes: &[u8],
+) -> Result<Option<ferry_router::NodeId>, crate::authority::Refusal> {
+    let id = revocations.offer(bytes)?;
+    if let Some(id) = id {
+        directory.revoke(id);
+        let _ = store.delete(cf::PEERS, &id.0);
+    }
+    Ok(id)
 }
 
 fn publish(swarm: &mut libp2p::Swarm<Behaviour>, topic: &gossipsub::IdentTopic, bytes: Vec<u8>) {
@@ -419,7 +553,7 @@ pub fn offer_and_publish(
     tx: &mpsc::UnboundedSender<Command>,
     bytes: Vec<u8>,
 ) -> Result<Offered, crate::authority::Refusal> {
-    let r = rulings.offer(&bytes, crate::authority::now_ms())?;
+    let r = rulings.offer(&bytes, crate::authority::now_ms(), Source::Operator)?;
     if r == Offered::InForce {
         let _ = tx.send(Command::PublishRuling(bytes));
     }
@@ -434,6 +568,11 @@ pub fn advert_signer(
     link: Option<SocketAddr>,
     switch: Arc<crate::switch::Switch>,
 ) -> impl Fn(Vec<String>, u64, u64) -> Vec<u8> + Send + 'static {
+    let certificate = switch
+        .certificate
+        .as_ref()
+        .map(|c| c.bytes.clone())
+        .unwrap_or_default();
     let last = Mutex::new((crate::authority::now_ms(), switch.bytes_out()));
     move |p2p, seq, expires| {
         let (t1, b1) = (crate::authority::now_ms(), switch.bytes_out());
@@ -444,7 +583,7 @@ pub fn advert_signer(
             (bits_per_sec / (f64::from(cfg.capacity_mbps.max(1)) * 1e6)).clamp(0.0, 1.0) as f32;
         OwnAdvert {
             key: &keys.identity,
-            noise_public: keys.noise_public,
+            noise_public: keys.noise_public(),
             link,
             p2p_addrs: p2p,
             jurisdiction: cfg.jurisdiction,
@@ -453,6 +592,8 @@ pub fn advert_signer(
             capacity_mbps: cfg.capacity_mbps,
             load,
             state: switch.state.current().state,
+            certificate: certificate.clone(),
+            retiring: keys.noise.retiring(t1),
         }
         .sign(seq, expires)
     }

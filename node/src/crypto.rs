@@ -20,6 +20,14 @@ pub const HOP_PATTERN: &str = "Noise_NK_25519_AESGCM_SHA256";
 pub const HOP_PROLOGUE: &[u8] = b"ferry/circuit/1";
 /// Length of a Noise X25519 key.
 pub const KEY_LEN: usize = 32;
+/// Context of the link responder's identity proof (in handshake message 2).
+pub const LINK_RESPONDER_PROOF: &[u8] = b"ferry/link-responder-proof/1";
+/// Context of the link initiator's identity proof (its first transport frame).
+pub const LINK_INITIATOR_PROOF: &[u8] = b"ferry/link-initiator-proof/1";
+/// Context of a circuit hop's identity proof (in handshake message 2).
+pub const HOP_PROOF: &[u8] = b"ferry/hop-proof/1";
+/// The largest encoded identity proof accepted.
+pub const MAX_PROOF: usize = 128;
 
 /// A record failed to authenticate, or the nonce ran out.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,6 +41,71 @@ pub enum CryptoError {
     /// The handshake failed.
     #[error("noise handshake failed: {0}")]
     Handshake(String),
+    /// The other side did not prove the identity it had to: no proof, a
+    /// signature that does not verify, or another node's identity (a
+    /// squatted Noise key).
+    #[error("identity proof refused: {0}")]
+    Identity(String),
+}
+
+/// Signs `context` then the handshake hash with the node's identity key:
+/// proof that the holder of that key took part in this very handshake (the
+/// Noise key is proven by the handshake itself). An encoded
+/// `HandshakeProof`.
+pub fn prove(identity: &ed25519_dalek::SigningKey, context: &[u8], hash: &[u8]) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    use prost::Message;
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(hash);
+    ferry_proto::pb::HandshakeProof {
+        node_id: identity.verifying_key().to_bytes().to_vec(),
+        signature: identity.sign(&msg).to_bytes().to_vec(),
+    }
+    .encode_to_vec()
+}
+
+/// Checks an identity proof over `context` then `hash`; returns the node
+/// that made it. With `expected`, any other node is refused.
+pub fn check_proof(
+    proof: &[u8],
+    context: &[u8],
+    hash: &[u8],
+    expected: Option<&ferry_router::NodeId>,
+) -> Result<ferry_router::NodeId, CryptoError> {
+    use ed25519_dalek::Verifier;
+    use prost::Message;
+    let bad = |s: &str| CryptoError::Identity(s.to_string());
+    if proof.is_empty() {
+        return Err(bad("the handshake carried no identity proof"));
+    }
+    if proof.len() > MAX_PROOF {
+        return Err(bad("identity proof too long"));
+    }
+    let p = ferry_proto::pb::HandshakeProof::decode(proof)
+        .map_err(|_| bad("undecodable identity proof"))?;
+    let id: [u8; 32] = p
+        .node_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("node id is not 32 bytes"))?;
+    let node = ferry_router::NodeId(id);
+    if let Some(want) = expected
+        && *want != node
+    {
+        return Err(CryptoError::Identity(format!(
+            "expected node {}, the key's holder is node {}",
+            want.short(),
+            node.short()
+        )));
+    }
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&id).map_err(|_| bad("node id is not a key"))?;
+    let sig = ed25519_dalek::Signature::from_slice(&p.signature)
+        .map_err(|_| bad("malformed signature"))?;
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(hash);
+    vk.verify(&msg, &sig)
+        .map_err(|_| bad("the identity signature does not verify"))?;
+    Ok(node)
 }
 
 fn key(raw: &[u8; 32]) -> LessSafeKey {
@@ -187,28 +260,39 @@ pub fn hop_initiator(remote_public: &[u8; 32]) -> Result<snow::HandshakeState, C
         .map_err(hs_err)
 }
 
-/// Answers an origin's hop handshake: reads message 1, writes message 2.
+/// Answers an origin's hop handshake: reads message 1 with the first of
+/// `local_privates` that opens it (the current Noise key, then any key being
+/// retired), writes message 2 carrying this node's identity proof.
 pub fn hop_respond(
-    local_private: &[u8; 32],
+    local_privates: &[[u8; 32]],
+    identity: &ed25519_dalek::SigningKey,
     msg1: &[u8],
 ) -> Result<(Session, Vec<u8>), CryptoError> {
-    let mut hs = snow::Builder::new(params(HOP_PATTERN))
-        .local_private_key(local_private)
-        .and_then(|b| b.prologue(HOP_PROLOGUE))
-        .and_then(|b| b.build_responder())
-        .map_err(hs_err)?;
-    let mut scratch = [0u8; 256];
-    if msg1.len() > scratch.len() {
+    if msg1.len() > 256 {
         return Err(CryptoError::Handshake(format!(
             "message 1 of {} bytes is too long",
             msg1.len()
         )));
     }
-    hs.read_message(msg1, &mut scratch).map_err(hs_err)?;
-    let mut msg2 = vec![0u8; 128];
-    let n = hs.write_message(&[], &mut msg2).map_err(hs_err)?;
-    msg2.truncate(n);
-    Ok((Session::from_handshake(hs)?, msg2))
+    let mut last = CryptoError::Handshake("no local key".into());
+    for key in local_privates {
+        let mut hs = snow::Builder::new(params(HOP_PATTERN))
+            .local_private_key(key)
+            .and_then(|b| b.prologue(HOP_PROLOGUE))
+            .and_then(|b| b.build_responder())
+            .map_err(hs_err)?;
+        let mut scratch = [0u8; 256];
+        if let Err(e) = hs.read_message(msg1, &mut scratch) {
+            last = hs_err(e);
+            continue;
+        }
+        let proof = prove(identity, HOP_PROOF, hs.get_handshake_hash());
+        let mut msg2 = vec![0u8; 256];
+        let n = hs.write_message(&proof, &mut msg2).map_err(hs_err)?;
+        msg2.truncate(n);
+        return Ok((Session::from_handshake(hs)?, msg2));
+    }
+    Err(last)
 }
 
 /// Writes the next handshake message into a fresh buffer.
@@ -219,14 +303,30 @@ pub fn write_hs(hs: &mut snow::HandshakeState) -> Result<Vec<u8>, CryptoError> {
     Ok(out)
 }
 
-/// Reads a handshake message (no payload expected beyond 256 bytes).
-pub fn read_hs(hs: &mut snow::HandshakeState, msg: &[u8]) -> Result<(), CryptoError> {
-    let mut scratch = [0u8; 256];
-    if msg.len() > 65535 {
+/// Writes the next handshake message with `payload` into a fresh buffer.
+pub fn write_hs_with(
+    hs: &mut snow::HandshakeState,
+    payload: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let mut out = vec![0u8; 256 + payload.len()];
+    let n = hs.write_message(payload, &mut out).map_err(hs_err)?;
+    out.truncate(n);
+    Ok(out)
+}
+
+/// Reads a handshake message; returns its payload (at most 256 bytes).
+pub fn read_hs(hs: &mut snow::HandshakeState, msg: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let mut scratch = [0u8; 512];
+    if msg.len() > scratch.len() {
         return Err(CryptoError::Handshake("handshake message too long".into()));
     }
-    hs.read_message(msg, &mut scratch).map_err(hs_err)?;
-    Ok(())
+    let n = hs.read_message(msg, &mut scratch).map_err(hs_err)?;
+    Ok(scratch[..n].to_vec())
+}
+
+/// The handshake hash so far (what identity proofs sign).
+pub fn handshake_hash(hs: &snow::HandshakeState) -> Vec<u8> {
+    hs.get_handshake_hash().to_vec()
 }
 
 /// A fresh X25519 key pair: (private, public).
@@ -275,10 +375,27 @@ mod tests {
     #[test]
     fn hop_handshake_gives_matching_sessions() {
         let (h_priv, h_pub) = generate_static_keypair();
+        let id = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
         let mut i = hop_initiator(&h_pub).unwrap();
         let m1 = write_hs(&mut i).unwrap();
-        let (mut hop, m2) = hop_respond(&h_priv, &m1).unwrap();
-        read_hs(&mut i, &m2).unwrap();
+        let h1 = handshake_hash(&i);
+        let (mut hop, m2) = hop_respond(&[h_priv], &id, &m1).unwrap();
+        let proof = read_hs(&mut i, &m2).unwrap();
+        let me = ferry_router::NodeId(id.verifying_key().to_bytes());
+        assert_eq!(check_proof(&proof, HOP_PROOF, &h1, Some(&me)), Ok(me));
+        let other = ferry_router::NodeId([1; 32]);
+        assert!(matches!(
+            check_proof(&proof, HOP_PROOF, &h1, Some(&other)),
+            Err(CryptoError::Identity(_))
+        ));
+        assert!(
+            check_proof(&proof, LINK_RESPONDER_PROOF, &h1, None).is_err(),
+            "a proof is bound to its context"
+        );
+        assert!(
+            check_proof(&proof, HOP_PROOF, &[0; 32], None).is_err(),
+            "and to its handshake"
+        );
         let mut origin = Session::from_handshake(i).unwrap();
         let mut rec = b"extend".to_vec();
         origin.tx.seal_tail(&mut rec, 0).unwrap();
@@ -287,12 +404,22 @@ mod tests {
     }
 
     #[test]
-    fn wrong_hop_key_fails() {
-        let (_, h_pub) = generate_static_keypair();
+    fn wrong_hop_key_fails_and_a_retiring_key_still_answers() {
+        let (h_priv, h_pub) = generate_static_keypair();
         let (other_priv, _) = generate_static_keypair();
+        let id = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
         let mut i = hop_initiator(&h_pub).unwrap();
         let m1 = write_hs(&mut i).unwrap();
         // NK message 1 carries a payload tag under es: the wrong key can't read it.
-        assert!(hop_respond(&other_priv, &m1).is_err());
+        assert!(hop_respond(&[other_priv], &id, &m1).is_err());
+        // A node that rotated to `other` still answers a handshake made to
+        // its old key while it retires it.
+        let (mut hop, m2) = hop_respond(&[other_priv, h_priv], &id, &m1).unwrap();
+        read_hs(&mut i, &m2).unwrap();
+        let mut origin = Session::from_handshake(i).unwrap();
+        let mut rec = b"old key".to_vec();
+        origin.tx.seal_tail(&mut rec, 0).unwrap();
+        let len = hop.rx.open_in_place(&mut rec).unwrap();
+        assert_eq!(&rec[..len], b"old key");
     }
 }

@@ -9,7 +9,9 @@
 //! entry's admin address, to `ferry-demo.json` in the temp dir, so
 //! `ferry demo ruling block PK --in 20s --exit-in 60s` can sign a ruling
 //! and publish it to the running demo: gossip carries it to every node and
-//! the log shows the drain.
+//! the log shows the drain. The same authority admits every node (a
+//! certificate in each node's key dir), as an operator would with
+//! `ferry authority admit`.
 
 use crate::config::{self, NodeConfig, Template};
 use crate::identity::Keys;
@@ -48,6 +50,30 @@ pub struct Demo {
 
 fn roles_of(s: &str) -> Result<Roles> {
     config::parse_roles(&s.split(',').collect::<Vec<_>>())
+}
+
+/// Admits a demo node for 30 days with the demo's authority key.
+fn admit(
+    dir: &Path,
+    keys: &Keys,
+    cc: &str,
+    roles: Roles,
+    authority: &ed25519_dalek::SigningKey,
+) -> Result<()> {
+    let now = crate::authority::now_ms();
+    crate::cert::admit_into(
+        dir,
+        keys,
+        &crate::cert::Admission {
+            jurisdiction: config::parse_jurisdiction(cc)?,
+            family: format!("demo-{cc}"),
+            roles,
+            capacity_max_mbps: 1000,
+            not_before_ms: now.saturating_sub(60_000),
+            not_after_ms: now + 30 * 86_400_000,
+        },
+        std::slice::from_ref(authority),
+    )
 }
 
 /// Starts the demo mesh, the entry and the page server.
@@ -90,6 +116,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         std::fs::create_dir_all(&d)?;
         let keys = Keys::generate();
         keys.write_new(&d)?;
+        admit(&d, &keys, cc, roles_of(roles)?, &auth_key)?;
         let l = TcpListener::bind("127.0.0.1:0").await?;
         members.push((
             d,
@@ -104,12 +131,13 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
     std::fs::create_dir_all(&entry_dir)?;
     let entry_keys = Keys::generate();
     entry_keys.write_new(&entry_dir)?;
+    admit(&entry_dir, &entry_keys, "NL", roles_of("entry")?, &auth_key)?;
     members.push((entry_dir, entry_keys, &"NL", roles_of("entry")?, None, None));
 
     let blocks: Vec<String> = members
         .iter()
         .map(|(_, k, cc, roles, addr, _)| {
-            config::peer_block(&k.node_id(), &k.noise_public, *addr, cc, *roles)
+            config::peer_block(&k.node_id(), &k.noise_public(), *addr, cc, *roles)
         })
         .collect();
     let mut running = Vec::new();

@@ -1,15 +1,28 @@
 //! The directory of known nodes: static peers from the config, and nodes
 //! learned from signed adverts, each with an expiry. It answers the data
-//! plane's two questions — which node does this Noise key belong to, and
-//! where do I reach that node — and gives the router its mesh view. An advert
-//! that is not renewed expires, and its node leaves path selection.
+//! plane's questions — where do I reach that node, with which Noise key, and
+//! does this Noise key belong to it — and gives the router its mesh view. An
+//! advert that is not renewed expires, and its node leaves path selection.
+//!
+//! An advert is the node's own word, so it is not enough: every advert must
+//! carry a certificate valid under this node's `[authority]`
+//! ([`crate::cert`]). Jurisdiction and family come from the certificate
+//! only, roles are the intersection of certificate and advert, capacity the
+//! lower of advert and ceiling, and the advert's lifetime is capped (a few
+//! advert lifetimes, and never past the certificate's end). Revoked nodes
+//! are dropped and their adverts refused. A Noise key is no longer "owned"
+//! by the first node that claims it: a node proves its identity key in every
+//! handshake, and the directory only answers whether the node a caller
+//! meant to reach binds the key it saw.
 
+use crate::authority::Authority;
+use crate::cert::{Cert, roles_bits, roles_of};
 use crate::config::Peer;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use ferry_proto::pb;
 use ferry_router::{Jurisdiction, NodeId, NodeInfo, NodeState, Roles, Time};
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::RwLock;
 
@@ -17,6 +30,11 @@ use std::sync::RwLock;
 pub const ADVERT_CONTEXT: &[u8] = b"ferry/advert/1";
 /// The largest signed advert a node accepts, in bytes.
 pub const MAX_SIGNED_ADVERT: usize = 4096;
+/// Most retiring Noise keys one advert may list.
+pub const MAX_RETIRING_KEYS: usize = 2;
+/// An advert is kept at most this many of this node's advert lifetimes
+/// from its receipt, whatever expiry it claims.
+pub const ADVERT_LIFETIME_CAP: u64 = 3;
 
 /// One known node.
 #[derive(Debug, Clone)]
@@ -37,11 +55,28 @@ pub struct Entry {
     pub seq: u64,
     /// Expiry, ms since the epoch (`None`: static, never expires).
     pub expires_at_ms: Option<u64>,
+    /// What the authority vouches for (`None` for static peers, which the
+    /// operator's own config vouches for).
+    pub cert: Option<Cert>,
+    /// Capacity as the node advertised it (before the ceiling).
+    pub advertised_capacity: u32,
+    /// Older Noise keys the node still answers handshakes with, until
+    /// `retiring_until_ms` (a key rotation in progress).
+    pub retiring_keys: Vec<[u8; 32]>,
+    /// When the retiring keys stop being accepted, ms.
+    pub retiring_until_ms: u64,
 }
 
 impl Entry {
     fn live(&self, now: u64) -> bool {
         self.expires_at_ms.is_none_or(|e| e > now)
+    }
+
+    /// Whether `key` is one of this node's Noise keys at `now`: its current
+    /// key, or a retiring one within its grace.
+    pub fn binds(&self, key: &[u8; 32], now: u64) -> bool {
+        self.peer.noise_key == *key
+            || (now < self.retiring_until_ms && self.retiring_keys.contains(key))
     }
 
     /// The router's view of the node.
@@ -69,7 +104,9 @@ pub fn family_id(name: &str) -> u32 {
 #[error("{kind}: {detail}")]
 pub struct Dropped {
     /// `oversized`, `undecodable`, `bad_signature`, `expired`, `invalid`,
-    /// `stale`, `key_conflict`.
+    /// `stale`, `revoked`, or a certificate refusal (`no_certificate`,
+    /// `cert_expired`, `cert_unknown_key`, ... see
+    /// [`Authority::verify_cert`]).
     pub kind: &'static str,
     /// Detail for the log (no addresses or keys).
     pub detail: String,
@@ -86,12 +123,16 @@ fn drop_(kind: &'static str, detail: impl Into<String>) -> Dropped {
 #[derive(Debug, Default)]
 pub struct Directory {
     inner: RwLock<Inner>,
+    authority: Authority,
+    /// Longest an advert is kept from its receipt, ms.
+    max_lifetime_ms: u64,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     by_id: HashMap<NodeId, Entry>,
-    by_key: HashMap<[u8; 32], NodeId>,
+    /// Nodes the authority revoked: dropped, and their adverts refused.
+    revoked: HashSet<NodeId>,
     /// What this node learnt first-hand (a drain notice on a circuit, a
     /// refusal while building): node → (state, forget at, learnt at; ms).
     /// Stricter than the advert until an advert signed later arrives (an
@@ -123,9 +164,15 @@ impl Inner {
 }
 
 impl Directory {
-    /// A directory holding the config's static peers.
-    pub fn with_static(peers: &[Peer]) -> Self {
-        let d = Self::default();
+    /// A directory holding the config's static peers, admitting advertised
+    /// nodes whose certificates verify under `authority`, keeping each
+    /// advert at most [`ADVERT_LIFETIME_CAP`] × `advert_ttl`.
+    pub fn new(authority: Authority, advert_ttl: std::time::Duration, peers: &[Peer]) -> Self {
+        let d = Self {
+            inner: RwLock::default(),
+            authority,
+            max_lifetime_ms: ADVERT_LIFETIME_CAP * advert_ttl.as_millis() as u64,
+        };
         for p in peers {
             d.insert(Entry {
                 peer: p.clone(),
@@ -136,6 +183,10 @@ impl Directory {
                 p2p_addrs: Vec::new(),
                 seq: 0,
                 expires_at_ms: None,
+                cert: None,
+                advertised_capacity: 100,
+                retiring_keys: Vec::new(),
+                retiring_until_ms: 0,
             });
         }
         d
@@ -143,12 +194,30 @@ impl Directory {
 
     fn insert(&self, e: Entry) {
         let mut g = self.inner.write().expect("directory lock");
-        if let Some(old) = g.by_id.get(&e.peer.id) {
-            let k = old.peer.noise_key;
-            g.by_key.remove(&k);
-        }
-        g.by_key.insert(e.peer.noise_key, e.peer.id);
         g.by_id.insert(e.peer.id, e);
+    }
+
+    /// The authority this directory admits nodes under.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Drops a revoked node and refuses its adverts from now on. Returns
+    /// whether it was news.
+    pub fn revoke(&self, id: NodeId) -> bool {
+        let mut g = self.inner.write().expect("directory lock");
+        g.by_id.remove(&id);
+        g.learnt.remove(&id);
+        g.revoked.insert(id)
+    }
+
+    /// Whether the authority revoked `id`.
+    pub fn is_revoked(&self, id: &NodeId) -> bool {
+        self.inner
+            .read()
+            .expect("directory lock")
+            .revoked
+            .contains(id)
     }
 
     /// A live node by id.
@@ -168,13 +237,13 @@ impl Directory {
         g.learnt.insert(id, (stricter(prev, state), forget_at, now));
     }
 
-    /// The live node a Noise static key is bound to.
-    pub fn by_noise_key(&self, key: &[u8; 32], now: u64) -> Option<NodeId> {
+    /// Whether the live node `id` binds the Noise key `key` (its current
+    /// key or one it is retiring).
+    pub fn binds(&self, id: &NodeId, key: &[u8; 32], now: u64) -> bool {
         let g = self.inner.read().expect("directory lock");
-        g.by_key
-            .get(key)
-            .filter(|id| g.by_id.get(id).is_some_and(|e| e.live(now)))
-            .copied()
+        g.by_id
+            .get(id)
+            .is_some_and(|e| e.live(now) && e.binds(key, now))
     }
 
     /// Every live node.
@@ -198,9 +267,7 @@ impl Directory {
             .map(|e| e.peer.id)
             .collect();
         for id in &dead {
-            if let Some(e) = g.by_id.remove(id) {
-                g.by_key.remove(&e.peer.noise_key);
-            }
+            g.by_id.remove(id);
         }
         g.learnt.retain(|_, (_, until, _)| *until > now);
         dead.len()
@@ -208,31 +275,30 @@ impl Directory {
 
     /// Verifies and records a signed advert; the entry if it was news.
     pub fn accept(&self, bytes: &[u8], own: &NodeId, now: u64) -> Result<Option<Entry>, Dropped> {
-        let (advert, entry) = verify_advert(bytes, now)?;
+        let (advert, mut entry) = verify_advert(bytes, now)?;
         if entry.peer.id == *own {
             return Ok(None);
         }
         {
             let g = self.inner.read().expect("directory lock");
-            if let Some(old) = g.by_id.get(&entry.peer.id) {
-                if old.seq >= advert.seq {
-                    return if old.seq == advert.seq {
-                        Ok(None)
-                    } else {
-                        Err(drop_("stale", "older sequence number"))
-                    };
-                }
+            if g.revoked.contains(&entry.peer.id) {
+                return Err(drop_("revoked", "the authority revoked this node"));
             }
-            if let Some(holder) = g.by_key.get(&entry.peer.noise_key)
-                && *holder != entry.peer.id
-                && g.by_id.get(holder).is_some_and(|e| e.live(now))
+            if let Some(old) = g.by_id.get(&entry.peer.id)
+                && old.seq >= advert.seq
             {
-                return Err(drop_(
-                    "key_conflict",
-                    format!("noise key already bound to node {holder}"),
-                ));
+                return if old.seq == advert.seq {
+                    Ok(None)
+                } else {
+                    Err(drop_("stale", "older sequence number"))
+                };
             }
         }
+        let cert = self
+            .authority
+            .verify_cert(&advert.certificate, &entry.peer.id, now)
+            .map_err(|r| drop_(r.kind, r.detail))?;
+        vouch(&mut entry, cert, now, self.max_lifetime_ms);
         self.insert(entry.clone());
         let mut g = self.inner.write().expect("directory lock");
         if g.learnt
@@ -280,11 +346,19 @@ pub fn verify_advert(bytes: &[u8], now: u64) -> Result<(pb::NodeAdvert, Entry), 
         .map_err(|_| drop_("invalid", "noise key is not 32 bytes"))?;
     let jurisdiction = crate::config::parse_jurisdiction(&a.jurisdiction)
         .map_err(|e| drop_("invalid", e.to_string()))?;
-    let roles = Roles {
-        entry: a.roles & 1 != 0,
-        relay: a.roles & 2 != 0,
-        exit: a.roles & 4 != 0,
-    };
+    let roles = roles_of(a.roles);
+    if a.retiring_noise_keys.len() > MAX_RETIRING_KEYS {
+        return Err(drop_("invalid", "too many retiring noise keys"));
+    }
+    let retiring_keys = a
+        .retiring_noise_keys
+        .iter()
+        .map(|k| {
+            k.as_slice()
+                .try_into()
+                .map_err(|_| drop_("invalid", "retiring noise key is not 32 bytes"))
+        })
+        .collect::<Result<Vec<[u8; 32]>, _>>()?;
     let addr: Option<SocketAddr> = a
         .link_addrs
         .first()
@@ -316,8 +390,33 @@ pub fn verify_advert(bytes: &[u8], now: u64) -> Result<(pb::NodeAdvert, Entry), 
         p2p_addrs: a.p2p_addrs.clone(),
         seq: a.seq,
         expires_at_ms: Some(a.expires_at_ms),
+        cert: None,
+        advertised_capacity: a.capacity_mbps,
+        retiring_keys,
+        retiring_until_ms: a.retiring_until_ms,
     };
     Ok((a, entry))
+}
+
+/// Replaces an advert's claims with what its certificate vouches for:
+/// jurisdiction and family from the certificate, roles as the intersection,
+/// capacity at most the ceiling, lifetime capped at `max_lifetime_ms` from
+/// `now` and at the certificate's end.
+fn vouch(e: &mut Entry, cert: Cert, now: u64, max_lifetime_ms: u64) {
+    e.peer.jurisdiction = cert.jurisdiction;
+    e.family = cert.family.clone();
+    e.peer.roles = roles_of(roles_bits(e.peer.roles) & roles_bits(cert.roles));
+    e.capacity = e.advertised_capacity.min(cert.capacity_max_mbps);
+    let claimed = e.expires_at_ms.unwrap_or(u64::MAX);
+    e.expires_at_ms = Some(
+        claimed
+            .min(now.saturating_add(max_lifetime_ms))
+            .min(cert.not_after_ms),
+    );
+    e.retiring_until_ms = e
+        .retiring_until_ms
+        .min(now.saturating_add(max_lifetime_ms));
+    e.cert = Some(cert);
 }
 
 /// What a node advertises about itself.
@@ -342,14 +441,16 @@ pub struct OwnAdvert<'a> {
     pub load: f32,
     /// State.
     pub state: NodeState,
+    /// The node's certificate (encoded), empty if it has none.
+    pub certificate: Vec<u8>,
+    /// Noise keys being retired, and until when (ms).
+    pub retiring: (Vec<[u8; 32]>, u64),
 }
 
 impl OwnAdvert<'_> {
     /// Signs an advert with this sequence number and expiry.
     pub fn sign(&self, seq: u64, expires_at_ms: u64) -> Vec<u8> {
-        let roles = u32::from(self.roles.entry)
-            | u32::from(self.roles.relay) << 1
-            | u32::from(self.roles.exit) << 2;
+        let roles = roles_bits(self.roles);
         let (state, exit_by_ms) = match self.state {
             NodeState::Active => (pb::NodeState::Active, 0),
             NodeState::Draining { until } => (pb::NodeState::Draining, until.0),
@@ -369,6 +470,9 @@ impl OwnAdvert<'_> {
             exit_by_ms,
             seq,
             expires_at_ms,
+            certificate: self.certificate.clone(),
+            retiring_noise_keys: self.retiring.0.iter().map(|k| k.to_vec()).collect(),
+            retiring_until_ms: self.retiring.1,
         }
         .encode_to_vec();
         let mut msg = ADVERT_CONTEXT.to_vec();
@@ -385,38 +489,80 @@ impl OwnAdvert<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cert::{Admission, certificate_body, make_request, parse_role_list, sign_certificate};
     use crate::identity::Keys;
+    use rand::rngs::OsRng;
+    use std::time::Duration;
 
-    fn own(k: &Keys) -> OwnAdvert<'_> {
+    /// An authority and a certificate for `k` (CH, relay, ceiling 100,
+    /// valid until `not_after`).
+    fn admitted(k: &Keys, not_after: u64) -> (Authority, Vec<u8>) {
+        let a = SigningKey::generate(&mut OsRng);
+        let auth = Authority::new(&[hex::encode(a.verifying_key().as_bytes())], 1).unwrap();
+        (auth, cert_for(k, &a, not_after))
+    }
+
+    fn cert_for(k: &Keys, a: &SigningKey, not_after: u64) -> Vec<u8> {
+        let req = make_request(
+            k,
+            &crate::cert::Proposal {
+                jurisdiction: Jurisdiction(*b"DE"),
+                family: "op",
+                roles: parse_role_list("relay").unwrap(),
+                contact: "",
+            },
+            0,
+        )
+        .verify()
+        .unwrap();
+        let body = certificate_body(
+            &req,
+            &Admission {
+                jurisdiction: Jurisdiction(*b"CH"),
+                family: "vouched".into(),
+                roles: parse_role_list("relay").unwrap(),
+                capacity_max_mbps: 100,
+                not_before_ms: 0,
+                not_after_ms: not_after,
+            },
+        )
+        .unwrap();
+        sign_certificate(&body, std::slice::from_ref(a)).encode_to_vec()
+    }
+
+    fn own(k: &Keys, cert: Vec<u8>) -> OwnAdvert<'_> {
         OwnAdvert {
             key: &k.identity,
-            noise_public: k.noise_public,
+            noise_public: k.noise_public(),
             link: Some("127.0.0.1:7001".parse().unwrap()),
             p2p_addrs: vec![],
             jurisdiction: Jurisdiction(*b"DE"),
             roles: Roles {
                 entry: false,
                 relay: true,
-                exit: false,
+                exit: true,
             },
             family: "op".into(),
             capacity_mbps: 100,
             load: 0.25,
             state: NodeState::Active,
+            certificate: cert,
+            retiring: (Vec::new(), 0),
         }
     }
 
     #[test]
     fn adverts_are_verified_sequenced_and_expire() {
         let k = Keys::generate();
-        let d = Directory::default();
+        let (auth, cert) = admitted(&k, 1_000_000);
+        let d = Directory::new(auth, Duration::from_secs(1), &[]);
         let me = NodeId([0; 32]);
-        let a1 = own(&k).sign(1, 1_000);
+        let a1 = own(&k, cert.clone()).sign(1, 1_000);
         assert!(d.accept(&a1, &me, 500).unwrap().is_some());
         assert!(d.accept(&a1, &me, 500).unwrap().is_none());
-        assert_eq!(d.by_noise_key(&k.noise_public, 500), Some(k.node_id()));
+        assert!(d.binds(&k.node_id(), &k.noise_public(), 500));
         assert_eq!(d.get(&k.node_id(), 500).unwrap().load, 0.25);
-        let a2 = own(&k).sign(2, 2_000);
+        let a2 = own(&k, cert.clone()).sign(2, 2_000);
         assert!(d.accept(&a2, &me, 600).unwrap().is_some());
         assert_eq!(d.accept(&a1, &me, 600).unwrap_err().kind, "stale");
         assert!(d.get(&k.node_id(), 1_999).is_some());
@@ -438,8 +584,79 @@ mod tests {
             "oversized"
         );
         assert_eq!(
-            d.accept(&own(&k).sign(3, 100), &me, 600).unwrap_err().kind,
+            d.accept(&own(&k, cert).sign(3, 100), &me, 600)
+                .unwrap_err()
+                .kind,
             "expired"
         );
+    }
+
+    #[test]
+    fn claims_come_from_the_certificate_and_are_capped() {
+        let k = Keys::generate();
+        let (auth, cert) = admitted(&k, 50_000);
+        let d = Directory::new(auth.clone(), Duration::from_secs(3), &[]);
+        let me = NodeId([0; 32]);
+        // No certificate, and a certificate under another authority.
+        let kind = |d: &Directory, bytes: &[u8]| d.accept(bytes, &me, 1_000).unwrap_err().kind;
+        assert_eq!(kind(&d, &own(&k, vec![]).sign(1, 5_000)), "no_certificate");
+        let (_, foreign) = admitted(&k, 50_000);
+        assert_eq!(
+            kind(&d, &own(&k, foreign).sign(1, 5_000)),
+            "cert_unknown_key"
+        );
+        // Another node's certificate.
+        let other = Keys::generate();
+        assert_eq!(kind(&d, &own(&other, cert.clone()).sign(1, 5_000)), "cert_mismatch");
+        // Claims 100x the ceiling, DE, relay+exit and a lifetime forever.
+        let mut greedy = own(&k, cert.clone());
+        greedy.capacity_mbps = u32::MAX;
+        let e = d.accept(&greedy.sign(1, u64::MAX), &me, 1_000).unwrap().unwrap();
+        assert_eq!(e.peer.jurisdiction, Jurisdiction(*b"CH"));
+        assert_eq!(e.family, "vouched");
+        assert!(e.peer.roles.relay && !e.peer.roles.exit, "roles: the intersection");
+        assert_eq!(e.info().capacity, 100, "capacity: at most the ceiling");
+        assert_eq!(e.expires_at_ms, Some(1_000 + 9_000), "three advert lifetimes");
+        // Never past the certificate's end, and an expired one is refused.
+        let e = d.accept(&own(&k, cert.clone()).sign(2, u64::MAX), &me, 45_000).unwrap().unwrap();
+        assert_eq!(e.expires_at_ms, Some(50_000));
+        assert_eq!(
+            d.accept(&own(&k, cert.clone()).sign(3, u64::MAX), &me, 50_000)
+                .unwrap_err()
+                .kind,
+            "cert_expired"
+        );
+        // Revoked: dropped, and refused from then on.
+        assert!(d.revoke(k.node_id()));
+        assert!(d.get(&k.node_id(), 45_000).is_none());
+        assert_eq!(
+            d.accept(&own(&k, cert).sign(4, 60_000), &me, 45_000)
+                .unwrap_err()
+                .kind,
+            "revoked"
+        );
+    }
+
+    #[test]
+    fn a_noise_key_claimed_by_two_nodes_binds_only_to_each_one_who_advertises_it() {
+        // Y advertises X's Noise key: both adverts are kept (neither is
+        // refused as a conflict), and each handshake proves which identity
+        // answered, so Y gains nothing (tested end to end in the trust tests).
+        let (x, y) = (Keys::generate(), Keys::generate());
+        let a = SigningKey::generate(&mut OsRng);
+        let auth = Authority::new(&[hex::encode(a.verifying_key().as_bytes())], 1).unwrap();
+        let d = Directory::new(auth, Duration::from_secs(30), &[]);
+        let me = NodeId([0; 32]);
+        let mut squat = own(&y, cert_for(&y, &a, 1_000_000));
+        squat.noise_public = x.noise_public();
+        assert!(d.accept(&squat.sign(1, 5_000), &me, 1_000).unwrap().is_some());
+        assert!(
+            d.accept(&own(&x, cert_for(&x, &a, 1_000_000)).sign(1, 5_000), &me, 1_000)
+                .unwrap()
+                .is_some(),
+            "the victim's advert is not refused"
+        );
+        assert!(d.binds(&x.node_id(), &x.noise_public(), 1_000));
+        assert!(!d.binds(&x.node_id(), &y.noise_public(), 1_000));
     }
 }

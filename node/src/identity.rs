@@ -1,5 +1,12 @@
 //! The node's long-term keys: an Ed25519 identity (its node id) and an X25519
 //! Noise static key. Each lives in its own file, hex-encoded, mode 0600.
+//!
+//! The Noise key can be rotated while the node runs ([`NoiseRing::rotate`],
+//! `ferry keys rotate-noise`): the new key answers and makes every new
+//! handshake, the old one is kept in `noise.retiring.key` (with the time it
+//! stops being accepted) so handshakes peers started with it still
+//! succeed, and it is erased after its grace. Links and circuits made on the
+//! old key carry on: their sessions no longer need it.
 
 use anyhow::{Context, Result, bail};
 use ferry_router::NodeId;
@@ -13,15 +20,135 @@ use std::path::{Path, PathBuf};
 pub const IDENTITY_FILE: &str = "identity.key";
 /// File name of the X25519 Noise static private key.
 pub const NOISE_FILE: &str = "noise.key";
+/// File name of a Noise key being retired after a rotation: the key, then
+/// on a second line when it stops being accepted (ms since the epoch).
+pub const RETIRING_NOISE_FILE: &str = "noise.retiring.key";
 
 /// A node's keys, loaded.
 pub struct Keys {
     /// Ed25519 signing key; its public half is the node id.
     pub identity: ed25519_dalek::SigningKey,
-    /// X25519 Noise static private key.
-    pub noise_private: [u8; 32],
-    /// Its public half.
-    pub noise_public: [u8; 32],
+    /// The Noise static keys: current, and one being retired.
+    pub noise: NoiseRing,
+}
+
+/// An X25519 key pair: (private, public).
+pub type NoisePair = ([u8; 32], [u8; 32]);
+
+fn noise_pair(private: [u8; 32]) -> NoisePair {
+    let secret = x25519_dalek::StaticSecret::from(private);
+    (private, x25519_dalek::PublicKey::from(&secret).to_bytes())
+}
+
+/// A node's Noise static keys: the current one, and one being retired
+/// until a time (ms since the epoch).
+pub struct NoiseRing {
+    dir: Option<PathBuf>,
+    keys: std::sync::RwLock<(NoisePair, Option<(NoisePair, u64)>)>,
+}
+
+impl NoiseRing {
+    fn new(dir: Option<PathBuf>, current: [u8; 32], retiring: Option<([u8; 32], u64)>) -> Self {
+        Self {
+            dir,
+            keys: std::sync::RwLock::new((
+                noise_pair(current),
+                retiring.map(|(k, until)| (noise_pair(k), until)),
+            )),
+        }
+    }
+
+    /// The current private key (every new handshake this node makes).
+    pub fn private(&self) -> [u8; 32] {
+        self.keys.read().expect("noise keys").0.0
+    }
+
+    /// The current public key (advertised).
+    pub fn public(&self) -> [u8; 32] {
+        self.keys.read().expect("noise keys").0.1
+    }
+
+    /// The private keys a responder tries, current first.
+    pub fn responder_keys(&self, now: u64) -> Vec<[u8; 32]> {
+        let g = self.keys.read().expect("noise keys");
+        let mut out = vec![g.0.0];
+        if let Some(((k, _), until)) = g.1
+            && now < until
+        {
+            out.push(k);
+        }
+        out
+    }
+
+    /// The public key being retired and until when, to advertise.
+    pub fn retiring(&self, now: u64) -> (Vec<[u8; 32]>, u64) {
+        match self.keys.read().expect("noise keys").1 {
+            Some(((_, public), until)) if now < until => (vec![public], until),
+            _ => (Vec::new(), 0),
+        }
+    }
+
+    /// Switches to a fresh key; the current one is retired until
+    /// `now + grace`. Written to the key dir first (the new key, then the
+    /// retiring one), so a crash leaves either the old state or the new.
+    /// Refused while an earlier rotation's key is still being retired.
+    /// Returns the new public key.
+    pub fn rotate(&self, grace: std::time::Duration, now: u64) -> Result<[u8; 32]> {
+        let mut g = self.keys.write().expect("noise keys");
+        if let Some((_, until)) = g.1
+            && now < until
+        {
+            bail!(
+                "a key is still being retired until {}; rotate again after that",
+                crate::authority::fmt_time(until)
+            );
+        }
+        let fresh = x25519_dalek::StaticSecret::random_from_rng(OsRng).to_bytes();
+        let until = now + grace.as_millis() as u64;
+        if let Some(dir) = &self.dir {
+            let retiring = format!("{}\n{until}\n", hex::encode(g.0.0));
+            replace_secret(&dir.join(RETIRING_NOISE_FILE), &retiring)?;
+            replace_secret(&dir.join(NOISE_FILE), &format!("{}\n", hex::encode(fresh)))?;
+        }
+        let old = g.0;
+        *g = (noise_pair(fresh), Some((old, until)));
+        Ok(g.0.1)
+    }
+
+    /// Erases a retired key whose grace has passed (memory and file).
+    /// Returns whether one was erased.
+    pub fn expire(&self, now: u64) -> Result<bool> {
+        let mut g = self.keys.write().expect("noise keys");
+        match g.1 {
+            Some((_, until)) if now >= until => {
+                if let Some(dir) = &self.dir {
+                    let p = dir.join(RETIRING_NOISE_FILE);
+                    if p.exists() {
+                        fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                    }
+                }
+                g.1 = None;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+/// Writes a secret file atomically (a temporary file, then a rename).
+fn replace_secret(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Keys {
@@ -41,13 +168,20 @@ impl Keys {
     }
 
     fn from_parts(identity: ed25519_dalek::SigningKey, noise_private: [u8; 32]) -> Self {
-        let secret = x25519_dalek::StaticSecret::from(noise_private);
-        let noise_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
         Self {
             identity,
-            noise_private,
-            noise_public,
+            noise: NoiseRing::new(None, noise_private, None),
         }
+    }
+
+    /// The current Noise private key.
+    pub fn noise_private(&self) -> [u8; 32] {
+        self.noise.private()
+    }
+
+    /// The current Noise public key.
+    pub fn noise_public(&self) -> [u8; 32] {
+        self.noise.public()
     }
 
     /// The node id: the Ed25519 public key.
@@ -67,11 +201,10 @@ impl Keys {
             }
         }
         write_secret(&dir.join(IDENTITY_FILE), &self.identity.to_bytes())?;
-        write_secret(&dir.join(NOISE_FILE), &self.noise_private)?;
+        write_secret(&dir.join(NOISE_FILE), &self.noise_private())?;
         Ok(())
     }
 
-    /// Loads both key files from `dir`.
     /// Loads the keys in `dir`, or creates them (and `dir`, mode 0700) if
     /// neither file exists yet: a container's first start on an empty
     /// volume. One file without the other is an error, never a new key.
@@ -92,13 +225,29 @@ impl Keys {
     }
 
     /// Loads the keys in `dir`.
+    /// A Noise key being retired (`noise.retiring.key`) is loaded with it.
     pub fn load(dir: &Path) -> Result<Self> {
         let identity = read_secret(&dir.join(IDENTITY_FILE))?;
         let noise = read_secret(&dir.join(NOISE_FILE))?;
-        Ok(Self::from_parts(
-            ed25519_dalek::SigningKey::from_bytes(&identity),
-            noise,
-        ))
+        let retiring_path = dir.join(RETIRING_NOISE_FILE);
+        let retiring = if retiring_path.exists() {
+            check_mode(&retiring_path)?;
+            let text = fs::read_to_string(&retiring_path)?;
+            let mut lines = text.lines();
+            let key = parse_key_hex(lines.next().unwrap_or("").trim())
+                .with_context(|| format!("key file {}", retiring_path.display()))?;
+            let until: u64 = lines
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .with_context(|| format!("{}: no retirement time", retiring_path.display()))?;
+            Some((key, until))
+        } else {
+            None
+        };
+        Ok(Self {
+            identity: ed25519_dalek::SigningKey::from_bytes(&identity),
+            noise: NoiseRing::new(Some(dir.to_path_buf()), noise, retiring),
+        })
     }
 }
 
@@ -114,7 +263,7 @@ fn write_secret(path: &PathBuf, key: &[u8; 32]) -> Result<()> {
     Ok(())
 }
 
-fn read_secret(path: &PathBuf) -> Result<[u8; 32]> {
+fn check_mode(path: &Path) -> Result<()> {
     let meta =
         fs::metadata(path).with_context(|| format!("reading key file {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
@@ -125,6 +274,11 @@ fn read_secret(path: &PathBuf) -> Result<[u8; 32]> {
             path.display()
         );
     }
+    Ok(())
+}
+
+fn read_secret(path: &PathBuf) -> Result<[u8; 32]> {
+    check_mode(path)?;
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_key_hex(text.trim()).with_context(|| format!("key file {}", path.display()))
 }
@@ -155,9 +309,39 @@ mod tests {
         }
         let loaded = Keys::load(dir.path()).unwrap();
         assert_eq!(loaded.node_id(), keys.node_id());
-        assert_eq!(loaded.noise_public, keys.noise_public);
+        assert_eq!(loaded.noise_public(), keys.noise_public());
         let err = keys.write_new(dir.path()).unwrap_err();
         assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+    }
+
+    #[test]
+    fn a_rotated_noise_key_is_retired_across_a_restart_then_erased() {
+        let dir = tempfile::tempdir().unwrap();
+        Keys::generate().write_new(dir.path()).unwrap();
+        let keys = Keys::load(dir.path()).unwrap();
+        let old = keys.noise_private();
+        let new_public = keys.noise.rotate(std::time::Duration::from_secs(10), 1_000).unwrap();
+        assert_eq!(keys.noise_public(), new_public);
+        assert_eq!(keys.noise.responder_keys(5_000), vec![keys.noise_private(), old]);
+        assert!(
+            keys.noise.rotate(std::time::Duration::from_secs(1), 2_000).is_err(),
+            "one rotation at a time"
+        );
+        // A restart (kill -9) in the grace keeps both keys.
+        let again = Keys::load(dir.path()).unwrap();
+        assert_eq!(again.noise_public(), new_public);
+        assert_eq!(again.noise.retiring(5_000).1, 11_000);
+        assert_eq!(again.noise.responder_keys(5_000).len(), 2);
+        assert_eq!(again.noise.responder_keys(11_000).len(), 1, "not after the grace");
+        let mode = fs::metadata(dir.path().join(RETIRING_NOISE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!again.noise.expire(10_999).unwrap());
+        assert!(again.noise.expire(11_000).unwrap());
+        assert!(!dir.path().join(RETIRING_NOISE_FILE).exists(), "erased");
+        assert_eq!(Keys::load(dir.path()).unwrap().noise.responder_keys(0).len(), 1);
     }
 
     #[test]

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod authority;
+pub mod cert;
 pub mod config;
 pub mod control;
 pub mod crypto;

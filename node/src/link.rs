@@ -1,5 +1,13 @@
 //! Node-to-node links: TCP carrying Noise (IK, mutually authenticated).
 //!
+//! Noise proves each side holds its Noise key; the identity is proven on
+//! top: the responder signs the handshake hash with its identity key in
+//! message 2, the initiator in its first transport frame. The initiator
+//! refuses any identity but the node it dialled; the responder accepts an
+//! identity only if the directory binds the Noise key it saw to that node.
+//! A node that advertises another node's Noise key (squatting) therefore
+//! gets nothing: the key's holder answers as itself.
+//!
 //! After the handshake each link has a reader task and a writer task. The
 //! writer drains a bounded queue of cells, seals each in place into one
 //! reused output buffer and writes the batch with one system call; the reader
@@ -8,6 +16,7 @@
 //! is copied once per hop (into the writer's batch) and never allocated on
 //! its own.
 
+use crate::authority::now_ms;
 use crate::crypto::{self, Session};
 use crate::switch::Switch;
 use anyhow::{Context, Result, anyhow, bail};
@@ -124,12 +133,26 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
     let fut = async {
         let mut sock = TcpStream::connect(addr).await.context("connecting")?;
         sock.set_nodelay(true)?;
-        let mut hs = crypto::link_initiator(&switch.keys.noise_private, &info.noise_key)?;
+        let mut hs = crypto::link_initiator(&switch.keys.noise_private(), &info.noise_key)?;
         write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
+        let h1 = crypto::handshake_hash(&hs);
         let mut buf = BytesMut::with_capacity(1024);
         let m2 = read_frame(&mut sock, &mut buf, HANDSHAKE_CODEC).await?;
-        crypto::read_hs(&mut hs, &m2)?;
-        Ok::<_, anyhow::Error>((sock, Session::from_handshake(hs)?, buf))
+        let proof = crypto::read_hs(&mut hs, &m2)?;
+        crypto::check_proof(&proof, crypto::LINK_RESPONDER_PROOF, &h1, Some(&peer))?;
+        let mine = crypto::prove(
+            &switch.keys.identity,
+            crypto::LINK_INITIATOR_PROOF,
+            &crypto::handshake_hash(&hs),
+        );
+        let mut session = Session::from_handshake(hs)?;
+        let mut out = Vec::with_capacity(mine.len() + 32);
+        TRANSPORT_CODEC.put_prefix(mine.len() + TAG_LEN, &mut out);
+        let start = out.len();
+        out.extend_from_slice(&mine);
+        session.tx.seal_tail(&mut out, start)?;
+        sock.write_all(&out).await?;
+        Ok::<_, anyhow::Error>((sock, session, buf))
     };
     let (sock, session, buf) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
@@ -141,41 +164,89 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
     Ok(start(switch, sock, session, buf, peer, true))
 }
 
+/// Why an inbound link handshake failed: `auth` (a key or identity that is
+/// not admitted here, or a proof that does not verify) or `malformed`.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct Refused {
+    /// `auth` or `malformed` (the refusal metric's label).
+    pub kind: &'static str,
+    detail: String,
+}
+
+fn refused(kind: &'static str, e: impl std::fmt::Display) -> Refused {
+    Refused {
+        kind,
+        detail: e.to_string(),
+    }
+}
+
 /// Runs the listener side of the link handshake on an accepted socket, then
 /// the link itself. Returns when the handshake fails (with the reason).
 pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<LinkHandle>> {
     sock.set_nodelay(true)?;
     let started = std::time::Instant::now();
     let fut = async {
+        let malformed = |e: anyhow::Error| refused("malformed", format!("{e:#}"));
         let mut buf = BytesMut::with_capacity(1024);
-        let m1 = read_frame(&mut sock, &mut buf, HANDSHAKE_CODEC).await?;
-        let mut hs = crypto::link_responder(&switch.keys.noise_private)?;
-        crypto::read_hs(&mut hs, &m1)?;
+        let m1 = read_frame(&mut sock, &mut buf, HANDSHAKE_CODEC)
+            .await
+            .map_err(malformed)?;
+        // The current key, then one being retired (peers that have not
+        // seen the rotation's advert yet).
+        let mut opened = None;
+        for key in switch.keys.noise.responder_keys(now_ms()) {
+            let mut hs = crypto::link_responder(&key).map_err(|e| refused("malformed", e))?;
+            if crypto::read_hs(&mut hs, &m1).is_ok() {
+                opened = Some(hs);
+                break;
+            }
+        }
+        let mut hs = opened.ok_or_else(|| refused("malformed", "handshake message 1 did not open"))?;
         let remote: [u8; 32] = hs
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
-            .ok_or_else(|| anyhow!("handshake carried no static key"))?;
-        let Some(peer) = switch.peer_by_noise_key(&remote) else {
-            debug!(key = %hex::encode(remote), "refused static key");
-            bail!("static key is not bound to any known node");
+            .ok_or_else(|| refused("malformed", "handshake carried no static key"))?;
+        let h1 = crypto::handshake_hash(&hs);
+        let proof = crypto::prove(&switch.keys.identity, crypto::LINK_RESPONDER_PROOF, &h1);
+        write_frame(&mut sock, &crypto::write_hs_with(&mut hs, &proof).map_err(|e| refused("malformed", e))?)
+            .await
+            .map_err(malformed)?;
+        let h2 = crypto::handshake_hash(&hs);
+        let mut session = Session::from_handshake(hs).map_err(|e| refused("malformed", e))?;
+        // The initiator's identity proof: its first transport frame.
+        let mut frame = loop {
+            if let Some(f) = TRANSPORT_CODEC.decode(&mut buf).map_err(|e| refused("malformed", e))? {
+                break f;
+            }
+            if sock.read_buf(&mut buf).await.map_err(|e| refused("malformed", e))? == 0 {
+                return Err(refused("malformed", "peer closed the connection during the handshake"));
+            }
         };
-        write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
-        Ok::<_, anyhow::Error>((Session::from_handshake(hs)?, buf, peer))
+        let n = session
+            .rx
+            .open_in_place(&mut frame)
+            .map_err(|e| refused("malformed", e))?;
+        let peer = crypto::check_proof(&frame[..n], crypto::LINK_INITIATOR_PROOF, &h2, None)
+            .map_err(|e| refused("auth", e))?;
+        if !switch.binds(&peer, &remote) {
+            debug!(key = %hex::encode(remote), node = %peer.short(), "refused static key");
+            return Err(refused(
+                "auth",
+                format!("node {} is not admitted here, or does not hold that Noise key", peer.short()),
+            ));
+        }
+        Ok::<_, Refused>((session, buf, peer))
     };
     let res = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
-        .map_err(|_| anyhow!("link handshake timed out"))
+        .map_err(|_| refused("malformed", "link handshake timed out"))
         .and_then(|r| r);
     let (session, buf, peer) = match res {
         Ok(x) => x,
         Err(e) => {
-            let reason = if format!("{e:#}").contains("static key") {
-                "auth"
-            } else {
-                "malformed"
-            };
-            switch.metrics.refusals.with_label_values(&[reason]).inc();
-            return Err(e);
+            switch.metrics.refusals.with_label_values(&[e.kind]).inc();
+            return Err(e.into());
         }
     };
     switch

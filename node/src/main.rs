@@ -1,5 +1,7 @@
 //! `ferry`: the Ferry node and its tools.
 
+mod admission_cli;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_node::admin::client;
@@ -18,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "ferry",
     version,
+    args_override_self = true,
     about = "Ferry: a relay mesh for end-to-end encrypted traffic that leaves a jurisdiction cleanly."
 )]
 struct Cli {
@@ -88,6 +91,40 @@ enum Cmd {
         #[arg(long = "authority-key")]
         authority_keys: Vec<String>,
     },
+    /// Write (or rewrite) a node's admission request for the mesh's
+    /// authority: node id, Noise key, proposed jurisdiction, family, roles.
+    Request {
+        /// The node's ferry.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Create the node's keys in its key_dir if neither key file exists.
+        #[arg(long)]
+        create_keys: bool,
+        /// How the authority reaches the operator (free text).
+        #[arg(long, default_value = "")]
+        contact: String,
+        /// Where to write it (default: node.request in the key dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The node's keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// How N freshly picked paths would spread over the mesh (an entry's
+    /// admin API): each node's share, capacity and jurisdiction.
+    Paths {
+        /// The entry's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// How many paths to pick.
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a node from its config file, until SIGINT or SIGTERM.
     Node {
         /// The node's ferry.toml.
@@ -97,6 +134,13 @@ enum Cmd {
         /// (a container's first start on an empty volume).
         #[arg(long)]
         create_keys: bool,
+        /// Test clusters only: an authority PRIVATE key file. The node
+        /// trusts its public half too, and without a valid certificate
+        /// admits itself (its configured jurisdiction, roles, family and
+        /// capacity, for 30 days). Production nodes are admitted with
+        /// `ferry authority admit`, the key kept offline.
+        #[arg(long, value_name = "FILE")]
+        admit_with: Option<PathBuf>,
     },
     /// Run a local SOCKS5 entry into the mesh (no link listener), until SIGINT or SIGTERM.
     Connect {
@@ -106,6 +150,9 @@ enum Cmd {
         /// SOCKS5 listen address; overrides listen.socks.
         #[arg(long)]
         socks: Option<SocketAddr>,
+        /// Test clusters only: as for `ferry node`.
+        #[arg(long, value_name = "FILE")]
+        admit_with: Option<PathBuf>,
     },
     /// Print this node's [[peers]] block, for a static mesh without gossip.
     PeerInfo {
@@ -194,10 +241,78 @@ enum DemoCmd {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Switch a running node to a new Noise key. Links and circuits made on
+    /// the old key carry on; new ones use the new key; the old key still
+    /// answers handshakes for the grace, then is erased.
+    RotateNoise {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// How long the old key is still accepted (peers learn the new one
+        /// from the next advert: a few advert lifetimes is plenty).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuthorityCmd {
     /// Create an authority key pair: authority.key (mode 0600) and authority.pub.
     Keygen {
         /// Folder for the key files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Admit a node: sign a certificate for its request (k of n: give
+    /// --key once per key held here, or `cosign` the file elsewhere).
+    Admit {
+        /// An authority private key file; repeatable.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The node's request (node.request).
+        #[arg(long)]
+        request: PathBuf,
+        /// The jurisdiction the authority vouches for (ISO 3166-1 alpha-2).
+        #[arg(long)]
+        jurisdiction: String,
+        /// Operator family (default: as requested).
+        #[arg(long)]
+        family: Option<String>,
+        /// Roles it may take, comma-separated (default: as requested).
+        #[arg(long)]
+        roles: Option<String>,
+        /// Path selection weighs the node by at most this, Mbit/s.
+        #[arg(long, default_value_t = 1000)]
+        capacity_max: u32,
+        /// How long the certificate is valid.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+        /// Where to write the certificate (default: node.cert next to the request).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Add this key's signature to a certificate or revocation file, in place.
+    Cosign {
+        /// The authority private key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The certificate or revocation file.
+        file: PathBuf,
+    },
+    /// Revoke a node: every node stops routing through it, closes its links
+    /// and refuses its adverts. Publish the file with `ferry policy publish`.
+    Revoke {
+        /// An authority private key file; repeatable.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The node id (64 hex digits, as `ferry status` shows it).
+        #[arg(long)]
+        node: String,
+        /// Why (kept with the revocation).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Where to write the signed revocation (JSON).
         #[arg(long)]
         out: PathBuf,
     },
@@ -220,7 +335,8 @@ enum PolicyCmd {
         #[arg(long, default_value = "30d")]
         valid_for: humantime::Duration,
     },
-    /// Send a signed ruling to a node, which verifies it and gossips it on.
+    /// Send a signed ruling (or revocation) to a node, which verifies it
+    /// and gossips it on.
     Publish {
         /// The node's admin address.
         #[arg(long, default_value = "127.0.0.1:7200")]
@@ -278,7 +394,7 @@ fn main() -> Result<()> {
                 "{}",
                 config::peer_block(
                     &keys.node_id(),
-                    &keys.noise_public,
+                    &keys.noise_public(),
                     cfg.link_listen,
                     cfg.jurisdiction.as_str(),
                     cfg.roles
@@ -300,6 +416,50 @@ fn main() -> Result<()> {
         Cmd::Authority {
             cmd: AuthorityCmd::Keygen { out },
         } => keygen(&out),
+        Cmd::Authority {
+            cmd:
+                AuthorityCmd::Admit {
+                    keys,
+                    request,
+                    jurisdiction,
+                    family,
+                    roles,
+                    capacity_max,
+                    valid_for,
+                    out,
+                },
+        } => admission_cli::admit(admission_cli::AdmitArgs {
+            keys,
+            request,
+            jurisdiction,
+            family,
+            roles,
+            capacity_max,
+            valid_for,
+            out,
+        }),
+        Cmd::Authority {
+            cmd: AuthorityCmd::Cosign { key, file },
+        } => admission_cli::cosign(&key, &file),
+        Cmd::Authority {
+            cmd:
+                AuthorityCmd::Revoke {
+                    keys,
+                    node,
+                    reason,
+                    out,
+                },
+        } => admission_cli::revoke(&keys, &node, &reason, &out),
+        Cmd::Request {
+            config,
+            create_keys,
+            contact,
+            out,
+        } => admission_cli::request(&config, create_keys, &contact, out),
+        Cmd::Keys {
+            cmd: KeysCmd::RotateNoise { admin, grace },
+        } => admission_cli::rotate_noise(admin, grace),
+        Cmd::Paths { admin, n, json } => admission_cli::paths(admin, n, json),
         Cmd::Policy {
             cmd:
                 PolicyCmd::Sign {
@@ -337,10 +497,25 @@ fn main() -> Result<()> {
         Cmd::Node {
             config,
             create_keys,
-        } => runtime()?.block_on(run_node(config, None, true, create_keys)),
-        Cmd::Connect { config, socks } => {
-            runtime()?.block_on(run_node(config, Some(socks), false, false))
-        }
+            admit_with,
+        } => runtime()?.block_on(run_node(
+            config,
+            None,
+            true,
+            create_keys,
+            admit_with.as_deref(),
+        )),
+        Cmd::Connect {
+            config,
+            socks,
+            admit_with,
+        } => runtime()?.block_on(run_node(
+            config,
+            Some(socks),
+            false,
+            false,
+            admit_with.as_deref(),
+        )),
     }
 }
 
@@ -417,13 +592,23 @@ fn init(
         dir.display()
     );
     println!("  config: {}", cfg_path.display());
+    admission_cli::write_request(
+        &keys,
+        &ferry_node::cert::Proposal {
+            jurisdiction: j,
+            family: "",
+            roles,
+            contact: "",
+        },
+        &dir.join(ferry_node::cert::REQUEST_FILE),
+    )?;
     println!("  mesh:   {mesh} (others bootstrap from it), admin API on {admin}");
     println!(
         "\nFor a static mesh without gossip, paste this block into the other nodes' configs:\n"
     );
     print!(
         "{}",
-        config::peer_block(&keys.node_id(), &keys.noise_public, link, j.as_str(), roles)
+        config::peer_block(&keys.node_id(), &keys.noise_public(), link, j.as_str(), roles)
     );
     Ok(())
 }
@@ -479,6 +664,17 @@ fn agent() -> ureq::Agent {
 fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
     let body =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let is_revocation = serde_json::from_str::<serde_json::Value>(&body)
+        .is_ok_and(|v| v.get("revocation").is_some());
+    if is_revocation {
+        let v = client::publish_revocation(&admin.to_string(), &body)?;
+        println!(
+            "node {} revoked{}",
+            &v["revoked"].as_str().unwrap_or("?")[..8.min(v["revoked"].as_str().unwrap_or("?").len())],
+            if v["new"].as_bool() == Some(false) { " (already)" } else { "" }
+        );
+        return Ok(());
+    }
     let v = client::publish_ruling(&admin.to_string(), &body)?;
     println!("{}", v["status"].as_str().unwrap_or("accepted"));
     Ok(())
@@ -611,6 +807,9 @@ fn status(admin: SocketAddr, json: bool) -> Result<()> {
     if let Some(r) = v["state_reason"].as_str().filter(|r| !r.is_empty()) {
         println!("  {r}");
     }
+    if let Some(line) = admission_cli::status_line(&v) {
+        println!("{line}");
+    }
     println!("circuits carried: {}", v["circuits"]);
     if let Some(cs) = v["origin"]["circuits"].as_array() {
         println!("own circuits: {}", cs.len());
@@ -655,7 +854,11 @@ fn status(admin: SocketAddr, json: bool) -> Result<()> {
             }
         );
     }
-    for key in ["ruling_rejections", "advert_rejections"] {
+    for key in [
+        "ruling_rejections",
+        "advert_rejections",
+        "revocation_rejections",
+    ] {
         if let Some(m) = v[key].as_object().filter(|m| !m.is_empty()) {
             let parts: Vec<String> = m.iter().map(|(k, n)| format!("{k}={n}")).collect();
             println!("{}: {}", key.replace('_', " "), parts.join(" "));
@@ -740,6 +943,7 @@ async fn run_node(
     socks: Option<Option<SocketAddr>>,
     links: bool,
     create_keys: bool,
+    admit_with: Option<&Path>,
 ) -> Result<()> {
     let mut cfg = NodeConfig::load(&path)?;
     if let Some(s) = socks {
@@ -765,6 +969,9 @@ async fn run_node(
     } else {
         Keys::load(&cfg.key_dir)?
     };
+    if let Some(key) = admit_with {
+        admission_cli::self_admit(&mut cfg, &keys, key)?;
+    }
     let store = std::sync::Arc::new(ferry_node::store::Store::open(&cfg.data_dir)?);
     let listeners = Listeners::bind_config(&cfg, links).await?;
     let shutdown = CancellationToken::new();

@@ -34,6 +34,10 @@ pub struct Metrics {
     link_sent: IntCounter,
     state: IntGaugeVec,
     ready: IntGauge,
+    cert_required: IntGauge,
+    cert_expiry: IntGauge,
+    revoked: IntGauge,
+    revocation_rejections: IntCounterVec,
     exit_seconds: IntGauge,
     blocked_circuits: IntGaugeVec,
     migrations: IntCounterVec,
@@ -176,9 +180,30 @@ impl Metrics {
             "expired",
             "invalid",
             "stale",
-            "key_conflict",
+            "revoked",
+            "no_certificate",
+            "cert_oversized",
+            "cert_malformed",
+            "cert_unsigned",
+            "cert_unknown_key",
+            "cert_bad_signature",
+            "cert_threshold",
+            "cert_mismatch",
+            "cert_not_yet_valid",
+            "cert_expired",
+            "cert_invalid",
         ] {
             m.advert_rejections.with_label_values(&[r]);
+        }
+        for r in [
+            "malformed",
+            "oversized",
+            "unsigned",
+            "unknown_key",
+            "bad_signature",
+            "threshold",
+        ] {
+            m.revocation_rejections.with_label_values(&[r]);
         }
         for r in crate::endpoint::CLOSE_REASONS {
             m.streams_closed.with_label_values(&[r]);
@@ -236,7 +261,28 @@ impl Metrics {
             ready: gauge(
                 &r,
                 "ferry_node_ready",
-                "1 while the node takes new circuits (/readyz): active and joined; 0 while joining, draining or exited.",
+                "1 while the node takes new circuits (/readyz): admitted, active and joined; 0 while unadmitted, joining, draining or exited.",
+            ),
+            cert_required: gauge(
+                &r,
+                "ferry_certificate_required",
+                "1 if peers need this node's certificate to route through it (it joins by gossip under an authority), else 0.",
+            ),
+            cert_expiry: gauge(
+                &r,
+                "ferry_certificate_expiry_seconds",
+                "Seconds until this node's certificate ends; 0 if it has none, or it is refused or expired.",
+            ),
+            revoked: gauge(
+                &r,
+                "ferry_revoked_nodes",
+                "Nodes the authority revoked that this node knows of.",
+            ),
+            revocation_rejections: counter_vec(
+                &r,
+                "ferry_revocation_rejections_total",
+                "Revocations refused (not signed k of n by trusted authority keys, malformed), by reason.",
+                "reason",
             ),
             state: gauge_vec(
                 &r,
@@ -352,6 +398,7 @@ impl Metrics {
         sw: &Switch,
         origin: Option<&Origin>,
         rulings: &Rulings,
+        revocations: &crate::rulings::Revocations,
         gossip: &GossipCounters,
     ) -> String {
         let now = now_ms();
@@ -365,6 +412,18 @@ impl Metrics {
         self.circuits.set(sw.circuit_count() as i64);
         advance(&self.link_sent, sw.bytes_out());
         self.ready.set(i64::from(sw.readiness(now).ready));
+        self.cert_required.set(i64::from(sw.needs_certificate()));
+        self.cert_expiry.set(match &sw.certificate {
+            Some(c) if c.problem(now).is_none() => c
+                .verified
+                .as_ref()
+                .map_or(0, |c| (c.not_after_ms.saturating_sub(now) / 1000) as i64),
+            _ => 0,
+        });
+        self.revoked.set(revocations.revoked().len() as i64);
+        for (reason, n) in revocations.rejections() {
+            advance(&self.revocation_rejections.with_label_values(&[reason]), n);
+        }
         let cur = sw.state.current();
         for name in ["active", "draining", "exited"] {
             self.state

@@ -7,7 +7,8 @@ use crate::directory::Directory;
 use crate::identity::Keys;
 use crate::link;
 use crate::origin::Origin;
-use crate::rulings::Rulings;
+use crate::cert::OwnCert;
+use crate::rulings::{Revocations, Rulings};
 use crate::socks;
 use crate::state::NodeStateCtl;
 use crate::store::{Store, cf};
@@ -87,7 +88,11 @@ pub fn start(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Running {
-    let directory = Arc::new(Directory::with_static(&cfg.peers));
+    let directory = Arc::new(Directory::new(
+        cfg.authority.clone(),
+        cfg.advert_ttl,
+        &cfg.peers,
+    ));
     let rulings =
         Arc::new(Rulings::load(cfg.authority.clone(), None).expect("rulings without a store load"));
     let state = Arc::new(
@@ -100,6 +105,7 @@ pub fn start(
         directory,
         rulings,
         state,
+        None,
         shutdown.clone(),
     );
     start_data_plane(switch, listeners, shutdown, None)
@@ -117,9 +123,34 @@ pub fn start_full(
     shutdown: CancellationToken,
 ) -> Result<Running> {
     store.put(cf::META, b"node_id", &keys.node_id().0)?;
-    let directory = Arc::new(Directory::with_static(&cfg.peers));
+    let directory = Arc::new(Directory::new(
+        cfg.authority.clone(),
+        cfg.advert_ttl,
+        &cfg.peers,
+    ));
     let now = crate::authority::now_ms();
     let me = keys.node_id();
+    // Revocations first, so no revoked node's stored advert comes back.
+    let revocations = Arc::new(Revocations::load(cfg.authority.clone(), Some(store.clone()))?);
+    for id in revocations.revoked() {
+        directory.revoke(id);
+    }
+    let certificate = OwnCert::load(&cfg.key_dir, &cfg.authority, &me, now)?;
+    match certificate.as_ref().map(|c| &c.verified) {
+        Some(Ok(c)) => info!(
+            jurisdiction = %c.jurisdiction,
+            roles = %c.roles,
+            capacity_max_mbps = c.capacity_max_mbps,
+            not_after = %crate::authority::fmt_time(c.not_after_ms),
+            "certificate loaded"
+        ),
+        Some(Err(e)) => warn!(reason = %e, "this node's certificate is refused under its own [authority]; peers will refuse its adverts"),
+        None if !cfg.authority.keys.is_empty() && cfg.peers.is_empty() => warn!(
+            "no certificate ({}): peers will refuse this node's adverts until the authority admits it",
+            cfg.key_dir.join(crate::cert::CERT_FILE).display()
+        ),
+        None => {}
+    }
     let mut recovered = 0;
     for (_, bytes) in store.all(cf::PEERS)? {
         if directory
@@ -153,6 +184,7 @@ pub fn start_full(
         directory.clone(),
         rulings.clone(),
         state,
+        certificate,
         shutdown.clone(),
     );
     let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr, switch.clone());
@@ -164,8 +196,9 @@ pub fn start_full(
     let shared = control::Shared {
         directory,
         rulings: rulings.clone(),
+        revocations: revocations.clone(),
         counters: counters.clone(),
-        store,
+        store: store.clone(),
     };
     let control = control::start(&keys, settings, shared, signer, shutdown.clone())?;
     let running = start_data_plane(
@@ -182,6 +215,8 @@ pub fn start_full(
     let state = Arc::new(AdminState {
         switch,
         rulings,
+        revocations,
+        store,
         counters,
         control,
         origin: running.origin.clone(),
@@ -256,6 +291,17 @@ async fn watch_state(
             }
         } else if st.current().state == NodeState::Exited && switch.circuit_count() > 0 {
             switch.destroy_all(DestroyReason::Exited);
+        }
+        switch.close_revoked();
+        match switch.keys.noise.expire(now) {
+            Ok(true) => {
+                info!("the retired Noise key's grace is over: erased");
+                if let Some(c) = &control {
+                    let _ = c.send(Command::Advertise);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "could not erase the retired Noise key"),
         }
     }
 }

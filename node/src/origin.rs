@@ -151,6 +151,9 @@ impl OriginCircuit {
     }
 }
 
+/// How long a stream waits for a joining entry to learn the rulings in force.
+pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why a stream could not be opened: maps to a SOCKS5 reply.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -163,6 +166,10 @@ pub enum OpenError {
     /// The connection's routing options are malformed.
     #[error("routing options: {0}")]
     Options(String),
+    /// The entry cannot route yet: it has not received the rulings in
+    /// force from any peer (or it is not admitted).
+    #[error("entry not ready: {0}")]
+    NotReady(String),
     /// The exit refused or failed the stream.
     #[error("exit refused the stream: {} {detail}", reason.as_str_name())]
     Refused {
@@ -243,6 +250,16 @@ impl Origin {
         port: u16,
         route: &Arc<Route>,
     ) -> Result<StreamParts, OpenError> {
+        // No circuit before the rulings in force are known: routing
+        // without them could cross a blocked jurisdiction.
+        if !self.switch.cfg.bootstrap.is_empty()
+            && !self.switch.rulings.wait_synced(JOIN_WAIT).await
+        {
+            return Err(OpenError::NotReady(format!(
+                "joining: no peer has sent the rulings in force within {}s",
+                JOIN_WAIT.as_secs()
+            )));
+        }
         // The stream is registered on its circuit while the pool is held,
         // so the drain planner (which closes idle circuits under the same
         // lock) never closes a circuit a stream is joining.
@@ -327,6 +344,47 @@ impl Origin {
             }
         }
         Err(last.unwrap_or_else(|| OpenError::Build("no circuit".into())))
+    }
+
+    /// Picks `n` paths for the default route (no tenant, no connection
+    /// options) exactly as circuit builds do, without building them: how
+    /// new circuits would spread over the mesh now. Returns how many paths
+    /// each node was on, and how many picks failed.
+    pub fn sample_paths(&self, n: usize) -> (std::collections::BTreeMap<NodeId, usize>, usize) {
+        let mut counts = std::collections::BTreeMap::new();
+        let Ok(route) = self
+            .switch
+            .cfg
+            .routing
+            .route("", &crate::routing::ConnOptions::default())
+        else {
+            return (counts, n);
+        };
+        let now = crate::authority::now_ms();
+        let index = PathIndex::build(
+            &self.view(now),
+            &self.switch.rulings.snapshot(),
+            &route.scope,
+            Time(now),
+        );
+        let req = PathRequest {
+            origin: Some(self.switch.keys.node_id()),
+            exit: None,
+            avoid: Vec::new(),
+        };
+        let mut failed = 0;
+        let mut rng = self.rng.lock().expect("rng lock");
+        for _ in 0..n {
+            match index.pick(&route.constraints, &req, &mut *rng) {
+                Ok(p) => {
+                    for id in p.as_slice() {
+                        *counts.entry(*id).or_default() += 1;
+                    }
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (counts, failed)
     }
 
     /// Builds a new circuit for `route`, ending at `exit` if given, around
@@ -445,8 +503,12 @@ impl Origin {
                 .ok_or_else(|| Failed::from(OpenError::Build(format!("unknown node {id}"))))
         };
         let err = |e: crypto::CryptoError| Failed::from(OpenError::Build(e.to_string()));
+        // Each hop proves its identity over the handshake hash in its
+        // answer: a node that advertises another's Noise key is found out
+        // here (the key's holder answers as itself).
         let mut hs = crypto::hop_initiator(&key(&path[0])?).map_err(err)?;
         let m1 = crypto::write_hs(&mut hs).map_err(err)?;
+        let h1 = crypto::handshake_hash(&hs);
         link.send(cell(circ, CellCmd::Create, &m1))
             .await
             .map_err(|_| Failed::from(OpenError::Build("link closed".into())))?;
@@ -454,11 +516,13 @@ impl Origin {
             Some(BuildEvent::Created(mut b)) => b.split_off(cellfmt::HEADER_LEN),
             other => return Err(self.build_failure(path[0], other)),
         };
-        crypto::read_hs(&mut hs, &m2).map_err(err)?;
+        let proof = crypto::read_hs(&mut hs, &m2).map_err(err)?;
+        crypto::check_proof(&proof, crypto::HOP_PROOF, &h1, Some(&path[0])).map_err(err)?;
         let mut session = Session::from_handshake(hs).map_err(err)?;
         for next in &path[1..] {
             let mut hs = crypto::hop_initiator(&key(next)?).map_err(err)?;
             let m1 = crypto::write_hs(&mut hs).map_err(err)?;
+            let h1 = crypto::handshake_hash(&hs);
             let ctl = pb::Control {
                 msg: Some(pb::control::Msg::Extend(pb::Extend {
                     node_id: next.0.to_vec(),
@@ -485,7 +549,8 @@ impl Origin {
                 .map_err(|e| Failed::from(OpenError::Build(e.to_string())))?;
             match reply.msg {
                 Some(pb::control_reply::Msg::Extended(ext)) => {
-                    crypto::read_hs(&mut hs, &ext.handshake).map_err(err)?;
+                    let proof = crypto::read_hs(&mut hs, &ext.handshake).map_err(err)?;
+                    crypto::check_proof(&proof, crypto::HOP_PROOF, &h1, Some(next)).map_err(err)?;
                     session = Session::from_handshake(hs).map_err(err)?;
                     debug!(circ, hop = %next.short(), "extended");
                 }

@@ -1,14 +1,36 @@
-//! The rulings a node holds: verified, versioned, persisted, and counted
-//! when refused. The last good state always stays in force.
+//! What the authority says that a node holds: rulings (verified, versioned,
+//! persisted, counted when refused; the last good state always stays in
+//! force) and revocations of nodes (verified, persisted, never expiring).
+//!
+//! Where a ruling comes from decides what is checked ([`Source`]): one an
+//! operator publishes through the admin API must be inside its signature's
+//! receipt window; one a peer passes on (gossip, or the sync a node runs at
+//! each connection) is taken at any age, so a node that joins long after a
+//! ruling was signed still learns it. Replays are caught by version: the
+//! same version again is a duplicate (never a refusal, never a warning), an
+//! older one is a rollback (refused and counted when gossiped; quietly
+//! ignored in a sync answer from a peer that is behind).
 
 use crate::authority::{Authority, Refusal};
 use crate::store::{Store, cf};
 use ferry_proto::pb;
-use ferry_router::{Blocs, Rejected, RulingSet};
+use ferry_router::{Blocs, NodeId, Rejected, RulingSet};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
+
+/// Where a signed ruling came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// An operator, through the admin API: the receipt window applies.
+    Operator,
+    /// A peer's gossip: any age; a rollback is refused and counted.
+    Gossip,
+    /// A peer's answer to this node's sync: any age; held and older
+    /// versions are ignored (the peer may simply be behind).
+    Sync,
+}
 
 /// What offering a ruling did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +39,8 @@ pub enum Offered {
     InForce,
     /// The same signed body was already in force.
     Duplicate,
+    /// A sync answer carried a version older than the one in force.
+    Behind,
 }
 
 /// A node's rulings.
@@ -28,9 +52,34 @@ pub struct Rulings {
     signed: Mutex<BTreeMap<String, Vec<u8>>>,
     bodies: Mutex<BTreeMap<String, Vec<u8>>>,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    synced: std::sync::atomic::AtomicBool,
+    synced_notify: tokio::sync::Notify,
 }
 
 impl Rulings {
+    /// Records that a peer answered this node's sync; true the first time.
+    pub fn mark_synced(&self) -> bool {
+        let first = !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst);
+        self.synced_notify.notify_waiters();
+        first
+    }
+
+    /// Waits until a peer has answered this node's sync, at most `limit`;
+    /// whether it has.
+    pub async fn wait_synced(&self, limit: std::time::Duration) -> bool {
+        let notified = self.synced_notify.notified();
+        if self.synced() {
+            return true;
+        }
+        let _ = tokio::time::timeout(limit, notified).await;
+        self.synced()
+    }
+
+    /// Whether a peer has answered this node's sync yet.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Rulings trusted under `authority`, restored from `store`.
     pub fn load(authority: Authority, store: Option<Arc<Store>>) -> anyhow::Result<Self> {
         let r = Self {
@@ -41,12 +90,14 @@ impl Rulings {
             signed: Mutex::new(BTreeMap::new()),
             bodies: Mutex::new(BTreeMap::new()),
             rejected: Mutex::new(BTreeMap::new()),
+            synced: Default::default(),
+            synced_notify: tokio::sync::Notify::new(),
         };
         if let Some(store) = &r.store {
             for (_, bytes) in store.all(cf::RULINGS)? {
                 // Stored rulings were valid when accepted; their signatures
                 // are checked again, their receipt window is not.
-                match r.authority.verify(&bytes, 0) {
+                match r.authority.verify(&bytes, None) {
                     Ok((signed, _, ruling)) => {
                         let _ = r
                             .set
@@ -70,8 +121,15 @@ impl Rulings {
     }
 
     /// Verifies and applies a signed ruling; counts a refusal.
-    pub fn offer(&self, bytes: &[u8], now: u64) -> Result<Offered, Refusal> {
-        let res = self.offer_inner(bytes, now);
+    pub fn offer(&self, bytes: &[u8], now: u64, from: Source) -> Result<Offered, Refusal> {
+        let res = self.offer_inner(bytes, now, from);
+        if from == Source::Sync
+            && let Err(Refusal {
+                kind: "rollback", ..
+            }) = &res
+        {
+            return Ok(Offered::Behind);
+        }
         if let Err(e) = &res {
             *self
                 .rejected
@@ -84,9 +142,11 @@ impl Rulings {
         res
     }
 
-    fn offer_inner(&self, bytes: &[u8], now: u64) -> Result<Offered, Refusal> {
-        let (signed, body, ruling) = self.authority.verify(bytes, now)?;
+    fn offer_inner(&self, bytes: &[u8], now: u64, from: Source) -> Result<Offered, Refusal> {
+        let window = (from == Source::Operator).then_some(now);
+        let (signed, body, ruling) = self.authority.verify(bytes, window)?;
         if self.bodies.lock().expect("lock").get(&ruling.id) == Some(&signed.body) {
+            self.merge_signatures(&ruling.id, signed.signatures);
             return Ok(Offered::Duplicate);
         }
         let mut set = self.set.write().expect("rulings lock");
@@ -121,12 +181,47 @@ impl Rulings {
         Ok(Offered::InForce)
     }
 
+    /// Keeps signatures by further keys on a ruling already held (the same
+    /// body, cosigned later): what lets the authority rotate its keys: add
+    /// the new key everywhere, cosign the rulings in force and publish them
+    /// again, then remove the old key, and the stored rulings still verify.
+    fn merge_signatures(&self, id: &str, more: Vec<pb::AuthoritySignature>) {
+        let mut signed = self.signed.lock().expect("lock");
+        let Some(held) = signed.get(id) else { return };
+        let Ok(mut held_pb) = pb::SignedRuling::decode(held.as_slice()) else {
+            return;
+        };
+        let before = held_pb.signatures.len();
+        for s in more {
+            if !held_pb.signatures.iter().any(|h| h.key == s.key) {
+                held_pb.signatures.push(s);
+            }
+        }
+        if held_pb.signatures.len() == before {
+            return;
+        }
+        // Keep only what verifies, so a bogus extra signature is not stored.
+        let body = held_pb.body.clone();
+        held_pb.signatures.retain(|s| {
+            self.authority
+                .signature_valid(crate::authority::RULING_CONTEXT, &body, s)
+        });
+        let bytes = held_pb.encode_to_vec();
+        if let Some(store) = &self.store
+            && let Err(e) = store.put(cf::RULINGS, id.as_bytes(), &bytes)
+        {
+            warn!(error = %format!("{e:#}"), "could not persist a ruling's new signatures");
+        }
+        info!(id, signatures = held_pb.signatures.len(), "ruling cosigned");
+        signed.insert(id.to_string(), bytes);
+    }
+
     /// The rulings in force.
     pub fn snapshot(&self) -> RulingSet {
         self.set.read().expect("rulings lock").clone()
     }
 
-    /// The signed form of every ruling in force (for re-gossip).
+    /// The signed form of every ruling in force (for a peer's sync).
     pub fn signed(&self) -> Vec<Vec<u8>> {
         self.signed
             .lock()
@@ -139,5 +234,189 @@ impl Rulings {
     /// Refusals so far, by reason.
     pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
         self.rejected.lock().expect("lock").clone()
+    }
+}
+
+/// The revocations a node holds: node ids the authority withdrew, with the
+/// signed statements (persisted, passed on in syncs; they never expire).
+pub struct Revocations {
+    authority: Authority,
+    store: Option<Arc<Store>>,
+    signed: Mutex<BTreeMap<NodeId, Vec<u8>>>,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Revocations {
+    /// Revocations trusted under `authority`, restored from `store`.
+    pub fn load(authority: Authority, store: Option<Arc<Store>>) -> anyhow::Result<Self> {
+        let r = Self {
+            authority,
+            store,
+            signed: Mutex::new(BTreeMap::new()),
+            rejected: Mutex::new(BTreeMap::new()),
+        };
+        if let Some(store) = &r.store {
+            for (_, bytes) in store.all(cf::REVOCATIONS)? {
+                match r.authority.verify_revocation(&bytes) {
+                    Ok((id, _)) => {
+                        r.signed.lock().expect("lock").insert(id, bytes);
+                    }
+                    Err(e) => warn!(reason = %e, "stored revocation no longer verifies; ignored"),
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Verifies a signed revocation; the revoked node if it is news. A
+    /// refusal is counted and logged; a revocation already held is not.
+    pub fn offer(&self, bytes: &[u8]) -> Result<Option<NodeId>, Refusal> {
+        let (id, body) = match self.authority.verify_revocation(bytes) {
+            Ok(x) => x,
+            Err(e) => {
+                *self
+                    .rejected
+                    .lock()
+                    .expect("lock")
+                    .entry(e.kind)
+                    .or_default() += 1;
+                warn!(reason = e.kind, detail = %e.detail, "revocation refused");
+                return Err(e);
+            }
+        };
+        let mut g = self.signed.lock().expect("lock");
+        if g.contains_key(&id) {
+            return Ok(None);
+        }
+        if let Some(store) = &self.store
+            && let Err(e) = store.put(cf::REVOCATIONS, &id.0, bytes)
+        {
+            warn!(error = %format!("{e:#}"), "could not persist a revocation");
+        }
+        g.insert(id, bytes.to_vec());
+        info!(node = %id.short(), reason = %body.reason, "node revoked by the authority");
+        Ok(Some(id))
+    }
+
+    /// The revoked nodes.
+    pub fn revoked(&self) -> Vec<NodeId> {
+        self.signed.lock().expect("lock").keys().copied().collect()
+    }
+
+    /// The signed form of every revocation (for a peer's sync).
+    pub fn signed(&self) -> Vec<Vec<u8>> {
+        self.signed.lock().expect("lock").values().cloned().collect()
+    }
+
+    /// Refusals so far, by reason.
+    pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected.lock().expect("lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::{RulingFile, now_ms, sign};
+    use ed25519_dalek::SigningKey;
+    use rand::rngs::OsRng;
+    use std::time::Duration;
+
+    fn authority(keys: &[&SigningKey]) -> Authority {
+        let hexes: Vec<String> = keys
+            .iter()
+            .map(|k| hex::encode(k.verifying_key().as_bytes()))
+            .collect();
+        Authority::new(&hexes, 1).unwrap()
+    }
+
+    fn ruling(version: u64, valid_for: Duration) -> pb::SignedRuling {
+        let f = RulingFile {
+            id: "pk".into(),
+            version,
+            region: "PK".into(),
+            blocked_from: "2030-01-01T00:00:00Z".into(),
+            exit_by: "2030-01-15T00:00:00Z".into(),
+            classes: vec![],
+            tenants: vec![],
+            reason: "order".into(),
+            lifted: false,
+        };
+        pb::SignedRuling {
+            body: f.to_body(now_ms(), valid_for).unwrap().encode_to_vec(),
+            signatures: vec![],
+        }
+    }
+
+    #[test]
+    fn the_window_bounds_introduction_only_and_replays_are_caught_by_version() {
+        let k = SigningKey::generate(&mut OsRng);
+        let r = Rulings::load(authority(&[&k]), None).unwrap();
+        let mut v1 = ruling(1, Duration::from_secs(60));
+        sign(&mut v1, &k);
+        let mut v2 = ruling(2, Duration::from_secs(60));
+        sign(&mut v2, &k);
+        let (v1, v2) = (v1.encode_to_vec(), v2.encode_to_vec());
+        let later = now_ms() + 86_400_000;
+        // Past its window an operator cannot introduce it...
+        let e = r.offer(&v1, later, Source::Operator).unwrap_err();
+        assert_eq!(e.kind, "expired");
+        // ...but peers pass it on at any age.
+        assert_eq!(r.offer(&v1, later, Source::Sync), Ok(Offered::InForce));
+        assert_eq!(r.offer(&v2, later, Source::Gossip), Ok(Offered::InForce));
+        // The same version again is a duplicate, never a refusal.
+        assert_eq!(r.offer(&v2, later, Source::Gossip), Ok(Offered::Duplicate));
+        assert_eq!(r.offer(&v2, later, Source::Sync), Ok(Offered::Duplicate));
+        // An older one: quietly behind in a sync answer, a refused rollback
+        // when gossiped.
+        assert_eq!(r.offer(&v1, later, Source::Sync), Ok(Offered::Behind));
+        assert_eq!(r.rejections().get("rollback"), None);
+        assert_eq!(r.offer(&v1, later, Source::Gossip).unwrap_err().kind, "rollback");
+        assert_eq!(r.rejections().get("rollback"), Some(&1));
+        assert_eq!(r.rejections().get("expired"), Some(&1));
+    }
+
+    #[test]
+    fn the_authority_rotates_its_key_and_rulings_in_force_survive_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (old, new) = (
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+        );
+        let mut signed = ruling(1, Duration::from_secs(3600));
+        sign(&mut signed, &old);
+        let r = Rulings::load(authority(&[&old]), Some(store.clone())).unwrap();
+        let now = now_ms();
+        assert_eq!(
+            r.offer(&signed.encode_to_vec(), now, Source::Operator),
+            Ok(Offered::InForce)
+        );
+        drop(r);
+        // 1. The new key is added everywhere (a rolling restart).
+        let r = Rulings::load(authority(&[&old, &new]), Some(store.clone())).unwrap();
+        assert_eq!(r.snapshot().iter().count(), 1);
+        // 2. The rulings in force are cosigned with it and published again.
+        sign(&mut signed, &new);
+        assert_eq!(
+            r.offer(&signed.encode_to_vec(), now, Source::Operator),
+            Ok(Offered::Duplicate)
+        );
+        drop(r);
+        // 3. The old key is removed: the stored ruling still verifies.
+        let r = Rulings::load(authority(&[&new]), Some(store.clone())).unwrap();
+        assert_eq!(r.snapshot().iter().count(), 1, "the ruling survived");
+        drop(r);
+        // Without step 2 it would not have: signed by the old key only.
+        let dir2 = tempfile::tempdir().unwrap();
+        let store2 = Arc::new(Store::open(dir2.path()).unwrap());
+        let mut only_old = ruling(1, Duration::from_secs(3600));
+        sign(&mut only_old, &old);
+        let r = Rulings::load(authority(&[&old, &new]), Some(store2.clone())).unwrap();
+        r.offer(&only_old.encode_to_vec(), now, Source::Operator)
+            .unwrap();
+        drop(r);
+        let r = Rulings::load(authority(&[&new]), Some(store2)).unwrap();
+        assert_eq!(r.snapshot().iter().count(), 0);
     }
 }

@@ -176,7 +176,7 @@ pub async fn send_reply<S: AsyncWrite + Unpin>(s: &mut S, code: u8) -> std::io::
 pub fn reply_for(err: &OpenError) -> u8 {
     match err {
         OpenError::NoPath(_) | OpenError::Options(_) => reply::NOT_ALLOWED,
-        OpenError::Build(_) => reply::GENERAL_FAILURE,
+        OpenError::Build(_) | OpenError::NotReady(_) => reply::GENERAL_FAILURE,
         OpenError::Refused { reason, .. } => match reason {
             EndReason::Policy => reply::NOT_ALLOWED,
             EndReason::NetworkUnreachable => reply::NETWORK_UNREACHABLE,

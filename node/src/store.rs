@@ -24,8 +24,11 @@ pub mod cf {
     pub const STATE: &str = "state";
     /// Drain progress of circuits this node owns.
     pub const DRAIN: &str = "drain";
+    /// Signed revocations of nodes, by node id (added after schema 1
+    /// without a version change: an older store simply gains it).
+    pub const REVOCATIONS: &str = "revocations";
     /// All of them.
-    pub const ALL: [&str; 5] = [META, PEERS, RULINGS, STATE, DRAIN];
+    pub const ALL: [&str; 6] = [META, PEERS, RULINGS, STATE, DRAIN, REVOCATIONS];
 }
 
 /// The node's store.

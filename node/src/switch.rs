@@ -64,6 +64,8 @@ pub struct Switch {
     pub(crate) bytes_out: Arc<AtomicU64>,
     /// The node's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// This node's certificate (`None`: it has no `node.cert`).
+    pub certificate: Option<crate::cert::OwnCert>,
 }
 
 /// A cell broke the link protocol: the link is closed with this reason.
@@ -90,6 +92,7 @@ impl Switch {
         directory: Arc<Directory>,
         rulings: Arc<crate::rulings::Rulings>,
         state: Arc<crate::state::NodeStateCtl>,
+        certificate: Option<crate::cert::OwnCert>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -116,6 +119,7 @@ impl Switch {
             exit,
             bytes_out: Arc::new(AtomicU64::new(0)),
             metrics,
+            certificate,
         })
     }
 
@@ -124,9 +128,10 @@ impl Switch {
         self.directory.get(id, now_ms()).map(|e| e.peer)
     }
 
-    /// The live node a Noise static key is bound to (by config or advert).
-    pub fn peer_by_noise_key(&self, key: &[u8; 32]) -> Option<NodeId> {
-        self.directory.by_noise_key(key, now_ms())
+    /// Whether the live, admitted node `id` holds the Noise key `key`
+    /// (by config, or by its advert: current or retiring).
+    pub fn binds(&self, id: &NodeId, key: &[u8; 32]) -> bool {
+        self.directory.binds(id, key, now_ms())
     }
 
     /// Bytes written to links since start.
@@ -402,8 +407,44 @@ impl Switch {
             .count()
     }
 
-    /// Circuits this node carries for others: relayed, or as their tip
-    /// (the exit). Its own circuits, as an entry, are the origin's.
+    /// Whether this node needs a certificate: it trusts an authority and
+    /// joins by gossip (a static mesh, with `[[peers]]` and no bootstrap,
+    /// is vouched for by its operators' configs instead).
+    pub fn needs_certificate(&self) -> bool {
+        let static_only = !self.cfg.peers.is_empty() && self.cfg.bootstrap.is_empty();
+        !self.cfg.authority.keys.is_empty() && !static_only
+    }
+
+    /// Why peers will refuse this node's adverts, if they will.
+    pub fn admission_problem(&self, now: u64) -> Option<String> {
+        if !self.needs_certificate() {
+            return None;
+        }
+        match &self.certificate {
+            None => Some(format!(
+                "no certificate ({}): send {} to the mesh's authority (ferry authority admit) and put the answer there",
+                self.cfg.key_dir.join(crate::cert::CERT_FILE).display(),
+                self.cfg.key_dir.join(crate::cert::REQUEST_FILE).display(),
+            )),
+            Some(c) => c.problem(now),
+        }
+    }
+
+    /// Closes every link to a node the authority revoked (their circuits
+    /// end with them). Returns how many.
+    pub fn close_revoked(&self) -> usize {
+        let links = self.links.lock().expect("links lock");
+        let mut n = 0;
+        for l in links.values() {
+            if !l.is_closed() && self.directory.is_revoked(&l.peer) {
+                warn!(peer = %l.peer.short(), "closing the link to a revoked node");
+                l.close();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Whether the node takes new circuits, and if not why: it is
     /// `joining` while it knows no live peer (unless it has nothing to join:
     /// no bootstrap address and no static peer), and `draining` or `exited`
@@ -417,6 +458,13 @@ impl Switch {
                 reason: cur.reason,
             };
         }
+        if let Some(why) = self.admission_problem(now) {
+            return Readiness {
+                ready: false,
+                state: "unadmitted",
+                reason: why,
+            };
+        }
         let alone = self.cfg.bootstrap.is_empty() && self.cfg.peers.is_empty();
         if !alone && self.directory.live(now).is_empty() {
             return Readiness {
@@ -426,6 +474,13 @@ impl Switch {
                     "no live peer known yet ({} bootstrap address(es))",
                     self.cfg.bootstrap.len()
                 ),
+            };
+        }
+        if !self.cfg.bootstrap.is_empty() && !self.rulings.synced() {
+            return Readiness {
+                ready: false,
+                state: "joining",
+                reason: "no peer has sent the rulings in force yet".into(),
             };
         }
         Readiness {
@@ -552,7 +607,11 @@ impl Switch {
         {
             return refuse("circuit id already in use on this link");
         }
-        let (session, msg2) = match crypto::hop_respond(&self.keys.noise_private, msg1) {
+        let (session, msg2) = match crypto::hop_respond(
+            &self.keys.noise.responder_keys(now_ms()),
+            &self.keys.identity,
+            msg1,
+        ) {
             Ok(x) => x,
             Err(e) => return refuse(&e.to_string()),
         };

@@ -21,6 +21,9 @@ fn help_lists_every_command() {
         "status",
         "authority",
         "policy",
+        "request",
+        "keys",
+        "paths",
     ] {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(cmd)),
@@ -33,6 +36,14 @@ fn help_lists_every_command() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("sign") && help.contains("publish"), "{help}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["authority", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in ["keygen", "admit", "cosign", "revoke"] {
+        assert!(help.contains(sub), "`{sub}` missing from:\n{help}");
+    }
 }
 
 #[test]

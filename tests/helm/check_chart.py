@@ -11,7 +11,10 @@ packages.
 import json
 import logging
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import yaml
 
@@ -78,6 +81,26 @@ def env_of(container):
     return {e["name"]: e for e in container["env"]}
 
 
+def mounts_of(container):
+    return {m["name"]: m for m in container.get("volumeMounts", [])}
+
+
+def run_init(container, paths, env):
+    """Runs an init container's `sh -c` script on this machine, its absolute
+    paths mapped to folders here; returns (exit code, stderr)."""
+    check(container["command"] == ["sh", "-c"] and len(container["args"]) == 1,
+          f"init container runs one sh -c script: {container['command']} {container['args']}")
+    there = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+    script = re.sub(rf"(?<![\w./-])({there})(?![\w-])", lambda m: paths[m.group(1)], container["args"][0])
+    r = subprocess.run(["sh", "-c", script], env={"PATH": os.environ["PATH"], **env},
+                       capture_output=True, text=True)
+    return r.returncode, r.stderr
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
 # -- defaults (with the one required value) ------------------------------------
 base = {"jurisdiction": "DE"}
 lint(base)
@@ -128,6 +151,8 @@ check(json.loads(dash[0]["data"]["ferry-dashboard.json"]) == shipped,
       "the ConfigMap holds the shipped dashboard")
 check(dash[0]["metadata"]["labels"].get("grafana_dashboard") == "1", "labelled for Grafana's sidecar")
 check("WARNING: no authority keys" in raw["ferry/templates/NOTES.txt"], "NOTES warn without authority keys")
+check("initContainers" not in pod and "--admit-with" not in c["args"], "no admission unless asked")
+check("WARNING: no admission" in raw["ferry/templates/NOTES.txt"], "NOTES warn without admission")
 print("defaults: StatefulSet, probes, preStop drain, security context, PDB, dashboard checked")
 
 # -- non-default values ---------------------------------------------------------
@@ -139,6 +164,7 @@ custom = {
     "image": {"repository": "registry.example/ferry", "tag": "1.2.3"},
     "mesh": {"bootstrap": ["ferry-0.ferry-mesh.other.svc.cluster.local:7100"], "bootstrapSelf": False},
     "authority": {"existingSecret": "ferry-authority", "key": "pub", "threshold": 2},
+    "admission": {"certificates": {"existingSecret": "ferry-ch-admission"}},
     "exit": {"allowPrivate": True, "rules": ["allow 10.1.0.0/16:443", "deny 0.0.0.0/0"]},
     "drain": {"windowSeconds": 300},
     "terminationGracePeriodSeconds": 360,
@@ -206,8 +232,123 @@ with open(os.path.join(ROOT, "deploy", "prometheus", "ferry-rules.yml")) as f:
 check(len(pr) == 1 and pr[0]["spec"]["groups"] == rules["groups"], "PrometheusRule holds the shipped rules")
 check(not [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")],
       "no dashboard when disabled")
-check("WARNING" not in raw["ferry/templates/NOTES.txt"], "no warning with authority keys")
+check("WARNING" not in raw["ferry/templates/NOTES.txt"], "no warning with authority keys and admission")
+check("ferry-ch-admission" in raw["ferry/templates/NOTES.txt"], "NOTES name the admission Secret")
 print("custom: every value reaches the manifests")
+
+# -- admission.certificates: each pod's keys and certificate from a Secret ------
+check(len(pod.get("initContainers", [])) == 1, "one init container with admission.certificates")
+init = pod["initContainers"][0]
+check(init["name"] == "admission" and init["image"] == c["image"]
+      and init["imagePullPolicy"] == c["imagePullPolicy"], "the init container runs the node's image")
+check(init["securityContext"] == c["securityContext"], "the init container has the node's security context")
+check(env_of(init)["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name",
+      "the init container knows its pod's name")
+im = mounts_of(init)
+check(im["data"]["mountPath"] == "/var/lib/ferry" and not im["data"].get("readOnly"),
+      "the init container writes the key dir on the data volume")
+check(im["admission"]["mountPath"] == "/admission" and im["admission"]["readOnly"] is True,
+      "the Secret mounted read-only in the init container")
+check("admission" not in mounts_of(c) and "authority" not in mounts_of(c), "the node does not mount the Secret")
+vols = {v["name"]: v for v in pod["volumes"]}
+check(vols["admission"]["secret"] == {"secretName": "ferry-ch-admission", "defaultMode": 0o400},
+      f"the admission Secret volume, mode 0400: {vols['admission']}")
+check(c["args"] == ["node", "--config", "/etc/ferry/ferry.toml", "--create-keys"], f"node args: {c['args']}")
+with tempfile.TemporaryDirectory() as t:
+    sec, kd = os.path.join(t, "admission"), os.path.join(t, "keys")
+    os.makedirs(sec)
+    os.makedirs(kd)
+    paths = {"/admission": sec, "/var/lib/ferry": kd}
+
+    def put(name, text):
+        path = os.path.join(sec, name)
+        if os.path.exists(path):
+            os.chmod(path, 0o600)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o440)  # what a Secret volume gives under fsGroup
+
+    def read(name):
+        with open(os.path.join(kd, name)) as f:
+            return f.read()
+
+    put("ferry-ch-1.identity.key", "id-1")
+    put("ferry-ch-1.noise.key", "noise-1")
+    code, err = run_init(init, paths, {"POD_NAME": "ferry-ch-1"})
+    check(code != 0 and "ferry-ch-admission has no ferry-ch-1.cert" in err,
+          f"a pod whose files are missing does not start, saying which: {code} {err}")
+    check(not os.listdir(kd), "nothing copied when a file is missing")
+    put("ferry-ch-1.cert", "cert-1")
+    put("ferry-ch-0.cert", "cert-0")
+    code, err = run_init(init, paths, {"POD_NAME": "ferry-ch-1"})
+    check(code == 0, f"init: {err}")
+    check([read(f) for f in ("identity.key", "noise.key", "node.cert")] == ["id-1", "noise-1", "cert-1"],
+          "the pod's own three files copied into the key dir")
+    check(all(mode(os.path.join(kd, f)) == 0o600 for f in os.listdir(kd)), "copied with mode 0600")
+    put("ferry-ch-1.cert", "cert-1-renewed")
+    code, err = run_init(init, paths, {"POD_NAME": "ferry-ch-1"})
+    check(code == 0 and read("node.cert") == "cert-1-renewed" and mode(os.path.join(kd, "node.cert")) == 0o600,
+          f"a renewed certificate for the same identity replaces node.cert: {err}")
+    with open(os.path.join(kd, "identity.key"), "w") as f:
+        f.write("id-other")
+    put("ferry-ch-1.cert", "cert-1-again")
+    code, err = run_init(init, paths, {"POD_NAME": "ferry-ch-1"})
+    check(code == 0 and read("node.cert") == "cert-1-renewed" and read("identity.key") == "id-other",
+          f"a key dir with node.cert and another identity is left alone: {err}")
+    for f in os.listdir(sec):
+        os.chmod(os.path.join(sec, f), 0o600)
+        os.remove(os.path.join(sec, f))
+    code, err = run_init(init, paths, {"POD_NAME": "ferry-ch-1"})
+    check(code == 0 and read("node.cert") == "cert-1-renewed",
+          f"an admitted pod starts after its files leave the Secret: {err}")
+print("admission.certificates: init container, Secret volume and its script (run here) checked")
+
+# -- admission.testAuthority: a test cluster's authority key --------------------
+test_values = {"jurisdiction": "DE",
+               "admission": {"testAuthority": {"existingSecret": "ferry-test-authority", "key": "auth.key"}}}
+lint(test_values)
+docs, raw = render(test_values)
+validate(docs, "testAuthority")
+pod = by_kind(docs, "StatefulSet")[0]["spec"]["template"]["spec"]
+c = pod["containers"][0]
+check(c["args"] == ["node", "--config", "/etc/ferry/ferry.toml", "--create-keys",
+                    "--admit-with", "/authority/authority.key"], f"the node admits itself: {c['args']}")
+check(mounts_of(c)["authority"]["mountPath"] == "/authority" and mounts_of(c)["authority"]["readOnly"] is True,
+      "the node reads the key from /authority")
+vols = {v["name"]: v for v in pod["volumes"]}
+check(vols["authority-secret"]["secret"] == {"secretName": "ferry-test-authority", "defaultMode": 0o400,
+                                             "items": [{"key": "auth.key", "path": "authority.key"}]},
+      f"the Secret's key, mode 0400: {vols['authority-secret']}")
+check(vols["authority"]["emptyDir"]["medium"] == "Memory", "the key's copy stays in memory")
+check("admission" not in vols, "no certificates Secret")
+psc = pod["securityContext"]
+check(psc["runAsUser"] == 10001 and psc["fsGroup"] == 10001,
+      "user 10001 reads the Secret's file (group fsGroup) and owns the copy")
+check(len(pod["initContainers"]) == 1, "one init container with admission.testAuthority")
+init = pod["initContainers"][0]
+check(init["image"] == c["image"] and init["securityContext"] == c["securityContext"]
+      and "runAsUser" not in init["securityContext"], "the init container runs the node's image as the node's user")
+im = mounts_of(init)
+check(im["authority-secret"]["mountPath"] == "/authority-secret" and im["authority-secret"]["readOnly"] is True
+      and im["authority"]["mountPath"] == "/authority" and not im["authority"].get("readOnly")
+      and "data" not in im, "the init container copies the key from the Secret into /authority")
+with tempfile.TemporaryDirectory() as t:
+    sec, out = os.path.join(t, "secret"), os.path.join(t, "authority")
+    os.makedirs(sec)
+    os.makedirs(out)
+    with open(os.path.join(sec, "authority.key"), "w") as f:
+        f.write("ab" * 32 + "\n")
+    os.chmod(os.path.join(sec, "authority.key"), 0o440)
+    code, err = run_init(init, {"/authority-secret": sec, "/authority": out}, {})
+    copy = os.path.join(out, "authority.key")
+    check(code == 0 and open(copy).read() == "ab" * 32 + "\n" and mode(copy) == 0o600,
+          f"the key copied with mode 0600 (the node refuses a group-readable key): {err}")
+notes = raw["ferry/templates/NOTES.txt"]
+check("WARNING: test cluster admission" in notes and "ferry-test-authority" in notes,
+      "NOTES warn that the test authority admits nodes")
+check("WARNING: no admission" not in notes and "WARNING: no authority keys" not in notes,
+      "the test authority's key is trusted: no other warning")
+print("admission.testAuthority: --admit-with, Secret, in-memory copy and its script (run here) checked")
 
 # -- refusals -------------------------------------------------------------------
 for values, needle in [
@@ -217,6 +358,9 @@ for values, needle in [
     ({"jurisdiction": "DE", "roles": ["entry"]}, "is not relay or exit"),
     ({"jurisdiction": "DE", "logFormat": "xml"}, "is not json or text"),
     ({"jurisdiction": "DE", "dataPlane": {"address": "nodePort"}}, "is not podIP or hostIP"),
+    ({"jurisdiction": "DE", "admission": {"certificates": {"existingSecret": "a"},
+                                          "testAuthority": {"existingSecret": "b"}}},
+     "admission.certificates.existingSecret and admission.testAuthority.existingSecret are both set"),
 ]:
     try:
         render(values)

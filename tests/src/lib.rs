@@ -210,8 +210,9 @@ impl Proc {
     }
 
     /// `kill -9`, then start it again with the same config; waits until ready.
+    /// (If it is already dead, it is just restarted.)
     pub fn kill9_and_restart(&mut self) -> Result<()> {
-        self.child.kill()?;
+        let _ = self.child.kill();
         self.child.wait()?;
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let log = self.dir.join("stderr.log");
@@ -270,6 +271,18 @@ pub struct Options {
     pub hold: Vec<usize>,
     /// Nodes log JSON (`--log-format json`) instead of text.
     pub log_json: bool,
+    /// The authority key folder (from [`rulings::authority`]) that admits
+    /// the nodes of a gossip mesh with `ferry authority admit`. Without
+    /// one, a gossip mesh makes its own admitting authority and adds its
+    /// public key to `authority_keys`.
+    pub admit_with: Option<PathBuf>,
+    /// Extra `ferry authority admit` arguments for some nodes, by spec
+    /// index (for example `--capacity-max 100`, `--valid-for 20s`).
+    pub admit_args: Vec<(usize, Vec<String>)>,
+    /// Nodes (by spec index) left without a certificate.
+    pub unadmitted: Vec<usize>,
+    /// Advertised capacity of some nodes (by spec index), Mbit/s.
+    pub capacity_of: Vec<(usize, u32)>,
 }
 
 impl Options {
@@ -300,6 +313,10 @@ impl Default for Options {
             drain_secs: (30, 10, 5),
             hold: Vec::new(),
             log_json: false,
+            admit_with: None,
+            admit_args: Vec::new(),
+            unadmitted: Vec::new(),
+            capacity_of: Vec::new(),
         }
     }
 }
@@ -313,6 +330,13 @@ pub struct Mesh {
     /// Everything the taps saw, if tapped.
     pub tapped: Arc<Mutex<Vec<u8>>>,
     held: Vec<Held>,
+    /// The first node's mesh address (everyone bootstraps from it).
+    boot: SocketAddr,
+    /// The options the mesh was started with (with the admitting
+    /// authority's key added, in gossip mode).
+    opts: Options,
+    /// The key folder of the authority that admitted the nodes.
+    admit_with: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -460,6 +484,20 @@ impl Mesh {
         }
         let first_mesh = free_port()?;
         let mut members = Vec::new();
+        // Every node of a gossip mesh is admitted by an authority, as an
+        // operator would: `ferry init` writes the request, `ferry
+        // authority admit` signs the certificate into the node's folder.
+        let mut opts = opts.clone();
+        let admit_with = match (&opts.admit_with, opts.gossip) {
+            (Some(d), true) => Some(d.clone()),
+            (None, true) => {
+                let (d, public) = rulings::authority(root.path(), "admission");
+                opts.authority_keys.push(public);
+                Some(d)
+            }
+            (_, false) => None,
+        };
+        let opts = &opts;
         let all = specs.iter().cloned().chain([Spec {
             jurisdiction: "NL",
             roles: "entry",
@@ -505,6 +543,35 @@ impl Mesh {
                 args.extend(["--authority-key", k.as_str()]);
             }
             run_ferry(&args)?;
+            if let Some(kd) = &admit_with
+                && !opts.unadmitted.contains(&i)
+            {
+                let key = kd.join("authority.key");
+                let req = dir.join("node.request");
+                let cert = dir.join("node.cert");
+                let mut a = vec![
+                    "authority",
+                    "admit",
+                    "--key",
+                    key.to_str().unwrap(),
+                    "--request",
+                    req.to_str().unwrap(),
+                    "--jurisdiction",
+                    s.jurisdiction,
+                    "--capacity-max",
+                    "1000",
+                    "--out",
+                    cert.to_str().unwrap(),
+                ];
+                let extra: Vec<&str> = opts
+                    .admit_args
+                    .iter()
+                    .filter(|(j, _)| *j == i)
+                    .flat_map(|(_, a)| a.iter().map(String::as_str))
+                    .collect();
+                a.extend(extra);
+                run_ferry(&a)?;
+            }
             let cfg = dir.join("ferry.toml");
             let mut block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
             let is_entry = s.roles == "entry";
@@ -527,9 +594,14 @@ impl Mesh {
             let cfg = m.dir.join("ferry.toml");
             let mut text = std::fs::read_to_string(&cfg)?;
             text = text.replace("hops = 3", &format!("hops = {}", opts.hops));
+            let capacity = opts
+                .capacity_of
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map_or(opts.capacity_mbps, |(_, c)| *c);
             text = text.replace(
                 "capacity_mbps = 1000",
-                &format!("capacity_mbps = {}", opts.capacity_mbps),
+                &format!("capacity_mbps = {capacity}"),
             );
             text = text.replace(
                 "advert_ttl_secs = 30",
@@ -593,8 +665,91 @@ impl Mesh {
             entry,
             tapped,
             held,
+            boot: first_mesh,
+            opts: opts.clone(),
+            admit_with,
             _dir: root,
         })
+    }
+
+    /// Starts one more `ferry connect` entry in `jurisdiction`, joining by
+    /// gossip from the first node and admitted by the mesh's authority, as
+    /// an operator would set one up (init, admit, connect). Does not wait
+    /// for it to be ready.
+    pub fn add_entry(&self, name: &str, jurisdiction: &str) -> Result<Proc> {
+        let dir = self._dir.path().join(format!("late-entry-{name}"));
+        let (socks, admin, mesh, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (so, ad, me, mt, boot) = (
+            socks.to_string(),
+            admin.to_string(),
+            mesh.to_string(),
+            metrics.to_string(),
+            self.boot.to_string(),
+        );
+        let mut args = vec![
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--jurisdiction",
+            jurisdiction,
+            "--roles",
+            "entry",
+            "--socks",
+            &so,
+            "--admin",
+            &ad,
+            "--mesh",
+            &me,
+            "--metrics",
+            &mt,
+            "--bootstrap",
+            &boot,
+        ];
+        for k in &self.opts.authority_keys {
+            args.extend(["--authority-key", k.as_str()]);
+        }
+        run_ferry(&args)?;
+        if let Some(kd) = &self.admit_with {
+            let (key, req, cert) = (
+                kd.join("authority.key"),
+                dir.join("node.request"),
+                dir.join("node.cert"),
+            );
+            run_ferry(&[
+                "authority",
+                "admit",
+                "--key",
+                key.to_str().unwrap(),
+                "--request",
+                req.to_str().unwrap(),
+                "--jurisdiction",
+                jurisdiction,
+                "--out",
+                cert.to_str().unwrap(),
+            ])?;
+        }
+        let cfg = dir.join("ferry.toml");
+        let mut text = std::fs::read_to_string(&cfg)?;
+        text = text.replace("hops = 3", &format!("hops = {}", self.opts.hops));
+        text = text.replace(
+            "advert_ttl_secs = 30",
+            &format!("advert_ttl_secs = {}", self.opts.advert_ttl_secs),
+        );
+        std::fs::write(&cfg, text)?;
+        let block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
+        launch(
+            dir,
+            &block,
+            Ports {
+                link: None,
+                admin,
+                mesh,
+                metrics,
+            },
+            Some(socks),
+            jurisdiction.to_string(),
+            self.opts.log_json,
+        )
     }
 
     /// Starts the held nodes; they are appended to `nodes`.

@@ -27,10 +27,11 @@ async fn closed_by_peer(mut s: TcpStream) {
     assert!(res.is_ok(), "node kept the bad connection open");
 }
 
-/// Runs a link handshake with `node` as the test's fake peer.
+/// Runs a link handshake with `node` as the test's fake peer, including
+/// the initiator's identity proof (its first transport frame).
 async fn handshake(node: &Proc, keys: &Keys) -> (TcpStream, Session) {
     let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
-    let mut hs = crypto::link_initiator(&keys.noise_private, &node.noise_key).unwrap();
+    let mut hs = crypto::link_initiator(&keys.noise_private(), &node.noise_key).unwrap();
     let mut out = Vec::new();
     HANDSHAKE_CODEC.encode(&crypto::write_hs(&mut hs).unwrap(), &mut out);
     s.write_all(&out).await.unwrap();
@@ -45,7 +46,15 @@ async fn handshake(node: &Proc, keys: &Keys) -> (TcpStream, Session) {
         );
     };
     crypto::read_hs(&mut hs, &m2).unwrap();
-    (s, Session::from_handshake(hs).unwrap())
+    let proof = crypto::prove(
+        &keys.identity,
+        crypto::LINK_INITIATOR_PROOF,
+        &crypto::handshake_hash(&hs),
+    );
+    let mut session = Session::from_handshake(hs).unwrap();
+    let first = frame(&mut session, &proof);
+    s.write_all(&first).await.unwrap();
+    (s, session)
 }
 
 /// Seals `plain` as one transport frame.
@@ -63,7 +72,7 @@ async fn bad_input_closes_only_its_connection() {
     let fake = Keys::generate();
     let fake_block = peer_block(
         &fake.node_id(),
-        &fake.noise_public,
+        &fake.noise_public(),
         None,
         "NL",
         Roles {
@@ -151,19 +160,13 @@ async fn bad_input_closes_only_its_connection() {
         node.wait_log("record failed to authenticate", Duration::from_secs(10))
             .unwrap();
 
-        // An unknown static key.
+        // An unknown node: a correct handshake and identity proof, but no
+        // config or certificate vouches for it.
         let stranger = Keys::generate();
-        let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
-        let mut hs = crypto::link_initiator(&stranger.noise_private, &node.noise_key).unwrap();
-        let mut out = Vec::new();
-        HANDSHAKE_CODEC.encode(&crypto::write_hs(&mut hs).unwrap(), &mut out);
-        s.write_all(&out).await.unwrap();
+        let (s, _) = handshake(node, &stranger).await;
         closed_by_peer(s).await;
-        node.wait_log(
-            "static key is not bound to any known node",
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        node.wait_log("is not admitted here", Duration::from_secs(10))
+            .unwrap();
     }
 
     // Junk on the SOCKS5 entry.

@@ -207,3 +207,104 @@ fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
     }
     assert!(rest.iter().any(|l| l == "Stopped."), "{rest:?}");
 }
+
+#[test]
+fn admission_on_the_command_line_checks_the_request_and_signs_k_of_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("n1");
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let said = ok(&ferry(&[
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--jurisdiction",
+        "PK",
+        "--roles",
+        "relay",
+    ]));
+    assert!(said.contains("node.request"), "{said}");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for k in [&a, &b] {
+        ok(&ferry(&["authority", "keygen", "--out", k.to_str().unwrap()]));
+    }
+    let req = d.join("node.request");
+    let cert = d.join("node.cert");
+    let ka = a.join("authority.key");
+    let said = ok(&ferry(&[
+        "authority",
+        "admit",
+        "--key",
+        ka.to_str().unwrap(),
+        "--request",
+        req.to_str().unwrap(),
+        "--jurisdiction",
+        "CH",
+        "--capacity-max",
+        "200",
+    ]));
+    // The authority decides, and says where it differs from the request.
+    assert!(
+        said.contains("proposed PK") && said.contains("(CH, family ``, relay, at most 200 Mbit/s)"),
+        "{said}"
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cert).unwrap()).unwrap();
+    assert_eq!(c["certificate"]["jurisdiction"], "CH");
+    assert_eq!(c["signatures"].as_array().unwrap().len(), 1);
+    // A second key holder cosigns.
+    let said = ok(&ferry(&[
+        "authority",
+        "cosign",
+        "--key",
+        b.join("authority.key").to_str().unwrap(),
+        cert.to_str().unwrap(),
+    ]));
+    assert!(said.contains("2 signatures"), "{said}");
+    // A request changed after the node signed it is refused.
+    let mut tampered: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&req).unwrap()).unwrap();
+    let mut hex = tampered["request_hex"].as_str().unwrap().to_string();
+    let last = hex.pop().unwrap();
+    hex.push(if last == '0' { '1' } else { '0' });
+    tampered["request_hex"] = hex.into();
+    let bad = dir.path().join("tampered.request");
+    std::fs::write(&bad, tampered.to_string()).unwrap();
+    let out = ferry(&[
+        "authority",
+        "admit",
+        "--key",
+        ka.to_str().unwrap(),
+        "--request",
+        bad.to_str().unwrap(),
+        "--jurisdiction",
+        "CH",
+        "--out",
+        dir.path().join("x.cert").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not verify"), "{err}");
+    // A jurisdiction that is not a country is named.
+    let out = ferry(&[
+        "authority",
+        "admit",
+        "--key",
+        ka.to_str().unwrap(),
+        "--request",
+        req.to_str().unwrap(),
+        "--jurisdiction",
+        "XX",
+        "--out",
+        dir.path().join("y.cert").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--jurisdiction"), "{err}");
+}

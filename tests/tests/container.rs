@@ -7,7 +7,9 @@
 //! runtime stage with only its `FROM` and its `COPY --from=builder` line
 //! swapped (the test fails if either is not found, so the two cannot drift).
 //! Prometheus runs from an image of the same base holding Debian's
-//! `prometheus` binary. Then: `compose up`; every container turns healthy;
+//! `prometheus` binary. Then: `compose up`; the one-shot `authority`
+//! service makes the test mesh's authority key and exits 0; every node
+//! admits itself with it (`--admit-with`) and turns healthy;
 //! `curl` fetches a page through the mesh's SOCKS5 port; Prometheus scrapes
 //! every node; held streams cross the mesh; a signed ruling drains PK, which
 //! exits carrying nothing while the held streams move and keep working; a
@@ -118,7 +120,7 @@ fn free_net() -> String {
 }
 
 /// Removes what an earlier run that was killed (not unwound) left behind:
-/// its containers, volumes and network.
+/// its containers, volumes (the authority's named one too) and network.
 fn remove_stale_projects() {
     let o = run(Command::new("docker").args([
         "ps",
@@ -142,6 +144,21 @@ fn remove_stale_projects() {
             .args(["network", "rm", &format!("{p}_mesh")])
             .output();
         println!("removed the leftovers of {p}");
+    }
+    let o = run(Command::new("docker").args([
+        "volume",
+        "ls",
+        "--filter",
+        "label=com.docker.compose.project",
+        "--format",
+        "{{.Name}} {{.Label \"com.docker.compose.project\"}}",
+    ]));
+    for line in text(&o).lines() {
+        if let Some((name, project)) = line.split_once(' ')
+            && project.starts_with("ferrytest")
+        {
+            let _ = Command::new("docker").args(["volume", "rm", name]).output();
+        }
     }
 }
 
@@ -217,7 +234,7 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for s in NODES {
+            for s in ["authority"].into_iter().chain(NODES) {
                 if let Ok(o) = self.cmd().args(["logs", "--tail", "40", s]).output() {
                     eprintln!("--- {s}\n{}", String::from_utf8_lossy(&o.stdout));
                 }
@@ -394,6 +411,25 @@ async fn the_compose_mesh_serves_drains_and_stops_gracefully() {
         NODES.len(),
         t0.elapsed()
     );
+    // The one-shot authority container made the key and exited 0; every
+    // node holds a certificate signed with it, for its own jurisdiction.
+    let authority = text(&run(mesh.cmd().args(["ps", "-a", "-q", "authority"])));
+    assert_eq!(authority.lines().count(), 1, "one authority container");
+    let state = text(&run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{.State.Status}} {{.State.ExitCode}}",
+        &authority,
+    ])));
+    assert_eq!(state, "exited 0", "the authority container");
+    for (s, j) in NODES.iter().zip(["CH", "DE", "IS", "CA", "PK", "NL"]) {
+        let status = mesh.status(s);
+        let cert = &status["certificate"];
+        assert!(
+            cert["present"] == true && cert["problem"].is_null() && cert["jurisdiction"] == j,
+            "{s}: certificate {cert}"
+        );
+    }
 
     // A page through the mesh, with the real curl.
     let socks = format!("127.0.0.1:{socks_port}");

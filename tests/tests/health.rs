@@ -13,13 +13,25 @@ use std::time::{Duration, Instant};
 struct Node {
     child: Child,
     config: String,
+    key: String,
     admin: SocketAddr,
     metrics: SocketAddr,
+}
+
+/// The test's authority key (made once per test folder).
+fn authority(dir: &Path) -> String {
+    let d = dir.join("authority");
+    if !d.join("authority.key").exists() {
+        run_ferry(&["authority", "keygen", "--out", d.to_str().unwrap()]).unwrap();
+    }
+    d.join("authority.key").to_str().unwrap().to_string()
 }
 
 impl Node {
     /// `ferry init` in `dir/name` with its control plane on `mesh`, then
     /// `ferry node`.
+    /// The node trusts the test's authority and admits itself with it
+    /// (`--admit-with`, as a test cluster does).
     fn init(dir: &Path, name: &str, mesh: SocketAddr, args: &[&str]) -> Node {
         let d = dir.join(name);
         let (admin, metrics) = (free_port().unwrap(), free_port().unwrap());
@@ -42,8 +54,10 @@ impl Node {
         all.extend(args);
         run_ferry(&all).unwrap();
         let config = d.join("ferry.toml").to_str().unwrap().to_string();
+        let key = authority(dir);
         Node {
-            child: start(&config),
+            child: start(&config, &key),
+            key,
             config,
             admin,
             metrics,
@@ -53,7 +67,7 @@ impl Node {
     fn restart_after_kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = start(&self.config);
+        self.child = start(&self.config, &self.key);
     }
 }
 
@@ -64,9 +78,9 @@ impl Drop for Node {
     }
 }
 
-fn start(config: &str) -> Child {
+fn start(config: &str, key: &str) -> Child {
     Command::new(ferry_bin().unwrap())
-        .args(["node", "--config", config])
+        .args(["node", "--config", config, "--admit-with", key])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

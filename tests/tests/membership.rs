@@ -326,7 +326,7 @@ async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
         let liar = ferry_node::identity::Keys::generate();
         let good = ferry_node::directory::OwnAdvert {
             key: &victim.identity,
-            noise_public: victim.noise_public,
+            noise_public: victim.noise_public(),
             link: Some("127.0.0.1:9".parse().unwrap()),
             p2p_addrs: vec![],
             jurisdiction: ferry_router::Jurisdiction(*b"FR"),
@@ -339,6 +339,8 @@ async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
             capacity_mbps: 1,
             load: 0.0,
             state: ferry_router::NodeState::Active,
+            certificate: Vec::new(),
+            retiring: (Vec::new(), 0),
         }
         .sign(1, u64::MAX / 2);
         let mut signed =

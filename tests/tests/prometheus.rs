@@ -244,6 +244,8 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
         "ferry_node_ready",
         "ferry_circuits_active",
         "ferry_node_exit_seconds",
+        "ferry_certificate_expiry_seconds > 86400",
+        "ferry_certificate_required == 1",
         "ferry_ruling_rejections_total{reason=\"unknown_key\"} > 0",
     ] {
         wait_data(&base, series, Duration::from_secs(20));
