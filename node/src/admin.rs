@@ -154,7 +154,9 @@ async fn post_revocation(
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
-                Json(json!({ "error": "malformed", "detail": format!("not a revocation file: {e}") })),
+                Json(
+                    json!({ "error": "malformed", "detail": format!("not a revocation file: {e}") }),
+                ),
             );
         }
     };
@@ -203,7 +205,9 @@ async fn post_rotate_noise(
     if !(1..=30 * 86_400).contains(&req.grace_secs) {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "invalid", "detail": "grace_secs must be 1 to 2592000 (30 days)" })),
+            Json(
+                json!({ "error": "invalid", "detail": "grace_secs must be 1 to 2592000 (30 days)" }),
+            ),
         );
     }
     let now = now_ms();
@@ -215,7 +219,10 @@ async fn post_rotate_noise(
     {
         Ok(public) => {
             let _ = st.control.send(Command::Advertise);
-            tracing::info!(grace_secs = req.grace_secs, "Noise key rotated; the old one is being retired");
+            tracing::info!(
+                grace_secs = req.grace_secs,
+                "Noise key rotated; the old one is being retired"
+            );
             (
                 StatusCode::OK,
                 Json(json!({
@@ -246,7 +253,9 @@ async fn get_paths(
     let Some(o) = &st.origin else {
         return (
             StatusCode::CONFLICT,
-            Json(json!({ "error": "not_entry", "detail": "this node is not an entry: it picks no paths" })),
+            Json(
+                json!({ "error": "not_entry", "detail": "this node is not an entry: it picks no paths" }),
+            ),
         );
     };
     let n = q.n.unwrap_or(1000).clamp(1, 100_000);

@@ -31,7 +31,12 @@ pub fn write_request(keys: &Keys, p: &Proposal<'_>, path: &Path) -> Result<()> {
 }
 
 /// `ferry request`: (re)writes a node's admission request from its config.
-pub fn request(config: &Path, create_keys: bool, contact: &str, out: Option<PathBuf>) -> Result<()> {
+pub fn request(
+    config: &Path,
+    create_keys: bool,
+    contact: &str,
+    out: Option<PathBuf>,
+) -> Result<()> {
     let cfg = NodeConfig::load(config)?;
     let keys = if create_keys {
         Keys::load_or_create(&cfg.key_dir)?.0
@@ -39,7 +44,12 @@ pub fn request(config: &Path, create_keys: bool, contact: &str, out: Option<Path
         Keys::load(&cfg.key_dir)?
     };
     let path = out.unwrap_or_else(|| cfg.key_dir.join(REQUEST_FILE));
-    println!("node {} ({}, {})", keys.node_id().short(), cfg.jurisdiction, cfg.roles);
+    println!(
+        "node {} ({}, {})",
+        keys.node_id().short(),
+        cfg.jurisdiction,
+        cfg.roles
+    );
     write_request(
         &keys,
         &Proposal {
@@ -139,20 +149,27 @@ pub fn admit(a: AdmitArgs) -> Result<()> {
 /// revocation file, in place.
 pub fn cosign(key: &Path, file: &Path) -> Result<()> {
     let sk = load_key(key)?;
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let (text, what) = cosign_file(&text, &sk).with_context(|| format!("{}", file.display()))?;
     std::fs::write(file, &text).with_context(|| format!("writing {}", file.display()))?;
     let n = serde_json::from_str::<serde_json::Value>(&text)?["signatures"]
         .as_array()
         .map_or(0, Vec::len);
-    println!("signed the {what} in {} ({n} signatures now)", file.display());
+    println!(
+        "signed the {what} in {} ({n} signatures now)",
+        file.display()
+    );
     Ok(())
 }
 
 /// `ferry authority revoke`.
 pub fn revoke(keys: &[PathBuf], node: &str, reason: &str, out: &Path) -> Result<()> {
     let id = NodeId(parse_key_hex(node).context("--node: a node id is 64 hex digits")?);
-    let keys = keys.iter().map(|k| load_key(k)).collect::<Result<Vec<_>>>()?;
+    let keys = keys
+        .iter()
+        .map(|k| load_key(k))
+        .collect::<Result<Vec<_>>>()?;
     if keys.is_empty() {
         bail!("give at least one --key");
     }
@@ -175,7 +192,8 @@ pub fn rotate_noise(admin: SocketAddr, grace: Duration) -> Result<()> {
     let v = client::rotate_noise(&admin.to_string(), grace.as_secs().max(1))?;
     println!(
         "new Noise key {}; the old one is accepted until {}, then erased",
-        &v["noise_key"].as_str().unwrap_or("?")[..16.min(v["noise_key"].as_str().unwrap_or("?").len())],
+        &v["noise_key"].as_str().unwrap_or("?")
+            [..16.min(v["noise_key"].as_str().unwrap_or("?").len())],
         v["old_key_until"].as_str().unwrap_or("?")
     );
     Ok(())
@@ -249,7 +267,8 @@ pub fn self_admit(cfg: &mut NodeConfig, keys: &Keys, key_file: &Path) -> Result<
         .collect();
     if !trusted.contains(&public) {
         trusted.push(public);
-        cfg.authority = ferry_node::authority::Authority::new(&trusted, cfg.authority.threshold.max(1))?;
+        cfg.authority =
+            ferry_node::authority::Authority::new(&trusted, cfg.authority.threshold.max(1))?;
     }
     let now = now_ms();
     let held = ferry_node::cert::OwnCert::load(&cfg.key_dir, &cfg.authority, &keys.node_id(), now)?;

@@ -483,12 +483,16 @@ mod tests {
         let auth = Authority::new(&keys, 2).unwrap();
         let mut s = body("r", 1);
         assert_eq!(
-            auth.verify(&s.encode_to_vec(), Some(now_ms())).unwrap_err().kind,
+            auth.verify(&s.encode_to_vec(), Some(now_ms()))
+                .unwrap_err()
+                .kind,
             "unsigned"
         );
         sign(&mut s, &a);
         assert_eq!(
-            auth.verify(&s.encode_to_vec(), Some(now_ms())).unwrap_err().kind,
+            auth.verify(&s.encode_to_vec(), Some(now_ms()))
+                .unwrap_err()
+                .kind,
             "threshold"
         );
         sign(&mut s, &b);

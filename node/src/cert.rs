@@ -340,7 +340,10 @@ impl Authority {
     /// `cert_expired`, `cert_invalid`.
     pub fn verify_cert(&self, bytes: &[u8], node: &NodeId, now: u64) -> Result<Cert, Refusal> {
         if bytes.is_empty() {
-            return Err(refuse("no_certificate", "the advert carries no certificate"));
+            return Err(refuse(
+                "no_certificate",
+                "the advert carries no certificate",
+            ));
         }
         if bytes.len() > MAX_CERT {
             return Err(refuse(
@@ -406,8 +409,8 @@ impl Authority {
                 format!("{} bytes, the limit is {MAX_REVOCATION}", bytes.len()),
             ));
         }
-        let s = pb::SignedRevocation::decode(bytes)
-            .map_err(|e| refuse("malformed", e.to_string()))?;
+        let s =
+            pb::SignedRevocation::decode(bytes).map_err(|e| refuse("malformed", e.to_string()))?;
         self.check_signatures(REVOCATION_CONTEXT, &s.body, &s.signatures)?;
         let b = pb::RevocationBody::decode(s.body.as_slice())
             .map_err(|e| refuse("malformed", e.to_string()))?;
@@ -660,9 +663,14 @@ mod tests {
         let id = node.node_id();
         let both = sign_certificate(&body, &[a.clone(), b.clone()]).encode_to_vec();
         let cert = auth.verify_cert(&both, &id, 5_000).unwrap();
-        assert_eq!(cert.jurisdiction, Jurisdiction(*b"CH"), "the authority decides");
+        assert_eq!(
+            cert.jurisdiction,
+            Jurisdiction(*b"CH"),
+            "the authority decides"
+        );
         assert_eq!(cert.capacity_max_mbps, 100);
-        let kind = |bytes: &[u8], id: &NodeId, now| auth.verify_cert(bytes, id, now).unwrap_err().kind;
+        let kind =
+            |bytes: &[u8], id: &NodeId, now| auth.verify_cert(bytes, id, now).unwrap_err().kind;
         // One short of the threshold.
         let one = sign_certificate(&body, &[a.clone()]).encode_to_vec();
         assert_eq!(kind(&one, &id, 5_000), "cert_threshold");
@@ -676,7 +684,10 @@ mod tests {
             ..body.clone()
         }
         .encode_to_vec();
-        assert_eq!(kind(&forged.encode_to_vec(), &id, 5_000), "cert_bad_signature");
+        assert_eq!(
+            kind(&forged.encode_to_vec(), &id, 5_000),
+            "cert_bad_signature"
+        );
         // Another node's certificate.
         assert_eq!(
             kind(&both, &Keys::generate().node_id(), 5_000),

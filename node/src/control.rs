@@ -267,7 +267,10 @@ pub fn start(
             let identify =
                 identify::Behaviour::new(identify::Config::new("/ferry/id/1".into(), key.public()));
             let sync = request_response::cbor::Behaviour::new(
-                [(StreamProtocol::new(SYNC), request_response::ProtocolSupport::Full)],
+                [(
+                    StreamProtocol::new(SYNC),
+                    request_response::ProtocolSupport::Full,
+                )],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             );
             Ok(Behaviour {
@@ -286,7 +289,10 @@ pub fn start(
     let revocations_topic = gossipsub::IdentTopic::new(REVOCATIONS);
     swarm.behaviour_mut().gossipsub.subscribe(&adverts)?;
     swarm.behaviour_mut().gossipsub.subscribe(&rulings_topic)?;
-    swarm.behaviour_mut().gossipsub.subscribe(&revocations_topic)?;
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&revocations_topic)?;
     if let Some(l) = settings.listen {
         swarm
             .listen_on(multiaddr(&l.to_string())?)

@@ -98,7 +98,8 @@ pub fn check_proof(
             node.short()
         )));
     }
-    let vk = ed25519_dalek::VerifyingKey::from_bytes(&id).map_err(|_| bad("node id is not a key"))?;
+    let vk =
+        ed25519_dalek::VerifyingKey::from_bytes(&id).map_err(|_| bad("node id is not a key"))?;
     let sig = ed25519_dalek::Signature::from_slice(&p.signature)
         .map_err(|_| bad("malformed signature"))?;
     let mut msg = context.to_vec();

@@ -413,9 +413,7 @@ fn vouch(e: &mut Entry, cert: Cert, now: u64, max_lifetime_ms: u64) {
             .min(now.saturating_add(max_lifetime_ms))
             .min(cert.not_after_ms),
     );
-    e.retiring_until_ms = e
-        .retiring_until_ms
-        .min(now.saturating_add(max_lifetime_ms));
+    e.retiring_until_ms = e.retiring_until_ms.min(now.saturating_add(max_lifetime_ms));
     e.cert = Some(cert);
 }
 
@@ -489,7 +487,9 @@ impl OwnAdvert<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cert::{Admission, certificate_body, make_request, parse_role_list, sign_certificate};
+    use crate::cert::{
+        Admission, certificate_body, make_request, parse_role_list, sign_certificate,
+    };
     use crate::identity::Keys;
     use rand::rngs::OsRng;
     use std::time::Duration;
@@ -607,18 +607,34 @@ mod tests {
         );
         // Another node's certificate.
         let other = Keys::generate();
-        assert_eq!(kind(&d, &own(&other, cert.clone()).sign(1, 5_000)), "cert_mismatch");
+        assert_eq!(
+            kind(&d, &own(&other, cert.clone()).sign(1, 5_000)),
+            "cert_mismatch"
+        );
         // Claims 100x the ceiling, DE, relay+exit and a lifetime forever.
         let mut greedy = own(&k, cert.clone());
         greedy.capacity_mbps = u32::MAX;
-        let e = d.accept(&greedy.sign(1, u64::MAX), &me, 1_000).unwrap().unwrap();
+        let e = d
+            .accept(&greedy.sign(1, u64::MAX), &me, 1_000)
+            .unwrap()
+            .unwrap();
         assert_eq!(e.peer.jurisdiction, Jurisdiction(*b"CH"));
         assert_eq!(e.family, "vouched");
-        assert!(e.peer.roles.relay && !e.peer.roles.exit, "roles: the intersection");
+        assert!(
+            e.peer.roles.relay && !e.peer.roles.exit,
+            "roles: the intersection"
+        );
         assert_eq!(e.info().capacity, 100, "capacity: at most the ceiling");
-        assert_eq!(e.expires_at_ms, Some(1_000 + 9_000), "three advert lifetimes");
+        assert_eq!(
+            e.expires_at_ms,
+            Some(1_000 + 9_000),
+            "three advert lifetimes"
+        );
         // Never past the certificate's end, and an expired one is refused.
-        let e = d.accept(&own(&k, cert.clone()).sign(2, u64::MAX), &me, 45_000).unwrap().unwrap();
+        let e = d
+            .accept(&own(&k, cert.clone()).sign(2, u64::MAX), &me, 45_000)
+            .unwrap()
+            .unwrap();
         assert_eq!(e.expires_at_ms, Some(50_000));
         assert_eq!(
             d.accept(&own(&k, cert.clone()).sign(3, u64::MAX), &me, 50_000)
@@ -649,11 +665,19 @@ mod tests {
         let me = NodeId([0; 32]);
         let mut squat = own(&y, cert_for(&y, &a, 1_000_000));
         squat.noise_public = x.noise_public();
-        assert!(d.accept(&squat.sign(1, 5_000), &me, 1_000).unwrap().is_some());
         assert!(
-            d.accept(&own(&x, cert_for(&x, &a, 1_000_000)).sign(1, 5_000), &me, 1_000)
+            d.accept(&squat.sign(1, 5_000), &me, 1_000)
                 .unwrap()
-                .is_some(),
+                .is_some()
+        );
+        assert!(
+            d.accept(
+                &own(&x, cert_for(&x, &a, 1_000_000)).sign(1, 5_000),
+                &me,
+                1_000
+            )
+            .unwrap()
+            .is_some(),
             "the victim's advert is not refused"
         );
         assert!(d.binds(&x.node_id(), &x.noise_public(), 1_000));

@@ -320,11 +320,19 @@ mod tests {
         Keys::generate().write_new(dir.path()).unwrap();
         let keys = Keys::load(dir.path()).unwrap();
         let old = keys.noise_private();
-        let new_public = keys.noise.rotate(std::time::Duration::from_secs(10), 1_000).unwrap();
+        let new_public = keys
+            .noise
+            .rotate(std::time::Duration::from_secs(10), 1_000)
+            .unwrap();
         assert_eq!(keys.noise_public(), new_public);
-        assert_eq!(keys.noise.responder_keys(5_000), vec![keys.noise_private(), old]);
+        assert_eq!(
+            keys.noise.responder_keys(5_000),
+            vec![keys.noise_private(), old]
+        );
         assert!(
-            keys.noise.rotate(std::time::Duration::from_secs(1), 2_000).is_err(),
+            keys.noise
+                .rotate(std::time::Duration::from_secs(1), 2_000)
+                .is_err(),
             "one rotation at a time"
         );
         // A restart (kill -9) in the grace keeps both keys.
@@ -332,7 +340,11 @@ mod tests {
         assert_eq!(again.noise_public(), new_public);
         assert_eq!(again.noise.retiring(5_000).1, 11_000);
         assert_eq!(again.noise.responder_keys(5_000).len(), 2);
-        assert_eq!(again.noise.responder_keys(11_000).len(), 1, "not after the grace");
+        assert_eq!(
+            again.noise.responder_keys(11_000).len(),
+            1,
+            "not after the grace"
+        );
         let mode = fs::metadata(dir.path().join(RETIRING_NOISE_FILE))
             .unwrap()
             .permissions()
@@ -341,7 +353,14 @@ mod tests {
         assert!(!again.noise.expire(10_999).unwrap());
         assert!(again.noise.expire(11_000).unwrap());
         assert!(!dir.path().join(RETIRING_NOISE_FILE).exists(), "erased");
-        assert_eq!(Keys::load(dir.path()).unwrap().noise.responder_keys(0).len(), 1);
+        assert_eq!(
+            Keys::load(dir.path())
+                .unwrap()
+                .noise
+                .responder_keys(0)
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -202,25 +202,40 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
                 break;
             }
         }
-        let mut hs = opened.ok_or_else(|| refused("malformed", "handshake message 1 did not open"))?;
+        let mut hs =
+            opened.ok_or_else(|| refused("malformed", "handshake message 1 did not open"))?;
         let remote: [u8; 32] = hs
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| refused("malformed", "handshake carried no static key"))?;
         let h1 = crypto::handshake_hash(&hs);
         let proof = crypto::prove(&switch.keys.identity, crypto::LINK_RESPONDER_PROOF, &h1);
-        write_frame(&mut sock, &crypto::write_hs_with(&mut hs, &proof).map_err(|e| refused("malformed", e))?)
-            .await
-            .map_err(malformed)?;
+        write_frame(
+            &mut sock,
+            &crypto::write_hs_with(&mut hs, &proof).map_err(|e| refused("malformed", e))?,
+        )
+        .await
+        .map_err(malformed)?;
         let h2 = crypto::handshake_hash(&hs);
         let mut session = Session::from_handshake(hs).map_err(|e| refused("malformed", e))?;
         // The initiator's identity proof: its first transport frame.
         let mut frame = loop {
-            if let Some(f) = TRANSPORT_CODEC.decode(&mut buf).map_err(|e| refused("malformed", e))? {
+            if let Some(f) = TRANSPORT_CODEC
+                .decode(&mut buf)
+                .map_err(|e| refused("malformed", e))?
+            {
                 break f;
             }
-            if sock.read_buf(&mut buf).await.map_err(|e| refused("malformed", e))? == 0 {
-                return Err(refused("malformed", "peer closed the connection during the handshake"));
+            if sock
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| refused("malformed", e))?
+                == 0
+            {
+                return Err(refused(
+                    "malformed",
+                    "peer closed the connection during the handshake",
+                ));
             }
         };
         let n = session
@@ -233,7 +248,10 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
             debug!(key = %hex::encode(remote), node = %peer.short(), "refused static key");
             return Err(refused(
                 "auth",
-                format!("node {} is not admitted here, or does not hold that Noise key", peer.short()),
+                format!(
+                    "node {} is not admitted here, or does not hold that Noise key",
+                    peer.short()
+                ),
             ));
         }
         Ok::<_, Refused>((session, buf, peer))

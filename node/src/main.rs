@@ -608,7 +608,13 @@ fn init(
     );
     print!(
         "{}",
-        config::peer_block(&keys.node_id(), &keys.noise_public(), link, j.as_str(), roles)
+        config::peer_block(
+            &keys.node_id(),
+            &keys.noise_public(),
+            link,
+            j.as_str(),
+            roles
+        )
     );
     Ok(())
 }
@@ -670,8 +676,13 @@ fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
         let v = client::publish_revocation(&admin.to_string(), &body)?;
         println!(
             "node {} revoked{}",
-            &v["revoked"].as_str().unwrap_or("?")[..8.min(v["revoked"].as_str().unwrap_or("?").len())],
-            if v["new"].as_bool() == Some(false) { " (already)" } else { "" }
+            &v["revoked"].as_str().unwrap_or("?")
+                [..8.min(v["revoked"].as_str().unwrap_or("?").len())],
+            if v["new"].as_bool() == Some(false) {
+                " (already)"
+            } else {
+                ""
+            }
         );
         return Ok(());
     }

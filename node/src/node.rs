@@ -1,13 +1,13 @@
 //! Running a node: bind, serve links and the SOCKS5 entry, stop on a signal.
 
 use crate::admin::{self, AdminState};
+use crate::cert::OwnCert;
 use crate::config::NodeConfig;
 use crate::control::{self, Command, GossipCounters};
 use crate::directory::Directory;
 use crate::identity::Keys;
 use crate::link;
 use crate::origin::Origin;
-use crate::cert::OwnCert;
 use crate::rulings::{Revocations, Rulings};
 use crate::socks;
 use crate::state::NodeStateCtl;
@@ -131,7 +131,10 @@ pub fn start_full(
     let now = crate::authority::now_ms();
     let me = keys.node_id();
     // Revocations first, so no revoked node's stored advert comes back.
-    let revocations = Arc::new(Revocations::load(cfg.authority.clone(), Some(store.clone()))?);
+    let revocations = Arc::new(Revocations::load(
+        cfg.authority.clone(),
+        Some(store.clone()),
+    )?);
     for id in revocations.revoked() {
         directory.revoke(id);
     }
@@ -144,7 +147,9 @@ pub fn start_full(
             not_after = %crate::authority::fmt_time(c.not_after_ms),
             "certificate loaded"
         ),
-        Some(Err(e)) => warn!(reason = %e, "this node's certificate is refused under its own [authority]; peers will refuse its adverts"),
+        Some(Err(e)) => {
+            warn!(reason = %e, "this node's certificate is refused under its own [authority]; peers will refuse its adverts")
+        }
         None if !cfg.authority.keys.is_empty() && cfg.peers.is_empty() => warn!(
             "no certificate ({}): peers will refuse this node's adverts until the authority admits it",
             cfg.key_dir.join(crate::cert::CERT_FILE).display()

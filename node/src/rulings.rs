@@ -305,7 +305,12 @@ impl Revocations {
 
     /// The signed form of every revocation (for a peer's sync).
     pub fn signed(&self) -> Vec<Vec<u8>> {
-        self.signed.lock().expect("lock").values().cloned().collect()
+        self.signed
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Refusals so far, by reason.
@@ -371,7 +376,10 @@ mod tests {
         // when gossiped.
         assert_eq!(r.offer(&v1, later, Source::Sync), Ok(Offered::Behind));
         assert_eq!(r.rejections().get("rollback"), None);
-        assert_eq!(r.offer(&v1, later, Source::Gossip).unwrap_err().kind, "rollback");
+        assert_eq!(
+            r.offer(&v1, later, Source::Gossip).unwrap_err().kind,
+            "rollback"
+        );
         assert_eq!(r.rejections().get("rollback"), Some(&1));
         assert_eq!(r.rejections().get("expired"), Some(&1));
     }

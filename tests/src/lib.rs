@@ -678,7 +678,8 @@ impl Mesh {
     /// for it to be ready.
     pub fn add_entry(&self, name: &str, jurisdiction: &str) -> Result<Proc> {
         let dir = self._dir.path().join(format!("late-entry-{name}"));
-        let (socks, admin, mesh, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (socks, admin, mesh, metrics) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
         let (so, ad, me, mt, boot) = (
             socks.to_string(),
             admin.to_string(),

@@ -232,7 +232,12 @@ fn admission_on_the_command_line_checks_the_request_and_signs_k_of_n() {
     assert!(said.contains("node.request"), "{said}");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     for k in [&a, &b] {
-        ok(&ferry(&["authority", "keygen", "--out", k.to_str().unwrap()]));
+        ok(&ferry(&[
+            "authority",
+            "keygen",
+            "--out",
+            k.to_str().unwrap(),
+        ]));
     }
     let req = d.join("node.request");
     let cert = d.join("node.cert");

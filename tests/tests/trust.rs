@@ -118,7 +118,10 @@ async fn a_capacity_claim_above_the_certificate_buys_no_more_than_a_fair_share()
     eprintln!("relay advertising 100x its ceiling: on {share} of 1000 paths (fair share 250)");
     // Fair share of the relay slot is 250 (binomial sd ~14): 325 is > 5 sd.
     assert!(share <= 325, "the greedy relay is on {share} of 1000 paths");
-    assert!(share >= 150, "the greedy relay still carries its share: {share}");
+    assert!(
+        share >= 150,
+        "the greedy relay still carries its share: {share}"
+    );
     // The human-readable form says the same.
     let text = run_ferry(&["paths", "--admin", &mesh.entry.admin.to_string()]).unwrap();
     assert!(text.contains("1000 paths picked"), "{text}");
@@ -258,10 +261,14 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
     let target = echo_server().await.unwrap();
     let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
     mesh.entry
-        .wait_status("entry knows the admitted nodes", Duration::from_secs(30), |v| {
-            let p = peer_ids(v);
-            ids[1..].iter().all(|i| p.contains(i))
-        })
+        .wait_status(
+            "entry knows the admitted nodes",
+            Duration::from_secs(30),
+            |v| {
+                let p = peer_ids(v);
+                ids[1..].iter().all(|i| p.contains(i))
+            },
+        )
         .unwrap();
 
     // Unadmitted: its adverts are refused everywhere, with the reason, and
@@ -282,7 +289,12 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
         de["certificate"]
     );
     let out = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
-        .args(["healthcheck", "--ready", "--admin", &mesh.nodes[0].admin.to_string()])
+        .args([
+            "healthcheck",
+            "--ready",
+            "--admin",
+            &mesh.nodes[0].admin.to_string(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -328,16 +340,19 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
     // A forged revocation is refused with its reason.
     let mut forged: Value =
         serde_json::from_str(&std::fs::read_to_string(&revocation).unwrap()).unwrap();
-    let mut sig = forged["signatures"][0]["signature"].as_str().unwrap().to_string();
+    let mut sig = forged["signatures"][0]["signature"]
+        .as_str()
+        .unwrap()
+        .to_string();
     sig.replace_range(0..2, if &sig[0..2] == "00" { "01" } else { "00" });
     forged["signatures"][0]["signature"] = sig.into();
-    forged["body_hex"] = Value::from(
-        hex::encode(prost::Message::encode_to_vec(&ferry_proto::pb::RevocationBody {
+    forged["body_hex"] = Value::from(hex::encode(prost::Message::encode_to_vec(
+        &ferry_proto::pb::RevocationBody {
             node_id: hex::decode(&ids[3]).unwrap(),
             revoked_at_ms: now_ms(),
             reason: "forged".into(),
-        })),
-    );
+        },
+    )));
     let forged_path = keys.path().join("forged.json");
     std::fs::write(&forged_path, forged.to_string()).unwrap();
     let e = rulings::publish(&mesh.nodes[4], &forged_path).unwrap_err();
@@ -392,14 +407,15 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
         })
         .unwrap();
 
-    // PK drains from now on; the signature may be published for 3 s only.
+    // PK is blocked from now on (its nodes drain until the exit date); the
+    // signature may be published for 3 s only.
     let now = now_ms();
     let plain = keys.path().join("pk.toml");
     std::fs::write(
         &plain,
         format!(
             "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\nreason = \"order\"\n",
-            ferry_node::authority::fmt_time(now + 600_000),
+            ferry_node::authority::fmt_time(now - 1_000),
             ferry_node::authority::fmt_time(now + 1_200_000),
         ),
     )
@@ -472,10 +488,15 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
             .filter_map(|(_, n)| n.as_u64())
             .sum();
         let expected = u64::from(p.id == mesh.nodes[1].id);
-        assert_eq!(refused, expected, "{}: {}", p.jurisdiction, v["ruling_rejections"]);
+        assert_eq!(
+            refused, expected,
+            "{}: {}",
+            p.jurisdiction, v["ruling_rejections"]
+        );
         let log = p.log();
         assert!(
-            !log.contains("already been published") && !log.contains("ruling refused") || expected == 1,
+            !log.contains("already been published") && !log.contains("ruling refused")
+                || expected == 1,
             "{} logged a refusal:\n{log}",
             p.jurisdiction
         );
@@ -535,7 +556,10 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
     ])
     .unwrap();
     assert!(out.contains("new Noise key"), "{out}");
-    let new_key = relay.status().unwrap()["noise_key"].as_str().unwrap().to_string();
+    let new_key = relay.status().unwrap()["noise_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(new_key, hex::encode(relay.noise_key));
     assert!(relay.dir.join("noise.retiring.key").exists());
     // New circuits during the grace (old or new key) and after it (new key).
@@ -543,12 +567,12 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
     echo(socks, echo_target, "class=during", 1)
         .await
         .expect("a new circuit during the grace");
+    let retiring = relay.dir.join("noise.retiring.key");
     relay
         .wait_status("the old key erased", Duration::from_secs(15), |v| {
-            v["retiring_noise_key_until"].is_null()
+            v["retiring_noise_key_until"].is_null() && !retiring.exists()
         })
         .unwrap();
-    assert!(!relay.dir.join("noise.retiring.key").exists());
     mesh.entry
         .wait_status("the entry has the new key", Duration::from_secs(10), |v| {
             peer(v, &relay.id).is_some()
@@ -563,7 +587,10 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
         .expect("the long stream finished")
         .unwrap();
     assert_eq!(n, LEN, "download length");
-    assert!(digest == Pattern::digest(seed + 1, LEN), "download corrupted");
+    assert!(
+        digest == Pattern::digest(seed + 1, LEN),
+        "download corrupted"
+    );
     let (s, n, d) = tokio::time::timeout(Duration::from_secs(10), uploads.recv())
         .await
         .unwrap()
