@@ -194,16 +194,18 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
             .map_err(malformed)?;
         // The current key, then one being retired (peers that have not
         // seen the rotation's advert yet).
-        let mut opened = None;
+        let mut opened = Err(refused("malformed", "no local Noise key"));
         for key in switch.keys.noise.responder_keys(now_ms()) {
             let mut hs = crypto::link_responder(&key).map_err(|e| refused("malformed", e))?;
-            if crypto::read_hs(&mut hs, &m1).is_ok() {
-                opened = Some(hs);
-                break;
+            match crypto::read_hs(&mut hs, &m1) {
+                Ok(_) => {
+                    opened = Ok(hs);
+                    break;
+                }
+                Err(e) => opened = Err(refused("malformed", e)),
             }
         }
-        let mut hs =
-            opened.ok_or_else(|| refused("malformed", "handshake message 1 did not open"))?;
+        let mut hs = opened?;
         let remote: [u8; 32] = hs
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
