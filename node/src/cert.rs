@@ -672,10 +672,10 @@ mod tests {
         let kind =
             |bytes: &[u8], id: &NodeId, now| auth.verify_cert(bytes, id, now).unwrap_err().kind;
         // One short of the threshold.
-        let one = sign_certificate(&body, &[a.clone()]).encode_to_vec();
+        let one = sign_certificate(&body, std::slice::from_ref(&a)).encode_to_vec();
         assert_eq!(kind(&one, &id, 5_000), "cert_threshold");
         // Signed by a key this node does not trust.
-        let stranger = sign_certificate(&body, &[c.clone()]).encode_to_vec();
+        let stranger = sign_certificate(&body, std::slice::from_ref(&c)).encode_to_vec();
         assert_eq!(kind(&stranger, &id, 5_000), "cert_unknown_key");
         // Forged: the body changed after signing (a PK node claiming CH).
         let mut forged = pb::NodeCertificate::decode(both.as_slice()).unwrap();
@@ -721,7 +721,7 @@ mod tests {
         .verify()
         .unwrap();
         let body = certificate_body(&req, &admission()).unwrap();
-        let file = CertFile::from_cert(&sign_certificate(&body, &[a.clone()])).unwrap();
+        let file = CertFile::from_cert(&sign_certificate(&body, std::slice::from_ref(&a))).unwrap();
         let text = serde_json::to_string_pretty(&file).unwrap();
         let (text, what) = cosign_file(&text, &b).unwrap();
         assert_eq!(what, "certificate");
@@ -730,7 +730,8 @@ mod tests {
         let bytes = back.to_cert().unwrap().encode_to_vec();
         assert!(auth.verify_cert(&bytes, &node.node_id(), 2_000).is_ok());
 
-        let rev = RevocationFile::new(&node.node_id(), "key lost", 7, &[a.clone()]).unwrap();
+        let rev =
+            RevocationFile::new(&node.node_id(), "key lost", 7, std::slice::from_ref(&a)).unwrap();
         let wire = rev.to_signed().unwrap().encode_to_vec();
         assert_eq!(auth.verify_revocation(&wire).unwrap_err().kind, "threshold");
         let (text, what) = cosign_file(&serde_json::to_string(&rev).unwrap(), &b).unwrap();

@@ -523,14 +523,14 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
     let rate = Some(4 << 20);
     let (target, mut uploads) = pattern_server_paced(rate).await.unwrap();
     let socks = mesh.socks();
-    let seed = 77;
+    let seed: u64 = 77;
     let long = tokio::spawn(async move {
         let s = socks_connect_as(socks, "127.0.0.1", target.port(), None)
             .await
             .unwrap()
             .expect("SOCKS success");
         let (mut r, mut w) = s.into_split();
-        let mut head = (seed as u64).to_be_bytes().to_vec();
+        let mut head = seed.to_be_bytes().to_vec();
         head.extend_from_slice(&(LEN as u64).to_be_bytes());
         w.write_all(&head).await.unwrap();
         let (down, up) = tokio::join!(
