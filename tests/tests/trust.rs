@@ -89,11 +89,6 @@ async fn a_capacity_claim_above_the_certificate_buys_no_more_than_a_fair_share()
             peer_ids(v).len() >= 5
         })
         .unwrap();
-    assert_eq!(
-        peer(&v, &greedy).unwrap()["capacity_mbps"],
-        1000,
-        "capacity is capped at the certificate's ceiling"
-    );
     let out = run_ferry(&[
         "paths",
         "--admin",
@@ -116,6 +111,11 @@ async fn a_capacity_claim_above_the_certificate_buys_no_more_than_a_fair_share()
     };
     let share = on(&greedy);
     eprintln!("relay advertising 100x its ceiling: on {share} of 1000 paths (fair share 250)");
+    assert_eq!(
+        peer(&v, &greedy).unwrap()["capacity_mbps"],
+        1000,
+        "capacity is capped at the certificate's ceiling"
+    );
     // Fair share of the relay slot is 250 (binomial sd ~14): 325 is > 5 sd.
     assert!(share <= 325, "the greedy relay is on {share} of 1000 paths");
     assert!(
@@ -407,14 +407,16 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
         })
         .unwrap();
 
-    // PK is blocked from now on (its nodes drain until the exit date); the
-    // signature may be published for 3 s only.
+    // PK is blocked for the `enterprise` class from now on (its node does
+    // not drain: other traffic may still cross it, so only an entry that
+    // knows the ruling keeps enterprise circuits off it); the signature may
+    // be published for 3 s only.
     let now = now_ms();
     let plain = keys.path().join("pk.toml");
     std::fs::write(
         &plain,
         format!(
-            "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\nreason = \"order\"\n",
+            "id = \"pk\"\nversion = 1\nregion = \"PK\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\nclasses = [\"enterprise\"]\nreason = \"order\"\n",
             ferry_node::authority::fmt_time(now - 1_000),
             ferry_node::authority::fmt_time(now + 1_200_000),
         ),
@@ -467,10 +469,24 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     );
     let target = echo_server().await.unwrap();
     let late_socks = late.socks.unwrap();
-    for n in 0..8u8 {
-        echo(late_socks, target, &format!("class=c{n}"), n)
-            .await
-            .expect("echo through the late entry");
+    assert_eq!(
+        peer(&v, &mesh.nodes[1].id).map(|p| p["state"].clone()),
+        Some(Value::from("active")),
+        "PK itself is not draining: only the ruling keeps circuits off it"
+    );
+    // Each connection its own circuit (a different, harmless exclusion).
+    for (n, cc) in ["AE", "AF", "AG", "AL", "AM", "AO", "AR", "AT"]
+        .iter()
+        .enumerate()
+    {
+        echo(
+            late_socks,
+            target,
+            &format!("class=enterprise;exclude={cc}"),
+            n as u8,
+        )
+        .await
+        .expect("echo through the late entry");
     }
     let pk = &mesh.nodes[1].id;
     let on = circuit_nodes(&late.status().unwrap());
