@@ -469,8 +469,14 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     );
     let target = echo_server().await.unwrap();
     let late_socks = late.socks.unwrap();
+    let pk_id = mesh.nodes[1].id.clone();
+    let v = late
+        .wait_status("the late entry knows PK", Duration::from_secs(10), |v| {
+            peer(v, &pk_id).is_some()
+        })
+        .unwrap();
     assert_eq!(
-        peer(&v, &mesh.nodes[1].id).map(|p| p["state"].clone()),
+        peer(&v, &pk_id).map(|p| p["state"].clone()),
         Some(Value::from("active")),
         "PK itself is not draining: only the ruling keeps circuits off it"
     );
