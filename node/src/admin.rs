@@ -301,6 +301,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
             },
             "load": e.load,
             "capacity_mbps": e.capacity,
+            "noise_key": hex::encode(e.peer.noise_key),
             "expires_in_secs": e.expires_at_ms.map(|x| x.saturating_sub(now) / 1000),
         }));
     }
@@ -403,9 +404,11 @@ async fn post_ruling(State(st): State<Arc<AdminState>>, body: String) -> (Status
     match offer_and_publish(&st.rulings, &st.control, signed.encode_to_vec()) {
         Ok(o) => (
             StatusCode::OK,
-            Json(
-                json!({ "status": if o == Offered::InForce { "in force" } else { "already in force" } }),
-            ),
+            Json(json!({ "status": match o {
+                    Offered::InForce => "in force",
+                    Offered::Cosigned => "already in force; its new signatures kept",
+                    Offered::Duplicate | Offered::Behind => "already in force",
+                } })),
         ),
         Err(e) => (
             StatusCode::BAD_REQUEST,

@@ -20,6 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const RULING_CONTEXT: &[u8] = b"ferry/ruling/1";
 /// The largest signed ruling a node accepts, in bytes.
 pub const MAX_SIGNED_RULING: usize = 16 * 1024;
+/// Most signatures one signed statement (ruling, certificate, revocation)
+/// may carry.
+pub const MAX_SIGNATURES: usize = 16;
 
 /// Milliseconds since the UNIX epoch.
 pub fn now_ms() -> u64 {
@@ -348,11 +351,27 @@ impl Authority {
                 "this node trusts no authority key (authority.keys is empty)",
             ));
         }
+        if signatures.len() > MAX_SIGNATURES {
+            return Err(refuse(
+                "malformed",
+                format!(
+                    "{} signatures, the limit is {MAX_SIGNATURES}",
+                    signatures.len()
+                ),
+            ));
+        }
         let mut msg = context.to_vec();
         msg.extend_from_slice(body);
         let mut good: Vec<&VerifyingKey> = Vec::new();
         let (mut unknown, mut bad) = (0, 0);
+        // At most one verification per trusted key, and none once the
+        // threshold is met: a statement padded with signatures that name a
+        // trusted key costs no more than an honest one.
+        let mut tried: Vec<&VerifyingKey> = Vec::new();
         for s in signatures {
+            if good.len() >= self.threshold {
+                break;
+            }
             let Some(k) = self
                 .keys
                 .iter()
@@ -361,6 +380,10 @@ impl Authority {
                 unknown += 1;
                 continue;
             };
+            if tried.contains(&k) {
+                continue;
+            }
+            tried.push(k);
             let ok = ed25519_dalek::Signature::from_slice(&s.signature)
                 .is_ok_and(|sig| k.verify(&msg, &sig).is_ok());
             if ok {

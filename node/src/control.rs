@@ -45,6 +45,9 @@ pub const SYNC: &str = "/ferry/sync/1";
 /// Most rulings, and most revocations, one sync answer may carry; the rest
 /// are ignored (the answer is also bounded in bytes by the codec).
 pub const MAX_SYNC_ITEMS: usize = 1024;
+/// Largest sync answer accepted, in bytes (its decoded form is bounded by
+/// this too: at most a few dozen bytes of memory per byte).
+pub const MAX_SYNC_BYTES: u64 = 512 * 1024;
 
 /// A sync request (it asks for everything in force).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -58,6 +61,8 @@ pub struct SyncResponse {
     pub rulings: Vec<Vec<u8>>,
     /// `SignedRevocation` bytes.
     pub revocations: Vec<Vec<u8>>,
+    /// The answering node's own signed advert (with its certificate).
+    pub advert: Vec<u8>,
 }
 /// Largest gossip message libp2p accepts at all; Ferry's own bounds are lower.
 pub const MAX_GOSSIP: usize = 64 * 1024;
@@ -335,6 +340,7 @@ pub fn start(
         let mut alone_tick = tokio::time::interval(Duration::from_secs(2));
         alone_tick.tick().await;
         let mut listen_addrs: Vec<String> = Vec::new();
+        let mut sync_state = SyncState::default();
         let mut seq = shared
             .store
             .get(cf::STATE, b"advert_seq")
@@ -350,6 +356,7 @@ pub fn start(
                     seq = (seq + 1).max(now);
                     let _ = shared.store.put(cf::STATE, b"advert_seq", &seq.to_be_bytes());
                     let bytes = advert(listen_addrs.clone(), seq, now + ttl.as_millis() as u64);
+                    sync_state.own_advert = bytes.clone();
                     publish(&mut swarm, &adverts, bytes);
                     let gone = shared.directory.expire(now);
                     if gone > 0 {
@@ -366,7 +373,12 @@ pub fn start(
                 }
                 Some(cmd) = rx.recv() => match cmd {
                     Command::PublishRuling(bytes) => publish(&mut swarm, &rulings_topic, bytes),
-                    Command::PublishRevocation(bytes) => publish(&mut swarm, &revocations_topic, bytes),
+                    Command::PublishRevocation(bytes) => {
+                        if let Ok((id, _)) = shared.directory.authority().verify_revocation(&bytes) {
+                            disconnect_revoked(&mut swarm, &id);
+                        }
+                        publish(&mut swarm, &revocations_topic, bytes);
+                    }
                     Command::Advertise => tick.reset_immediately(),
                     Command::Dial(addrs) => {
                         for a in addrs {
@@ -381,15 +393,18 @@ pub fn start(
                         listen_addrs.push(format!("{address}/p2p/{me}"));
                         tick.reset_immediately();
                     }
-                    SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                    SwarmEvent::ConnectionEstablished { peer_id: pid, num_established, .. } => {
                         // A new neighbour: tell it who we are, and ask it
                         // what is in force.
                         tick.reset_immediately();
-                        if num_established.get() == 1 {
-                            swarm.behaviour_mut().sync.send_request(&peer_id, SyncRequest {});
+                        if shared.revocations.revoked().iter().any(|id| peer_id(id) == Some(pid)) {
+                            let _ = swarm.disconnect_peer_id(pid);
+                        } else if num_established.get() == 1 {
+                            swarm.behaviour_mut().sync.send_request(&pid, SyncRequest {});
+                            sync_state.pending.insert(pid);
                         }
                     }
-                    SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => on_sync(&mut swarm, &shared, ev),
+                    SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => on_sync(&mut swarm, &shared, &own, &mut sync_state, ev),
                     SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                         for a in info.listen_addrs {
                             swarm.behaviour_mut().kad.add_address(&peer_id, a);
@@ -407,8 +422,10 @@ pub fn start(
                             on_advert(&mut swarm, &shared, &own, &message.data, now);
                         } else if message.topic == rulings_topic.hash() {
                             let _ = shared.rulings.offer(&message.data, now, Source::Gossip);
-                        } else if message.topic == revocations_topic.hash() {
-                            let _ = on_revocation(&shared, &message.data);
+                        } else if message.topic == revocations_topic.hash()
+                            && let Ok(Some(id)) = on_revocation(&shared, &message.data)
+                        {
+                            disconnect_revoked(&mut swarm, &id);
                         }
                     }
                     _ => {}
@@ -420,14 +437,43 @@ pub fn start(
     Ok(tx)
 }
 
-/// Answers a peer's sync, or applies a peer's answer to ours.
+/// What this node's own sync has gathered so far.
+#[derive(Default)]
+struct SyncState {
+    /// Admitted peers that answered.
+    answered: std::collections::HashSet<PeerId>,
+    /// Peers asked that have not answered or failed yet.
+    pending: std::collections::HashSet<PeerId>,
+    /// The advert this node last published (sent with its answers, so the
+    /// asker can tell an admitted peer's answer from anyone's).
+    own_advert: Vec<u8>,
+}
+
+/// The version of a signed ruling, decoded without checking signatures
+/// (for ordering only; `offer` checks them).
+fn ruling_version(bytes: &[u8]) -> u64 {
+    use prost::Message;
+    ferry_proto::pb::SignedRuling::decode(bytes)
+        .ok()
+        .and_then(|s| ferry_proto::pb::RulingBody::decode(s.body.as_slice()).ok())
+        .map_or(0, |b| b.version)
+}
+
+/// Answers a peer's sync, or applies a peer's answer to ours. A node is
+/// synced (ready, as far as rulings go) once two admitted peers answered,
+/// or one did and no other request is outstanding: one hostile peer that
+/// answers first with nothing cannot make it ready alone while an honest
+/// one is being asked. Whoever answers, every ruling and revocation in the
+/// answer is verified against the authority before it counts.
 fn on_sync(
     swarm: &mut libp2p::Swarm<Behaviour>,
     shared: &Shared,
+    own: &ferry_router::NodeId,
+    state: &mut SyncState,
     ev: request_response::Event<SyncRequest, SyncResponse>,
 ) {
     use request_response::{Event, Message};
-    match ev {
+    let peer = match ev {
         Event::Message {
             message: Message::Request { channel, .. },
             ..
@@ -435,8 +481,10 @@ fn on_sync(
             let answer = SyncResponse {
                 rulings: shared.rulings.signed(),
                 revocations: shared.revocations.signed(),
+                advert: state.own_advert.clone(),
             };
             let _ = swarm.behaviour_mut().sync.send_response(channel, answer);
+            return;
         }
         Event::Message {
             peer,
@@ -445,39 +493,73 @@ fn on_sync(
         } => {
             let now = crate::authority::now_ms();
             let (mut new, mut revoked) = (0, 0);
+            let before = shared.rulings.rejections().values().sum::<u64>()
+                + shared.revocations.rejections().values().sum::<u64>();
             for r in response.revocations.iter().take(MAX_SYNC_ITEMS) {
-                if matches!(on_revocation(shared, r), Ok(Some(_))) {
+                if let Ok(Some(id)) = on_revocation(shared, r) {
                     revoked += 1;
+                    disconnect_revoked(swarm, &id);
                 }
             }
-            // In version order per id, so a peer's history applies in order.
+            // In version order, so a peer's history applies in order.
             let mut rulings: Vec<&Vec<u8>> = response.rulings.iter().take(MAX_SYNC_ITEMS).collect();
-            rulings.sort_by_key(|b| {
-                shared
-                    .directory
-                    .authority()
-                    .verify(b, None)
-                    .map(|(_, body, _)| body.version)
-                    .unwrap_or(0)
-            });
+            rulings.sort_by_cached_key(|b| ruling_version(b));
             for r in rulings {
                 if shared.rulings.offer(r, now, Source::Sync) == Ok(Offered::InForce) {
                     new += 1;
                 }
             }
-            let first = shared.rulings.mark_synced();
-            debug!(%peer, rulings = response.rulings.len(), new, revoked, "synced with a peer");
-            if first {
-                info!(
-                    rulings = shared.rulings.snapshot().iter().count(),
-                    revocations = shared.revocations.revoked().len(),
-                    "rulings and revocations in force received from the mesh"
+            let refused = shared.rulings.rejections().values().sum::<u64>()
+                + shared.revocations.rejections().values().sum::<u64>()
+                - before;
+            if refused > 0 {
+                warn!(
+                    refused,
+                    "a peer's sync answer carried statements that do not verify"
                 );
             }
+            // Admitted: its own advert verifies (certificate included) and
+            // names this very peer.
+            let admitted = match crate::directory::verify_advert(&response.advert, now) {
+                Ok((_, e)) if peer_id(&e.peer.id) == Some(peer) => {
+                    let _ = shared.directory.accept(&response.advert, own, now);
+                    shared.directory.get(&e.peer.id, now).is_some()
+                }
+                _ => false,
+            };
+            if admitted {
+                state.answered.insert(peer);
+            }
+            debug!(%peer, admitted, rulings = response.rulings.len(), new, revoked, "sync answer");
+            peer
         }
-        Event::OutboundFailure { error, .. } => debug!(%error, "sync request failed"),
-        Event::InboundFailure { error, .. } => debug!(%error, "sync answer failed"),
-        Event::ResponseSent { .. } => {}
+        Event::OutboundFailure { peer, error, .. } => {
+            debug!(%error, "sync request failed");
+            peer
+        }
+        Event::InboundFailure { error, .. } => {
+            debug!(%error, "sync answer failed");
+            return;
+        }
+        Event::ResponseSent { .. } => return,
+    };
+    state.pending.remove(&peer);
+    let enough =
+        state.answered.len() >= 2 || (!state.answered.is_empty() && state.pending.is_empty());
+    if enough && shared.rulings.mark_synced() {
+        info!(
+            rulings = shared.rulings.snapshot().iter().count(),
+            revocations = shared.revocations.revoked().len(),
+            peers = state.answered.len(),
+            "rulings and revocations in force received from the mesh"
+        );
+    }
+}
+
+/// Drops the control-plane connections of a revoked node.
+fn disconnect_revoked(swarm: &mut libp2p::Swarm<Behaviour>, id: &ferry_router::NodeId) {
+    if let Some(pid) = peer_id(id) {
+        let _ = swarm.disconnect_peer_id(pid);
     }
 }
 
@@ -560,7 +642,7 @@ pub fn offer_and_publish(
     bytes: Vec<u8>,
 ) -> Result<Offered, crate::authority::Refusal> {
     let r = rulings.offer(&bytes, crate::authority::now_ms(), Source::Operator)?;
-    if r == Offered::InForce {
+    if matches!(r, Offered::InForce | Offered::Cosigned) {
         let _ = tx.send(Command::PublishRuling(bytes));
     }
     Ok(r)

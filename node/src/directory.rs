@@ -299,8 +299,19 @@ impl Directory {
             .verify_cert(&advert.certificate, &entry.peer.id, now)
             .map_err(|r| drop_(r.kind, r.detail))?;
         vouch(&mut entry, cert, now, self.max_lifetime_ms);
-        self.insert(entry.clone());
         let mut g = self.inner.write().expect("directory lock");
+        // Checked again under the write lock: a revocation or a newer
+        // advert may have landed while the certificate was verified.
+        if g.revoked.contains(&entry.peer.id) {
+            return Err(drop_("revoked", "the authority revoked this node"));
+        }
+        if g.by_id
+            .get(&entry.peer.id)
+            .is_some_and(|o| o.seq >= advert.seq)
+        {
+            return Ok(None);
+        }
+        g.by_id.insert(entry.peer.id, entry.clone());
         if g.learnt
             .get(&entry.peer.id)
             .is_some_and(|(.., at)| advert.seq > *at)

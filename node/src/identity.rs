@@ -44,7 +44,9 @@ fn noise_pair(private: [u8; 32]) -> NoisePair {
 /// until a time (ms since the epoch).
 pub struct NoiseRing {
     dir: Option<PathBuf>,
-    keys: std::sync::RwLock<(NoisePair, Option<(NoisePair, u64)>)>,
+    /// Current pair, the retiring pair and until when, and when this
+    /// process rotated (unknown after a restart).
+    keys: std::sync::RwLock<(NoisePair, Option<(NoisePair, u64)>, Option<u64>)>,
 }
 
 impl NoiseRing {
@@ -54,6 +56,7 @@ impl NoiseRing {
             keys: std::sync::RwLock::new((
                 noise_pair(current),
                 retiring.map(|(k, until)| (noise_pair(k), until)),
+                None,
             )),
         }
     }
@@ -80,6 +83,22 @@ impl NoiseRing {
         out
     }
 
+    /// The private key this node dials with: during the first half of a
+    /// rotation's grace the retiring one (peers that have not seen the
+    /// advert with the new key yet still know it), then the current one
+    /// (every peer has had the new advert for half the grace).
+    pub fn dial_private(&self, now: u64) -> [u8; 32] {
+        let g = self.keys.read().expect("noise keys");
+        match (g.1, g.2) {
+            (Some(((old, _), until)), Some(since))
+                if now < since + (until.saturating_sub(since)) / 2 =>
+            {
+                old
+            }
+            _ => g.0.0,
+        }
+    }
+
     /// The public key being retired and until when, to advertise.
     pub fn retiring(&self, now: u64) -> (Vec<[u8; 32]>, u64) {
         match self.keys.read().expect("noise keys").1 {
@@ -89,8 +108,9 @@ impl NoiseRing {
     }
 
     /// Switches to a fresh key; the current one is retired until
-    /// `now + grace`. Written to the key dir first (the new key, then the
-    /// retiring one), so a crash leaves either the old state or the new.
+    /// `now + grace`. Written to the key dir first (the current key into
+    /// the retiring file, then the new key over it), so a crash leaves
+    /// either the old key alone or both.
     /// Refused while an earlier rotation's key is still being retired.
     /// Returns the new public key.
     pub fn rotate(&self, grace: std::time::Duration, now: u64) -> Result<[u8; 32]> {
@@ -111,7 +131,7 @@ impl NoiseRing {
             replace_secret(&dir.join(NOISE_FILE), &format!("{}\n", hex::encode(fresh)))?;
         }
         let old = g.0;
-        *g = (noise_pair(fresh), Some((old, until)));
+        *g = (noise_pair(fresh), Some((old, until)), Some(now));
         Ok(g.0.1)
     }
 
@@ -128,6 +148,7 @@ impl NoiseRing {
                     }
                 }
                 g.1 = None;
+                g.2 = None;
                 Ok(true)
             }
             _ => Ok(false),

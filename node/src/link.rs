@@ -133,7 +133,8 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
     let fut = async {
         let mut sock = TcpStream::connect(addr).await.context("connecting")?;
         sock.set_nodelay(true)?;
-        let mut hs = crypto::link_initiator(&switch.keys.noise_private(), &info.noise_key)?;
+        let mut hs =
+            crypto::link_initiator(&switch.keys.noise.dial_private(now_ms()), &info.noise_key)?;
         write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
         let h1 = crypto::handshake_hash(&hs);
         let mut buf = BytesMut::with_capacity(1024);

@@ -39,6 +39,9 @@ pub enum Offered {
     InForce,
     /// The same signed body was already in force.
     Duplicate,
+    /// The same body, with signatures by further trusted keys: kept (and
+    /// gossiped on), so the ruling outlives the retirement of a key.
+    Cosigned,
     /// A sync answer carried a version older than the one in force.
     Behind,
 }
@@ -137,17 +140,37 @@ impl Rulings {
                 .expect("lock")
                 .entry(e.kind)
                 .or_default() += 1;
-            warn!(reason = e.kind, detail = %e.detail, "ruling refused");
+            // A peer's sync answer can carry many: counted, and logged
+            // once per answer by the caller.
+            if from == Source::Sync {
+                tracing::debug!(reason = e.kind, detail = %e.detail, "ruling in a sync answer refused");
+            } else {
+                warn!(reason = e.kind, detail = %e.detail, "ruling refused");
+            }
         }
         res
     }
 
     fn offer_inner(&self, bytes: &[u8], now: u64, from: Source) -> Result<Offered, Refusal> {
-        let window = (from == Source::Operator).then_some(now);
-        let (signed, body, ruling) = self.authority.verify(bytes, window)?;
+        let (signed, body, ruling) = self.authority.verify(bytes, None)?;
         if self.bodies.lock().expect("lock").get(&ruling.id) == Some(&signed.body) {
-            self.merge_signatures(&ruling.id, signed.signatures);
-            return Ok(Offered::Duplicate);
+            return Ok(if self.merge_signatures(&ruling.id, signed.signatures) {
+                Offered::Cosigned
+            } else {
+                Offered::Duplicate
+            });
+        }
+        // A body not held yet is an introduction when an operator publishes
+        // it or gossip brings it (gossip carries only what is new): its
+        // window applies. A sync answer passes on what is in force.
+        if from != Source::Sync && body.expires_at_ms < now {
+            return Err(Refusal {
+                kind: "expired",
+                detail: format!(
+                    "ruling {} v{}: its signature's window to be published has passed; sign a new version",
+                    body.id, body.version
+                ),
+            });
         }
         let mut set = self.set.write().expect("rulings lock");
         set.apply(ruling.clone(), &self.blocs)
@@ -185,11 +208,13 @@ impl Rulings {
     /// body, cosigned later): what lets the authority rotate its keys: add
     /// the new key everywhere, cosign the rulings in force and publish them
     /// again, then remove the old key, and the stored rulings still verify.
-    fn merge_signatures(&self, id: &str, more: Vec<pb::AuthoritySignature>) {
+    fn merge_signatures(&self, id: &str, more: Vec<pb::AuthoritySignature>) -> bool {
         let mut signed = self.signed.lock().expect("lock");
-        let Some(held) = signed.get(id) else { return };
+        let Some(held) = signed.get(id) else {
+            return false;
+        };
         let Ok(mut held_pb) = pb::SignedRuling::decode(held.as_slice()) else {
-            return;
+            return false;
         };
         let before = held_pb.signatures.len();
         for s in more {
@@ -198,7 +223,7 @@ impl Rulings {
             }
         }
         if held_pb.signatures.len() == before {
-            return;
+            return false;
         }
         // Keep only what verifies, so a bogus extra signature is not stored.
         let body = held_pb.body.clone();
@@ -206,6 +231,12 @@ impl Rulings {
             self.authority
                 .signature_valid(crate::authority::RULING_CONTEXT, &body, s)
         });
+        held_pb
+            .signatures
+            .truncate(crate::authority::MAX_SIGNATURES);
+        if held_pb.signatures.len() <= before {
+            return false;
+        }
         let bytes = held_pb.encode_to_vec();
         if let Some(store) = &self.store
             && let Err(e) = store.put(cf::RULINGS, id.as_bytes(), &bytes)
@@ -214,6 +245,7 @@ impl Rulings {
         }
         info!(id, signatures = held_pb.signatures.len(), "ruling cosigned");
         signed.insert(id.to_string(), bytes);
+        true
     }
 
     /// The rulings in force.
@@ -368,7 +400,12 @@ mod tests {
         assert_eq!(e.kind, "expired");
         // ...but peers pass it on at any age.
         assert_eq!(r.offer(&v1, later, Source::Sync), Ok(Offered::InForce));
-        assert_eq!(r.offer(&v2, later, Source::Gossip), Ok(Offered::InForce));
+        // Gossip carries only what is new: a stale introduction is refused.
+        assert_eq!(
+            r.offer(&v2, later, Source::Gossip).unwrap_err().kind,
+            "expired"
+        );
+        assert_eq!(r.offer(&v2, later, Source::Sync), Ok(Offered::InForce));
         // The same version again is a duplicate, never a refusal.
         assert_eq!(r.offer(&v2, later, Source::Gossip), Ok(Offered::Duplicate));
         assert_eq!(r.offer(&v2, later, Source::Sync), Ok(Offered::Duplicate));
@@ -381,7 +418,7 @@ mod tests {
             "rollback"
         );
         assert_eq!(r.rejections().get("rollback"), Some(&1));
-        assert_eq!(r.rejections().get("expired"), Some(&1));
+        assert_eq!(r.rejections().get("expired"), Some(&2));
     }
 
     #[test]
@@ -404,10 +441,15 @@ mod tests {
         // 1. The new key is added everywhere (a rolling restart).
         let r = Rulings::load(authority(&[&old, &new]), Some(store.clone())).unwrap();
         assert_eq!(r.snapshot().iter().count(), 1);
-        // 2. The rulings in force are cosigned with it and published again.
+        // 2. The rulings in force are cosigned with it and published again,
+        // even after their window (a ruling in force for months).
         sign(&mut signed, &new);
         assert_eq!(
-            r.offer(&signed.encode_to_vec(), now, Source::Operator),
+            r.offer(&signed.encode_to_vec(), now + 7_200_000, Source::Operator),
+            Ok(Offered::Cosigned)
+        );
+        assert_eq!(
+            r.offer(&signed.encode_to_vec(), now, Source::Gossip),
             Ok(Offered::Duplicate)
         );
         drop(r);

@@ -56,6 +56,9 @@ pub struct Switch {
     /// This node's own state (active, draining, exited).
     pub state: Arc<crate::state::NodeStateCtl>,
     links: Mutex<HashMap<NodeId, Arc<LinkHandle>>>,
+    /// Every live link by id (a second link to one peer replaces the first
+    /// in `links`, but both run until closed): what revocation closes.
+    all_links: Mutex<HashMap<LinkId, Arc<LinkHandle>>>,
     dial_lock: tokio::sync::Mutex<()>,
     circuits: Mutex<HashMap<(LinkId, u32), Slot>>,
     next_link: AtomicU64,
@@ -113,6 +116,7 @@ impl Switch {
             rulings,
             state,
             links: Mutex::new(HashMap::new()),
+            all_links: Mutex::new(HashMap::new()),
             dial_lock: tokio::sync::Mutex::new(()),
             circuits: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
@@ -144,6 +148,10 @@ impl Switch {
     }
 
     pub(crate) fn link_up(&self, link: Arc<LinkHandle>) {
+        self.all_links
+            .lock()
+            .expect("links lock")
+            .insert(link.id, link.clone());
         self.links
             .lock()
             .expect("links lock")
@@ -196,6 +204,7 @@ impl Switch {
                 links.remove(&link.peer);
             }
         }
+        self.all_links.lock().expect("links lock").remove(&link.id);
         let gone: Vec<(u32, Slot)> = {
             let mut c = self.circuits.lock().expect("circuits lock");
             let keys: Vec<_> = c.keys().filter(|(l, _)| *l == link.id).copied().collect();
@@ -433,7 +442,7 @@ impl Switch {
     /// Closes every link to a node the authority revoked (their circuits
     /// end with them). Returns how many.
     pub fn close_revoked(&self) -> usize {
-        let links = self.links.lock().expect("links lock");
+        let links = self.all_links.lock().expect("links lock");
         let mut n = 0;
         for l in links.values() {
             if !l.is_closed() && self.directory.is_revoked(&l.peer) {
@@ -598,6 +607,12 @@ impl Switch {
         }
         if !(self.cfg.roles.relay || self.cfg.roles.exit) {
             return refuse("this node has neither the relay nor the exit role");
+        }
+        // A link outlives what admitted its peer: no new circuit from a
+        // node that is revoked, or whose certificate or advert lapsed.
+        if self.directory.get(&link.peer, now_ms()).is_none() {
+            self.metrics.refusals.with_label_values(&["auth"]).inc();
+            return refuse("the node on this link is not admitted here any more");
         }
         if self
             .circuits

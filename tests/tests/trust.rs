@@ -59,6 +59,20 @@ async fn echo(socks: SocketAddr, target: SocketAddr, opts: &str, n: u8) -> Resul
     Ok(())
 }
 
+/// `ferry_links_active` on a node's metrics listener.
+fn links_of(p: &Proc) -> u64 {
+    let text = ureq::get(&format!("http://{}/metrics", p.metrics))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ferry_links_active "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
 fn counted(v: &Value, key: &str, reason: &str) -> u64 {
     v[key][reason].as_u64().unwrap_or(0)
 }
@@ -300,6 +314,12 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("unadmitted"), "{err}");
 
+    // Traffic through IS first, so it holds links (entry -> IS -> CA).
+    echo(mesh.socks(), target, "exclude=SG,CH", 0)
+        .await
+        .expect("a circuit through IS");
+    assert!(links_of(&mesh.nodes[2]) >= 2, "IS holds its links");
+
     // Revoked: signed with the CLI, published to one node; within seconds
     // no node routes through it and its links are closed.
     let revocation = keys.path().join("revoke-is.json");
@@ -330,12 +350,24 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
     }
     let took = t.elapsed();
     eprintln!("revocation in force at every node in {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while links_of(&mesh.nodes[2]) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "links to the revoked node stay open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(took < Duration::from_secs(5), "revocation took {took:?}");
-    // Its later adverts are refused as revoked.
-    mesh.entry
-        .wait_status("revoked adverts counted", Duration::from_secs(10), |v| {
-            counted(v, "advert_rejections", "revoked") >= 1
-        })
+    // Its control-plane connections are dropped too (its later adverts
+    // would be refused as `revoked`: see the directory's unit tests), so it
+    // soon knows no peer at all.
+    mesh.nodes[2]
+        .wait_status(
+            "the revoked node is cut off",
+            Duration::from_secs(20),
+            |v| peer_ids(v).is_empty(),
+        )
         .unwrap();
     // A forged revocation is refused with its reason.
     let mut forged: Value =
@@ -423,6 +455,32 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     )
     .unwrap();
     let short = keys.path().join("pk-short.signed.json");
+    // A second ruling, signed at the same time, that nobody publishes in
+    // its window.
+    let other = keys.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "id = \"ae\"\nversion = 1\nregion = \"AE\"\nblocked_from = \"{}\"\nexit_by = \"{}\"\nreason = \"order\"\n",
+            ferry_node::authority::fmt_time(now + 600_000),
+            ferry_node::authority::fmt_time(now + 1_200_000),
+        ),
+    )
+    .unwrap();
+    let other_signed = keys.path().join("other.signed.json");
+    run_ferry(&[
+        "policy",
+        "sign",
+        "--key",
+        kd.join("authority.key").to_str().unwrap(),
+        "--in",
+        other.to_str().unwrap(),
+        "--out",
+        other_signed.to_str().unwrap(),
+        "--valid-for",
+        "3s",
+    ])
+    .unwrap();
     run_ferry(&[
         "policy",
         "sign",
@@ -448,8 +506,11 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     while now_ms() < signed_at + 3_500 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let e = rulings::publish(&mesh.nodes[1], &short).unwrap_err();
+    let e = rulings::publish(&mesh.nodes[1], &other_signed).unwrap_err();
     assert!(e.contains("expired"), "{e}");
+    // (The one in force, published again, is a duplicate, not a refusal.)
+    let again = rulings::publish(&mesh.nodes[2], &short).unwrap();
+    assert!(again.contains("already in force"), "{again}");
 
     // ...but a node that joins now learns it from its peers before it is
     // ready, and routes around PK.
@@ -597,7 +658,7 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
         .unwrap();
     mesh.entry
         .wait_status("the entry has the new key", Duration::from_secs(10), |v| {
-            peer(v, &relay.id).is_some()
+            peer(v, &relay.id).is_some_and(|p| p["noise_key"] == new_key.as_str())
         })
         .unwrap();
     echo(socks, echo_target, "class=after", 2)
