@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(r.offer(&v1, later, Source::Sync), Ok(Offered::Behind));
         assert_eq!(r.rejections().get("rollback"), None);
         assert_eq!(
-            r.offer(&v1, later, Source::Gossip).unwrap_err().kind,
+            r.offer(&v1, now_ms(), Source::Gossip).unwrap_err().kind,
             "rollback"
         );
         assert_eq!(r.rejections().get("rollback"), Some(&1));
