@@ -62,23 +62,32 @@ pub fn request(
     )
 }
 
-/// What `ferry authority admit` was asked.
+/// What `ferry authority admit` is asked.
+#[derive(clap::Args)]
 pub struct AdmitArgs {
-    /// Authority private key files (one signature each).
+    /// An authority private key file; repeatable.
+    #[arg(long = "key", required = true)]
     pub keys: Vec<PathBuf>,
-    /// The node's request file.
+    /// The node's request (node.request).
+    #[arg(long)]
     pub request: PathBuf,
-    /// Jurisdiction the authority vouches for.
+    /// The jurisdiction the authority vouches for (ISO 3166-1 alpha-2).
+    #[arg(long)]
     pub jurisdiction: String,
-    /// Family (default: as requested).
+    /// Operator family (default: as requested).
+    #[arg(long)]
     pub family: Option<String>,
-    /// Roles (default: as requested).
+    /// Roles it may take, comma-separated (default: as requested).
+    #[arg(long)]
     pub roles: Option<String>,
-    /// Capacity ceiling, Mbit/s.
+    /// Path selection weighs the node by at most this, Mbit/s.
+    #[arg(long, default_value_t = 1000)]
     pub capacity_max: u32,
-    /// Validity.
+    /// How long the certificate is valid.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     pub valid_for: Duration,
-    /// Where to write the certificate.
+    /// Where to write the certificate (default: node.cert next to the request).
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 

@@ -266,32 +266,7 @@ enum AuthorityCmd {
     },
     /// Admit a node: sign a certificate for its request (k of n: give
     /// --key once per key held here, or `cosign` the file elsewhere).
-    Admit {
-        /// An authority private key file; repeatable.
-        #[arg(long = "key", required = true)]
-        keys: Vec<PathBuf>,
-        /// The node's request (node.request).
-        #[arg(long)]
-        request: PathBuf,
-        /// The jurisdiction the authority vouches for (ISO 3166-1 alpha-2).
-        #[arg(long)]
-        jurisdiction: String,
-        /// Operator family (default: as requested).
-        #[arg(long)]
-        family: Option<String>,
-        /// Roles it may take, comma-separated (default: as requested).
-        #[arg(long)]
-        roles: Option<String>,
-        /// Path selection weighs the node by at most this, Mbit/s.
-        #[arg(long, default_value_t = 1000)]
-        capacity_max: u32,
-        /// How long the certificate is valid.
-        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
-        valid_for: Duration,
-        /// Where to write the certificate (default: node.cert next to the request).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Admit(admission_cli::AdmitArgs),
     /// Add this key's signature to a certificate or revocation file, in place.
     Cosign {
         /// The authority private key file.
@@ -417,27 +392,8 @@ fn main() -> Result<()> {
             cmd: AuthorityCmd::Keygen { out },
         } => keygen(&out),
         Cmd::Authority {
-            cmd:
-                AuthorityCmd::Admit {
-                    keys,
-                    request,
-                    jurisdiction,
-                    family,
-                    roles,
-                    capacity_max,
-                    valid_for,
-                    out,
-                },
-        } => admission_cli::admit(admission_cli::AdmitArgs {
-            keys,
-            request,
-            jurisdiction,
-            family,
-            roles,
-            capacity_max,
-            valid_for,
-            out,
-        }),
+            cmd: AuthorityCmd::Admit(args),
+        } => admission_cli::admit(args),
         Cmd::Authority {
             cmd: AuthorityCmd::Cosign { key, file },
         } => admission_cli::cosign(&key, &file),

@@ -346,6 +346,16 @@ impl Origin {
         Err(last.unwrap_or_else(|| OpenError::Build("no circuit".into())))
     }
 
+    /// The router's index of usable paths for `route` at `now`.
+    fn path_index(&self, route: &Route, now: u64) -> PathIndex {
+        PathIndex::build(
+            &self.view(now),
+            &self.switch.rulings.snapshot(),
+            &route.scope,
+            Time(now),
+        )
+    }
+
     /// Picks `n` paths for the default route (no tenant, no connection
     /// options) exactly as circuit builds do, without building them: how
     /// new circuits would spread over the mesh now. Returns how many paths
@@ -361,12 +371,7 @@ impl Origin {
             return (counts, n);
         };
         let now = crate::authority::now_ms();
-        let index = PathIndex::build(
-            &self.view(now),
-            &self.switch.rulings.snapshot(),
-            &route.scope,
-            Time(now),
-        );
+        let index = self.path_index(&route, now);
         let req = PathRequest {
             origin: Some(self.switch.keys.node_id()),
             exit: None,
@@ -401,12 +406,7 @@ impl Origin {
             avoid: avoid.to_vec(),
         };
         let now = crate::authority::now_ms();
-        let index = PathIndex::build(
-            &self.view(now),
-            &self.switch.rulings.snapshot(),
-            &route.scope,
-            Time(now),
-        );
+        let index = self.path_index(route, now);
         let path = {
             let mut rng = self.rng.lock().expect("rng lock");
             index

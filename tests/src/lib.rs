@@ -410,6 +410,33 @@ fn launch(
     })
 }
 
+/// Admits the node in `dir` (its `node.request`, from `ferry init`) with
+/// the authority key in `kd`, as an operator would: `ferry authority admit`
+/// (ceiling 1000 Mbit/s, then `extra` arguments, which override).
+fn admit(kd: &Path, dir: &Path, jurisdiction: &str, extra: &[&str]) -> Result<()> {
+    let (key, req, cert) = (
+        kd.join("authority.key"),
+        dir.join("node.request"),
+        dir.join("node.cert"),
+    );
+    let mut a = vec![
+        "authority",
+        "admit",
+        "--key",
+        key.to_str().unwrap(),
+        "--request",
+        req.to_str().unwrap(),
+        "--jurisdiction",
+        jurisdiction,
+        "--capacity-max",
+        "1000",
+        "--out",
+        cert.to_str().unwrap(),
+    ];
+    a.extend(extra);
+    run_ferry(&a).map(|_| ())
+}
+
 /// Runs `ferry` with `args` to completion; its standard output.
 pub fn run_ferry(args: &[&str]) -> Result<String> {
     let out = Command::new(ferry_bin()?)
@@ -546,31 +573,13 @@ impl Mesh {
             if let Some(kd) = &admit_with
                 && !opts.unadmitted.contains(&i)
             {
-                let key = kd.join("authority.key");
-                let req = dir.join("node.request");
-                let cert = dir.join("node.cert");
-                let mut a = vec![
-                    "authority",
-                    "admit",
-                    "--key",
-                    key.to_str().unwrap(),
-                    "--request",
-                    req.to_str().unwrap(),
-                    "--jurisdiction",
-                    s.jurisdiction,
-                    "--capacity-max",
-                    "1000",
-                    "--out",
-                    cert.to_str().unwrap(),
-                ];
                 let extra: Vec<&str> = opts
                     .admit_args
                     .iter()
                     .filter(|(j, _)| *j == i)
                     .flat_map(|(_, a)| a.iter().map(String::as_str))
                     .collect();
-                a.extend(extra);
-                run_ferry(&a)?;
+                admit(kd, &dir, s.jurisdiction, &extra)?;
             }
             let cfg = dir.join("ferry.toml");
             let mut block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
@@ -711,23 +720,7 @@ impl Mesh {
         }
         run_ferry(&args)?;
         if let Some(kd) = &self.admit_with {
-            let (key, req, cert) = (
-                kd.join("authority.key"),
-                dir.join("node.request"),
-                dir.join("node.cert"),
-            );
-            run_ferry(&[
-                "authority",
-                "admit",
-                "--key",
-                key.to_str().unwrap(),
-                "--request",
-                req.to_str().unwrap(),
-                "--jurisdiction",
-                jurisdiction,
-                "--out",
-                cert.to_str().unwrap(),
-            ])?;
+            admit(kd, &dir, jurisdiction, &[])?;
         }
         let cfg = dir.join("ferry.toml");
         let mut text = std::fs::read_to_string(&cfg)?;

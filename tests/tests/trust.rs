@@ -73,6 +73,24 @@ fn links_of(p: &Proc) -> u64 {
         .unwrap()
 }
 
+/// `ferry policy sign` of the ruling file `src` into `out`, with a
+/// signature window of `valid_for`.
+fn sign_for(kd: &std::path::Path, src: &std::path::Path, out: &std::path::Path, valid_for: &str) {
+    run_ferry(&[
+        "policy",
+        "sign",
+        "--key",
+        kd.join("authority.key").to_str().unwrap(),
+        "--in",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--valid-for",
+        valid_for,
+    ])
+    .unwrap();
+}
+
 fn counted(v: &Value, key: &str, reason: &str) -> u64 {
     v[key][reason].as_u64().unwrap_or(0)
 }
@@ -468,32 +486,8 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     )
     .unwrap();
     let other_signed = keys.path().join("other.signed.json");
-    run_ferry(&[
-        "policy",
-        "sign",
-        "--key",
-        kd.join("authority.key").to_str().unwrap(),
-        "--in",
-        other.to_str().unwrap(),
-        "--out",
-        other_signed.to_str().unwrap(),
-        "--valid-for",
-        "3s",
-    ])
-    .unwrap();
-    run_ferry(&[
-        "policy",
-        "sign",
-        "--key",
-        kd.join("authority.key").to_str().unwrap(),
-        "--in",
-        plain.to_str().unwrap(),
-        "--out",
-        short.to_str().unwrap(),
-        "--valid-for",
-        "3s",
-    ])
-    .unwrap();
+    sign_for(&kd, &other, &other_signed, "3s");
+    sign_for(&kd, &plain, &short, "3s");
     let signed_at = now_ms();
     rulings::publish(&mesh.nodes[0], &short).unwrap();
     for p in &all {
