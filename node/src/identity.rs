@@ -44,38 +44,45 @@ fn noise_pair(private: [u8; 32]) -> NoisePair {
 /// until a time (ms since the epoch).
 pub struct NoiseRing {
     dir: Option<PathBuf>,
-    /// Current pair, the retiring pair and until when, and when this
-    /// process rotated (unknown after a restart).
-    keys: std::sync::RwLock<(NoisePair, Option<(NoisePair, u64)>, Option<u64>)>,
+    keys: std::sync::RwLock<Ring>,
+}
+
+/// The keys of a [`NoiseRing`].
+struct Ring {
+    current: NoisePair,
+    /// The retiring pair, and until when (ms).
+    retiring: Option<(NoisePair, u64)>,
+    /// When this process rotated (unknown after a restart).
+    rotated_at: Option<u64>,
 }
 
 impl NoiseRing {
     fn new(dir: Option<PathBuf>, current: [u8; 32], retiring: Option<([u8; 32], u64)>) -> Self {
         Self {
             dir,
-            keys: std::sync::RwLock::new((
-                noise_pair(current),
-                retiring.map(|(k, until)| (noise_pair(k), until)),
-                None,
-            )),
+            keys: std::sync::RwLock::new(Ring {
+                current: noise_pair(current),
+                retiring: retiring.map(|(k, until)| (noise_pair(k), until)),
+                rotated_at: None,
+            }),
         }
     }
 
     /// The current private key (every new handshake this node makes).
     pub fn private(&self) -> [u8; 32] {
-        self.keys.read().expect("noise keys").0.0
+        self.keys.read().expect("noise keys").current.0
     }
 
     /// The current public key (advertised).
     pub fn public(&self) -> [u8; 32] {
-        self.keys.read().expect("noise keys").0.1
+        self.keys.read().expect("noise keys").current.1
     }
 
     /// The private keys a responder tries, current first.
     pub fn responder_keys(&self, now: u64) -> Vec<[u8; 32]> {
         let g = self.keys.read().expect("noise keys");
-        let mut out = vec![g.0.0];
-        if let Some(((k, _), until)) = g.1
+        let mut out = vec![g.current.0];
+        if let Some(((k, _), until)) = g.retiring
             && now < until
         {
             out.push(k);
@@ -89,19 +96,19 @@ impl NoiseRing {
     /// (every peer has had the new advert for half the grace).
     pub fn dial_private(&self, now: u64) -> [u8; 32] {
         let g = self.keys.read().expect("noise keys");
-        match (g.1, g.2) {
+        match (g.retiring, g.rotated_at) {
             (Some(((old, _), until)), Some(since))
                 if now < since + (until.saturating_sub(since)) / 2 =>
             {
                 old
             }
-            _ => g.0.0,
+            _ => g.current.0,
         }
     }
 
     /// The public key being retired and until when, to advertise.
     pub fn retiring(&self, now: u64) -> (Vec<[u8; 32]>, u64) {
-        match self.keys.read().expect("noise keys").1 {
+        match self.keys.read().expect("noise keys").retiring {
             Some(((_, public), until)) if now < until => (vec![public], until),
             _ => (Vec::new(), 0),
         }
@@ -115,7 +122,7 @@ impl NoiseRing {
     /// Returns the new public key.
     pub fn rotate(&self, grace: std::time::Duration, now: u64) -> Result<[u8; 32]> {
         let mut g = self.keys.write().expect("noise keys");
-        if let Some((_, until)) = g.1
+        if let Some((_, until)) = g.retiring
             && now < until
         {
             bail!(
@@ -126,20 +133,24 @@ impl NoiseRing {
         let fresh = x25519_dalek::StaticSecret::random_from_rng(OsRng).to_bytes();
         let until = now + grace.as_millis() as u64;
         if let Some(dir) = &self.dir {
-            let retiring = format!("{}\n{until}\n", hex::encode(g.0.0));
+            let retiring = format!("{}\n{until}\n", hex::encode(g.current.0));
             replace_secret(&dir.join(RETIRING_NOISE_FILE), &retiring)?;
             replace_secret(&dir.join(NOISE_FILE), &format!("{}\n", hex::encode(fresh)))?;
         }
-        let old = g.0;
-        *g = (noise_pair(fresh), Some((old, until)), Some(now));
-        Ok(g.0.1)
+        let old = g.current;
+        *g = Ring {
+            current: noise_pair(fresh),
+            retiring: Some((old, until)),
+            rotated_at: Some(now),
+        };
+        Ok(g.current.1)
     }
 
     /// Erases a retired key whose grace has passed (memory and file).
     /// Returns whether one was erased.
     pub fn expire(&self, now: u64) -> Result<bool> {
         let mut g = self.keys.write().expect("noise keys");
-        match g.1 {
+        match g.retiring {
             Some((_, until)) if now >= until => {
                 if let Some(dir) = &self.dir {
                     let p = dir.join(RETIRING_NOISE_FILE);
@@ -147,8 +158,8 @@ impl NoiseRing {
                         fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
                     }
                 }
-                g.1 = None;
-                g.2 = None;
+                g.retiring = None;
+                g.rotated_at = None;
                 Ok(true)
             }
             _ => Ok(false),
