@@ -238,13 +238,16 @@ async fn post_rotate_noise(
     }
 }
 
+/// Most paths one `GET /v1/paths` picks.
+pub const MAX_SAMPLED_PATHS: usize = 20_000;
+
 /// `GET /v1/paths?n=N` query.
 #[derive(serde::Deserialize)]
 struct PathsQuery {
     n: Option<usize>,
 }
 
-/// How `n` freshly picked paths (default 1000, at most 100000) spread over
+/// How `n` freshly picked paths (default 1000, at most 20000) spread over
 /// the nodes: what an SRE checks after a capacity change.
 async fn get_paths(
     State(st): State<Arc<AdminState>>,
@@ -258,8 +261,16 @@ async fn get_paths(
             ),
         );
     };
-    let n = q.n.unwrap_or(1000).clamp(1, 100_000);
-    let (counts, failed) = o.sample_paths(n);
+    let n = q.n.unwrap_or(1000).clamp(1, MAX_SAMPLED_PATHS);
+    // Off the async workers: picking is CPU work under the origin's RNG.
+    let origin = o.clone();
+    let Ok((counts, failed)) = tokio::task::spawn_blocking(move || origin.sample_paths(n)).await
+    else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "internal", "detail": "path sampling failed" })),
+        );
+    };
     let now = now_ms();
     let nodes: Vec<Value> = counts
         .iter()

@@ -166,11 +166,12 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
 }
 
 /// Why an inbound link handshake failed: `auth` (a key or identity that is
-/// not admitted here, or a proof that does not verify) or `malformed`.
+/// not admitted here, or a proof that does not verify), `malformed`, or
+/// `timeout` (no handshake within [`HANDSHAKE_TIMEOUT`]).
 #[derive(Debug, thiserror::Error)]
 #[error("{detail}")]
 pub struct Refused {
-    /// `auth` or `malformed` (the refusal metric's label).
+    /// `auth`, `malformed` or `timeout` (the refusal metric's label).
     pub kind: &'static str,
     detail: String,
 }
@@ -261,7 +262,7 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
     };
     let res = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
-        .map_err(|_| refused("malformed", "link handshake timed out"))
+        .map_err(|_| refused("timeout", "link handshake timed out"))
         .and_then(|r| r);
     let (session, buf, peer) = match res {
         Ok(x) => x,

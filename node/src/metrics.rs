@@ -151,6 +151,7 @@ impl Metrics {
             "capacity",
             "auth",
             "malformed",
+            "timeout",
         ] {
             m.refusals.with_label_values(&[reason]);
         }
@@ -384,7 +385,7 @@ impl Metrics {
             refusals: counter_vec(
                 &r,
                 "ferry_refusals_total",
-                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed).",
+                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout).",
                 "reason",
             ),
             registry: r,
