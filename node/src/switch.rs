@@ -81,7 +81,7 @@ pub struct Malformed(#[from] ferry_proto::DecodeError);
 pub struct Readiness {
     /// Takes new circuits.
     pub ready: bool,
-    /// `joining`, `active`, `draining` or `exited`.
+    /// `unadmitted`, `joining`, `active`, `draining` or `exited`.
     pub state: &'static str,
     /// Why not ready (empty when ready).
     pub reason: String,
@@ -454,10 +454,12 @@ impl Switch {
         n
     }
 
-    /// Whether the node takes new circuits, and if not why: it is
-    /// `joining` while it knows no live peer (unless it has nothing to join:
-    /// no bootstrap address and no static peer), and `draining` or `exited`
-    /// as its state says.
+    /// Whether the node takes new circuits, and if not why: `draining` or
+    /// `exited` as its state says; `unadmitted` while peers will refuse its
+    /// adverts (it needs a certificate and has none valid); `joining` while
+    /// it knows no live peer (unless it has nothing to join: no bootstrap
+    /// address and no static peer), or, with bootstrap addresses, until
+    /// admitted peers have sent the rulings and revocations in force.
     pub fn readiness(&self, now: u64) -> Readiness {
         let cur = self.state.current();
         if cur.state != ferry_router::NodeState::Active {
