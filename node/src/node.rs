@@ -116,7 +116,7 @@ pub fn start(
 /// binding listeners, so a second process on the same data dir is told so
 /// before anything else.
 pub fn start_full(
-    cfg: NodeConfig,
+    mut cfg: NodeConfig,
     keys: Keys,
     store: Arc<Store>,
     listeners: Listeners,
@@ -140,13 +140,28 @@ pub fn start_full(
     }
     let certificate = OwnCert::load(&cfg.key_dir, &cfg.authority, &me, now)?;
     match certificate.as_ref().map(|c| &c.verified) {
-        Some(Ok(c)) => info!(
-            jurisdiction = %c.jurisdiction,
-            roles = %c.roles,
-            capacity_max_mbps = c.capacity_max_mbps,
-            not_after = %crate::authority::fmt_time(c.not_after_ms),
-            "certificate loaded"
-        ),
+        Some(Ok(c)) => {
+            info!(
+                jurisdiction = %c.jurisdiction,
+                roles = %c.roles,
+                capacity_max_mbps = c.capacity_max_mbps,
+                not_after = %crate::authority::fmt_time(c.not_after_ms),
+                "certificate loaded"
+            );
+            // The node takes on only the roles it was admitted for (peers
+            // select it for no others anyway).
+            let granted = crate::cert::roles_of(
+                crate::cert::roles_bits(cfg.roles) & crate::cert::roles_bits(c.roles),
+            );
+            if granted != cfg.roles {
+                warn!(configured = %cfg.roles, certified = %c.roles, "roles the certificate does not grant are off");
+                cfg.roles = granted;
+            }
+            if c.jurisdiction != cfg.jurisdiction {
+                warn!(configured = %cfg.jurisdiction, certified = %c.jurisdiction, "the certificate names another jurisdiction; this node goes by it, as its peers do");
+                cfg.jurisdiction = c.jurisdiction;
+            }
+        }
         Some(Err(e)) => {
             warn!(reason = %e, "this node's certificate is refused under its own [authority]; peers will refuse its adverts")
         }

@@ -274,17 +274,20 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
     let keys = tempfile::tempdir().unwrap();
     let (kd, public) = rulings::authority(keys.path(), "authority");
     let specs = [
-        Spec::new("DE", "relay"), // no certificate
-        Spec::new("CH", "relay"), // a certificate that ends in 25 s
-        Spec::new("IS", "relay"), // revoked below
-        Spec::new("SG", "relay"),
+        Spec::new("DE", "relay"),      // no certificate
+        Spec::new("CH", "relay"),      // a certificate that ends in 25 s
+        Spec::new("IS", "relay"),      // revoked below
+        Spec::new("SG", "relay,exit"), // admitted as a relay only
         Spec::new("CA", "exit"),
     ];
     let opts = Options {
         admit_with: Some(kd.clone()),
         hops: 2,
         unadmitted: vec![0],
-        admit_args: vec![(1, vec!["--valid-for".into(), "25s".into()])],
+        admit_args: vec![
+            (1, vec!["--valid-for".into(), "25s".into()]),
+            (3, vec!["--roles".into(), "relay".into()]),
+        ],
         ..Options::gossip(public)
     };
     let admitted_at = Instant::now();
@@ -302,6 +305,12 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
             },
         )
         .unwrap();
+
+    // Roles are what the certificate grants: SG, configured relay and
+    // exit, is a relay to its peers and to itself.
+    let v = mesh.entry.status().unwrap();
+    assert_eq!(peer(&v, &ids[3]).unwrap()["roles"], "relay");
+    assert_eq!(mesh.nodes[3].status().unwrap()["roles"], "relay");
 
     // Unadmitted: its adverts are refused everywhere, with the reason, and
     // it says why it is not ready.
