@@ -171,15 +171,21 @@ async fn post_revocation(
     };
     match crate::control::apply_revocation(&st.revocations, &st.switch.directory, &st.store, &bytes)
     {
-        Ok(id) => {
-            let news = id.is_some();
+        Ok(r) => {
+            let news = matches!(r, crate::rulings::Revoked::New(_));
             if news {
                 st.switch.close_revoked();
+            }
+            if r != crate::rulings::Revoked::Duplicate {
                 let _ = st.control.send(Command::PublishRevocation(bytes));
             }
             (
                 StatusCode::OK,
-                Json(json!({ "revoked": file.revocation.node_id, "new": news })),
+                Json(json!({
+                    "revoked": file.revocation.node_id,
+                    "new": news,
+                    "cosigned": matches!(r, crate::rulings::Revoked::Cosigned(_)),
+                })),
             )
         }
         Err(e) => (

@@ -938,8 +938,9 @@ advert_ttl_secs = 30
 # `ferry authority admit` for the `node.request` that `ferry init` wrote);
 # peers refuse adverts without one, and take jurisdiction, family, roles and
 # capacity ceiling from it. To rotate the authority's keys: add the new key
-# here on every node (a rolling restart), cosign the rulings in force with
-# it and publish them again, re-admit nodes with it, then remove the old key.
+# here on every node (a rolling restart), cosign the rulings and revocations
+# in force with it and publish them again, re-admit nodes with it, then
+# remove the old key.
 keys = [{authority_keys}]
 # Signatures from distinct keys a ruling, certificate or revocation needs
 # (k of n).

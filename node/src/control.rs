@@ -16,7 +16,7 @@
 //! re-gossip of the same bytes that gossipsub drops as a duplicate is gone).
 
 use crate::directory::{Directory, OwnAdvert};
-use crate::rulings::{Offered, Revocations, Rulings, Source};
+use crate::rulings::{Offered, Revocations, Revoked, Rulings, Source};
 use crate::store::{Store, cf};
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
@@ -423,7 +423,7 @@ pub fn start(
                         } else if message.topic == rulings_topic.hash() {
                             let _ = shared.rulings.offer(&message.data, now, Source::Gossip);
                         } else if message.topic == revocations_topic.hash()
-                            && let Ok(Some(id)) = on_revocation(&shared, &message.data)
+                            && let Ok(Revoked::New(id)) = on_revocation(&shared, &message.data)
                         {
                             disconnect_revoked(&mut swarm, &id);
                         }
@@ -496,7 +496,7 @@ fn on_sync(
             let before = shared.rulings.rejections().values().sum::<u64>()
                 + shared.revocations.rejections().values().sum::<u64>();
             for r in response.revocations.iter().take(MAX_SYNC_ITEMS) {
-                if let Ok(Some(id)) = on_revocation(shared, r) {
+                if let Ok(Revoked::New(id)) = on_revocation(shared, r) {
                     revoked += 1;
                     disconnect_revoked(swarm, &id);
                 }
@@ -565,11 +565,8 @@ fn disconnect_revoked(swarm: &mut libp2p::Swarm<Behaviour>, id: &ferry_router::N
 
 /// Applies a signed revocation: the node leaves the directory (so every
 /// path selection), its stored advert is deleted, and the data plane closes
-/// its links (within one state tick). The revoked node if it was news.
-fn on_revocation(
-    shared: &Shared,
-    bytes: &[u8],
-) -> Result<Option<ferry_router::NodeId>, crate::authority::Refusal> {
+/// its links (within one state tick).
+fn on_revocation(shared: &Shared, bytes: &[u8]) -> Result<Revoked, crate::authority::Refusal> {
     apply_revocation(&shared.revocations, &shared.directory, &shared.store, bytes)
 }
 
@@ -579,13 +576,13 @@ pub fn apply_revocation(
     directory: &Directory,
     store: &Store,
     bytes: &[u8],
-) -> Result<Option<ferry_router::NodeId>, crate::authority::Refusal> {
-    let id = revocations.offer(bytes)?;
-    if let Some(id) = id {
+) -> Result<Revoked, crate::authority::Refusal> {
+    let r = revocations.offer(bytes)?;
+    if let Revoked::New(id) = r {
         directory.revoke(id);
         let _ = store.delete(cf::PEERS, &id.0);
     }
-    Ok(id)
+    Ok(r)
 }
 
 fn publish(swarm: &mut libp2p::Swarm<Behaviour>, topic: &gossipsub::IdentTopic, bytes: Vec<u8>) {

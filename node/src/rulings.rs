@@ -269,6 +269,17 @@ impl Rulings {
     }
 }
 
+/// What offering a revocation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// The node is revoked from now on.
+    New(NodeId),
+    /// Already held; signatures by further trusted keys were kept.
+    Cosigned(NodeId),
+    /// Already held, as it is.
+    Duplicate,
+}
+
 /// The revocations a node holds: node ids the authority withdrew, with the
 /// signed statements (persisted, passed on in syncs; they never expire).
 pub struct Revocations {
@@ -300,9 +311,11 @@ impl Revocations {
         Ok(r)
     }
 
-    /// Verifies a signed revocation; the revoked node if it is news. A
-    /// refusal is counted and logged; a revocation already held is not.
-    pub fn offer(&self, bytes: &[u8]) -> Result<Option<NodeId>, Refusal> {
+    /// Verifies a signed revocation and applies it here. A refusal is
+    /// counted and logged; a revocation already held is not, but a held one
+    /// with signatures by further trusted keys keeps them (so it outlives
+    /// the retirement of an authority key, like a cosigned ruling).
+    pub fn offer(&self, bytes: &[u8]) -> Result<Revoked, Refusal> {
         let (id, body) = match self.authority.verify_revocation(bytes) {
             Ok(x) => x,
             Err(e) => {
@@ -317,17 +330,47 @@ impl Revocations {
             }
         };
         let mut g = self.signed.lock().expect("lock");
-        if g.contains_key(&id) {
-            return Ok(None);
+        if let Some(held) = g.get(&id) {
+            let (Ok(mut held), Ok(more)) = (
+                pb::SignedRevocation::decode(held.as_slice()),
+                pb::SignedRevocation::decode(bytes),
+            ) else {
+                return Ok(Revoked::Duplicate);
+            };
+            let before = held.signatures.len();
+            for s in more.signatures {
+                if held.body == more.body
+                    && held.signatures.len() < crate::authority::MAX_SIGNATURES
+                    && !held.signatures.iter().any(|h| h.key == s.key)
+                    && self.authority.signature_valid(
+                        crate::cert::REVOCATION_CONTEXT,
+                        &held.body,
+                        &s,
+                    )
+                {
+                    held.signatures.push(s);
+                }
+            }
+            if held.signatures.len() == before {
+                return Ok(Revoked::Duplicate);
+            }
+            let merged = held.encode_to_vec();
+            self.persist(&id, &merged);
+            g.insert(id, merged);
+            return Ok(Revoked::Cosigned(id));
         }
+        self.persist(&id, bytes);
+        g.insert(id, bytes.to_vec());
+        info!(node = %id.short(), reason = %body.reason, "node revoked by the authority");
+        Ok(Revoked::New(id))
+    }
+
+    fn persist(&self, id: &NodeId, bytes: &[u8]) {
         if let Some(store) = &self.store
             && let Err(e) = store.put(cf::REVOCATIONS, &id.0, bytes)
         {
             warn!(error = %format!("{e:#}"), "could not persist a revocation");
         }
-        g.insert(id, bytes.to_vec());
-        info!(node = %id.short(), reason = %body.reason, "node revoked by the authority");
-        Ok(Some(id))
     }
 
     /// The revoked nodes.
@@ -453,10 +496,39 @@ mod tests {
             Ok(Offered::Duplicate)
         );
         drop(r);
-        // 3. The old key is removed: the stored ruling still verifies.
+        // Revocations in force likewise.
+        let node = NodeId([7; 32]);
+        let old_only =
+            crate::cert::RevocationFile::new(&node, "key lost", now, std::slice::from_ref(&old))
+                .unwrap()
+                .to_signed()
+                .unwrap();
+        let revs = Revocations::load(authority(&[&old, &new]), Some(store.clone())).unwrap();
+        assert_eq!(
+            revs.offer(&old_only.encode_to_vec()),
+            Ok(Revoked::New(node))
+        );
+        let mut both = old_only.clone();
+        crate::authority::sign_with(
+            crate::cert::REVOCATION_CONTEXT,
+            &both.body.clone(),
+            &mut both.signatures,
+            &new,
+        );
+        assert_eq!(
+            revs.offer(&both.encode_to_vec()),
+            Ok(Revoked::Cosigned(node))
+        );
+        assert_eq!(revs.offer(&both.encode_to_vec()), Ok(Revoked::Duplicate));
+        drop(revs);
+        // 3. The old key is removed: the stored ruling still verifies, and
+        // the revocation still holds.
         let r = Rulings::load(authority(&[&new]), Some(store.clone())).unwrap();
         assert_eq!(r.snapshot().iter().count(), 1, "the ruling survived");
         drop(r);
+        let revs = Revocations::load(authority(&[&new]), Some(store.clone())).unwrap();
+        assert_eq!(revs.revoked(), vec![node], "the revocation survived");
+        drop(revs);
         // Without step 2 it would not have: signed by the old key only.
         let dir2 = tempfile::tempdir().unwrap();
         let store2 = Arc::new(Store::open(dir2.path()).unwrap());
