@@ -16,7 +16,7 @@
 //! re-gossip of the same bytes that gossipsub drops as a duplicate is gone).
 
 use crate::directory::{Directory, OwnAdvert};
-use crate::rulings::{Offered, Revocations, Revoked, Rulings, Source};
+use crate::rulings::{Offered, Revocations, Revoked, Rulings, Source, WarnLimit};
 use crate::store::{Store, cf};
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
@@ -93,6 +93,7 @@ pub enum Command {
 #[derive(Debug, Default)]
 pub struct GossipCounters {
     adverts: Mutex<BTreeMap<&'static str, u64>>,
+    warned: WarnLimit,
 }
 
 impl GossipCounters {
@@ -627,7 +628,11 @@ fn on_advert(
                 .expect("lock")
                 .entry(d.kind)
                 .or_default() += 1;
-            warn!(reason = d.kind, detail = %d.detail, "advert dropped");
+            if shared.counters.warned.allow(d.kind, now) {
+                warn!(reason = d.kind, detail = %d.detail, "advert dropped (the same reason is logged again in a minute at the earliest; all are counted)");
+            } else {
+                debug!(reason = d.kind, detail = %d.detail, "advert dropped");
+            }
         }
     }
 }

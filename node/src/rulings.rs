@@ -20,6 +20,26 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
+/// At most one WARN line per reason a minute for what a remote party can
+/// repeat at will (a hostile node gossiping junk); the rest go to DEBUG.
+/// Every occurrence is counted all the same.
+#[derive(Debug, Default)]
+pub struct WarnLimit(Mutex<BTreeMap<&'static str, u64>>);
+
+impl WarnLimit {
+    /// Whether a WARN line for `kind` may be written at `now` (ms).
+    pub fn allow(&self, kind: &'static str, now: u64) -> bool {
+        let mut g = self.0.lock().expect("lock");
+        match g.get(kind) {
+            Some(last) if now < last + 60_000 => false,
+            _ => {
+                g.insert(kind, now);
+                true
+            }
+        }
+    }
+}
+
 /// Where a signed ruling came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -57,6 +77,7 @@ pub struct Rulings {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     synced: std::sync::atomic::AtomicBool,
     synced_notify: tokio::sync::Notify,
+    warned: WarnLimit,
 }
 
 impl Rulings {
@@ -95,6 +116,7 @@ impl Rulings {
             rejected: Mutex::new(BTreeMap::new()),
             synced: Default::default(),
             synced_notify: tokio::sync::Notify::new(),
+            warned: Default::default(),
         };
         if let Some(store) = &r.store {
             for (_, bytes) in store.all(cf::RULINGS)? {
@@ -142,10 +164,12 @@ impl Rulings {
                 .or_default() += 1;
             // A peer's sync answer can carry many: counted, and logged
             // once per answer by the caller.
-            if from == Source::Sync {
-                tracing::debug!(reason = e.kind, detail = %e.detail, "ruling in a sync answer refused");
-            } else {
+            if from == Source::Operator
+                || (from == Source::Gossip && self.warned.allow(e.kind, now))
+            {
                 warn!(reason = e.kind, detail = %e.detail, "ruling refused");
+            } else {
+                tracing::debug!(reason = e.kind, detail = %e.detail, "ruling refused");
             }
         }
         res
@@ -287,6 +311,7 @@ pub struct Revocations {
     store: Option<Arc<Store>>,
     signed: Mutex<BTreeMap<NodeId, Vec<u8>>>,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    warned: WarnLimit,
 }
 
 impl Revocations {
@@ -297,6 +322,7 @@ impl Revocations {
             store,
             signed: Mutex::new(BTreeMap::new()),
             rejected: Mutex::new(BTreeMap::new()),
+            warned: Default::default(),
         };
         if let Some(store) = &r.store {
             for (_, bytes) in store.all(cf::REVOCATIONS)? {
@@ -325,7 +351,11 @@ impl Revocations {
                     .expect("lock")
                     .entry(e.kind)
                     .or_default() += 1;
-                warn!(reason = e.kind, detail = %e.detail, "revocation refused");
+                if self.warned.allow(e.kind, crate::authority::now_ms()) {
+                    warn!(reason = e.kind, detail = %e.detail, "revocation refused");
+                } else {
+                    tracing::debug!(reason = e.kind, detail = %e.detail, "revocation refused");
+                }
                 return Err(e);
             }
         };
@@ -462,6 +492,16 @@ mod tests {
         );
         assert_eq!(r.rejections().get("rollback"), Some(&1));
         assert_eq!(r.rejections().get("expired"), Some(&2));
+    }
+
+    #[test]
+    fn a_repeated_refusal_warns_once_a_minute_per_reason() {
+        let w = WarnLimit::default();
+        assert!(w.allow("expired", 1_000));
+        assert!(!w.allow("expired", 30_000));
+        assert!(w.allow("rollback", 30_000), "reasons are separate");
+        assert!(!w.allow("expired", 60_999));
+        assert!(w.allow("expired", 61_000));
     }
 
     #[test]
