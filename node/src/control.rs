@@ -628,7 +628,9 @@ fn on_advert(
                 .expect("lock")
                 .entry(d.kind)
                 .or_default() += 1;
-            if shared.counters.warned.allow(d.kind, now) {
+            // A stale advert is gossip arriving out of order (a newer one
+            // came first): expected, so never a warning.
+            if d.kind != "stale" && shared.counters.warned.allow(d.kind, now) {
                 warn!(reason = d.kind, detail = %d.detail, "advert dropped (the same reason is logged again in a minute at the earliest; all are counted)");
             } else {
                 debug!(reason = d.kind, detail = %d.detail, "advert dropped");
