@@ -694,4 +694,82 @@ mod tests {
         assert!(d.binds(&x.node_id(), &x.noise_public(), 1_000));
         assert!(!d.binds(&x.node_id(), &y.noise_public(), 1_000));
     }
+
+    mod vouching {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PLACES: [&[u8; 2]; 4] = [b"CH", b"PK", b"DE", b"CA"];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Whatever an advert claims, what the directory hands the
+            /// router comes from the certificate: jurisdiction and family
+            /// as vouched, roles within both, capacity within both, and a
+            /// lifetime within the cap and the certificate.
+            #[test]
+            fn every_claim_the_router_reads_is_vouched_for(
+                claimed_place in 0usize..4,
+                vouched_place in 0usize..4,
+                claimed_roles in 0u32..8,
+                vouched_roles in 1u32..8,
+                claimed_capacity in any::<u32>(),
+                ceiling in 1u32..=u32::MAX,
+                claimed_expiry in 2_000u64..=u64::MAX,
+                not_after in 2_000u64..10_000_000,
+                ttl_secs in 3u64..3600,
+            ) {
+                let k = Keys::generate();
+                let a = SigningKey::from_bytes(&[5; 32]);
+                let auth = Authority::new(&[hex::encode(a.verifying_key().as_bytes())], 1).unwrap();
+                let req = make_request(
+                    &k,
+                    &crate::cert::Proposal {
+                        jurisdiction: Jurisdiction(*PLACES[claimed_place]),
+                        family: "claimed",
+                        roles: crate::cert::roles_of(claimed_roles),
+                        contact: "",
+                    },
+                    0,
+                )
+                .verify()
+                .unwrap();
+                let body = certificate_body(
+                    &req,
+                    &Admission {
+                        jurisdiction: Jurisdiction(*PLACES[vouched_place]),
+                        family: "vouched".into(),
+                        roles: crate::cert::roles_of(vouched_roles),
+                        capacity_max_mbps: ceiling,
+                        not_before_ms: 0,
+                        not_after_ms: not_after,
+                    },
+                )
+                .unwrap();
+                let cert = sign_certificate(&body, std::slice::from_ref(&a)).encode_to_vec();
+                let mut ad = own(&k, cert);
+                ad.jurisdiction = Jurisdiction(*PLACES[claimed_place]);
+                ad.roles = crate::cert::roles_of(claimed_roles);
+                ad.family = "claimed".into();
+                ad.capacity_mbps = claimed_capacity;
+                let now = 1_000;
+                let d = Directory::new(auth, Duration::from_secs(ttl_secs), &[]);
+                let e = d
+                    .accept(&ad.sign(1, claimed_expiry), &NodeId([0; 32]), now)
+                    .unwrap()
+                    .unwrap();
+                let info = e.info();
+                prop_assert_eq!(e.peer.jurisdiction, Jurisdiction(*PLACES[vouched_place]));
+                prop_assert_eq!(e.family.as_str(), "vouched");
+                let bits = roles_bits(e.peer.roles);
+                prop_assert_eq!(bits & !vouched_roles, 0);
+                prop_assert_eq!(bits & !claimed_roles, 0);
+                prop_assert!(info.capacity <= ceiling && info.capacity <= claimed_capacity);
+                let until = e.expires_at_ms.unwrap();
+                prop_assert!(until <= now + ADVERT_LIFETIME_CAP * ttl_secs * 1000);
+                prop_assert!(until <= not_after);
+            }
+        }
+    }
 }
