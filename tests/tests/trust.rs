@@ -535,9 +535,11 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     let late_socks = late.socks.unwrap();
     let pk_id = mesh.nodes[1].id.clone();
     let v = late
-        .wait_status("the late entry knows PK", Duration::from_secs(10), |v| {
-            peer(v, &pk_id).is_some()
-        })
+        .wait_status(
+            "the late entry knows the mesh",
+            Duration::from_secs(10),
+            |v| mesh.nodes.iter().all(|n| peer(v, &n.id).is_some()),
+        )
         .unwrap();
     assert_eq!(
         peer(&v, &pk_id).map(|p| p["state"].clone()),
