@@ -280,7 +280,7 @@ pub fn self_admit(cfg: &mut NodeConfig, keys: &Keys, key_file: &Path) -> Result<
             ferry_node::authority::Authority::new(&trusted, cfg.authority.threshold.max(1))?;
     }
     let now = now_ms();
-    let held = ferry_node::cert::OwnCert::load(&cfg.key_dir, &cfg.authority, &keys.node_id(), now)?;
+    let held = ferry_node::cert::OwnCert::load(&cfg.key_dir, &cfg.authority, &keys.node_id())?;
     if held.is_some_and(|c| c.problem(now + 86_400_000).is_none()) {
         return Ok(());
     }

@@ -162,19 +162,9 @@ pub struct SignatureFile {
 impl SignedFile {
     /// The wire form.
     pub fn to_signed(&self) -> Result<pb::SignedRuling> {
-        let sigs = self
-            .signatures
-            .iter()
-            .map(|s| {
-                Ok(pb::AuthoritySignature {
-                    key: hex::decode(&s.key).context("signature key")?,
-                    signature: hex::decode(&s.signature).context("signature")?,
-                })
-            })
-            .collect::<Result<_>>()?;
         Ok(pb::SignedRuling {
             body: hex::decode(&self.body_hex).context("body_hex")?,
-            signatures: sigs,
+            signatures: SignatureFile::to_wire(&self.signatures)?,
         })
     }
 
@@ -184,15 +174,32 @@ impl SignedFile {
         Ok(Self {
             ruling: RulingFile::from_body(&body),
             body_hex: hex::encode(&s.body),
-            signatures: s
-                .signatures
-                .iter()
-                .map(|x| SignatureFile {
-                    key: hex::encode(&x.key),
-                    signature: hex::encode(&x.signature),
-                })
-                .collect(),
+            signatures: SignatureFile::from_wire(&s.signatures),
         })
+    }
+}
+
+impl SignatureFile {
+    /// The file form of signatures (rulings, certificates, revocations).
+    pub fn from_wire(s: &[pb::AuthoritySignature]) -> Vec<Self> {
+        s.iter()
+            .map(|x| Self {
+                key: hex::encode(&x.key),
+                signature: hex::encode(&x.signature),
+            })
+            .collect()
+    }
+
+    /// The wire form of signatures.
+    pub fn to_wire(s: &[Self]) -> Result<Vec<pb::AuthoritySignature>> {
+        s.iter()
+            .map(|s| {
+                Ok(pb::AuthoritySignature {
+                    key: hex::decode(&s.key).context("signature key")?,
+                    signature: hex::decode(&s.signature).context("signature")?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -278,7 +285,7 @@ pub struct Refusal {
     pub detail: String,
 }
 
-fn refuse(kind: &'static str, detail: impl Into<String>) -> Refusal {
+pub(crate) fn refuse(kind: &'static str, detail: impl Into<String>) -> Refusal {
     Refusal {
         kind,
         detail: detail.into(),
@@ -331,6 +338,30 @@ impl Authority {
         msg.extend_from_slice(body);
         ed25519_dalek::Signature::from_slice(&sig.signature)
             .is_ok_and(|s| k.verify(&msg, &s).is_ok())
+    }
+
+    /// Adds to `held` those of `more` that are by a trusted key not yet in
+    /// `held` and verify over `context` then `body` (up to
+    /// [`MAX_SIGNATURES`]): a statement cosigned later keeps its new
+    /// signatures, so it outlives the retirement of an authority key.
+    /// Whether any was added.
+    pub fn merge_signatures(
+        &self,
+        context: &[u8],
+        body: &[u8],
+        held: &mut Vec<pb::AuthoritySignature>,
+        more: Vec<pb::AuthoritySignature>,
+    ) -> bool {
+        let before = held.len();
+        for s in more {
+            if held.len() < MAX_SIGNATURES
+                && !held.iter().any(|h| h.key == s.key)
+                && self.signature_valid(context, body, &s)
+            {
+                held.push(s);
+            }
+        }
+        held.len() > before
     }
 
     /// Checks that at least `threshold` distinct trusted keys signed

@@ -25,7 +25,7 @@
 //! Files are JSON: a readable copy of what was signed, the exact signed
 //! bytes in hex, and the signatures.
 
-use crate::authority::{Authority, Refusal, SignatureFile, fmt_time, sign_with};
+use crate::authority::{Authority, Refusal, SignatureFile, fmt_time, refuse, sign_with};
 use crate::config::{parse_jurisdiction, parse_roles};
 use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
@@ -63,13 +63,6 @@ pub fn roles_of(bits: u32) -> Roles {
         entry: bits & 1 != 0,
         relay: bits & 2 != 0,
         exit: bits & 4 != 0,
-    }
-}
-
-fn refuse(kind: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal {
-        kind,
-        detail: detail.into(),
     }
 }
 
@@ -204,27 +197,9 @@ pub struct CertFile {
     pub signatures: Vec<SignatureFile>,
 }
 
-fn sigs_to_file(s: &[pb::AuthoritySignature]) -> Vec<SignatureFile> {
-    s.iter()
-        .map(|x| SignatureFile {
-            key: hex::encode(&x.key),
-            signature: hex::encode(&x.signature),
-        })
-        .collect()
-}
-
-fn sigs_from_file(s: &[SignatureFile]) -> Result<Vec<pb::AuthoritySignature>> {
-    s.iter()
-        .map(|s| {
-            Ok(pb::AuthoritySignature {
-                key: hex::decode(&s.key).context("signature key")?,
-                signature: hex::decode(&s.signature).context("signature")?,
-            })
-        })
-        .collect()
-}
-
-/// What the authority decides when it admits a node.
+/// What the authority decides when it admits a node (and so what a
+/// verified certificate vouches for).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
     /// Jurisdiction.
     pub jurisdiction: Jurisdiction,
@@ -238,6 +213,26 @@ pub struct Admission {
     pub not_before_ms: u64,
     /// Valid until (ms).
     pub not_after_ms: u64,
+}
+
+impl Admission {
+    /// These terms if they are in force at `now`; refused as
+    /// `cert_not_yet_valid` or `cert_expired` otherwise.
+    pub fn in_force(self, now: u64) -> Result<Self, Refusal> {
+        if now < self.not_before_ms {
+            return Err(refuse(
+                "cert_not_yet_valid",
+                format!("valid from {}", fmt_time(self.not_before_ms)),
+            ));
+        }
+        if now >= self.not_after_ms {
+            return Err(refuse(
+                "cert_expired",
+                format!("expired at {}", fmt_time(self.not_after_ms)),
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// A certificate body for a verified request.
@@ -292,7 +287,7 @@ impl CertFile {
                 not_after: fmt_time(b.not_after_ms),
             },
             body_hex: hex::encode(&c.body),
-            signatures: sigs_to_file(&c.signatures),
+            signatures: SignatureFile::from_wire(&c.signatures),
         })
     }
 
@@ -300,7 +295,7 @@ impl CertFile {
     pub fn to_cert(&self) -> Result<pb::NodeCertificate> {
         Ok(pb::NodeCertificate {
             body: hex::decode(&self.body_hex).context("body_hex")?,
-            signatures: sigs_from_file(&self.signatures)?,
+            signatures: SignatureFile::to_wire(&self.signatures)?,
         })
     }
 
@@ -312,24 +307,8 @@ impl CertFile {
     }
 }
 
-/// What a verified certificate vouches for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cert {
-    /// The node.
-    pub node: NodeId,
-    /// Jurisdiction.
-    pub jurisdiction: Jurisdiction,
-    /// Family (may be empty).
-    pub family: String,
-    /// Roles it may take.
-    pub roles: Roles,
-    /// Capacity ceiling, Mbit/s.
-    pub capacity_max_mbps: u32,
-    /// Valid from, ms.
-    pub not_before_ms: u64,
-    /// Valid until, ms.
-    pub not_after_ms: u64,
-}
+/// What a verified certificate vouches for: the authority's terms.
+pub type Cert = Admission;
 
 impl Authority {
     /// Verifies a certificate's bytes for `node` at `now`: size,
@@ -339,6 +318,12 @@ impl Authority {
     /// `cert_threshold`, `cert_mismatch`, `cert_not_yet_valid`,
     /// `cert_expired`, `cert_invalid`.
     pub fn verify_cert(&self, bytes: &[u8], node: &NodeId, now: u64) -> Result<Cert, Refusal> {
+        self.verify_cert_terms(bytes, node)?.in_force(now)
+    }
+
+    /// [`Authority::verify_cert`] without the validity period: what the
+    /// certificate says, if the authority said it.
+    pub fn verify_cert_terms(&self, bytes: &[u8], node: &NodeId) -> Result<Cert, Refusal> {
         if bytes.is_empty() {
             return Err(refuse(
                 "no_certificate",
@@ -371,25 +356,12 @@ impl Authority {
                 "the certificate names another node",
             ));
         }
-        if now < b.not_before_ms {
-            return Err(refuse(
-                "cert_not_yet_valid",
-                format!("valid from {}", fmt_time(b.not_before_ms)),
-            ));
-        }
-        if now >= b.not_after_ms {
-            return Err(refuse(
-                "cert_expired",
-                format!("expired at {}", fmt_time(b.not_after_ms)),
-            ));
-        }
         let jurisdiction = parse_jurisdiction(&b.jurisdiction)
             .map_err(|e| refuse("cert_invalid", format!("{e:#}")))?;
         if b.family.len() > MAX_TEXT {
             return Err(refuse("cert_invalid", "family is too long"));
         }
         Ok(Cert {
-            node: *node,
             jurisdiction,
             family: b.family,
             roles: roles_of(b.roles),
@@ -425,13 +397,11 @@ impl Authority {
 
 /// Admits `keys` directly (no request file): for a mesh whose authority
 /// key is at hand, such as `ferry demo` or a test cluster's init step.
-/// Writes `node.cert` into `key_dir`.
-pub fn admit_into(
-    key_dir: &Path,
+pub fn admit(
     keys: &crate::identity::Keys,
     admission: &Admission,
     authority: &[SigningKey],
-) -> Result<()> {
+) -> Result<pb::NodeCertificate> {
     let req = make_request(
         keys,
         &Proposal {
@@ -443,8 +413,20 @@ pub fn admit_into(
         admission.not_before_ms,
     )
     .verify()?;
-    let body = certificate_body(&req, admission)?;
-    let file = CertFile::from_cert(&sign_certificate(&body, authority))?;
+    Ok(sign_certificate(
+        &certificate_body(&req, admission)?,
+        authority,
+    ))
+}
+
+/// [`admit`], writing `node.cert` into `key_dir`.
+pub fn admit_into(
+    key_dir: &Path,
+    keys: &crate::identity::Keys,
+    admission: &Admission,
+    authority: &[SigningKey],
+) -> Result<()> {
+    let file = CertFile::from_cert(&admit(keys, admission, authority)?)?;
     let path = key_dir.join(CERT_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
@@ -460,50 +442,25 @@ pub struct OwnCert {
 }
 
 impl OwnCert {
-    /// Loads `key_dir/node.cert` if it exists, and verifies it (at `now`)
-    /// as peers will. A file that cannot be read or parsed is an error.
-    pub fn load(
-        key_dir: &Path,
-        authority: &Authority,
-        node: &NodeId,
-        now: u64,
-    ) -> Result<Option<Self>> {
+    /// Loads `key_dir/node.cert` if it exists, and verifies it as peers
+    /// will. A file that cannot be read or parsed is an error.
+    pub fn load(key_dir: &Path, authority: &Authority, node: &NodeId) -> Result<Option<Self>> {
         let path = key_dir.join(CERT_FILE);
         if !path.exists() {
             return Ok(None);
         }
         let bytes = CertFile::load(&path)?.to_cert()?.encode_to_vec();
-        // Verified for its content now; its dates are checked when used.
-        let verified = authority.verify_cert(&bytes, node, now).or_else(|e| {
-            if matches!(e.kind, "cert_expired" | "cert_not_yet_valid") {
-                let c = pb::NodeCertificate::decode(bytes.as_slice())
-                    .ok()
-                    .and_then(|c| pb::CertificateBody::decode(c.body.as_slice()).ok());
-                match c {
-                    Some(b) => authority.verify_cert(&bytes, node, b.not_before_ms),
-                    None => Err(e),
-                }
-            } else {
-                Err(e)
-            }
-        });
+        // Its dates are checked when used (`problem`).
+        let verified = authority.verify_cert_terms(&bytes, node);
         Ok(Some(Self { bytes, verified }))
     }
 
     /// Why peers will refuse this node's adverts at `now`, if they will.
     pub fn problem(&self, now: u64) -> Option<String> {
-        match &self.verified {
-            Err(e) => Some(format!("its certificate is refused: {e}")),
-            Ok(c) if now < c.not_before_ms => Some(format!(
-                "its certificate is valid only from {}",
-                fmt_time(c.not_before_ms)
-            )),
-            Ok(c) if now >= c.not_after_ms => Some(format!(
-                "its certificate expired at {}; ask the authority for a new one",
-                fmt_time(c.not_after_ms)
-            )),
-            Ok(_) => None,
-        }
+        let valid = self.verified.clone().and_then(|c| c.in_force(now));
+        valid
+            .err()
+            .map(|e| format!("its certificate is refused: {e}; ask the authority for a new one"))
     }
 }
 
@@ -564,7 +521,7 @@ impl RevocationFile {
                 reason: b.reason,
             },
             body_hex: hex::encode(&s.body),
-            signatures: sigs_to_file(&s.signatures),
+            signatures: SignatureFile::from_wire(&s.signatures),
         })
     }
 
@@ -572,7 +529,7 @@ impl RevocationFile {
     pub fn to_signed(&self) -> Result<pb::SignedRevocation> {
         Ok(pb::SignedRevocation {
             body: hex::decode(&self.body_hex).context("body_hex")?,
-            signatures: sigs_from_file(&self.signatures)?,
+            signatures: SignatureFile::to_wire(&self.signatures)?,
         })
     }
 }

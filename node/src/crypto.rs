@@ -288,9 +288,7 @@ pub fn hop_respond(
             continue;
         }
         let proof = prove(identity, HOP_PROOF, hs.get_handshake_hash());
-        let mut msg2 = vec![0u8; 256];
-        let n = hs.write_message(&proof, &mut msg2).map_err(hs_err)?;
-        msg2.truncate(n);
+        let msg2 = write_hs_with(&mut hs, &proof)?;
         return Ok((Session::from_handshake(hs)?, msg2));
     }
     Err(last)
@@ -298,10 +296,7 @@ pub fn hop_respond(
 
 /// Writes the next handshake message into a fresh buffer.
 pub fn write_hs(hs: &mut snow::HandshakeState) -> Result<Vec<u8>, CryptoError> {
-    let mut out = vec![0u8; 256];
-    let n = hs.write_message(&[], &mut out).map_err(hs_err)?;
-    out.truncate(n);
-    Ok(out)
+    write_hs_with(hs, &[])
 }
 
 /// Writes the next handshake message with `payload` into a fresh buffer.

@@ -498,9 +498,7 @@ impl OwnAdvert<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cert::{
-        Admission, certificate_body, make_request, parse_role_list, sign_certificate,
-    };
+    use crate::cert::{Admission, admit, parse_role_list};
     use crate::identity::Keys;
     use rand::rngs::OsRng;
     use std::time::Duration;
@@ -514,31 +512,17 @@ mod tests {
     }
 
     fn cert_for(k: &Keys, a: &SigningKey, not_after: u64) -> Vec<u8> {
-        let req = make_request(
-            k,
-            &crate::cert::Proposal {
-                jurisdiction: Jurisdiction(*b"DE"),
-                family: "op",
-                roles: parse_role_list("relay").unwrap(),
-                contact: "",
-            },
-            0,
-        )
-        .verify()
-        .unwrap();
-        let body = certificate_body(
-            &req,
-            &Admission {
-                jurisdiction: Jurisdiction(*b"CH"),
-                family: "vouched".into(),
-                roles: parse_role_list("relay").unwrap(),
-                capacity_max_mbps: 100,
-                not_before_ms: 0,
-                not_after_ms: not_after,
-            },
-        )
-        .unwrap();
-        sign_certificate(&body, std::slice::from_ref(a)).encode_to_vec()
+        let terms = Admission {
+            jurisdiction: Jurisdiction(*b"CH"),
+            family: "vouched".into(),
+            roles: parse_role_list("relay").unwrap(),
+            capacity_max_mbps: 100,
+            not_before_ms: 0,
+            not_after_ms: not_after,
+        };
+        admit(k, &terms, std::slice::from_ref(a))
+            .unwrap()
+            .encode_to_vec()
     }
 
     fn own(k: &Keys, cert: Vec<u8>) -> OwnAdvert<'_> {
@@ -723,31 +707,17 @@ mod tests {
                 let k = Keys::generate();
                 let a = SigningKey::from_bytes(&[5; 32]);
                 let auth = Authority::new(&[hex::encode(a.verifying_key().as_bytes())], 1).unwrap();
-                let req = make_request(
-                    &k,
-                    &crate::cert::Proposal {
-                        jurisdiction: Jurisdiction(*PLACES[claimed_place]),
-                        family: "claimed",
-                        roles: crate::cert::roles_of(claimed_roles),
-                        contact: "",
-                    },
-                    0,
-                )
-                .verify()
-                .unwrap();
-                let body = certificate_body(
-                    &req,
-                    &Admission {
-                        jurisdiction: Jurisdiction(*PLACES[vouched_place]),
-                        family: "vouched".into(),
-                        roles: crate::cert::roles_of(vouched_roles),
-                        capacity_max_mbps: ceiling,
-                        not_before_ms: 0,
-                        not_after_ms: not_after,
-                    },
-                )
-                .unwrap();
-                let cert = sign_certificate(&body, std::slice::from_ref(&a)).encode_to_vec();
+                let terms = Admission {
+                    jurisdiction: Jurisdiction(*PLACES[vouched_place]),
+                    family: "vouched".into(),
+                    roles: crate::cert::roles_of(vouched_roles),
+                    capacity_max_mbps: ceiling,
+                    not_before_ms: 0,
+                    not_after_ms: not_after,
+                };
+                let cert = admit(&k, &terms, std::slice::from_ref(&a))
+                    .unwrap()
+                    .encode_to_vec();
                 let mut ad = own(&k, cert);
                 ad.jurisdiction = Jurisdiction(*PLACES[claimed_place]);
                 ad.roles = crate::cert::roles_of(claimed_roles);

@@ -138,7 +138,7 @@ pub fn start_full(
     for id in revocations.revoked() {
         directory.revoke(id);
     }
-    let certificate = OwnCert::load(&cfg.key_dir, &cfg.authority, &me, now)?;
+    let certificate = OwnCert::load(&cfg.key_dir, &cfg.authority, &me)?;
     match certificate.as_ref().map(|c| &c.verified) {
         Some(Ok(c)) => {
             info!(

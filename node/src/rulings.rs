@@ -40,6 +40,44 @@ impl WarnLimit {
     }
 }
 
+/// Refusals counted by reason, each logged as [`Log`] says.
+#[derive(Debug, Default)]
+struct Refusals {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+    warned: WarnLimit,
+}
+
+/// How a refusal is logged.
+enum Log {
+    /// WARN (an operator sent it and is told).
+    Warn,
+    /// WARN as [`WarnLimit`] allows at this time (ms), else DEBUG: what a
+    /// remote party can repeat.
+    Limited(u64),
+    /// DEBUG (counted, and summed by the caller).
+    Debug,
+}
+
+impl Refusals {
+    fn record(&self, e: &Refusal, what: &str, log: Log) {
+        *self.counts.lock().expect("lock").entry(e.kind).or_default() += 1;
+        let warn = match log {
+            Log::Warn => true,
+            Log::Limited(now) => self.warned.allow(e.kind, now),
+            Log::Debug => false,
+        };
+        if warn {
+            warn!(reason = e.kind, detail = %e.detail, "{what} refused");
+        } else {
+            tracing::debug!(reason = e.kind, detail = %e.detail, "{what} refused");
+        }
+    }
+
+    fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.counts.lock().expect("lock").clone()
+    }
+}
+
 /// Where a signed ruling came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -74,10 +112,9 @@ pub struct Rulings {
     set: RwLock<RulingSet>,
     signed: Mutex<BTreeMap<String, Vec<u8>>>,
     bodies: Mutex<BTreeMap<String, Vec<u8>>>,
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    rejected: Refusals,
     synced: std::sync::atomic::AtomicBool,
     synced_notify: tokio::sync::Notify,
-    warned: WarnLimit,
 }
 
 impl Rulings {
@@ -113,10 +150,9 @@ impl Rulings {
             set: RwLock::new(RulingSet::new()),
             signed: Mutex::new(BTreeMap::new()),
             bodies: Mutex::new(BTreeMap::new()),
-            rejected: Mutex::new(BTreeMap::new()),
+            rejected: Refusals::default(),
             synced: Default::default(),
             synced_notify: tokio::sync::Notify::new(),
-            warned: Default::default(),
         };
         if let Some(store) = &r.store {
             for (_, bytes) in store.all(cf::RULINGS)? {
@@ -156,21 +192,13 @@ impl Rulings {
             return Ok(Offered::Behind);
         }
         if let Err(e) = &res {
-            *self
-                .rejected
-                .lock()
-                .expect("lock")
-                .entry(e.kind)
-                .or_default() += 1;
-            // A peer's sync answer can carry many: counted, and logged
-            // once per answer by the caller.
-            if from == Source::Operator
-                || (from == Source::Gossip && self.warned.allow(e.kind, now))
-            {
-                warn!(reason = e.kind, detail = %e.detail, "ruling refused");
-            } else {
-                tracing::debug!(reason = e.kind, detail = %e.detail, "ruling refused");
-            }
+            // A peer's sync answer can carry many: the caller sums them.
+            let log = match from {
+                Source::Operator => Log::Warn,
+                Source::Gossip => Log::Limited(now),
+                Source::Sync => Log::Debug,
+            };
+            self.rejected.record(e, "ruling", log);
         }
         res
     }
@@ -229,9 +257,7 @@ impl Rulings {
     }
 
     /// Keeps signatures by further keys on a ruling already held (the same
-    /// body, cosigned later): what lets the authority rotate its keys: add
-    /// the new key everywhere, cosign the rulings in force and publish them
-    /// again, then remove the old key, and the stored rulings still verify.
+    /// body, cosigned later; see [`Authority::merge_signatures`]).
     fn merge_signatures(&self, id: &str, more: Vec<pb::AuthoritySignature>) -> bool {
         let mut signed = self.signed.lock().expect("lock");
         let Some(held) = signed.get(id) else {
@@ -240,25 +266,13 @@ impl Rulings {
         let Ok(mut held_pb) = pb::SignedRuling::decode(held.as_slice()) else {
             return false;
         };
-        let before = held_pb.signatures.len();
-        for s in more {
-            if !held_pb.signatures.iter().any(|h| h.key == s.key) {
-                held_pb.signatures.push(s);
-            }
-        }
-        if held_pb.signatures.len() == before {
-            return false;
-        }
-        // Keep only what verifies, so a bogus extra signature is not stored.
         let body = held_pb.body.clone();
-        held_pb.signatures.retain(|s| {
-            self.authority
-                .signature_valid(crate::authority::RULING_CONTEXT, &body, s)
-        });
-        held_pb
-            .signatures
-            .truncate(crate::authority::MAX_SIGNATURES);
-        if held_pb.signatures.len() <= before {
+        if !self.authority.merge_signatures(
+            crate::authority::RULING_CONTEXT,
+            &body,
+            &mut held_pb.signatures,
+            more,
+        ) {
             return false;
         }
         let bytes = held_pb.encode_to_vec();
@@ -289,7 +303,7 @@ impl Rulings {
 
     /// Refusals so far, by reason.
     pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
-        self.rejected.lock().expect("lock").clone()
+        self.rejected.snapshot()
     }
 }
 
@@ -310,8 +324,7 @@ pub struct Revocations {
     authority: Authority,
     store: Option<Arc<Store>>,
     signed: Mutex<BTreeMap<NodeId, Vec<u8>>>,
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
-    warned: WarnLimit,
+    rejected: Refusals,
 }
 
 impl Revocations {
@@ -321,8 +334,7 @@ impl Revocations {
             authority,
             store,
             signed: Mutex::new(BTreeMap::new()),
-            rejected: Mutex::new(BTreeMap::new()),
-            warned: Default::default(),
+            rejected: Refusals::default(),
         };
         if let Some(store) = &r.store {
             for (_, bytes) in store.all(cf::REVOCATIONS)? {
@@ -345,17 +357,8 @@ impl Revocations {
         let (id, body) = match self.authority.verify_revocation(bytes) {
             Ok(x) => x,
             Err(e) => {
-                *self
-                    .rejected
-                    .lock()
-                    .expect("lock")
-                    .entry(e.kind)
-                    .or_default() += 1;
-                if self.warned.allow(e.kind, crate::authority::now_ms()) {
-                    warn!(reason = e.kind, detail = %e.detail, "revocation refused");
-                } else {
-                    tracing::debug!(reason = e.kind, detail = %e.detail, "revocation refused");
-                }
+                self.rejected
+                    .record(&e, "revocation", Log::Limited(crate::authority::now_ms()));
                 return Err(e);
             }
         };
@@ -367,21 +370,14 @@ impl Revocations {
             ) else {
                 return Ok(Revoked::Duplicate);
             };
-            let before = held.signatures.len();
-            for s in more.signatures {
-                if held.body == more.body
-                    && held.signatures.len() < crate::authority::MAX_SIGNATURES
-                    && !held.signatures.iter().any(|h| h.key == s.key)
-                    && self.authority.signature_valid(
-                        crate::cert::REVOCATION_CONTEXT,
-                        &held.body,
-                        &s,
-                    )
-                {
-                    held.signatures.push(s);
-                }
-            }
-            if held.signatures.len() == before {
+            if held.body != more.body
+                || !self.authority.merge_signatures(
+                    crate::cert::REVOCATION_CONTEXT,
+                    &more.body,
+                    &mut held.signatures,
+                    more.signatures,
+                )
+            {
                 return Ok(Revoked::Duplicate);
             }
             let merged = held.encode_to_vec();
@@ -420,7 +416,7 @@ impl Revocations {
 
     /// Refusals so far, by reason.
     pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
-        self.rejected.lock().expect("lock").clone()
+        self.rejected.snapshot()
     }
 }
 

@@ -180,10 +180,8 @@ async fn a_squatted_noise_key_gains_no_circuit_and_the_victim_keeps_working() {
     // A hostile operator the authority admitted in PK builds an advert that
     // carries the victim's Noise key and link address, and claims CH.
     let hostile = ferry_node::identity::Keys::generate();
-    let hostile_dir = tempfile::tempdir().unwrap();
     let now = now_ms();
-    ferry_node::cert::admit_into(
-        hostile_dir.path(),
+    let cert = ferry_node::cert::admit(
         &hostile,
         &ferry_node::cert::Admission {
             jurisdiction: ferry_node::config::parse_jurisdiction("PK").unwrap(),
@@ -196,10 +194,6 @@ async fn a_squatted_noise_key_gains_no_circuit_and_the_victim_keeps_working() {
         &[ferry_node::authority::load_key(&kd.join("authority.key")).unwrap()],
     )
     .unwrap();
-    let cert = ferry_node::cert::CertFile::load(&hostile_dir.path().join("node.cert"))
-        .unwrap()
-        .to_cert()
-        .unwrap();
     let squat = ferry_node::directory::OwnAdvert {
         key: &hostile.identity,
         noise_public: mesh.nodes[0].noise_key,
