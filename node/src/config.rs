@@ -429,6 +429,14 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Whether this node needs a certificate: it trusts an authority and
+    /// joins by gossip (a static mesh, with `[[peers]]` and no bootstrap,
+    /// is vouched for by its operators' configs instead).
+    pub fn needs_certificate(&self) -> bool {
+        let static_only = !self.peers.is_empty() && self.bootstrap.is_empty();
+        !self.authority.keys.is_empty() && !static_only
+    }
+
     /// Reads and validates a config file. Relative paths in it are taken
     /// relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self> {

@@ -165,7 +165,7 @@ pub fn start_full(
         Some(Err(e)) => {
             warn!(reason = %e, "this node's certificate is refused under its own [authority]; peers will refuse its adverts")
         }
-        None if !cfg.authority.keys.is_empty() && cfg.peers.is_empty() => warn!(
+        None if cfg.needs_certificate() => warn!(
             "no certificate ({}): peers will refuse this node's adverts until the authority admits it",
             cfg.key_dir.join(crate::cert::CERT_FILE).display()
         ),

@@ -416,12 +416,10 @@ impl Switch {
             .count()
     }
 
-    /// Whether this node needs a certificate: it trusts an authority and
-    /// joins by gossip (a static mesh, with `[[peers]]` and no bootstrap,
-    /// is vouched for by its operators' configs instead).
+    /// Whether this node needs a certificate
+    /// ([`NodeConfig::needs_certificate`]).
     pub fn needs_certificate(&self) -> bool {
-        let static_only = !self.cfg.peers.is_empty() && self.cfg.bootstrap.is_empty();
-        !self.cfg.authority.keys.is_empty() && !static_only
+        self.cfg.needs_certificate()
     }
 
     /// Why peers will refuse this node's adverts, if they will.
