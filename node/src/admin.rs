@@ -73,17 +73,17 @@ pub async fn serve_metrics(
 async fn metrics(
     State(st): State<Arc<AdminState>>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
-    let body = st
-        .switch
-        .metrics
-        .render(
-            &st.switch,
-            st.origin.as_deref(),
-            &st.rulings,
-            &st.revocations,
-            &st.counters,
-        )
-        .await;
+    // Each subsystem fills its own gauges, where its data lives.
+    let m = &st.switch.metrics;
+    let now = crate::authority::now_ms();
+    st.switch.observe(m, now);
+    if let Some(o) = &st.origin {
+        o.observe(m, now).await;
+    }
+    st.rulings.observe(&m.control);
+    st.revocations.observe(&m.control);
+    st.counters.observe(&m.control);
+    let body = m.encode();
     (
         [(
             axum::http::header::CONTENT_TYPE,

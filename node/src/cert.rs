@@ -26,7 +26,6 @@
 //! bytes in hex, and the signatures.
 
 use crate::authority::{Authority, Refusal, SignatureFile, fmt_time, refuse, sign_with};
-use crate::config::{parse_jurisdiction, parse_roles};
 use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use ferry_proto::pb;
@@ -356,7 +355,7 @@ impl Authority {
                 "the certificate names another node",
             ));
         }
-        let jurisdiction = parse_jurisdiction(&b.jurisdiction)
+        let jurisdiction = Jurisdiction::parse(&b.jurisdiction)
             .map_err(|e| refuse("cert_invalid", format!("{e:#}")))?;
         if b.family.len() > MAX_TEXT {
             return Err(refuse("cert_invalid", "family is too long"));
@@ -557,7 +556,7 @@ pub fn cosign_file(text: &str, key: &SigningKey) -> Result<(String, &'static str
 
 /// Parses the authority's choice of roles (`relay,exit`).
 pub fn parse_role_list(s: &str) -> Result<Roles> {
-    parse_roles(&s.split(',').collect::<Vec<_>>())
+    Ok(Roles::parse(&s.split(',').collect::<Vec<_>>())?)
 }
 
 #[cfg(test)]

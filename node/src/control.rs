@@ -15,6 +15,7 @@
 //! round trip of its first connection, and nothing is re-gossiped (the
 //! re-gossip of the same bytes that gossipsub drops as a duplicate is gone).
 
+pub use crate::config::{Bootstrap, multiaddr, parse_bootstrap};
 use crate::directory::{Directory, OwnAdvert};
 use crate::rulings::{Offered, Revocations, Revoked, Rulings, Source, WarnLimit};
 use crate::store::{Store, cf};
@@ -97,6 +98,15 @@ pub struct GossipCounters {
 }
 
 impl GossipCounters {
+    /// Fills the gossip metrics (at scrape time).
+    pub fn observe(&self, m: &crate::metrics::ControlMetrics) {
+        for (reason, n) in self.advert_rejections() {
+            crate::metrics::advance(&m.advert_rejections.with_label_values(&[reason]), n);
+        }
+    }
+}
+
+impl GossipCounters {
     /// Adverts dropped, by reason.
     pub fn advert_rejections(&self) -> BTreeMap<&'static str, u64> {
         self.adverts.lock().expect("lock").clone()
@@ -111,57 +121,6 @@ pub struct Settings {
     pub bootstrap: Vec<String>,
     /// Advert lifetime.
     pub advert_ttl: Duration,
-}
-
-/// Turns `IP:port` or a multiaddr into a multiaddr.
-pub fn multiaddr(s: &str) -> Result<Multiaddr> {
-    if s.starts_with('/') {
-        return s.parse().map_err(|e| anyhow!("`{s}`: {e}"));
-    }
-    let a: SocketAddr = s
-        .parse()
-        .map_err(|e| anyhow!("`{s}`: not IP:port or a multiaddr ({e})"))?;
-    let ip = match a.ip() {
-        std::net::IpAddr::V4(v) => format!("/ip4/{v}"),
-        std::net::IpAddr::V6(v) => format!("/ip6/{v}"),
-    };
-    Ok(format!("{ip}/tcp/{}", a.port()).parse()?)
-}
-
-/// A bootstrap address as configured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Bootstrap {
-    /// An address to dial as it is (`IP:port` or a multiaddr).
-    Addr(Multiaddr),
-    /// A host name and port, resolved each time it is dialled (a
-    /// Kubernetes pod's DNS name, a Compose service name).
-    Name(String, u16),
-}
-
-/// Parses `IP:port`, `host.name:port` or a multiaddr.
-pub fn parse_bootstrap(s: &str) -> Result<Bootstrap> {
-    if s.starts_with('/') || s.parse::<SocketAddr>().is_ok() {
-        return multiaddr(s).map(Bootstrap::Addr);
-    }
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow!("`{s}`: not IP:port, host.name:port or a multiaddr"))?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| anyhow!("`{s}`: port must be 1 to 65535"))?;
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    };
-    if host.len() > 253 || !host.split('.').all(label_ok) {
-        return Err(anyhow!("`{s}`: `{host}` is not a host name"));
-    }
-    Ok(Bootstrap::Name(host.to_string(), port))
 }
 
 /// Resolves bootstrap addresses into dialable multiaddrs; a name that does

@@ -17,7 +17,6 @@
 
 use crate::authority::Authority;
 use crate::cert::{Cert, roles_bits, roles_of};
-use crate::config::Peer;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use ferry_proto::pb;
 use ferry_router::{Jurisdiction, NodeId, NodeInfo, NodeState, Roles, Time};
@@ -25,6 +24,22 @@ use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::RwLock;
+
+/// A known node, as routing and links see it: from a static `[[peers]]`
+/// entry, or from a certificate-vouched advert.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Identity.
+    pub id: NodeId,
+    /// Noise static public key.
+    pub noise_key: [u8; 32],
+    /// Link address, if it accepts links.
+    pub addr: Option<SocketAddr>,
+    /// Where it operates.
+    pub jurisdiction: Jurisdiction,
+    /// What it does.
+    pub roles: Roles,
+}
 
 /// Domain separation for advert signatures.
 pub const ADVERT_CONTEXT: &[u8] = b"ferry/advert/1";
@@ -140,24 +155,12 @@ struct Inner {
     learnt: HashMap<NodeId, (NodeState, u64, u64)>,
 }
 
-/// The stricter of two states (exited, then the earlier drain deadline).
-pub fn stricter(a: NodeState, b: NodeState) -> NodeState {
-    match (a, b) {
-        (NodeState::Exited, _) | (_, NodeState::Exited) => NodeState::Exited,
-        (NodeState::Draining { until: x }, NodeState::Draining { until: y }) => {
-            NodeState::Draining { until: x.min(y) }
-        }
-        (d @ NodeState::Draining { .. }, _) | (_, d @ NodeState::Draining { .. }) => d,
-        _ => NodeState::Active,
-    }
-}
-
 impl Inner {
     fn with_learnt(&self, mut e: Entry, now: u64) -> Entry {
         if let Some((st, until, _)) = self.learnt.get(&e.peer.id)
             && *until > now
         {
-            e.state = stricter(e.state, *st);
+            e.state = e.state.stricter(*st);
         }
         e
     }
@@ -234,7 +237,7 @@ impl Directory {
     pub fn learn(&self, id: NodeId, state: NodeState, forget_at: u64, now: u64) {
         let mut g = self.inner.write().expect("directory lock");
         let prev = g.learnt.get(&id).map(|(s, ..)| *s).unwrap_or_default();
-        g.learnt.insert(id, (stricter(prev, state), forget_at, now));
+        g.learnt.insert(id, (prev.stricter(state), forget_at, now));
     }
 
     /// Whether the live node `id` binds the Noise key `key` (its current
@@ -355,8 +358,8 @@ pub fn verify_advert(bytes: &[u8], now: u64) -> Result<(pb::NodeAdvert, Entry), 
         .as_slice()
         .try_into()
         .map_err(|_| drop_("invalid", "noise key is not 32 bytes"))?;
-    let jurisdiction = crate::config::parse_jurisdiction(&a.jurisdiction)
-        .map_err(|e| drop_("invalid", e.to_string()))?;
+    let jurisdiction =
+        Jurisdiction::parse(&a.jurisdiction).map_err(|e| drop_("invalid", e.to_string()))?;
     let roles = roles_of(a.roles);
     if a.retiring_noise_keys.len() > MAX_RETIRING_KEYS {
         return Err(drop_("invalid", "too many retiring noise keys"));

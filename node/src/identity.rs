@@ -127,7 +127,9 @@ impl NoiseRing {
         {
             bail!(
                 "a key is still being retired until {}; rotate again after that",
-                crate::authority::fmt_time(until)
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(until)
+                )
             );
         }
         let fresh = x25519_dalek::StaticSecret::random_from_rng(OsRng).to_bytes();

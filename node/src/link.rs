@@ -18,7 +18,9 @@
 
 use crate::authority::now_ms;
 use crate::crypto::{self, Session};
-use crate::switch::Switch;
+use crate::directory::Peer;
+use crate::identity::Keys;
+use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{BufMut, BytesMut};
 use ferry_proto::{FrameCodec, MAX_NOISE_MESSAGE, TAG_LEN};
@@ -31,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
 /// Handshake frames: any length up to the Noise maximum.
@@ -49,6 +52,43 @@ const READ_CHUNK: usize = 256 * 1024;
 
 /// Process-local link id.
 pub type LinkId = u64;
+
+/// A cell broke the link protocol: the link is closed with this reason.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed cell: {0}")]
+pub struct Malformed(#[from] ferry_proto::DecodeError);
+
+/// What a link needs from the node that runs it. The switch implements it;
+/// the link calls nothing else of the node, so it does not depend on the
+/// switch's types.
+pub trait LinkHost: Send + Sync + 'static {
+    /// The node's keys.
+    fn keys(&self) -> &Keys;
+    /// A live known node (where to dial, its Noise key).
+    fn peer(&self, id: &NodeId) -> Option<Peer>;
+    /// Whether the live, admitted node `id` holds the Noise key `key`.
+    fn binds(&self, id: &NodeId, key: &[u8; 32]) -> bool;
+    /// The node's metrics.
+    fn metrics(&self) -> &Metrics;
+    /// Cancelled when the node shuts down (closes every link).
+    fn shutdown(&self) -> &CancellationToken;
+    /// A fresh local link id.
+    fn next_link_id(&self) -> LinkId;
+    /// The counter of bytes written to links.
+    fn bytes_out(&self) -> Arc<std::sync::atomic::AtomicU64>;
+    /// A link finished its handshake.
+    fn link_up(&self, link: Arc<LinkHandle>);
+    /// A link closed.
+    fn link_down(&self, link: &Arc<LinkHandle>);
+    /// Where the link's tasks are tracked.
+    fn tasks(&self) -> &TaskTracker;
+    /// A cell arrived on `link`; an error closes the link.
+    fn on_cell(
+        this: &Arc<Self>,
+        link: &Arc<LinkHandle>,
+        cell: BytesMut,
+    ) -> impl std::future::Future<Output = Result<(), Malformed>> + Send;
+}
 
 /// A live link, as the rest of the node sees it.
 #[derive(Debug)]
@@ -72,6 +112,12 @@ impl LinkHandle {
     /// Queues one plaintext cell; waits while the queue is full.
     pub async fn send(&self, cell: BytesMut) -> Result<(), LinkClosed> {
         self.tx.send(cell).await.map_err(|_| LinkClosed)
+    }
+
+    /// Waits for room for one cell in the queue; sending on the permit
+    /// cannot fail or wait. Cancel-safe: nothing is queued until then.
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, BytesMut>, LinkClosed> {
+        self.tx.reserve().await.map_err(|_| LinkClosed)
     }
 
     /// Queues a cell if there is room now (for best-effort notices).
@@ -122,7 +168,7 @@ async fn write_frame(sock: &mut TcpStream, msg: &[u8]) -> Result<()> {
 }
 
 /// Dials a peer and runs the initiator side of the link handshake.
-pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>> {
+pub async fn dial<H: LinkHost>(switch: &Arc<H>, peer: NodeId) -> Result<Arc<LinkHandle>> {
     let info = switch
         .peer(&peer)
         .ok_or_else(|| anyhow!("unknown node {peer}"))?;
@@ -134,7 +180,7 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
         let mut sock = TcpStream::connect(addr).await.context("connecting")?;
         sock.set_nodelay(true)?;
         let mut hs =
-            crypto::link_initiator(&switch.keys.noise.dial_private(now_ms()), &info.noise_key)?;
+            crypto::link_initiator(&switch.keys().noise.dial_private(now_ms()), &info.noise_key)?;
         write_frame(&mut sock, &crypto::write_hs(&mut hs)?).await?;
         let h1 = crypto::handshake_hash(&hs);
         let mut buf = BytesMut::with_capacity(1024);
@@ -142,7 +188,7 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
         let proof = crypto::read_hs(&mut hs, &m2)?;
         crypto::check_proof(&proof, crypto::LINK_RESPONDER_PROOF, &h1, Some(&peer))?;
         let mine = crypto::prove(
-            &switch.keys.identity,
+            &switch.keys().identity,
             crypto::LINK_INITIATOR_PROOF,
             &crypto::handshake_hash(&hs),
         );
@@ -159,7 +205,8 @@ pub async fn dial(switch: &Arc<Switch>, peer: NodeId) -> Result<Arc<LinkHandle>>
         .await
         .map_err(|_| anyhow!("link handshake with {peer} timed out"))??;
     switch
-        .metrics
+        .metrics()
+        .link
         .handshake_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(start(switch, sock, session, buf, peer, true))
@@ -185,7 +232,7 @@ fn refused(kind: &'static str, e: impl std::fmt::Display) -> Refused {
 
 /// Runs the listener side of the link handshake on an accepted socket, then
 /// the link itself. Returns when the handshake fails (with the reason).
-pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<LinkHandle>> {
+pub async fn accept<H: LinkHost>(switch: Arc<H>, mut sock: TcpStream) -> Result<Arc<LinkHandle>> {
     sock.set_nodelay(true)?;
     let started = std::time::Instant::now();
     let fut = async {
@@ -197,7 +244,7 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
         // The current key, then one being retired (peers that have not
         // seen the rotation's advert yet).
         let mut opened = Err(refused("malformed", "no local Noise key"));
-        for key in switch.keys.noise.responder_keys(now_ms()) {
+        for key in switch.keys().noise.responder_keys(now_ms()) {
             let mut hs = crypto::link_responder(&key).map_err(|e| refused("malformed", e))?;
             match crypto::read_hs(&mut hs, &m1) {
                 Ok(_) => {
@@ -213,7 +260,7 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| refused("malformed", "handshake carried no static key"))?;
         let h1 = crypto::handshake_hash(&hs);
-        let proof = crypto::prove(&switch.keys.identity, crypto::LINK_RESPONDER_PROOF, &h1);
+        let proof = crypto::prove(&switch.keys().identity, crypto::LINK_RESPONDER_PROOF, &h1);
         write_frame(
             &mut sock,
             &crypto::write_hs_with(&mut hs, &proof).map_err(|e| refused("malformed", e))?,
@@ -267,19 +314,25 @@ pub async fn accept(switch: Arc<Switch>, mut sock: TcpStream) -> Result<Arc<Link
     let (session, buf, peer) = match res {
         Ok(x) => x,
         Err(e) => {
-            switch.metrics.refusals.with_label_values(&[e.kind]).inc();
+            switch
+                .metrics()
+                .node
+                .refusals
+                .with_label_values(&[e.kind])
+                .inc();
             return Err(e.into());
         }
     };
     switch
-        .metrics
+        .metrics()
+        .link
         .handshake_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(start(&switch, sock, session, buf, peer, false))
 }
 
-fn start(
-    switch: &Arc<Switch>,
+fn start<H: LinkHost>(
+    switch: &Arc<H>,
     sock: TcpStream,
     session: Session,
     leftover: BytesMut,
@@ -287,7 +340,7 @@ fn start(
     initiator: bool,
 ) -> Arc<LinkHandle> {
     let (tx, rx) = mpsc::channel(LINK_QUEUE_CELLS);
-    let closed = switch.shutdown.child_token();
+    let closed = switch.shutdown().child_token();
     let link = Arc::new(LinkHandle {
         id: switch.next_link_id(),
         peer,
@@ -302,13 +355,12 @@ fn start(
         tx: sealer,
         rx: opener,
     } = session;
-    tokio::spawn(
-        write_loop(w, rx, sealer, closed.clone(), switch.bytes_out.clone())
-            .instrument(span.clone()),
+    switch.tasks().spawn(
+        write_loop(w, rx, sealer, closed.clone(), switch.bytes_out()).instrument(span.clone()),
     );
     let sw = switch.clone();
     let l2 = link.clone();
-    tokio::spawn(
+    switch.tasks().spawn(
         async move {
             let reason = tokio::select! {
                 r = read_loop(&sw, &l2, r, opener, leftover) => r.err().map(|e| format!("{e:#}")),
@@ -317,14 +369,19 @@ fn start(
             match &reason {
                 Some(r) => {
                     if r.contains("malformed") || r.contains("authenticat") || r.contains("frame") {
-                        sw.metrics.refusals.with_label_values(&["malformed"]).inc();
+                        sw.metrics()
+                            .node
+                            .refusals
+                            .with_label_values(&["malformed"])
+                            .inc();
                     }
                     warn!(reason = %r, "link closed")
                 }
                 None => debug!("link closed"),
             }
-            sw.metrics
-                .links_closed
+            sw.metrics()
+                .link
+                .closed
                 .with_label_values(&[if reason.is_some() { "error" } else { "normal" }])
                 .inc();
             l2.close();
@@ -333,7 +390,7 @@ fn start(
         .instrument(span),
     );
     switch.link_up(link.clone());
-    switch.metrics.links_opened.inc();
+    switch.metrics().link.opened.inc();
     debug!(link = link.id, peer = %peer.short(), initiator, "link up");
     link
 }
@@ -379,8 +436,8 @@ async fn write_loop(
     let _ = w.shutdown().await;
 }
 
-async fn read_loop(
-    switch: &Arc<Switch>,
+async fn read_loop<H: LinkHost>(
+    switch: &Arc<H>,
     link: &Arc<LinkHandle>,
     mut r: OwnedReadHalf,
     mut opener: crypto::Opener,
@@ -388,10 +445,14 @@ async fn read_loop(
 ) -> Result<()> {
     loop {
         while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut buf)? {
-            switch.metrics.link_received.inc_by(frame.len() as u64 + 4);
+            switch
+                .metrics()
+                .link
+                .received
+                .inc_by(frame.len() as u64 + 4);
             let len = opener.open_in_place(&mut frame)?;
             frame.truncate(len);
-            switch.on_cell(link, frame).await?;
+            H::on_cell(switch, link, frame).await?;
         }
         if buf.capacity() - buf.len() < MAX_NOISE_MESSAGE {
             buf.reserve(READ_CHUNK);

@@ -1,10 +1,10 @@
 //! `ferry`: the Ferry node and its tools.
 
+mod admin_client;
 mod admission_cli;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_node::admin::client;
 use ferry_node::authority::{RulingFile, SignedFile, now_ms, sign};
 use ferry_node::config::{self, NodeConfig, Template};
 use ferry_node::identity::{Keys, parse_key_hex};
@@ -377,8 +377,8 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Status { admin, json } => status(admin, json),
-        Cmd::Healthcheck { admin, ready } => healthcheck(admin, ready),
+        Cmd::Status { admin, json } => admin_client::status(admin, json),
+        Cmd::Healthcheck { admin, ready } => admin_client::healthcheck(admin, ready),
         Cmd::Drain {
             admin,
             exit_by,
@@ -387,7 +387,7 @@ fn main() -> Result<()> {
             cancel,
             transient,
             wait,
-        } => drain(admin, exit_by, within, &reason, cancel, transient, wait),
+        } => admin_client::drain(admin, exit_by, within, &reason, cancel, transient, wait),
         Cmd::Authority {
             cmd: AuthorityCmd::Keygen { out },
         } => keygen(&out),
@@ -427,7 +427,7 @@ fn main() -> Result<()> {
         } => policy_sign(&key, &input, &out, valid_for.into()),
         Cmd::Policy {
             cmd: PolicyCmd::Publish { admin, file },
-        } => policy_publish(admin, &file),
+        } => admin_client::policy_publish(admin, &file),
         Cmd::Demo {
             cmd:
                 Some(DemoCmd::Ruling {
@@ -616,221 +616,6 @@ fn policy_sign(key: &Path, input: &Path, out: &Path, valid_for: Duration) -> Res
         if file.signatures.len() == 1 { "" } else { "s" },
         out.display()
     );
-    Ok(())
-}
-
-fn agent() -> ureq::Agent {
-    client::agent(Duration::from_secs(10))
-}
-
-fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
-    let body =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let is_revocation = serde_json::from_str::<serde_json::Value>(&body)
-        .is_ok_and(|v| v.get("revocation").is_some());
-    if is_revocation {
-        let v = client::publish_revocation(&admin.to_string(), &body)?;
-        println!(
-            "node {} revoked{}",
-            &v["revoked"].as_str().unwrap_or("?")
-                [..8.min(v["revoked"].as_str().unwrap_or("?").len())],
-            if v["new"].as_bool() == Some(false) {
-                " (already)"
-            } else {
-                ""
-            }
-        );
-        return Ok(());
-    }
-    let v = client::publish_ruling(&admin.to_string(), &body)?;
-    println!("{}", v["status"].as_str().unwrap_or("accepted"));
-    Ok(())
-}
-
-fn healthcheck(admin: SocketAddr, ready: bool) -> Result<()> {
-    let path = if ready { "readyz" } else { "livez" };
-    let mut resp = client::agent(Duration::from_secs(3))
-        .get(&format!("http://{admin}/{path}"))
-        .call()
-        .with_context(|| format!("node not answering on {admin}"))?;
-    if resp.status().is_success() {
-        println!("ok");
-        return Ok(());
-    }
-    let body = resp.body_mut().read_to_string().unwrap_or_default();
-    let why = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .map(|v| {
-            format!(
-                "{}{}",
-                v["state"].as_str().unwrap_or("?"),
-                v["reason"]
-                    .as_str()
-                    .filter(|r| !r.is_empty())
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
-            )
-        })
-        .unwrap_or(body);
-    bail!("not {}: {why}", if ready { "ready" } else { "live" })
-}
-
-fn drain(
-    admin: SocketAddr,
-    exit_by: Option<String>,
-    within: Option<Duration>,
-    reason: &str,
-    cancel: bool,
-    transient: bool,
-    wait: bool,
-) -> Result<()> {
-    let url = format!("http://{admin}/v1/drain");
-    let resp = if cancel {
-        agent().delete(&url).call()
-    } else {
-        let persist = !transient;
-        let body = match (exit_by, within) {
-            (Some(t), _) => {
-                serde_json::json!({ "exit_by": t, "reason": reason, "persist": persist })
-            }
-            (None, Some(d)) => {
-                serde_json::json!({ "in_secs": d.as_secs().max(1), "reason": reason, "persist": persist })
-            }
-            (None, None) => bail!("give --exit-by TIME, --in DURATION or --cancel"),
-        };
-        agent()
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(body.to_string().as_bytes())
-    };
-    let v = client::answer(&admin.to_string(), resp)?;
-    match v["exit_by"].as_str() {
-        Some(t) => println!("draining; exit by {t}"),
-        None => println!("{}", v["status"].as_str().unwrap_or("ok")),
-    }
-    if wait && let Some(t) = v["exit_by"].as_str() {
-        let until = humantime::parse_rfc3339_weak(t)
-            .context("the node's exit date")?
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64;
-        wait_empty(admin, until)?;
-    }
-    Ok(())
-}
-
-/// Polls the node until it carries no circuit and no stream, printing
-/// what is left every few seconds; an error if the exit date passes first.
-fn wait_empty(admin: SocketAddr, until_ms: u64) -> Result<()> {
-    let mut last_print = 0u64;
-    loop {
-        let v = client::answer(
-            &admin.to_string(),
-            agent().get(&format!("http://{admin}/v1/status")).call(),
-        )?;
-        let circuits = v["circuits"].as_u64().unwrap_or(0);
-        let origin = v["origin"]["circuits"].as_array();
-        let streams: u64 = origin
-            .into_iter()
-            .flatten()
-            .map(|c| c["streams"].as_u64().unwrap_or(0))
-            .sum();
-        let now = now_ms();
-        if circuits == 0 && streams == 0 {
-            println!("drained: the node carries nothing");
-            return Ok(());
-        }
-        if v["state"] == "exited" || now > until_ms + 2_000 {
-            bail!("exit date passed with {circuits} circuit(s) and {streams} stream(s) left");
-        }
-        if now >= last_print + 5_000 {
-            println!(
-                "waiting: {circuits} circuit(s) carried, {streams} stream(s) of its own; exit in {} s",
-                until_ms.saturating_sub(now) / 1000
-            );
-            last_print = now;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn status(admin: SocketAddr, json: bool) -> Result<()> {
-    let mut resp = agent()
-        .get(&format!("http://{admin}/v1/status"))
-        .call()
-        .with_context(|| format!("reaching the admin API at {admin}"))?;
-    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
-    println!(
-        "node {}  {}  {}  {}",
-        &s("node_id")[..8.min(s("node_id").len())],
-        s("jurisdiction"),
-        s("roles"),
-        s("state")
-    );
-    if let Some(r) = v["state_reason"].as_str().filter(|r| !r.is_empty()) {
-        println!("  {r}");
-    }
-    if let Some(line) = admission_cli::status_line(&v) {
-        println!("{line}");
-    }
-    println!("circuits carried: {}", v["circuits"]);
-    if let Some(cs) = v["origin"]["circuits"].as_array() {
-        println!("own circuits: {}", cs.len());
-        for c in cs {
-            let path: Vec<&str> = c["path"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .collect();
-            println!("  {}  streams {}", path.join(" -> "), c["streams"]);
-        }
-    }
-    let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    println!("peers: {}", peers.len());
-    if let Some(by) = v["peers_by_jurisdiction"].as_object() {
-        for (j, ids) in by {
-            let ids: Vec<String> = ids
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .map(|x| x[..8].to_string())
-                .collect();
-            println!("  {j}  {}", ids.join(" "));
-        }
-    }
-    let rulings = v["rulings"].as_array().cloned().unwrap_or_default();
-    println!("rulings in force: {}", rulings.len());
-    for r in rulings {
-        println!(
-            "  {} v{}  {}  blocked from {}  exit by {}{}",
-            r["id"].as_str().unwrap_or("?"),
-            r["version"],
-            r["region"].as_str().unwrap_or("?"),
-            r["blocked_from"].as_str().unwrap_or("?"),
-            r["exit_by"].as_str().unwrap_or("?"),
-            if r["lifted"].as_bool() == Some(true) {
-                "  (lifted)"
-            } else {
-                ""
-            }
-        );
-    }
-    for key in [
-        "ruling_rejections",
-        "advert_rejections",
-        "revocation_rejections",
-    ] {
-        if let Some(m) = v[key].as_object().filter(|m| !m.is_empty()) {
-            let parts: Vec<String> = m.iter().map(|(k, n)| format!("{k}={n}")).collect();
-            println!("{}: {}", key.replace('_', " "), parts.join(" "));
-        }
-    }
     Ok(())
 }
 

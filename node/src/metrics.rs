@@ -1,75 +1,140 @@
 //! Prometheus metrics (the `prometheus` crate, without its protobuf
-//! feature), one registry per node — never the crate's global default, so
-//! several nodes in one process (the demo) keep theirs apart.
-//!
-//! Most values are read from the node's own state when `/metrics` is
-//! scraped (links, circuits, state, rulings, drain progress, peers), so the
-//! data path carries no extra bookkeeping for them; counters fed from
-//! monotonic sources (bytes, migrations, refusals of gossip) are advanced to
-//! the source's value at each scrape. Names are `ferry_<name>_<unit>[_total]`
-//! and every label takes bounded values: jurisdictions, states, reasons,
-//! ruling ids — never peer ids or client addresses.
+//! feature): one struct per subsystem, registered into one registry that
+//! the node's start-up builds and passes down — never the crate's global
+//! default, so several nodes in one process (the demo) keep theirs apart.
+//! This module imports nothing of the node: each subsystem owns its struct
+//! and fills its scrape-time gauges itself, where its data lives
+//! (`Switch::observe`, `Origin::observe`, `Rulings::observe`, ...), when
+//! `/metrics` is scraped; counters fed from monotonic sources (bytes,
+//! migrations, refusals of gossip) are [advanced](advance) to the source's
+//! value then. Names are `ferry_<name>_<unit>[_total]` and every label takes
+//! bounded values: jurisdictions, states, reasons, ruling ids — never peer
+//! ids or client addresses.
 
-use crate::authority::now_ms;
-use crate::control::GossipCounters;
-use crate::origin::Origin;
-use crate::rulings::Rulings;
-use crate::switch::Switch;
-use ferry_router::{NodeState, Status, Time, TrafficScope};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
-use std::sync::atomic::Ordering;
 
-/// A node's metrics.
-pub struct Metrics {
-    registry: Registry,
-    build_info: IntGaugeVec,
-    node_info: IntGaugeVec,
-    links: IntGauge,
-    circuits: IntGauge,
-    origin_circuits: IntGauge,
-    streams: IntGauge,
-    link_sent: IntCounter,
-    state: IntGaugeVec,
-    ready: IntGauge,
-    cert_required: IntGauge,
-    cert_expiry: IntGauge,
-    revoked: IntGauge,
-    revocation_rejections: IntCounterVec,
-    exit_seconds: IntGauge,
-    blocked_circuits: IntGaugeVec,
-    migrations: IntCounterVec,
-    streams_moved: IntCounter,
-    exit_closed: IntCounter,
-    ruling_version: IntGaugeVec,
-    ruling_rejections: IntCounterVec,
-    advert_rejections: IntCounterVec,
-    peers: IntGaugeVec,
+/// Why a stream ended, as a metric label: `done` when both directions
+/// finished normally, else the first cause seen.
+pub type CloseReason = &'static str;
+
+/// Every value of the `reason` label of `ferry_streams_closed_total`.
+pub const CLOSE_REASONS: [CloseReason; 6] = [
+    "done",
+    "reset",
+    "circuit_closed",
+    "exit_left",
+    "protocol",
+    "other",
+];
+
+/// Data-plane links.
+#[derive(Clone)]
+pub struct LinkMetrics {
+    /// Links open (scrape time).
+    pub active: IntGauge,
     /// Links opened.
-    pub links_opened: IntCounter,
+    pub opened: IntCounter,
     /// Links closed, by reason (`error`, `normal`).
-    pub links_closed: IntCounterVec,
+    pub closed: IntCounterVec,
     /// Link handshake time.
     pub handshake_seconds: Histogram,
-    /// Circuits opened here (as a hop, or built as an entry).
-    pub circuits_opened: IntCounter,
-    /// Circuits closed, by reason (the DESTROY reason, `link_lost`, ...).
-    pub circuits_closed: IntCounterVec,
+    /// Ciphertext bytes written (advanced at scrape time).
+    pub sent: IntCounter,
+    /// Ciphertext bytes read.
+    pub received: IntCounter,
+}
+
+/// Circuits: carried, built, closed, moved.
+#[derive(Clone)]
+pub struct CircuitMetrics {
+    /// Circuits carried for others (scrape time).
+    pub active: IntGauge,
+    /// Circuits this entry built (scrape time).
+    pub origin_active: IntGauge,
+    /// Circuits opened here.
+    pub opened: IntCounter,
+    /// Circuits closed here, by reason.
+    pub closed: IntCounterVec,
     /// Circuit build time at the entry.
     pub build_seconds: Histogram,
-    /// Streams opened (connected at the exit, or at the entry).
-    pub streams_opened: IntCounter,
-    /// Streams closed, by reason (see `endpoint::CLOSE_REASONS`).
-    pub streams_closed: IntCounterVec,
-    /// Refusals by reason: ruling (a new circuit through a node a ruling
-    /// drains), draining (the operator's or SIGTERM's drain), constraint,
-    /// capacity, auth, malformed.
+    /// Circuit sides next to a leaving jurisdiction (scrape time).
+    pub blocked: IntGaugeVec,
+    /// Moves off leaving nodes, by result.
+    pub migrations: IntCounterVec,
+    /// Streams moved.
+    pub streams_moved: IntCounter,
+    /// Circuits closed because their exit left.
+    pub exit_closed: IntCounter,
+}
+
+/// Client streams.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    /// Streams on this entry's circuits (scrape time).
+    pub active: IntGauge,
+    /// Streams connected.
+    pub opened: IntCounter,
+    /// Streams ended, by [`CLOSE_REASONS`].
+    pub closed: IntCounterVec,
+}
+
+/// The node as a whole: identity, state, admission, refusals, peers.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    /// Version (always 1).
+    pub build_info: IntGaugeVec,
+    /// Jurisdiction and roles (always 1).
+    pub info: IntGaugeVec,
+    /// 1 for the current state.
+    pub state: IntGaugeVec,
+    /// 1 while ready.
+    pub ready: IntGauge,
+    /// 1 if peers need this node's certificate.
+    pub cert_required: IntGauge,
+    /// Seconds until the certificate ends.
+    pub cert_expiry: IntGauge,
+    /// Seconds until the exit date while draining.
+    pub exit_seconds: IntGauge,
+    /// Requests refused, by reason: ruling (a new circuit through a node a
+    /// ruling drains), draining (the operator's or SIGTERM's drain),
+    /// constraint, capacity, auth, malformed, timeout.
     pub refusals: IntCounterVec,
-    /// Bytes read from data-plane links (ciphertext): the `received`
-    /// child of `ferry_link_bytes_total`.
-    pub link_received: IntCounter,
+    /// Live known nodes by jurisdiction.
+    pub peers: IntGaugeVec,
+}
+
+/// The control plane: rulings, adverts, revocations.
+#[derive(Clone)]
+pub struct ControlMetrics {
+    /// Version of each ruling in force.
+    pub ruling_version: IntGaugeVec,
+    /// Rulings refused, by reason.
+    pub ruling_rejections: IntCounterVec,
+    /// Adverts dropped, by reason.
+    pub advert_rejections: IntCounterVec,
+    /// Revoked nodes known.
+    pub revoked: IntGauge,
+    /// Revocations refused, by reason.
+    pub revocation_rejections: IntCounterVec,
+}
+
+/// A node's metrics: every subsystem's, in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Links.
+    pub link: LinkMetrics,
+    /// Circuits.
+    pub circuit: CircuitMetrics,
+    /// Streams.
+    pub stream: StreamMetrics,
+    /// The node.
+    pub node: NodeMetrics,
+    /// The control plane.
+    pub control: ControlMetrics,
 }
 
 fn histogram(r: &Registry, name: &str, help: &str) -> Histogram {
@@ -119,7 +184,7 @@ fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterV
 }
 
 /// Advances a counter to `to` (sources only grow).
-fn advance(c: &IntCounter, to: u64) {
+pub fn advance(c: &IntCounter, to: u64) {
     let now = c.get();
     if to > now {
         c.inc_by(to - now);
@@ -138,166 +203,73 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    /// A fresh registry with every metric registered, and every known
-    /// label value of the counters present at 0 (so queries and alerts see
-    /// a series before the first event).
-    pub fn new() -> Self {
-        let m = Self::bare();
-        for reason in [
-            "ruling",
-            "draining",
-            "constraint",
-            "capacity",
-            "auth",
-            "malformed",
-            "timeout",
-        ] {
-            m.refusals.with_label_values(&[reason]);
-        }
-        for reason in ["error", "normal"] {
-            m.links_closed.with_label_values(&[reason]);
-        }
-        for result in ["started", "succeeded", "failed"] {
-            m.migrations.with_label_values(&[result]);
-        }
-        for r in [
-            "malformed",
-            "oversized",
-            "unsigned",
-            "unknown_key",
-            "bad_signature",
-            "threshold",
-            "expired",
-            "invalid",
-            "rollback",
-        ] {
-            m.ruling_rejections.with_label_values(&[r]);
-        }
-        for r in [
-            "oversized",
-            "undecodable",
-            "bad_signature",
-            "expired",
-            "invalid",
-            "stale",
-            "revoked",
-            "no_certificate",
-            "cert_oversized",
-            "cert_malformed",
-            "cert_unsigned",
-            "cert_unknown_key",
-            "cert_bad_signature",
-            "cert_threshold",
-            "cert_mismatch",
-            "cert_not_yet_valid",
-            "cert_expired",
-            "cert_invalid",
-        ] {
-            m.advert_rejections.with_label_values(&[r]);
-        }
-        for r in [
-            "malformed",
-            "oversized",
-            "unsigned",
-            "unknown_key",
-            "bad_signature",
-            "threshold",
-        ] {
-            m.revocation_rejections.with_label_values(&[r]);
-        }
-        for r in crate::endpoint::CLOSE_REASONS {
-            m.streams_closed.with_label_values(&[r]);
-        }
-        for r in (1..=7).filter_map(|i| ferry_proto::pb::DestroyReason::try_from(i).ok()) {
-            m.circuits_closed.with_label_values(&[&destroy_label(r)]);
-        }
-        m
+fn seed(v: &IntCounterVec, labels: &[&str]) {
+    for l in labels {
+        v.with_label_values(&[l]);
     }
+}
 
-    fn bare() -> Self {
-        let r = Registry::new();
-        let link_bytes = counter_vec(
-            &r,
+impl LinkMetrics {
+    fn new(r: &Registry) -> Self {
+        let bytes = counter_vec(
+            r,
             "ferry_link_bytes_total",
             "Bytes on data-plane links (ciphertext), by direction (sent, received).",
             "direction",
         );
-        Self {
-            build_info: gauge_vec(
-                &r,
-                "ferry_build_info",
-                "Ferry's version (always 1).",
-                "version",
+        let m = Self {
+            active: gauge(r, "ferry_links_active", "Data-plane links open."),
+            opened: counter(r, "ferry_links_opened_total", "Data-plane links opened."),
+            closed: counter_vec(
+                r,
+                "ferry_links_closed_total",
+                "Data-plane links closed, by reason (error, normal).",
+                "reason",
             ),
-            node_info: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "ferry_node_info",
-                        "The node's jurisdiction and roles (always 1); join on instance to group other series by jurisdiction.",
-                    ),
-                    &["jurisdiction", "roles"],
-                )
-                .expect("valid metric"),
+            handshake_seconds: histogram(
+                r,
+                "ferry_link_handshake_seconds",
+                "Time to complete a link's Noise handshake.",
             ),
-            links: gauge(&r, "ferry_links_active", "Data-plane links open."),
-            circuits: gauge(
-                &r,
+            sent: bytes.with_label_values(&["sent"]),
+            received: bytes.with_label_values(&["received"]),
+        };
+        seed(&m.closed, &["error", "normal"]);
+        m
+    }
+}
+
+impl CircuitMetrics {
+    fn new(r: &Registry) -> Self {
+        let m = Self {
+            active: gauge(
+                r,
                 "ferry_circuits_active",
                 "Circuits this node carries for others (relayed, or as their exit).",
             ),
-            origin_circuits: gauge(
-                &r,
+            origin_active: gauge(
+                r,
                 "ferry_origin_circuits_active",
                 "Circuits this node built as an entry.",
             ),
-            streams: gauge(
-                &r,
-                "ferry_streams_active",
-                "Client streams on this entry's circuits.",
+            opened: counter(
+                r,
+                "ferry_circuits_opened_total",
+                "Circuits opened on this node.",
             ),
-            link_sent: link_bytes.with_label_values(&["sent"]),
-            link_received: link_bytes.with_label_values(&["received"]),
-            ready: gauge(
-                &r,
-                "ferry_node_ready",
-                "1 while the node takes new circuits (/readyz): admitted, active and joined; 0 while unadmitted, joining, draining or exited.",
-            ),
-            cert_required: gauge(
-                &r,
-                "ferry_certificate_required",
-                "1 if peers need this node's certificate to route through it (it joins by gossip under an authority), else 0.",
-            ),
-            cert_expiry: gauge(
-                &r,
-                "ferry_certificate_expiry_seconds",
-                "Seconds until this node's certificate ends; 0 if it has none, or it is refused or expired.",
-            ),
-            revoked: gauge(
-                &r,
-                "ferry_revoked_nodes",
-                "Nodes the authority revoked that this node knows of.",
-            ),
-            revocation_rejections: counter_vec(
-                &r,
-                "ferry_revocation_rejections_total",
-                "Revocations refused (not signed k of n by trusted authority keys, malformed), by reason.",
+            closed: counter_vec(
+                r,
+                "ferry_circuits_closed_total",
+                "Circuits closed on this node, by reason.",
                 "reason",
             ),
-            state: gauge_vec(
-                &r,
-                "ferry_node_state",
-                "1 for the node's state (active, draining, exited), 0 for the others.",
-                "state",
+            build_seconds: histogram(
+                r,
+                "ferry_circuit_build_seconds",
+                "Time for this entry to build a circuit, hop by hop.",
             ),
-            exit_seconds: gauge(
-                &r,
-                "ferry_node_exit_seconds",
-                "Seconds until the node's exit date while draining; 0 otherwise.",
-            ),
-            blocked_circuits: reg(
-                &r,
+            blocked: reg(
+                r,
                 IntGaugeVec::new(
                     Opts::new(
                         "ferry_blocked_jurisdiction_circuits",
@@ -308,193 +280,230 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             migrations: counter_vec(
-                &r,
+                r,
                 "ferry_migrations_total",
                 "Circuit moves off leaving nodes, by result (started, succeeded, failed).",
                 "result",
             ),
             streams_moved: counter(
-                &r,
+                r,
                 "ferry_streams_moved_total",
                 "Streams moved to another circuit.",
             ),
             exit_closed: counter(
-                &r,
+                r,
                 "ferry_exit_circuits_closed_total",
                 "Circuits closed because their exit left the mesh.",
             ),
+        };
+        seed(&m.migrations, &["started", "succeeded", "failed"]);
+        for r in (1..=7).filter_map(|i| ferry_proto::pb::DestroyReason::try_from(i).ok()) {
+            m.closed.with_label_values(&[&destroy_label(r)]);
+        }
+        m
+    }
+}
+
+impl StreamMetrics {
+    fn new(r: &Registry) -> Self {
+        let m = Self {
+            active: gauge(
+                r,
+                "ferry_streams_active",
+                "Client streams on this entry's circuits.",
+            ),
+            opened: counter(r, "ferry_streams_opened_total", "Streams connected."),
+            closed: counter_vec(
+                r,
+                "ferry_streams_closed_total",
+                "Streams ended, by reason (done, reset, circuit_closed, exit_left, protocol, other).",
+                "reason",
+            ),
+        };
+        seed(&m.closed, &CLOSE_REASONS);
+        m
+    }
+}
+
+impl NodeMetrics {
+    fn new(r: &Registry) -> Self {
+        let m = Self {
+            build_info: gauge_vec(
+                r,
+                "ferry_build_info",
+                "Ferry's version (always 1).",
+                "version",
+            ),
+            info: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ferry_node_info",
+                        "The node's jurisdiction and roles (always 1); join on instance to group other series by jurisdiction.",
+                    ),
+                    &["jurisdiction", "roles"],
+                )
+                .expect("valid metric"),
+            ),
+            state: gauge_vec(
+                r,
+                "ferry_node_state",
+                "1 for the node's state (active, draining, exited), 0 for the others.",
+                "state",
+            ),
+            ready: gauge(
+                r,
+                "ferry_node_ready",
+                "1 while the node takes new circuits (/readyz): admitted, active and joined; 0 while unadmitted, joining, draining or exited.",
+            ),
+            cert_required: gauge(
+                r,
+                "ferry_certificate_required",
+                "1 if peers need this node's certificate to route through it (it joins by gossip under an authority), else 0.",
+            ),
+            cert_expiry: gauge(
+                r,
+                "ferry_certificate_expiry_seconds",
+                "Seconds until this node's certificate ends; 0 if it has none, or it is refused or expired.",
+            ),
+            exit_seconds: gauge(
+                r,
+                "ferry_node_exit_seconds",
+                "Seconds until the node's exit date while draining; 0 otherwise.",
+            ),
+            refusals: counter_vec(
+                r,
+                "ferry_refusals_total",
+                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout).",
+                "reason",
+            ),
+            peers: gauge_vec(
+                r,
+                "ferry_peers",
+                "Live known nodes by jurisdiction.",
+                "jurisdiction",
+            ),
+        };
+        seed(
+            &m.refusals,
+            &[
+                "ruling",
+                "draining",
+                "constraint",
+                "capacity",
+                "auth",
+                "malformed",
+                "timeout",
+            ],
+        );
+        m
+    }
+}
+
+impl ControlMetrics {
+    fn new(r: &Registry) -> Self {
+        let m = Self {
             ruling_version: gauge_vec(
-                &r,
+                r,
                 "ferry_ruling_version",
                 "Version of each ruling in force.",
                 "ruling",
             ),
             ruling_rejections: counter_vec(
-                &r,
+                r,
                 "ferry_ruling_rejections_total",
                 "Rulings refused, by reason.",
                 "reason",
             ),
             advert_rejections: counter_vec(
-                &r,
+                r,
                 "ferry_advert_rejections_total",
                 "Node adverts dropped, by reason.",
                 "reason",
             ),
-            peers: gauge_vec(
-                &r,
-                "ferry_peers",
-                "Live known nodes by jurisdiction.",
-                "jurisdiction",
+            revoked: gauge(
+                r,
+                "ferry_revoked_nodes",
+                "Nodes the authority revoked that this node knows of.",
             ),
-            links_opened: counter(&r, "ferry_links_opened_total", "Data-plane links opened."),
-            links_closed: counter_vec(
-                &r,
-                "ferry_links_closed_total",
-                "Data-plane links closed, by reason (error, normal).",
+            revocation_rejections: counter_vec(
+                r,
+                "ferry_revocation_rejections_total",
+                "Revocations refused (not signed k of n by trusted authority keys, malformed), by reason.",
                 "reason",
             ),
-            handshake_seconds: histogram(
-                &r,
-                "ferry_link_handshake_seconds",
-                "Time to complete a link's Noise handshake.",
-            ),
-            circuits_opened: counter(
-                &r,
-                "ferry_circuits_opened_total",
-                "Circuits opened on this node.",
-            ),
-            circuits_closed: counter_vec(
-                &r,
-                "ferry_circuits_closed_total",
-                "Circuits closed on this node, by reason.",
-                "reason",
-            ),
-            build_seconds: histogram(
-                &r,
-                "ferry_circuit_build_seconds",
-                "Time for this entry to build a circuit, hop by hop.",
-            ),
-            streams_opened: counter(&r, "ferry_streams_opened_total", "Streams connected."),
-            streams_closed: counter_vec(
-                &r,
-                "ferry_streams_closed_total",
-                "Streams ended, by reason (done, reset, circuit_closed, exit_left, protocol, other).",
-                "reason",
-            ),
-            refusals: counter_vec(
-                &r,
-                "ferry_refusals_total",
-                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout).",
-                "reason",
-            ),
-            registry: r,
+        };
+        seed(
+            &m.ruling_rejections,
+            &[
+                "malformed",
+                "oversized",
+                "unsigned",
+                "unknown_key",
+                "bad_signature",
+                "threshold",
+                "expired",
+                "invalid",
+                "rollback",
+            ],
+        );
+        seed(
+            &m.advert_rejections,
+            &[
+                "oversized",
+                "undecodable",
+                "bad_signature",
+                "expired",
+                "invalid",
+                "stale",
+                "revoked",
+                "no_certificate",
+                "cert_oversized",
+                "cert_malformed",
+                "cert_unsigned",
+                "cert_unknown_key",
+                "cert_bad_signature",
+                "cert_threshold",
+                "cert_mismatch",
+                "cert_not_yet_valid",
+                "cert_expired",
+                "cert_invalid",
+            ],
+        );
+        seed(
+            &m.revocation_rejections,
+            &[
+                "malformed",
+                "oversized",
+                "unsigned",
+                "unknown_key",
+                "bad_signature",
+                "threshold",
+            ],
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every subsystem's metrics registered, and
+    /// every known label value of the counters present at 0 (so queries
+    /// and alerts see a series before the first event).
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        Self {
+            link: LinkMetrics::new(&registry),
+            circuit: CircuitMetrics::new(&registry),
+            stream: StreamMetrics::new(&registry),
+            node: NodeMetrics::new(&registry),
+            control: ControlMetrics::new(&registry),
+            registry,
         }
     }
 
-    /// Reads the node's state into the metrics and encodes them in the text
-    /// exposition format.
-    pub async fn render(
-        &self,
-        sw: &Switch,
-        origin: Option<&Origin>,
-        rulings: &Rulings,
-        revocations: &crate::rulings::Revocations,
-        gossip: &GossipCounters,
-    ) -> String {
-        let now = now_ms();
-        self.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        self.node_info
-            .with_label_values(&[sw.cfg.jurisdiction.as_str(), &sw.cfg.roles.to_string()])
-            .set(1);
-        self.links.set(sw.link_count() as i64);
-        self.circuits.set(sw.circuit_count() as i64);
-        advance(&self.link_sent, sw.bytes_out());
-        self.ready.set(i64::from(sw.readiness(now).ready));
-        self.cert_required.set(i64::from(sw.needs_certificate()));
-        self.cert_expiry.set(match &sw.certificate {
-            Some(c) if c.problem(now).is_none() => c
-                .verified
-                .as_ref()
-                .map_or(0, |c| (c.not_after_ms.saturating_sub(now) / 1000) as i64),
-            _ => 0,
-        });
-        self.revoked.set(revocations.revoked().len() as i64);
-        for (reason, n) in revocations.rejections() {
-            advance(&self.revocation_rejections.with_label_values(&[reason]), n);
-        }
-        let cur = sw.state.current();
-        for name in ["active", "draining", "exited"] {
-            self.state
-                .with_label_values(&[name])
-                .set(i64::from(cur.name() == name));
-        }
-        self.exit_seconds.set(match cur.state {
-            NodeState::Draining { until } => (until.0.saturating_sub(now) / 1000) as i64,
-            _ => 0,
-        });
-        let set = rulings.snapshot();
-        // `draining` or `blocked` for a jurisdiction a ruling covers now.
-        let leaving = |j: &str| -> Option<&'static str> {
-            let j = crate::config::parse_jurisdiction(j).ok()?;
-            match set.status(Some(j), &TrafficScope::default(), Time(now)).0 {
-                Status::Allowed => None,
-                Status::Draining { .. } => Some("draining"),
-                Status::Blocked => Some("blocked"),
-            }
-        };
-        self.blocked_circuits.reset();
-        for (j, n) in sw.circuit_neighbours() {
-            if let Some(st) = leaving(&j) {
-                self.blocked_circuits
-                    .with_label_values(&[&j, st])
-                    .add(n as i64);
-            }
-        }
-        if let Some(o) = origin {
-            let circuits = o.circuits().await;
-            self.origin_circuits.set(circuits.len() as i64);
-            self.streams
-                .set(circuits.iter().map(|c| c.stream_count()).sum::<usize>() as i64);
-            for c in &circuits {
-                for j in c.jurisdictions(sw) {
-                    if let Some(st) = leaving(&j) {
-                        self.blocked_circuits.with_label_values(&[&j, st]).inc();
-                    }
-                }
-            }
-            let s = &o.stats;
-            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            for (result, v) in [
-                ("started", get(&s.migrations_started)),
-                ("succeeded", get(&s.migrations_done)),
-                ("failed", get(&s.migrations_failed)),
-            ] {
-                advance(&self.migrations.with_label_values(&[result]), v);
-            }
-            advance(&self.streams_moved, get(&s.streams_moved));
-            advance(&self.exit_closed, get(&s.exit_closed));
-        }
-        self.ruling_version.reset();
-        for r in set.iter().filter(|r| !r.lifted) {
-            self.ruling_version
-                .with_label_values(&[&r.id])
-                .set(r.version.min(i64::MAX as u64) as i64);
-        }
-        for (reason, n) in rulings.rejections() {
-            advance(&self.ruling_rejections.with_label_values(&[reason]), n);
-        }
-        for (reason, n) in gossip.advert_rejections() {
-            advance(&self.advert_rejections.with_label_values(&[reason]), n);
-        }
-        self.peers.reset();
-        for e in sw.directory.live(now) {
-            self.peers
-                .with_label_values(&[&e.peer.jurisdiction.to_string()])
-                .inc();
-        }
+    /// Encodes every metric in the text exposition format (after the
+    /// subsystems have observed their gauges).
+    pub fn encode(&self) -> String {
         let mut out = Vec::new();
         if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "encoding metrics");

@@ -7,12 +7,13 @@ use crate::control::{self, Command, GossipCounters};
 use crate::directory::Directory;
 use crate::identity::Keys;
 use crate::link;
+use crate::metrics::Metrics;
 use crate::origin::Origin;
 use crate::rulings::{Revocations, Rulings};
 use crate::socks;
 use crate::state::NodeStateCtl;
 use crate::store::{Store, cf};
-use crate::switch::Switch;
+use crate::switch::{Parts, Switch};
 use anyhow::{Context, Result};
 use ferry_proto::pb::DestroyReason;
 use ferry_router::NodeState;
@@ -99,15 +100,16 @@ pub fn start(
         NodeStateCtl::load(cfg.jurisdiction, rulings.clone(), None)
             .expect("state without a store loads"),
     );
-    let switch = Switch::new(
-        Arc::new(keys),
-        Arc::new(cfg),
+    let switch = Switch::new(Parts {
+        keys: Arc::new(keys),
+        cfg: Arc::new(cfg),
         directory,
         rulings,
         state,
-        None,
-        shutdown.clone(),
-    );
+        certificate: None,
+        metrics: Arc::new(Metrics::new()),
+        shutdown: shutdown.clone(),
+    });
     start_data_plane(switch, listeners, shutdown, None)
 }
 
@@ -198,15 +200,16 @@ pub fn start_full(
     let link_addr = cfg
         .link_advertise
         .or_else(|| listeners.link.as_ref().and_then(|l| l.local_addr().ok()));
-    let switch = Switch::new(
-        keys.clone(),
-        cfg.clone(),
-        directory.clone(),
-        rulings.clone(),
+    let switch = Switch::new(Parts {
+        keys: keys.clone(),
+        cfg: cfg.clone(),
+        directory: directory.clone(),
+        rulings: rulings.clone(),
         state,
         certificate,
-        shutdown.clone(),
-    );
+        metrics: Arc::new(Metrics::new()),
+        shutdown: shutdown.clone(),
+    });
     let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr, switch.clone());
     let settings = control::Settings {
         listen: cfg.mesh_listen,
@@ -257,15 +260,26 @@ fn start_data_plane(
     control: Option<mpsc::UnboundedSender<Command>>,
 ) -> Running {
     if let Some(l) = listeners.link {
-        tokio::spawn(accept_links(l, switch.clone(), shutdown.clone()));
+        switch
+            .tasks
+            .spawn(accept_links(l, switch.clone(), shutdown.clone()));
+    }
+    if let Some(exit) = switch.exit() {
+        switch.tasks.spawn(exit.sweep_parked(shutdown.clone()));
     }
     let origin = listeners.socks.map(|l| {
         let origin = Origin::new(switch.clone());
-        tokio::spawn(socks::serve(l, origin.clone(), shutdown.clone()));
-        tokio::spawn(origin.clone().run_drains(shutdown.clone()));
+        switch
+            .tasks
+            .spawn(socks::serve(l, origin.clone(), shutdown.clone()));
+        switch
+            .tasks
+            .spawn(origin.clone().run_drains(shutdown.clone()));
         origin
     });
-    tokio::spawn(watch_state(switch.clone(), control, shutdown));
+    switch
+        .tasks
+        .spawn(watch_state(switch.clone(), control, shutdown));
     Running { switch, origin }
 }
 
@@ -326,13 +340,26 @@ async fn watch_state(
     }
 }
 
+/// How long a stop waits for the data plane's tasks to end.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Running {
-    /// Tears everything down (after `shutdown` was cancelled).
+    /// Tears everything down (after `shutdown` was cancelled), and waits
+    /// up to five seconds for every data-plane task to end.
     pub async fn stop(&self) {
         if let Some(o) = &self.origin {
             o.close_all().await;
         }
         self.switch.shutdown_all();
+        let tasks = &self.switch.tasks;
+        tasks.close();
+        if tokio::time::timeout(STOP_WAIT, tasks.wait()).await.is_err() {
+            warn!(
+                left = tasks.len(),
+                "data-plane tasks still running after {}s; stopping anyway",
+                STOP_WAIT.as_secs()
+            );
+        }
     }
 }
 
@@ -349,7 +376,7 @@ async fn accept_links(listener: TcpListener, switch: Arc<Switch>, shutdown: Canc
         n += 1;
         let sw = switch.clone();
         let span = tracing::info_span!("inbound", n);
-        tokio::spawn(
+        switch.tasks.spawn(
             async move {
                 if let Err(e) = link::accept(sw, sock).await {
                     warn!(reason = %format!("{e:#}"), "link refused");

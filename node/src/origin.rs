@@ -22,19 +22,19 @@
 //! exit is leaving cannot move (its TCP connections live there): it takes no
 //! new streams and is closed at the deadline with the reason.
 
-use crate::crypto::{self, Session};
-use crate::endpoint::{CircuitError, Endpoint, Inbound, Side, StreamParts};
-use crate::link::{LinkHandle, cell};
+use crate::endpoint::{CircuitError, Endpoint, Inbound, StreamParts};
+use crate::link::LinkHandle;
 use crate::routing::Route;
 use crate::switch::Switch;
-use bytes::{BufMut, BytesMut};
-use ferry_proto::pb::{self, DestroyReason, EndReason};
-use ferry_proto::{CellCmd, cell as cellfmt};
+use bytes::BytesMut;
+use ferry_circuit::crypto::Session;
+use ferry_circuit::{Build, Hop, Side, Step};
+use ferry_proto::CellCmd;
+use ferry_proto::pb::{DestroyReason, EndReason};
 use ferry_router::{
     Action, DrainConfig, LiveCircuit, MeshView, NodeId, NodeState, PathIndex, PathRequest,
-    RulingSet, Status, Time,
+    RulingSet, Time,
 };
-use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::collections::HashMap;
@@ -88,6 +88,20 @@ pub struct OriginCircuit {
     pub built_at_ms: u64,
 }
 
+impl crate::switch::OriginSlot for OriginCircuit {
+    fn on_cell(&self, cmd: CellCmd, buf: BytesMut) -> Result<(), CircuitError> {
+        OriginCircuit::on_cell(self, cmd, buf)
+    }
+
+    fn close(&self, reason: DestroyReason) {
+        OriginCircuit::close(self, reason)
+    }
+
+    fn path(&self) -> &[NodeId] {
+        &self.path
+    }
+}
+
 impl OriginCircuit {
     /// Handles a cell for this circuit (called by the switch).
     pub(crate) fn on_cell(&self, cmd: CellCmd, buf: BytesMut) -> Result<(), CircuitError> {
@@ -104,6 +118,7 @@ impl OriginCircuit {
                 drop(st);
                 end.on_relay(buf)?;
             }
+            (State::Closed, _) => {}
             (_, cmd) => {
                 return Err(CircuitError::Protocol(format!(
                     "unexpected {} cell at the origin",
@@ -269,42 +284,37 @@ impl Origin {
                 .await
                 .map_err(|e| OpenError::Build(e.to_string()))?
         };
-        let opened = match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
-            Ok(Some(Inbound::Connected(_))) => return Ok(parts),
-            Ok(Some(Inbound::End(reason, detail))) => Err(OpenError::Refused { reason, detail }),
-            Ok(Some(Inbound::Data(_)) | None) => {
+        match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
+            Ok(Some(Inbound::Connected)) => Ok(parts),
+            // The exit refused: the stream is already gone from its circuit.
+            Ok(Some(Inbound::Reset(reason, detail))) => Err(OpenError::Refused { reason, detail }),
+            Ok(Some(Inbound::Data(_) | Inbound::Finished) | None) => {
+                parts
+                    .handle
+                    .abandon(EndReason::Protocol, "stream closed before it connected")
+                    .await;
                 Err(OpenError::Build("stream closed before it connected".into()))
             }
             Err(_) => {
-                let _ = parts
-                    .core
-                    .send_end(EndReason::Timeout, "origin gave up waiting")
+                parts
+                    .handle
+                    .abandon(EndReason::Timeout, "origin gave up waiting")
                     .await;
                 Err(OpenError::Refused {
                     reason: EndReason::Timeout,
                     detail: format!("the exit did not answer within {}s", OPEN_TIMEOUT.as_secs()),
                 })
             }
-        };
-        // It never opened: off its circuit, which would otherwise count it
-        // (for sharing, and as a stream a drain must move).
-        Endpoint::forget(&parts.core);
-        opened
+        }
     }
 
-    /// Whether every node on `path` may carry `route`'s traffic now.
+    /// Whether every node on `path` may carry `route`'s traffic now (the
+    /// router's rule, over this node's view of each).
     fn usable(&self, set: &RulingSet, path: &[NodeId], route: &Route, now: u64) -> bool {
-        path.iter()
-            .all(|id| match self.switch.directory.get(id, now) {
-                Some(e) => {
-                    e.state == NodeState::Active
-                        && set
-                            .status(Some(e.peer.jurisdiction), &route.scope, Time(now))
-                            .0
-                            == Status::Allowed
-                }
-                None => false,
-            })
+        path.iter().all(|id| {
+            let info = self.switch.directory.get(id, now).map(|e| e.info());
+            ferry_router::may_carry(info.as_ref(), set, &route.scope, Time(now))
+        })
     }
 
     /// A circuit with room for one more stream on `route`, built if needed,
@@ -451,6 +461,8 @@ impl Origin {
                     session,
                     Side::Origin,
                     self.switch.cfg.stream_window,
+                    None,
+                    self.switch.tasks.clone(),
                 );
                 let mut st = oc.state.lock().expect("state lock");
                 if matches!(*st, State::Closed) {
@@ -459,8 +471,10 @@ impl Origin {
                 *st = State::Open(end);
                 drop(st);
                 let m = &self.switch.metrics;
-                m.build_seconds.observe(started.elapsed().as_secs_f64());
-                m.circuits_opened.inc();
+                m.circuit
+                    .build_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                m.circuit.opened.inc();
                 info!(path = %oc.jurisdictions(&self.switch).join(" -> "), "circuit built");
                 Ok(oc)
             }
@@ -489,6 +503,9 @@ impl Origin {
         info!(node = %node.short(), "hop is leaving; building around it");
     }
 
+    /// Runs the telescoping build (`ferry_circuit::Build`) over `link`:
+    /// sends what the step machine says, feeds it the answers the switch
+    /// hands over, until the end-to-end session with the exit.
     async fn handshake_path(
         &self,
         link: &LinkHandle,
@@ -496,103 +513,52 @@ impl Origin {
         path: &[NodeId],
         mut rx: mpsc::UnboundedReceiver<BuildEvent>,
     ) -> Result<Session, Failed> {
-        let key = |id: &NodeId| {
-            self.switch
-                .peer(id)
-                .map(|p| p.noise_key)
-                .ok_or_else(|| Failed::from(OpenError::Build(format!("unknown node {id}"))))
-        };
-        let err = |e: crypto::CryptoError| Failed::from(OpenError::Build(e.to_string()));
-        // Each hop proves its identity over the handshake hash in its
-        // answer: a node that advertises another's Noise key is found out
-        // here (the key's holder answers as itself).
-        let mut hs = crypto::hop_initiator(&key(&path[0])?).map_err(err)?;
-        let m1 = crypto::write_hs(&mut hs).map_err(err)?;
-        let h1 = crypto::handshake_hash(&hs);
-        link.send(cell(circ, CellCmd::Create, &m1))
-            .await
-            .map_err(|_| Failed::from(OpenError::Build("link closed".into())))?;
-        let m2 = match rx.recv().await {
-            Some(BuildEvent::Created(mut b)) => b.split_off(cellfmt::HEADER_LEN),
-            other => return Err(self.build_failure(path[0], other)),
-        };
-        let proof = crypto::read_hs(&mut hs, &m2).map_err(err)?;
-        crypto::check_proof(&proof, crypto::HOP_PROOF, &h1, Some(&path[0])).map_err(err)?;
-        let mut session = Session::from_handshake(hs).map_err(err)?;
-        for next in &path[1..] {
-            let mut hs = crypto::hop_initiator(&key(next)?).map_err(err)?;
-            let m1 = crypto::write_hs(&mut hs).map_err(err)?;
-            let h1 = crypto::handshake_hash(&hs);
-            let ctl = pb::Control {
-                msg: Some(pb::control::Msg::Extend(pb::Extend {
-                    node_id: next.0.to_vec(),
-                    handshake: m1,
-                })),
+        let hops = path
+            .iter()
+            .map(|id| {
+                self.switch
+                    .peer(id)
+                    .map(|p| Hop {
+                        node: *id,
+                        noise_key: p.noise_key,
+                    })
+                    .ok_or_else(|| Failed::from(OpenError::Build(format!("unknown node {id}"))))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let deadline = crate::authority::now_ms()
+            .saturating_add(self.switch.cfg.build_timeout.as_millis() as u64);
+        let (mut build, create) = Build::start(circ, hops, deadline).map_err(|e| self.failed(e))?;
+        let closed = || Failed::from(OpenError::Build("link closed".into()));
+        link.send(create).await.map_err(|_| closed())?;
+        loop {
+            let step = match rx.recv().await {
+                Some(BuildEvent::Created(b)) => build.handle_created(&b),
+                Some(BuildEvent::Control(b)) => build.handle_control(b),
+                Some(BuildEvent::Destroyed(r)) => Err(build.handle_destroy(r)),
+                None => Err(CircuitError::Closed),
             };
-            let mut buf = BytesMut::new();
-            buf.put_slice(&cellfmt::header(circ, CellCmd::Control));
-            buf.put_slice(&ctl.encode_to_vec());
-            session
-                .tx
-                .seal_tail_bytes(&mut buf, cellfmt::HEADER_LEN)
-                .map_err(err)?;
-            link.send(buf)
-                .await
-                .map_err(|_| Failed::from(OpenError::Build("link closed".into())))?;
-            let mut reply = match rx.recv().await {
-                Some(BuildEvent::Control(b)) => b,
-                other => return Err(self.build_failure(*next, other)),
-            };
-            let body = &mut reply[cellfmt::HEADER_LEN..];
-            let n = session.rx.open_in_place(body).map_err(err)?;
-            let reply: pb::ControlReply = ferry_proto::decode_pb("control reply", &body[..n])
-                .map_err(|e| Failed::from(OpenError::Build(e.to_string())))?;
-            match reply.msg {
-                Some(pb::control_reply::Msg::Extended(ext)) => {
-                    let proof = crypto::read_hs(&mut hs, &ext.handshake).map_err(err)?;
-                    crypto::check_proof(&proof, crypto::HOP_PROOF, &h1, Some(next)).map_err(err)?;
-                    session = Session::from_handshake(hs).map_err(err)?;
-                    debug!(circ, hop = %next.short(), "extended");
+            match step.map_err(|e| self.failed(e))? {
+                Step::Send(cell) => {
+                    debug!(circ, "extending");
+                    link.send(cell).await.map_err(|_| closed())?;
                 }
-                Some(pb::control_reply::Msg::ExtendFailed(f)) => {
-                    let leaving = f.reason() == pb::RefusalReason::Draining;
-                    if leaving {
-                        self.learn_leaving(*next);
-                    }
-                    return Err(Failed {
-                        err: OpenError::Build(format!(
-                            "extending to {next} failed: {} {}",
-                            f.reason().as_str_name(),
-                            f.detail
-                        )),
-                        leaving,
-                    });
-                }
-                None => return Err(OpenError::Build("empty control reply".into()).into()),
+                Step::Done(session) => return Ok(*session),
             }
         }
-        Ok(session)
     }
 
-    fn build_failure(&self, hop: NodeId, ev: Option<BuildEvent>) -> Failed {
-        let mut leaving = false;
-        let why = match ev {
-            Some(BuildEvent::Destroyed(r)) => {
-                if matches!(r, DestroyReason::Draining | DestroyReason::Exited) {
-                    leaving = true;
-                    self.learn_leaving(hop);
-                }
-                format!("hop {hop} destroyed the circuit: {}", r.as_str_name())
-            }
-            Some(other) => format!("hop {hop} answered out of turn: {other:?}"),
-            None => format!("hop {hop}: circuit closed"),
-        };
-        if !leaving {
-            warn!(%why, "circuit build failed");
+    /// A build failure; a hop that refused because it is leaving is learnt,
+    /// so the next pick avoids it.
+    fn failed(&self, e: CircuitError) -> Failed {
+        let leaving = e.hop_leaving();
+        if let Some(hop) = leaving {
+            self.learn_leaving(hop);
+        } else {
+            warn!(error = %e, kind = e.kind(), "circuit build failed");
         }
         Failed {
-            err: OpenError::Build(why),
-            leaving,
+            err: OpenError::Build(e.to_string()),
+            leaving: leaving.is_some(),
         }
     }
 
@@ -612,6 +578,35 @@ impl Origin {
             .iter()
             .map(|c| c.stream_count())
             .sum()
+    }
+
+    /// Fills the entry's circuit and stream metrics (at scrape time, after
+    /// [`Switch::observe`], whose `blocked` gauge it adds to).
+    pub async fn observe(&self, m: &crate::metrics::Metrics, now: u64) {
+        use crate::metrics::advance;
+        let circuits = self.circuits().await;
+        m.circuit.origin_active.set(circuits.len() as i64);
+        m.stream
+            .active
+            .set(circuits.iter().map(|c| c.stream_count()).sum::<usize>() as i64);
+        for c in &circuits {
+            for j in c.jurisdictions(&self.switch) {
+                if let Some(st) = self.switch.leaving(&j, now) {
+                    m.circuit.blocked.with_label_values(&[&j, st]).inc();
+                }
+            }
+        }
+        let s = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (result, v) in [
+            ("started", get(&s.migrations_started)),
+            ("succeeded", get(&s.migrations_done)),
+            ("failed", get(&s.migrations_failed)),
+        ] {
+            advance(&m.circuit.migrations.with_label_values(&[result]), v);
+        }
+        advance(&m.circuit.streams_moved, get(&s.streams_moved));
+        advance(&m.circuit.exit_closed, get(&s.exit_closed));
     }
 
     /// Plans and carries out drains until `shutdown`.
@@ -712,7 +707,7 @@ impl Origin {
                         let me = self.clone();
                         let c = (*c).clone();
                         let span = tracing::info_span!("circuit", circ = c.circ);
-                        tokio::spawn(
+                        self.switch.tasks.spawn(
                             async move { me.migrate(c, done_by, avoid).await }.instrument(span),
                         );
                     }
@@ -825,7 +820,7 @@ impl Origin {
         let mut failed = None;
         let mut moved = 0;
         for s in streams {
-            match s.move_to(&new_end).await {
+            match Endpoint::move_stream(&s, &new_end).await {
                 Ok(()) => moved += 1,
                 // Ended at the exit already: nothing left to move.
                 Err(CircuitError::UnknownStream) => {

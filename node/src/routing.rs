@@ -37,7 +37,7 @@ pub fn parse_regions<S: AsRef<str>>(items: &[S]) -> Result<Vec<Region>> {
                 // `EU` is two letters and a bloc: the router resolves it.
                 Region::Jurisdiction(_) if blocs().names().any(|b| b.eq_ignore_ascii_case(s)) => {}
                 Region::Jurisdiction(_) => {
-                    crate::config::parse_jurisdiction(s)?;
+                    ferry_router::Jurisdiction::parse(s)?;
                 }
                 Region::Bloc(_) => {
                     blocs().resolve(&r).map_err(|_| {

@@ -420,6 +420,31 @@ impl Revocations {
     }
 }
 
+impl Rulings {
+    /// Fills the rulings' metrics (at scrape time).
+    pub fn observe(&self, m: &crate::metrics::ControlMetrics) {
+        m.ruling_version.reset();
+        for r in self.snapshot().iter().filter(|r| !r.lifted) {
+            m.ruling_version
+                .with_label_values(&[&r.id])
+                .set(r.version.min(i64::MAX as u64) as i64);
+        }
+        for (reason, n) in self.rejections() {
+            crate::metrics::advance(&m.ruling_rejections.with_label_values(&[reason]), n);
+        }
+    }
+}
+
+impl Revocations {
+    /// Fills the revocations' metrics (at scrape time).
+    pub fn observe(&self, m: &crate::metrics::ControlMetrics) {
+        m.revoked.set(self.revoked().len() as i64);
+        for (reason, n) in self.rejections() {
+            crate::metrics::advance(&m.revocation_rejections.with_label_values(&[reason]), n);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,7 +212,8 @@ pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: Cancell
             circ = tracing::field::Empty,
             stream = tracing::field::Empty
         );
-        tokio::spawn(
+        let tasks = origin.switch().tasks.clone();
+        tasks.spawn(
             async move {
                 tokio::select! {
                     _ = client(sock, origin) => {},
@@ -246,15 +247,19 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
     match opened {
         Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
-                metrics.streams_opened.inc();
+                metrics.stream.opened.inc();
                 parts.record_ids(&tracing::Span::current());
                 let why = crate::endpoint::run_stream(sock, parts).await;
-                metrics.streams_closed.with_label_values(&[why]).inc();
+                metrics.stream.closed.with_label_values(&[why]).inc();
             }
         }
         Err(e) => {
             if matches!(e, OpenError::NoPath(_) | OpenError::Options(_)) {
-                metrics.refusals.with_label_values(&["constraint"]).inc();
+                metrics
+                    .node
+                    .refusals
+                    .with_label_values(&["constraint"])
+                    .inc();
             }
             let code = reply_for(&e);
             info!(reply = code, reason = %e, "socks request refused");

@@ -150,7 +150,7 @@ impl NodeStateCtl {
             } else {
                 NodeState::Exited
             };
-            let stricter = crate::directory::stricter(cur.state, st);
+            let stricter = cur.state.stricter(st);
             if stricter != cur.state {
                 cur.state = stricter;
                 cur.by_ruling = false;
@@ -225,7 +225,7 @@ mod tests {
     #[test]
     fn operator_drain_survives_a_restart_and_sigterm_drain_does_not() {
         let dir = tempfile::tempdir().unwrap();
-        let j = crate::config::parse_jurisdiction("DE").unwrap();
+        let j = ferry_router::Jurisdiction::parse("DE").unwrap();
         let rulings =
             || Arc::new(Rulings::load(crate::authority::Authority::default(), None).unwrap());
         let now = crate::authority::now_ms();

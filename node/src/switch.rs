@@ -1,23 +1,27 @@
-//! The switch: links by peer, the circuit table, and what each cell does.
+//! The switch: links by peer, and the shell around the node's circuit table.
 //!
-//! A circuit is known on a node by `(link, circ_id)` for each side it has.
-//! A relay maps each side to the other and forwards cells with nothing more
-//! than a circuit-id rewrite. The hop at a circuit's *tip* (the last hop built
-//! so far) holds a Noise session with the origin and reads CONTROL cells: an
+//! What a circuit is on this node, and what each cell does, is
+//! `ferry_circuit::Table` (pure: a cell in, one `Dispatch` out); the switch
+//! carries the dispatch out on real links and sessions. A relay maps each
+//! side of a circuit to the other and forwards cells with nothing more than
+//! a circuit-id rewrite. The hop at a circuit's *tip* (the last hop built so
+//! far) holds a Noise session with the origin and reads CONTROL cells: an
 //! EXTEND makes it dial the next hop, after which it only forwards. When the
-//! circuit is complete the tip is the exit, and its session with the origin is
-//! the end-to-end session that carries the streams.
+//! circuit is complete the tip is the exit, and its session with the origin
+//! is the end-to-end session that carries the streams.
 
 use crate::authority::now_ms;
-use crate::config::{NodeConfig, Peer};
+use crate::config::NodeConfig;
 use crate::crypto;
 use crate::directory::Directory;
-use crate::endpoint::{Endpoint, ExitCtx, Side};
+use crate::directory::Peer;
+use crate::endpoint::{Endpoint, ExitCtx};
 use crate::identity::Keys;
-use crate::link::{self, LinkHandle, LinkId, cell};
-use crate::origin::OriginCircuit;
+use crate::link::{self, LinkHandle, LinkHost, LinkId, cell};
 use anyhow::Result;
 use bytes::BytesMut;
+use ferry_circuit::Side;
+use ferry_circuit::{Dispatch, Removed, Slot, Table};
 use ferry_proto::pb::{self, DestroyReason, RefusalReason};
 use ferry_proto::{Cell, CellCmd, cell as cellfmt};
 use ferry_router::NodeId;
@@ -27,19 +31,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
 
-/// What one side of a circuit is on this node.
-enum Slot {
-    /// Forward everything to the other side.
-    Forward { link: Arc<LinkHandle>, circ: u32 },
-    /// We sent CREATE on this side and wait for CREATED.
-    Pending(oneshot::Sender<Result<BytesMut, DestroyReason>>),
-    /// We are the circuit's tip: we hold a session with its origin.
-    Tip(Arc<Endpoint>),
-    /// We are the circuit's origin.
-    Origin(Arc<OriginCircuit>),
+/// An extend waiting for CREATED: the body, or why the next hop refused.
+type Waiter = oneshot::Sender<Result<BytesMut, DestroyReason>>;
+
+/// A circuit this node originates, as the switch sees it (the origin
+/// implements it; the switch does not depend on the origin's types).
+pub trait OriginSlot: Send + Sync {
+    /// A cell for the circuit (CREATED, CONTROL or RELAY). An error is a
+    /// protocol violation: the circuit is destroyed.
+    fn on_cell(&self, cmd: CellCmd, buf: BytesMut) -> Result<(), ferry_circuit::Error>;
+    /// The circuit was destroyed.
+    fn close(&self, reason: DestroyReason);
+    /// The nodes on the circuit, origin side first.
+    fn path(&self) -> &[NodeId];
 }
+
+/// What the table keeps for an origin circuit.
+type Origin = Arc<dyn OriginSlot>;
+
+/// The node's circuit table, with what the switch keeps for each slot.
+type Circuits = Table<Arc<Endpoint>, Origin, Waiter>;
 
 /// The node's switching core.
 pub struct Switch {
@@ -60,7 +74,7 @@ pub struct Switch {
     /// in `links`, but both run until closed): what revocation closes.
     all_links: Mutex<HashMap<LinkId, Arc<LinkHandle>>>,
     dial_lock: tokio::sync::Mutex<()>,
-    circuits: Mutex<HashMap<(LinkId, u32), Slot>>,
+    circuits: Mutex<Circuits>,
     next_link: AtomicU64,
     exit: Option<Arc<ExitCtx>>,
     /// Bytes written to all links (for the advertised load).
@@ -69,12 +83,12 @@ pub struct Switch {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// This node's certificate (`None`: it has no `node.cert`).
     pub certificate: Option<crate::cert::OwnCert>,
+    /// Every data-plane task (links, circuits, streams, extends), so a
+    /// shutdown can wait for them.
+    pub tasks: TaskTracker,
 }
 
-/// A cell broke the link protocol: the link is closed with this reason.
-#[derive(Debug, thiserror::Error)]
-#[error("malformed cell: {0}")]
-pub struct Malformed(#[from] ferry_proto::DecodeError);
+pub use crate::link::Malformed;
 
 /// What `/readyz` answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,26 +101,45 @@ pub struct Readiness {
     pub reason: String,
 }
 
+/// What a switch is built from: the node's parts, made at start-up.
+pub struct Parts {
+    /// The node's keys.
+    pub keys: Arc<Keys>,
+    /// The node's config.
+    pub cfg: Arc<NodeConfig>,
+    /// Known nodes.
+    pub directory: Arc<Directory>,
+    /// Rulings in force.
+    pub rulings: Arc<crate::rulings::Rulings>,
+    /// The node's own state.
+    pub state: Arc<crate::state::NodeStateCtl>,
+    /// The node's certificate, if it has one.
+    pub certificate: Option<crate::cert::OwnCert>,
+    /// The node's metrics (the registry start-up built).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+}
+
 impl Switch {
     /// A switch for this node.
-    pub fn new(
-        keys: Arc<Keys>,
-        cfg: Arc<NodeConfig>,
-        directory: Arc<Directory>,
-        rulings: Arc<crate::rulings::Rulings>,
-        state: Arc<crate::state::NodeStateCtl>,
-        certificate: Option<crate::cert::OwnCert>,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+    pub fn new(parts: Parts) -> Arc<Self> {
+        let Parts {
+            keys,
+            cfg,
+            directory,
+            rulings,
+            state,
+            certificate,
+            metrics,
+            shutdown,
+        } = parts;
         let exit = cfg.roles.exit.then(|| {
-            Arc::new(ExitCtx {
-                policy: cfg.exit_policy.clone(),
-                connect_timeout: cfg.connect_timeout,
-                window: cfg.stream_window,
-                resumables: Default::default(),
-                metrics: metrics.clone(),
-            })
+            Arc::new(ExitCtx::new(
+                cfg.exit_policy.clone(),
+                cfg.connect_timeout,
+                metrics.clone(),
+            ))
         });
         Arc::new(Self {
             keys,
@@ -118,12 +151,13 @@ impl Switch {
             links: Mutex::new(HashMap::new()),
             all_links: Mutex::new(HashMap::new()),
             dial_lock: tokio::sync::Mutex::new(()),
-            circuits: Mutex::new(HashMap::new()),
+            circuits: Mutex::new(Table::default()),
             next_link: AtomicU64::new(1),
             exit,
             bytes_out: Arc::new(AtomicU64::new(0)),
             metrics,
             certificate,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -179,20 +213,27 @@ impl Switch {
             .cloned()
     }
 
+    /// The exit's context, if this node is an exit.
+    pub fn exit(&self) -> Option<Arc<ExitCtx>> {
+        self.exit.clone()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Circuits> {
+        self.circuits.lock().expect("circuits lock")
+    }
+
+    fn link_by_id(&self, id: LinkId) -> Option<Arc<LinkHandle>> {
+        self.all_links.lock().expect("links lock").get(&id).cloned()
+    }
+
     /// Registers a circuit this node originates.
-    pub(crate) fn add_origin(&self, link: &LinkHandle, circ: u32, oc: Arc<OriginCircuit>) {
-        self.circuits
-            .lock()
-            .expect("circuits lock")
-            .insert((link.id, circ), Slot::Origin(oc));
+    pub(crate) fn add_origin(&self, link: &LinkHandle, circ: u32, oc: Origin) {
+        self.table().add_origin(link.id, circ, oc);
     }
 
     /// Forgets one side of a circuit (no cells sent).
     pub(crate) fn remove(&self, link: LinkId, circ: u32) {
-        self.circuits
-            .lock()
-            .expect("circuits lock")
-            .remove(&(link, circ));
+        self.table().remove(link, circ);
     }
 
     /// A link went down: every circuit on it is destroyed, and the other side
@@ -205,31 +246,33 @@ impl Switch {
             }
         }
         self.all_links.lock().expect("links lock").remove(&link.id);
-        let gone: Vec<(u32, Slot)> = {
-            let mut c = self.circuits.lock().expect("circuits lock");
-            let keys: Vec<_> = c.keys().filter(|(l, _)| *l == link.id).copied().collect();
-            keys.into_iter()
-                .filter_map(|k| c.remove(&k).map(|s| (k.1, s)))
-                .collect()
-        };
-        for (_, slot) in gone {
-            self.drop_slot(slot, DestroyReason::LinkLost);
+        let gone = self.table().link_down(link.id);
+        for r in gone {
+            self.finish_removed(r.slot, r.notify, DestroyReason::LinkLost);
         }
     }
 
-    /// Ends what a removed slot holds; tells the other side of a forward.
-    fn drop_slot(&self, slot: Slot, reason: DestroyReason) {
+    /// Ends what a removed slot held; tells the other side of a forward.
+    fn finish_removed(
+        &self,
+        slot: Slot<Arc<Endpoint>, Origin, Waiter>,
+        notify: Option<(LinkId, u32)>,
+        reason: DestroyReason,
+    ) {
         if !matches!(slot, Slot::Pending(_)) {
             self.metrics
-                .circuits_closed
+                .circuit
+                .closed
                 .with_label_values(&[&crate::metrics::destroy_label(reason)])
                 .inc();
         }
+        if let Some((l, c)) = notify
+            && let Some(link) = self.link_by_id(l)
+        {
+            link.try_send(destroy_cell(c, reason));
+        }
         match slot {
-            Slot::Forward { link, circ } => {
-                self.remove(link.id, circ);
-                link.try_send(destroy_cell(circ, reason));
-            }
+            Slot::Forward { .. } => {}
             Slot::Pending(tx) => {
                 let _ = tx.send(Err(reason));
             }
@@ -240,14 +283,10 @@ impl Switch {
 
     /// Destroys a circuit from one side: forgets it and tells both neighbours.
     pub(crate) fn destroy(&self, link: &LinkHandle, circ: u32, reason: DestroyReason) {
-        let slot = self
-            .circuits
-            .lock()
-            .expect("circuits lock")
-            .remove(&(link.id, circ));
+        let removed = self.table().destroy(link.id, circ);
         link.try_send(destroy_cell(circ, reason));
-        if let Some(slot) = slot {
-            self.drop_slot(slot, reason);
+        if let Some(Removed { slot, notify, .. }) = removed {
+            self.finish_removed(slot, notify, reason);
         }
     }
 
@@ -259,88 +298,79 @@ impl Switch {
     ) -> Result<(), Malformed> {
         let c = Cell::parse(&buf)?;
         let (circ, cmd) = (c.circ_id, c.cmd);
-        let key = (link.id, circ);
-        match cmd {
-            CellCmd::Create => self.on_create(link, circ, c.body),
-            CellCmd::Destroy => {
-                let reason = pb::Destroy::decode(c.body)
-                    .map(|d| d.reason())
-                    .unwrap_or_default();
+        let reason = if cmd == CellCmd::Destroy {
+            pb::Destroy::decode(c.body)
+                .map(|d| d.reason())
+                .unwrap_or_default()
+        } else {
+            DestroyReason::Unspecified
+        };
+        let dispatch = self.table().dispatch(link.id, circ, cmd, reason);
+        match dispatch {
+            Dispatch::Create => self.on_create(link, circ, c.body),
+            Dispatch::CreateInUse => {
+                warn!(
+                    circ,
+                    reason = "circuit id already in use on this link",
+                    "circuit refused"
+                );
+                link.try_send(destroy_cell(circ, DestroyReason::BuildFailed));
+            }
+            Dispatch::Destroyed {
+                slot,
+                notify,
+                reason,
+            } => {
                 debug!(circ, reason = reason.as_str_name(), "destroy received");
-                let slot = self.circuits.lock().expect("circuits lock").remove(&key);
-                if let Some(slot) = slot {
-                    self.drop_slot(slot, reason);
-                }
+                self.finish_removed(slot, notify, reason);
             }
-            CellCmd::Created | CellCmd::Control | CellCmd::Relay | CellCmd::Notice => {
-                enum Next {
-                    Forward(Arc<LinkHandle>, u32),
-                    Created(oneshot::Sender<Result<BytesMut, DestroyReason>>),
-                    Tip(Arc<Endpoint>),
-                    Origin(Arc<OriginCircuit>),
-                    None,
-                }
-                let next = {
-                    let mut c = self.circuits.lock().expect("circuits lock");
-                    match c.get(&key) {
-                        Some(Slot::Forward { link, circ }) if cmd != CellCmd::Created => {
-                            Next::Forward(link.clone(), *circ)
-                        }
-                        Some(Slot::Pending(_)) if cmd == CellCmd::Created => match c.remove(&key) {
-                            Some(Slot::Pending(tx)) => Next::Created(tx),
-                            _ => Next::None,
-                        },
-                        Some(Slot::Tip(end)) if cmd != CellCmd::Created => Next::Tip(end.clone()),
-                        Some(Slot::Origin(oc)) => Next::Origin(oc.clone()),
-                        _ => Next::None,
-                    }
-                };
-                match next {
-                    Next::Forward(out, out_circ) => {
+            Dispatch::Forward {
+                link: out,
+                circ: out_circ,
+            } => {
+                let sent = match self.link_by_id(out) {
+                    Some(out) => {
                         cellfmt::set_circ_id(&mut buf, out_circ);
-                        if out.send(buf).await.is_err() {
-                            self.destroy(link, circ, DestroyReason::LinkLost);
-                        }
+                        out.send(buf).await.is_ok()
                     }
-                    Next::Created(tx) => {
-                        let mut body = buf;
-                        let _ = body.split_to(cellfmt::HEADER_LEN);
-                        let _ = tx.send(Ok(body));
-                    }
-                    Next::Tip(_) if cmd == CellCmd::Notice => {
-                        // The origin owns the circuit; the exit needs no notice.
-                    }
-                    Next::Origin(oc) if cmd == CellCmd::Notice => self.on_notice(&buf, &oc.path),
-                    Next::Tip(end) => {
-                        let res = if cmd == CellCmd::Relay {
-                            end.on_relay(buf)
-                        } else {
-                            end.on_control(buf).map(|extend| {
-                                if let Some(ext) = extend {
-                                    tokio::spawn(
-                                        self.clone()
-                                            .extend(link.clone(), circ, end.clone(), ext)
-                                            .instrument(tracing::info_span!("circuit", circ)),
-                                    );
-                                }
-                            })
-                        };
-                        if let Err(e) = res {
-                            warn!(circ, error = %e, "circuit protocol error; destroying circuit");
-                            self.destroy(link, circ, DestroyReason::Protocol);
-                        }
-                    }
-                    Next::Origin(oc) => {
-                        if let Err(e) = oc.on_cell(cmd, buf) {
-                            warn!(circ, error = %e, "circuit protocol error; destroying circuit");
-                            self.destroy(link, circ, DestroyReason::Protocol);
-                        }
-                    }
-                    Next::None => {
-                        debug!(circ, cmd = cmd.name(), "cell for unknown circuit dropped")
-                    }
+                    None => false,
+                };
+                if !sent {
+                    self.destroy(link, circ, DestroyReason::LinkLost);
                 }
             }
+            Dispatch::Created(tx) => {
+                let mut body = buf;
+                let _ = body.split_to(cellfmt::HEADER_LEN);
+                let _ = tx.send(Ok(body));
+            }
+            Dispatch::Notice(oc) => self.on_notice(&buf, oc.path()),
+            Dispatch::Tip(end) => {
+                let res = if cmd == CellCmd::Relay {
+                    end.on_relay(buf)
+                } else {
+                    end.on_control(buf).map(|extend| {
+                        if let Some(ext) = extend {
+                            self.tasks.spawn(
+                                self.clone()
+                                    .extend(link.clone(), circ, end.clone(), ext)
+                                    .instrument(tracing::info_span!("circuit", circ)),
+                            );
+                        }
+                    })
+                };
+                if let Err(e) = res {
+                    warn!(circ, error = %e, kind = e.kind(), "circuit protocol error; destroying circuit");
+                    self.destroy(link, circ, DestroyReason::Protocol);
+                }
+            }
+            Dispatch::Origin(oc) => {
+                if let Err(e) = oc.on_cell(cmd, buf) {
+                    warn!(circ, error = %e, kind = e.kind(), "circuit protocol error; destroying circuit");
+                    self.destroy(link, circ, DestroyReason::Protocol);
+                }
+            }
+            Dispatch::Drop(why) => debug!(circ, cmd = cmd.name(), why, "cell dropped"),
         }
         Ok(())
     }
@@ -388,16 +418,10 @@ impl Switch {
         }
         .encode_to_vec();
         let targets: Vec<(Arc<LinkHandle>, u32)> = {
-            let c = self.circuits.lock().expect("circuits lock");
-            let links = self.links.lock().expect("links lock");
-            c.iter()
-                .filter(|(_, s)| matches!(s, Slot::Forward { .. }))
-                .filter_map(|((lid, circ), _)| {
-                    links
-                        .values()
-                        .find(|l| l.id == *lid)
-                        .map(|l| (l.clone(), *circ))
-                })
+            let forwarding = self.table().forwarding();
+            forwarding
+                .into_iter()
+                .filter_map(|(lid, circ)| self.link_by_id(lid).map(|l| (l, circ)))
                 .collect()
         };
         for (link, circ) in &targets {
@@ -501,13 +525,7 @@ impl Switch {
 
     /// Circuits this node carries for others.
     pub fn circuit_count(&self) -> usize {
-        let c = self.circuits.lock().expect("circuits lock");
-        let forwards = c
-            .values()
-            .filter(|s| matches!(s, Slot::Forward { .. }))
-            .count();
-        let tips = c.values().filter(|s| matches!(s, Slot::Tip(_))).count();
-        forwards / 2 + tips
+        self.table().carried()
     }
 
     /// Circuit sides on this node by the neighbour's jurisdiction.
@@ -519,13 +537,7 @@ impl Switch {
             .values()
             .map(|l| (l.id, l.peer))
             .collect();
-        let keys: Vec<LinkId> = self
-            .circuits
-            .lock()
-            .expect("circuits lock")
-            .keys()
-            .map(|(l, _)| *l)
-            .collect();
+        let keys: Vec<LinkId> = self.table().links();
         let mut out = std::collections::BTreeMap::new();
         for l in keys {
             let j = links
@@ -540,34 +552,23 @@ impl Switch {
 
     /// Destroys every circuit (the node reached its exit date); links stay.
     pub fn destroy_all(&self, reason: DestroyReason) -> usize {
-        let all: Vec<((LinkId, u32), Slot)> = self
-            .circuits
-            .lock()
-            .expect("circuits lock")
-            .drain()
-            .collect();
-        let links: HashMap<LinkId, Arc<LinkHandle>> = self
-            .links
-            .lock()
-            .expect("links lock")
-            .values()
-            .map(|l| (l.id, l.clone()))
-            .collect();
+        let all = self.table().drain_all();
         let n = all.len();
         let forwards = all
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Forward { .. }))
+            .filter(|(_, r)| matches!(r.slot, Slot::Forward { .. }))
             .count();
         let others = all
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Tip(_) | Slot::Origin(_)))
+            .filter(|(_, r)| matches!(r.slot, Slot::Tip(_) | Slot::Origin(_)))
             .count();
         self.metrics
-            .circuits_closed
+            .circuit
+            .closed
             .with_label_values(&[&crate::metrics::destroy_label(reason)])
             .inc_by((forwards / 2 + others) as u64);
-        for ((lid, circ), slot) in all {
-            if let Some(l) = links.get(&lid) {
+        for (lid, Removed { circ, slot, .. }) in all {
+            if let Some(l) = self.link_by_id(lid) {
                 l.try_send(destroy_cell(circ, reason));
             }
             match slot {
@@ -601,7 +602,7 @@ impl Switch {
                 "new circuit refused: node is leaving"
             );
             let why = if st.by_ruling { "ruling" } else { "draining" };
-            self.metrics.refusals.with_label_values(&[why]).inc();
+            self.metrics.node.refusals.with_label_values(&[why]).inc();
             link.try_send(destroy_cell(circ, reason));
             return;
         }
@@ -611,16 +612,12 @@ impl Switch {
         // A link outlives what admitted its peer: no new circuit from a
         // node that is revoked, or whose certificate or advert lapsed.
         if self.directory.get(&link.peer, now_ms()).is_none() {
-            self.metrics.refusals.with_label_values(&["auth"]).inc();
+            self.metrics
+                .node
+                .refusals
+                .with_label_values(&["auth"])
+                .inc();
             return refuse("the node on this link is not admitted here any more");
-        }
-        if self
-            .circuits
-            .lock()
-            .expect("circuits lock")
-            .contains_key(&(link.id, circ))
-        {
-            return refuse("circuit id already in use on this link");
         }
         let (session, msg2) = match crypto::hop_respond(
             &self.keys.noise.responder_keys(now_ms()),
@@ -634,18 +631,17 @@ impl Switch {
             link.clone(),
             circ,
             session,
-            Side::Exit(self.exit.clone()),
+            Side::Exit,
             self.cfg.stream_window,
+            self.exit.clone(),
+            self.tasks.clone(),
         );
-        self.circuits
-            .lock()
-            .expect("circuits lock")
-            .insert((link.id, circ), Slot::Tip(end));
+        self.table().add_tip(link.id, circ, end);
         if !link.try_send(cell(circ, CellCmd::Created, &msg2)) {
             self.destroy(link, circ, DestroyReason::Shutdown);
             return;
         }
-        self.metrics.circuits_opened.inc();
+        self.metrics.circuit.opened.inc();
         debug!(circ, "circuit created");
     }
 
@@ -702,10 +698,7 @@ impl Switch {
             .map_err(|e| (RefusalReason::Unreachable, format!("node {next}: {e:#}")))?;
         let out_circ = out.alloc_circ_id();
         let (tx, rx) = oneshot::channel();
-        self.circuits
-            .lock()
-            .expect("circuits lock")
-            .insert((out.id, out_circ), Slot::Pending(tx));
+        self.table().add_pending(out.id, out_circ, tx);
         if out
             .send(cell(out_circ, CellCmd::Create, &ext.handshake))
             .await
@@ -738,49 +731,93 @@ impl Switch {
             }
         };
         // Splice: from now on this node only forwards this circuit.
-        let mut c = self.circuits.lock().expect("circuits lock");
-        match c.get(&(in_link.id, in_circ)) {
-            Some(Slot::Tip(e)) if Arc::ptr_eq(e, end) => {
-                c.insert(
-                    (in_link.id, in_circ),
-                    Slot::Forward {
-                        link: out.clone(),
-                        circ: out_circ,
-                    },
-                );
-                c.insert(
-                    (out.id, out_circ),
-                    Slot::Forward {
-                        link: in_link.clone(),
-                        circ: in_circ,
-                    },
-                );
-            }
-            _ => {
-                drop(c);
-                out.try_send(destroy_cell(out_circ, DestroyReason::Finished));
-                return Err((
-                    RefusalReason::Unspecified,
-                    "circuit closed while extending".into(),
-                ));
-            }
+        let spliced = self
+            .table()
+            .splice((in_link.id, in_circ), (out.id, out_circ), |e| {
+                Arc::ptr_eq(e, end)
+            });
+        if spliced.is_err() {
+            out.try_send(destroy_cell(out_circ, DestroyReason::Finished));
+            return Err((
+                RefusalReason::Unspecified,
+                "circuit closed while extending".into(),
+            ));
         }
-        drop(c);
         debug!(circ = in_circ, next = %next.short(), "circuit extended");
         Ok(msg2.to_vec())
     }
 
+    /// Fills the node's, links' and circuits' metrics from the live state
+    /// (at scrape time).
+    pub fn observe(&self, m: &crate::metrics::Metrics, now: u64) {
+        use crate::metrics::advance;
+        let n = &m.node;
+        n.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        n.info
+            .with_label_values(&[self.cfg.jurisdiction.as_str(), &self.cfg.roles.to_string()])
+            .set(1);
+        m.link.active.set(self.link_count() as i64);
+        advance(&m.link.sent, self.bytes_out());
+        m.circuit.active.set(self.circuit_count() as i64);
+        n.ready.set(i64::from(self.readiness(now).ready));
+        n.cert_required.set(i64::from(self.needs_certificate()));
+        n.cert_expiry.set(match &self.certificate {
+            Some(c) if c.problem(now).is_none() => c
+                .verified
+                .as_ref()
+                .map_or(0, |c| (c.not_after_ms.saturating_sub(now) / 1000) as i64),
+            _ => 0,
+        });
+        let cur = self.state.current();
+        for name in ["active", "draining", "exited"] {
+            n.state
+                .with_label_values(&[name])
+                .set(i64::from(cur.name() == name));
+        }
+        n.exit_seconds.set(match cur.state {
+            ferry_router::NodeState::Draining { until } => {
+                (until.0.saturating_sub(now) / 1000) as i64
+            }
+            _ => 0,
+        });
+        m.circuit.blocked.reset();
+        for (j, count) in self.circuit_neighbours() {
+            if let Some(st) = self.leaving(&j, now) {
+                m.circuit
+                    .blocked
+                    .with_label_values(&[&j, st])
+                    .add(count as i64);
+            }
+        }
+        n.peers.reset();
+        for e in self.directory.live(now) {
+            n.peers
+                .with_label_values(&[&e.peer.jurisdiction.to_string()])
+                .inc();
+        }
+    }
+
+    /// `draining` or `blocked` if a ruling covers jurisdiction `j` now.
+    pub fn leaving(&self, j: &str, now: u64) -> Option<&'static str> {
+        let j = ferry_router::Jurisdiction::parse(j).ok()?;
+        self.rulings
+            .snapshot()
+            .status(
+                Some(j),
+                &ferry_router::TrafficScope::default(),
+                ferry_router::Time(now),
+            )
+            .0
+            .leaving_label()
+    }
+
     /// Closes every link and circuit.
     pub fn shutdown_all(&self) {
-        let slots: Vec<Slot> = self
-            .circuits
-            .lock()
-            .expect("circuits lock")
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
-        for s in slots {
-            self.drop_slot(s, DestroyReason::Shutdown);
+        let all = self.table().drain_all();
+        for (_, Removed { slot, .. }) in all {
+            self.finish_removed(slot, None, DestroyReason::Shutdown);
         }
         for l in self.links.lock().expect("links lock").values() {
             l.close();
@@ -798,4 +835,54 @@ pub fn destroy_cell(circ: u32, reason: DestroyReason) -> BytesMut {
         }
         .encode_to_vec(),
     )
+}
+
+impl LinkHost for Switch {
+    fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn peer(&self, id: &NodeId) -> Option<Peer> {
+        Switch::peer(self, id)
+    }
+
+    fn binds(&self, id: &NodeId, key: &[u8; 32]) -> bool {
+        Switch::binds(self, id, key)
+    }
+
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn next_link_id(&self) -> LinkId {
+        Switch::next_link_id(self)
+    }
+
+    fn bytes_out(&self) -> Arc<AtomicU64> {
+        self.bytes_out.clone()
+    }
+
+    fn link_up(&self, link: Arc<LinkHandle>) {
+        Switch::link_up(self, link)
+    }
+
+    fn link_down(&self, link: &Arc<LinkHandle>) {
+        Switch::link_down(self, link)
+    }
+
+    fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    fn on_cell(
+        this: &Arc<Self>,
+        link: &Arc<LinkHandle>,
+        cell: BytesMut,
+    ) -> impl std::future::Future<Output = Result<(), Malformed>> + Send {
+        Switch::on_cell(this, link, cell)
+    }
 }

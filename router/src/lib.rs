@@ -51,6 +51,12 @@ pub enum RouterError {
     /// A constraint is inconsistent.
     #[error("constraint: {0}")]
     BadConstraint(String),
+    /// Not an ISO 3166-1 alpha-2 country code.
+    #[error("`{0}` is not an ISO 3166-1 alpha-2 country code (for example DE, CH, CA)")]
+    BadJurisdiction(String),
+    /// A role list that is empty or names an unknown role.
+    #[error("{0}")]
+    BadRoles(String),
 }
 
 impl RouterError {
@@ -62,6 +68,8 @@ impl RouterError {
             RouterError::BadBlocs(_) => "bad_blocs",
             RouterError::BadRuling(_) => "bad_ruling",
             RouterError::BadConstraint(_) => "bad_constraint",
+            RouterError::BadJurisdiction(_) => "bad_jurisdiction",
+            RouterError::BadRoles(_) => "bad_roles",
         }
     }
 }
@@ -89,12 +97,28 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// An ISO 3166-1 alpha-2 country code, upper case. Validated by the caller
-/// that builds it from user input (the node's config).
+/// An ISO 3166-1 alpha-2 country code, upper case. Built from user input
+/// with [`Jurisdiction::parse`], which checks the code against ISO 3166
+/// (the `celes` crate's table).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Jurisdiction(pub [u8; 2]);
 
 impl Jurisdiction {
+    /// Parses a two-letter ISO 3166-1 alpha-2 code, in either case.
+    pub fn parse(s: &str) -> Result<Self, RouterError> {
+        let b = s.as_bytes();
+        if b.len() != 2
+            || !b.iter().all(u8::is_ascii_alphabetic)
+            || celes::Country::from_alpha2(s).is_err()
+        {
+            return Err(RouterError::BadJurisdiction(s.to_string()));
+        }
+        Ok(Jurisdiction([
+            b[0].to_ascii_uppercase(),
+            b[1].to_ascii_uppercase(),
+        ]))
+    }
+
     /// The code as text.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or("??")
@@ -122,6 +146,31 @@ pub struct Roles {
     pub relay: bool,
     /// Connects streams to their targets.
     pub exit: bool,
+}
+
+impl Roles {
+    /// Parses role names (`entry`, `relay`, `exit`); at least one.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self, RouterError> {
+        let mut roles = Roles::default();
+        if names.is_empty() {
+            return Err(RouterError::BadRoles(
+                "roles is empty: give at least one of entry, relay, exit".into(),
+            ));
+        }
+        for n in names {
+            match n.as_ref().trim() {
+                "entry" => roles.entry = true,
+                "relay" => roles.relay = true,
+                "exit" => roles.exit = true,
+                other => {
+                    return Err(RouterError::BadRoles(format!(
+                        "unknown role `{other}`: roles are entry, relay, exit"
+                    )));
+                }
+            }
+        }
+        Ok(roles)
+    }
 }
 
 impl fmt::Display for Roles {
@@ -152,6 +201,41 @@ pub enum NodeState {
     },
     /// Gone: carries nothing.
     Exited,
+}
+
+impl NodeState {
+    /// The stricter of two states: exited, then the earlier drain
+    /// deadline, then active (what a node learnt first-hand against what
+    /// an advert says; a ruling's drain against an operator's).
+    pub fn stricter(self, other: NodeState) -> NodeState {
+        match (self, other) {
+            (NodeState::Exited, _) | (_, NodeState::Exited) => NodeState::Exited,
+            (NodeState::Draining { until: x }, NodeState::Draining { until: y }) => {
+                NodeState::Draining { until: x.min(y) }
+            }
+            (d @ NodeState::Draining { .. }, _) | (_, d @ NodeState::Draining { .. }) => d,
+            _ => NodeState::Active,
+        }
+    }
+}
+
+/// Whether a node may carry new streams of `scope` at `t`: it is known,
+/// active, and no ruling in force drains or blocks its jurisdiction for
+/// that scope. (Path selection applies the same rule to whole meshes; this
+/// is the check for a circuit that already exists.)
+pub fn may_carry(
+    node: Option<&NodeInfo>,
+    rulings: &RulingSet,
+    scope: &TrafficScope,
+    t: Time,
+) -> bool {
+    match node {
+        Some(n) => {
+            n.state == NodeState::Active
+                && rulings.status(n.jurisdiction, scope, t).0 == Status::Allowed
+        }
+        None => false,
+    }
 }
 
 /// What the router knows of one node.
@@ -223,5 +307,64 @@ impl MeshView {
     /// One node by id.
     pub fn get(&self, id: &NodeId) -> Option<&NodeInfo> {
         self.nodes.iter().find(|n| &n.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stricter_state_wins_in_either_order() {
+        let d = |t| NodeState::Draining { until: Time(t) };
+        for (a, b, want) in [
+            (NodeState::Active, NodeState::Active, NodeState::Active),
+            (NodeState::Active, d(5), d(5)),
+            (d(9), d(5), d(5)),
+            (d(5), NodeState::Exited, NodeState::Exited),
+        ] {
+            assert_eq!(a.stricter(b), want);
+            assert_eq!(b.stricter(a), want);
+        }
+    }
+
+    #[test]
+    fn a_node_carries_only_while_known_active_and_allowed() {
+        let pk = Jurisdiction::parse("pk").unwrap();
+        let node = NodeInfo::new(NodeId([1; 32]), Some(pk), Roles::default());
+        let mut set = RulingSet::new();
+        let scope = TrafficScope::default();
+        assert!(may_carry(Some(&node), &set, &scope, Time(0)));
+        assert!(!may_carry(None, &set, &scope, Time(0)), "unknown: no");
+        let draining = NodeInfo {
+            state: NodeState::Draining { until: Time(9) },
+            ..node.clone()
+        };
+        assert!(!may_carry(Some(&draining), &set, &scope, Time(0)));
+        set.apply(
+            Ruling {
+                id: "pk".into(),
+                version: 1,
+                region: Region::parse("PK").unwrap(),
+                blocked_from: Time(10),
+                exit_by: Time(20),
+                scope: Scope::All,
+                reason: "test".into(),
+                lifted: false,
+            },
+            &Blocs::builtin(),
+        )
+        .unwrap();
+        assert!(may_carry(Some(&node), &set, &scope, Time(9)));
+        assert!(
+            !may_carry(Some(&node), &set, &scope, Time(10)),
+            "draining by ruling"
+        );
+        assert!(Jurisdiction::parse("XX").is_err() && Jurisdiction::parse("DEU").is_err());
+        assert_eq!(
+            Roles::parse(&["relay", "exit"]).unwrap().to_string(),
+            "relay,exit"
+        );
+        assert!(Roles::parse::<&str>(&[]).is_err() && Roles::parse(&["boss"]).is_err());
     }
 }

@@ -90,6 +90,16 @@ impl Status {
             _ => Status::Allowed,
         }
     }
+
+    /// `draining` or `blocked` for a jurisdiction that is leaving; `None`
+    /// when it is usable (a bounded label for metrics and status).
+    pub fn leaving_label(self) -> Option<&'static str> {
+        match self {
+            Status::Allowed => None,
+            Status::Draining { .. } => Some("draining"),
+            Status::Blocked => Some("blocked"),
+        }
+    }
 }
 
 impl Ruling {

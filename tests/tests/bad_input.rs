@@ -7,7 +7,7 @@ use ferry_node::crypto::{self, Session};
 use ferry_node::identity::Keys;
 use ferry_node::link::{HANDSHAKE_CODEC, TRANSPORT_CODEC};
 use ferry_router::Roles;
-use ferry_tests::{Mesh, Options, Proc, socks_connect};
+use ferry_tests::{Mesh, Options, Proc};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +25,13 @@ async fn closed_by_peer(mut s: TcpStream) {
     })
     .await;
     assert!(res.is_ok(), "node kept the bad connection open");
+}
+
+/// Sends `bytes` on `s`; `node` must close the connection and log `reason`.
+async fn refused(node: &Proc, mut s: TcpStream, bytes: &[u8], reason: &str) {
+    s.write_all(bytes).await.unwrap();
+    closed_by_peer(s).await;
+    node.wait_log(reason, Duration::from_secs(10)).unwrap();
 }
 
 /// Runs a link handshake with `node` as the test's fake peer, including
@@ -92,10 +99,7 @@ async fn bad_input_closes_only_its_connection() {
 
     // A circuit carrying data through all three nodes, open across the attacks.
     let target = ferry_tests::echo_server().await.unwrap();
-    let s = socks_connect(mesh.socks(), "127.0.0.1", target.port())
-        .await
-        .unwrap()
-        .expect("SOCKS success");
+    let s = mesh.open(target.port(), "").await.expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     let half: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     w.write_all(&half).await.unwrap();
@@ -105,79 +109,45 @@ async fn bad_input_closes_only_its_connection() {
 
     for node in &mesh.nodes {
         // Garbage Noise handshake.
-        let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
+        let s = TcpStream::connect(node.link.unwrap()).await.unwrap();
         let mut junk = vec![0, 0, 0, 96];
         junk.extend((0..96u8).map(|i| i.wrapping_mul(37)));
-        s.write_all(&junk).await.unwrap();
-        closed_by_peer(s).await;
-        node.wait_log(
-            "link refused reason=noise handshake failed",
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let reason = "link refused reason=noise handshake failed";
+        refused(node, s, &junk, reason).await;
 
         // Oversized length prefix before the handshake.
-        let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
-        s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
-            .await
-            .unwrap();
-        closed_by_peer(s).await;
-        node.wait_log(
-            "frame length 4294967295 exceeds the maximum of 65535",
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let s = TcpStream::connect(node.link.unwrap()).await.unwrap();
+        let reason = "frame length 4294967295 exceeds the maximum of 65535";
+        refused(node, s, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], reason).await;
 
         // An authenticated peer sending an oversized length prefix.
-        let (mut s, _) = handshake(node, &fake).await;
-        s.write_all(&0x7fff_ffffu32.to_be_bytes()).await.unwrap();
-        closed_by_peer(s).await;
-        node.wait_log(
-            "frame length 2147483647 exceeds the maximum of 65535",
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let (s, _) = handshake(node, &fake).await;
+        let reason = "frame length 2147483647 exceeds the maximum of 65535";
+        refused(node, s, &0x7fff_ffffu32.to_be_bytes(), reason).await;
 
         // An authenticated peer sending a well-sealed but malformed cell.
-        let (mut s, mut session) = handshake(node, &fake).await;
-        s.write_all(&frame(&mut session, &[0, 0, 0, 1, 99, 1, 2, 3]))
-            .await
-            .unwrap();
-        closed_by_peer(s).await;
-        node.wait_log(
-            "malformed cell: unknown cell command code 99",
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let (s, mut session) = handshake(node, &fake).await;
+        let f = frame(&mut session, &[0, 0, 0, 1, 99, 1, 2, 3]);
+        refused(node, s, &f, "malformed cell: unknown cell command code 99").await;
 
         // An authenticated peer sending a frame that does not authenticate.
-        let (mut s, mut session) = handshake(node, &fake).await;
+        let (s, mut session) = handshake(node, &fake).await;
         let mut f = frame(&mut session, &[0, 0, 0, 1, 4, 0, 0]);
         let last = f.len() - 1;
         f[last] ^= 0x55;
-        s.write_all(&f).await.unwrap();
-        closed_by_peer(s).await;
-        node.wait_log("record failed to authenticate", Duration::from_secs(10))
-            .unwrap();
+        refused(node, s, &f, "record failed to authenticate").await;
 
         // An unknown node: a correct handshake and identity proof, but no
-        // config or certificate vouches for it.
+        // config or certificate vouches for it (it sends nothing more).
         let stranger = Keys::generate();
         let (s, _) = handshake(node, &stranger).await;
-        closed_by_peer(s).await;
-        node.wait_log("is not admitted here", Duration::from_secs(10))
-            .unwrap();
+        refused(node, s, &[], "is not admitted here").await;
     }
 
     // Junk on the SOCKS5 entry.
-    let mut s = TcpStream::connect(mesh.socks()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    closed_by_peer(s).await;
-    mesh.entry
-        .wait_log("not SOCKS5: version byte 0x47", Duration::from_secs(10))
-        .unwrap();
+    let s = TcpStream::connect(mesh.socks()).await.unwrap();
+    let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    refused(&mesh.entry, s, http, "not SOCKS5: version byte 0x47").await;
 
     // The circuit survived all of it: the second half arrives intact.
     w.write_all(&half).await.unwrap();

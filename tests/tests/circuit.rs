@@ -3,11 +3,9 @@
 //! exit-policy refusal reaching the client as SOCKS reply 0x02.
 
 use ferry_tests::{
-    Mesh, Options, Pattern, curl_socks_async, http_server, pattern_server, read_digest,
-    send_pattern, socks_connect,
+    Mesh, Options, curl_socks_async, finish_transfers, http_server, pattern_server, spawn_transfer,
 };
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 const MIB: usize = 1024 * 1024;
 
@@ -15,51 +13,15 @@ const MIB: usize = 1024 * 1024;
 async fn ten_mib_each_way_on_concurrent_streams_arrive_intact() {
     let mesh = Mesh::start(&ferry_tests::THREE, &Options::default()).unwrap();
     let (target, mut uploads) = pattern_server().await.unwrap();
-    let streams = 4u64;
+    let seeds: Vec<u64> = (0..4).collect();
     let len = 10 * MIB;
-    let mut tasks = Vec::new();
-    for seed in 0..streams {
-        let socks = mesh.socks();
-        tasks.push(tokio::spawn(async move {
-            let s = socks_connect(socks, "127.0.0.1", target.port())
-                .await
-                .unwrap()
-                .expect("SOCKS success");
-            let (mut r, mut w) = s.into_split();
-            let mut head = seed.to_be_bytes().to_vec();
-            head.extend_from_slice(&(len as u64).to_be_bytes());
-            w.write_all(&head).await.unwrap();
-            let (down, up) = tokio::join!(read_digest(&mut r), send_pattern(&mut w, seed, len));
-            up.unwrap();
-            let (n, digest) = down.unwrap();
-            assert_eq!(n, len, "stream {seed}: download length");
-            assert!(
-                digest == Pattern::digest(seed + 1, len),
-                "stream {seed}: download corrupted"
-            );
-        }));
-    }
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .expect("transfer finished in time")
-            .unwrap();
-    }
-    let mut seen = Vec::new();
-    for _ in 0..streams {
-        let (seed, n, digest) = tokio::time::timeout(Duration::from_secs(30), uploads.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, len, "stream {seed}: upload length");
-        assert!(
-            digest == Pattern::digest(seed, len),
-            "stream {seed}: upload corrupted"
-        );
-        seen.push(seed);
-    }
-    seen.sort();
-    assert_eq!(seen, (0..streams).collect::<Vec<_>>());
+    let tasks = seeds
+        .iter()
+        .map(|&seed| spawn_transfer(mesh.socks(), target, seed, len, None, None))
+        .collect();
+    finish_transfers(tasks, &mut uploads, &seeds, len)
+        .await
+        .unwrap();
     // The entry's log names the circuit's path: all three jurisdictions.
     let log = mesh.entry.log();
     let built = log
@@ -96,9 +58,7 @@ async fn exit_policy_refusal_reaches_the_client_as_reply_0x02() {
     };
     let mesh = Mesh::start(&ferry_tests::THREE, &opts).unwrap();
     let page = http_server("must not be reached\n").await.unwrap();
-    let reply = socks_connect(mesh.socks(), "127.0.0.1", page.port())
-        .await
-        .unwrap();
+    let reply = mesh.connect(page.port(), "").await.unwrap();
     assert_eq!(
         reply.err(),
         Some(0x02),

@@ -2,9 +2,10 @@
 //! and `ferry demo` — the README's first command — end to end with curl and
 //! Ctrl-C.
 
-use ferry_tests::{Mesh, Options, ferry_bin, free_port, socks_connect};
+use ferry_tests::{Mesh, Options, ferry_bin, free_port};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,19 +16,35 @@ fn ferry(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `ferry init --dir d`, then `args`.
+fn init(d: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["init", "--dir", d.to_str().unwrap()];
+    all.extend(args);
+    ferry(&all)
+}
+
+/// `ferry authority admit` of `request` with the authority key `key` as
+/// `jurisdiction`, then `more` arguments.
+fn admit(key: &Path, request: &Path, jurisdiction: &str, more: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "authority",
+        "admit",
+        "--key",
+        key.to_str().unwrap(),
+        "--request",
+        request.to_str().unwrap(),
+        "--jurisdiction",
+        jurisdiction,
+    ];
+    args.extend(more);
+    ferry(&args)
+}
+
 #[test]
 fn init_writes_private_keys_and_a_config_that_runs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("n1");
-    let out = ferry(&[
-        "init",
-        "--dir",
-        d.to_str().unwrap(),
-        "--jurisdiction",
-        "ch",
-        "--roles",
-        "relay,exit",
-    ]);
+    let out = init(&d, &["--jurisdiction", "ch", "--roles", "relay,exit"]);
     assert!(
         out.status.success(),
         "{}",
@@ -45,7 +62,7 @@ fn init_writes_private_keys_and_a_config_that_runs() {
     let cfg = std::fs::read_to_string(d.join("ferry.toml")).unwrap();
     assert!(cfg.contains("roles = [\"relay\", \"exit\"]"), "{cfg}");
     // Running init again must not replace the node's identity.
-    let again = ferry(&["init", "--dir", d.to_str().unwrap(), "--jurisdiction", "CH"]);
+    let again = init(&d, &["--jurisdiction", "CH"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
 }
@@ -54,30 +71,16 @@ fn init_writes_private_keys_and_a_config_that_runs() {
 fn bad_input_to_init_and_node_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("x");
-    let out = ferry(&[
-        "init",
-        "--dir",
-        d.to_str().unwrap(),
-        "--jurisdiction",
-        "XK1",
-    ]);
+    let out = init(&d, &["--jurisdiction", "XK1"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not an ISO 3166-1 alpha-2 country code")
     );
     assert!(!d.exists(), "a refused init must leave nothing behind");
-    let out = ferry(&[
-        "init",
-        "--dir",
-        d.to_str().unwrap(),
-        "--jurisdiction",
-        "DE",
-        "--roles",
-        "relay,mirror",
-    ]);
+    let out = init(&d, &["--jurisdiction", "DE", "--roles", "relay,mirror"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role `mirror`"));
 
-    let out = ferry(&["init", "--dir", d.to_str().unwrap(), "--jurisdiction", "DE"]);
+    let out = init(&d, &["--jurisdiction", "DE"]);
     assert!(out.status.success());
     let cfg = d.join("ferry.toml");
     let text = std::fs::read_to_string(&cfg)
@@ -95,9 +98,7 @@ async fn refused_port_answers_connection_refused() {
     let specs = ferry_tests::THREE;
     let mesh = Mesh::start(&specs, &Options::default()).unwrap();
     let closed = free_port().unwrap();
-    let reply = socks_connect(mesh.socks(), "127.0.0.1", closed.port())
-        .await
-        .unwrap();
+    let reply = mesh.connect(closed.port(), "").await.unwrap();
     assert_eq!(
         reply.err(),
         Some(0x05),
@@ -220,15 +221,7 @@ fn admission_on_the_command_line_checks_the_request_and_signs_k_of_n() {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let said = ok(&ferry(&[
-        "init",
-        "--dir",
-        d.to_str().unwrap(),
-        "--jurisdiction",
-        "PK",
-        "--roles",
-        "relay",
-    ]));
+    let said = ok(&init(&d, &["--jurisdiction", "PK", "--roles", "relay"]));
     assert!(said.contains("node.request"), "{said}");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     for k in [&a, &b] {
@@ -242,18 +235,7 @@ fn admission_on_the_command_line_checks_the_request_and_signs_k_of_n() {
     let req = d.join("node.request");
     let cert = d.join("node.cert");
     let ka = a.join("authority.key");
-    let said = ok(&ferry(&[
-        "authority",
-        "admit",
-        "--key",
-        ka.to_str().unwrap(),
-        "--request",
-        req.to_str().unwrap(),
-        "--jurisdiction",
-        "CH",
-        "--capacity-max",
-        "200",
-    ]));
+    let said = ok(&admit(&ka, &req, "CH", &["--capacity-max", "200"]));
     // The authority decides, and says where it differs from the request.
     assert!(
         said.contains("proposed PK") && said.contains("(CH, family ``, relay, at most 200 Mbit/s)"),
@@ -281,34 +263,14 @@ fn admission_on_the_command_line_checks_the_request_and_signs_k_of_n() {
     tampered["request_hex"] = hex.into();
     let bad = dir.path().join("tampered.request");
     std::fs::write(&bad, tampered.to_string()).unwrap();
-    let out = ferry(&[
-        "authority",
-        "admit",
-        "--key",
-        ka.to_str().unwrap(),
-        "--request",
-        bad.to_str().unwrap(),
-        "--jurisdiction",
-        "CH",
-        "--out",
-        dir.path().join("x.cert").to_str().unwrap(),
-    ]);
+    let x = dir.path().join("x.cert");
+    let out = admit(&ka, &bad, "CH", &["--out", x.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not verify"), "{err}");
     // A jurisdiction that is not a country is named.
-    let out = ferry(&[
-        "authority",
-        "admit",
-        "--key",
-        ka.to_str().unwrap(),
-        "--request",
-        req.to_str().unwrap(),
-        "--jurisdiction",
-        "XX",
-        "--out",
-        dir.path().join("y.cert").to_str().unwrap(),
-    ]);
+    let y = dir.path().join("y.cert");
+    let out = admit(&ka, &req, "XX", &["--out", y.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--jurisdiction"), "{err}");

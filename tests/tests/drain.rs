@@ -7,15 +7,14 @@
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling, sign};
 use ferry_tests::{
-    Mesh, Options, Pattern, Proc, Spec, pattern_server_paced, read_digest, run_ferry,
-    send_pattern_paced, socks_connect_as,
+    CA_PK_DE, Mesh, Options, Proc, Spec, Uploads, finish_transfers, pattern_server_paced,
+    pattern_transfer, read_until_end, run_ferry, socks_connect_as, spawn_transfer,
 };
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 const MIB: usize = 1024 * 1024;
 
@@ -34,17 +33,6 @@ fn publish(node: &Proc, file: &Path) {
 
 fn authority(dir: &Path) -> (PathBuf, String) {
     rulings::authority(dir, "authority")
-}
-
-fn knows(v: &Value, jurisdictions: &[&str]) -> bool {
-    let have: Vec<&str> = v["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["state"] == "active")
-        .filter_map(|p| p["jurisdiction"].as_str())
-        .collect();
-    jurisdictions.iter().all(|j| have.contains(j))
 }
 
 /// The entry's own circuits: (path by jurisdiction, streams, built at).
@@ -69,68 +57,14 @@ fn circuits(v: &Value) -> Vec<(Vec<String>, u64, u64)> {
         .collect()
 }
 
-/// A checksummed transfer both ways through the entry: `len` bytes each
-/// way, both directions paced at `rate`. Returns the download check.
-fn transfer(
-    socks: SocketAddr,
-    target: SocketAddr,
-    seed: u64,
-    len: usize,
-    rate: Option<u64>,
-    auth: Option<(&'static str, &'static str)>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let s = socks_connect_as(socks, "127.0.0.1", target.port(), auth)
-            .await
-            .unwrap()
-            .expect("SOCKS success");
-        let (mut r, mut w) = s.into_split();
-        let mut head = seed.to_be_bytes().to_vec();
-        head.extend_from_slice(&(len as u64).to_be_bytes());
-        w.write_all(&head).await.unwrap();
-        let (down, up) = tokio::join!(
-            read_digest(&mut r),
-            send_pattern_paced(&mut w, seed, len, rate)
-        );
-        up.unwrap();
-        let (n, digest) = down.unwrap();
-        assert_eq!(n, len, "stream {seed}: download length");
-        assert!(
-            digest == Pattern::digest(seed + 1, len),
-            "stream {seed}: download corrupted"
-        );
-    })
-}
-
-/// Waits for the tasks, then checks the upload the server hashed for each
-/// of `seeds` (other transfers' uploads may come first).
-async fn finish(
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    uploads: &mut UnboundedReceiver<(u64, usize, [u8; 32])>,
-    seeds: &[u64],
-    len: usize,
-) {
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .expect("transfer finished in time")
-            .unwrap();
-    }
-    let mut left: Vec<u64> = seeds.to_vec();
-    while !left.is_empty() {
-        let (seed, got, digest) = tokio::time::timeout(Duration::from_secs(30), uploads.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Some(i) = left.iter().position(|s| *s == seed) {
-            left.remove(i);
-            assert_eq!(got, len, "stream {seed}: upload length");
-            assert!(
-                digest == Pattern::digest(seed, len),
-                "stream {seed}: upload corrupted"
-            );
-        }
-    }
+/// A circuit's path in a status, by jurisdiction.
+fn path_of(circuit: &Value) -> Vec<&str> {
+    circuit["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect()
 }
 
 fn gossip_opts(public: String, drain_secs: (u64, u64, u64), hold: Vec<usize>) -> Options {
@@ -141,44 +75,49 @@ fn gossip_opts(public: String, drain_secs: (u64, u64, u64), hold: Vec<usize>) ->
     }
 }
 
-/// A gossip mesh where `first` is the only relay while `seeds` start long
-/// paced transfers (50 MiB each way) through it; then `second` joins, so
-/// the streams have somewhere to move. Returns the mesh, the target's
-/// upload digests and the transfers.
+/// Long paced transfers (50 MiB each way) to a pattern server.
 struct LongStreams {
-    mesh: Mesh,
+    /// The pattern server.
     target: SocketAddr,
-    uploads: UnboundedReceiver<(u64, usize, [u8; 32])>,
+    uploads: Uploads,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    seeds: Vec<u64>,
+}
+
+impl LongStreams {
+    /// Waits for the transfers and checks every byte both ways.
+    async fn finish(mut self) {
+        finish_transfers(self.tasks, &mut self.uploads, &self.seeds, LONG)
+            .await
+            .unwrap();
+    }
 }
 
 const LONG: usize = 50 * MIB;
 
+/// A gossip mesh where `first` is the only relay while `seeds` start long
+/// streams through it; then `second` joins, so the streams have somewhere
+/// to move.
 async fn long_streams(
     public: String,
     drain_secs: (u64, u64, u64),
     first: &'static str,
     second: &'static str,
     seeds: &[u64],
-) -> LongStreams {
+) -> (Mesh, LongStreams) {
     let specs = [
         Spec::new("CA", "exit"),
         Spec::new(first, "relay"),
         Spec::new(second, "relay"),
     ];
     let mut mesh = Mesh::start(&specs, &gossip_opts(public, drain_secs, vec![2])).unwrap();
-    mesh.entry
-        .wait_status(
-            "entry knows the exit and the relay",
-            Duration::from_secs(30),
-            |v| knows(v, &["CA", first]),
-        )
-        .unwrap();
+    // The exit and the first relay.
+    mesh.wait_entry_knows_all().unwrap();
     let rate = Some(4 * MIB as u64);
     let (target, uploads) = pattern_server_paced(rate).await.unwrap();
     let tasks: Vec<_> = seeds
         .iter()
-        .map(|s| transfer(mesh.socks(), target, *s, LONG, rate, None))
+        .map(|s| spawn_transfer(mesh.socks(), target, *s, LONG, rate, None))
         .collect();
     mesh.entry
         .wait_status(
@@ -192,19 +131,25 @@ async fn long_streams(
         )
         .unwrap();
     mesh.start_held().unwrap();
-    mesh.entry
-        .wait_status(
-            "entry knows the second relay",
-            Duration::from_secs(30),
-            |v| knows(v, &[second]),
-        )
-        .unwrap();
-    LongStreams {
-        mesh,
+    // The second relay too.
+    mesh.wait_entry_knows_all().unwrap();
+    let streams = LongStreams {
         target,
         uploads,
         tasks,
-    }
+        seeds: seeds.to_vec(),
+    };
+    (mesh, streams)
+}
+
+/// A checked transfer of 1 MiB each way through the entry (with SOCKS5
+/// credentials `auth`, if given), 60 s at most.
+async fn short_transfer(mesh: &Mesh, target: SocketAddr, seed: u64, auth: Option<(&str, &str)>) {
+    let t = pattern_transfer(mesh.socks(), target, seed, MIB, None, auth);
+    tokio::time::timeout(Duration::from_secs(60), t)
+        .await
+        .expect("the transfer finished in time")
+        .unwrap();
 }
 
 /// Waits until `t` (ms since the epoch).
@@ -225,7 +170,7 @@ fn assert_pk_left(mesh: &Mesh) {
         })
         .unwrap();
     let before = v["link_bytes_out"].as_u64().unwrap();
-    for p in mesh.nodes.iter().chain([&mesh.entry]) {
+    for p in mesh.all() {
         let v = p.status().unwrap();
         assert!(
             v["circuit_neighbours"].get("PK").is_none(),
@@ -249,22 +194,14 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
     let (key, public) = authority(keys.path());
     // PK is the only relay at first, so the streams start through it; DE
     // joins later and takes them over.
-    let LongStreams {
-        mesh,
-        target,
-        mut uploads,
-        tasks,
-    } = long_streams(public, (30, 2, 2), "PK", "DE", &[0, 10]).await;
+    let (mesh, long) = long_streams(public, (30, 2, 2), "PK", "DE", &[0, 10]).await;
+    let target = long.target;
     let now = now_ms();
     let (from, exit) = (now + 1_500, now + 10_000);
     block_pk(keys.path(), &key, &mesh, from, exit);
     // New connections after blocked_from never use PK.
     until(from + 300).await;
-    let short = transfer(mesh.socks(), target, 100, MIB, None, None);
-    tokio::time::timeout(Duration::from_secs(60), short)
-        .await
-        .unwrap()
-        .unwrap();
+    short_transfer(&mesh, target, 100, None).await;
     until(exit + 500).await;
     let v = mesh.entry.status().unwrap();
     for (path, _, built) in circuits(&v) {
@@ -274,7 +211,7 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
         );
     }
     assert_pk_left(&mesh);
-    finish(tasks, &mut uploads, &[0, 10], LONG).await;
+    long.finish().await;
     let v = mesh.entry.status().unwrap();
     assert!(
         v["origin"]["streams_moved"].as_u64().unwrap() >= 2,
@@ -303,49 +240,39 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
         Spec::new("DE", "relay"),
     ];
     let mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
-    mesh.entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            knows(v, &["CA", "PK", "DE"])
-        })
-        .unwrap();
+    mesh.wait_entry_knows_all().unwrap();
     let (target, _uploads) = pattern_server_paced(Some(MIB as u64)).await.unwrap();
     // A long download through an exit in PK.
-    let s = socks_connect_as(
-        mesh.socks(),
-        "127.0.0.1",
-        target.port(),
-        Some(("", "exit_in=PK")),
-    )
-    .await
-    .unwrap()
-    .expect("SOCKS success");
+    let s = mesh
+        .open(target.port(), "exit_in=PK")
+        .await
+        .expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     let mut head = 7u64.to_be_bytes().to_vec();
     head.extend_from_slice(&(1000 * MIB as u64).to_be_bytes());
     w.write_all(&head).await.unwrap();
     let download = tokio::spawn(async move {
-        let res = read_digest(&mut r).await;
-        (res.map(|x| x.0).unwrap_or(0), now_ms())
+        let (got, end) = read_until_end(&mut r).await;
+        (got, end, now_ms())
     });
     let now = now_ms();
     let (from, exit) = (now + 1_000, now + 5_000);
     block_pk(keys.path(), &key, &mesh, from, exit);
     until(from + 300).await;
     // No new streams to a draining exit: the constraint now has no path.
-    let refused = socks_connect_as(
-        mesh.socks(),
-        "127.0.0.1",
-        target.port(),
-        Some(("", "exit_in=PK")),
-    )
-    .await
-    .unwrap();
+    let refused = mesh.connect(target.port(), "exit_in=PK").await.unwrap();
     assert_eq!(refused.err(), Some(2), "a new stream to an exit in PK");
-    let (got, closed_at) = tokio::time::timeout(Duration::from_secs(30), download)
+    let (got, end, closed_at) = tokio::time::timeout(Duration::from_secs(30), download)
         .await
         .unwrap()
         .unwrap();
     assert!(got > 0 && got < 1000 * MIB, "got {got} bytes");
+    // Cut short: the client sees a reset, never a clean end (I10).
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a truncated download must not end cleanly"
+    );
     assert!(
         closed_at <= exit + 1_500,
         "closed {} ms after the exit date",
@@ -357,11 +284,7 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
         "no reason in the entry's log:\n{log}"
     );
     // Reconnecting gets an allowed exit.
-    let t = transfer(mesh.socks(), target, 20, MIB, None, None);
-    tokio::time::timeout(Duration::from_secs(60), t)
-        .await
-        .unwrap()
-        .unwrap();
+    short_transfer(&mesh, target, 20, None).await;
     until(exit + 300).await;
     assert_pk_left(&mesh);
 }
@@ -370,12 +293,8 @@ async fn an_exit_in_a_blocked_jurisdiction_closes_at_the_deadline() {
 async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = authority(keys.path());
-    let LongStreams {
-        mesh,
-        target,
-        mut uploads,
-        tasks,
-    } = long_streams(public, (30, 2, 2), "PK", "DE", &[30]).await;
+    let (mesh, long) = long_streams(public, (30, 2, 2), "PK", "DE", &[30]).await;
+    let target = long.target;
     let now = now_ms();
     let r1 = Ruling {
         version: 1,
@@ -387,9 +306,7 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     };
     publish(&mesh.nodes[0], &sign(keys.path(), &key, &r1));
     mesh.node("PK")
-        .wait_status("PK draining", Duration::from_secs(10), |v| {
-            v["state"] == "draining"
-        })
+        .wait_state("draining", Duration::from_secs(10))
         .unwrap();
     // Amended: the exit date moves to 7 s from now.
     let exit = now_ms() + 7_000;
@@ -401,7 +318,7 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     publish(&mesh.nodes[0], &sign(keys.path(), &key, &r2));
     until(exit + 500).await;
     assert_pk_left(&mesh);
-    finish(tasks, &mut uploads, &[30], LONG).await;
+    long.finish().await;
     // Lifted: PK serves again.
     let r3 = Ruling {
         version: 3,
@@ -410,42 +327,21 @@ async fn an_earlier_exit_date_is_met_and_lifting_brings_nodes_back() {
     };
     publish(&mesh.nodes[0], &sign(keys.path(), &key, &r3));
     let pk = mesh.node("PK");
-    pk.wait_status("PK active again", Duration::from_secs(10), |v| {
-        v["state"] == "active"
-    })
-    .unwrap();
+    pk.wait_state("active", Duration::from_secs(10)).unwrap();
     let ready = ureq::get(&format!("http://{}/readyz", pk.admin)).call();
     assert!(ready.is_ok(), "readyz after the lift: {ready:?}");
     mesh.entry
-        .wait_status("entry sees PK active", Duration::from_secs(15), |v| {
-            knows(v, &["PK"])
-        })
+        .wait_knows([pk], Duration::from_secs(15))
         .unwrap();
     // Through PK again (DE excluded).
-    let t = transfer(
-        mesh.socks(),
-        target,
-        40,
-        MIB,
-        None,
-        Some(("", "exclude=DE")),
-    );
-    tokio::time::timeout(Duration::from_secs(60), t)
-        .await
-        .unwrap()
-        .unwrap();
+    short_transfer(&mesh, target, 40, Some(("", "exclude=DE"))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
     let keys = tempfile::tempdir().unwrap();
     let (_, public) = authority(keys.path());
-    let LongStreams {
-        mut mesh,
-        mut uploads,
-        tasks,
-        ..
-    } = long_streams(public, (8, 2, 2), "DE", "IS", &[50]).await;
+    let (mut mesh, long) = long_streams(public, (8, 2, 2), "DE", "IS", &[50]).await;
     let de = mesh
         .nodes
         .iter()
@@ -453,7 +349,7 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
         .unwrap();
     let signalled = Instant::now();
     mesh.nodes[de].signal("TERM");
-    finish(tasks, &mut uploads, &[50], LONG).await;
+    long.finish().await;
     let v = mesh.entry.status().unwrap();
     assert!(
         v["origin"]["streams_moved"].as_u64().unwrap() >= 1,
@@ -484,17 +380,8 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
 async fn a_scoped_ruling_leaves_other_traffic_alone() {
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = authority(keys.path());
-    let specs = [
-        Spec::new("CA", "exit"),
-        Spec::new("PK", "relay"),
-        Spec::new("DE", "relay"),
-    ];
-    let mesh = Mesh::start(&specs, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
-    mesh.entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            knows(v, &["CA", "PK", "DE"])
-        })
-        .unwrap();
+    let mesh = Mesh::start(&CA_PK_DE, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
+    mesh.wait_entry_knows_all().unwrap();
     let (target, _uploads) = pattern_server_paced(None).await.unwrap();
     let now = now_ms();
     let from = now + 500;
@@ -519,7 +406,7 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
     until(from + 200).await;
     let mut tasks = Vec::new();
     for i in 0..4 {
-        tasks.push(transfer(
+        tasks.push(spawn_transfer(
             mesh.socks(),
             target,
             200 + i,
@@ -528,7 +415,7 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
             Some(("", "class=enterprise")),
         ));
         // Other traffic may still cross PK: with DE excluded it must.
-        tasks.push(transfer(
+        tasks.push(spawn_transfer(
             mesh.socks(),
             target,
             300 + i,
@@ -546,12 +433,7 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
         })
         .unwrap();
     for c in v["origin"]["circuits"].as_array().unwrap() {
-        let path: Vec<&str> = c["path"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|x| x.as_str())
-            .collect();
+        let path = path_of(c);
         if c["class"] == "enterprise" {
             assert!(
                 !path.contains(&"PK"),
@@ -625,12 +507,7 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
         }
         let v = mesh.entry.status().unwrap();
         for c in v["origin"]["circuits"].as_array().unwrap() {
-            let path: Vec<&str> = c["path"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect();
+            let path = path_of(c);
             if c["streams"].as_u64() > Some(0) {
                 assert!(ok(&path), "{opts}: path {path:?}");
             }
@@ -648,9 +525,7 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
         ("exit_in=JP", "exit_in=JP"),
         ("colour=red", "unknown option `colour`"),
     ] {
-        let r = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("", opts)))
-            .await
-            .unwrap();
+        let r = mesh.connect(target.port(), opts).await.unwrap();
         assert_eq!(r.err(), Some(2), "{opts}");
         mesh.entry.wait_log(named, Duration::from_secs(5)).unwrap();
     }
@@ -690,9 +565,7 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
     .unwrap();
     assert!(said.contains("draining; exit by"), "{said}");
     mesh.nodes[1]
-        .wait_status("DE draining", Duration::from_secs(5), |v| {
-            v["state"] == "draining"
-        })
+        .wait_state("draining", Duration::from_secs(5))
         .unwrap();
     assert_eq!(readyz(&admin), 503);
     // The container health check: alive, but not ready, and it says why.
@@ -709,15 +582,11 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
     );
     // New circuits avoid it: DE is the only relay, so there is no path.
     let (target, _uploads) = pattern_server_paced(None).await.unwrap();
-    let r = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), None)
-        .await
-        .unwrap();
+    let r = mesh.connect(target.port(), "").await.unwrap();
     assert_eq!(r.err(), Some(2), "a circuit through a draining relay");
     mesh.nodes[1].kill9_and_restart().unwrap();
     let v = mesh.nodes[1]
-        .wait_status("DE draining after restart", Duration::from_secs(10), |v| {
-            v["state"] == "draining"
-        })
+        .wait_state("draining", Duration::from_secs(10))
         .unwrap();
     assert!(
         v["state_reason"].as_str().unwrap().contains("maintenance"),
@@ -727,9 +596,7 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
     let said = run_ferry(&["drain", "--admin", &admin, "--cancel"]).unwrap();
     assert!(said.contains("cancelled"), "{said}");
     mesh.nodes[1]
-        .wait_status("DE active", Duration::from_secs(5), |v| {
-            v["state"] == "active"
-        })
+        .wait_state("active", Duration::from_secs(5))
         .unwrap();
     assert_eq!(readyz(&admin), 200);
     run_ferry(&["healthcheck", "--admin", &admin, "--ready"]).unwrap();

@@ -3,7 +3,7 @@
 //! buffers are full, every process's memory stays small, and once the client
 //! reads, every byte arrives intact.
 
-use ferry_tests::{Mesh, Options, Pattern, read_digest, send_pattern, socks_connect};
+use ferry_tests::{Mesh, Options, Pattern, read_digest, send_pattern};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,10 +63,7 @@ async fn a_reader_that_stops_stalls_its_sender_with_bounded_memory() {
         w.flush().await.unwrap();
     });
 
-    let mut client = socks_connect(mesh.socks(), "127.0.0.1", target.port())
-        .await
-        .unwrap()
-        .expect("SOCKS success");
+    let mut client = mesh.open(target.port(), "").await.expect("SOCKS success");
 
     // Wait until the sender stalls: no progress for a full second.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -94,7 +91,7 @@ async fn a_reader_that_stops_stalls_its_sender_with_bounded_memory() {
         "sender stalled only after {} MiB",
         stalled_at / MIB
     );
-    for p in mesh.nodes.iter().chain([&mesh.entry]) {
+    for p in mesh.all() {
         let rss = p.rss_bytes().unwrap();
         eprintln!(
             "stalled at {:.1} MiB; {} rss {:.1} MiB",

@@ -3,7 +3,7 @@
 //! event; and at `info` no log holds payload, client target addresses or
 //! key material.
 
-use ferry_tests::{Mesh, Options, THREE, curl_socks_async, http_server, socks_connect};
+use ferry_tests::{Mesh, Options, THREE, curl_socks_async, http_server};
 use serde_json::Value;
 
 /// Each line of a node's log as JSON (a line that is not JSON fails).
@@ -49,7 +49,7 @@ async fn json_logs_carry_spans_and_no_secrets() {
     let out = curl_socks_async(mesh.socks(), url).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains(marker));
     // A target that refuses: the exit logs why, inside the stream's span.
-    let refused = socks_connect(mesh.socks(), "127.0.0.1", 1).await.unwrap();
+    let refused = mesh.connect(1, "").await.unwrap();
     assert_eq!(refused.err(), Some(5), "connection refused");
     let exit = &mesh.nodes[2];
     exit.wait_log("stream refused at exit", std::time::Duration::from_secs(10))
@@ -86,7 +86,7 @@ async fn json_logs_carry_spans_and_no_secrets() {
 
     // Nothing a relay must not keep: payload, the client's target, keys.
     let target = format!("127.0.0.1:{}", page.port());
-    for p in mesh.nodes.iter().chain([&mesh.entry]) {
+    for p in mesh.all() {
         let log = p.log();
         json_lines(&log, &p.jurisdiction);
         assert!(

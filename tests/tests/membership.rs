@@ -2,38 +2,20 @@
 //! real `ferry` processes on loopback that find each other from one
 //! bootstrap address.
 
-use ferry_tests::rulings::{authority, publish};
-use ferry_tests::{Mesh, Options, Proc, Spec, run_ferry, socks_connect};
+use ferry_tests::rulings::{authority, publish, sign_file};
+use ferry_tests::{Mesh, Options, Proc, Spec, run_ferry};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SIX: [Spec; 6] = [
-    Spec {
-        jurisdiction: "DE",
-        roles: "relay",
-    },
-    Spec {
-        jurisdiction: "CH",
-        roles: "relay,exit",
-    },
-    Spec {
-        jurisdiction: "IS",
-        roles: "relay,exit",
-    },
-    Spec {
-        jurisdiction: "CA",
-        roles: "relay,exit",
-    },
-    Spec {
-        jurisdiction: "SG",
-        roles: "relay",
-    },
-    Spec {
-        jurisdiction: "PK",
-        roles: "relay",
-    },
+    Spec::new("DE", "relay"),
+    Spec::new("CH", "relay,exit"),
+    Spec::new("IS", "relay,exit"),
+    Spec::new("CA", "relay,exit"),
+    Spec::new("SG", "relay"),
+    Spec::new("PK", "relay"),
 ];
 
 /// Writes, signs (with each key) and returns the path of a signed ruling.
@@ -56,18 +38,7 @@ fn signed_ruling(
     let out = dir.join(format!("{id}-v{version}-{}.signed.json", key_dirs.len()));
     let mut input = src;
     for k in key_dirs {
-        let key = k.join("authority.key");
-        run_ferry(&[
-            "policy",
-            "sign",
-            "--key",
-            key.to_str().unwrap(),
-            "--in",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .unwrap();
+        sign_file(k, &input, &out, &[]);
         input = out.clone();
     }
     out
@@ -87,19 +58,26 @@ fn peers_of(v: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Waits until every process lists every other one, with its jurisdiction.
-fn converge(all: &[&Proc], within: Duration) {
-    for p in all {
-        let want: Vec<(String, String)> = all
-            .iter()
-            .filter(|o| o.id != p.id)
-            .map(|o| (o.id.clone(), o.jurisdiction.clone()))
-            .collect();
-        p.wait_status("all peers known", within, |v| {
-            let have = peers_of(v);
-            want.iter().all(|w| have.contains(w))
-        })
+/// Waits until every process of `mesh` has version `version` of ruling
+/// `id` in force (20 s at most each).
+fn wait_ruling(mesh: &Mesh, id: &str, version: u64) {
+    for p in mesh.all() {
+        p.wait_status(
+            &format!("ruling {id} v{version} in force"),
+            Duration::from_secs(20),
+            |v| ruling_version(v, id) == Some(version),
+        )
         .unwrap();
+    }
+}
+
+/// A gossip mesh (3 hops, adverts for 30 s) whose nodes trust the rulings
+/// authority key `public`.
+fn trusting(public: String) -> Options {
+    Options {
+        gossip: true,
+        authority_keys: vec![public],
+        ..Options::default()
     }
 }
 
@@ -113,10 +91,7 @@ fn ruling_version(v: &Value, id: &str) -> Option<u64> {
 
 async fn echo_once(mesh: &Mesh) {
     let port = ferry_tests::echo_server().await.unwrap().port();
-    let s = socks_connect(mesh.socks(), "127.0.0.1", port)
-        .await
-        .unwrap()
-        .expect("SOCKS success");
+    let s = mesh.open(port, "").await.expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     w.write_all(b"across an advertised mesh").await.unwrap();
     w.shutdown().await.unwrap();
@@ -135,9 +110,8 @@ async fn six_nodes_find_each_other_from_one_bootstrap_address() {
         },
     )
     .unwrap();
-    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
     let t = Instant::now();
-    converge(&all, Duration::from_secs(30));
+    mesh.wait_converged().unwrap();
     eprintln!("7 processes converged in {:?}", t.elapsed());
     // Links are accepted from keys that adverts bind: a circuit works.
     echo_once(&mesh).await;
@@ -152,24 +126,14 @@ async fn rulings_spread_and_bad_ones_are_refused_everywhere() {
     let keys = tempfile::tempdir().unwrap();
     let (trusted, public) = authority(keys.path(), "trusted");
     let (stranger, _) = authority(keys.path(), "stranger");
-    let opts = Options {
-        gossip: true,
-        authority_keys: vec![public],
-        ..Options::default()
-    };
-    let mesh = Mesh::start(&SIX[..4], &opts).unwrap();
-    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
-    converge(&all, Duration::from_secs(30));
+    let mesh = Mesh::start(&SIX[..4], &trusting(public)).unwrap();
+    mesh.wait_converged().unwrap();
+    let all = mesh.all();
 
     let v2 = signed_ruling(keys.path(), &[&trusted], "pk-order", 2, "PK");
     assert_eq!(publish(&mesh.nodes[0], &v2).unwrap().trim(), "in force");
     let t = Instant::now();
-    for p in &all {
-        p.wait_status("ruling v2 in force", Duration::from_secs(20), |v| {
-            ruling_version(v, "pk-order") == Some(2)
-        })
-        .unwrap();
-    }
+    wait_ruling(&mesh, "pk-order", 2);
     eprintln!("ruling in force at all 5 processes in {:?}", t.elapsed());
 
     // Forged: a body that the signatures do not cover.
@@ -210,24 +174,11 @@ async fn rulings_spread_and_bad_ones_are_refused_everywhere() {
 async fn kill9_and_restart_keeps_identity_rulings_and_peers() {
     let keys = tempfile::tempdir().unwrap();
     let (trusted, public) = authority(keys.path(), "trusted");
-    let opts = Options {
-        gossip: true,
-        authority_keys: vec![public],
-        ..Options::default()
-    };
-    let mut mesh = Mesh::start(&SIX[..3], &opts).unwrap();
-    {
-        let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
-        converge(&all, Duration::from_secs(30));
-        let r = signed_ruling(keys.path(), &[&trusted], "gcc", 1, "GCC");
-        publish(&mesh.nodes[0], &r).unwrap();
-        for p in &all {
-            p.wait_status("ruling in force", Duration::from_secs(20), |v| {
-                ruling_version(v, "gcc") == Some(1)
-            })
-            .unwrap();
-        }
-    }
+    let mut mesh = Mesh::start(&SIX[..3], &trusting(public)).unwrap();
+    mesh.wait_converged().unwrap();
+    let r = signed_ruling(keys.path(), &[&trusted], "gcc", 1, "GCC");
+    publish(&mesh.nodes[0], &r).unwrap();
+    wait_ruling(&mesh, "gcc", 1);
     let node = &mut mesh.nodes[1];
     // A second process on the same data dir is told why it cannot start.
     let cfg = node.dir.join("ferry.toml");
@@ -273,10 +224,7 @@ async fn a_vanished_node_leaves_every_peers_candidates_within_the_bound() {
         ..Options::default()
     };
     let mut mesh = Mesh::start(&SIX[..4], &opts).unwrap();
-    {
-        let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
-        converge(&all, Duration::from_secs(30));
-    }
+    mesh.wait_converged().unwrap();
     let gone_id = mesh.nodes[3].id.clone();
     mesh.nodes[3].kill9().unwrap();
     let t = Instant::now();
@@ -311,14 +259,9 @@ async fn a_vanished_node_leaves_every_peers_candidates_within_the_bound() {
 async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
     let keys = tempfile::tempdir().unwrap();
     let (trusted, public) = authority(keys.path(), "trusted");
-    let opts = Options {
-        gossip: true,
-        authority_keys: vec![public],
-        ..Options::default()
-    };
-    let mesh = Mesh::start(&SIX[..3], &opts).unwrap();
-    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
-    converge(&all, Duration::from_secs(30));
+    let mesh = Mesh::start(&SIX[..3], &trusting(public)).unwrap();
+    mesh.wait_converged().unwrap();
+    let all = mesh.all();
 
     let forged_advert = {
         // A well-formed advert for one key, signed by another.
@@ -375,12 +318,7 @@ async fn garbage_on_the_gossip_topic_is_dropped_and_counted() {
     // The mesh keeps working: a ruling still spreads, a circuit still carries.
     let r = signed_ruling(keys.path(), &[&trusted], "after-junk", 1, "AE");
     publish(&mesh.nodes[2], &r).unwrap();
-    for p in &all {
-        p.wait_status("ruling after junk", Duration::from_secs(20), |v| {
-            ruling_version(v, "after-junk") == Some(1)
-        })
-        .unwrap();
-    }
+    wait_ruling(&mesh, "after-junk", 1);
     echo_once(&mesh).await;
 }
 
@@ -394,8 +332,7 @@ async fn advertised_load_follows_traffic() {
         ..Options::default()
     };
     let mesh = Mesh::start(&ferry_tests::THREE, &opts).unwrap();
-    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
-    converge(&all, Duration::from_secs(30));
+    mesh.wait_converged().unwrap();
     let loads = |v: &Value| -> Vec<f64> {
         v["peers"]
             .as_array()
@@ -412,10 +349,7 @@ async fn advertised_load_follows_traffic() {
     );
     // 8 MiB through the circuit: far above 10 Mbit/s for the second it takes.
     let target = ferry_tests::echo_server().await.unwrap();
-    let s = socks_connect(mesh.socks(), "127.0.0.1", target.port())
-        .await
-        .unwrap()
-        .expect("SOCKS success");
+    let s = mesh.open(target.port(), "").await.expect("SOCKS success");
     let (mut r, mut w) = s.into_split();
     let data = vec![7u8; 8 << 20];
     let writer = tokio::spawn(async move {

@@ -4,7 +4,7 @@
 
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling};
-use ferry_tests::{Mesh, Options, Proc, Spec, curl_socks_async, http_server, socks_connect_as};
+use ferry_tests::{Mesh, Options, Proc, Spec, curl_socks_async, http_server};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -110,14 +110,7 @@ async fn metrics_are_served_and_move_with_a_drain() {
         wait_sample(&mesh.entry, &series, 1.0, Duration::from_secs(30));
     }
     let page = http_server("counted\n").await.unwrap();
-    let refused = socks_connect_as(
-        mesh.socks(),
-        "127.0.0.1",
-        page.port(),
-        Some(("", "exit_in=JP")),
-    )
-    .await
-    .unwrap();
+    let refused = mesh.connect(page.port(), "exit_in=JP").await.unwrap();
     assert_eq!(refused.err(), Some(2));
     let url = format!("http://127.0.0.1:{}/", page.port());
     let out = curl_socks_async(mesh.socks(), url).await;
@@ -217,9 +210,7 @@ async fn a_circuit_refused_under_a_ruling_is_counted_as_one() {
     );
     assert_eq!(sample(&text, ruling), Some(0.0), "{text}");
     let page = http_server("unreachable\n").await.unwrap();
-    let refused = socks_connect_as(mesh.socks(), "127.0.0.1", page.port(), None)
-        .await
-        .unwrap();
+    let refused = mesh.connect(page.port(), "").await.unwrap();
     assert_eq!(refused.err(), Some(2), "no path but through PK");
     let text = scrape(pk);
     assert!(sample(&text, ruling) >= Some(1.0), "{text}");

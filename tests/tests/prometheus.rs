@@ -6,7 +6,7 @@
 
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling};
-use ferry_tests::{Mesh, Options, Spec, free_port, http_server, socks_connect_as};
+use ferry_tests::{CA_PK_DE, Mesh, Options, free_port, http_server};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -67,24 +67,14 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
     );
     let keys = tempfile::tempdir().unwrap();
     let (kd, public) = rulings::authority(keys.path(), "authority");
-    let specs = [
-        Spec::new("CA", "exit"),
-        Spec::new("PK", "relay"),
-        Spec::new("DE", "relay"),
-    ];
-    let mesh = Mesh::start(&specs, &Options::gossip(public)).unwrap();
-    mesh.entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            v["peers"].as_array().is_some_and(|p| p.len() >= 3)
-        })
-        .unwrap();
+    let mesh = Mesh::start(&CA_PK_DE, &Options::gossip(public)).unwrap();
+    mesh.wait_entry_knows_all().unwrap();
 
     // Prometheus on loopback, scraping every node each second.
     let dir = tempfile::tempdir().unwrap();
     let targets: Vec<String> = mesh
-        .nodes
+        .all()
         .iter()
-        .chain([&mesh.entry])
         .map(|p| format!("\"{}\"", p.metrics))
         .collect();
     let rules = repo().join("deploy/prometheus/ferry-rules.yml");
@@ -128,23 +118,11 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
     // Traffic: a held stream through PK (DE excluded), a fetch, a refusal,
     // and a ruling signed by a key nobody trusts (a counted rejection).
     let page = http_server("scraped\n").await.unwrap();
-    let _held = socks_connect_as(
-        mesh.socks(),
-        "127.0.0.1",
-        page.port(),
-        Some(("", "exclude=DE")),
-    )
-    .await
-    .unwrap()
-    .expect("a stream through PK");
-    let refused = socks_connect_as(
-        mesh.socks(),
-        "127.0.0.1",
-        page.port(),
-        Some(("", "exit_in=JP")),
-    )
-    .await
-    .unwrap();
+    let _held = mesh
+        .open(page.port(), "exclude=DE")
+        .await
+        .expect("a stream through PK");
+    let refused = mesh.connect(page.port(), "exit_in=JP").await.unwrap();
     assert_eq!(refused.err(), Some(2));
     let (stranger, _) = rulings::authority(keys.path(), "stranger");
     let now = now_ms();

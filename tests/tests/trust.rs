@@ -8,8 +8,8 @@
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings;
 use ferry_tests::{
-    Mesh, Options, Pattern, Proc, Spec, echo_server, pattern_server_paced, read_digest, run_ferry,
-    send_pattern_paced, socks_connect_as,
+    CA_PK_DE, Mesh, Options, Pattern, Proc, Spec, echo_server, pattern_server_paced, peer,
+    run_ferry, socks_connect_as, spawn_transfer,
 };
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -23,14 +23,6 @@ fn peer_ids(v: &Value) -> Vec<String> {
         .flatten()
         .filter_map(|p| p["id"].as_str().map(str::to_string))
         .collect()
-}
-
-fn peer<'a>(v: &'a Value, id: &str) -> Option<&'a Value> {
-    v["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["id"].as_str() == Some(id))
 }
 
 /// Every node id on the entry's circuits.
@@ -73,24 +65,6 @@ fn links_of(p: &Proc) -> u64 {
         .unwrap()
 }
 
-/// `ferry policy sign` of the ruling file `src` into `out`, with a
-/// signature window of `valid_for`.
-fn sign_for(kd: &std::path::Path, src: &std::path::Path, out: &std::path::Path, valid_for: &str) {
-    run_ferry(&[
-        "policy",
-        "sign",
-        "--key",
-        kd.join("authority.key").to_str().unwrap(),
-        "--in",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--valid-for",
-        valid_for,
-    ])
-    .unwrap();
-}
-
 fn counted(v: &Value, key: &str, reason: &str) -> u64 {
     v[key][reason].as_u64().unwrap_or(0)
 }
@@ -115,12 +89,7 @@ async fn a_capacity_claim_above_the_certificate_buys_no_more_than_a_fair_share()
     };
     let mesh = Mesh::start(&specs, &opts).unwrap();
     let greedy = mesh.nodes[0].id.clone();
-    let v = mesh
-        .entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            peer_ids(v).len() >= 5
-        })
-        .unwrap();
+    let v = mesh.wait_entry_knows_all().unwrap();
     let out = run_ferry(&[
         "paths",
         "--admin",
@@ -171,11 +140,7 @@ async fn a_squatted_noise_key_gains_no_circuit_and_the_victim_keeps_working() {
     let mut mesh = Mesh::start(&specs, &opts).unwrap();
     let target = echo_server().await.unwrap();
     let victim_id = mesh.nodes[0].id.clone();
-    mesh.entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            peer_ids(v).len() >= 2
-        })
-        .unwrap();
+    mesh.wait_entry_knows_all().unwrap();
 
     // A hostile operator the authority admitted in PK builds an advert that
     // carries the victim's Noise key and link address, and claims CH.
@@ -288,16 +253,10 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
     let mesh = Mesh::start(&specs, &opts).unwrap();
     let ids: Vec<String> = mesh.nodes.iter().map(|p| p.id.clone()).collect();
     let target = echo_server().await.unwrap();
-    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
+    let all = mesh.all();
+    // All but the unadmitted DE.
     mesh.entry
-        .wait_status(
-            "entry knows the admitted nodes",
-            Duration::from_secs(30),
-            |v| {
-                let p = peer_ids(v);
-                ids[1..].iter().all(|i| p.contains(i))
-            },
-        )
+        .wait_knows(&mesh.nodes[1..], Duration::from_secs(30))
         .unwrap();
 
     // Roles are what the certificate grants: SG, configured relay and
@@ -442,23 +401,14 @@ async fn unadmitted_expired_and_revoked_nodes_carry_nothing() {
 async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     let keys = tempfile::tempdir().unwrap();
     let (kd, public) = rulings::authority(keys.path(), "authority");
-    let specs = [
-        Spec::new("CA", "exit"),
-        Spec::new("PK", "relay"),
-        Spec::new("DE", "relay"),
-    ];
     let opts = Options {
         admit_with: Some(kd.clone()),
         hops: 2,
         ..Options::gossip(public)
     };
-    let mesh = Mesh::start(&specs, &opts).unwrap();
-    let all: Vec<&Proc> = mesh.nodes.iter().chain([&mesh.entry]).collect();
-    mesh.entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            peer_ids(v).len() >= 3
-        })
-        .unwrap();
+    let mesh = Mesh::start(&CA_PK_DE, &opts).unwrap();
+    let all = mesh.all();
+    mesh.wait_entry_knows_all().unwrap();
 
     // PK is blocked for the `enterprise` class from now on (its node does
     // not drain: other traffic may still cross it, so only an entry that
@@ -489,8 +439,8 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     )
     .unwrap();
     let other_signed = keys.path().join("other.signed.json");
-    sign_for(&kd, &other, &other_signed, "3s");
-    sign_for(&kd, &plain, &short, "3s");
+    rulings::sign_file(&kd, &other, &other_signed, &["--valid-for", "3s"]);
+    rulings::sign_file(&kd, &plain, &short, &["--valid-for", "3s"]);
     let signed_at = now_ms();
     rulings::publish(&mesh.nodes[0], &short).unwrap();
     for p in &all {
@@ -597,31 +547,13 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
     };
     let mesh = Mesh::start(&specs, &opts).unwrap();
     let relay = &mesh.nodes[0];
-    mesh.entry
-        .wait_status("entry knows the mesh", Duration::from_secs(30), |v| {
-            peer_ids(v).len() >= 2
-        })
-        .unwrap();
+    mesh.wait_entry_knows_all().unwrap();
     let rate = Some(4 << 20);
     let (target, mut uploads) = pattern_server_paced(rate).await.unwrap();
     let socks = mesh.socks();
     let seed: u64 = 77;
-    let long = tokio::spawn(async move {
-        let s = socks_connect_as(socks, "127.0.0.1", target.port(), None)
-            .await
-            .unwrap()
-            .expect("SOCKS success");
-        let (mut r, mut w) = s.into_split();
-        let mut head = seed.to_be_bytes().to_vec();
-        head.extend_from_slice(&(LEN as u64).to_be_bytes());
-        w.write_all(&head).await.unwrap();
-        let (down, up) = tokio::join!(
-            read_digest(&mut r),
-            send_pattern_paced(&mut w, seed, LEN, rate)
-        );
-        up.unwrap();
-        down.unwrap()
-    });
+    // The task checks the download: whole and intact.
+    let long = spawn_transfer(socks, target, seed, LEN, rate, None);
     mesh.entry
         .wait_status("the long stream runs", Duration::from_secs(20), |v| {
             circuit_nodes(v).contains(&relay.id)
@@ -664,15 +596,10 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
         .await
         .expect("a new circuit after the grace");
 
-    let (n, digest) = tokio::time::timeout(Duration::from_secs(60), long)
+    tokio::time::timeout(Duration::from_secs(60), long)
         .await
         .expect("the long stream finished")
         .unwrap();
-    assert_eq!(n, LEN, "download length");
-    assert!(
-        digest == Pattern::digest(seed + 1, LEN),
-        "download corrupted"
-    );
     let (s, n, d) = tokio::time::timeout(Duration::from_secs(10), uploads.recv())
         .await
         .unwrap()

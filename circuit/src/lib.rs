@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod build;
+pub mod crypto;
+pub mod error;
+pub mod resume;
+mod ring;
+pub mod session;
+pub mod table;
+
+pub use build::{Build, Hop, Step};
+pub use error::{Error, Result};
+pub use resume::{Found, Resumables};
+pub use session::{Config, Event, HEADROOM, Outcome, Phase, Session, Side, Stream, Token};
+pub use table::{Dispatch, LinkId, Removed, Slot, Table};

@@ -1,0 +1,498 @@
+//! A node's circuit table and what each cell does: a pure function from an
+//! input cell to one [`Dispatch`].
+//!
+//! A circuit is known on a node by `(link, circ_id)` for each side it has.
+//! A relay maps each side to the other and forwards cells with nothing more
+//! than a circuit-id rewrite. The hop at a circuit's *tip* (the last hop
+//! built so far) holds a session with the origin and reads CONTROL cells;
+//! after an EXTEND it [splices](Table::splice) the circuit and only
+//! forwards. The table owns what a circuit *is* on this node; the shell owns
+//! the links and sessions that the slots name, and does what
+//! [`Table::dispatch`] says.
+//!
+//! The table is generic over what the shell keeps for a tip (`T`), an
+//! origin circuit (`O`) and an extend waiting for CREATED (`P`), so it can
+//! be tested with plain values.
+
+use crate::error::Error;
+use ferry_proto::CellCmd;
+use ferry_proto::pb::DestroyReason;
+use std::collections::HashMap;
+
+/// The shell's id of a link.
+pub type LinkId = u64;
+
+/// One side of a circuit on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot<T, O, P> {
+    /// Forward everything to the other side.
+    Forward {
+        /// The other side's link.
+        link: LinkId,
+        /// The circuit id there.
+        circ: u32,
+    },
+    /// We sent CREATE on this side (extending) and wait for CREATED.
+    Pending(P),
+    /// We are the circuit's tip: we hold a session with its origin.
+    Tip(T),
+    /// We are the circuit's origin.
+    Origin(O),
+}
+
+/// What to do with one cell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dispatch<T, O, P> {
+    /// Rewrite the cell's circuit id to `circ` and send it on `link`.
+    Forward {
+        /// Where to.
+        link: LinkId,
+        /// The circuit id there.
+        circ: u32,
+    },
+    /// A CREATE for a free circuit id: answer it (the hop handshake) and
+    /// [`Table::add_tip`], or refuse it with a DESTROY.
+    Create,
+    /// A CREATE for a circuit id already in use on this link: refuse it.
+    CreateInUse,
+    /// The CREATED an extend was waiting for: its slot is removed; hand
+    /// the cell to `P`.
+    Created(P),
+    /// A CONTROL or RELAY cell for the tip's session.
+    Tip(T),
+    /// A CREATED, CONTROL or RELAY cell for an origin circuit.
+    Origin(O),
+    /// A drain NOTICE reached the origin of the circuit.
+    Notice(O),
+    /// A DESTROY: the slot was removed. Close what it held, and send a
+    /// DESTROY with `reason` to `notify` (the other side of a forward).
+    Destroyed {
+        /// The removed slot.
+        slot: Slot<T, O, P>,
+        /// The other side to tell, if the slot forwarded.
+        notify: Option<(LinkId, u32)>,
+        /// The reason the DESTROY carried.
+        reason: DestroyReason,
+    },
+    /// Nothing to do: `why`, for a debug log.
+    Drop(&'static str),
+}
+
+/// What removing a slot leaves to do: the slot's contents to close, and
+/// the other side of a forward to tell.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Removed<T, O, P> {
+    /// The circuit id the slot had on its link.
+    pub circ: u32,
+    /// The slot.
+    pub slot: Slot<T, O, P>,
+    /// The other side of a forward: send it a DESTROY.
+    pub notify: Option<(LinkId, u32)>,
+}
+
+/// Circuits by `(link, circuit id)`.
+#[derive(Debug)]
+pub struct Table<T, O, P> {
+    slots: HashMap<(LinkId, u32), Slot<T, O, P>>,
+}
+
+impl<T, O, P> Default for Table<T, O, P> {
+    fn default() -> Self {
+        Self {
+            slots: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Clone, O: Clone, P> Table<T, O, P> {
+    /// What to do with a cell `cmd` that arrived on `link` for `circ`. For
+    /// DESTROY, `reason` is what it carried (ignored otherwise).
+    pub fn dispatch(
+        &mut self,
+        link: LinkId,
+        circ: u32,
+        cmd: CellCmd,
+        reason: DestroyReason,
+    ) -> Dispatch<T, O, P> {
+        let key = (link, circ);
+        match cmd {
+            CellCmd::Create => {
+                if self.slots.contains_key(&key) {
+                    Dispatch::CreateInUse
+                } else {
+                    Dispatch::Create
+                }
+            }
+            CellCmd::Destroy => match self.slots.remove(&key) {
+                Some(slot) => {
+                    let notify = self.unlink(&slot);
+                    Dispatch::Destroyed {
+                        slot,
+                        notify,
+                        reason,
+                    }
+                }
+                None => Dispatch::Drop("destroy for an unknown circuit"),
+            },
+            CellCmd::Created => match self.slots.get(&key) {
+                Some(Slot::Pending(_)) => match self.slots.remove(&key) {
+                    Some(Slot::Pending(p)) => Dispatch::Created(p),
+                    _ => unreachable!("checked just above"),
+                },
+                Some(Slot::Origin(o)) => Dispatch::Origin(o.clone()),
+                Some(_) => Dispatch::Drop("CREATED for a circuit that is not waiting for one"),
+                None => Dispatch::Drop("cell for an unknown circuit"),
+            },
+            CellCmd::Control | CellCmd::Relay | CellCmd::Notice => match self.slots.get(&key) {
+                Some(Slot::Forward { link, circ }) => Dispatch::Forward {
+                    link: *link,
+                    circ: *circ,
+                },
+                Some(Slot::Tip(_)) if cmd == CellCmd::Notice => {
+                    // The origin owns the circuit; the tip needs no notice.
+                    Dispatch::Drop("drain notice at the tip")
+                }
+                Some(Slot::Tip(t)) => Dispatch::Tip(t.clone()),
+                Some(Slot::Origin(o)) if cmd == CellCmd::Notice => Dispatch::Notice(o.clone()),
+                Some(Slot::Origin(o)) => Dispatch::Origin(o.clone()),
+                Some(Slot::Pending(_)) => Dispatch::Drop("cell for a circuit still being created"),
+                None => Dispatch::Drop("cell for an unknown circuit"),
+            },
+        }
+    }
+}
+
+impl<T, O, P> Table<T, O, P> {
+    /// For a removed forward slot, removes its other side too and returns
+    /// where to send DESTROY.
+    fn unlink(&mut self, slot: &Slot<T, O, P>) -> Option<(LinkId, u32)> {
+        match slot {
+            Slot::Forward { link, circ } => {
+                self.slots.remove(&(*link, *circ));
+                Some((*link, *circ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `(link, circ)` is in use.
+    pub fn contains(&self, link: LinkId, circ: u32) -> bool {
+        self.slots.contains_key(&(link, circ))
+    }
+
+    /// The slot at `(link, circ)`.
+    pub fn get(&self, link: LinkId, circ: u32) -> Option<&Slot<T, O, P>> {
+        self.slots.get(&(link, circ))
+    }
+
+    /// Adds a tip (a CREATE this node answered).
+    pub fn add_tip(&mut self, link: LinkId, circ: u32, tip: T) {
+        self.slots.insert((link, circ), Slot::Tip(tip));
+    }
+
+    /// Adds a circuit this node originates.
+    pub fn add_origin(&mut self, link: LinkId, circ: u32, origin: O) {
+        self.slots.insert((link, circ), Slot::Origin(origin));
+    }
+
+    /// Adds an extend waiting for CREATED on `(link, circ)`.
+    pub fn add_pending(&mut self, link: LinkId, circ: u32, pending: P) {
+        self.slots.insert((link, circ), Slot::Pending(pending));
+    }
+
+    /// Forgets one side of a circuit, sending nothing.
+    pub fn remove(&mut self, link: LinkId, circ: u32) -> Option<Slot<T, O, P>> {
+        self.slots.remove(&(link, circ))
+    }
+
+    /// Removes a circuit from one side (the shell sends DESTROY on that
+    /// side itself) and returns what is left to do.
+    pub fn destroy(&mut self, link: LinkId, circ: u32) -> Option<Removed<T, O, P>> {
+        let slot = self.slots.remove(&(link, circ))?;
+        let notify = self.unlink(&slot);
+        Some(Removed { circ, slot, notify })
+    }
+
+    /// After an EXTEND: the tip at `inward` is now a relay between `inward`
+    /// and `outward` (where CREATED came back). Fails, changing nothing,
+    /// unless `inward` is still a tip for which `is_ours` holds (the
+    /// circuit could have closed while the extend waited).
+    pub fn splice(
+        &mut self,
+        inward: (LinkId, u32),
+        outward: (LinkId, u32),
+        is_ours: impl FnOnce(&T) -> bool,
+    ) -> Result<T, Error> {
+        match self.slots.get(&inward) {
+            Some(Slot::Tip(t)) if is_ours(t) => {}
+            _ => return Err(Error::Closed),
+        }
+        if self.slots.contains_key(&outward) {
+            return Err(Error::Protocol(
+                "the outward circuit id is already in use".into(),
+            ));
+        }
+        let Some(Slot::Tip(tip)) = self.slots.insert(
+            inward,
+            Slot::Forward {
+                link: outward.0,
+                circ: outward.1,
+            },
+        ) else {
+            unreachable!("checked just above")
+        };
+        self.slots.insert(
+            outward,
+            Slot::Forward {
+                link: inward.0,
+                circ: inward.1,
+            },
+        );
+        Ok(tip)
+    }
+
+    /// A link went down: every circuit side on it is removed; returns what
+    /// is left to do for each (the other side of forwards to tell).
+    pub fn link_down(&mut self, link: LinkId) -> Vec<Removed<T, O, P>> {
+        let mut keys: Vec<u32> = self
+            .slots
+            .keys()
+            .filter(|(l, _)| *l == link)
+            .map(|(_, c)| *c)
+            .collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .filter_map(|c| self.destroy(link, c))
+            .collect()
+    }
+
+    /// Removes every circuit; returns each side as `(link, Removed)`.
+    pub fn drain_all(&mut self) -> Vec<(LinkId, Removed<T, O, P>)> {
+        let mut all: Vec<_> = self.slots.drain().collect();
+        all.sort_unstable_by_key(|(k, _)| *k);
+        all.into_iter()
+            .map(|((link, circ), slot)| {
+                (
+                    link,
+                    Removed {
+                        circ,
+                        slot,
+                        notify: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Circuits this node carries for others: forwards count once per
+    /// circuit (two sides each), tips once.
+    pub fn carried(&self) -> usize {
+        let forwards = self
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Forward { .. }))
+            .count();
+        let tips = self
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Tip(_)))
+            .count();
+        forwards / 2 + tips
+    }
+
+    /// Every `(link, circ)` that forwards (where a drain notice goes).
+    pub fn forwarding(&self) -> Vec<(LinkId, u32)> {
+        let mut v: Vec<(LinkId, u32)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Forward { .. }))
+            .map(|(k, _)| *k)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The link of every circuit side (for counting by neighbour).
+    pub fn links(&self) -> Vec<LinkId> {
+        self.slots.keys().map(|(l, _)| *l).collect()
+    }
+
+    /// Circuit sides in the table.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DestroyReason as R;
+
+    type T = Table<&'static str, &'static str, &'static str>;
+
+    fn relay() -> T {
+        // Circuit 7 on link 1 is spliced to circuit 9 on link 2.
+        let mut t = T::default();
+        t.add_tip(1, 7, "tip");
+        t.add_pending(2, 9, "waiting");
+        assert_eq!(
+            t.dispatch(2, 9, CellCmd::Created, R::Unspecified),
+            Dispatch::Created("waiting")
+        );
+        assert_eq!(t.splice((1, 7), (2, 9), |t| *t == "tip").unwrap(), "tip");
+        t
+    }
+
+    #[test]
+    fn forward_maps_each_side_to_the_other() {
+        let mut t = relay();
+        for cmd in [CellCmd::Relay, CellCmd::Control, CellCmd::Notice] {
+            assert_eq!(
+                t.dispatch(1, 7, cmd, R::Unspecified),
+                Dispatch::Forward { link: 2, circ: 9 }
+            );
+            assert_eq!(
+                t.dispatch(2, 9, cmd, R::Unspecified),
+                Dispatch::Forward { link: 1, circ: 7 }
+            );
+        }
+        assert_eq!(t.carried(), 1);
+        assert_eq!(
+            t.dispatch(2, 9, CellCmd::Created, R::Unspecified),
+            Dispatch::Drop("CREATED for a circuit that is not waiting for one"),
+            "a second CREATED is not forwarded"
+        );
+        assert_eq!(
+            t.dispatch(3, 7, CellCmd::Relay, R::Unspecified),
+            Dispatch::Drop("cell for an unknown circuit"),
+            "the same id on another link is another circuit"
+        );
+    }
+
+    #[test]
+    fn destroy_removes_both_sides_and_names_the_other() {
+        for (from, other) in [((1, 7), (2, 9)), ((2, 9), (1, 7))] {
+            let mut t = relay();
+            match t.dispatch(from.0, from.1, CellCmd::Destroy, R::LinkLost) {
+                Dispatch::Destroyed { notify, reason, .. } => {
+                    assert_eq!(notify, Some(other));
+                    assert_eq!(reason, R::LinkLost);
+                }
+                d => panic!("{d:?}"),
+            }
+            assert!(t.is_empty(), "both sides gone");
+            assert_eq!(
+                t.dispatch(other.0, other.1, CellCmd::Relay, R::Unspecified),
+                Dispatch::Drop("cell for an unknown circuit")
+            );
+        }
+    }
+
+    #[test]
+    fn a_lost_link_destroys_every_circuit_on_it_and_tells_the_far_sides() {
+        let mut t = relay();
+        t.add_tip(1, 8, "tip2");
+        t.add_origin(3, 1, "mine");
+        let gone = t.link_down(1);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(gone[0].notify, Some((2, 9)));
+        assert_eq!(gone[1].slot, Slot::Tip("tip2"));
+        assert_eq!(gone[1].notify, None);
+        assert_eq!(t.len(), 1, "only the circuit on link 3 is left");
+        assert!(t.contains(3, 1));
+    }
+
+    #[test]
+    fn a_pending_created_goes_to_its_waiter_once() {
+        let mut t = T::default();
+        t.add_pending(2, 5, "w");
+        assert_eq!(
+            t.dispatch(2, 5, CellCmd::Relay, R::Unspecified),
+            Dispatch::Drop("cell for a circuit still being created")
+        );
+        assert_eq!(
+            t.dispatch(2, 5, CellCmd::Created, R::Unspecified),
+            Dispatch::Created("w")
+        );
+        assert_eq!(
+            t.dispatch(2, 5, CellCmd::Created, R::Unspecified),
+            Dispatch::Drop("cell for an unknown circuit")
+        );
+        // A pending create destroyed by the next hop: its waiter hears why.
+        t.add_pending(2, 6, "w2");
+        assert_eq!(
+            t.dispatch(2, 6, CellCmd::Destroy, R::Draining),
+            Dispatch::Destroyed {
+                slot: Slot::Pending("w2"),
+                notify: None,
+                reason: R::Draining
+            }
+        );
+    }
+
+    #[test]
+    fn splice_fails_when_the_tip_closed_meanwhile() {
+        let mut t = T::default();
+        t.add_tip(1, 7, "tip");
+        assert!(matches!(
+            t.splice((1, 7), (2, 9), |t| *t == "other"),
+            Err(Error::Closed)
+        ));
+        t.remove(1, 7);
+        assert!(matches!(
+            t.splice((1, 7), (2, 9), |_| true),
+            Err(Error::Closed)
+        ));
+        assert!(t.is_empty(), "nothing changed");
+    }
+
+    #[test]
+    fn create_is_answered_once_per_id() {
+        let mut t = T::default();
+        assert_eq!(
+            t.dispatch(1, 3, CellCmd::Create, R::Unspecified),
+            Dispatch::Create
+        );
+        t.add_tip(1, 3, "tip");
+        assert_eq!(
+            t.dispatch(1, 3, CellCmd::Create, R::Unspecified),
+            Dispatch::CreateInUse
+        );
+        assert_eq!(
+            t.dispatch(1, 3, CellCmd::Relay, R::Unspecified),
+            Dispatch::Tip("tip")
+        );
+        assert_eq!(
+            t.dispatch(1, 3, CellCmd::Notice, R::Unspecified),
+            Dispatch::Drop("drain notice at the tip")
+        );
+    }
+
+    #[test]
+    fn origin_cells_and_notices() {
+        let mut t = T::default();
+        t.add_origin(4, 2, "o");
+        assert_eq!(
+            t.dispatch(4, 2, CellCmd::Created, R::Unspecified),
+            Dispatch::Origin("o")
+        );
+        assert_eq!(
+            t.dispatch(4, 2, CellCmd::Relay, R::Unspecified),
+            Dispatch::Origin("o")
+        );
+        assert_eq!(
+            t.dispatch(4, 2, CellCmd::Notice, R::Unspecified),
+            Dispatch::Notice("o")
+        );
+        assert_eq!(
+            t.carried(),
+            0,
+            "an origin circuit is not carried for others"
+        );
+    }
+}

@@ -1,0 +1,423 @@
+//! The stream-move defects of the old node code, pinned step by step on the
+//! sans-IO core: each test drives an origin and an exit over two circuits
+//! by hand, cell by cell, with cells lost where the defect needed them
+//! lost.
+
+use bytes::{BufMut, BytesMut};
+use ferry_circuit::{
+    Config, Event, Found, HEADROOM, Outcome, Phase, Resumables, Session, Side, Token,
+};
+use ferry_proto::pb::EndReason;
+
+mod common;
+use common::keys;
+
+const TOKEN: Token = [7; 16];
+
+fn cfg() -> Config {
+    Config {
+        window: 1 << 16,
+        max_streams: 16,
+        resume_timeout_ms: 1_000,
+    }
+}
+
+/// A circuit: the origin's end and the exit's end.
+struct Circ {
+    o: Session,
+    x: Session,
+}
+
+fn circuit() -> Circ {
+    let (o, x) = keys();
+    Circ {
+        o: Session::new(Side::Origin, 1, o, cfg()),
+        x: Session::new(Side::Exit, 1, x, cfg()),
+    }
+}
+
+/// Delivers every queued cell origin → exit.
+fn up(c: &mut Circ) {
+    while let Some(cell) = c.o.poll_transmit() {
+        c.x.handle_relay(cell).unwrap();
+    }
+}
+
+/// Delivers every queued cell exit → origin.
+fn down(c: &mut Circ) {
+    while let Some(cell) = c.x.poll_transmit() {
+        c.o.handle_relay(cell).unwrap();
+    }
+}
+
+/// Loses every queued cell both ways.
+fn lose(c: &mut Circ) {
+    while c.o.poll_transmit().is_some() {}
+    while c.x.poll_transmit().is_some() {}
+}
+
+fn events(s: &mut Session) -> Vec<Event> {
+    std::iter::from_fn(|| s.poll_event()).collect()
+}
+
+fn record(data: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(HEADROOM + data.len() + 16);
+    b.put_bytes(0, HEADROOM);
+    b.put_slice(data);
+    b
+}
+
+/// What an app saw: bytes, and whether it ended cleanly or with an error.
+#[derive(Default, Debug)]
+struct Seen {
+    bytes: Vec<u8>,
+    finished: bool,
+    reset: Option<EndReason>,
+}
+
+impl Seen {
+    fn take(&mut self, s: &mut Session, id: u32) -> Vec<Event> {
+        let mut rest = Vec::new();
+        for ev in events(s) {
+            match ev {
+                Event::Data { id: i, data } if i == id => {
+                    self.bytes.extend_from_slice(&data);
+                    let _ = s.consumed(id, data.len() as u64).unwrap();
+                }
+                Event::Finished { id: i } if i == id => self.finished = true,
+                Event::Reset { id: i, reason, .. } if i == id => self.reset = Some(reason),
+                e => rest.push(e),
+            }
+        }
+        rest
+    }
+}
+
+/// Opens stream 1 on `c` and connects it at the exit.
+fn open(c: &mut Circ) -> u32 {
+    let id = c.o.open("target.example", 80).unwrap();
+    up(c);
+    assert!(matches!(events(&mut c.x)[..], [Event::Begin { .. }]));
+    assert!(matches!(c.x.accept(id, TOKEN).unwrap(), Outcome::Done));
+    down(c);
+    let ev = events(&mut c.o);
+    assert!(matches!(ev[0], Event::Connected { .. }), "{ev:?}");
+    id
+}
+
+/// The `Resume` event the exit's session `to` raised.
+fn resume_event(to: &mut Session) -> (u32, u32, u64, bool) {
+    let ev: Vec<Event> = events(to)
+        .into_iter()
+        .filter(|e| !matches!(e, Event::Writable { .. }))
+        .collect();
+    let [
+        Event::Resume {
+            id,
+            token,
+            received,
+            fin,
+            attempt,
+        },
+    ] = ev[..]
+    else {
+        panic!("expected one resume: {ev:?}")
+    };
+    assert_eq!(token, TOKEN);
+    (id, attempt, received, fin)
+}
+
+/// The exit's shell for a `Resume` on `to` for a stream `from_id` on the
+/// same session.
+fn exit_moves_within(to: &mut Session, from_id: u32) -> u32 {
+    let (id, attempt, received, fin) = resume_event(to);
+    let s = to.take_for_move(from_id, attempt, received).unwrap();
+    to.accept_move(id, s, attempt, received, fin)
+        .map_err(|(e, _)| e)
+        .unwrap();
+    id
+}
+
+/// The exit's shell for a `Resume` on `to` for a stream on session `from`.
+fn exit_moves(to: &mut Session, from: &mut Session, from_id: u32) -> u32 {
+    let (id, attempt, received, fin) = resume_event(to);
+    let s = from.take_for_move(from_id, attempt, received).unwrap();
+    to.accept_move(id, s, attempt, received, fin)
+        .map_err(|(e, _)| e)
+        .unwrap();
+    id
+}
+
+/// Defect 1: a `Resume` that is never answered used to leave the move's
+/// waiter set, so a later END was swallowed and the client hung. Now the
+/// timeout hands the stream back, explicitly, and it carries on.
+#[test]
+fn an_unanswered_resume_hands_the_stream_back_and_its_end_still_arrives() {
+    let (mut a, mut b) = (circuit(), circuit());
+    let id = open(&mut a);
+    let mut seen = Seen::default();
+    assert!(matches!(
+        a.x.send_data(id, record(b"one ")).unwrap(),
+        Outcome::Done
+    ));
+    down(&mut a);
+    seen.take(&mut a.o, id);
+    // Move to b; b's Resume is lost.
+    let s = a.o.detach(id).unwrap();
+    let bid = b.o.attach_resume(s, 0).map_err(|(e, _)| e).unwrap();
+    assert_eq!(b.o.poll_timeout(), Some(1_000));
+    lose(&mut b);
+    b.o.handle_timeout(999);
+    assert!(events(&mut b.o).is_empty(), "not before the deadline");
+    b.o.handle_timeout(1_000);
+    let mut ev = events(&mut b.o);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let Some(Event::MoveFailed {
+        id: failed, stream, ..
+    }) = ev.pop()
+    else {
+        panic!("a failed move")
+    };
+    assert_eq!(failed, bid);
+    assert_eq!(b.o.stream_count(), 0, "nothing is left waiting on b");
+    assert_eq!(b.o.poll_timeout(), None);
+    // Back onto a (a Resume on the circuit it came from); the exit moves
+    // it within a.
+    let aid =
+        a.o.attach_resume(*stream, 1_000)
+            .map_err(|(e, _)| e)
+            .unwrap();
+    up(&mut a);
+    let xid = exit_moves_within(&mut a.x, id);
+    down(&mut a);
+    let rest = seen.take(&mut a.o, aid);
+    assert!(
+        rest.iter().any(|e| matches!(e, Event::Moved { .. })),
+        "{rest:?}"
+    );
+    // The exit ends the stream; the END reaches the origin's app.
+    assert!(matches!(
+        a.x.send_data(xid, record(b"two")).unwrap(),
+        Outcome::Done
+    ));
+    a.x.finish(xid, EndReason::Done, "").unwrap();
+    down(&mut a);
+    seen.take(&mut a.o, aid);
+    assert_eq!(seen.bytes, b"one two");
+    assert!(seen.finished && seen.reset.is_none(), "{seen:?}");
+}
+
+/// Defect 2: the exit used to forget a stream (token and resend buffer) as
+/// soon as its socket was done, while its last bytes and END were still in
+/// flight; a move then ended the stream short. Now the exit keeps it until
+/// the origin has acknowledged everything, END included, so the move
+/// brings the rest.
+#[test]
+fn a_move_after_the_exit_finished_still_brings_the_last_bytes_and_the_end() {
+    let (mut a, mut b) = (circuit(), circuit());
+    let id = open(&mut a);
+    // The origin is done sending: END, acknowledged.
+    a.o.finish(id, EndReason::Done, "").unwrap();
+    up(&mut a);
+    let mut exit_seen = Seen::default();
+    exit_seen.take(&mut a.x, id);
+    assert!(exit_seen.finished);
+    // The exit sends its last bytes and END: lost with the old circuit.
+    assert!(matches!(
+        a.x.send_data(id, record(b"last bytes")).unwrap(),
+        Outcome::Done
+    ));
+    a.x.finish(id, EndReason::Done, "").unwrap();
+    lose(&mut a);
+    assert_eq!(a.x.stream_count(), 1, "kept until the origin has it all");
+    // The origin moves the stream; the exit finds it and sends the rest.
+    let s = a.o.detach(id).unwrap();
+    let bid = b.o.attach_resume(s, 0).map_err(|(e, _)| e).unwrap();
+    up(&mut b);
+    let xid = exit_moves(&mut b.x, &mut a.x, id);
+    down(&mut b);
+    let mut seen = Seen::default();
+    seen.take(&mut b.o, bid);
+    assert_eq!(seen.bytes, b"last bytes");
+    assert!(seen.finished, "{seen:?}");
+    // The origin's acknowledgement (END included) lets both ends forget it.
+    up(&mut b);
+    let ev = events(&mut b.x);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Closed { id, .. } if *id == xid)),
+        "{ev:?}"
+    );
+    assert_eq!(b.x.stream_count(), 0);
+    down(&mut b);
+    assert_eq!(b.o.stream_count(), 0);
+}
+
+/// Defect 3: if the new circuit died after the exit had accepted `Resume`,
+/// falling back to the old circuit could not work (the exit had dropped
+/// the stream from it). Now the exit parks the stream of a closed circuit,
+/// and a `Resume` on any circuit — the old one too — finds it.
+#[test]
+fn when_the_new_circuit_dies_mid_move_the_old_one_takes_the_stream_back() {
+    let (mut a, mut b) = (circuit(), circuit());
+    let id = open(&mut a);
+    let mut registry: Resumables<()> = Resumables::new(30_000, 16);
+    registry.live(TOKEN, ());
+    let s = a.o.detach(id).unwrap();
+    b.o.attach_resume(s, 0).map_err(|(e, _)| e).unwrap();
+    up(&mut b);
+    let xid = exit_moves(&mut b.x, &mut a.x, id);
+    assert!(b.x.has_transmits(), "RESUMED queued, not yet delivered");
+    // Circuit b dies: the origin gets its moving stream back, the exit
+    // parks what it holds.
+    let mut back = b.o.close();
+    assert_eq!(back.len(), 1);
+    let (_, stream) = back.pop().unwrap();
+    assert!(matches!(stream.phase(), Phase::Moving { .. }));
+    let mut parked = b.x.close();
+    assert_eq!(parked[0].0, xid);
+    registry.park((), parked.pop().unwrap().1, 10);
+    // Fall back to a.
+    let aid = a.o.attach_resume(stream, 20).map_err(|(e, _)| e).unwrap();
+    up(&mut a);
+    let (rid, attempt, received, fin) = resume_event(&mut a.x);
+    let Found::Parked((), s) = registry.find(&TOKEN) else {
+        panic!("the parked stream is found")
+    };
+    a.x.accept_move(rid, *s, attempt, received, fin)
+        .map_err(|(e, _)| e)
+        .unwrap();
+    down(&mut a);
+    assert!(
+        events(&mut a.o)
+            .iter()
+            .any(|e| matches!(e, Event::Moved { id } if *id == aid))
+    );
+    assert!(matches!(
+        a.x.send_data(rid, record(b"still here")).unwrap(),
+        Outcome::Done
+    ));
+    a.x.finish(rid, EndReason::Done, "").unwrap();
+    down(&mut a);
+    let mut seen = Seen::default();
+    seen.take(&mut a.o, aid);
+    assert_eq!(seen.bytes, b"still here");
+    assert!(seen.finished);
+}
+
+/// A `Resume` delayed on a slow circuit cannot pull a stream back from
+/// where a later move put it: the exit refuses it by its attempt number,
+/// and the stream stays.
+#[test]
+fn a_stale_resume_is_refused_and_the_stream_stays() {
+    let (mut a, mut b, mut c) = (circuit(), circuit(), circuit());
+    let id = open(&mut a);
+    // Move to b; its Resume is slow. Times out; move to c instead.
+    let s = a.o.detach(id).unwrap();
+    b.o.attach_resume(s, 0).map_err(|(e, _)| e).unwrap();
+    b.o.handle_timeout(1_000);
+    let Some(Event::MoveFailed { stream, .. }) = events(&mut b.o).pop() else {
+        panic!("timed out")
+    };
+    let cid =
+        c.o.attach_resume(*stream, 1_000)
+            .map_err(|(e, _)| e)
+            .unwrap();
+    up(&mut c);
+    let xid = exit_moves(&mut c.x, &mut a.x, id);
+    down(&mut c);
+    assert!(
+        events(&mut c.o)
+            .iter()
+            .any(|e| matches!(e, Event::Moved { .. }))
+    );
+    // Now b's Resume arrives at the exit.
+    up(&mut b);
+    let (_, attempt, received, _) = resume_event(&mut b.x);
+    assert!(c.x.take_for_move(xid, attempt, received).is_err(), "stale");
+    assert_eq!(c.x.stream_count(), 1, "the stream stays on c");
+    // And it still carries bytes on c.
+    assert!(matches!(
+        c.x.send_data(xid, record(b"on c")).unwrap(),
+        Outcome::Done
+    ));
+    down(&mut c);
+    let mut seen = Seen::default();
+    seen.take(&mut c.o, cid);
+    assert_eq!(seen.bytes, b"on c");
+}
+
+/// An abnormal end reaches the other side's app as an error, never as a
+/// clean end; and the stream is gone at once.
+#[test]
+fn an_abnormal_end_is_a_reset_not_a_clean_close() {
+    let mut a = circuit();
+    let id = open(&mut a);
+    assert!(matches!(
+        a.x.send_data(id, record(b"part")).unwrap(),
+        Outcome::Done
+    ));
+    a.x.finish(id, EndReason::Reset, "connection reset")
+        .unwrap();
+    assert_eq!(a.x.stream_count(), 0);
+    down(&mut a);
+    let mut seen = Seen::default();
+    seen.take(&mut a.o, id);
+    assert_eq!(seen.bytes, b"part");
+    assert_eq!(seen.reset, Some(EndReason::Reset));
+    assert!(!seen.finished);
+    assert_eq!(a.o.stream_count(), 0);
+}
+
+/// A peer that sends past the window breaks the protocol (a hostile exit,
+/// forging cells with its real session keys).
+#[test]
+fn sending_past_the_window_is_a_protocol_error() {
+    use ferry_proto::stream::{StreamKind, header};
+    use ferry_proto::{CellCmd, cell};
+    use prost::Message;
+    let (o, mut x) = keys();
+    let mut origin = Session::new(Side::Origin, 1, o, cfg());
+    let id = origin.open("target.example", 80).unwrap();
+    let mut forge = |kind: StreamKind, body: &[u8]| {
+        let mut b = BytesMut::new();
+        b.put_slice(&cell::header(1, CellCmd::Relay));
+        b.put_slice(&header(kind, id));
+        b.put_slice(body);
+        x.tx.seal_tail_bytes(&mut b, cell::HEADER_LEN).unwrap();
+        b
+    };
+    let connected = ferry_proto::pb::Connected {
+        window: 1 << 20,
+        resume_token: TOKEN.to_vec(),
+    }
+    .encode_to_vec();
+    origin
+        .handle_relay(forge(StreamKind::Connected, &connected))
+        .unwrap();
+    let data = |off: u64| {
+        let mut body = off.to_be_bytes().to_vec();
+        body.extend_from_slice(&[9u8; 40_000]);
+        body
+    };
+    origin
+        .handle_relay(forge(StreamKind::Data, &data(0)))
+        .unwrap();
+    let err = origin
+        .handle_relay(forge(StreamKind::Data, &data(40_000)))
+        .unwrap_err();
+    assert_eq!(err.kind(), "window", "{err}");
+    assert!(err.is_violation());
+    // And a DATA offset beyond what was received is refused too.
+    let (o, mut x2) = keys();
+    let mut origin = Session::new(Side::Origin, 1, o, cfg());
+    let id2 = origin.open("target.example", 80).unwrap();
+    assert_eq!(id2, id);
+    let mut b = BytesMut::new();
+    b.put_slice(&cell::header(1, CellCmd::Relay));
+    b.put_slice(&header(StreamKind::Data, id));
+    b.put_slice(&data(5));
+    x2.tx.seal_tail_bytes(&mut b, cell::HEADER_LEN).unwrap();
+    let err = origin.handle_relay(b).unwrap_err();
+    assert_eq!(err.kind(), "protocol", "{err}");
+}

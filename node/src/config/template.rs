@@ -1,0 +1,294 @@
+//! The fully commented config file `ferry init` writes, which is also
+//! `node/ferry.example.toml`, and the `[[peers]]` block of a node.
+
+use ferry_router::{NodeId, Roles};
+use std::net::SocketAddr;
+
+/// What `ferry init` needs to write a config.
+pub struct Template<'a> {
+    /// Jurisdiction code.
+    pub jurisdiction: &'a str,
+    /// Roles.
+    pub roles: Roles,
+    /// Link listener, if any.
+    pub link: Option<SocketAddr>,
+    /// SOCKS listener, if any.
+    pub socks: Option<SocketAddr>,
+    /// Control-plane listener, if any.
+    pub mesh: Option<SocketAddr>,
+    /// Admin API listener, if any.
+    pub admin: Option<SocketAddr>,
+    /// Metrics listener.
+    pub metrics: Option<SocketAddr>,
+    /// Bootstrap addresses.
+    pub bootstrap: &'a [String],
+    /// Trusted authority keys, hex.
+    pub authority_keys: &'a [String],
+}
+
+fn roles_toml(r: Roles) -> String {
+    let names: Vec<String> = r
+        .to_string()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    format!("[{}]", names.join(", "))
+}
+
+/// The `[[peers]]` block describing a node, for other nodes' configs.
+pub fn peer_block(
+    id: &NodeId,
+    noise_public: &[u8; 32],
+    addr: Option<SocketAddr>,
+    jurisdiction: &str,
+    roles: Roles,
+) -> String {
+    let addr_line = match addr {
+        Some(a) => format!("addr = \"{a}\"\n"),
+        None => "# no addr: this node accepts no links (entry only)\n".into(),
+    };
+    format!(
+        "[[peers]]\nid = \"{}\"\nnoise_key = \"{}\"\n{addr_line}jurisdiction = \"{jurisdiction}\"\nroles = {}\n",
+        hex::encode(id.0),
+        hex::encode(noise_public),
+        roles_toml(roles)
+    )
+}
+
+/// The fully commented config file `ferry init` writes.
+pub fn render_template(t: &Template<'_>) -> String {
+    let link = match t.link {
+        Some(a) => format!("link = \"{a}\""),
+        None => "# link = \"127.0.0.1:7000\"".into(),
+    };
+    let socks = match t.socks {
+        Some(a) => format!("socks = \"{a}\""),
+        None => "# socks = \"127.0.0.1:1080\"".into(),
+    };
+    let opt = |key: &str, a: Option<SocketAddr>, example: &str| match a {
+        Some(a) => format!("{key} = \"{a}\""),
+        None => format!("# {key} = \"{example}\""),
+    };
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mesh = opt("listen", t.mesh, "127.0.0.1:7100");
+    let admin = opt("listen", t.admin, "127.0.0.1:7200");
+    let metrics = opt("listen", t.metrics, "127.0.0.1:9300");
+    let bootstrap = list(t.bootstrap);
+    let authority_keys = list(t.authority_keys);
+    format!(
+        r#"# Ferry node configuration.
+#
+# Unknown keys are errors. Sizes end in _bytes, durations in _secs.
+# Relative paths are relative to this file's folder.
+
+[node]
+# Where this node operates: an ISO 3166-1 alpha-2 country code. Rulings that
+# block a jurisdiction apply to the nodes that declare it.
+jurisdiction = "{jurisdiction}"
+# What this node does for the mesh, any of:
+#   entry  - listens for SOCKS5 clients on localhost and builds circuits
+#   relay  - forwards circuits between other nodes
+#   exit   - connects streams to their targets, under the [exit] policy
+roles = {roles}
+# Folder holding identity.key (Ed25519) and noise.key (X25519), mode 0600.
+key_dir = "."
+# Folder of the node's RocksDB store: peers, rulings, node and drain state.
+data_dir = "data"
+# Operator family: path selection keeps two nodes of one family off a circuit.
+family = ""
+# Capacity advertised to path selection, Mbit/s.
+capacity_mbps = 1000
+
+[listen]
+# Data-plane link listener (TCP, Noise). Required for the relay and exit roles.
+{link}
+# The link address other nodes dial, when it is not the listener's own: a
+# wildcard listener (0.0.0.0), NAT, or a container (in the image's config:
+# "${{FERRY_ADVERTISE_LINK}}"). Required when listen.link is a wildcard.
+# advertise_link = "203.0.113.7:7000"
+# SOCKS5 entry (RFC 1928, CONNECT). Required for the entry role. It has no
+# authentication of its own, so it must be a loopback address unless
+# socks_allow_remote = true.
+{socks}
+socks_allow_remote = false
+
+[mesh]
+# Control-plane listener (libp2p over TCP, Noise, Yamux): gossip of signed
+# node adverts and rulings, Kademlia discovery. Omit to only dial out.
+{mesh}
+# Any one reachable node is enough: "IP:port", "host.name:port" (resolved at
+# each dial, and dialled again every 2 s while no peer is connected), or a
+# libp2p multiaddr. A list, or one comma-separated string.
+bootstrap = [{bootstrap}]
+# Lifetime of this node's signed advert; it is renewed every third of it. A
+# node that vanishes leaves every peer's path selection within this time.
+advert_ttl_secs = 30
+
+[authority]
+# Public keys (64 hex digits, from `ferry authority keygen`) whose signatures
+# make a ruling, a node certificate or a revocation valid. Anything signed
+# otherwise is refused and counted. Every node of a gossip mesh needs a
+# certificate from this authority in its key dir (`node.cert`, from
+# `ferry authority admit` for the `node.request` that `ferry init` wrote);
+# peers refuse adverts without one, and take jurisdiction, family, roles and
+# capacity ceiling from it. To rotate the authority's keys: add the new key
+# here on every node (a rolling restart), cosign the rulings and revocations
+# in force with it and publish them again, re-admit nodes with it, then
+# remove the old key.
+keys = [{authority_keys}]
+# Signatures from distinct keys a ruling, certificate or revocation needs
+# (k of n).
+threshold = 1
+
+[admin]
+# Admin HTTP API: GET /v1/status, POST /v1/rulings. Loopback unless
+# allow_remote = true.
+{admin}
+allow_remote = false
+
+[metrics]
+# Prometheus metrics: GET /metrics on its own listener. Loopback unless
+# allow_remote = true. Omit to serve none.
+{metrics}
+allow_remote = false
+
+[circuit]
+# Nodes on each circuit after the origin; the last one is the exit. 1 to 8.
+hops = 3
+# Per-stream flow-control window: the most a sender may have unacknowledged.
+# The receiving end never buffers more than this per stream. 65536 to 67108864.
+stream_window_bytes = 2097152
+# Streams that share one circuit before another circuit is built. 1 to 1024.
+max_streams_per_circuit = 64
+# Time allowed to build a circuit, hop by hop. 1 to 300.
+build_timeout_secs = 10
+
+[exit]
+# Allow targets in loopback, private (RFC 1918, ULA), link-local, CGNAT,
+# multicast and other special ranges. Leave false unless the exit serves a
+# private network on purpose.
+allow_private = false
+# Ordered rules, "allow|deny CIDR[:PORTS]", PORTS as N, N-M or * (the default).
+# The first rule matching the target's resolved address wins; no match denies.
+rules = ["allow 0.0.0.0/0", "allow ::/0"]
+# Time allowed to connect to a target. 1 to 300.
+connect_timeout_secs = 10
+
+[routing]
+# Constraints on every circuit this entry builds; tenants and per-connection
+# options (in the SOCKS5 password, see the README) add to them. Regions are
+# ISO 3166-1 alpha-2 codes or blocs: EU, EEA, FIVE_EYES, FOURTEEN_EYES, GCC.
+# No hop in these:
+exclude = []
+# The exit in one of these (empty: anywhere):
+exit_in = []
+# No relay (non-exit hop) in these:
+avoid_transit = []
+# Relaxations (off: unknown jurisdictions are never used, and no two hops
+# share a jurisdiction or an operator family):
+allow_unknown = false
+allow_same_jurisdiction = false
+allow_same_family = false
+
+[drain]
+# SIGTERM drains the node for this long (no new circuits; owners move theirs
+# away), then the process exits; a second SIGTERM exits at once. 1 to 86400.
+grace_secs = 30
+# Entries finish moving circuits off a leaving node this long before its
+# exit date. 0 to 3600.
+margin_secs = 10
+# Time one circuit move is given (build, move streams, retries). 1 to 600.
+migration_secs = 5
+
+# Tenants, by SOCKS5 username: a traffic class (rulings can be scoped to
+# classes or tenants) and constraints added to [routing].
+#
+# [[tenants]]
+# name = "acme"
+# class = "enterprise"
+# exclude = ["PK"]
+# exit_in = ["CA", "CH"]
+# avoid_transit = ["FIVE_EYES"]
+# hops = 3
+
+# Known peers. A node accepts links only from Noise keys listed here, and
+# builds circuits only through these nodes. `ferry peer-info --config FILE`
+# prints a node's block to paste here.
+#
+# [[peers]]
+# id = "<64 hex digits: Ed25519 identity public key>"
+# noise_key = "<64 hex digits: X25519 Noise static public key>"
+# addr = "127.0.0.1:7001"      # omit for an entry-only client
+# jurisdiction = "CH"
+# roles = ["relay", "exit"]
+"#,
+        jurisdiction = t.jurisdiction,
+        roles = roles_toml(t.roles),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::parse;
+
+    #[test]
+    fn template_parses_and_validates() {
+        let t = Template {
+            jurisdiction: "DE",
+            roles: Roles {
+                entry: true,
+                relay: true,
+                exit: true,
+            },
+            link: Some("127.0.0.1:7000".parse().unwrap()),
+            socks: Some("127.0.0.1:1080".parse().unwrap()),
+            mesh: Some("127.0.0.1:7100".parse().unwrap()),
+            admin: Some("127.0.0.1:7200".parse().unwrap()),
+            metrics: None,
+            bootstrap: &["127.0.0.1:7101".to_string()],
+            authority_keys: &[],
+        };
+        let cfg = parse(&render_template(&t)).unwrap();
+        assert_eq!(cfg.jurisdiction.as_str(), "DE");
+        assert!(cfg.roles.exit && cfg.roles.entry);
+        assert_eq!(cfg.hops, 3);
+    }
+
+    /// `node/ferry.example.toml` documents every key; it is the template
+    /// itself, so the two cannot drift. `FERRY_UPDATE_EXAMPLE=1` rewrites it.
+    #[test]
+    fn example_file_is_the_template() {
+        let t = render_template(&Template {
+            jurisdiction: "DE",
+            roles: Roles {
+                entry: false,
+                relay: true,
+                exit: true,
+            },
+            link: Some("127.0.0.1:7000".parse().unwrap()),
+            socks: None,
+            mesh: Some("127.0.0.1:7100".parse().unwrap()),
+            admin: Some("127.0.0.1:7200".parse().unwrap()),
+            metrics: None,
+            bootstrap: &["127.0.0.1:7101".to_string()],
+            authority_keys: &[],
+        });
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/ferry.example.toml");
+        if std::env::var_os("FERRY_UPDATE_EXAMPLE").is_some() {
+            std::fs::write(path, &t).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            on_disk, t,
+            "ferry.example.toml is stale: run with FERRY_UPDATE_EXAMPLE=1"
+        );
+        parse(&t).unwrap();
+    }
+}

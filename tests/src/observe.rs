@@ -1,0 +1,127 @@
+//! Watching processes as an operator would: `GET /v1/status` from the
+//! admin API, the log, and waits until either shows what a test needs,
+//! down to a whole mesh having converged.
+
+use crate::mesh::Mesh;
+use crate::node::Proc;
+use anyhow::{Result, bail};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// How long a mesh gets to learn of all its members by gossip.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+impl Proc {
+    /// `GET /v1/status` from its admin API.
+    pub fn status(&self) -> Result<Value> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut r = agent
+            .get(&format!("http://{}/v1/status", self.admin))
+            .call()?;
+        Ok(r.body_mut().read_json()?)
+    }
+
+    /// Polls its status until `pred` holds, up to `within`; returns the
+    /// status that satisfied it.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let last = self.status();
+            if let Ok(v) = &last
+                && pred(v)
+            {
+                return Ok(v.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} never reached: {what}; last status: {last:?}",
+                    self.jurisdiction
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Polls its status until its state is `state` (`active`, `draining`
+    /// or `exited`), up to `within`; returns that status.
+    pub fn wait_state(&self, state: &str, within: Duration) -> Result<Value> {
+        self.wait_status(&format!("state {state}"), within, |v| v["state"] == state)
+    }
+
+    /// Polls its status until it lists each of `nodes` as an active peer,
+    /// up to `within`; returns the status that did.
+    pub fn wait_knows<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a Proc>,
+        within: Duration,
+    ) -> Result<Value> {
+        let want: Vec<&Proc> = nodes.into_iter().collect();
+        let names: Vec<&str> = want.iter().map(|p| p.jurisdiction.as_str()).collect();
+        let what = format!("knows {} as active peers", names.join(", "));
+        self.wait_status(&what, within, |v| {
+            want.iter()
+                .all(|p| peer(v, &p.id).is_some_and(|x| x["state"] == "active"))
+        })
+    }
+
+    /// Waits until its log contains `needle`, up to `within`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} never logged {needle:?}; log:\n{log}",
+                    self.jurisdiction
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The peer with node id `id` (hex) in a status, if it lists one.
+pub fn peer<'a>(status: &'a Value, id: &str) -> Option<&'a Value> {
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"].as_str() == Some(id))
+}
+
+impl Mesh {
+    /// Waits until the entry lists every running node as an active peer
+    /// (30 s at most); returns the entry's status then.
+    pub fn wait_entry_knows_all(&self) -> Result<Value> {
+        self.entry.wait_knows(&self.nodes, CONVERGE)
+    }
+
+    /// Waits until every running process, the entry too, lists every other
+    /// one with its jurisdiction (30 s at most for each).
+    pub fn wait_converged(&self) -> Result<()> {
+        let all = self.all();
+        for p in &all {
+            let want: Vec<(&str, &str)> = all
+                .iter()
+                .filter(|o| o.id != p.id)
+                .map(|o| (o.id.as_str(), o.jurisdiction.as_str()))
+                .collect();
+            p.wait_status("all peers known", CONVERGE, |v| {
+                want.iter()
+                    .all(|(id, j)| peer(v, id).is_some_and(|x| x["jurisdiction"] == *j))
+            })?;
+        }
+        Ok(())
+    }
+}
