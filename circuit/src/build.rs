@@ -178,3 +178,150 @@ impl Build {
         Ok(Step::Send(buf))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::pb::RefusalReason;
+
+    /// A hop: its Noise key pair and identity.
+    struct Node {
+        private: [u8; 32],
+        hop: Hop,
+        identity: ed25519_dalek::SigningKey,
+    }
+
+    fn node(seed: u8) -> Node {
+        let kp = snow::Builder::new(crypto::HOP_PATTERN.parse().unwrap())
+            .generate_keypair()
+            .unwrap();
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        Node {
+            private: kp.private.try_into().unwrap(),
+            hop: Hop {
+                node: NodeId(identity.verifying_key().to_bytes()),
+                noise_key: kp.public.try_into().unwrap(),
+            },
+            identity,
+        }
+    }
+
+    /// The tip's side of an EXTEND: opens it with its session, and answers
+    /// what `answer` makes of the handshake, sealed.
+    fn tip_answers(
+        tip: &mut Session,
+        cell: BytesMut,
+        answer: impl FnOnce(pb::Extend) -> pb::control_reply::Msg,
+    ) -> BytesMut {
+        let mut cell = cell;
+        let body = &mut cell[cell::HEADER_LEN..];
+        let n = tip.rx.open_in_place(body).unwrap();
+        let ctl: pb::Control = ferry_proto::decode_pb("control", &body[..n]).unwrap();
+        let Some(pb::control::Msg::Extend(ext)) = ctl.msg else {
+            panic!("an EXTEND")
+        };
+        let reply = pb::ControlReply {
+            msg: Some(answer(ext)),
+        }
+        .encode_to_vec();
+        let mut out = BytesMut::new();
+        out.put_slice(&cell::header(9, CellCmd::Control));
+        out.put_slice(&reply);
+        tip.tx.seal_tail_bytes(&mut out, cell::HEADER_LEN).unwrap();
+        out
+    }
+
+    #[test]
+    fn three_hops_telescope_and_the_last_session_reaches_the_exit() {
+        let nodes: Vec<Node> = (1..=3).map(node).collect();
+        let (mut b, create) =
+            Build::start(9, nodes.iter().map(|n| n.hop.clone()).collect(), 1_000).unwrap();
+        assert_eq!(b.hop(), nodes[0].hop.node);
+        let (mut tip, m2) = crypto::hop_respond(
+            &[nodes[0].private],
+            &nodes[0].identity,
+            &create[cell::HEADER_LEN..],
+        )
+        .unwrap();
+        let mut created = BytesMut::new();
+        created.put_slice(&cell::header(9, CellCmd::Created));
+        created.put_slice(&m2);
+        let mut step = b.handle_created(&created).unwrap();
+        for n in &nodes[1..] {
+            let Step::Send(extend) = step else {
+                panic!("an EXTEND to send")
+            };
+            let mut next = None;
+            let reply = tip_answers(&mut tip, extend, |ext| {
+                assert_eq!(
+                    ext.node_id,
+                    n.hop.node.0.to_vec(),
+                    "the tip learns the next hop"
+                );
+                let (s, m2) =
+                    crypto::hop_respond(&[n.private], &n.identity, &ext.handshake).unwrap();
+                next = Some(s);
+                pb::control_reply::Msg::Extended(pb::Extended { handshake: m2 })
+            });
+            step = b.handle_control(reply).unwrap();
+            tip = next.unwrap();
+        }
+        let Step::Done(mut session) = step else {
+            panic!("done after the last hop")
+        };
+        // The session is with the exit, and nobody else.
+        let mut rec = b"end to end".to_vec();
+        session.tx.seal_tail(&mut rec, 0).unwrap();
+        let n = tip.rx.open_in_place(&mut rec).unwrap();
+        assert_eq!(&rec[..n], b"end to end");
+        assert!(
+            b.handle_created(&created).is_err(),
+            "no answer after the build"
+        );
+    }
+
+    #[test]
+    fn a_hop_that_answers_as_another_node_is_found_out() {
+        let (a, impostor) = (node(1), node(2));
+        let (mut b, create) = Build::start(9, vec![a.hop.clone()], 1_000).unwrap();
+        // The key's holder answers, but proves another identity.
+        let (_, m2) = crypto::hop_respond(
+            &[a.private],
+            &impostor.identity,
+            &create[cell::HEADER_LEN..],
+        )
+        .unwrap();
+        let mut created = BytesMut::new();
+        created.put_slice(&cell::header(9, CellCmd::Created));
+        created.put_slice(&m2);
+        let err = b.handle_created(&created).map(|_| ()).unwrap_err();
+        assert_eq!(err.kind(), "crypto", "{err}");
+    }
+
+    #[test]
+    fn a_refused_extend_names_the_hop_and_whether_it_is_leaving() {
+        let (a, c) = (node(1), node(3));
+        let (mut b, create) = Build::start(9, vec![a.hop.clone(), c.hop.clone()], 1_000).unwrap();
+        let (mut tip, m2) =
+            crypto::hop_respond(&[a.private], &a.identity, &create[cell::HEADER_LEN..]).unwrap();
+        let mut created = BytesMut::new();
+        created.put_slice(&cell::header(9, CellCmd::Created));
+        created.put_slice(&m2);
+        let Step::Send(extend) = b.handle_created(&created).unwrap() else {
+            panic!("an EXTEND")
+        };
+        let reply = tip_answers(&mut tip, extend, |_| {
+            pb::control_reply::Msg::ExtendFailed(pb::ExtendFailed {
+                reason: RefusalReason::Draining as i32,
+                detail: "leaving".into(),
+            })
+        });
+        let err = b.handle_control(reply).map(|_| ()).unwrap_err();
+        assert_eq!(err.hop_leaving(), Some(c.hop.node));
+        assert_eq!(err.kind(), "extend_refused");
+        assert_eq!(
+            b.handle_destroy(DestroyReason::Exited).hop_leaving(),
+            Some(c.hop.node)
+        );
+    }
+}
