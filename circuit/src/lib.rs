@@ -13,4 +13,4 @@ pub use build::{Build, Hop, Step};
 pub use error::{Error, Result};
 pub use resume::{Found, Resumables};
 pub use session::{Config, Event, HEADROOM, Outcome, Phase, Session, Side, Stream, Token};
-pub use table::{Dispatch, LinkId, Removed, Slot, Table};
+pub use table::{Dispatch, LinkId, LinkRef, Removed, Slot, Table};

@@ -10,9 +10,10 @@
 //! the links and sessions that the slots name, and does what
 //! [`Table::dispatch`] says.
 //!
-//! The table is generic over what the shell keeps for a tip (`T`), an
-//! origin circuit (`O`) and an extend waiting for CREATED (`P`), so it can
-//! be tested with plain values.
+//! The table is generic over what the shell keeps for a link (`L`: its
+//! handle, so a forward needs no second lookup), a tip (`T`), an origin
+//! circuit (`O`) and an extend waiting for CREATED (`P`), so it can be
+//! tested with plain values.
 
 use crate::error::Error;
 use ferry_proto::CellCmd;
@@ -22,13 +23,26 @@ use std::collections::HashMap;
 /// The shell's id of a link.
 pub type LinkId = u64;
 
+/// What the table keeps of a link: something that knows its id (the
+/// shell's link handle; plain [`LinkId`]s in tests).
+pub trait LinkRef: Clone {
+    /// The link's id.
+    fn link_id(&self) -> LinkId;
+}
+
+impl LinkRef for LinkId {
+    fn link_id(&self) -> LinkId {
+        *self
+    }
+}
+
 /// One side of a circuit on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Slot<T, O, P> {
+pub enum Slot<L, T, O, P> {
     /// Forward everything to the other side.
     Forward {
         /// The other side's link.
-        link: LinkId,
+        link: L,
         /// The circuit id there.
         circ: u32,
     },
@@ -42,11 +56,11 @@ pub enum Slot<T, O, P> {
 
 /// What to do with one cell.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Dispatch<T, O, P> {
+pub enum Dispatch<L, T, O, P> {
     /// Rewrite the cell's circuit id to `circ` and send it on `link`.
     Forward {
         /// Where to.
-        link: LinkId,
+        link: L,
         /// The circuit id there.
         circ: u32,
     },
@@ -68,9 +82,9 @@ pub enum Dispatch<T, O, P> {
     /// DESTROY with `reason` to `notify` (the other side of a forward).
     Destroyed {
         /// The removed slot.
-        slot: Slot<T, O, P>,
+        slot: Slot<L, T, O, P>,
         /// The other side to tell, if the slot forwarded.
-        notify: Option<(LinkId, u32)>,
+        notify: Option<(L, u32)>,
         /// The reason the DESTROY carried.
         reason: DestroyReason,
     },
@@ -81,22 +95,22 @@ pub enum Dispatch<T, O, P> {
 /// What removing a slot leaves to do: the slot's contents to close, and
 /// the other side of a forward to tell.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Removed<T, O, P> {
+pub struct Removed<L, T, O, P> {
     /// The circuit id the slot had on its link.
     pub circ: u32,
     /// The slot.
-    pub slot: Slot<T, O, P>,
+    pub slot: Slot<L, T, O, P>,
     /// The other side of a forward: send it a DESTROY.
-    pub notify: Option<(LinkId, u32)>,
+    pub notify: Option<(L, u32)>,
 }
 
 /// Circuits by `(link, circuit id)`.
 #[derive(Debug)]
-pub struct Table<T, O, P> {
-    slots: HashMap<(LinkId, u32), Slot<T, O, P>>,
+pub struct Table<L, T, O, P> {
+    slots: HashMap<(LinkId, u32), Slot<L, T, O, P>>,
 }
 
-impl<T, O, P> Default for Table<T, O, P> {
+impl<L, T, O, P> Default for Table<L, T, O, P> {
     fn default() -> Self {
         Self {
             slots: HashMap::new(),
@@ -104,7 +118,7 @@ impl<T, O, P> Default for Table<T, O, P> {
     }
 }
 
-impl<T: Clone, O: Clone, P> Table<T, O, P> {
+impl<L: LinkRef, T: Clone, O: Clone, P> Table<L, T, O, P> {
     /// What to do with a cell `cmd` that arrived on `link` for `circ`. For
     /// DESTROY, `reason` is what it carried (ignored otherwise).
     pub fn dispatch(
@@ -113,7 +127,7 @@ impl<T: Clone, O: Clone, P> Table<T, O, P> {
         circ: u32,
         cmd: CellCmd,
         reason: DestroyReason,
-    ) -> Dispatch<T, O, P> {
+    ) -> Dispatch<L, T, O, P> {
         let key = (link, circ);
         match cmd {
             CellCmd::Create => {
@@ -145,7 +159,7 @@ impl<T: Clone, O: Clone, P> Table<T, O, P> {
             },
             CellCmd::Control | CellCmd::Relay | CellCmd::Notice => match self.slots.get(&key) {
                 Some(Slot::Forward { link, circ }) => Dispatch::Forward {
-                    link: *link,
+                    link: link.clone(),
                     circ: *circ,
                 },
                 Some(Slot::Tip(_)) if cmd == CellCmd::Notice => {
@@ -162,14 +176,14 @@ impl<T: Clone, O: Clone, P> Table<T, O, P> {
     }
 }
 
-impl<T, O, P> Table<T, O, P> {
+impl<L: LinkRef, T, O, P> Table<L, T, O, P> {
     /// For a removed forward slot, removes its other side too and returns
     /// where to send DESTROY.
-    fn unlink(&mut self, slot: &Slot<T, O, P>) -> Option<(LinkId, u32)> {
+    fn unlink(&mut self, slot: &Slot<L, T, O, P>) -> Option<(L, u32)> {
         match slot {
             Slot::Forward { link, circ } => {
-                self.slots.remove(&(*link, *circ));
-                Some((*link, *circ))
+                self.slots.remove(&(link.link_id(), *circ));
+                Some((link.clone(), *circ))
             }
             _ => None,
         }
@@ -181,7 +195,7 @@ impl<T, O, P> Table<T, O, P> {
     }
 
     /// The slot at `(link, circ)`.
-    pub fn get(&self, link: LinkId, circ: u32) -> Option<&Slot<T, O, P>> {
+    pub fn get(&self, link: LinkId, circ: u32) -> Option<&Slot<L, T, O, P>> {
         self.slots.get(&(link, circ))
     }
 
@@ -201,13 +215,13 @@ impl<T, O, P> Table<T, O, P> {
     }
 
     /// Forgets one side of a circuit, sending nothing.
-    pub fn remove(&mut self, link: LinkId, circ: u32) -> Option<Slot<T, O, P>> {
+    pub fn remove(&mut self, link: LinkId, circ: u32) -> Option<Slot<L, T, O, P>> {
         self.slots.remove(&(link, circ))
     }
 
     /// Removes a circuit from one side (the shell sends DESTROY on that
     /// side itself) and returns what is left to do.
-    pub fn destroy(&mut self, link: LinkId, circ: u32) -> Option<Removed<T, O, P>> {
+    pub fn destroy(&mut self, link: LinkId, circ: u32) -> Option<Removed<L, T, O, P>> {
         let slot = self.slots.remove(&(link, circ))?;
         let notify = self.unlink(&slot);
         Some(Removed { circ, slot, notify })
@@ -219,10 +233,12 @@ impl<T, O, P> Table<T, O, P> {
     /// circuit could have closed while the extend waited).
     pub fn splice(
         &mut self,
-        inward: (LinkId, u32),
-        outward: (LinkId, u32),
+        (in_link, in_circ): (L, u32),
+        (out_link, out_circ): (L, u32),
         is_ours: impl FnOnce(&T) -> bool,
     ) -> Result<T, Error> {
+        let inward = (in_link.link_id(), in_circ);
+        let outward = (out_link.link_id(), out_circ);
         match self.slots.get(&inward) {
             Some(Slot::Tip(t)) if is_ours(t) => {}
             _ => return Err(Error::Closed),
@@ -235,8 +251,8 @@ impl<T, O, P> Table<T, O, P> {
         let Some(Slot::Tip(tip)) = self.slots.insert(
             inward,
             Slot::Forward {
-                link: outward.0,
-                circ: outward.1,
+                link: out_link,
+                circ: out_circ,
             },
         ) else {
             unreachable!("checked just above")
@@ -244,8 +260,8 @@ impl<T, O, P> Table<T, O, P> {
         self.slots.insert(
             outward,
             Slot::Forward {
-                link: inward.0,
-                circ: inward.1,
+                link: in_link,
+                circ: in_circ,
             },
         );
         Ok(tip)
@@ -253,7 +269,7 @@ impl<T, O, P> Table<T, O, P> {
 
     /// A link went down: every circuit side on it is removed; returns what
     /// is left to do for each (the other side of forwards to tell).
-    pub fn link_down(&mut self, link: LinkId) -> Vec<Removed<T, O, P>> {
+    pub fn link_down(&mut self, link: LinkId) -> Vec<Removed<L, T, O, P>> {
         let mut keys: Vec<u32> = self
             .slots
             .keys()
@@ -267,7 +283,7 @@ impl<T, O, P> Table<T, O, P> {
     }
 
     /// Removes every circuit; returns each side as `(link, Removed)`.
-    pub fn drain_all(&mut self) -> Vec<(LinkId, Removed<T, O, P>)> {
+    pub fn drain_all(&mut self) -> Vec<(LinkId, Removed<L, T, O, P>)> {
         let mut all: Vec<_> = self.slots.drain().collect();
         all.sort_unstable_by_key(|(k, _)| *k);
         all.into_iter()
@@ -300,15 +316,18 @@ impl<T, O, P> Table<T, O, P> {
         forwards / 2 + tips
     }
 
-    /// Every `(link, circ)` that forwards (where a drain notice goes).
-    pub fn forwarding(&self) -> Vec<(LinkId, u32)> {
-        let mut v: Vec<(LinkId, u32)> = self
+    /// Every side of every circuit this node forwards, as `(link, circ)`
+    /// (where a drain notice goes).
+    pub fn forwarding(&self) -> Vec<(L, u32)> {
+        let mut v: Vec<(L, u32)> = self
             .slots
-            .iter()
-            .filter(|(_, s)| matches!(s, Slot::Forward { .. }))
-            .map(|(k, _)| *k)
+            .values()
+            .filter_map(|s| match s {
+                Slot::Forward { link, circ } => Some((link.clone(), *circ)),
+                _ => None,
+            })
             .collect();
-        v.sort_unstable();
+        v.sort_unstable_by_key(|(l, c)| (l.link_id(), *c));
         v
     }
 
@@ -333,7 +352,7 @@ mod tests {
     use super::*;
     use DestroyReason as R;
 
-    type T = Table<&'static str, &'static str, &'static str>;
+    type T = Table<LinkId, &'static str, &'static str, &'static str>;
 
     fn relay() -> T {
         // Circuit 7 on link 1 is spliced to circuit 9 on link 2.

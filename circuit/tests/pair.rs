@@ -89,7 +89,7 @@ struct World {
     now: u64,
     plan: Plan,
     circs: Vec<Circ>,
-    relay: Table<(), (), ()>,
+    relay: Table<ferry_circuit::LinkId, (), (), ()>,
     /// Where each stream is at the origin: (circuit, id); None while handed back.
     o_at: Vec<Option<(usize, u32)>>,
     /// Where each stream is at the exit.

@@ -712,7 +712,12 @@ impl Endpoint {
             let (stream, todo) = self.run(|g| g.core.detach(id));
             at.loc = None;
             match stream {
-                Some(stream) if self.exit.is_some() && stream.phase() == Phase::Open => {
+                // Parked for a move, unless this node is going away.
+                Some(stream)
+                    if self.exit.is_some()
+                        && reason != DestroyReason::Shutdown
+                        && stream.phase() == Phase::Open =>
+                {
                     if let Some(x) = &self.exit {
                         x.registry().park(h.clone(), stream, now);
                     }

@@ -58,6 +58,38 @@ pub type LinkId = u64;
 #[error("malformed cell: {0}")]
 pub struct Malformed(#[from] ferry_proto::DecodeError);
 
+/// Why a link's reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A frame's length prefix was out of bounds.
+    #[error("bad frame: {0}")]
+    Frame(#[from] ferry_proto::FrameError),
+    /// A record did not authenticate (or the nonce ran out).
+    #[error("link record: {0}")]
+    Record(#[from] crypto::CryptoError),
+    /// A cell did not parse.
+    #[error("{0}")]
+    Cell(#[from] Malformed),
+    /// The socket failed.
+    #[error("link read: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("peer closed the link mid-frame")]
+    Truncated,
+}
+
+impl LinkError {
+    /// A bounded label: `malformed` (the peer broke the protocol), `io`
+    /// or `truncated`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Frame(_) | LinkError::Record(_) | LinkError::Cell(_) => "malformed",
+            LinkError::Io(_) => "io",
+            LinkError::Truncated => "truncated",
+        }
+    }
+}
+
 /// What a link needs from the node that runs it. The switch implements it;
 /// the link calls nothing else of the node, so it does not depend on the
 /// switch's types.
@@ -363,19 +395,19 @@ fn start<H: LinkHost>(
     switch.tasks().spawn(
         async move {
             let reason = tokio::select! {
-                r = read_loop(&sw, &l2, r, opener, leftover) => r.err().map(|e| format!("{e:#}")),
+                r = read_loop(&sw, &l2, r, opener, leftover) => r.err(),
                 _ = closed.cancelled() => None,
             };
             match &reason {
                 Some(r) => {
-                    if r.contains("malformed") || r.contains("authenticat") || r.contains("frame") {
+                    if r.kind() == "malformed" {
                         sw.metrics()
                             .node
                             .refusals
                             .with_label_values(&["malformed"])
                             .inc();
                     }
-                    warn!(reason = %r, "link closed")
+                    warn!(reason = %r, kind = r.kind(), "link closed")
                 }
                 None => debug!("link closed"),
             }
@@ -442,7 +474,7 @@ async fn read_loop<H: LinkHost>(
     mut r: OwnedReadHalf,
     mut opener: crypto::Opener,
     mut buf: BytesMut,
-) -> Result<()> {
+) -> Result<(), LinkError> {
     loop {
         while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut buf)? {
             switch
@@ -462,7 +494,7 @@ async fn read_loop<H: LinkHost>(
                 info!("link closed by peer");
                 return Ok(());
             }
-            bail!("peer closed the link mid-frame");
+            return Err(LinkError::Truncated);
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::link::{self, LinkHandle, LinkHost, LinkId, cell};
 use anyhow::Result;
 use bytes::BytesMut;
 use ferry_circuit::Side;
-use ferry_circuit::{Dispatch, Removed, Slot, Table};
+use ferry_circuit::{Dispatch, LinkRef, Removed, Slot, Table};
 use ferry_proto::pb::{self, DestroyReason, RefusalReason};
 use ferry_proto::{Cell, CellCmd, cell as cellfmt};
 use ferry_router::NodeId;
@@ -52,8 +52,19 @@ pub trait OriginSlot: Send + Sync {
 /// What the table keeps for an origin circuit.
 type Origin = Arc<dyn OriginSlot>;
 
+/// A link as the circuit table keeps it: the handle itself, so forwarding
+/// a cell takes no second lookup.
+#[derive(Clone, Debug)]
+pub struct Out(pub Arc<LinkHandle>);
+
+impl LinkRef for Out {
+    fn link_id(&self) -> LinkId {
+        self.0.id
+    }
+}
+
 /// The node's circuit table, with what the switch keeps for each slot.
-type Circuits = Table<Arc<Endpoint>, Origin, Waiter>;
+type Circuits = Table<Out, Arc<Endpoint>, Origin, Waiter>;
 
 /// The node's switching core.
 pub struct Switch {
@@ -255,8 +266,8 @@ impl Switch {
     /// Ends what a removed slot held; tells the other side of a forward.
     fn finish_removed(
         &self,
-        slot: Slot<Arc<Endpoint>, Origin, Waiter>,
-        notify: Option<(LinkId, u32)>,
+        slot: Slot<Out, Arc<Endpoint>, Origin, Waiter>,
+        notify: Option<(Out, u32)>,
         reason: DestroyReason,
     ) {
         if !matches!(slot, Slot::Pending(_)) {
@@ -266,9 +277,7 @@ impl Switch {
                 .with_label_values(&[&crate::metrics::destroy_label(reason)])
                 .inc();
         }
-        if let Some((l, c)) = notify
-            && let Some(link) = self.link_by_id(l)
-        {
+        if let Some((Out(link), c)) = notify {
             link.try_send(destroy_cell(c, reason));
         }
         match slot {
@@ -325,17 +334,11 @@ impl Switch {
                 self.finish_removed(slot, notify, reason);
             }
             Dispatch::Forward {
-                link: out,
+                link: Out(out),
                 circ: out_circ,
             } => {
-                let sent = match self.link_by_id(out) {
-                    Some(out) => {
-                        cellfmt::set_circ_id(&mut buf, out_circ);
-                        out.send(buf).await.is_ok()
-                    }
-                    None => false,
-                };
-                if !sent {
+                cellfmt::set_circ_id(&mut buf, out_circ);
+                if out.send(buf).await.is_err() {
                     self.destroy(link, circ, DestroyReason::LinkLost);
                 }
             }
@@ -417,14 +420,8 @@ impl Switch {
             reason: reason.to_string(),
         }
         .encode_to_vec();
-        let targets: Vec<(Arc<LinkHandle>, u32)> = {
-            let forwarding = self.table().forwarding();
-            forwarding
-                .into_iter()
-                .filter_map(|(lid, circ)| self.link_by_id(lid).map(|l| (l, circ)))
-                .collect()
-        };
-        for (link, circ) in &targets {
+        let targets = self.table().forwarding();
+        for (Out(link), circ) in &targets {
             link.try_send(cell(*circ, CellCmd::Notice, &body));
         }
         debug!(circuits = targets.len(), "drain notices sent");
@@ -731,11 +728,11 @@ impl Switch {
             }
         };
         // Splice: from now on this node only forwards this circuit.
-        let spliced = self
-            .table()
-            .splice((in_link.id, in_circ), (out.id, out_circ), |e| {
-                Arc::ptr_eq(e, end)
-            });
+        let spliced = self.table().splice(
+            (Out(in_link.clone()), in_circ),
+            (Out(out.clone()), out_circ),
+            |e| Arc::ptr_eq(e, end),
+        );
         if spliced.is_err() {
             out.try_send(destroy_cell(out_circ, DestroyReason::Finished));
             return Err((
