@@ -10,11 +10,22 @@
 //! | `exclude` | no hop in these regions (country codes or blocs) |
 //! | `exit_in` (or `exit`) | the exit in one of these |
 //! | `avoid_transit` (or `avoid`) | no relay (non-exit hop) in these |
-//! | `hops` | hops after the entry, 1 to 8 |
-//! | `class` | traffic class, for rulings scoped to classes |
+//! | key | narrows? |
+//! | --- | --- |
+//! | `exclude` | yes: no hop in these regions (country codes or blocs) |
+//! | `exit_in` (or `exit`) | yes: the exit in one of these (intersected with the entry's and tenant's) |
+//! | `avoid_transit` (or `avoid`) | yes: no relay (non-exit hop) in these |
+//! | `hops` | only upward: hops after the entry, at least the configured count, at most 8 |
+//! | `class` | no: the traffic class is the tenant's; naming another is refused |
 //!
-//! Connection and tenant add to the node's constraints: excludes add up, exit
-//! sets intersect, the most specific hop count wins.
+//! A connection may only narrow what the entry and its tenant allow:
+//! excludes add up, exit sets intersect, hops may rise. An option that would
+//! widen — fewer hops than configured, another traffic class (which could
+//! slip past a ruling scoped to the tenant's class) — is refused with a
+//! reason (SOCKS reply 0x02). The `[routing]` relaxations (`allow_unknown`,
+//! `allow_same_jurisdiction`, `allow_same_family`) are the entry's alone:
+//! they hold for every tenant and connection, and nothing a client sends
+//! changes them.
 
 use anyhow::{Result, anyhow, bail};
 use ferry_router::{Blocs, Constraints, Region, Resolved};
@@ -142,17 +153,48 @@ pub struct Route {
 }
 
 impl Policy {
+    /// The entry's relaxations on `c` (nothing else sets them).
+    fn relax(&self, mut c: Constraints) -> Constraints {
+        c.allow_unknown = self.node.allow_unknown;
+        c.allow_same_jurisdiction = self.node.allow_same_jurisdiction;
+        c.allow_same_family = self.node.allow_same_family;
+        c
+    }
+
     /// Resolves a connection: `tenant` is the SOCKS5 username (empty: none).
+    /// Options that would widen what the entry and tenant allow are
+    /// refused, with the reason.
     pub fn route(&self, tenant: &str, conn: &ConnOptions) -> Result<Route> {
         let t = self.tenants.get(tenant).cloned().unwrap_or_default();
-        let with_tenant = Constraints::merge(&self.node, &t.constraints, blocs(), self.hops)
-            .map_err(|e| anyhow!("{e}"))?;
-        let conn_resolved = conn
-            .constraints
+        let with_tenant =
+            Constraints::merge(&self.node, &self.relax(t.constraints), blocs(), self.hops)
+                .map_err(|e| anyhow!("{e}"))?;
+        if let Some(class) = &conn.class
+            && *class != t.class
+        {
+            bail!(
+                "class={class}: a connection may not change its traffic class (it is {})",
+                if t.class.is_empty() {
+                    "the default class".to_string()
+                } else {
+                    format!("`{}`", t.class)
+                }
+            );
+        }
+        if let Some(h) = conn.constraints.hops
+            && h < with_tenant.hops
+        {
+            bail!(
+                "hops={h}: this entry builds at least {} hops; options may only raise it",
+                with_tenant.hops
+            );
+        }
+        let conn_resolved = self
+            .relax(conn.constraints.clone())
             .resolve(blocs(), with_tenant.hops)
             .map_err(|e| anyhow!("{e}"))?;
         let constraints = with_tenant.and(conn_resolved);
-        let class = conn.class.clone().unwrap_or(t.class);
+        let class = t.class;
         let key = format!(
             "{tenant}|{class}|{}|{}",
             constraints.hops,
@@ -213,11 +255,11 @@ mod tests {
                 },
             },
         );
-        let conn = ConnOptions::parse("exit_in=CA;hops=2").unwrap();
+        let conn = ConnOptions::parse("exit_in=CA;hops=4").unwrap();
         let r = p.route("acme", &conn).unwrap();
         assert_eq!(r.scope.class, "enterprise");
         assert_eq!(r.scope.tenant, "acme");
-        assert_eq!(r.constraints.hops, 2);
+        assert_eq!(r.constraints.hops, 4, "options may raise hops");
         let text = r.constraints.describe();
         for part in ["exclude=AE", "exclude=PK", "exit_in=CA"] {
             assert!(text.contains(part), "{text}");
@@ -227,9 +269,128 @@ mod tests {
         assert_eq!(other.constraints.hops, 3);
         assert!(!other.constraints.describe().contains("PK"));
         assert_ne!(r.key, other.key);
-        let own_class = p
-            .route("acme", &ConnOptions::parse("class=bulk").unwrap())
+        // Naming its own class changes nothing.
+        let same = p
+            .route("acme", &ConnOptions::parse("class=enterprise").unwrap())
             .unwrap();
-        assert_eq!(own_class.scope.class, "bulk");
+        assert_eq!(same.scope.class, "enterprise");
+    }
+
+    /// A connection may only narrow: another class, or fewer hops than the
+    /// entry builds, is refused with the reason.
+    #[test]
+    fn widening_options_are_refused_with_the_reason() {
+        let mut p = Policy {
+            node: Constraints::default(),
+            tenants: HashMap::new(),
+            hops: 3,
+        };
+        p.tenants.insert(
+            "acme".into(),
+            Tenant {
+                class: "enterprise".into(),
+                constraints: Constraints::default(),
+            },
+        );
+        let err = |tenant: &str, opts: &str| {
+            p.route(tenant, &ConnOptions::parse(opts).unwrap())
+                .map(|r| r.scope.class)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("acme", "class=consumer");
+        assert!(
+            e.contains("may not change its traffic class") && e.contains("`enterprise`"),
+            "{e}"
+        );
+        let e = err("", "class=enterprise");
+        assert!(e.contains("the default class"), "{e}");
+        let e = err("acme", "hops=1");
+        assert!(e.contains("at least 3 hops"), "{e}");
+        assert_eq!(
+            p.route("acme", &ConnOptions::parse("hops=3").unwrap())
+                .unwrap()
+                .constraints
+                .hops,
+            3
+        );
+    }
+
+    /// Each `[routing]` relaxation allows a path that is refused without
+    /// it, for anonymous clients, tenants and connections with options.
+    #[test]
+    fn the_relaxations_each_allow_a_path_that_is_refused_without_them() {
+        use ferry_router::{
+            Jurisdiction, MeshView, NodeId, NodeInfo, PathIndex, PathRequest, Roles, RulingSet,
+            Time,
+        };
+        use rand::SeedableRng;
+        let relay = Roles {
+            relay: true,
+            ..Roles::default()
+        };
+        let exit = Roles {
+            exit: true,
+            ..Roles::default()
+        };
+        let node = |i: u8, j: Option<&str>, roles: Roles, family: u32| {
+            let mut n = NodeInfo::new(
+                NodeId([i; 32]),
+                j.map(|j| Jurisdiction::parse(j).unwrap()),
+                roles,
+            );
+            n.family = family;
+            n
+        };
+        // Each mesh has one 2-hop path, and it needs one relaxation.
+        type Relax = fn(&mut Constraints);
+        let cases: [(&str, Vec<NodeInfo>, Relax); 3] = [
+            (
+                "allow_unknown",
+                vec![node(1, Some("DE"), relay, 1), node(2, None, exit, 2)],
+                |c| c.allow_unknown = true,
+            ),
+            (
+                "allow_same_jurisdiction",
+                vec![node(1, Some("DE"), relay, 1), node(2, Some("DE"), exit, 2)],
+                |c| c.allow_same_jurisdiction = true,
+            ),
+            (
+                "allow_same_family",
+                vec![node(1, Some("DE"), relay, 7), node(2, Some("CH"), exit, 7)],
+                |c| c.allow_same_family = true,
+            ),
+        ];
+        for (name, nodes, relax) in cases {
+            let view = MeshView::new(nodes);
+            let works = |p: &Policy, tenant: &str, opts: &str| {
+                let r = p.route(tenant, &ConnOptions::parse(opts).unwrap()).unwrap();
+                let index = PathIndex::build(&view, &RulingSet::new(), &r.scope, Time(0));
+                let req = PathRequest {
+                    origin: None,
+                    exit: None,
+                    avoid: Vec::new(),
+                };
+                let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+                index.pick(&r.constraints, &req, &mut rng).is_ok()
+            };
+            let mut p = Policy {
+                node: Constraints::default(),
+                tenants: HashMap::new(),
+                hops: 2,
+            };
+            p.tenants.insert("acme".into(), Tenant::default());
+            assert!(!works(&p, "", ""), "{name}: a path without it");
+            relax(&mut p.node);
+            assert!(works(&p, "", ""), "{name}: no path with it");
+            assert!(
+                works(&p, "acme", "exclude=PK"),
+                "{name}: lost for a tenant with options"
+            );
+            assert!(
+                works(&p, "nobody", "hops=2"),
+                "{name}: lost for an unknown name"
+            );
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct Options {
     pub unadmitted: Vec<usize>,
     /// Advertised capacity of some nodes (by spec index), Mbit/s.
     pub capacity_of: Vec<(usize, u32)>,
+    /// TOML appended to the entry's config (for example `[[tenants]]`).
+    pub entry_toml: String,
 }
 
 impl Options {
@@ -100,6 +102,7 @@ impl Default for Options {
             admit_args: Vec::new(),
             unadmitted: Vec::new(),
             capacity_of: Vec::new(),
+            entry_toml: String::new(),
         }
     }
 }
@@ -233,6 +236,10 @@ impl Mesh {
                 text.push('\n');
                 text.push_str(p);
             }
+            if i + 1 == members.len() && !opts.entry_toml.is_empty() {
+                text.push('\n');
+                text.push_str(&opts.entry_toml);
+            }
             std::fs::write(&cfg, text)?;
         }
         let mut procs = Vec::new();
@@ -288,6 +295,10 @@ impl Mesh {
             "advert_ttl_secs = 30",
             &format!("advert_ttl_secs = {}", self.opts.advert_ttl_secs),
         );
+        if !self.opts.entry_toml.is_empty() {
+            text.push('\n');
+            text.push_str(&self.opts.entry_toml);
+        }
         std::fs::write(&cfg, text)?;
         let block = run_ferry(&["peer-info", "--config", cfg.to_str().unwrap()])?;
         let entry = Prepared {

@@ -380,7 +380,13 @@ async fn sigterm_on_a_relay_moves_its_circuits_and_the_transfer_completes() {
 async fn a_scoped_ruling_leaves_other_traffic_alone() {
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = authority(keys.path());
-    let mesh = Mesh::start(&CA_PK_DE, &gossip_opts(public, (30, 2, 2), vec![])).unwrap();
+    // The tenant `acme` is of class enterprise; its connections cannot
+    // change that (nor take fewer hops than the entry builds).
+    let opts = Options {
+        entry_toml: "[[tenants]]\nname = \"acme\"\nclass = \"enterprise\"\n".into(),
+        ..gossip_opts(public, (30, 2, 2), vec![])
+    };
+    let mesh = Mesh::start(&CA_PK_DE, &opts).unwrap();
     mesh.wait_entry_knows_all().unwrap();
     let (target, _uploads) = pattern_server_paced(None).await.unwrap();
     let now = now_ms();
@@ -412,7 +418,7 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
             200 + i,
             MIB,
             None,
-            Some(("", "class=enterprise")),
+            Some(("acme", "")),
         ));
         // Other traffic may still cross PK: with DE excluded it must.
         tasks.push(spawn_transfer(
@@ -453,6 +459,35 @@ async fn a_scoped_ruling_leaves_other_traffic_alone() {
     assert_eq!(
         pk["state"], "active",
         "a scoped ruling does not drain the node"
+    );
+    // The attack: the enterprise tenant renames its class, or lowers its
+    // hops, to get a path through PK (with DE excluded, PK is the only
+    // relay). Both are refused (SOCKS 0x02), and the entry says why.
+    for opts in ["class=consumer;exclude=DE", "hops=1;exclude=DE"] {
+        let r = socks_connect_as(
+            mesh.socks(),
+            "127.0.0.1",
+            target.port(),
+            Some(("acme", opts)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.err(), Some(2), "acme with `{opts}`");
+    }
+    // Its own class and no widening: no path avoids both DE and PK.
+    let r = socks_connect_as(
+        mesh.socks(),
+        "127.0.0.1",
+        target.port(),
+        Some(("acme", "exclude=DE")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.err(), Some(2), "no enterprise path through PK");
+    let log = mesh.entry.log();
+    assert!(
+        log.contains("may not change its traffic class") && log.contains("at least 2 hops"),
+        "the refusals' reasons in the entry's log:\n{log}"
     );
 }
 

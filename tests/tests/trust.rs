@@ -39,7 +39,18 @@ fn circuit_nodes(v: &Value) -> Vec<String> {
 /// One echo round trip through `socks` with SOCKS5 options `opts`: Ok if
 /// the bytes came back intact, Err(reply code) if the entry refused.
 async fn echo(socks: SocketAddr, target: SocketAddr, opts: &str, n: u8) -> Result<(), u8> {
-    let auth = (!opts.is_empty()).then_some(("-", opts));
+    echo_as(socks, target, "-", opts, n).await
+}
+
+/// [`echo`] as the tenant `user`.
+async fn echo_as(
+    socks: SocketAddr,
+    target: SocketAddr,
+    user: &str,
+    opts: &str,
+    n: u8,
+) -> Result<(), u8> {
+    let auth = (!opts.is_empty() || user != "-").then_some((user, opts));
     let mut s = socks_connect_as(socks, "127.0.0.1", target.port(), auth)
         .await
         .unwrap()?;
@@ -404,6 +415,8 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
     let opts = Options {
         admit_with: Some(kd.clone()),
         hops: 2,
+        // Entries' tenant of the class the ruling below is scoped to.
+        entry_toml: "[[tenants]]\nname = \"acme\"\nclass = \"enterprise\"\n".into(),
         ..Options::gossip(public)
     };
     let mesh = Mesh::start(&CA_PK_DE, &opts).unwrap();
@@ -495,10 +508,11 @@ async fn a_node_that_joins_late_has_the_rulings_before_it_is_ready() {
         .iter()
         .enumerate()
     {
-        echo(
+        echo_as(
             late_socks,
             target,
-            &format!("class=enterprise;exclude={cc}"),
+            "acme",
+            &format!("exclude={cc}"),
             n as u8,
         )
         .await
@@ -578,7 +592,7 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
     assert!(relay.dir.join("noise.retiring.key").exists());
     // New circuits during the grace (old or new key) and after it (new key).
     let echo_target = echo_server().await.unwrap();
-    echo(socks, echo_target, "class=during", 1)
+    echo(socks, echo_target, "exclude=AE", 1)
         .await
         .expect("a new circuit during the grace");
     let retiring = relay.dir.join("noise.retiring.key");
@@ -592,7 +606,7 @@ async fn rotating_a_relays_noise_key_under_load_loses_no_byte() {
             peer(v, &relay.id).is_some_and(|p| p["noise_key"] == new_key.as_str())
         })
         .unwrap();
-    echo(socks, echo_target, "class=after", 2)
+    echo(socks, echo_target, "exclude=AF", 2)
         .await
         .expect("a new circuit after the grace");
 
