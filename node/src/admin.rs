@@ -359,6 +359,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
                     "built_at_ms": c.built_at_ms,
                     "tenant": c.route.scope.tenant,
                     "class": c.route.scope.class,
+                    "constraints": c.route.constraints.describe(),
                 }));
             }
             let s = &o.stats;

@@ -25,6 +25,7 @@
 //! layouts (`ferry-proto`).
 
 pub mod admin;
+pub mod auth;
 pub mod authority;
 pub mod cert;
 pub mod config;

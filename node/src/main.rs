@@ -217,6 +217,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Entry tenants: credentials and scope.
+    Tenant {
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Print a `[[tenants]]` block with an Argon2id hash of the tenant's
+    /// password, to paste into an entry's ferry.toml. The password is read
+    /// from a prompt (on a terminal) or from the first line of stdin.
+    Add {
+        /// The tenant's name (its SOCKS5 username).
+        name: String,
+        /// Its traffic class (rulings may be scoped to classes).
+        #[arg(long, default_value = "")]
+        class: String,
+        /// No hop in these regions (comma-separated codes or blocs).
+        #[arg(long, default_value = "")]
+        exclude: String,
+        /// The exit in one of these.
+        #[arg(long, default_value = "")]
+        exit_in: String,
+        /// Hops after the entry, if not the entry's own.
+        #[arg(long)]
+        hops: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -416,6 +444,16 @@ fn main() -> Result<()> {
             cmd: KeysCmd::RotateNoise { admin, grace },
         } => admission_cli::rotate_noise(admin, grace),
         Cmd::Paths { admin, n, json } => admission_cli::paths(admin, n, json),
+        Cmd::Tenant {
+            cmd:
+                TenantCmd::Add {
+                    name,
+                    class,
+                    exclude,
+                    exit_in,
+                    hops,
+                },
+        } => tenant_add(&name, &class, &exclude, &exit_in, hops),
         Cmd::Policy {
             cmd:
                 PolicyCmd::Sign {
@@ -741,6 +779,7 @@ async fn run_node(
     let (j, roles) = (cfg.jurisdiction, cfg.roles);
     let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
     on_signals(shutdown.clone(), &running)?;
+    on_sighup(path.clone(), &running)?;
     let fmt = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
         "ready: node {} ({j}, {roles}) link {} socks {}",
@@ -763,5 +802,103 @@ async fn demo(socks: SocketAddr) -> Result<()> {
     println!("\nStopping the demo mesh...");
     demo.stop().await;
     println!("Stopped.");
+    Ok(())
+}
+
+/// `ferry tenant add`: reads the password, prints the block.
+fn tenant_add(
+    name: &str,
+    class: &str,
+    exclude: &str,
+    exit_in: &str,
+    hops: Option<usize>,
+) -> Result<()> {
+    use std::io::IsTerminal;
+    if name.is_empty() || name.len() > 255 || name == "-" {
+        bail!("the tenant name must be 1 to 255 characters, and not `-` (it is a SOCKS5 username)");
+    }
+    if class.len() > 64 {
+        bail!("--class must be at most 64 characters");
+    }
+    if hops.is_some_and(|h| !(1..=8).contains(&h)) {
+        bail!("--hops must be 1 to 8");
+    }
+    let list = |s: &str| -> Result<Vec<String>> {
+        let items: Vec<String> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect();
+        ferry_node::routing::parse_regions(&items)?;
+        Ok(items)
+    };
+    let (exclude, exit_in) = (
+        list(exclude).context("--exclude")?,
+        list(exit_in).context("--exit-in")?,
+    );
+    let password = if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password(format!("password for {name}: "))?;
+        if p != rpassword::prompt_password("again: ")? {
+            bail!("the two passwords differ");
+        }
+        p
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    // The SOCKS5 password carries it (at most 255 bytes with the options).
+    if password.is_empty() || password.len() > 200 || password.contains('|') {
+        bail!("the password must be 1 to 200 bytes, without `|` (it separates the options)");
+    }
+    let hash = ferry_node::auth::hash_password(&password)?;
+    let quoted = |v: &[String]| {
+        v.iter()
+            .map(|x| format!("{x:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("[[tenants]]");
+    println!("name = {name:?}");
+    println!("class = {class:?}");
+    if !exclude.is_empty() {
+        println!("exclude = [{}]", quoted(&exclude));
+    }
+    if !exit_in.is_empty() {
+        println!("exit_in = [{}]", quoted(&exit_in));
+    }
+    if let Some(h) = hops {
+        println!("hops = {h}");
+    }
+    println!("password_hash = {hash:?}");
+    Ok(())
+}
+
+/// SIGHUP reloads the entry's tenants and routing policy from the config
+/// file, without a restart: a file that does not validate is refused with
+/// the reason, and the tenants in force stay. Other settings need a
+/// restart.
+fn on_sighup(path: PathBuf, running: &node::Running) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Some(origin) = running.origin.clone() else {
+        return Ok(());
+    };
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match NodeConfig::load(&path) {
+                Ok(cfg) => {
+                    let n = cfg.routing.tenants.len();
+                    origin.set_policy(cfg.routing);
+                    tracing::info!(tenants = n, "SIGHUP: tenants and routing reloaded");
+                }
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "SIGHUP: the config does not validate; the tenants in force stay"
+                ),
+            }
+        }
+    });
     Ok(())
 }

@@ -206,6 +206,9 @@ pub struct Origin {
     scheduled: Mutex<HashMap<u64, (Time, Time)>>,
     /// Counters for status.
     pub stats: OriginStats,
+    /// The routing policy and tenants in force (the config's, until a
+    /// reload replaces them).
+    policy: std::sync::RwLock<Arc<crate::routing::Policy>>,
 }
 
 /// What the origin has done about drains.
@@ -229,6 +232,7 @@ const BUILD_TRIES: usize = 3;
 impl Origin {
     /// An origin over this node's switch.
     pub fn new(switch: Arc<Switch>) -> Arc<Self> {
+        let switch_policy = switch.cfg.routing.clone();
         Arc::new(Self {
             switch,
             rng: Mutex::new(StdRng::from_entropy()),
@@ -236,7 +240,19 @@ impl Origin {
             next_id: AtomicU64::new(1),
             scheduled: Mutex::new(HashMap::new()),
             stats: OriginStats::default(),
+            policy: std::sync::RwLock::new(Arc::new(switch_policy.clone())),
         })
+    }
+
+    /// The routing policy and tenants in force.
+    pub fn policy(&self) -> Arc<crate::routing::Policy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    /// Replaces the routing policy and tenants (a reload); connections
+    /// already open keep the routes they were given.
+    pub fn set_policy(&self, policy: crate::routing::Policy) {
+        *self.policy.write().expect("policy lock") = Arc::new(policy);
     }
 
     fn view(&self, now: u64) -> MeshView {
@@ -373,9 +389,7 @@ impl Origin {
     pub fn sample_paths(&self, n: usize) -> (std::collections::BTreeMap<NodeId, usize>, usize) {
         let mut counts = std::collections::BTreeMap::new();
         let Ok(route) = self
-            .switch
-            .cfg
-            .routing
+            .policy()
             .route("", &crate::routing::ConnOptions::default())
         else {
             return (counts, n);

@@ -64,13 +64,15 @@ pub fn parse_regions<S: AsRef<str>>(items: &[S]) -> Result<Vec<Region>> {
         .collect()
 }
 
-/// A tenant: its traffic class and constraints.
+/// A tenant: its traffic class, constraints and credentials.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tenant {
     /// Traffic class (rulings may be scoped to classes).
     pub class: String,
     /// Its constraints.
     pub constraints: Constraints,
+    /// Argon2id hash of its password (PHC string), if it has one.
+    pub password_hash: Option<String>,
 }
 
 /// What one SOCKS5 connection asks for.
@@ -139,6 +141,9 @@ pub struct Policy {
     pub tenants: HashMap<String, Tenant>,
     /// Default hops (`circuit.hops`).
     pub hops: usize,
+    /// The class anonymous clients get, if they are served (`None`: the
+    /// entry requires a tenant's credentials).
+    pub anonymous: Option<String>,
 }
 
 /// A connection's resolved routing: constraints and traffic scope.
@@ -161,11 +166,64 @@ impl Policy {
         c
     }
 
-    /// Resolves a connection: `tenant` is the SOCKS5 username (empty: none).
-    /// Options that would widen what the entry and tenant allow are
-    /// refused, with the reason.
+    /// Checks a client's credentials (`None`: it sent none; a username of
+    /// `""` or `-` is anonymous). Slow on purpose (Argon2id): call it off
+    /// the async threads. See [`crate::auth`].
+    pub fn authenticate(
+        &self,
+        creds: Option<(&str, &str)>,
+    ) -> std::result::Result<crate::auth::Client, crate::auth::AuthRefusal> {
+        use crate::auth::{AuthRefusal, Client, verify};
+        let anonymous = |options: &str| match &self.anonymous {
+            Some(_) => Ok(Client {
+                tenant: String::new(),
+                options: options.to_string(),
+            }),
+            None => Err(AuthRefusal::Anonymous),
+        };
+        let Some((user, pass)) = creds else {
+            return anonymous("");
+        };
+        if user.is_empty() || user == "-" {
+            return anonymous(pass);
+        }
+        let Some(t) = self.tenants.get(user) else {
+            // As slow as a known name, so a name's existence does not show.
+            verify(pass, None);
+            return Err(AuthRefusal::UnknownTenant);
+        };
+        let Some(hash) = &t.password_hash else {
+            return Ok(Client {
+                tenant: user.to_string(),
+                options: pass.to_string(),
+            });
+        };
+        let (secret, options) = pass.rsplit_once('|').unwrap_or((pass, ""));
+        if verify(secret, Some(hash)) {
+            Ok(Client {
+                tenant: user.to_string(),
+                options: options.to_string(),
+            })
+        } else {
+            Err(AuthRefusal::BadPassword)
+        }
+    }
+
+    /// Resolves a connection: `tenant` is the checked tenant's name (empty:
+    /// anonymous). Options that would widen what the entry and tenant
+    /// allow are refused, with the reason.
     pub fn route(&self, tenant: &str, conn: &ConnOptions) -> Result<Route> {
-        let t = self.tenants.get(tenant).cloned().unwrap_or_default();
+        let t = if tenant.is_empty() {
+            Tenant {
+                class: self.anonymous.clone().unwrap_or_default(),
+                ..Tenant::default()
+            }
+        } else {
+            self.tenants
+                .get(tenant)
+                .cloned()
+                .ok_or_else(|| anyhow!("no tenant `{tenant}` on this entry"))?
+        };
         let with_tenant =
             Constraints::merge(&self.node, &self.relax(t.constraints), blocs(), self.hops)
                 .map_err(|e| anyhow!("{e}"))?;
@@ -244,6 +302,7 @@ mod tests {
             },
             tenants: HashMap::new(),
             hops: 3,
+            anonymous: Some(String::new()),
         };
         p.tenants.insert(
             "acme".into(),
@@ -253,6 +312,7 @@ mod tests {
                     exclude: parse_regions(&["PK"]).unwrap(),
                     ..Default::default()
                 },
+                ..Default::default()
             },
         );
         let conn = ConnOptions::parse("exit_in=CA;hops=4").unwrap();
@@ -284,12 +344,13 @@ mod tests {
             node: Constraints::default(),
             tenants: HashMap::new(),
             hops: 3,
+            anonymous: Some(String::new()),
         };
         p.tenants.insert(
             "acme".into(),
             Tenant {
                 class: "enterprise".into(),
-                constraints: Constraints::default(),
+                ..Default::default()
             },
         );
         let err = |tenant: &str, opts: &str| {
@@ -378,6 +439,7 @@ mod tests {
                 node: Constraints::default(),
                 tenants: HashMap::new(),
                 hops: 2,
+                anonymous: Some(String::new()),
             };
             p.tenants.insert("acme".into(), Tenant::default());
             assert!(!works(&p, "", ""), "{name}: a path without it");
@@ -388,8 +450,97 @@ mod tests {
                 "{name}: lost for a tenant with options"
             );
             assert!(
-                works(&p, "nobody", "hops=2"),
-                "{name}: lost for an unknown name"
+                works(&p, "", "exclude=PK;hops=2"),
+                "{name}: lost for an anonymous connection with options"
+            );
+        }
+    }
+
+    fn with_password() -> Policy {
+        let mut p = Policy {
+            node: Constraints::default(),
+            tenants: HashMap::new(),
+            hops: 3,
+            anonymous: None,
+        };
+        p.tenants.insert(
+            "acme".into(),
+            Tenant {
+                class: "enterprise".into(),
+                password_hash: Some(crate::auth::hash_password("correct horse").unwrap()),
+                ..Default::default()
+            },
+        );
+        p
+    }
+
+    /// Unknown tenant, wrong password, right password (with and without
+    /// options), anonymous refused unless allowed.
+    #[test]
+    fn credentials_are_checked_and_refusals_say_why() {
+        use crate::auth::AuthRefusal::*;
+        let mut p = with_password();
+        let who = |p: &Policy, u: &str, pw: &str| p.authenticate(Some((u, pw)));
+        assert_eq!(
+            who(&p, "nobody", "correct horse").unwrap_err(),
+            UnknownTenant
+        );
+        assert_eq!(who(&p, "acme", "wrong horse").unwrap_err(), BadPassword);
+        assert_eq!(who(&p, "acme", "").unwrap_err(), BadPassword);
+        let ok = who(&p, "acme", "correct horse").unwrap();
+        assert_eq!((ok.tenant.as_str(), ok.options.as_str()), ("acme", ""));
+        let ok = who(&p, "acme", "correct horse|exclude=PK;hops=4").unwrap();
+        assert_eq!(ok.options, "exclude=PK;hops=4");
+        assert_eq!(p.authenticate(None).unwrap_err(), Anonymous);
+        assert_eq!(who(&p, "-", "exclude=PK").unwrap_err(), Anonymous);
+        p.anonymous = Some("consumer".into());
+        let anon = who(&p, "", "exclude=PK").unwrap();
+        assert_eq!(
+            (anon.tenant.as_str(), anon.options.as_str()),
+            ("", "exclude=PK")
+        );
+        let r = p
+            .route("", &ConnOptions::parse(&anon.options).unwrap())
+            .unwrap();
+        assert_eq!(
+            r.scope.class, "consumer",
+            "anonymous clients get the anonymous class"
+        );
+        assert!(p.route("nobody", &ConnOptions::default()).is_err());
+    }
+
+    /// The check costs the same whether the name exists and wherever the
+    /// password differs: an unknown name is checked against a dummy hash,
+    /// and Argon2 compares whole digests. (Without the dummy check an
+    /// unknown name answers thousands of times faster.)
+    #[test]
+    fn the_checks_timing_does_not_show_where_it_failed() {
+        let p = with_password();
+        // Interleaved, so the machine's noise falls on all three alike.
+        let cases = [
+            ("acme", "Xorrect horse"),
+            ("acme", "correct horsX"),
+            ("nobody", "correct horse"),
+        ];
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for _ in 0..9 {
+            for (i, (u, pw)) in cases.iter().enumerate() {
+                let start = std::time::Instant::now();
+                assert!(p.authenticate(Some((u, pw))).is_err());
+                times[i].push(start.elapsed().as_secs_f64());
+            }
+        }
+        let median = |mut t: Vec<f64>| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        let m: Vec<f64> = times.into_iter().map(median).collect();
+        for (what, x) in [("last character", m[1]), ("unknown name", m[2])] {
+            let ratio = x / m[0];
+            assert!(
+                (1.0 / 3.0..3.0).contains(&ratio),
+                "{what}: {x:.4}s against {:.4}s for the first character",
+                m[0]
             );
         }
     }

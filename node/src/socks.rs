@@ -1,13 +1,18 @@
-//! The SOCKS5 entry (RFC 1928, CONNECT only; RFC 1929 username/password
-//! carries routing: the username names a tenant (`[[tenants]]`; empty or
-//! `-` for none) and the password holds per-connection options such as
-//! `exclude=PK,AE;exit_in=CA;avoid=FIVE_EYES` — see `routing`). A
-//! connection whose constraints leave no path, or whose options are
-//! malformed, gets reply 0x02 and a log line naming the constraint.
+//! The SOCKS5 entry (RFC 1928, CONNECT only). RFC 1929 username/password
+//! names the tenant (`[[tenants]]`; empty or `-` for none) and carries its
+//! password and the connection's options (see [`crate::auth`] and
+//! `routing`). Credentials are checked before the request is read: a wrong
+//! password or an unknown tenant gets RFC 1929's failure status, and a
+//! client without credentials at an entry that requires them gets "no
+//! acceptable methods"; both are logged without the password and counted
+//! (`ferry_refusals_total{reason="auth"}`). A connection whose constraints
+//! leave no path, or whose options are malformed or would widen what its
+//! tenant allows, gets reply 0x02 and a log line naming why.
 //! Every read is bounded by the protocol's own one-byte lengths;
 //! a client that sends anything else is told why (where SOCKS has a reply for
 //! it) and closed, and only that connection is affected.
 
+use crate::auth::{AuthRefusal, Client};
 use crate::origin::{OpenError, Origin};
 use ferry_proto::pb::EndReason;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -50,8 +55,8 @@ pub struct Request {
     pub host: String,
     /// Target port.
     pub port: u16,
-    /// RFC 1929 credentials, if the client sent them.
-    pub credentials: Option<(String, String)>,
+    /// The checked client.
+    pub client: Client,
 }
 
 /// Why a SOCKS handshake failed.
@@ -75,16 +80,23 @@ pub enum SocksError {
     /// A domain name that is empty or not UTF-8.
     #[error("malformed domain name")]
     Domain,
+    /// The credentials were refused (and the client told so).
+    #[error("credentials refused: {0}")]
+    Refused(AuthRefusal),
     /// Socket error or early close.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Reads the greeting and request; answers method selection and auth.
+/// Reads the greeting and request; answers method selection and auth,
+/// asking `check` about the credentials (`None`: the client offered none).
 /// Unsupported commands and address types get their reply before the error.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-) -> Result<Request, SocksError> {
+pub async fn handshake<S, F, Fut>(s: &mut S, check: F) -> Result<Request, SocksError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(Option<(String, String)>) -> Fut,
+    Fut: std::future::Future<Output = Result<Client, AuthRefusal>>,
+{
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await?;
     if head[0] != 5 {
@@ -101,8 +113,21 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         s.write_all(&[5, 0xff]).await?;
         return Err(SocksError::NoMethod);
     };
+    if method == 0x00 {
+        // No credentials offered: served only if anonymous clients are.
+        return match check(None).await {
+            Ok(client) => {
+                s.write_all(&[5, 0x00]).await?;
+                request(s, client).await
+            }
+            Err(why) => {
+                s.write_all(&[5, 0xff]).await?;
+                Err(SocksError::Refused(why))
+            }
+        };
+    }
     s.write_all(&[5, method]).await?;
-    let credentials = if method == 0x02 {
+    let client = {
         let mut ver = [0u8; 2];
         s.read_exact(&mut ver).await?;
         if ver[0] != 1 {
@@ -114,12 +139,34 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         s.read_exact(&mut plen).await?;
         let mut pass = vec![0u8; plen[0] as usize];
         s.read_exact(&mut pass).await?;
-        s.write_all(&[1, 0]).await?;
         let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| SocksError::Auth);
-        Some((text(user)?, text(pass)?))
-    } else {
-        None
+        let creds = match (text(user), text(pass)) {
+            (Ok(u), Ok(p)) => (u, p),
+            _ => {
+                s.write_all(&[1, 1]).await?;
+                return Err(SocksError::Auth);
+            }
+        };
+        match check(Some(creds)).await {
+            Ok(client) => {
+                s.write_all(&[1, 0]).await?;
+                client
+            }
+            Err(why) => {
+                // RFC 1929: any non-zero status is a failure; close.
+                s.write_all(&[1, 1]).await?;
+                return Err(SocksError::Refused(why));
+            }
+        }
     };
+    request(s, client).await
+}
+
+/// Reads the CONNECT request after authentication.
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    client: Client,
+) -> Result<Request, SocksError> {
     let mut req = [0u8; 4];
     s.read_exact(&mut req).await?;
     if req[0] != 5 {
@@ -163,7 +210,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Request {
         host,
         port: u16::from_be_bytes(port),
-        credentials,
+        client,
     })
 }
 
@@ -227,16 +274,36 @@ pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: Cancell
 
 async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
     let _ = sock.set_nodelay(true);
-    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock)).await {
+    let policy = origin.policy();
+    let check = |creds: Option<(String, String)>| {
+        let policy = policy.clone();
+        async move {
+            // Argon2id is slow on purpose: off the async threads.
+            tokio::task::spawn_blocking(move || {
+                policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
+            })
+            .await
+            .unwrap_or(Err(AuthRefusal::BadPassword))
+        }
+    };
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, check)).await {
         Ok(Ok(r)) => r,
+        Ok(Err(SocksError::Refused(why))) => {
+            origin
+                .switch()
+                .metrics
+                .node
+                .refusals
+                .with_label_values(&["auth"])
+                .inc();
+            return info!(reason = why.kind(), "socks client refused: {why}");
+        }
         Ok(Err(e)) => return warn!(reason = %e, "socks connection closed"),
         Err(_) => return warn!(reason = "handshake timed out", "socks connection closed"),
     };
     debug!(host = %req.host, port = req.port, "socks connect");
-    let (user, pass) = req.credentials.clone().unwrap_or_default();
-    let tenant = if user == "-" { "" } else { user.as_str() };
-    let route = crate::routing::ConnOptions::parse(&pass)
-        .and_then(|o| origin.switch().cfg.routing.route(tenant, &o))
+    let route = crate::routing::ConnOptions::parse(&req.client.options)
+        .and_then(|o| policy.route(&req.client.tenant, &o))
         .map(Arc::new)
         .map_err(|e| OpenError::Options(format!("{e:#}")));
     let opened = match route {
@@ -272,9 +339,22 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
 mod tests {
     use super::*;
 
+    /// A checker that admits anyone, taking the username as the tenant
+    /// and the password as the options; and refuses the user `bad`.
+    async fn check(creds: Option<(String, String)>) -> Result<Client, AuthRefusal> {
+        match creds {
+            Some((u, _)) if u == "bad" => Err(AuthRefusal::BadPassword),
+            Some((tenant, options)) => Ok(Client { tenant, options }),
+            None => Ok(Client {
+                tenant: String::new(),
+                options: String::new(),
+            }),
+        }
+    }
+
     async fn run(client_bytes: Vec<u8>) -> (Result<Request, SocksError>, Vec<u8>) {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let h = tokio::spawn(async move { handshake(&mut b).await });
+        let h = tokio::spawn(async move { handshake(&mut b, check).await });
         a.write_all(&client_bytes).await.unwrap();
         let res = h.await.unwrap();
         drop(a.shutdown().await);
@@ -294,7 +374,10 @@ mod tests {
             Request {
                 host: "example.org".into(),
                 port: 443,
-                credentials: None
+                client: Client {
+                    tenant: String::new(),
+                    options: String::new()
+                }
             }
         );
         assert_eq!(out, [5, 0]);
@@ -311,10 +394,27 @@ mod tests {
             Request {
                 host: "::1".into(),
                 port: 80,
-                credentials: Some(("u".into(), "pw".into()))
+                client: Client {
+                    tenant: "u".into(),
+                    options: "pw".into()
+                }
             }
         );
         assert_eq!(out, [5, 2, 1, 0]);
+    }
+
+    /// Refused credentials get RFC 1929's failure status, and the request
+    /// is never read.
+    #[tokio::test]
+    async fn refused_credentials_fail_the_subnegotiation() {
+        let mut b = vec![5, 1, 2, 1, 3, b'b', b'a', b'd', 2, b'p', b'w', 5, 1, 0, 1];
+        b.extend_from_slice(&[127, 0, 0, 1, 0, 80]);
+        let (res, out) = run(b).await;
+        assert!(matches!(
+            res,
+            Err(SocksError::Refused(AuthRefusal::BadPassword))
+        ));
+        assert_eq!(out, [5, 2, 1, 1]);
     }
 
     #[tokio::test]

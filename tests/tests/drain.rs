@@ -521,23 +521,18 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
     for (opts, ok) in cases {
         let mut held = Vec::new();
         for _ in 0..3 {
-            let s = socks_connect_as(
-                mesh.socks(),
-                "127.0.0.1",
-                target.port(),
-                Some(("acme", opts)),
-            )
-            .await
-            .unwrap()
-            .unwrap_or_else(|code| {
-                let log = mesh.entry.log();
-                let last = log
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("refused"))
-                    .unwrap_or("");
-                panic!("{opts}: reply {code}: {last}")
-            });
+            let s = socks_connect_as(mesh.socks(), "127.0.0.1", target.port(), Some(("-", opts)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|code| {
+                    let log = mesh.entry.log();
+                    let last = log
+                        .lines()
+                        .rev()
+                        .find(|l| l.contains("refused"))
+                        .unwrap_or("");
+                    panic!("{opts}: reply {code}: {last}")
+                });
             held.push(s);
         }
         let v = mesh.entry.status().unwrap();

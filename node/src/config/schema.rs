@@ -67,6 +67,13 @@ pub struct FileRouting {
     /// Allow two hops of one operator family.
     #[serde(default)]
     pub allow_same_family: bool,
+    /// Serve clients without a tenant's credentials even when tenants have
+    /// passwords.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// The traffic class of anonymous clients.
+    #[serde(default)]
+    pub anonymous_class: String,
 }
 
 /// `[[tenants]]`: per-tenant class and constraints, by SOCKS5 username.
@@ -89,6 +96,9 @@ pub struct FileTenant {
     pub avoid_transit: Vec<String>,
     /// Hops, if not the node's.
     pub hops: Option<usize>,
+    /// Argon2id hash of the tenant's password (PHC string; `ferry tenant
+    /// add` prints one).
+    pub password_hash: Option<String>,
 }
 
 /// `[drain]`

@@ -112,9 +112,9 @@ capacity_mbps = 1000
 # wildcard listener (0.0.0.0), NAT, or a container (in the image's config:
 # "${{FERRY_ADVERTISE_LINK}}"). Required when listen.link is a wildcard.
 # advertise_link = "203.0.113.7:7000"
-# SOCKS5 entry (RFC 1928, CONNECT). Required for the entry role. It has no
-# authentication of its own, so it must be a loopback address unless
-# socks_allow_remote = true.
+# SOCKS5 entry (RFC 1928, CONNECT). Required for the entry role. It serves
+# anyone who reaches it unless [[tenants]] have passwords, so it must be a
+# loopback address unless socks_allow_remote = true.
 {socks}
 socks_allow_remote = false
 
@@ -195,6 +195,11 @@ avoid_transit = []
 allow_unknown = false
 allow_same_jurisdiction = false
 allow_same_family = false
+# Clients without a tenant's credentials (SOCKS5 username empty or `-`).
+# Served by default while no tenant has a password; once one has, only if
+# allow_anonymous = true, with this traffic class:
+allow_anonymous = false
+anonymous_class = ""
 
 [drain]
 # SIGTERM drains the node for this long (no new circuits; owners move theirs
@@ -207,7 +212,11 @@ margin_secs = 10
 migration_secs = 5
 
 # Tenants, by SOCKS5 username: a traffic class (rulings can be scoped to
-# classes or tenants) and constraints added to [routing].
+# classes or tenants; a connection cannot change it) and constraints added
+# to [routing]. With password_hash (an Argon2id PHC string: `ferry tenant
+# add NAME --class CLASS` prints the block), the SOCKS5 password is the
+# tenant's password, then optionally `|` and the connection's options
+# (`s3cret|exclude=PK`); an unknown username is refused.
 #
 # [[tenants]]
 # name = "acme"
@@ -216,6 +225,7 @@ migration_secs = 5
 # exit_in = ["CA", "CH"]
 # avoid_transit = ["FIVE_EYES"]
 # hops = 3
+# password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
 
 # Known peers. A node accepts links only from Noise keys listed here, and
 # builds circuits only through these nodes. `ferry peer-info --config FILE`

@@ -301,9 +301,13 @@ impl TryFrom<FileConfig> for NodeConfig {
             c.allow_unknown = fr.allow_unknown;
             c.allow_same_jurisdiction = fr.allow_same_jurisdiction;
             c.allow_same_family = fr.allow_same_family;
+            if let Some(h) = &t.password_hash {
+                crate::auth::check_hash(h).with_context(|| format!("{key}.password_hash"))?;
+            }
             let tenant = crate::routing::Tenant {
                 class: t.class.clone(),
                 constraints: c,
+                password_hash: t.password_hash.clone(),
             };
             if tenants.insert(t.name.clone(), tenant).is_some() {
                 bail!("{key}: tenant `{}` appears twice", t.name);
@@ -320,10 +324,17 @@ impl TryFrom<FileConfig> for NodeConfig {
             margin: Duration::from_secs(f.drain.margin_secs),
             migration: Duration::from_secs(f.drain.migration_secs),
         };
+        if fr.anonymous_class.len() > 64 {
+            bail!("routing.anonymous_class must be at most 64 characters");
+        }
+        // Entries whose tenants have passwords serve only them, unless
+        // anonymous clients are allowed in so many words.
+        let passwords = tenants.values().any(|t| t.password_hash.is_some());
         let routing = crate::routing::Policy {
             node: node_constraints,
             tenants,
             hops: f.circuit.hops,
+            anonymous: (!passwords || fr.allow_anonymous).then(|| fr.anonymous_class.clone()),
         };
         Ok(NodeConfig {
             routing,

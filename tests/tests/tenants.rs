@@ -1,0 +1,161 @@
+//! Tenants with credentials at the entry: the real `curl` through a
+//! tenant's password; a wrong password, an unknown tenant and a client with
+//! no credentials are refused (and counted, and logged without the
+//! password).
+
+use ferry_tests::{Mesh, Options, ferry_bin, http_server};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// `ferry tenant add NAME --class CLASS`, the password on stdin.
+fn tenant_block(name: &str, class: &str, password: &str) -> String {
+    let mut child = Command::new(ferry_bin().unwrap())
+        .args(["tenant", "add", name, "--class", class])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let block = String::from_utf8(out.stdout).unwrap();
+    assert!(block.contains("password_hash = \"$argon2id$"), "{block}");
+    assert!(!block.contains(password), "the block holds no password");
+    block
+}
+
+/// The real `curl` through the entry, as `user:password` (none if empty).
+fn curl(socks: &str, user: &str, url: &str) -> std::process::Output {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "20", "--socks5-hostname", socks]);
+    if !user.is_empty() {
+        c.args(["--proxy-user", user]);
+    }
+    c.arg(url).output().expect("running curl")
+}
+
+fn refusals(p: &ferry_tests::Proc) -> f64 {
+    let text = ureq::get(&format!("http://{}/metrics", p.metrics))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("ferry_refusals_total{reason=\"auth\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_tenant_with_its_password_is_served() {
+    let block = tenant_block("acme", "enterprise", "s3cret horse");
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            entry_toml: block,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let page = http_server("hello tenant").await.unwrap();
+    let url = format!("http://127.0.0.1:{}/", page.port());
+    let socks = mesh.socks().to_string();
+    let (socks, url2) = (socks.clone(), url.clone());
+    let ok =
+        tokio::task::spawn_blocking(move || curl(&socks, "acme:s3cret horse|exclude=AE", &url2))
+            .await
+            .unwrap();
+    assert!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("hello tenant"),
+        "the tenant is served: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(refusals(&mesh.entry), 0.0);
+    let socks = mesh.socks().to_string();
+    for user in ["acme:wrong horse", "nobody:s3cret horse", ""] {
+        let (socks, url) = (socks.clone(), url.clone());
+        let out = tokio::task::spawn_blocking(move || curl(&socks, user, &url))
+            .await
+            .unwrap();
+        assert!(
+            !out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("hello"),
+            "`{user}` must be refused"
+        );
+    }
+    assert_eq!(
+        refusals(&mesh.entry),
+        3.0,
+        "each refusal is counted as auth"
+    );
+    let log = mesh.entry.log();
+    for why in ["bad_password", "unknown_tenant", "anonymous"] {
+        assert!(
+            log.contains(why),
+            "the reason `{why}` in the entry's log:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("wrong horse") && !log.contains("s3cret"),
+        "no password in the log"
+    );
+}
+
+/// SIGHUP reloads the tenants without a restart; a config that does not
+/// validate is refused and the tenants in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tenants() {
+    let old = tenant_block("acme", "enterprise", "old password");
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            entry_toml: old.clone(),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let page = http_server("hello again").await.unwrap();
+    let url = format!("http://127.0.0.1:{}/", page.port());
+    let fetch = |user: &'static str| {
+        let (socks, url) = (mesh.socks().to_string(), url.clone());
+        tokio::task::spawn_blocking(move || curl(&socks, user, &url))
+    };
+    let served = |o: &std::process::Output| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("hello again")
+    };
+    assert!(served(&fetch("acme:old password").await.unwrap()));
+    // A broken file: refused, the old password still works.
+    let cfg = mesh.entry.dir.join("ferry.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[[tenants]]\nname = \"x\"\npassword_hash = \"not a hash\"\n"),
+    )
+    .unwrap();
+    mesh.entry.signal("HUP");
+    mesh.entry
+        .wait_log(
+            "the tenants in force stay",
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(served(&fetch("acme:old password").await.unwrap()));
+    // A new password: the new one works at once, the old one no longer.
+    let new = tenant_block("acme", "enterprise", "new password");
+    std::fs::write(&cfg, text.replace(&old, &new)).unwrap();
+    mesh.entry.signal("HUP");
+    mesh.entry
+        .wait_log(
+            "tenants and routing reloaded",
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(served(&fetch("acme:new password").await.unwrap()));
+    assert!(!served(&fetch("acme:old password").await.unwrap()));
+}
