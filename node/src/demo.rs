@@ -147,6 +147,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         let admin_l = TcpListener::bind("127.0.0.1:0").await?;
         let admin = admin_l.local_addr()?;
         let mut text = config::render_template(&Template {
+            http: None,
             jurisdiction: cc,
             roles,
             link: addr,
@@ -188,6 +189,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             Listeners {
                 link: None,
                 socks: socks_l.take(),
+                http: None,
                 admin: Some(admin_l),
                 metrics: None,
             }
@@ -195,6 +197,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             Listeners {
                 link: listener,
                 socks: None,
+                http: None,
                 admin: Some(admin_l),
                 metrics: None,
             }

@@ -75,6 +75,10 @@ enum Cmd {
         /// SOCKS5 listen address (entry role).
         #[arg(long, default_value = "127.0.0.1:1080")]
         socks: SocketAddr,
+        /// HTTP CONNECT listen address (entry role), for example
+        /// 127.0.0.1:3128; none if omitted.
+        #[arg(long)]
+        http: Option<SocketAddr>,
         /// Control-plane (libp2p) listen address.
         #[arg(long, default_value = "127.0.0.1:7100")]
         mesh: SocketAddr,
@@ -373,6 +377,7 @@ fn main() -> Result<()> {
             roles,
             listen,
             socks,
+            http,
             mesh,
             admin,
             metrics,
@@ -383,7 +388,7 @@ fn main() -> Result<()> {
             &jurisdiction,
             &roles,
             listen,
-            socks,
+            (socks, http),
             mesh,
             admin,
             metrics,
@@ -537,7 +542,7 @@ fn init(
     jurisdiction: &str,
     roles: &str,
     listen: SocketAddr,
-    socks: SocketAddr,
+    (socks, http): (SocketAddr, Option<SocketAddr>),
     mesh: SocketAddr,
     admin: SocketAddr,
     metrics: Option<SocketAddr>,
@@ -569,6 +574,7 @@ fn init(
         roles,
         link,
         socks: roles.entry.then_some(socks),
+        http: http.filter(|_| roles.entry),
         mesh: Some(mesh),
         admin: Some(admin),
         metrics,

@@ -32,6 +32,8 @@ pub struct Listeners {
     pub link: Option<TcpListener>,
     /// SOCKS5 entry.
     pub socks: Option<TcpListener>,
+    /// HTTP CONNECT entry.
+    pub http: Option<TcpListener>,
     /// Admin API.
     pub admin: Option<TcpListener>,
     /// Prometheus metrics.
@@ -57,6 +59,10 @@ impl Listeners {
             Some(a) if cfg.roles.entry => Some(bind(a, "listen.socks").await?),
             _ => None,
         };
+        let http = match cfg.http_listen {
+            Some(a) if cfg.roles.entry => Some(bind(a, "listen.http").await?),
+            _ => None,
+        };
         let admin = match cfg.admin_listen {
             Some(a) => Some(bind(a, "admin.listen").await?),
             None => None,
@@ -68,6 +74,7 @@ impl Listeners {
         Ok(Self {
             link,
             socks,
+            http,
             admin,
             metrics,
         })
@@ -229,6 +236,7 @@ pub fn start_full(
         Listeners {
             link: listeners.link,
             socks: listeners.socks,
+            http: listeners.http,
             admin: None,
             metrics: None,
         },
@@ -267,11 +275,20 @@ fn start_data_plane(
     if let Some(exit) = switch.exit() {
         switch.tasks.spawn(exit.sweep_parked(shutdown.clone()));
     }
-    let origin = listeners.socks.map(|l| {
+    let origin = (listeners.socks.is_some() || listeners.http.is_some()).then(|| {
         let origin = Origin::new(switch.clone());
-        switch
-            .tasks
-            .spawn(socks::serve(l, origin.clone(), shutdown.clone()));
+        if let Some(l) = listeners.socks {
+            switch
+                .tasks
+                .spawn(socks::serve(l, origin.clone(), shutdown.clone()));
+        }
+        if let Some(l) = listeners.http {
+            switch.tasks.spawn(crate::http_proxy::serve(
+                l,
+                origin.clone(),
+                shutdown.clone(),
+            ));
+        }
         switch
             .tasks
             .spawn(origin.clone().run_drains(shutdown.clone()));

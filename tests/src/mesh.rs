@@ -68,6 +68,8 @@ pub struct Options {
     pub capacity_of: Vec<(usize, u32)>,
     /// TOML appended to the entry's config (for example `[[tenants]]`).
     pub entry_toml: String,
+    /// An HTTP CONNECT listener for the entry (`listen.http`).
+    pub entry_http: Option<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -103,6 +105,7 @@ impl Default for Options {
             unadmitted: Vec::new(),
             capacity_of: Vec::new(),
             entry_toml: String::new(),
+            entry_http: None,
         }
     }
 }
@@ -235,6 +238,12 @@ impl Mesh {
             for p in &opts.extra_peers {
                 text.push('\n');
                 text.push_str(p);
+            }
+            if let (true, Some(a)) = (i + 1 == members.len(), opts.entry_http) {
+                text = text.replace(
+                    "http_allow_remote = false",
+                    &format!("http = \"{a}\"\nhttp_allow_remote = false"),
+                );
             }
             if i + 1 == members.len() && !opts.entry_toml.is_empty() {
                 text.push('\n');

@@ -250,6 +250,11 @@ pub struct FileListen {
     /// Allow the SOCKS5 entry on a non-loopback address.
     #[serde(default)]
     pub socks_allow_remote: bool,
+    /// HTTP CONNECT entry (entry role).
+    pub http: Option<String>,
+    /// Allow the HTTP CONNECT entry on a non-loopback address.
+    #[serde(default)]
+    pub http_allow_remote: bool,
 }
 
 /// `[circuit]`

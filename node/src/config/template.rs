@@ -14,6 +14,8 @@ pub struct Template<'a> {
     pub link: Option<SocketAddr>,
     /// SOCKS listener, if any.
     pub socks: Option<SocketAddr>,
+    /// HTTP CONNECT listen address (entry role).
+    pub http: Option<SocketAddr>,
     /// Control-plane listener, if any.
     pub mesh: Option<SocketAddr>,
     /// Admin API listener, if any.
@@ -61,6 +63,10 @@ pub fn render_template(t: &Template<'_>) -> String {
     let link = match t.link {
         Some(a) => format!("link = \"{a}\""),
         None => "# link = \"127.0.0.1:7000\"".into(),
+    };
+    let http = match t.http {
+        Some(a) => format!("http = \"{a}\""),
+        None => "# http = \"127.0.0.1:3128\"".into(),
     };
     let socks = match t.socks {
         Some(a) => format!("socks = \"{a}\""),
@@ -117,6 +123,12 @@ capacity_mbps = 1000
 # loopback address unless socks_allow_remote = true.
 {socks}
 socks_allow_remote = false
+# HTTP CONNECT entry (RFC 9110; tunnels only), for clients that speak HTTP
+# proxies: curl -p -x http://127.0.0.1:3128, git's http.proxy, browsers.
+# Tenants authenticate with Proxy-Authorization: Basic; options come in a
+# Ferry-Options header. Loopback unless http_allow_remote = true.
+{http}
+http_allow_remote = false
 
 [mesh]
 # Control-plane listener (libp2p over TCP, Noise, Yamux): gossip of signed
@@ -259,6 +271,7 @@ mod tests {
             },
             link: Some("127.0.0.1:7000".parse().unwrap()),
             socks: Some("127.0.0.1:1080".parse().unwrap()),
+            http: None,
             mesh: Some("127.0.0.1:7100".parse().unwrap()),
             admin: Some("127.0.0.1:7200".parse().unwrap()),
             metrics: None,
@@ -284,6 +297,7 @@ mod tests {
             },
             link: Some("127.0.0.1:7000".parse().unwrap()),
             socks: None,
+            http: None,
             mesh: Some("127.0.0.1:7100".parse().unwrap()),
             admin: Some("127.0.0.1:7200".parse().unwrap()),
             metrics: None,

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub link_advertise: Option<SocketAddr>,
     /// SOCKS5 listener, for the entry role.
     pub socks_listen: Option<SocketAddr>,
+    /// HTTP CONNECT entry (entry role).
+    pub http_listen: Option<SocketAddr>,
     /// Hops per circuit.
     pub hops: usize,
     /// Per-stream window.
@@ -161,6 +163,21 @@ impl TryFrom<FileConfig> for NodeConfig {
             .as_deref()
             .map(|s| parse_addr("listen.socks", s))
             .transpose()?;
+        let http_listen = f
+            .listen
+            .http
+            .as_deref()
+            .map(|s| parse_addr("listen.http", s))
+            .transpose()?;
+        if let Some(s) = http_listen
+            && !s.ip().is_loopback()
+            && !f.listen.http_allow_remote
+        {
+            bail!(
+                "listen.http = `{s}` is not a loopback address; set listen.http_allow_remote = true \
+                 to expose the HTTP CONNECT entry on purpose"
+            );
+        }
         if (roles.relay || roles.exit) && link_listen.is_none() {
             bail!("listen.link is required for the relay and exit roles");
         }
@@ -345,6 +362,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             link_listen,
             link_advertise,
             socks_listen,
+            http_listen,
             hops: f.circuit.hops,
             stream_window: window,
             max_streams_per_circuit: f.circuit.max_streams_per_circuit,
