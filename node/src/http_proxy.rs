@@ -15,7 +15,7 @@
 //! [`HEAD_LIMIT`] bytes; `base64` (the maintained crate) decodes the
 //! credentials.
 
-use crate::auth::{AuthRefusal, Client};
+use crate::auth::Client;
 use crate::origin::{OpenError, Origin};
 use base64::Engine;
 use ferry_proto::pb::EndReason;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info, warn};
 
 /// The most bytes a request head may have.
 pub const HEAD_LIMIT: usize = 8192;
@@ -203,34 +203,15 @@ pub fn status_for(err: &OpenError) -> u16 {
 
 /// Serves HTTP CONNECT clients until `shutdown`.
 pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: CancellationToken) {
-    let mut next = 0u64;
-    loop {
-        let (sock, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "http accept failed"); continue; }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        next += 1;
-        let span = tracing::info_span!(
+    let span = |n: u64| {
+        tracing::info_span!(
             "http",
-            conn = next,
+            conn = n,
             circ = tracing::field::Empty,
             stream = tracing::field::Empty
-        );
-        let (o, stop) = (origin.clone(), shutdown.clone());
-        let tasks = origin.switch().tasks.clone();
-        tasks.spawn(
-            async move {
-                tokio::select! {
-                    _ = client(sock, o) => {},
-                    _ = stop.cancelled() => {},
-                }
-            }
-            .instrument(span),
-        );
-    }
+        )
+    };
+    crate::entry::serve(listener, origin, shutdown, span, client).await
 }
 
 async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
@@ -270,18 +251,10 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         }
     };
     let policy = origin.policy();
-    let p2 = policy.clone();
-    let creds = req.credentials.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        p2.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
-    })
-    .await
-    .unwrap_or(Err(AuthRefusal::BadPassword));
-    let client: Client = match checked {
+    let client: Client = match crate::entry::check(policy.clone(), req.credentials.clone()).await {
         Ok(c) => c,
         Err(why) => {
-            metrics.node.refusals.with_label_values(&["auth"]).inc();
-            info!(reason = why.kind(), "http client refused: {why}");
+            crate::entry::refused_credentials(&origin, "http", why);
             let _ = respond(
                 &mut sock,
                 407,
@@ -298,31 +271,14 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         (None, _) => client.options.clone(),
     };
     debug!(host = %req.host, port = req.port, "http connect");
-    let route = crate::routing::ConnOptions::parse(&options)
-        .and_then(|o| policy.route(&client.tenant, &o))
-        .map(Arc::new)
-        .map_err(|e| OpenError::Options(format!("{e:#}")));
-    let opened = match route {
-        Ok(r) => origin.open_stream(&req.host, req.port, &r).await,
-        Err(e) => Err(e),
-    };
+    let opened = crate::entry::open(&origin, &policy, &client, &options, &req.host, req.port).await;
     match opened {
         Ok(parts) => {
             if respond(&mut sock, 200, "", "").await.is_ok() {
-                metrics.stream.opened.inc();
-                parts.record_ids(&tracing::Span::current());
-                let why = crate::endpoint::run_stream(sock, parts).await;
-                metrics.stream.closed.with_label_values(&[why]).inc();
+                crate::entry::carry(&origin, sock, parts).await;
             }
         }
         Err(e) => {
-            if matches!(e, OpenError::NoPath(_) | OpenError::Options(_)) {
-                metrics
-                    .node
-                    .refusals
-                    .with_label_values(&["constraint"])
-                    .inc();
-            }
             let status = status_for(&e);
             info!(status, reason = %e, "http request refused");
             let _ = respond(&mut sock, status, &e.to_string(), "").await;

@@ -34,6 +34,7 @@ pub mod crypto;
 pub mod demo;
 pub mod directory;
 pub mod endpoint;
+pub mod entry;
 pub mod http_proxy;
 pub mod identity;
 pub mod link;

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info, warn};
 
 /// Time a client has to finish the SOCKS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,96 +238,49 @@ pub fn reply_for(err: &OpenError) -> u8 {
 
 /// Serves SOCKS5 clients until `shutdown`.
 pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: CancellationToken) {
-    let mut next = 0u64;
-    loop {
-        let (sock, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "socks accept failed"); continue; }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        next += 1;
-        let origin = origin.clone();
-        let stop = shutdown.clone();
-        // One SOCKS connection is one stream: its span gets the stream's
-        // circuit and id once open (recorded, not a nested span, so the
-        // forwarding path enters one span per poll, not two).
-        let span = tracing::info_span!(
+    // One SOCKS connection is one stream: its span gets the stream's
+    // circuit and id once open (recorded, not a nested span, so the
+    // forwarding path enters one span per poll, not two).
+    let span = |n: u64| {
+        tracing::info_span!(
             "socks",
-            conn = next,
+            conn = n,
             circ = tracing::field::Empty,
             stream = tracing::field::Empty
-        );
-        let tasks = origin.switch().tasks.clone();
-        tasks.spawn(
-            async move {
-                tokio::select! {
-                    _ = client(sock, origin) => {},
-                    _ = stop.cancelled() => {},
-                }
-            }
-            .instrument(span),
-        );
-    }
+        )
+    };
+    crate::entry::serve(listener, origin, shutdown, span, client).await
 }
 
 async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
     let _ = sock.set_nodelay(true);
     let policy = origin.policy();
-    let check = |creds: Option<(String, String)>| {
-        let policy = policy.clone();
-        async move {
-            // Argon2id is slow on purpose: off the async threads.
-            tokio::task::spawn_blocking(move || {
-                policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
-            })
-            .await
-            .unwrap_or(Err(AuthRefusal::BadPassword))
-        }
-    };
+    let check = |creds| crate::entry::check(policy.clone(), creds);
     let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, check)).await {
         Ok(Ok(r)) => r,
         Ok(Err(SocksError::Refused(why))) => {
-            origin
-                .switch()
-                .metrics
-                .node
-                .refusals
-                .with_label_values(&["auth"])
-                .inc();
-            return info!(reason = why.kind(), "socks client refused: {why}");
+            return crate::entry::refused_credentials(&origin, "socks", why);
         }
         Ok(Err(e)) => return warn!(reason = %e, "socks connection closed"),
         Err(_) => return warn!(reason = "handshake timed out", "socks connection closed"),
     };
     debug!(host = %req.host, port = req.port, "socks connect");
-    let route = crate::routing::ConnOptions::parse(&req.client.options)
-        .and_then(|o| policy.route(&req.client.tenant, &o))
-        .map(Arc::new)
-        .map_err(|e| OpenError::Options(format!("{e:#}")));
-    let opened = match route {
-        Ok(r) => origin.open_stream(&req.host, req.port, &r).await,
-        Err(e) => Err(e),
-    };
-    let metrics = origin.switch().metrics.clone();
+    let opened = crate::entry::open(
+        &origin,
+        &policy,
+        &req.client,
+        &req.client.options,
+        &req.host,
+        req.port,
+    )
+    .await;
     match opened {
         Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
-                metrics.stream.opened.inc();
-                parts.record_ids(&tracing::Span::current());
-                let why = crate::endpoint::run_stream(sock, parts).await;
-                metrics.stream.closed.with_label_values(&[why]).inc();
+                crate::entry::carry(&origin, sock, parts).await;
             }
         }
         Err(e) => {
-            if matches!(e, OpenError::NoPath(_) | OpenError::Options(_)) {
-                metrics
-                    .node
-                    .refusals
-                    .with_label_values(&["constraint"])
-                    .inc();
-            }
             let code = reply_for(&e);
             info!(reply = code, reason = %e, "socks request refused");
             let _ = send_reply(&mut sock, code).await;
