@@ -52,11 +52,23 @@ pub async fn serve<F, Fut>(
 
 /// Checks a client's credentials under `policy`, off the async threads
 /// (Argon2id is slow on purpose).
+/// At most two checks per core run at once; more are refused at once
+/// ([`AuthRefusal::Busy`]), so a flood of logins holds a bounded amount of
+/// memory and CPU.
 pub async fn check(
     policy: Arc<Policy>,
     creds: Option<(String, String)>,
 ) -> Result<Client, AuthRefusal> {
+    static CHECKS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let checks = CHECKS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Arc::new(tokio::sync::Semaphore::new(2 * cores))
+    });
+    let Ok(permit) = checks.clone().try_acquire_owned() else {
+        return Err(AuthRefusal::Busy);
+    };
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
     })
     .await

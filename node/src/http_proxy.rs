@@ -15,7 +15,7 @@
 //! [`HEAD_LIMIT`] bytes; `base64` (the maintained crate) decodes the
 //! credentials.
 
-use crate::auth::Client;
+use crate::auth::{AuthRefusal, Client};
 use crate::origin::{OpenError, Origin};
 use base64::Engine;
 use ferry_proto::pb::EndReason;
@@ -116,9 +116,18 @@ pub fn parse_head(head: &[u8]) -> Result<Connect, HttpError> {
             .ok_or(HttpError::Malformed("header line"))?;
         let value = value.trim();
         if name.eq_ignore_ascii_case("proxy-authorization") {
-            let b64 = value
-                .strip_prefix("Basic ")
-                .ok_or(HttpError::Malformed("Proxy-Authorization is not Basic"))?;
+            if c.credentials.is_some() {
+                return Err(HttpError::Malformed("Proxy-Authorization twice"));
+            }
+            // Another scheme (Negotiate, NTLM) is no credentials: the 407
+            // that follows asks for Basic (RFC 9110 §11: schemes ignore case).
+            let Some(b64) = value
+                .get(..6)
+                .filter(|s| s.eq_ignore_ascii_case("basic "))
+                .map(|_| &value[6..])
+            else {
+                continue;
+            };
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map_err(|_| HttpError::Malformed("Proxy-Authorization is not base64"))?;
@@ -129,6 +138,9 @@ pub fn parse_head(head: &[u8]) -> Result<Connect, HttpError> {
                 .ok_or(HttpError::Malformed("credentials are not user:password"))?;
             c.credentials = Some((u.to_string(), p.to_string()));
         } else if name.eq_ignore_ascii_case("ferry-options") {
+            if c.options.is_some() {
+                return Err(HttpError::Malformed("Ferry-Options twice"));
+            }
             c.options = Some(value.to_string());
         }
     }
@@ -255,10 +267,15 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         Ok(c) => c,
         Err(why) => {
             crate::entry::refused_credentials(&origin, "http", why);
+            // One answer for every refusal: the reason is for the log.
+            let (status, body) = match why {
+                AuthRefusal::Busy => (503, "busy: try again"),
+                _ => (407, "credentials refused"),
+            };
             let _ = respond(
                 &mut sock,
-                407,
-                &why.to_string(),
+                status,
+                body,
                 "Proxy-Authenticate: Basic realm=\"ferry\"\r\n",
             )
             .await;
@@ -307,8 +324,16 @@ mod tests {
         assert_eq!(status(b"CONNECT example.org HTTP/1.1\r\n\r\n"), 400);
         assert_eq!(status(b"CONNECT example.org:0 HTTP/1.1\r\n\r\n"), 400);
         assert_eq!(status(b"CONNECT a:1 SPDY/3\r\n\r\n"), 400);
+        let other = parse_head(b"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Negotiate x\r\n\r\n");
         assert_eq!(
-            status(b"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Bearer x\r\n\r\n"),
+            other.unwrap().credentials,
+            None,
+            "another scheme: no credentials"
+        );
+        let lower = parse_head(b"CONNECT a:1 HTTP/1.1\r\nproxy-authorization: basic YTpi\r\n\r\n");
+        assert_eq!(lower.unwrap().credentials, Some(("a".into(), "b".into())));
+        assert_eq!(
+            status(b"CONNECT a:1 HTTP/1.1\r\nFerry-Options: a=b\r\nFerry-Options: c=d\r\n\r\n"),
             400
         );
         assert_eq!(status(b"\xff\xfe\r\n\r\n"), 400);

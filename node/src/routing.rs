@@ -254,9 +254,12 @@ impl Policy {
         let constraints = with_tenant.and(conn_resolved);
         let class = t.class;
         let key = format!(
-            "{tenant}|{class}|{}|{}",
+            "{tenant}|{class}|{}|{}|{}{}{}",
             constraints.hops,
-            constraints.describe()
+            constraints.describe(),
+            u8::from(constraints.allow_unknown),
+            u8::from(constraints.diverse_jurisdiction),
+            u8::from(constraints.diverse_family),
         );
         Ok(Route {
             constraints,

@@ -318,6 +318,12 @@ impl TryFrom<FileConfig> for NodeConfig {
             c.allow_unknown = fr.allow_unknown;
             c.allow_same_jurisdiction = fr.allow_same_jurisdiction;
             c.allow_same_family = fr.allow_same_family;
+            if t.name == "-" || t.name.contains(':') {
+                bail!(
+                    "{key}.name `{}`: `-` means no tenant, and `:` cannot be sent in HTTP Basic credentials",
+                    t.name
+                );
+            }
             if let Some(h) = &t.password_hash {
                 crate::auth::check_hash(h).with_context(|| format!("{key}.password_hash"))?;
             }
@@ -347,6 +353,13 @@ impl TryFrom<FileConfig> for NodeConfig {
         // Entries whose tenants have passwords serve only them, unless
         // anonymous clients are allowed in so many words.
         let passwords = tenants.values().any(|t| t.password_hash.is_some());
+        if passwords && let Some(open) = tenants.iter().find(|(_, t)| t.password_hash.is_none()) {
+            bail!(
+                "tenant `{}` has no password_hash while others have one: an entry that requires \
+                 credentials cannot serve a tenant by name alone (ferry tenant add prints one)",
+                open.0
+            );
+        }
         let routing = crate::routing::Policy {
             node: node_constraints,
             tenants,
@@ -387,6 +400,41 @@ impl TryFrom<FileConfig> for NodeConfig {
 mod tests {
     use super::*;
     use crate::config::tests::parse;
+
+    /// Tenants' names and credentials are checked: `-` and `:` are refused,
+    /// a hash must be Argon2id, and an entry that requires credentials
+    /// cannot also serve a tenant without a password.
+    #[test]
+    fn tenant_credentials_are_validated() {
+        let hash = crate::auth::hash_password("pw").unwrap();
+        let entry = "[node]\njurisdiction = \"DE\"\nroles = [\"entry\"]\n";
+        let with = |tenants: &str| parse(&format!("{entry}{tenants}"));
+        let err = |tenants: &str| format!("{:#}", with(tenants).unwrap_err());
+        assert!(err("[[tenants]]\nname = \"-\"\n").contains("`-` means no tenant"));
+        assert!(err("[[tenants]]\nname = \"a:b\"\n").contains("HTTP Basic"));
+        assert!(
+            err("[[tenants]]\nname = \"a\"\npassword_hash = \"x\"\n")
+                .contains("tenants[0].password_hash")
+        );
+        let mixed = format!(
+            "[[tenants]]\nname = \"a\"\npassword_hash = \"{hash}\"\n[[tenants]]\nname = \"b\"\n"
+        );
+        assert!(
+            err(&mixed).contains("tenant `b` has no password_hash"),
+            "{}",
+            err(&mixed)
+        );
+        let ok = with(&format!(
+            "[[tenants]]\nname = \"a\"\npassword_hash = \"{hash}\"\n"
+        ))
+        .unwrap();
+        assert!(ok.routing.anonymous.is_none(), "credentials required");
+        let open = with(&format!(
+            "[routing]\nallow_anonymous = true\nanonymous_class = \"guest\"\n[[tenants]]\nname = \"a\"\npassword_hash = \"{hash}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(open.routing.anonymous.as_deref(), Some("guest"));
+    }
 
     #[test]
     fn bad_country_code_is_refused() {
