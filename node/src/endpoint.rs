@@ -423,9 +423,12 @@ struct Inner {
     flushing: bool,
 }
 
-/// Events taken out of the session, with their streams' handles, to act on
-/// once its lock is released.
-type Todo = Vec<(Event, Option<Arc<StreamHandle>>)>;
+/// A new stream's receiving end, made with its handle for a BEGIN.
+type Begun = Option<mpsc::UnboundedReceiver<Inbound>>;
+
+/// Events taken out of the session, with their streams' handles (and a
+/// BEGIN's new receiver), to act on once its lock is released.
+type Todo = Vec<(Event, Option<Arc<StreamHandle>>, Begun)>;
 
 /// One end of an end-to-end session.
 pub struct Endpoint {
@@ -435,8 +438,6 @@ pub struct Endpoint {
     exit: Option<Arc<ExitCtx>>,
     inner: Mutex<Inner>,
     closed: AtomicBool,
-    /// Inbound receivers of streams the exit just heard BEGIN for.
-    begun: Mutex<Vec<(u32, mpsc::UnboundedReceiver<Inbound>)>>,
     /// Where its tasks (and its streams') are tracked.
     tasks: TaskTracker,
 }
@@ -509,7 +510,6 @@ impl Endpoint {
                 flushing: false,
             }),
             closed: AtomicBool::new(false),
-            begun: Mutex::new(Vec::new()),
             tasks,
         })
     }
@@ -526,12 +526,13 @@ impl Endpoint {
         let r = f(&mut g);
         let mut todo = Vec::new();
         while let Some(ev) = g.core.poll_event() {
+            let mut begun = None;
             let h = match &ev {
                 Event::Begin { id, .. } => {
                     let (h, rx) = StreamHandle::new(rand::random());
                     h.at().loc = Some((self.clone(), *id));
                     g.handles.insert(*id, h.clone());
-                    self.begun.lock().expect("begun lock").push((*id, rx));
+                    begun = Some(rx);
                     Some(h)
                 }
                 Event::Resume { .. } | Event::Refused { .. } => None,
@@ -544,7 +545,7 @@ impl Endpoint {
                 | Event::Finished { id }
                 | Event::Moved { id } => g.handles.get(id).cloned(),
             };
-            todo.push((ev, h));
+            todo.push((ev, h, begun));
         }
         (r, todo)
     }
@@ -553,12 +554,12 @@ impl Endpoint {
     /// sends them: async callers [`Endpoint::flush`], the link's reader
     /// [`Endpoint::kick`]s.
     fn act(self: &Arc<Self>, todo: Todo) {
-        for (ev, h) in todo {
-            self.on_event(ev, h);
+        for (ev, h, begun) in todo {
+            self.on_event(ev, h, begun);
         }
     }
 
-    fn on_event(self: &Arc<Self>, ev: Event, h: Option<Arc<StreamHandle>>) {
+    fn on_event(self: &Arc<Self>, ev: Event, h: Option<Arc<StreamHandle>>, begun: Begun) {
         match (ev, h) {
             (Event::Data { data, .. }, Some(h)) => {
                 let _ = h.inbound.send(Inbound::Data(data));
@@ -601,7 +602,11 @@ impl Endpoint {
                 at.ended = true;
                 at.loc = None;
             }
-            (Event::Begin { id, host, port }, Some(h)) => self.begin_at_exit(id, host, port, h),
+            (Event::Begin { id, host, port }, Some(h)) => {
+                if let Some(inbound) = begun {
+                    self.begin_at_exit(id, host, port, StreamParts { handle: h, inbound });
+                }
+            }
             (
                 Event::Resume {
                     id,
@@ -751,9 +756,9 @@ impl Endpoint {
         self: &Arc<Self>,
         buf: BytesMut,
     ) -> Result<Option<ferry_proto::pb::Extend>, CircuitError> {
+        // Opening a CONTROL cell queues nothing: no flush to start.
         let (r, todo) = self.run(|g| g.core.handle_control(buf));
         self.act(todo);
-        self.kick();
         match r?.msg {
             Some(ferry_proto::pb::control::Msg::Extend(e)) => Ok(Some(e)),
             None => Ok(None),
@@ -762,9 +767,18 @@ impl Endpoint {
 
     /// Opens a RELAY cell and acts on its stream message.
     pub fn on_relay(self: &Arc<Self>, buf: BytesMut) -> Result<(), CircuitError> {
-        let (r, todo) = self.run(|g| g.core.handle_relay(buf));
+        // Whether the cell queued an answer is read under the same lock, so
+        // a DATA cell (which queues nothing) costs no second lock; a RESUME
+        // queues its answer while it is acted on.
+        let ((r, queued), todo) = self.run(|g| {
+            let r = g.core.handle_relay(buf);
+            (r, g.core.has_transmits())
+        });
+        let resumes = todo.iter().any(|(e, ..)| matches!(e, Event::Resume { .. }));
         self.act(todo);
-        self.kick();
+        if queued || resumes {
+            self.kick();
+        }
         r
     }
 
@@ -911,22 +925,11 @@ impl Endpoint {
     }
 
     /// Exit: BEGIN for `id`: connect, then carry the stream.
-    fn begin_at_exit(self: &Arc<Self>, id: u32, host: String, port: u16, h: Arc<StreamHandle>) {
-        let inbound = {
-            let mut b = self.begun.lock().expect("begun lock");
-            let i = b.iter().position(|(x, _)| *x == id);
-            i.map(|i| b.swap_remove(i).1)
-        };
-        let Some(inbound) = inbound else { return };
+    fn begin_at_exit(self: &Arc<Self>, id: u32, host: String, port: u16, parts: StreamParts) {
         let me = self.clone();
         let span = info_span!("stream", circ = self.circ, stream = id);
-        self.tasks.spawn(
-            async move {
-                me.exit_stream(id, host, port, StreamParts { handle: h, inbound })
-                    .await
-            }
-            .instrument(span),
-        );
+        self.tasks
+            .spawn(async move { me.exit_stream(id, host, port, parts).await }.instrument(span));
     }
 
     async fn exit_stream(self: Arc<Self>, id: u32, host: String, port: u16, parts: StreamParts) {

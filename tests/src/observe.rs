@@ -12,6 +12,20 @@ use std::time::{Duration, Instant};
 const CONVERGE: Duration = Duration::from_secs(30);
 
 impl Proc {
+    /// The value of one sample (`name` or `name{labels}`) on its metrics
+    /// listener, if the series is there.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = ureq::get(&format!("http://{}/metrics", self.metrics))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// `GET /v1/status` from its admin API.
     pub fn status(&self) -> Result<Value> {
         let agent: ureq::Agent = ureq::Agent::config_builder()

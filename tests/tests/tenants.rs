@@ -40,16 +40,7 @@ fn curl(socks: &str, user: &str, url: &str) -> std::process::Output {
 }
 
 fn refusals(p: &ferry_tests::Proc) -> f64 {
-    let text = ureq::get(&format!("http://{}/metrics", p.metrics))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with("ferry_refusals_total{reason=\"auth\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    p.metric("ferry_refusals_total{reason=\"auth\"}")
         .unwrap_or(-1.0)
 }
 

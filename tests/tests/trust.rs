@@ -64,16 +64,7 @@ async fn echo_as(
 
 /// `ferry_links_active` on a node's metrics listener.
 fn links_of(p: &Proc) -> u64 {
-    let text = ureq::get(&format!("http://{}/metrics", p.metrics))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("ferry_links_active "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
+    p.metric("ferry_links_active").unwrap() as u64
 }
 
 fn counted(v: &Value, key: &str, reason: &str) -> u64 {
