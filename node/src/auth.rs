@@ -43,9 +43,10 @@ pub enum AuthRefusal {
     /// This entry requires credentials and the client sent none.
     #[error("this entry requires a tenant's credentials")]
     Anonymous,
-    /// Too many password checks are running: refused at once, so a flood
-    /// of logins cannot pile up memory and CPU (each check takes ~19 MiB).
-    #[error("too many credential checks at once")]
+    /// Too many password checks are running and this one waited too long
+    /// for its turn, so a flood of logins cannot pile up memory and CPU
+    /// (each check takes ~19 MiB).
+    #[error("too many credential checks waiting")]
     Busy,
 }
 

@@ -50,22 +50,30 @@ pub async fn serve<F, Fut>(
     }
 }
 
-/// Checks a client's credentials under `policy`, off the async threads
-/// (Argon2id is slow on purpose).
-/// At most two checks per core run at once; more are refused at once
+/// How long a password check waits for its turn before it is refused.
+pub const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Checks a client's credentials under `policy`, password checks off the
+/// async threads (Argon2id is slow on purpose). Password checks (Argon2id) run at most two per core at once; others
+/// wait their turn for up to [`CHECK_WAIT`] and are then refused
 /// ([`AuthRefusal::Busy`]), so a flood of logins holds a bounded amount of
-/// memory and CPU.
+/// memory and CPU. Checks that verify nothing (anonymous clients, tenants
+/// without a password) take no turn.
 pub async fn check(
     policy: Arc<Policy>,
     creds: Option<(String, String)>,
 ) -> Result<Client, AuthRefusal> {
     static CHECKS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    if !policy.costly(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))) {
+        return policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())));
+    }
     let checks = CHECKS.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new(tokio::sync::Semaphore::new(2 * cores))
     });
-    let Ok(permit) = checks.clone().try_acquire_owned() else {
-        return Err(AuthRefusal::Busy);
+    let permit = match tokio::time::timeout(CHECK_WAIT, checks.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => return Err(AuthRefusal::Busy),
     };
     tokio::task::spawn_blocking(move || {
         let _permit = permit;

@@ -166,6 +166,19 @@ impl Policy {
         c
     }
 
+    /// Whether checking `creds` means an Argon2 verification (a named
+    /// tenant with a password, or an unknown name checked against the dummy
+    /// hash): the expensive checks the entry bounds.
+    pub fn costly(&self, creds: Option<(&str, &str)>) -> bool {
+        match creds {
+            Some((user, _)) if !user.is_empty() && user != "-" => self
+                .tenants
+                .get(user)
+                .is_none_or(|t| t.password_hash.is_some()),
+            _ => false,
+        }
+    }
+
     /// Checks a client's credentials (`None`: it sent none; a username of
     /// `""` or `-` is anonymous). Slow on purpose (Argon2id): call it off
     /// the async threads. See [`crate::auth`].
