@@ -81,6 +81,8 @@ if [ "$what" = test ]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)     # tests use the real curl as a SOCKS5 client
   command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # a real Prometheus scrapes a test mesh
   command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap) # the container test's local base image
+  command -v git >/dev/null 2>&1 || need+=(git)       # git clone through the HTTP CONNECT entry
+  command -v openssl >/dev/null 2>&1 || need+=(openssl) # that test's HTTPS server certificate
   command -v docker >/dev/null 2>&1 || need+=(docker.io)       # the container test
   { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || need+=(docker-compose)
 fi

@@ -38,6 +38,8 @@ pub const MESH: &[(&str, &str)] = &[
 pub struct Demo {
     /// The SOCKS5 entry.
     pub socks: SocketAddr,
+    /// The HTTP CONNECT entry.
+    pub http: SocketAddr,
     /// The demo page.
     pub page: SocketAddr,
     /// The mesh nodes: id, jurisdiction, roles, link address, admin address.
@@ -77,7 +79,11 @@ fn admit(
 }
 
 /// Starts the demo mesh, the entry and the page server.
-pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Demo> {
+pub async fn start(
+    socks: SocketAddr,
+    http: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<Demo> {
     let dir = tempfile::Builder::new()
         .prefix("ferry-demo-")
         .tempdir()
@@ -86,6 +92,10 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         .await
         .with_context(|| format!("pass --socks 127.0.0.1:PORT to use another port than {socks}"))?;
     let mut socks_l = Some(socks_l);
+    let http_l = node::bind(http, "the demo's HTTP CONNECT entry")
+        .await
+        .with_context(|| format!("pass --http 127.0.0.1:PORT to use another port than {http}"))?;
+    let mut http_l = Some(http_l);
     let page_l = TcpListener::bind("127.0.0.1:0").await?;
     let page = page_l.local_addr()?;
     let auth_dir = dir.path().join("authority");
@@ -147,7 +157,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
         let admin_l = TcpListener::bind("127.0.0.1:0").await?;
         let admin = admin_l.local_addr()?;
         let mut text = config::render_template(&Template {
-            http: None,
+            http: roles.entry.then_some(http),
             jurisdiction: cc,
             roles,
             link: addr,
@@ -189,7 +199,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
             Listeners {
                 link: None,
                 socks: socks_l.take(),
-                http: None,
+                http: http_l.take(),
                 admin: Some(admin_l),
                 metrics: None,
             }
@@ -221,6 +231,7 @@ pub async fn start(socks: SocketAddr, shutdown: CancellationToken) -> Result<Dem
     tokio::spawn(serve_page(page_l, shutdown.clone()));
     Ok(Demo {
         socks,
+        http,
         page,
         nodes,
         admin,
@@ -334,7 +345,7 @@ impl Demo {
             s.push_str(&format!("  {id:<10}{cc:<14}{roles:<12}{addr}\n"));
         }
         s.push_str(&format!(
-            "\nSOCKS5 entry: {socks}\nTry it:       curl --socks5-hostname {socks} http://localhost:{port}/\n\n\
+            "\nSOCKS5 entry: {socks}\nTry it:       curl --socks5-hostname {socks} http://localhost:{port}/\n             HTTP entry:   {http}\nOr:           curl -p -x http://{http} http://localhost:{port}/\n\n\
              Each connection crosses 3 nodes in 3 different jurisdictions, end-to-end\n\
              encrypted from the entry to the exit; the log below shows each circuit's path.\n\n\
              Watch a drain: in another terminal, block PK (its relay drains, live circuits move):\n\
@@ -343,6 +354,7 @@ impl Demo {
              Entry status: ferry status --admin {admin}\n\n\
              Press Ctrl-C to stop.\n",
             socks = self.socks,
+            http = self.http,
             port = self.page.port(),
             admin = self.admin,
         ));

@@ -29,6 +29,7 @@
 //! exit that left — reaches the client as a TCP reset, never as a clean
 //! close, so a client can tell truncation from completion (invariant I10).
 
+use crate::limits::{Pace, Way};
 use crate::link::LinkHandle;
 use crate::policy::{ExitPolicy, Verdict};
 use bytes::{BufMut, BytesMut};
@@ -980,7 +981,7 @@ impl Endpoint {
             return;
         }
         exit.metrics.stream.opened.inc();
-        let why = run_stream(sock, parts).await;
+        let why = run_stream(sock, parts, &crate::limits::Pace::none()).await;
         exit.metrics.stream.closed.with_label_values(&[why]).inc();
     }
 
@@ -1121,12 +1122,12 @@ const STOPPED: CloseReason = "stopped";
 /// Carries a connected stream both ways until both directions end, and
 /// says why it ended. An abnormal end resets the socket (RST), so the
 /// client can tell it from a clean close.
-pub async fn run_stream(mut sock: TcpStream, parts: StreamParts) -> CloseReason {
+pub async fn run_stream(mut sock: TcpStream, parts: StreamParts, pace: &Pace) -> CloseReason {
     let StreamParts { handle, inbound } = parts;
     let stop = CancellationToken::new();
     let (r, w) = sock.split();
-    let up = pump_up(&handle, r, stop.clone());
-    let down = pump_down(&handle, w, inbound, stop.clone());
+    let up = pump_up(&handle, r, pace, stop.clone());
+    let down = pump_down(&handle, w, inbound, pace, stop.clone());
     let (up, down) = tokio::join!(up, down);
     let reason = [down, up]
         .into_iter()
@@ -1144,6 +1145,7 @@ pub async fn run_stream(mut sock: TcpStream, parts: StreamParts) -> CloseReason 
 async fn pump_up(
     h: &StreamHandle,
     mut r: tokio::net::tcp::ReadHalf<'_>,
+    pace: &Pace,
     stop: CancellationToken,
 ) -> CloseReason {
     let mut buf = BytesMut::with_capacity(4 * (HEADROOM + MAX_DATA_PAYLOAD + 16));
@@ -1160,7 +1162,14 @@ async fn pump_up(
                 h.finish(EndReason::Done, "").await;
                 return "done";
             }
-            Ok(_) => {}
+            Ok(n) => {
+                if pace.is_active() {
+                    tokio::select! {
+                        _ = pace.take(Way::Up, n) => {}
+                        _ = stop.cancelled() => return STOPPED,
+                    }
+                }
+            }
             Err(e) => {
                 debug!(error = %e, "stream read failed");
                 h.finish(EndReason::Reset, "connection reset").await;
@@ -1200,6 +1209,7 @@ async fn pump_down(
     h: &StreamHandle,
     mut w: tokio::net::tcp::WriteHalf<'_>,
     mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    pace: &Pace,
     stop: CancellationToken,
 ) -> CloseReason {
     loop {
@@ -1209,6 +1219,12 @@ async fn pump_down(
         };
         match m {
             Some(Inbound::Data(b)) => {
+                if pace.is_active() {
+                    tokio::select! {
+                        _ = pace.take(Way::Down, b.len()) => {}
+                        _ = stop.cancelled() => return STOPPED,
+                    }
+                }
                 let wrote = tokio::select! {
                     r = w.write_all(&b) => r,
                     _ = stop.cancelled() => return STOPPED,

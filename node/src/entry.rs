@@ -4,8 +4,9 @@
 //! and carrying it. Each protocol only parses its own handshake and maps
 //! refusals to its own replies.
 
-use crate::auth::{AuthRefusal, Client};
+use crate::auth::{AuthRefusal, Client, Credentials};
 use crate::endpoint::StreamParts;
+use crate::limits::{Limited, Pass};
 use crate::origin::{OpenError, Origin};
 use crate::routing::{ConnOptions, Policy};
 use std::sync::Arc;
@@ -13,22 +14,38 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, warn};
 
+/// An accepted connection's place: its listener slot and its client's
+/// pass (which may say it is to be refused, see
+/// [`crate::limits::Pass::refused`]).
+pub struct Admission {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// The client's pass.
+    pub pass: Pass,
+}
+
 /// Accepts clients until `shutdown`, each in a tracked task inside the
 /// span `span(n)` makes (so each protocol names its own), handled by
-/// `handle`.
+/// `handle`. At most `[limits] connections` are served at once; a
+/// connection over that, or from a client with as many streams open as it
+/// may have, is closed at once after `full` had its non-blocking say (an
+/// HTTP status; SOCKS5 has nothing to say before a handshake). Both are
+/// counted and logged.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     origin: Arc<Origin>,
     shutdown: CancellationToken,
+    proto: &'static str,
     span: fn(u64) -> tracing::Span,
+    full: fn(&TcpStream, Refusal),
     handle: F,
 ) where
-    F: Fn(TcpStream, Arc<Origin>) -> Fut,
+    F: Fn(TcpStream, Arc<Origin>, Admission) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let slots = origin.limits().listener(proto);
     let mut next = 0u64;
     loop {
-        let (sock, _) = tokio::select! {
+        let (sock, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => { warn!(error = %e, "entry accept failed"); continue; }
@@ -36,7 +53,28 @@ pub async fn serve<F, Fut>(
             _ = shutdown.cancelled() => return,
         };
         next += 1;
-        let client = handle(sock, origin.clone());
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused(
+                &origin,
+                proto,
+                "connections",
+                "the listener is at its connection limit",
+            );
+            full(&sock, Refusal::Full);
+            continue;
+        };
+        let pass = match origin.limits().admit_client(peer.ip()) {
+            Ok(p) => p,
+            Err(l) => {
+                refused(&origin, proto, l.reason(), &l.to_string());
+                full(&sock, Refusal::Limited(l));
+                continue;
+            }
+        };
+        if let Some(l) = pass.refused() {
+            refused(&origin, proto, l.reason(), &l.to_string());
+        }
+        let client = handle(sock, origin.clone(), Admission { _slot: slot, pass });
         let stop = shutdown.clone();
         origin.switch().tasks.spawn(
             async move {
@@ -50,6 +88,44 @@ pub async fn serve<F, Fut>(
     }
 }
 
+/// Why a connection is closed as soon as it is accepted.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// The listener is at `[limits] connections`.
+    Full,
+    /// The client is over a limit.
+    Limited(Limited),
+}
+
+/// Counts and logs a connection refused by a limit (no address: logs above
+/// `debug` carry none).
+pub fn refused(origin: &Origin, proto: &'static str, reason: &'static str, why: &str) {
+    origin
+        .switch()
+        .metrics
+        .node
+        .refusals
+        .with_label_values(&[reason])
+        .inc();
+    tracing::info!(reason, proto, "client refused: {why}");
+}
+
+/// Checks the tenant's limits for `client`'s stream: counted and logged
+/// when refused.
+pub fn admit_tenant(
+    origin: &Origin,
+    proto: &'static str,
+    pass: &mut Pass,
+    client: &Client,
+) -> Result<(), Limited> {
+    origin
+        .limits()
+        .admit_tenant(pass, &client.tenant)
+        .inspect_err(|l| {
+            refused(origin, proto, l.reason(), &l.to_string());
+        })
+}
+
 /// How long a password check waits for its turn before it is refused.
 pub const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -59,11 +135,13 @@ pub const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// ([`AuthRefusal::Busy`]), so a flood of logins holds a bounded amount of
 /// memory and CPU. Checks that verify nothing (anonymous clients, tenants
 /// without a password) take no turn.
-pub async fn check(
-    policy: Arc<Policy>,
-    creds: Option<(String, String)>,
-) -> Result<Client, AuthRefusal> {
+pub async fn check(policy: Arc<Policy>, creds: Option<Credentials>) -> Result<Client, AuthRefusal> {
     static CHECKS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let creds = match creds {
+        Some(Credentials::Bearer(token)) => return policy.authenticate_bearer(&token),
+        Some(Credentials::Basic(u, p)) => Some((u, p)),
+        None => None,
+    };
     if !policy.costly(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))) {
         return policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())));
     }
@@ -125,11 +203,12 @@ pub async fn open(
     opened
 }
 
-/// Carries an opened stream on the client's socket until it ends, counted.
-pub async fn carry(origin: &Origin, sock: TcpStream, parts: StreamParts) {
+/// Carries an opened stream on the client's socket until it ends, counted,
+/// its bytes paced by the client's and tenant's byte rates.
+pub async fn carry(origin: &Origin, sock: TcpStream, parts: StreamParts, pass: &Pass) {
     let metrics = &origin.switch().metrics;
     metrics.stream.opened.inc();
     parts.record_ids(&tracing::Span::current());
-    let why = crate::endpoint::run_stream(sock, parts).await;
+    let why = crate::endpoint::run_stream(sock, parts, pass.pace()).await;
     metrics.stream.closed.with_label_values(&[why]).inc();
 }

@@ -5,17 +5,21 @@
 //! `CONNECT host:port HTTP/1.1` opens a stream through the mesh exactly as a
 //! SOCKS5 CONNECT does. Tenants authenticate with `Proxy-Authorization:
 //! Basic` (the same username and password as for SOCKS5, see
-//! [`crate::auth`]); routing options come in a `Ferry-Options` header, or
-//! after `|` in the password. Anything but CONNECT is answered 405 with a
-//! hint (plain `GET http://…` proxying is not offered: it would hand the
-//! entry plaintext). Refusals carry a status and a one-line reason: 400
-//! malformed, 403 not allowed (policy, constraints, options), 407 credentials,
-//! 502 the target or the mesh could not be reached, 503 the entry is not
-//! ready, 504 a timeout. The request head is read with a hard limit of
+//! [`crate::auth`]) or `Proxy-Authorization: Bearer` with a tenant's token;
+//! routing options come in a `Ferry-Options` header, or after `|` in the
+//! password. Anything but CONNECT is answered 405 with a hint (plain
+//! `GET http://…` proxying is not offered: it would hand the entry
+//! plaintext). Refusals carry a status and a one-line reason: 400
+//! malformed, 403 not allowed (policy, constraints, options), 407
+//! credentials, 429 a client or tenant over its limits (with
+//! `Retry-After`), 502 the target or the mesh could not be reached, 503
+//! the entry is not ready, busy checking credentials, or at its connection
+//! limit, 504 a timeout. The request head is read with a hard limit of
 //! [`HEAD_LIMIT`] bytes; `base64` (the maintained crate) decodes the
 //! credentials.
 
-use crate::auth::{AuthRefusal, Client};
+use crate::auth::{AuthRefusal, Client, Credentials};
+use crate::entry::{Admission, Refusal};
 use crate::origin::{OpenError, Origin};
 use base64::Engine;
 use ferry_proto::pb::EndReason;
@@ -35,8 +39,8 @@ pub struct Connect {
     pub host: String,
     /// Target port.
     pub port: u16,
-    /// `Proxy-Authorization: Basic` credentials.
-    pub credentials: Option<(String, String)>,
+    /// `Proxy-Authorization` credentials (Basic or Bearer).
+    pub credentials: Option<Credentials>,
     /// The `Ferry-Options` header.
     pub options: Option<String>,
 }
@@ -121,11 +125,20 @@ pub fn parse_head(head: &[u8]) -> Result<Connect, HttpError> {
             }
             // Another scheme (Negotiate, NTLM) is no credentials: the 407
             // that follows asks for Basic (RFC 9110 §11: schemes ignore case).
-            let Some(b64) = value
-                .get(..6)
-                .filter(|s| s.eq_ignore_ascii_case("basic "))
-                .map(|_| &value[6..])
-            else {
+            let scheme = |name: &str| {
+                value
+                    .get(..name.len())
+                    .filter(|s| s.eq_ignore_ascii_case(name))
+                    .map(|_| value[name.len()..].trim())
+            };
+            if value.eq_ignore_ascii_case("bearer") {
+                return Err(HttpError::Malformed("empty Bearer token"));
+            }
+            if let Some(token) = scheme("bearer ") {
+                c.credentials = Some(Credentials::Bearer(token.to_string()));
+                continue;
+            }
+            let Some(b64) = scheme("basic ") else {
                 continue;
             };
             let raw = base64::engine::general_purpose::STANDARD
@@ -136,7 +149,7 @@ pub fn parse_head(head: &[u8]) -> Result<Connect, HttpError> {
             let (u, p) = raw
                 .split_once(':')
                 .ok_or(HttpError::Malformed("credentials are not user:password"))?;
-            c.credentials = Some((u.to_string(), p.to_string()));
+            c.credentials = Some(Credentials::Basic(u.to_string(), p.to_string()));
         } else if name.eq_ignore_ascii_case("ferry-options") {
             if c.options.is_some() {
                 return Err(HttpError::Malformed("Ferry-Options twice"));
@@ -171,32 +184,30 @@ async fn respond<S: AsyncWrite + Unpin>(
     reason: &str,
     extra: &str,
 ) -> std::io::Result<()> {
+    s.write_all(response(status, reason, extra).as_bytes())
+        .await
+}
+
+/// A response with a one-line reason as its body (none for 200).
+fn response(status: u16, reason: &str, extra: &str) -> String {
     let phrase = match status {
-        200 => "Connection Established",
+        200 => return "HTTP/1.1 200 Connection Established\r\n\r\n".to_string(),
         400 => "Bad Request",
         403 => "Forbidden",
         405 => "Method Not Allowed",
         407 => "Proxy Authentication Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Error",
     };
-    let body = if status == 200 {
-        String::new()
-    } else {
-        format!("{reason}\n")
-    };
-    let head = if status == 200 {
-        "HTTP/1.1 200 Connection Established\r\n\r\n".to_string()
-    } else {
-        format!(
-            "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
-            body.len()
-        )
-    };
-    s.write_all(head.as_bytes()).await
+    let body = format!("{reason}\n");
+    format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    )
 }
 
 /// The status for a stream that could not be opened.
@@ -223,10 +234,24 @@ pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: Cancell
             stream = tracing::field::Empty
         )
     };
-    crate::entry::serve(listener, origin, shutdown, span, client).await
+    crate::entry::serve(listener, origin, shutdown, "http", span, full, client).await
 }
 
-async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
+/// Answers a connection closed as soon as it is accepted: a fixed
+/// response written without waiting (a full socket buffer drops it).
+fn full(sock: &TcpStream, why: Refusal) {
+    let text = match why {
+        Refusal::Full => response(
+            503,
+            "the entry is at its connection limit",
+            "Retry-After: 1\r\n",
+        ),
+        Refusal::Limited(l) => response(429, &l.to_string(), "Retry-After: 1\r\n"),
+    };
+    let _ = sock.try_write(text.as_bytes());
+}
+
+async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
     let _ = sock.set_nodelay(true);
     let metrics = origin.switch().metrics.clone();
     let head =
@@ -239,6 +264,11 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
             Ok(Err(e)) => return debug!(error = %e, "http connection closed"),
             Err(_) => return warn!(reason = "request timed out", "http connection closed"),
         };
+    if let Some(l) = adm.pass.refused() {
+        // Over its rate: told so, its credentials not even checked.
+        let _ = respond(&mut sock, 429, &l.to_string(), "Retry-After: 1\r\n").await;
+        return;
+    }
     let req = match parse_head(&head) {
         Ok(r) => r,
         Err(e) => {
@@ -276,12 +306,16 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
                 &mut sock,
                 status,
                 body,
-                "Proxy-Authenticate: Basic realm=\"ferry\"\r\n",
+                "Proxy-Authenticate: Basic realm=\"ferry\", Bearer realm=\"ferry\"\r\n",
             )
             .await;
             return;
         }
     };
+    if let Err(l) = crate::entry::admit_tenant(&origin, "http", &mut adm.pass, &client) {
+        let _ = respond(&mut sock, 429, &l.to_string(), "Retry-After: 1\r\n").await;
+        return;
+    }
     let options = match (&req.options, client.options.is_empty()) {
         (Some(h), true) => h.clone(),
         (Some(h), false) => format!("{};{h}", client.options),
@@ -292,7 +326,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
     match opened {
         Ok(parts) => {
             if respond(&mut sock, 200, "", "").await.is_ok() {
-                crate::entry::carry(&origin, sock, parts).await;
+                crate::entry::carry(&origin, sock, parts, &adm.pass).await;
             }
         }
         Err(e) => {
@@ -315,7 +349,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.host, "example.org");
         assert_eq!(c.port, 443);
-        assert_eq!(c.credentials, Some(("acme".into(), "s3cret".into())));
+        assert_eq!(
+            c.credentials,
+            Some(Credentials::Basic("acme".into(), "s3cret".into()))
+        );
         assert_eq!(c.options.as_deref(), Some("exclude=PK"));
         let v6 = parse_head(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 8443));
@@ -331,7 +368,20 @@ mod tests {
             "another scheme: no credentials"
         );
         let lower = parse_head(b"CONNECT a:1 HTTP/1.1\r\nproxy-authorization: basic YTpi\r\n\r\n");
-        assert_eq!(lower.unwrap().credentials, Some(("a".into(), "b".into())));
+        assert_eq!(
+            lower.unwrap().credentials,
+            Some(Credentials::Basic("a".into(), "b".into()))
+        );
+        let bearer =
+            parse_head(b"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: bearer ferry_x\r\n\r\n");
+        assert_eq!(
+            bearer.unwrap().credentials,
+            Some(Credentials::Bearer("ferry_x".into()))
+        );
+        assert_eq!(
+            status(b"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Bearer \r\n\r\n"),
+            400
+        );
         assert_eq!(
             status(b"CONNECT a:1 HTTP/1.1\r\nFerry-Options: a=b\r\nFerry-Options: c=d\r\n\r\n"),
             400

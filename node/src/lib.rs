@@ -37,6 +37,7 @@ pub mod endpoint;
 pub mod entry;
 pub mod http_proxy;
 pub mod identity;
+pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod node;

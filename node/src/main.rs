@@ -50,11 +50,15 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a local mesh of 6 nodes in 6 jurisdictions with a SOCKS5 entry, until Ctrl-C.
+    /// Run a local mesh of 6 nodes in 6 jurisdictions with a SOCKS5 and an
+    /// HTTP CONNECT entry, until Ctrl-C.
     Demo {
         /// Address of the demo's SOCKS5 entry.
         #[arg(long, default_value = "127.0.0.1:1080")]
         socks: SocketAddr,
+        /// Address of the demo's HTTP CONNECT entry.
+        #[arg(long, default_value = "127.0.0.1:3128")]
+        http: SocketAddr,
         #[command(subcommand)]
         cmd: Option<DemoCmd>,
     },
@@ -232,7 +236,9 @@ enum Cmd {
 enum TenantCmd {
     /// Print a `[[tenants]]` block with an Argon2id hash of the tenant's
     /// password, to paste into an entry's ferry.toml. The password is read
-    /// from a prompt (on a terminal) or from the first line of stdin.
+    /// from a prompt (on a terminal) or from the first line of stdin. With
+    /// --token, a new bearer token is made instead: it is printed once, on
+    /// stderr, and the block holds only its SHA-256.
     Add {
         /// The tenant's name (its SOCKS5 username).
         name: String,
@@ -248,6 +254,10 @@ enum TenantCmd {
         /// Hops after the entry, if not the entry's own.
         #[arg(long)]
         hops: Option<usize>,
+        /// Make a bearer token (HTTP `Proxy-Authorization: Bearer`, or the
+        /// SOCKS5 password) instead of reading a password.
+        #[arg(long)]
+        token: bool,
     },
 }
 
@@ -457,8 +467,9 @@ fn main() -> Result<()> {
                     exclude,
                     exit_in,
                     hops,
+                    token,
                 },
-        } => tenant_add(&name, &class, &exclude, &exit_in, hops),
+        } => tenant_add(&name, &class, &exclude, &exit_in, hops, token),
         Cmd::Policy {
             cmd:
                 PolicyCmd::Sign {
@@ -492,7 +503,11 @@ fn main() -> Result<()> {
             println!("{msg}");
             Ok(())
         }
-        Cmd::Demo { socks, cmd: None } => runtime()?.block_on(demo(socks)),
+        Cmd::Demo {
+            socks,
+            http,
+            cmd: None,
+        } => runtime()?.block_on(demo(socks, http)),
         Cmd::Node {
             config,
             create_keys,
@@ -799,10 +814,10 @@ async fn run_node(
     Ok(())
 }
 
-async fn demo(socks: SocketAddr) -> Result<()> {
+async fn demo(socks: SocketAddr, http: SocketAddr) -> Result<()> {
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone())?;
-    let demo = ferry_node::demo::start(socks, shutdown.clone()).await?;
+    let demo = ferry_node::demo::start(socks, http, shutdown.clone()).await?;
     println!("{}", demo.banner());
     shutdown.cancelled().await;
     println!("\nStopping the demo mesh...");
@@ -818,10 +833,12 @@ fn tenant_add(
     exclude: &str,
     exit_in: &str,
     hops: Option<usize>,
+    token: bool,
 ) -> Result<()> {
-    use std::io::IsTerminal;
-    if name.is_empty() || name.len() > 255 || name == "-" {
-        bail!("the tenant name must be 1 to 255 characters, and not `-` (it is a SOCKS5 username)");
+    if name.is_empty() || name.len() > 255 || name == "-" || name.contains(':') {
+        bail!(
+            "the tenant name must be 1 to 255 characters, not `-` and without `:` (it is a SOCKS5 and HTTP Basic username)"
+        );
     }
     if class.len() > 64 {
         bail!("--class must be at most 64 characters");
@@ -843,22 +860,15 @@ fn tenant_add(
         list(exclude).context("--exclude")?,
         list(exit_in).context("--exit-in")?,
     );
-    let password = if std::io::stdin().is_terminal() {
-        let p = rpassword::prompt_password(format!("password for {name}: "))?;
-        if p != rpassword::prompt_password("again: ")? {
-            bail!("the two passwords differ");
-        }
-        p
+    let secret = if token {
+        let (token, hash) = ferry_node::auth::new_token();
+        eprintln!(
+            "bearer token for {name} (shown once; the entry keeps only its hash):\n{token}\n"
+        );
+        format!("token_hash = {hash:?}")
     } else {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        line.trim_end_matches(['\r', '\n']).to_string()
+        format!("password_hash = {:?}", read_password(name)?)
     };
-    // The SOCKS5 password carries it (at most 255 bytes with the options).
-    if password.is_empty() || password.len() > 200 || password.contains('|') {
-        bail!("the password must be 1 to 200 bytes, without `|` (it separates the options)");
-    }
-    let hash = ferry_node::auth::hash_password(&password)?;
     let quoted = |v: &[String]| {
         v.iter()
             .map(|x| format!("{x:?}"))
@@ -877,14 +887,36 @@ fn tenant_add(
     if let Some(h) = hops {
         println!("hops = {h}");
     }
-    println!("password_hash = {hash:?}");
+    println!("{secret}");
     Ok(())
 }
 
-/// SIGHUP reloads the entry's tenants and routing policy from the config
-/// file, without a restart: a file that does not validate is refused with
-/// the reason, and the tenants in force stay. Other settings need a
-/// restart.
+/// Reads a tenant's password (prompted twice on a terminal, else the first
+/// line of stdin) and returns its Argon2id hash.
+fn read_password(name: &str) -> Result<String> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password(format!("password for {name}: "))?;
+        if p != rpassword::prompt_password("again: ")? {
+            bail!("the two passwords differ");
+        }
+        p
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    // The SOCKS5 password carries it (at most 255 bytes with the options).
+    if password.is_empty() || password.len() > 200 || password.contains('|') {
+        bail!("the password must be 1 to 200 bytes, without `|` (it separates the options)");
+    }
+    ferry_node::auth::hash_password(&password)
+}
+
+/// SIGHUP reloads the entry's tenants, routing policy and limits from the
+/// config file, without a restart: a file that does not validate is
+/// refused with the reason, and the tenants in force stay. Other settings
+/// (and `[limits] connections`) need a restart.
 fn on_sighup(path: PathBuf, running: &node::Running) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let Some(origin) = running.origin.clone() else {
@@ -897,7 +929,8 @@ fn on_sighup(path: PathBuf, running: &node::Running) -> Result<()> {
                 Ok(cfg) => {
                     let n = cfg.routing.tenants.len();
                     origin.set_policy(cfg.routing);
-                    tracing::info!(tenants = n, "SIGHUP: tenants and routing reloaded");
+                    origin.limits().configure(cfg.limits);
+                    tracing::info!(tenants = n, "SIGHUP: tenants, routing and limits reloaded");
                 }
                 Err(e) => tracing::warn!(
                     error = %format!("{e:#}"),

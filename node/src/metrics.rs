@@ -12,8 +12,8 @@
 //! ids or client addresses.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Why a stream ended, as a metric label: `done` when both directions
@@ -79,6 +79,10 @@ pub struct StreamMetrics {
     pub opened: IntCounter,
     /// Streams ended, by [`CLOSE_REASONS`].
     pub closed: IntCounterVec,
+    /// Seconds entry streams waited for their byte rates (scrape time).
+    pub paced: Counter,
+    /// Client connections open, by entry listener (scrape time).
+    pub connections: IntGaugeVec,
 }
 
 /// The node as a whole: identity, state, admission, refusals, peers.
@@ -100,7 +104,8 @@ pub struct NodeMetrics {
     pub exit_seconds: IntGauge,
     /// Requests refused, by reason: ruling (a new circuit through a node a
     /// ruling drains), draining (the operator's or SIGTERM's drain),
-    /// constraint, capacity, auth, malformed, timeout.
+    /// constraint, capacity, auth, malformed, timeout, and the entry's
+    /// limits: rate, concurrency, connections.
     pub refusals: IntCounterVec,
     /// Live known nodes by jurisdiction.
     pub peers: IntGaugeVec,
@@ -319,6 +324,20 @@ impl StreamMetrics {
                 "Streams ended, by reason (done, reset, circuit_closed, exit_left, protocol, other).",
                 "reason",
             ),
+            paced: reg(
+                r,
+                Counter::with_opts(Opts::new(
+                    "ferry_streams_paced_seconds_total",
+                    "Seconds entry streams waited for their client's or tenant's byte rate.",
+                ))
+                .expect("valid metric"),
+            ),
+            connections: gauge_vec(
+                r,
+                "ferry_entry_connections",
+                "Client connections open, by entry listener (socks, http).",
+                "listener",
+            ),
         };
         seed(&m.closed, &CLOSE_REASONS);
         m
@@ -374,7 +393,7 @@ impl NodeMetrics {
             refusals: counter_vec(
                 r,
                 "ferry_refusals_total",
-                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout).",
+                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout, rate, concurrency, connections).",
                 "reason",
             ),
             peers: gauge_vec(
@@ -394,6 +413,9 @@ impl NodeMetrics {
                 "auth",
                 "malformed",
                 "timeout",
+                "rate",
+                "concurrency",
+                "connections",
             ],
         );
         m

@@ -209,6 +209,8 @@ pub struct Origin {
     /// The routing policy and tenants in force (the config's, until a
     /// reload replaces them).
     policy: std::sync::RwLock<Arc<crate::routing::Policy>>,
+    /// The entry's fair limits.
+    limits: crate::limits::Limits,
 }
 
 /// What the origin has done about drains.
@@ -233,6 +235,7 @@ impl Origin {
     /// An origin over this node's switch.
     pub fn new(switch: Arc<Switch>) -> Arc<Self> {
         let switch_policy = switch.cfg.routing.clone();
+        let limits = crate::limits::Limits::new(switch.cfg.limits.clone());
         Arc::new(Self {
             switch,
             rng: Mutex::new(StdRng::from_entropy()),
@@ -240,6 +243,7 @@ impl Origin {
             next_id: AtomicU64::new(1),
             scheduled: Mutex::new(HashMap::new()),
             stats: OriginStats::default(),
+            limits,
             policy: std::sync::RwLock::new(Arc::new(switch_policy.clone())),
         })
     }
@@ -247,6 +251,11 @@ impl Origin {
     /// The routing policy and tenants in force.
     pub fn policy(&self) -> Arc<crate::routing::Policy> {
         self.policy.read().expect("policy lock").clone()
+    }
+
+    /// The entry's fair limits.
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.limits
     }
 
     /// Replaces the routing policy and tenants (a reload); connections
@@ -620,6 +629,16 @@ impl Origin {
             advance(&m.circuit.migrations.with_label_values(&[result]), v);
         }
         advance(&m.circuit.streams_moved, get(&s.streams_moved));
+        let paced = self.limits.paced_seconds() - m.stream.paced.get();
+        if paced > 0.0 {
+            m.stream.paced.inc_by(paced);
+        }
+        for (listener, n) in self.limits.connections() {
+            m.stream
+                .connections
+                .with_label_values(&[listener])
+                .set(n.into());
+        }
         advance(&m.circuit.exit_closed, get(&s.exit_closed));
     }
 

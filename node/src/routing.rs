@@ -5,11 +5,6 @@
 //! Connection options are `key=value` pairs separated by `;` (or `&`), with
 //! lists comma-separated, for example `exclude=PK,AE;exit_in=CA;avoid=FIVE_EYES`:
 //!
-//! | key | meaning |
-//! | --- | --- |
-//! | `exclude` | no hop in these regions (country codes or blocs) |
-//! | `exit_in` (or `exit`) | the exit in one of these |
-//! | `avoid_transit` (or `avoid`) | no relay (non-exit hop) in these |
 //! | key | narrows? |
 //! | --- | --- |
 //! | `exclude` | yes: no hop in these regions (country codes or blocs) |
@@ -73,6 +68,15 @@ pub struct Tenant {
     pub constraints: Constraints,
     /// Argon2id hash of its password (PHC string), if it has one.
     pub password_hash: Option<String>,
+    /// SHA-256 of its bearer token, if it has one.
+    pub token_hash: Option<[u8; 32]>,
+}
+
+impl Tenant {
+    /// Whether it has a password or a token.
+    pub fn has_credentials(&self) -> bool {
+        self.password_hash.is_some() || self.token_hash.is_some()
+    }
 }
 
 /// What one SOCKS5 connection asks for.
@@ -88,14 +92,18 @@ impl ConnOptions {
     /// Parses the options text (the SOCKS5 password).
     pub fn parse(text: &str) -> Result<Self> {
         let mut o = ConnOptions::default();
-        for pair in text
+        for (n, pair) in text
             .split([';', '&'])
             .map(str::trim)
             .filter(|p| !p.is_empty())
+            .enumerate()
         {
+            // Text that is not a known option is never quoted back: it may
+            // be a password sent in the wrong place, and refusals are logged.
+            let n = n + 1;
             let (k, v) = pair
                 .split_once('=')
-                .ok_or_else(|| anyhow!("option `{pair}` is not key=value"))?;
+                .ok_or_else(|| anyhow!("option {n} is not key=value"))?;
             let list: Vec<&str> = v
                 .split(',')
                 .map(str::trim)
@@ -123,8 +131,8 @@ impl ConnOptions {
                     }
                     o.class = Some(v.to_string());
                 }
-                other => bail!(
-                    "unknown option `{other}` (known: exclude, exit_in, avoid_transit, hops, class)"
+                _ => bail!(
+                    "option {n} has an unknown key (known: exclude, exit_in, avoid_transit, hops, class)"
                 ),
             }
         }
@@ -171,12 +179,43 @@ impl Policy {
     /// hash): the expensive checks the entry bounds.
     pub fn costly(&self, creds: Option<(&str, &str)>) -> bool {
         match creds {
-            Some((user, _)) if !user.is_empty() && user != "-" => self
-                .tenants
-                .get(user)
-                .is_none_or(|t| t.password_hash.is_some()),
+            Some((user, _)) if !user.is_empty() && user != "-" => match self.tenants.get(user) {
+                None => true,
+                Some(t) => {
+                    t.password_hash.is_some() || (t.token_hash.is_some() && self.passwords())
+                }
+            },
             _ => false,
         }
+    }
+
+    /// Whether any tenant has a password (so named checks cost an Argon2
+    /// verification, whatever the name).
+    fn passwords(&self) -> bool {
+        self.tenants.values().any(|t| t.password_hash.is_some())
+    }
+
+    /// Checks a bearer token (HTTP `Proxy-Authorization: Bearer`): the
+    /// tenant whose `token_hash` it matches. Fast (SHA-256), every tenant's
+    /// digest compared in constant time.
+    pub fn authenticate_bearer(
+        &self,
+        token: &str,
+    ) -> std::result::Result<crate::auth::Client, crate::auth::AuthRefusal> {
+        let mut found = None;
+        for (name, t) in &self.tenants {
+            if let Some(d) = &t.token_hash
+                && crate::auth::verify_token(token, d)
+            {
+                found = Some(name);
+            }
+        }
+        found
+            .map(|name| crate::auth::Client {
+                tenant: name.clone(),
+                options: String::new(),
+            })
+            .ok_or(crate::auth::AuthRefusal::BadToken)
     }
 
     /// Checks a client's credentials (`None`: it sent none; a username of
@@ -205,20 +244,37 @@ impl Policy {
             verify(pass, None);
             return Err(AuthRefusal::UnknownTenant);
         };
-        let Some(hash) = &t.password_hash else {
+        if !t.has_credentials() {
             return Ok(Client {
                 tenant: user.to_string(),
                 options: pass.to_string(),
             });
-        };
+        }
         let (secret, options) = pass.rsplit_once('|').unwrap_or((pass, ""));
-        if verify(secret, Some(hash)) {
+        let ok = || {
             Ok(Client {
                 tenant: user.to_string(),
                 options: options.to_string(),
             })
-        } else {
-            Err(AuthRefusal::BadPassword)
+        };
+        if let Some(d) = &t.token_hash
+            && crate::auth::verify_token(secret, d)
+        {
+            if t.password_hash.is_none() && self.passwords() {
+                // Costs what any named check costs on this entry.
+                verify(secret, None);
+            }
+            return ok();
+        }
+        match &t.password_hash {
+            Some(hash) if verify(secret, Some(hash)) => ok(),
+            Some(_) => Err(AuthRefusal::BadPassword),
+            None => {
+                if self.passwords() {
+                    verify(secret, None);
+                }
+                Err(AuthRefusal::BadToken)
+            }
         }
     }
 
@@ -304,9 +360,13 @@ mod tests {
         let err = |t: &str| ConnOptions::parse(t).unwrap_err().to_string();
         assert!(err("exclude=XX").contains("XX"), "{}", err("exclude=XX"));
         assert!(err("exclude=NOWHERE").contains("neither a country code nor a known bloc"));
-        assert!(err("colour=red").contains("unknown option `colour`"));
+        assert!(err("exclude=PK;colour=red").contains("option 2 has an unknown key"));
         assert!(err("hops=9").contains("1 to 8"));
-        assert!(err("exclude").contains("not key=value"));
+        assert!(err("exclude").contains("option 1 is not key=value"));
+        // A password sent where options go is never quoted back.
+        for text in ["hunter2", "s3cret=x", "a=b;hunter2"] {
+            assert!(!err(text).contains("hunter2") && !err(text).contains("s3cret"));
+        }
     }
 
     #[test]
@@ -523,6 +583,57 @@ mod tests {
             "anonymous clients get the anonymous class"
         );
         assert!(p.route("nobody", &ConnOptions::default()).is_err());
+    }
+
+    /// A tenant's bearer token identifies it alone (HTTP Bearer) or with
+    /// its name (SOCKS5, HTTP Basic); a wrong token, or another tenant's,
+    /// is refused; a token check costs no Argon2 unless passwords are on
+    /// the entry.
+    #[test]
+    fn tokens_identify_their_tenant() {
+        use crate::auth::AuthRefusal::*;
+        let (token, hash) = crate::auth::new_token();
+        let (other, _) = crate::auth::new_token();
+        assert!(
+            token.starts_with("ferry_") && token.len() == 6 + 43,
+            "{token}"
+        );
+        let mut p = with_password();
+        p.tenants.insert(
+            "bot".into(),
+            Tenant {
+                class: "batch".into(),
+                token_hash: Some(crate::auth::parse_token_hash(&hash).unwrap()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(p.authenticate_bearer(&token).unwrap().tenant, "bot");
+        assert_eq!(p.authenticate_bearer(&other).unwrap_err(), BadToken);
+        let c = p
+            .authenticate(Some(("bot", &format!("{token}|exclude=PK"))))
+            .unwrap();
+        assert_eq!(
+            (c.tenant.as_str(), c.options.as_str()),
+            ("bot", "exclude=PK")
+        );
+        assert_eq!(p.authenticate(Some(("bot", &other))).unwrap_err(), BadToken);
+        // acme's password is not bot's, nor bot's token acme's.
+        assert_eq!(
+            p.authenticate(Some(("bot", "correct horse"))).unwrap_err(),
+            BadToken
+        );
+        assert_eq!(
+            p.authenticate(Some(("acme", &token))).unwrap_err(),
+            BadPassword
+        );
+        assert!(
+            p.costly(Some(("bot", "x"))),
+            "passwords on the entry: named checks cost alike"
+        );
+        p.tenants.remove("acme");
+        assert!(!p.costly(Some(("bot", "x"))), "tokens alone cost no Argon2");
+        assert!(crate::auth::parse_token_hash("sha256:00").is_err());
+        assert!(crate::auth::parse_token_hash(&hash[7..]).is_err());
     }
 
     /// The check costs the same whether the name exists and wherever the

@@ -7,12 +7,16 @@
 //! acceptable methods"; both are logged without the password and counted
 //! (`ferry_refusals_total{reason="auth"}`). A connection whose constraints
 //! leave no path, or whose options are malformed or would widen what its
-//! tenant allows, gets reply 0x02 and a log line naming why.
+//! tenant allows, gets reply 0x02 and a log line naming why; so does a
+//! client over its rate, or a tenant over its rate or its streams at once.
+//! A client with as many streams open as it may have, or one that finds
+//! the listener full, is closed at once (see [`crate::limits`]).
 //! Every read is bounded by the protocol's own one-byte lengths;
 //! a client that sends anything else is told why (where SOCKS has a reply for
 //! it) and closed, and only that connection is affected.
 
-use crate::auth::{AuthRefusal, Client};
+use crate::auth::{AuthRefusal, Client, Credentials};
+use crate::entry::Admission;
 use crate::origin::{OpenError, Origin};
 use ferry_proto::pb::EndReason;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -249,13 +253,33 @@ pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: Cancell
             stream = tracing::field::Empty
         )
     };
-    crate::entry::serve(listener, origin, shutdown, span, client).await
+    crate::entry::serve(listener, origin, shutdown, "socks", span, |_, _| {}, client).await
 }
 
-async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
+async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
     let _ = sock.set_nodelay(true);
+    if adm.pass.refused().is_some() {
+        // Over its rate: told so in SOCKS terms (reply 0x02 to its
+        // request), its credentials not even checked, so a flood costs no
+        // Argon2 (nor tells anything about the password: every such
+        // sub-negotiation "succeeds", and every request is refused).
+        let unchecked = |_| async {
+            Ok(Client {
+                tenant: String::new(),
+                options: String::new(),
+            })
+        };
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, unchecked)).await
+        {
+            let _ = send_reply(&mut sock, reply::NOT_ALLOWED).await;
+        }
+        return;
+    }
     let policy = origin.policy();
-    let check = |creds| crate::entry::check(policy.clone(), creds);
+    let check = |creds: Option<(String, String)>| {
+        crate::entry::check(policy.clone(), creds.map(|(u, p)| Credentials::Basic(u, p)))
+    };
     let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, check)).await {
         Ok(Ok(r)) => r,
         Ok(Err(SocksError::Refused(why))) => {
@@ -264,6 +288,10 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
         Ok(Err(e)) => return warn!(reason = %e, "socks connection closed"),
         Err(_) => return warn!(reason = "handshake timed out", "socks connection closed"),
     };
+    if crate::entry::admit_tenant(&origin, "socks", &mut adm.pass, &req.client).is_err() {
+        let _ = send_reply(&mut sock, reply::NOT_ALLOWED).await;
+        return;
+    }
     debug!(host = %req.host, port = req.port, "socks connect");
     let opened = crate::entry::open(
         &origin,
@@ -277,7 +305,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>) {
     match opened {
         Ok(parts) => {
             if send_reply(&mut sock, reply::SUCCEEDED).await.is_ok() {
-                crate::entry::carry(&origin, sock, parts).await;
+                crate::entry::carry(&origin, sock, parts, &adm.pass).await;
             }
         }
         Err(e) => {

@@ -39,7 +39,26 @@ pub async fn socks_connect_as(
     port: u16,
     auth: Option<(&str, &str)>,
 ) -> Result<std::result::Result<TcpStream, u8>> {
-    let mut s = TcpStream::connect(socks).await?;
+    socks_connect_from(socks, None, host, port, auth).await
+}
+
+/// [`socks_connect_as`] from the source address `from` (for example
+/// another 127.0.0.0/8 address, to be another client to the entry).
+pub async fn socks_connect_from(
+    socks: SocketAddr,
+    from: Option<std::net::IpAddr>,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> Result<std::result::Result<TcpStream, u8>> {
+    let mut s = match from {
+        None => TcpStream::connect(socks).await?,
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(socks).await?
+        }
+    };
     s.set_nodelay(true)?;
     let method = if auth.is_some() { 2 } else { 0 };
     s.write_all(&[5, 1, method]).await?;

@@ -24,7 +24,9 @@ pub mod rulings;
 mod tap;
 mod traffic;
 
-pub use client::{curl_socks, curl_socks_async, socks_connect, socks_connect_as};
+pub use client::{
+    curl_socks, curl_socks_async, socks_connect, socks_connect_as, socks_connect_from,
+};
 pub use mesh::{CA_PK_DE, Mesh, Options, THREE};
 pub use node::{Proc, Spec, ferry_bin, free_port, run_ferry};
 pub use observe::peer;

@@ -70,6 +70,9 @@ pub struct Options {
     pub entry_toml: String,
     /// An HTTP CONNECT listener for the entry (`listen.http`).
     pub entry_http: Option<std::net::SocketAddr>,
+    /// Replacements in the entry's config text (for example a `[limits]`
+    /// line of the template with another value).
+    pub entry_replace: Vec<(String, String)>,
 }
 
 impl Options {
@@ -106,6 +109,7 @@ impl Default for Options {
             capacity_of: Vec::new(),
             entry_toml: String::new(),
             entry_http: None,
+            entry_replace: Vec::new(),
         }
     }
 }
@@ -245,9 +249,12 @@ impl Mesh {
                     &format!("http = \"{a}\"\nhttp_allow_remote = false"),
                 );
             }
-            if i + 1 == members.len() && !opts.entry_toml.is_empty() {
-                text.push('\n');
-                text.push_str(&opts.entry_toml);
+            if i + 1 == members.len() {
+                text = replace_all(text, &opts.entry_replace)?;
+                if !opts.entry_toml.is_empty() {
+                    text.push('\n');
+                    text.push_str(&opts.entry_toml);
+                }
             }
             std::fs::write(&cfg, text)?;
         }
@@ -304,6 +311,7 @@ impl Mesh {
             "advert_ttl_secs = 30",
             &format!("advert_ttl_secs = {}", self.opts.advert_ttl_secs),
         );
+        text = replace_all(text, &self.opts.entry_replace)?;
         if !self.opts.entry_toml.is_empty() {
             text.push('\n');
             text.push_str(&self.opts.entry_toml);
@@ -364,4 +372,16 @@ impl Mesh {
             .await?
             .map_err(|code| anyhow!("the entry refused the stream: SOCKS reply {code}"))
     }
+}
+
+/// Applies `(from, to)` replacements to a config text; a `from` that is not
+/// in it is an error (the template changed under the test).
+fn replace_all(mut text: String, pairs: &[(String, String)]) -> Result<String> {
+    for (from, to) in pairs {
+        if !text.contains(from.as_str()) {
+            anyhow::bail!("`{from}` is not in the entry's config");
+        }
+        text = text.replace(from.as_str(), to);
+    }
+    Ok(text)
 }

@@ -109,11 +109,12 @@ async fn refused_port_answers_connection_refused() {
 #[test]
 fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
     let socks = free_port().unwrap().to_string();
+    let http = free_port().unwrap().to_string();
     // Its own temp dir: the demo says where it is in TMPDIR/ferry-demo.json.
     let tmp = tempfile::tempdir().unwrap();
     let log_path = tmp.path().join("demo.log");
     let mut child = Command::new(ferry_bin().unwrap())
-        .args(["demo", "--socks", &socks])
+        .args(["demo", "--socks", &socks, "--http", &http])
         .env("TMPDIR", tmp.path())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log_path).unwrap())
@@ -158,6 +159,27 @@ fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"));
+    // The same page through the demo's HTTP CONNECT entry.
+    let http_line = banner
+        .iter()
+        .find(|l| l.contains("curl -p -x"))
+        .expect("an HTTP CONNECT curl line");
+    assert!(http_line.contains(&http), "{http_line}");
+    let args: Vec<&str> = http_line
+        .split_whitespace()
+        .skip_while(|w| *w != "curl")
+        .skip(1)
+        .collect();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"),
+        "curl through the HTTP entry: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A ruling applied to the running demo drains PK, and lifting it
     // brings PK back.

@@ -37,6 +37,9 @@ pub struct FileConfig {
     /// `[drain]`
     #[serde(default)]
     pub drain: FileDrain,
+    /// `[limits]`
+    #[serde(default)]
+    pub limits: FileLimits,
     /// `[[tenants]]`
     #[serde(default)]
     pub tenants: Vec<FileTenant>,
@@ -99,6 +102,58 @@ pub struct FileTenant {
     /// Argon2id hash of the tenant's password (PHC string; `ferry tenant
     /// add` prints one).
     pub password_hash: Option<String>,
+    /// SHA-256 of the tenant's bearer token (`sha256:` and 64 hex digits;
+    /// `ferry tenant add --token` prints one).
+    pub token_hash: Option<String>,
+    /// Streams open at once, if not `[limits] tenant_streams`.
+    pub streams: Option<u32>,
+    /// New streams per second, if not `[limits] tenant_streams_per_sec`
+    /// (its burst is twice this).
+    pub streams_per_sec: Option<u32>,
+    /// Bytes per second each way, if not `[limits] tenant_bytes_per_sec`.
+    pub bytes_per_sec: Option<u32>,
+}
+
+/// `[limits]`: what one client or one tenant of the entry may take (0: no
+/// limit). See `limits`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileLimits {
+    /// Connections at once on each listener.
+    pub connections: u32,
+    /// Streams open at once, per client address.
+    pub client_streams: u32,
+    /// New streams per second, per client address.
+    pub client_streams_per_sec: u32,
+    /// New streams at once, per client address.
+    pub client_burst: u32,
+    /// Bytes per second each way, per client address.
+    pub client_bytes_per_sec: u32,
+    /// Streams open at once, per tenant.
+    pub tenant_streams: u32,
+    /// New streams per second, per tenant.
+    pub tenant_streams_per_sec: u32,
+    /// New streams at once, per tenant.
+    pub tenant_burst: u32,
+    /// Bytes per second each way, per tenant.
+    pub tenant_bytes_per_sec: u32,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        let d = crate::limits::Settings::default();
+        Self {
+            connections: d.connections,
+            client_streams: d.client.streams,
+            client_streams_per_sec: d.client.streams_per_sec,
+            client_burst: d.client.burst,
+            client_bytes_per_sec: d.client.bytes_per_sec,
+            tenant_streams: d.tenant.streams,
+            tenant_streams_per_sec: d.tenant.streams_per_sec,
+            tenant_burst: d.tenant.burst,
+            tenant_bytes_per_sec: d.tenant.bytes_per_sec,
+        }
+    }
 }
 
 /// `[drain]`

@@ -213,6 +213,27 @@ allow_same_family = false
 allow_anonymous = false
 anonymous_class = ""
 
+[limits]
+# What one client or tenant of this entry may take, so one that misbehaves
+# cannot starve the others (0: no limit). A client is an IPv4 address or an
+# IPv6 /64; anonymous clients count as one tenant. SIGHUP reloads these
+# (connections needs a restart).
+# Connections at once on each listener (socks, http); more are closed.
+connections = 4096
+# Per client: streams open at once (more are closed at once), new streams
+# per second and at once (more are refused: SOCKS 0x02, HTTP 429), and
+# bytes per second each way (paced, not refused).
+client_streams = 512
+client_streams_per_sec = 100
+client_burst = 300
+client_bytes_per_sec = 0
+# Per tenant, unless its [[tenants]] entry sets streams, streams_per_sec or
+# bytes_per_sec:
+tenant_streams = 2048
+tenant_streams_per_sec = 1000
+tenant_burst = 2000
+tenant_bytes_per_sec = 0
+
 [drain]
 # SIGTERM drains the node for this long (no new circuits; owners move theirs
 # away), then the process exits; a second SIGTERM exits at once. 1 to 86400.
@@ -228,7 +249,10 @@ migration_secs = 5
 # to [routing]. With password_hash (an Argon2id PHC string: `ferry tenant
 # add NAME --class CLASS` prints the block), the SOCKS5 password is the
 # tenant's password, then optionally `|` and the connection's options
-# (`s3cret|exclude=PK`); an unknown username is refused.
+# (`s3cret|exclude=PK`); an unknown username is refused. With token_hash
+# (`ferry tenant add NAME --token` makes a token and prints the block), an
+# HTTP client sends `Proxy-Authorization: Bearer TOKEN`, and a SOCKS5 client
+# the name and the token as its password.
 #
 # [[tenants]]
 # name = "acme"
@@ -238,6 +262,10 @@ migration_secs = 5
 # avoid_transit = ["FIVE_EYES"]
 # hops = 3
 # password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
+# token_hash = "sha256:<64 hex digits>"
+# streams = 2048              # its own limits, if not [limits] tenant_*
+# streams_per_sec = 1000
+# bytes_per_sec = 0
 
 # Known peers. A node accepts links only from Noise keys listed here, and
 # builds circuits only through these nodes. `ferry peer-info --config FILE`

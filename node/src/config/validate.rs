@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub authority: crate::authority::Authority,
     /// Routing constraints and tenants (entries).
     pub routing: crate::routing::Policy,
+    /// What one client or tenant of the entry may take.
+    pub limits: crate::limits::Settings,
     /// Drain timing.
     pub drain: DrainSettings,
     /// Admin API listener.
@@ -303,6 +305,36 @@ impl TryFrom<FileConfig> for NodeConfig {
         node_constraints.allow_unknown = fr.allow_unknown;
         node_constraints.allow_same_jurisdiction = fr.allow_same_jurisdiction;
         node_constraints.allow_same_family = fr.allow_same_family;
+        let fl = &f.limits;
+        if fl.connections == 0 {
+            bail!("limits.connections must be at least 1");
+        }
+        for (k, v) in [
+            ("client_streams_per_sec", fl.client_streams_per_sec),
+            ("client_burst", fl.client_burst),
+            ("tenant_streams_per_sec", fl.tenant_streams_per_sec),
+            ("tenant_burst", fl.tenant_burst),
+        ] {
+            if v > 1_000_000 {
+                bail!("limits.{k} must be at most 1000000");
+            }
+        }
+        let mut limits = crate::limits::Settings {
+            connections: fl.connections,
+            client: crate::limits::Share {
+                streams: fl.client_streams,
+                streams_per_sec: fl.client_streams_per_sec,
+                burst: fl.client_burst,
+                bytes_per_sec: fl.client_bytes_per_sec,
+            },
+            tenant: crate::limits::Share {
+                streams: fl.tenant_streams,
+                streams_per_sec: fl.tenant_streams_per_sec,
+                burst: fl.tenant_burst,
+                bytes_per_sec: fl.tenant_bytes_per_sec,
+            },
+            tenants: std::collections::HashMap::new(),
+        };
         let mut tenants = std::collections::HashMap::new();
         for (i, t) in f.tenants.iter().enumerate() {
             let key = format!("tenants[{i}]");
@@ -327,10 +359,35 @@ impl TryFrom<FileConfig> for NodeConfig {
             if let Some(h) = &t.password_hash {
                 crate::auth::check_hash(h).with_context(|| format!("{key}.password_hash"))?;
             }
+            let token_hash = t
+                .token_hash
+                .as_deref()
+                .map(crate::auth::parse_token_hash)
+                .transpose()
+                .with_context(|| format!("{key}.token_hash"))?;
+            if t.streams_per_sec.is_some_and(|r| r > 1_000_000) {
+                bail!("{key}.streams_per_sec must be at most 1000000");
+            }
+            if t.streams.is_some() || t.streams_per_sec.is_some() || t.bytes_per_sec.is_some() {
+                let d = limits.tenant;
+                let rate = t.streams_per_sec.unwrap_or(d.streams_per_sec);
+                let share = crate::limits::Share {
+                    streams: t.streams.unwrap_or(d.streams),
+                    streams_per_sec: rate,
+                    burst: if t.streams_per_sec.is_some() {
+                        rate.saturating_mul(2)
+                    } else {
+                        d.burst
+                    },
+                    bytes_per_sec: t.bytes_per_sec.unwrap_or(d.bytes_per_sec),
+                };
+                limits.tenants.insert(t.name.clone(), share);
+            }
             let tenant = crate::routing::Tenant {
                 class: t.class.clone(),
                 constraints: c,
                 password_hash: t.password_hash.clone(),
+                token_hash,
             };
             if tenants.insert(t.name.clone(), tenant).is_some() {
                 bail!("{key}: tenant `{}` appears twice", t.name);
@@ -352,11 +409,12 @@ impl TryFrom<FileConfig> for NodeConfig {
         }
         // Entries whose tenants have passwords serve only them, unless
         // anonymous clients are allowed in so many words.
-        let passwords = tenants.values().any(|t| t.password_hash.is_some());
-        if passwords && let Some(open) = tenants.iter().find(|(_, t)| t.password_hash.is_none()) {
+        let passwords = tenants.values().any(|t| t.has_credentials());
+        if passwords && let Some(open) = tenants.iter().find(|(_, t)| !t.has_credentials()) {
             bail!(
-                "tenant `{}` has no password_hash while others have one: an entry that requires \
-                 credentials cannot serve a tenant by name alone (ferry tenant add prints one)",
+                "tenant `{}` has neither password_hash nor token_hash while others have one: an \
+                 entry that requires credentials cannot serve a tenant by name alone (ferry \
+                 tenant add prints one)",
                 open.0
             );
         }
@@ -368,6 +426,7 @@ impl TryFrom<FileConfig> for NodeConfig {
         };
         Ok(NodeConfig {
             routing,
+            limits,
             drain,
             jurisdiction,
             roles,
@@ -420,10 +479,36 @@ mod tests {
             "[[tenants]]\nname = \"a\"\npassword_hash = \"{hash}\"\n[[tenants]]\nname = \"b\"\n"
         );
         assert!(
-            err(&mixed).contains("tenant `b` has no password_hash"),
+            err(&mixed).contains("tenant `b` has neither password_hash nor token_hash"),
             "{}",
             err(&mixed)
         );
+        assert!(
+            err("[[tenants]]\nname = \"a\"\ntoken_hash = \"md5:00\"\n")
+                .contains("tenants[0].token_hash")
+        );
+        // Argon2 parameters above what a login may cost are refused.
+        let heavy = "$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let e = err(&format!(
+            "[[tenants]]\nname = \"a\"\npassword_hash = \"{heavy}\"\n"
+        ));
+        assert!(e.contains("above m=65536"), "{e}");
+        let (_, token_hash) = crate::auth::new_token();
+        let tokens = with(&format!(
+            "[[tenants]]\nname = \"a\"\npassword_hash = \"{hash}\"\n[[tenants]]\nname = \"bot\"\ntoken_hash = \"{token_hash}\"\nstreams = 5\nbytes_per_sec = 1000\n"
+        ))
+        .unwrap();
+        assert!(tokens.routing.tenants["bot"].token_hash.is_some());
+        let bot = tokens.limits.tenants["bot"];
+        assert_eq!((bot.streams, bot.bytes_per_sec), (5, 1000));
+        assert_eq!(bot.streams_per_sec, tokens.limits.tenant.streams_per_sec);
+        assert!(
+            !tokens.limits.tenants.contains_key("a"),
+            "a has no limits of its own"
+        );
+        assert!(err("[limits]\nconnections = 0\n").contains("limits.connections"));
+        assert!(err("[limits]\nclient_burst = 2000000\n").contains("limits.client_burst"));
+        assert!(err("[limits]\nclients = 1\n").contains("unknown field"));
         let ok = with(&format!(
             "[[tenants]]\nname = \"a\"\npassword_hash = \"{hash}\"\n"
         ))

@@ -1,0 +1,620 @@
+//! Fair limits at the entry: what one client or one tenant may take, so
+//! that a client that misbehaves (or a tenant's fleet of them) cannot starve
+//! the others on the same entry.
+//!
+//! An entry connection (SOCKS5 or HTTP CONNECT) is one stream, so limits on
+//! streams are limits on connections:
+//!
+//! | limit | client (an IPv4 address, an IPv6 /64) | tenant (anonymous clients are one) | refused as |
+//! | --- | --- | --- | --- |
+//! | streams at once | `client_streams` (512) | `tenant_streams` (2048) | `concurrency` |
+//! | new streams per second, and at once | `client_streams_per_sec` (100), `client_burst` (300) | `tenant_streams_per_sec` (1000), `tenant_burst` (2000) | `rate` |
+//! | bytes per second, each way | `client_bytes_per_sec` (0: none) | `tenant_bytes_per_sec` (0: none) | paced, not refused |
+//! | connections at once, per listener | `connections` (4096) | | `connections` |
+//!
+//! A client's limits are checked when its connection is accepted, before
+//! its handshake is read: a client over them costs no credential check
+//! (Argon2id) and no circuit. A tenant's are checked once its credentials
+//! are. A `[[tenants]]` entry may set its own `streams`, `streams_per_sec`
+//! and `bytes_per_sec`. Refusals are counted in
+//! `ferry_refusals_total{reason="rate"|"concurrency"|"connections"}` and
+//! answered in each protocol's terms (SOCKS reply 0x02; HTTP 429 with
+//! `Retry-After`, 503 when the listener is full). Bytes over a rate wait
+//! (the stream is paced, its window fills, and the sender is slowed by TCP
+//! itself); the time spent waiting is `ferry_entry_paced_seconds_total`.
+//!
+//! Rates are token buckets (GCRA) from `governor`, a maintained crate that
+//! is lock-free per key; hand-written buckets would be Ferry's code to get
+//! right for no gain. The per-client buckets are keyed by address and
+//! swept of idle keys as clients come, so they hold memory for the clients
+//! of the last minute only; the counts of streams at once hold an entry per
+//! client or tenant with a stream open, and no more.
+//!
+//! Byte rates are off by default: at one entry, streams share links and
+//! circuits through per-stream windows and per-circuit queues, so a bulk
+//! transfer slows others rather than stopping them (`tests/limits.rs` runs
+//! a bulk stream and a flood of new streams beside a paced tenant's
+//! stream); an operator who sells bandwidth sets them.
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// What one client or one tenant may take (0: no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Streams open at once.
+    pub streams: u32,
+    /// New streams per second.
+    pub streams_per_sec: u32,
+    /// New streams at once, before the rate applies (at least 1).
+    pub burst: u32,
+    /// Bytes per second, each way.
+    pub bytes_per_sec: u32,
+}
+
+/// The `[limits]` of an entry, with the overrides of its tenants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Connections at once on each listener.
+    pub connections: u32,
+    /// Each client address.
+    pub client: Share,
+    /// Each tenant, unless it has its own.
+    pub tenant: Share,
+    /// Tenants with their own shares, by name.
+    pub tenants: HashMap<String, Share>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            connections: 4096,
+            client: Share {
+                streams: 512,
+                streams_per_sec: 100,
+                burst: 300,
+                bytes_per_sec: 0,
+            },
+            tenant: Share {
+                streams: 2048,
+                streams_per_sec: 1000,
+                burst: 2000,
+                bytes_per_sec: 0,
+            },
+            tenants: HashMap::new(),
+        }
+    }
+}
+
+/// Why a stream was refused by a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Limited {
+    /// The client has as many streams open as it may.
+    #[error("this client has {0} streams open, its limit")]
+    ClientStreams(u32),
+    /// The client opens streams faster than it may.
+    #[error("this client opens streams faster than {0} per second")]
+    ClientRate(u32),
+    /// The tenant has as many streams open as it may.
+    #[error("this tenant has {0} streams open, its limit")]
+    TenantStreams(u32),
+    /// The tenant opens streams faster than it may.
+    #[error("this tenant opens streams faster than {0} per second")]
+    TenantRate(u32),
+}
+
+impl Limited {
+    /// The `ferry_refusals_total` reason: `rate` or `concurrency`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Limited::ClientRate(_) | Limited::TenantRate(_) => "rate",
+            Limited::ClientStreams(_) | Limited::TenantStreams(_) => "concurrency",
+        }
+    }
+
+    /// Whose limit: `client` or `tenant`.
+    pub fn whose(&self) -> &'static str {
+        match self {
+            Limited::ClientRate(_) | Limited::ClientStreams(_) => "client",
+            Limited::TenantRate(_) | Limited::TenantStreams(_) => "tenant",
+        }
+    }
+}
+
+/// A client's key: its IPv4 address, or the /64 its IPv6 address is in
+/// (one host commonly holds a whole /64). IPv4-mapped IPv6 is IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey(u128);
+
+impl ClientKey {
+    /// The key for `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => ClientKey(u32::from(v4) as u128),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey(u32::from(v4) as u128),
+                None => ClientKey((u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 32)),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Who {
+    Client(ClientKey),
+    Tenant(String),
+}
+
+/// The byte buckets of one tenant or of all clients, one per direction.
+struct Bytes<L> {
+    up: L,
+    down: L,
+    burst: u32,
+}
+
+/// The limiters built from one [`Settings`] (rebuilt on a reload).
+struct Rules {
+    settings: Settings,
+    client_rate: Option<DefaultKeyedRateLimiter<ClientKey>>,
+    client_bytes: Option<Arc<Bytes<DefaultKeyedRateLimiter<ClientKey>>>>,
+    tenants: Mutex<HashMap<String, Arc<TenantRules>>>,
+}
+
+struct TenantRules {
+    share: Share,
+    rate: Option<DefaultDirectRateLimiter>,
+    bytes: Option<Arc<Bytes<DefaultDirectRateLimiter>>>,
+}
+
+fn quota(per_sec: u32, burst: u32) -> Option<Quota> {
+    let rate = NonZeroU32::new(per_sec)?;
+    Some(Quota::per_second(rate).allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1")))
+}
+
+/// A byte bucket's burst: a tenth of a second at the rate, at least 4 KiB
+/// (and never more than the rate): small enough that pacing is smooth,
+/// large enough that a chunk rarely needs two turns.
+fn byte_burst(per_sec: u32) -> u32 {
+    (per_sec / 10).max(4096).min(per_sec).max(1)
+}
+
+impl TenantRules {
+    fn new(share: Share) -> Self {
+        Self {
+            share,
+            rate: quota(share.streams_per_sec, share.burst).map(RateLimiter::direct),
+            bytes: quota(share.bytes_per_sec, byte_burst(share.bytes_per_sec)).map(|q| {
+                Arc::new(Bytes {
+                    up: RateLimiter::direct(q),
+                    down: RateLimiter::direct(q),
+                    burst: byte_burst(share.bytes_per_sec),
+                })
+            }),
+        }
+    }
+}
+
+impl Rules {
+    fn new(settings: Settings) -> Self {
+        let c = settings.client;
+        Self {
+            client_rate: quota(c.streams_per_sec, c.burst).map(RateLimiter::keyed),
+            client_bytes: quota(c.bytes_per_sec, byte_burst(c.bytes_per_sec)).map(|q| {
+                Arc::new(Bytes {
+                    up: RateLimiter::keyed(q),
+                    down: RateLimiter::keyed(q),
+                    burst: byte_burst(c.bytes_per_sec),
+                })
+            }),
+            tenants: Mutex::new(HashMap::new()),
+            settings,
+        }
+    }
+
+    /// A tenant's rules, made when it first opens a stream (anonymous: "").
+    fn tenant(&self, name: &str) -> Arc<TenantRules> {
+        let mut t = self.tenants.lock().expect("tenants lock");
+        if let Some(r) = t.get(name) {
+            return r.clone();
+        }
+        // Only configured tenants and "" get here (credentials come first),
+        // so the map is bounded by the config.
+        let share = self
+            .settings
+            .tenants
+            .get(name)
+            .copied()
+            .unwrap_or(self.settings.tenant);
+        let r = Arc::new(TenantRules::new(share));
+        t.insert(name.to_string(), r.clone());
+        r
+    }
+}
+
+/// An entry's limits and what they count.
+pub struct Limits {
+    rules: RwLock<Arc<Rules>>,
+    listeners: Mutex<Vec<(&'static str, Arc<tokio::sync::Semaphore>, u32)>>,
+    open: Arc<Mutex<HashMap<Who, u32>>>,
+    admitted: AtomicU64,
+    paced_nanos: Arc<AtomicU64>,
+}
+
+impl Limits {
+    /// Limits under `settings`.
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            rules: RwLock::new(Arc::new(Rules::new(settings))),
+            listeners: Mutex::new(Vec::new()),
+            open: Arc::new(Mutex::new(HashMap::new())),
+            admitted: AtomicU64::new(0),
+            paced_nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Replaces the settings (a reload). Counts of open streams carry over;
+    /// rate buckets start full again.
+    pub fn configure(&self, settings: Settings) {
+        let mut r = self.rules.write().expect("rules lock");
+        if r.settings != settings {
+            *r = Arc::new(Rules::new(settings));
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Settings {
+        self.rules.read().expect("rules lock").settings.clone()
+    }
+
+    /// The connection slots of the listener `name` (`connections` of them,
+    /// as configured when it starts: a reload does not resize them).
+    pub fn listener(&self, name: &'static str) -> Arc<tokio::sync::Semaphore> {
+        let cap = self.settings().connections;
+        let sem = Arc::new(tokio::sync::Semaphore::new(cap as usize));
+        self.listeners
+            .lock()
+            .expect("listeners lock")
+            .push((name, sem.clone(), cap));
+        sem
+    }
+
+    /// Connections open now on each listener.
+    pub fn connections(&self) -> Vec<(&'static str, u32)> {
+        self.listeners
+            .lock()
+            .expect("listeners lock")
+            .iter()
+            .map(|(n, s, cap)| (*n, cap - s.available_permits() as u32))
+            .collect()
+    }
+
+    /// Seconds streams have waited for byte budget, in all.
+    pub fn paced_seconds(&self) -> f64 {
+        self.paced_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules.read().expect("rules lock").clone()
+    }
+
+    /// Admits a new connection from the client at `ip`, checked against
+    /// the client's limits. Over its streams at once: refused, to be closed
+    /// at once. Over its rate: a pass that holds its place while the
+    /// connection is told why ([`Pass::refused`]); it is counted among the
+    /// client's streams until dropped either way, so the connections one
+    /// client keeps busy, refusals included, stay bounded.
+    pub fn admit_client(&self, ip: IpAddr) -> Result<Pass, Limited> {
+        let rules = self.rules();
+        let key = ClientKey::of(ip);
+        let share = rules.settings.client;
+        // Sweep idle keys now and then, so the buckets hold only recent
+        // clients (a flood of addresses costs sweeps, not memory).
+        if self.admitted.fetch_add(1, Ordering::Relaxed) % 1024 == 1023
+            && let Some(r) = &rules.client_rate
+        {
+            r.retain_recent();
+            r.shrink_to_fit();
+            if let Some(b) = &rules.client_bytes {
+                b.up.retain_recent();
+                b.down.retain_recent();
+            }
+        }
+        let held = self.hold(Who::Client(key), share.streams, Limited::ClientStreams)?;
+        let refused = rules
+            .client_rate
+            .as_ref()
+            .is_some_and(|r| r.check_key(&key).is_err())
+            .then_some(Limited::ClientRate(share.streams_per_sec));
+        Ok(Pass {
+            refused,
+            held: vec![held],
+            pace: Pace {
+                client: rules.client_bytes.clone().map(|b| (b, key)),
+                tenant: None,
+                paced_nanos: self.paced_nanos.clone(),
+            },
+        })
+    }
+
+    /// Admits the pass's stream for `tenant` (empty: anonymous), checked
+    /// against the tenant's limits.
+    pub fn admit_tenant(&self, pass: &mut Pass, tenant: &str) -> Result<(), Limited> {
+        let rules = self.rules();
+        let t = rules.tenant(tenant);
+        let held = self.hold(
+            Who::Tenant(tenant.to_string()),
+            t.share.streams,
+            Limited::TenantStreams,
+        )?;
+        if let Some(r) = &t.rate
+            && r.check().is_err()
+        {
+            return Err(Limited::TenantRate(t.share.streams_per_sec));
+        }
+        pass.held.push(held);
+        pass.pace.tenant = t.bytes.clone();
+        Ok(())
+    }
+
+    fn hold(&self, who: Who, max: u32, over: fn(u32) -> Limited) -> Result<Held, Limited> {
+        let mut open = self.open.lock().expect("open lock");
+        let n = open.entry(who.clone()).or_insert(0);
+        if max != 0 && *n >= max {
+            if *n == 0 {
+                open.remove(&who);
+            }
+            return Err(over(max));
+        }
+        *n += 1;
+        Ok(Held {
+            open: self.open.clone(),
+            who,
+        })
+    }
+
+    /// Streams open now by clients and tenants (for tests and status).
+    pub fn open_streams(&self, tenant: &str) -> u32 {
+        let open = self.open.lock().expect("open lock");
+        open.get(&Who::Tenant(tenant.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One place in a count of open streams, given back when dropped.
+struct Held {
+    open: Arc<Mutex<HashMap<Who, u32>>>,
+    who: Who,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("open lock");
+        if let Some(n) = open.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.who);
+            }
+        }
+    }
+}
+
+/// An admitted stream: its places in the counts, and its byte pacing.
+pub struct Pass {
+    refused: Option<Limited>,
+    held: Vec<Held>,
+    pace: Pace,
+}
+
+impl Pass {
+    /// Set when the stream is to be refused (its client is over its rate):
+    /// the connection is only told why.
+    pub fn refused(&self) -> Option<Limited> {
+        self.refused
+    }
+
+    /// The stream's byte pacing.
+    pub fn pace(&self) -> &Pace {
+        &self.pace
+    }
+}
+
+/// Which way bytes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// From the client into the mesh.
+    Up,
+    /// From the mesh to the client.
+    Down,
+}
+
+/// Byte pacing of one stream: its client's and its tenant's buckets.
+#[derive(Default)]
+pub struct Pace {
+    client: Option<(Arc<Bytes<DefaultKeyedRateLimiter<ClientKey>>>, ClientKey)>,
+    tenant: Option<Arc<Bytes<DefaultDirectRateLimiter>>>,
+    paced_nanos: Arc<AtomicU64>,
+}
+
+impl Pace {
+    /// No pacing.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Whether anything paces this stream.
+    pub fn is_active(&self) -> bool {
+        self.client.is_some() || self.tenant.is_some()
+    }
+
+    /// Waits until `n` bytes may go `way`.
+    pub async fn take(&self, way: Way, n: usize) {
+        if !self.is_active() || n == 0 {
+            return;
+        }
+        let start = Instant::now();
+        if let Some((b, key)) = &self.client {
+            let l = if way == Way::Up { &b.up } else { &b.down };
+            for piece in pieces(n, b.burst) {
+                // `piece` is at most the burst: the bucket can hold it.
+                let _ = l.until_key_n_ready(key, piece).await;
+            }
+        }
+        if let Some(b) = &self.tenant {
+            let l = if way == Way::Up { &b.up } else { &b.down };
+            for piece in pieces(n, b.burst) {
+                let _ = l.until_n_ready(piece).await;
+            }
+        }
+        let waited = start.elapsed().as_nanos() as u64;
+        self.paced_nanos.fetch_add(waited, Ordering::Relaxed);
+    }
+}
+
+/// `n` split into pieces of at most `burst`.
+fn pieces(n: usize, burst: u32) -> impl Iterator<Item = NonZeroU32> {
+    let burst = burst.max(1) as usize;
+    (0..n.div_ceil(burst)).filter_map(move |i| {
+        let len = burst.min(n - i * burst);
+        NonZeroU32::new(len as u32)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(client: Share, tenant: Share) -> Settings {
+        Settings {
+            connections: 16,
+            client,
+            tenant,
+            tenants: HashMap::new(),
+        }
+    }
+
+    const NONE: Share = Share {
+        streams: 0,
+        streams_per_sec: 0,
+        burst: 0,
+        bytes_per_sec: 0,
+    };
+
+    #[test]
+    fn streams_at_once_are_counted_and_given_back() {
+        let l = Limits::new(settings(Share { streams: 2, ..NONE }, NONE));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = l.admit_client(ip).unwrap();
+        let b = l.admit_client(ip).unwrap();
+        assert_eq!(l.admit_client(ip).err(), Some(Limited::ClientStreams(2)));
+        // Another client is not affected.
+        let other = l.admit_client("10.0.0.2".parse().unwrap()).unwrap();
+        drop(a);
+        let c = l.admit_client(ip).unwrap();
+        drop((b, c, other));
+        assert!(
+            l.open.lock().unwrap().is_empty(),
+            "counts are forgotten at 0"
+        );
+    }
+
+    #[test]
+    fn new_streams_over_the_rate_are_refused_as_rate() {
+        let l = Limits::new(settings(
+            Share {
+                streams_per_sec: 1,
+                burst: 3,
+                ..NONE
+            },
+            NONE,
+        ));
+        let ip: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(l.admit_client(ip).unwrap().refused(), None);
+        }
+        let e = l
+            .admit_client("10.0.0.1".parse().unwrap())
+            .unwrap()
+            .refused()
+            .unwrap();
+        assert_eq!((e, e.reason()), (Limited::ClientRate(1), "rate"));
+        assert_eq!(
+            l.admit_client("10.0.0.2".parse().unwrap())
+                .unwrap()
+                .refused(),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64() {
+        let k = |s: &str| ClientKey::of(s.parse().unwrap());
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:192.0.2.1"), k("192.0.2.1"));
+        assert_ne!(k("::"), k("0.0.0.0"), "v4 and v6 keys never meet");
+    }
+
+    #[test]
+    fn tenants_have_their_own_shares_and_overrides() {
+        let mut s = settings(NONE, Share { streams: 1, ..NONE });
+        s.tenants.insert("big".into(), Share { streams: 3, ..NONE });
+        let l = Limits::new(s);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut keep = Vec::new();
+        let mut p = l.admit_client(ip).unwrap();
+        l.admit_tenant(&mut p, "small").unwrap();
+        keep.push(p);
+        let mut p = l.admit_client(ip).unwrap();
+        assert_eq!(
+            l.admit_tenant(&mut p, "small").err(),
+            Some(Limited::TenantStreams(1))
+        );
+        for _ in 0..3 {
+            let mut p = l.admit_client(ip).unwrap();
+            l.admit_tenant(&mut p, "big").unwrap();
+            keep.push(p);
+        }
+        assert_eq!(l.open_streams("big"), 3);
+        drop(keep);
+        assert_eq!(l.open_streams("big"), 0);
+    }
+
+    #[test]
+    fn pieces_cover_the_count_within_the_burst() {
+        let p: Vec<u32> = pieces(10_000, 4096).map(|n| n.get()).collect();
+        assert_eq!(p, [4096, 4096, 1808]);
+        assert_eq!(pieces(0, 4096).count(), 0);
+        assert_eq!(byte_burst(1000), 1000);
+        assert_eq!(byte_burst(100_000_000), 10_000_000);
+    }
+
+    /// Pacing holds a stream to its rate: 64 KiB at 32 KiB/s takes at
+    /// least the 2 s the rate allows, less the one burst that goes at once.
+    #[tokio::test]
+    async fn bytes_are_paced_to_the_rate() {
+        let l = Limits::new(settings(
+            NONE,
+            Share {
+                bytes_per_sec: 32 * 1024,
+                ..NONE
+            },
+        ));
+        let mut p = l.admit_client("10.0.0.1".parse().unwrap()).unwrap();
+        l.admit_tenant(&mut p, "t").unwrap();
+        assert!(p.pace().is_active());
+        let start = Instant::now();
+        for _ in 0..16 {
+            p.pace().take(Way::Up, 4096).await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        // 64 KiB; the first burst (4 KiB) is free: at least 60/32 s.
+        assert!(took >= 1.8, "64 KiB at 32 KiB/s took only {took:.2}s");
+        assert!(l.paced_seconds() > 1.0);
+    }
+}
