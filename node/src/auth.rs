@@ -4,9 +4,11 @@
 //! A `[[tenants]]` entry may carry `password_hash`, an Argon2id hash in the
 //! PHC string format (`$argon2id$v=19$m=19456,t=2,p=1$…`, what `ferry tenant
 //! add` prints). The `argon2` crate (RustCrypto) hashes and verifies; it
-//! compares in constant time, and an unknown tenant name is checked against a
-//! fixed dummy hash, so neither the name's existence nor where a password
-//! differs shows in the time an answer takes.
+//! compares in constant time, and an unknown tenant name costs a
+//! verification against a tenant's hash (its result thrown away), so
+//! neither the name's existence nor where a password differs shows in the
+//! time an answer takes. On an entry with no passwords (tokens only), every
+//! check is a SHA-256 and an unknown name is refused at once.
 //!
 //! With credentials, the SOCKS5 password is the tenant's password,
 //! optionally followed by `|` and the connection's routing options
@@ -156,8 +158,9 @@ pub fn check_hash(hash: &str) -> anyhow::Result<()> {
     }
     // Each check holds `m` KiB while it runs, two per core at once: bound
     // what a config can make a login cost. (An unknown name is checked
-    // with the default parameters, so a hash with others answers in
-    // another time than an unknown name does: use `ferry tenant add`.)
+    // against one tenant's hash, so tenants whose hashes have other
+    // parameters answer in another time: `ferry tenant add` makes all
+    // alike.)
     let params =
         argon2::Params::try_from(&h).map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
     if params.m_cost() > 65_536 || params.t_cost() > 16 || params.p_cost() > 8 {
@@ -171,32 +174,18 @@ pub fn check_hash(hash: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A fixed hash that no password matches quickly: what an unknown tenant's
-/// password is checked against, so it costs what a known one does.
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| {
-        let salt = SaltString::encode_b64(b"ferry-dummy-salt").expect("a valid salt");
-        Argon2::default()
-            .hash_password(b"no tenant has this password", &salt)
-            .expect("hashing a constant")
-            .to_string()
-    })
-}
-
 /// Verifies `password` against the PHC string `hash` (constant time in
 /// where they differ: the crate compares whole digests).
-pub fn verify(password: &str, hash: Option<&str>) -> bool {
-    let (hash, real) = match hash {
-        Some(h) => (h, true),
-        None => (dummy_hash(), false),
-    };
-    let ok = PasswordHash::new(hash)
+pub fn verify(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
         .map(|h| {
             Argon2::default()
                 .verify_password(password.as_bytes(), &h)
                 .is_ok()
         })
-        .unwrap_or(false);
-    ok && real
+        .unwrap_or(false)
 }
+
+/// The longest token a client may present (a made one is 49 bytes): a
+/// longer one is refused before it is hashed.
+pub const TOKEN_MAX: usize = 256;

@@ -48,7 +48,13 @@ pub async fn serve<F, Fut>(
         let (sock, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
-                Err(e) => { warn!(error = %e, "entry accept failed"); continue; }
+                Err(e) => {
+                    // Out of descriptors (EMFILE) fails every accept until
+                    // some close: pause rather than spin.
+                    warn!(error = %e, "entry accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = shutdown.cancelled() => return,
         };
@@ -60,19 +66,19 @@ pub async fn serve<F, Fut>(
                 "connections",
                 "the listener is at its connection limit",
             );
-            full(&sock, Refusal::Full);
+            close_now(sock, full, Refusal::Full);
             continue;
         };
         let pass = match origin.limits().admit_client(peer.ip()) {
             Ok(p) => p,
             Err(l) => {
-                refused(&origin, proto, l.reason(), &l.to_string());
-                full(&sock, Refusal::Limited(l));
+                refused(&origin, proto, l.kind(), &l.to_string());
+                close_now(sock, full, Refusal::Limited(l));
                 continue;
             }
         };
         if let Some(l) = pass.refused() {
-            refused(&origin, proto, l.reason(), &l.to_string());
+            refused(&origin, proto, l.kind(), &l.to_string());
         }
         let client = handle(sock, origin.clone(), Admission { _slot: slot, pass });
         let stop = shutdown.clone();
@@ -97,8 +103,24 @@ pub enum Refusal {
     Limited(Limited),
 }
 
-/// Counts and logs a connection refused by a limit (no address: logs above
-/// `debug` carry none).
+/// Closes a connection refused as soon as it was accepted, after `full`
+/// had its say; what the client already sent is read first (non-blocking),
+/// since closing a socket with unread bytes resets it and the client might
+/// lose the answer.
+fn close_now(sock: TcpStream, full: fn(&TcpStream, Refusal), why: Refusal) {
+    full(&sock, why);
+    let mut sink = [0u8; 1024];
+    for _ in 0..8 {
+        if !matches!(sock.try_read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
+/// Counts and logs a connection refused by a limit. The log holds no
+/// address, and at most one line per reason a second at `info` (the rest
+/// at `debug`, and counted in the next line), so a flood of refusals is
+/// not a flood of log lines.
 pub fn refused(origin: &Origin, proto: &'static str, reason: &'static str, why: &str) {
     origin
         .switch()
@@ -107,7 +129,53 @@ pub fn refused(origin: &Origin, proto: &'static str, reason: &'static str, why: 
         .refusals
         .with_label_values(&[reason])
         .inc();
-    tracing::info!(reason, proto, "client refused: {why}");
+    log_refusal(reason, proto, why);
+}
+
+/// Logs a refusal: at most one line per `reason` a second at `info`, the
+/// others at `debug` and counted in the next `info` line (`more`).
+fn log_refusal(reason: &'static str, proto: &'static str, why: &str) {
+    static LAST: std::sync::Mutex<Vec<(&'static str, std::time::Instant, u64)>> =
+        std::sync::Mutex::new(Vec::new());
+    let quiet = {
+        let mut last = LAST.lock().expect("log throttle lock");
+        let now = std::time::Instant::now();
+        match last.iter_mut().find(|(r, _, _)| *r == reason) {
+            Some((_, at, n)) if now.duration_since(*at) < std::time::Duration::from_secs(1) => {
+                *n += 1;
+                None
+            }
+            Some((_, at, n)) => {
+                *at = now;
+                Some(std::mem::take(n))
+            }
+            None => {
+                last.push((reason, now, 0));
+                Some(0)
+            }
+        }
+    };
+    match quiet {
+        Some(more) => tracing::info!(reason, proto, more, "client refused: {why}"),
+        None => tracing::debug!(reason, proto, "client refused: {why}"),
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit (each
+/// client connection is a descriptor), and warns when the entry's
+/// listeners could take more connections than that allows.
+pub fn raise_fd_limit(listeners: u32, connections: u32) {
+    let need = u64::from(listeners) * u64::from(connections) + 256;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < need => warn!(
+            limit,
+            need,
+            "the open-file limit is below what the entry's listeners may take \
+             ([limits] connections per listener); raise it (ulimit -n) or lower connections"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read the open-file limit"),
+    }
 }
 
 /// Checks the tenant's limits for `client`'s stream: counted and logged
@@ -122,7 +190,7 @@ pub fn admit_tenant(
         .limits()
         .admit_tenant(pass, &client.tenant)
         .inspect_err(|l| {
-            refused(origin, proto, l.reason(), &l.to_string());
+            refused(origin, proto, l.kind(), &l.to_string());
         })
 }
 
@@ -130,12 +198,19 @@ pub fn admit_tenant(
 pub const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Checks a client's credentials under `policy`, password checks off the
-/// async threads (Argon2id is slow on purpose). Password checks (Argon2id) run at most two per core at once; others
-/// wait their turn for up to [`CHECK_WAIT`] and are then refused
-/// ([`AuthRefusal::Busy`]), so a flood of logins holds a bounded amount of
-/// memory and CPU. Checks that verify nothing (anonymous clients, tenants
-/// without a password) take no turn.
-pub async fn check(policy: Arc<Policy>, creds: Option<Credentials>) -> Result<Client, AuthRefusal> {
+/// async threads (Argon2id is slow on purpose). Password checks run at
+/// most two per core at once, and at most [`crate::limits::CHECKS`] of one
+/// client's; others wait their turn for up to [`CHECK_WAIT`] or are
+/// refused at once if their client's is taken ([`AuthRefusal::Busy`]), so
+/// a flood of logins holds a bounded amount of memory and CPU and one
+/// client cannot take it all. Checks that verify no password (anonymous
+/// clients, tenants without one, tokens) take no turn.
+pub async fn check(
+    origin: &Origin,
+    pass: &Pass,
+    policy: Arc<Policy>,
+    creds: Option<Credentials>,
+) -> Result<Client, AuthRefusal> {
     static CHECKS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
     let creds = match creds {
         Some(Credentials::Bearer(token)) => return policy.authenticate_bearer(&token),
@@ -145,6 +220,11 @@ pub async fn check(policy: Arc<Policy>, creds: Option<Credentials>) -> Result<Cl
     if !policy.costly(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))) {
         return policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())));
     }
+    // One check of each client's at a time: wrong passwords from one
+    // address cannot fill the pool for everyone.
+    let Some(mine) = origin.limits().hold_check(pass) else {
+        return Err(AuthRefusal::Busy);
+    };
     let checks = CHECKS.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new(tokio::sync::Semaphore::new(2 * cores))
@@ -154,14 +234,15 @@ pub async fn check(policy: Arc<Policy>, creds: Option<Credentials>) -> Result<Cl
         _ => return Err(AuthRefusal::Busy),
     };
     tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let _permit = (permit, mine);
         policy.authenticate(creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
     })
     .await
     .unwrap_or(Err(AuthRefusal::BadPassword))
 }
 
-/// Counts and logs a refused client.
+/// Counts and logs a refused client (the log throttled as
+/// [`refused`]'s).
 pub fn refused_credentials(origin: &Origin, proto: &'static str, why: AuthRefusal) {
     origin
         .switch()
@@ -170,7 +251,7 @@ pub fn refused_credentials(origin: &Origin, proto: &'static str, why: AuthRefusa
         .refusals
         .with_label_values(&["auth"])
         .inc();
-    tracing::info!(reason = why.kind(), proto, "client refused: {why}");
+    log_refusal(why.kind(), proto, &why.to_string());
 }
 
 /// Opens `client`'s stream to `host:port` along the route its tenant and

@@ -32,6 +32,10 @@ use tracing::{debug, info, warn};
 /// The most bytes a request head may have.
 pub const HEAD_LIMIT: usize = 8192;
 
+/// The header that goes with a 429 or 503 for a limit: try again in a
+/// second.
+const RETRY: &str = "Retry-After: 1\r\n";
+
 /// A parsed CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
@@ -241,12 +245,8 @@ pub async fn serve(listener: TcpListener, origin: Arc<Origin>, shutdown: Cancell
 /// response written without waiting (a full socket buffer drops it).
 fn full(sock: &TcpStream, why: Refusal) {
     let text = match why {
-        Refusal::Full => response(
-            503,
-            "the entry is at its connection limit",
-            "Retry-After: 1\r\n",
-        ),
-        Refusal::Limited(l) => response(429, &l.to_string(), "Retry-After: 1\r\n"),
+        Refusal::Full => response(503, "the entry is at its connection limit", RETRY),
+        Refusal::Limited(l) => response(429, &l.to_string(), RETRY),
     };
     let _ = sock.try_write(text.as_bytes());
 }
@@ -266,7 +266,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
         };
     if let Some(l) = adm.pass.refused() {
         // Over its rate: told so, its credentials not even checked.
-        let _ = respond(&mut sock, 429, &l.to_string(), "Retry-After: 1\r\n").await;
+        let _ = respond(&mut sock, 429, &l.to_string(), RETRY).await;
         return;
     }
     let req = match parse_head(&head) {
@@ -293,7 +293,8 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
         }
     };
     let policy = origin.policy();
-    let client: Client = match crate::entry::check(policy.clone(), req.credentials.clone()).await {
+    let checked = crate::entry::check(&origin, &adm.pass, policy.clone(), req.credentials.clone());
+    let client: Client = match checked.await {
         Ok(c) => c,
         Err(why) => {
             crate::entry::refused_credentials(&origin, "http", why);
@@ -312,8 +313,9 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
             return;
         }
     };
+    adm.pass.handshake_done();
     if let Err(l) = crate::entry::admit_tenant(&origin, "http", &mut adm.pass, &client) {
-        let _ = respond(&mut sock, 429, &l.to_string(), "Retry-After: 1\r\n").await;
+        let _ = respond(&mut sock, 429, &l.to_string(), RETRY).await;
         return;
     }
     let options = match (&req.options, client.options.is_empty()) {

@@ -14,21 +14,32 @@
 //!
 //! A client's limits are checked when its connection is accepted, before
 //! its handshake is read: a client over them costs no credential check
-//! (Argon2id) and no circuit. A tenant's are checked once its credentials
-//! are. A `[[tenants]]` entry may set its own `streams`, `streams_per_sec`
-//! and `bytes_per_sec`. Refusals are counted in
+//! (Argon2id) and no circuit. Beyond those, one client may have at most
+//! [`HANDSHAKES`] connections still in their handshake and [`CHECKS`]
+//! password checks running, so a few addresses cannot fill the listener
+//! with slow handshakes or the bounded pool of password checks with wrong
+//! passwords. A tenant's limits are checked once its credentials are, so no
+//! tenant (anonymous clients are one) takes more than `tenant_streams` of
+//! the listener. A `[[tenants]]` entry may set its own `streams`,
+//! `streams_per_sec` (its burst is twice that) and `bytes_per_sec`.
+//! Refusals are counted in
 //! `ferry_refusals_total{reason="rate"|"concurrency"|"connections"}` and
 //! answered in each protocol's terms (SOCKS reply 0x02; HTTP 429 with
 //! `Retry-After`, 503 when the listener is full). Bytes over a rate wait
 //! (the stream is paced, its window fills, and the sender is slowed by TCP
-//! itself); the time spent waiting is `ferry_entry_paced_seconds_total`.
+//! itself); the time spent waiting is `ferry_streams_paced_seconds_total`.
+//! Waiters on one bucket are not served in order (`governor` wakes them to
+//! race), so a tenant's streams share its rate roughly, not exactly.
 //!
 //! Rates are token buckets (GCRA) from `governor`, a maintained crate that
 //! is lock-free per key; hand-written buckets would be Ferry's code to get
 //! right for no gain. The per-client buckets are keyed by address and
-//! swept of idle keys as clients come, so they hold memory for the clients
-//! of the last minute only; the counts of streams at once hold an entry per
-//! client or tenant with a stream open, and no more.
+//! swept every 1024 admissions of the keys whose buckets are full again
+//! (idle for `burst / rate` seconds), so they hold memory only for recent
+//! clients; the counts of streams at once hold an entry per client or
+//! tenant with a stream open, and no more. A reload keeps the buckets of
+//! shares it does not change; open streams keep the byte rate they were
+//! admitted under.
 //!
 //! Byte rates are off by default: at one entry, streams share links and
 //! circuits through per-stream windows and per-circuit queues, so a bulk
@@ -43,6 +54,17 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
+
+/// Connections of one client still in their handshake (not yet past its
+/// credential check) at once; more are closed at once.
+pub const HANDSHAKES: u32 = 32;
+
+/// Password checks (Argon2id) of one client running or waiting at once;
+/// more are refused as busy.
+pub const CHECKS: u32 = 1;
+
+/// The most a rate or a burst may be set to (new streams per second).
+pub const MAX_RATE: u32 = 1_000_000;
 
 /// What one client or one tenant may take (0: no limit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +122,9 @@ pub enum Limited {
     /// The client opens streams faster than it may.
     #[error("this client opens streams faster than {0} per second")]
     ClientRate(u32),
+    /// The client has as many connections in their handshake as it may.
+    #[error("this client has {0} connections in their handshake, its limit")]
+    ClientHandshakes(u32),
     /// The tenant has as many streams open as it may.
     #[error("this tenant has {0} streams open, its limit")]
     TenantStreams(u32),
@@ -110,18 +135,12 @@ pub enum Limited {
 
 impl Limited {
     /// The `ferry_refusals_total` reason: `rate` or `concurrency`.
-    pub fn reason(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Limited::ClientRate(_) | Limited::TenantRate(_) => "rate",
-            Limited::ClientStreams(_) | Limited::TenantStreams(_) => "concurrency",
-        }
-    }
-
-    /// Whose limit: `client` or `tenant`.
-    pub fn whose(&self) -> &'static str {
-        match self {
-            Limited::ClientRate(_) | Limited::ClientStreams(_) => "client",
-            Limited::TenantRate(_) | Limited::TenantStreams(_) => "tenant",
+            Limited::ClientStreams(_)
+            | Limited::ClientHandshakes(_)
+            | Limited::TenantStreams(_) => "concurrency",
         }
     }
 }
@@ -147,6 +166,8 @@ impl ClientKey {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Who {
     Client(ClientKey),
+    Handshake(ClientKey),
+    Check(ClientKey),
     Tenant(String),
 }
 
@@ -160,7 +181,7 @@ struct Bytes<L> {
 /// The limiters built from one [`Settings`] (rebuilt on a reload).
 struct Rules {
     settings: Settings,
-    client_rate: Option<DefaultKeyedRateLimiter<ClientKey>>,
+    client_rate: Option<Arc<DefaultKeyedRateLimiter<ClientKey>>>,
     client_bytes: Option<Arc<Bytes<DefaultKeyedRateLimiter<ClientKey>>>>,
     tenants: Mutex<HashMap<String, Arc<TenantRules>>>,
 }
@@ -200,10 +221,38 @@ impl TenantRules {
 }
 
 impl Rules {
+    /// Rules under `settings`, keeping `old`'s buckets where their share
+    /// is unchanged (a reload does not refill them, nor split a tenant's
+    /// byte rate between old and new streams).
+    fn carried(settings: Settings, old: &Rules) -> Self {
+        let mut new = Rules::new(settings);
+        if new.settings.client == old.settings.client {
+            new.client_rate = old.client_rate.clone();
+            new.client_bytes = old.client_bytes.clone();
+        }
+        let kept = old.tenants.lock().expect("tenants lock");
+        let mut tenants = new.tenants.lock().expect("tenants lock");
+        for (name, rules) in kept.iter() {
+            if new.share_of(name) == rules.share {
+                tenants.insert(name.clone(), rules.clone());
+            }
+        }
+        drop(tenants);
+        new
+    }
+
+    fn share_of(&self, tenant: &str) -> Share {
+        self.settings
+            .tenants
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.settings.tenant)
+    }
+
     fn new(settings: Settings) -> Self {
         let c = settings.client;
         Self {
-            client_rate: quota(c.streams_per_sec, c.burst).map(RateLimiter::keyed),
+            client_rate: quota(c.streams_per_sec, c.burst).map(|q| Arc::new(RateLimiter::keyed(q))),
             client_bytes: quota(c.bytes_per_sec, byte_burst(c.bytes_per_sec)).map(|q| {
                 Arc::new(Bytes {
                     up: RateLimiter::keyed(q),
@@ -224,13 +273,7 @@ impl Rules {
         }
         // Only configured tenants and "" get here (credentials come first),
         // so the map is bounded by the config.
-        let share = self
-            .settings
-            .tenants
-            .get(name)
-            .copied()
-            .unwrap_or(self.settings.tenant);
-        let r = Arc::new(TenantRules::new(share));
+        let r = Arc::new(TenantRules::new(self.share_of(name)));
         t.insert(name.to_string(), r.clone());
         r
     }
@@ -257,12 +300,13 @@ impl Limits {
         }
     }
 
-    /// Replaces the settings (a reload). Counts of open streams carry over;
-    /// rate buckets start full again.
+    /// Replaces the settings (a reload). Counts of open streams carry over,
+    /// and so do the buckets of shares that did not change.
     pub fn configure(&self, settings: Settings) {
         let mut r = self.rules.write().expect("rules lock");
         if r.settings != settings {
-            *r = Arc::new(Rules::new(settings));
+            let new = Rules::carried(settings, &r);
+            *r = Arc::new(new);
         }
     }
 
@@ -314,24 +358,28 @@ impl Limits {
         let share = rules.settings.client;
         // Sweep idle keys now and then, so the buckets hold only recent
         // clients (a flood of addresses costs sweeps, not memory).
-        if self.admitted.fetch_add(1, Ordering::Relaxed) % 1024 == 1023
-            && let Some(r) = &rules.client_rate
-        {
-            r.retain_recent();
-            r.shrink_to_fit();
-            if let Some(b) = &rules.client_bytes {
-                b.up.retain_recent();
-                b.down.retain_recent();
+        if self.admitted.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+            let buckets = rules
+                .client_rate
+                .iter()
+                .map(|r| &**r)
+                .chain(rules.client_bytes.iter().flat_map(|b| [&b.up, &b.down]));
+            for b in buckets {
+                b.retain_recent();
+                b.shrink_to_fit();
             }
         }
         let held = self.hold(Who::Client(key), share.streams, Limited::ClientStreams)?;
+        let handshake = self.hold(Who::Handshake(key), HANDSHAKES, Limited::ClientHandshakes)?;
         let refused = rules
             .client_rate
             .as_ref()
             .is_some_and(|r| r.check_key(&key).is_err())
             .then_some(Limited::ClientRate(share.streams_per_sec));
         Ok(Pass {
+            key,
             refused,
+            handshake: Some(handshake),
             held: vec![held],
             pace: Pace {
                 client: rules.client_bytes.clone().map(|b| (b, key)),
@@ -361,28 +409,26 @@ impl Limits {
         Ok(())
     }
 
+    /// A place for one of the pass's client's password checks, if it has
+    /// fewer than [`CHECKS`] running.
+    pub fn hold_check(&self, pass: &Pass) -> Option<impl Drop + Send + 'static> {
+        self.hold(Who::Check(pass.key), CHECKS, Limited::ClientHandshakes)
+            .ok()
+    }
+
     fn hold(&self, who: Who, max: u32, over: fn(u32) -> Limited) -> Result<Held, Limited> {
         let mut open = self.open.lock().expect("open lock");
-        let n = open.entry(who.clone()).or_insert(0);
-        if max != 0 && *n >= max {
-            if *n == 0 {
-                open.remove(&who);
-            }
+        // Never 0 here (a count at 0 is removed), so a refusal leaves the
+        // map as it was.
+        let n = open.get(&who).copied().unwrap_or(0);
+        if max != 0 && n >= max {
             return Err(over(max));
         }
-        *n += 1;
+        open.insert(who.clone(), n + 1);
         Ok(Held {
             open: self.open.clone(),
             who,
         })
-    }
-
-    /// Streams open now by clients and tenants (for tests and status).
-    pub fn open_streams(&self, tenant: &str) -> u32 {
-        let open = self.open.lock().expect("open lock");
-        open.get(&Who::Tenant(tenant.to_string()))
-            .copied()
-            .unwrap_or(0)
     }
 }
 
@@ -406,12 +452,20 @@ impl Drop for Held {
 
 /// An admitted stream: its places in the counts, and its byte pacing.
 pub struct Pass {
+    key: ClientKey,
     refused: Option<Limited>,
+    handshake: Option<Held>,
     held: Vec<Held>,
     pace: Pace,
 }
 
 impl Pass {
+    /// The handshake is over (credentials checked): the connection no
+    /// longer counts among its client's handshakes.
+    pub fn handshake_done(&mut self) {
+        self.handshake = None;
+    }
+
     /// Set when the stream is to be refused (its client is over its rate):
     /// the connection is only told why.
     pub fn refused(&self) -> Option<Limited> {
@@ -523,6 +577,50 @@ mod tests {
         );
     }
 
+    /// One client keeps at most HANDSHAKES connections in their handshake
+    /// and CHECKS password checks at once, whatever its other limits.
+    #[test]
+    fn handshakes_and_checks_are_bounded_per_client() {
+        let l = Limits::new(settings(NONE, NONE));
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut passes: Vec<Pass> = (0..HANDSHAKES)
+            .map(|_| l.admit_client(ip).unwrap())
+            .collect();
+        assert_eq!(
+            l.admit_client("2001:db8::2".parse().unwrap()).err(),
+            Some(Limited::ClientHandshakes(HANDSHAKES)),
+            "the same /64"
+        );
+        passes[0].handshake_done();
+        let last = l.admit_client(ip).unwrap();
+        let check = l.hold_check(&last).expect("a first check");
+        assert!(l.hold_check(&passes[1]).is_none(), "one check at a time");
+        drop(check);
+        assert!(l.hold_check(&passes[1]).is_some());
+        drop((passes, last));
+        assert!(l.open.lock().unwrap().is_empty());
+    }
+
+    /// A reload keeps the buckets of shares it does not change: a client
+    /// over its rate stays over it; a changed share starts afresh.
+    #[test]
+    fn a_reload_keeps_unchanged_buckets() {
+        let one = Share {
+            streams_per_sec: 1,
+            burst: 1,
+            ..NONE
+        };
+        let l = Limits::new(settings(one, NONE));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(l.admit_client(ip).unwrap().refused(), None);
+        let mut s = settings(one, Share { streams: 7, ..NONE });
+        l.configure(s.clone());
+        assert!(l.admit_client(ip).unwrap().refused().is_some(), "kept");
+        s.client.burst = 2;
+        l.configure(s);
+        assert_eq!(l.admit_client(ip).unwrap().refused(), None, "afresh");
+    }
+
     #[test]
     fn new_streams_over_the_rate_are_refused_as_rate() {
         let l = Limits::new(settings(
@@ -542,7 +640,7 @@ mod tests {
             .unwrap()
             .refused()
             .unwrap();
-        assert_eq!((e, e.reason()), (Limited::ClientRate(1), "rate"));
+        assert_eq!((e, e.kind()), (Limited::ClientRate(1), "rate"));
         assert_eq!(
             l.admit_client("10.0.0.2".parse().unwrap())
                 .unwrap()
@@ -580,9 +678,10 @@ mod tests {
             l.admit_tenant(&mut p, "big").unwrap();
             keep.push(p);
         }
-        assert_eq!(l.open_streams("big"), 3);
+        let open = |t: &str| l.open.lock().unwrap().get(&Who::Tenant(t.into())).copied();
+        assert_eq!(open("big"), Some(3));
         drop(keep);
-        assert_eq!(l.open_streams("big"), 0);
+        assert_eq!(open("big"), None, "counts are forgotten at 0");
     }
 
     #[test]

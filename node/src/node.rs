@@ -277,6 +277,11 @@ fn start_data_plane(
     }
     let origin = (listeners.socks.is_some() || listeners.http.is_some()).then(|| {
         let origin = Origin::new(switch.clone());
+        let entry_listeners =
+            u32::from(listeners.socks.is_some()) + u32::from(listeners.http.is_some());
+        if entry_listeners > 0 {
+            crate::entry::raise_fd_limit(entry_listeners, origin.limits().settings().connections);
+        }
         if let Some(l) = listeners.socks {
             switch
                 .tasks

@@ -179,20 +179,23 @@ impl Policy {
     /// hash): the expensive checks the entry bounds.
     pub fn costly(&self, creds: Option<(&str, &str)>) -> bool {
         match creds {
-            Some((user, _)) if !user.is_empty() && user != "-" => match self.tenants.get(user) {
-                None => true,
-                Some(t) => {
-                    t.password_hash.is_some() || (t.token_hash.is_some() && self.passwords())
-                }
-            },
+            Some((user, _)) if !user.is_empty() && user != "-" => {
+                self.decoy().is_some() && self.tenants.get(user).is_none_or(|t| t.has_credentials())
+            }
             _ => false,
         }
     }
 
-    /// Whether any tenant has a password (so named checks cost an Argon2
-    /// verification, whatever the name).
-    fn passwords(&self) -> bool {
-        self.tenants.values().any(|t| t.password_hash.is_some())
+    /// The hash a named check that verifies no password (an unknown name, a
+    /// token) verifies against anyway, its result thrown away, so that it
+    /// costs what a password check does: a tenant's own (the least by
+    /// text, the same every time). `None` when no tenant has a password:
+    /// then every check is cheap.
+    fn decoy(&self) -> Option<&str> {
+        self.tenants
+            .values()
+            .filter_map(|t| t.password_hash.as_deref())
+            .min()
     }
 
     /// Checks a bearer token (HTTP `Proxy-Authorization: Bearer`): the
@@ -202,10 +205,15 @@ impl Policy {
         &self,
         token: &str,
     ) -> std::result::Result<crate::auth::Client, crate::auth::AuthRefusal> {
+        use subtle::ConstantTimeEq;
+        if token.len() > crate::auth::TOKEN_MAX {
+            return Err(crate::auth::AuthRefusal::BadToken);
+        }
+        let digest = crate::auth::token_digest(token);
         let mut found = None;
         for (name, t) in &self.tenants {
             if let Some(d) = &t.token_hash
-                && crate::auth::verify_token(token, d)
+                && bool::from(digest.ct_eq(d))
             {
                 found = Some(name);
             }
@@ -241,7 +249,9 @@ impl Policy {
         }
         let Some(t) = self.tenants.get(user) else {
             // As slow as a known name, so a name's existence does not show.
-            verify(pass, None);
+            if let Some(h) = self.decoy() {
+                verify(pass, h);
+            }
             return Err(AuthRefusal::UnknownTenant);
         };
         if !t.has_credentials() {
@@ -257,23 +267,22 @@ impl Policy {
                 options: options.to_string(),
             })
         };
-        if let Some(d) = &t.token_hash
-            && crate::auth::verify_token(secret, d)
-        {
-            if t.password_hash.is_none() && self.passwords() {
-                // Costs what any named check costs on this entry.
-                verify(secret, None);
-            }
-            return ok();
-        }
+        let token = t.token_hash.as_ref().is_some_and(|d| {
+            secret.len() <= crate::auth::TOKEN_MAX && crate::auth::verify_token(secret, d)
+        });
         match &t.password_hash {
-            Some(hash) if verify(secret, Some(hash)) => ok(),
+            Some(hash) if verify(secret, hash) || token => ok(),
             Some(_) => Err(AuthRefusal::BadPassword),
             None => {
-                if self.passwords() {
-                    verify(secret, None);
+                // Costs what any named check costs on this entry.
+                if let Some(h) = self.decoy() {
+                    verify(secret, h);
                 }
-                Err(AuthRefusal::BadToken)
+                if token {
+                    ok()
+                } else {
+                    Err(AuthRefusal::BadToken)
+                }
             }
         }
     }
@@ -632,6 +641,13 @@ mod tests {
         );
         p.tenants.remove("acme");
         assert!(!p.costly(Some(("bot", "x"))), "tokens alone cost no Argon2");
+        assert!(!p.costly(Some(("nobody", "x"))), "nor unknown names then");
+        assert_eq!(
+            p.authenticate(Some(("nobody", &token))).unwrap_err(),
+            UnknownTenant
+        );
+        let long = "x".repeat(crate::auth::TOKEN_MAX + 1);
+        assert_eq!(p.authenticate_bearer(&long).unwrap_err(), BadToken);
         assert!(crate::auth::parse_token_hash("sha256:00").is_err());
         assert!(crate::auth::parse_token_hash(&hash[7..]).is_err());
     }

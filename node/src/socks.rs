@@ -278,7 +278,12 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
     }
     let policy = origin.policy();
     let check = |creds: Option<(String, String)>| {
-        crate::entry::check(policy.clone(), creds.map(|(u, p)| Credentials::Basic(u, p)))
+        crate::entry::check(
+            &origin,
+            &adm.pass,
+            policy.clone(),
+            creds.map(|(u, p)| Credentials::Basic(u, p)),
+        )
     };
     let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, check)).await {
         Ok(Ok(r)) => r,
@@ -288,6 +293,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
         Ok(Err(e)) => return warn!(reason = %e, "socks connection closed"),
         Err(_) => return warn!(reason = "handshake timed out", "socks connection closed"),
     };
+    adm.pass.handshake_done();
     if crate::entry::admit_tenant(&origin, "socks", &mut adm.pass, &req.client).is_err() {
         let _ = send_reply(&mut sock, reply::NOT_ALLOWED).await;
         return;

@@ -553,7 +553,7 @@ async fn per_connection_constraints_are_honoured_and_impossible_ones_refused() {
     }
     for (opts, named) in [
         ("exit_in=JP", "exit_in=JP"),
-        ("colour=red", "unknown option `colour`"),
+        ("colour=red", "option 1 has an unknown key"),
     ] {
         let r = mesh.connect(target.port(), opts).await.unwrap();
         assert_eq!(r.err(), Some(2), "{opts}");

@@ -143,10 +143,94 @@ async fn sighup_reloads_the_tenants() {
     mesh.entry.signal("HUP");
     mesh.entry
         .wait_log(
-            "tenants and routing reloaded",
+            "tenants, routing and limits reloaded",
             std::time::Duration::from_secs(10),
         )
         .unwrap();
     assert!(served(&fetch("acme:new password").await.unwrap()));
     assert!(!served(&fetch("acme:old password").await.unwrap()));
+}
+
+/// A client sending wrong passwords as fast as it can does not lock out a
+/// tenant that knows its own: password checks are a bounded pool, and one
+/// client may hold one place in it. (Before that bound, 800 wrong guesses
+/// queued ahead of the tenant's check, which waited its 3 s and was refused
+/// as busy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_guesser_does_not_lock_out_the_tenant() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const GUESSES: usize = 800;
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            entry_toml: tenant_block("acme", "enterprise", "s3cret horse"),
+            entry_replace: vec![
+                (
+                    "client_streams = 512".into(),
+                    "client_streams = 2000".into(),
+                ),
+                ("client_burst = 300".into(), "client_burst = 2000".into()),
+            ],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let target = ferry_tests::echo_server().await.unwrap();
+    let socks = mesh.socks();
+    // The guesser, from 127.0.0.8: every guess sent before the tenant
+    // tries; each ends refused or closed.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let guesses: Vec<_> = (0..GUESSES)
+        .map(|i| {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.bind("127.0.0.8:0".parse().unwrap()).unwrap();
+                let Ok(mut s) = sock.connect(socks).await else {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                let guess = format!("guess{i:04}");
+                let mut hello = vec![5, 1, 2, 1, 4];
+                hello.extend_from_slice(b"acme");
+                hello.push(guess.len() as u8);
+                hello.extend_from_slice(guess.as_bytes());
+                let _ = s.write_all(&hello).await;
+                sent.fetch_add(1, Ordering::SeqCst);
+                let mut answer = [0u8; 4];
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    s.read_exact(&mut answer),
+                )
+                .await;
+            })
+        })
+        .collect();
+    while sent.load(Ordering::SeqCst) < GUESSES {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let asked = std::time::Instant::now();
+    let served = ferry_tests::socks_connect_from(
+        socks,
+        Some("127.0.0.9".parse().unwrap()),
+        "127.0.0.1",
+        target.port(),
+        Some(("acme", "s3cret horse")),
+    )
+    .await;
+    assert!(
+        matches!(served, Ok(Ok(_))),
+        "the tenant is served beside the guesser: {:?}",
+        served.map(|r| r.err())
+    );
+    println!("the tenant's answer took {:?}", asked.elapsed());
+    for g in guesses {
+        g.await.unwrap();
+    }
+    assert!(
+        mesh.entry.log().contains("busy"),
+        "the guesser's surplus is refused as busy"
+    );
 }

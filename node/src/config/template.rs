@@ -264,7 +264,7 @@ migration_secs = 5
 # password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
 # token_hash = "sha256:<64 hex digits>"
 # streams = 2048              # its own limits, if not [limits] tenant_*
-# streams_per_sec = 1000
+# streams_per_sec = 1000      # its burst is twice this
 # bytes_per_sec = 0
 
 # Known peers. A node accepts links only from Noise keys listed here, and

@@ -315,8 +315,8 @@ impl TryFrom<FileConfig> for NodeConfig {
             ("tenant_streams_per_sec", fl.tenant_streams_per_sec),
             ("tenant_burst", fl.tenant_burst),
         ] {
-            if v > 1_000_000 {
-                bail!("limits.{k} must be at most 1000000");
+            if v > crate::limits::MAX_RATE {
+                bail!("limits.{k} must be at most {}", crate::limits::MAX_RATE);
             }
         }
         let mut limits = crate::limits::Settings {
@@ -336,6 +336,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             tenants: std::collections::HashMap::new(),
         };
         let mut tenants = std::collections::HashMap::new();
+        let mut tokens = std::collections::HashSet::new();
         for (i, t) in f.tenants.iter().enumerate() {
             let key = format!("tenants[{i}]");
             if t.name.is_empty() || t.name.len() > 255 {
@@ -365,8 +366,18 @@ impl TryFrom<FileConfig> for NodeConfig {
                 .map(crate::auth::parse_token_hash)
                 .transpose()
                 .with_context(|| format!("{key}.token_hash"))?;
-            if t.streams_per_sec.is_some_and(|r| r > 1_000_000) {
-                bail!("{key}.streams_per_sec must be at most 1000000");
+            if let Some(h) = token_hash
+                && !tokens.insert(h)
+            {
+                bail!("{key}.token_hash: another tenant has the same token");
+            }
+            if t.streams_per_sec
+                .is_some_and(|r| r > crate::limits::MAX_RATE)
+            {
+                bail!(
+                    "{key}.streams_per_sec must be at most {}",
+                    crate::limits::MAX_RATE
+                );
             }
             if t.streams.is_some() || t.streams_per_sec.is_some() || t.bytes_per_sec.is_some() {
                 let d = limits.tenant;
@@ -499,6 +510,10 @@ mod tests {
         ))
         .unwrap();
         assert!(tokens.routing.tenants["bot"].token_hash.is_some());
+        let twice = format!(
+            "[[tenants]]\nname = \"a\"\ntoken_hash = \"{token_hash}\"\n[[tenants]]\nname = \"b\"\ntoken_hash = \"{token_hash}\"\n"
+        );
+        assert!(err(&twice).contains("the same token"), "{}", err(&twice));
         let bot = tokens.limits.tenants["bot"];
         assert_eq!((bot.streams, bot.bytes_per_sec), (5, 1000));
         assert_eq!(bot.streams_per_sec, tokens.limits.tenant.streams_per_sec);
