@@ -172,6 +172,8 @@ impl<L: LinkRef, T: Clone, O: Clone, P> Table<L, T, O, P> {
                 Some(Slot::Pending(_)) => Dispatch::Drop("cell for a circuit still being created"),
                 None => Dispatch::Drop("cell for an unknown circuit"),
             },
+            // The link answers these itself; one here went astray.
+            CellCmd::Ping | CellCmd::Pong => Dispatch::Drop("link-level cell"),
         }
     }
 }

@@ -312,6 +312,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
             "jurisdiction": e.peer.jurisdiction.to_string(),
             "roles": e.peer.roles.to_string(),
             "state": match e.state {
+                _ if sw.quarantine.contains(&e.peer.id, now) => "quarantined",
                 ferry_router::NodeState::Active => "active",
                 ferry_router::NodeState::Draining { .. } => "draining",
                 ferry_router::NodeState::Exited => "exited",
@@ -320,6 +321,12 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
             "capacity_mbps": e.capacity,
             "noise_key": hex::encode(e.peer.noise_key),
             "expires_in_secs": e.expires_at_ms.map(|x| x.saturating_sub(now) / 1000),
+            "rtt": sw.link_rtt(&e.peer.id).map(|r| json!({
+                "srtt_ms": r.srtt.map(|d| d.as_secs_f64() * 1e3),
+                "rttvar_ms": r.rttvar.as_secs_f64() * 1e3,
+                "min_ms": r.min.map(|d| d.as_secs_f64() * 1e3),
+                "samples": r.samples,
+            })),
         }));
     }
     let set = st.rulings.snapshot();
@@ -394,6 +401,18 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
         "origin": origin,
         "peers": peers,
         "peers_by_jurisdiction": by_j,
+        "quarantine": sw.quarantine.in_force(now).iter().map(|e| json!({
+            "node_id": hex::encode(e.node.0),
+            "claimed": e.claimed.to_string(),
+            "landmark_id": hex::encode(e.landmark.0),
+            "landmark_jurisdiction": e.landmark_jurisdiction.to_string(),
+            "landmark_at": e.landmark_place,
+            "measured_rtt_ms": e.measured.as_secs_f64() * 1e3,
+            "minimum_rtt_ms": e.minimum.as_secs_f64() * 1e3,
+            "measured_at": fmt_time(e.measured_at_ms),
+            "expires_at": fmt_time(e.expires_at_ms),
+            "signed_report_hex": hex::encode(&e.signed),
+        })).collect::<Vec<_>>(),
         "rulings": rulings,
         "ruling_rejections": st.rulings.rejections(),
         "revoked": st.revocations.revoked().iter().map(|id| hex::encode(id.0)).collect::<Vec<_>>(),

@@ -182,17 +182,32 @@ pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
     }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers: {}", peers.len());
-    if let Some(by) = v["peers_by_jurisdiction"].as_object() {
-        for (j, ids) in by {
-            let ids: Vec<String> = ids
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .map(|x| x[..8].to_string())
-                .collect();
-            println!("  {j}  {}", ids.join(" "));
-        }
+    for p in &peers {
+        let id = p["id"].as_str().unwrap_or("?");
+        let rtt = match (p["rtt"]["srtt_ms"].as_f64(), p["rtt"]["min_ms"].as_f64()) {
+            (Some(s), Some(m)) => format!("rtt {s:.2} ms (min {m:.2})"),
+            _ => "no link".to_string(),
+        };
+        println!(
+            "  {}  {}  {:<16} {:<9} {rtt}",
+            p["jurisdiction"].as_str().unwrap_or("??"),
+            &id[..8.min(id.len())],
+            p["roles"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+        );
+    }
+    for q in v["quarantine"].as_array().into_iter().flatten() {
+        let id = q["node_id"].as_str().unwrap_or("?");
+        let landmark = q["landmark_id"].as_str().unwrap_or("?");
+        println!(
+            "quarantined: {} claims {}, but landmark {} at {} measured {:.2} ms (at least {:.2} ms for that claim)",
+            &id[..8.min(id.len())],
+            q["claimed"].as_str().unwrap_or("??"),
+            &landmark[..8.min(landmark.len())],
+            q["landmark_at"].as_str().unwrap_or("?"),
+            q["measured_rtt_ms"].as_f64().unwrap_or(0.0),
+            q["minimum_rtt_ms"].as_f64().unwrap_or(0.0),
+        );
     }
     let rulings = v["rulings"].as_array().cloned().unwrap_or_default();
     println!("rulings in force: {}", rulings.len());

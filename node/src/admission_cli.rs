@@ -89,6 +89,12 @@ pub struct AdmitArgs {
     /// Where to write the certificate (default: node.cert next to the request).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Make the node a landmark at this location, which the authority
+    /// knows: `LAT,LON[,PLACE]` in degrees (for example
+    /// `24.86,67.01,Karachi`). Landmarks measure round trips to the nodes
+    /// they link to and sign reports that refute implausible jurisdictions.
+    #[arg(long)]
+    pub landmark: Option<String>,
 }
 
 /// `ferry authority admit`.
@@ -111,6 +117,12 @@ pub fn admit(a: AdmitArgs) -> Result<()> {
     if keys.is_empty() {
         bail!("give at least one --key");
     }
+    let landmark = a
+        .landmark
+        .as_deref()
+        .map(ferry_node::cert::Location::parse)
+        .transpose()
+        .context("--landmark")?;
     let now = now_ms();
     let body = certificate_body(
         &req,
@@ -121,6 +133,7 @@ pub fn admit(a: AdmitArgs) -> Result<()> {
             capacity_max_mbps: a.capacity_max,
             not_before_ms: now.saturating_sub(60_000),
             not_after_ms: now + a.valid_for.as_millis() as u64,
+            landmark,
         },
     )?;
     let cert = CertFile::from_cert(&sign_certificate(&body, &keys))?;
@@ -294,6 +307,7 @@ pub fn self_admit(cfg: &mut NodeConfig, keys: &Keys, key_file: &Path) -> Result<
             capacity_max_mbps: cfg.capacity_mbps.max(1),
             not_before_ms: now.saturating_sub(60_000),
             not_after_ms: now + 30 * 86_400_000,
+            landmark: None,
         },
         &[sk],
     )?;

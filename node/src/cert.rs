@@ -182,6 +182,9 @@ pub struct CertInfo {
     pub not_before: String,
     /// RFC 3339.
     pub not_after: String,
+    /// A landmark's location (`LAT,LON PLACE`), if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landmark: Option<String>,
 }
 
 /// A signed certificate (or revocation) file.
@@ -198,7 +201,7 @@ pub struct CertFile {
 
 /// What the authority decides when it admits a node (and so what a
 /// verified certificate vouches for).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Admission {
     /// Jurisdiction.
     pub jurisdiction: Jurisdiction,
@@ -212,6 +215,81 @@ pub struct Admission {
     pub not_before_ms: u64,
     /// Valid until (ms).
     pub not_after_ms: u64,
+    /// Set for a landmark: where the authority knows it is.
+    pub landmark: Option<Location>,
+}
+
+/// A landmark's location, as its certificate gives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Location {
+    /// Degrees north, -90 to 90.
+    pub latitude: f64,
+    /// Degrees east, -180 to 180.
+    pub longitude: f64,
+    /// A place name, for people.
+    pub place: String,
+}
+
+impl Location {
+    /// Parses `LAT,LON` or `LAT,LON,PLACE` (degrees, WGS 84).
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut parts = s.splitn(3, ',');
+        let num = |p: Option<&str>, what: &str| -> Result<f64> {
+            p.map(str::trim)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+                .with_context(|| format!("`{s}`: {what} is not a number (LAT,LON[,PLACE])"))
+        };
+        let l = Self {
+            latitude: num(parts.next(), "the latitude")?,
+            longitude: num(parts.next(), "the longitude")?,
+            place: parts.next().unwrap_or("").trim().to_string(),
+        };
+        l.check()?;
+        Ok(l)
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(-90.0..=90.0).contains(&self.latitude) || !(-180.0..=180.0).contains(&self.longitude) {
+            bail!(
+                "{},{} is not on Earth (latitude -90 to 90, longitude -180 to 180)",
+                self.latitude,
+                self.longitude
+            );
+        }
+        if self.place.len() > MAX_TEXT {
+            bail!("the place name is longer than {MAX_TEXT} bytes");
+        }
+        Ok(())
+    }
+
+    fn to_wire(&self) -> pb::Landmark {
+        pb::Landmark {
+            latitude: self.latitude,
+            longitude: self.longitude,
+            place: self.place.clone(),
+        }
+    }
+
+    fn from_wire(l: &pb::Landmark) -> Result<Self> {
+        let l = Self {
+            latitude: l.latitude,
+            longitude: l.longitude,
+            place: l.place.clone(),
+        };
+        l.check()?;
+        Ok(l)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.4},{:.4}", self.latitude, self.longitude)?;
+        if !self.place.is_empty() {
+            write!(f, " {}", self.place)?;
+        }
+        Ok(())
+    }
 }
 
 impl Admission {
@@ -248,6 +326,9 @@ pub fn certificate_body(req: &pb::NodeRequest, a: &Admission) -> Result<pb::Cert
     if a.capacity_max_mbps == 0 {
         bail!("capacity ceiling must be at least 1 Mbit/s");
     }
+    if let Some(l) = &a.landmark {
+        l.check()?;
+    }
     Ok(pb::CertificateBody {
         node_id: req.node_id.clone(),
         jurisdiction: a.jurisdiction.to_string(),
@@ -256,6 +337,7 @@ pub fn certificate_body(req: &pb::NodeRequest, a: &Admission) -> Result<pb::Cert
         capacity_max_mbps: a.capacity_max_mbps,
         not_before_ms: a.not_before_ms,
         not_after_ms: a.not_after_ms,
+        landmark: a.landmark.as_ref().map(Location::to_wire),
     })
 }
 
@@ -284,6 +366,11 @@ impl CertFile {
                 capacity_max_mbps: b.capacity_max_mbps,
                 not_before: fmt_time(b.not_before_ms),
                 not_after: fmt_time(b.not_after_ms),
+                landmark: b
+                    .landmark
+                    .as_ref()
+                    .and_then(|l| Location::from_wire(l).ok())
+                    .map(|l| l.to_string()),
             },
             body_hex: hex::encode(&c.body),
             signatures: SignatureFile::from_wire(&c.signatures),
@@ -360,7 +447,14 @@ impl Authority {
         if b.family.len() > MAX_TEXT {
             return Err(refuse("cert_invalid", "family is too long"));
         }
+        let landmark = b
+            .landmark
+            .as_ref()
+            .map(Location::from_wire)
+            .transpose()
+            .map_err(|e| refuse("cert_invalid", format!("landmark: {e:#}")))?;
         Ok(Cert {
+            landmark,
             jurisdiction,
             family: b.family,
             roles: roles_of(b.roles),
@@ -581,6 +675,7 @@ mod tests {
             capacity_max_mbps: 100,
             not_before_ms: 1_000,
             not_after_ms: 10_000,
+            landmark: None,
         }
     }
 

@@ -41,6 +41,8 @@ pub const ADVERTS: &str = "ferry/adverts/1";
 pub const RULINGS: &str = "ferry/rulings/1";
 /// Gossip topic for revocations.
 pub const REVOCATIONS: &str = "ferry/revocations/1";
+/// Gossip topic for landmarks' measurement reports.
+pub const MEASUREMENTS: &str = "ferry/measurements/1";
 /// The sync protocol: what is in force, asked at each connection.
 pub const SYNC: &str = "/ferry/sync/1";
 /// Most rulings, and most revocations, one sync answer may carry; the rest
@@ -84,6 +86,8 @@ pub enum Command {
     PublishRuling(Vec<u8>),
     /// Publish a signed revocation that was accepted locally.
     PublishRevocation(Vec<u8>),
+    /// Publish this landmark's signed measurement report.
+    PublishMeasurement(Vec<u8>),
     /// Sign and publish this node's advert now (its state changed).
     Advertise,
     /// Dial these (bootstrap names, resolved off the swarm's task).
@@ -174,6 +178,7 @@ pub fn peer_id(node: &ferry_router::NodeId) -> Option<PeerId> {
 }
 
 /// Everything the control task shares with the node.
+#[derive(Clone)]
 pub struct Shared {
     /// Known nodes.
     pub directory: Arc<Directory>,
@@ -185,6 +190,11 @@ pub struct Shared {
     pub counters: Arc<GossipCounters>,
     /// The store.
     pub store: Arc<Store>,
+    /// Nodes quarantined on landmarks' evidence.
+    pub quarantine: Arc<crate::plausibility::Quarantine>,
+    /// This node's id and verified certificate (its own reports, if it is
+    /// a landmark, are checked against it).
+    pub own: Option<(ferry_router::NodeId, crate::cert::Cert)>,
 }
 
 /// Starts the control plane. `advert` re-signs this node's advert.
@@ -252,6 +262,8 @@ pub fn start(
     let adverts = gossipsub::IdentTopic::new(ADVERTS);
     let rulings_topic = gossipsub::IdentTopic::new(RULINGS);
     let revocations_topic = gossipsub::IdentTopic::new(REVOCATIONS);
+    let measurements = gossipsub::IdentTopic::new(MEASUREMENTS);
+    swarm.behaviour_mut().gossipsub.subscribe(&measurements)?;
     swarm.behaviour_mut().gossipsub.subscribe(&adverts)?;
     swarm.behaviour_mut().gossipsub.subscribe(&rulings_topic)?;
     swarm
@@ -339,6 +351,7 @@ pub fn start(
                         }
                         publish(&mut swarm, &revocations_topic, bytes);
                     }
+                    Command::PublishMeasurement(bytes) => publish(&mut swarm, &measurements, bytes),
                     Command::Advertise => tick.reset_immediately(),
                     Command::Dial(addrs) => {
                         for a in addrs {
@@ -382,6 +395,8 @@ pub fn start(
                             on_advert(&mut swarm, &shared, &own, &message.data, now);
                         } else if message.topic == rulings_topic.hash() {
                             let _ = shared.rulings.offer(&message.data, now, Source::Gossip);
+                        } else if message.topic == measurements.hash() {
+                            on_measurement(&shared, &message.data, now);
                         } else if message.topic == revocations_topic.hash()
                             && let Ok(Revoked::New(id)) = on_revocation(&shared, &message.data)
                         {
@@ -395,6 +410,26 @@ pub fn start(
         debug!("control plane stopped");
     });
     Ok(tx)
+}
+
+/// Takes a landmark's report from gossip (or this landmark's own): checked
+/// here (the landmark's certificate and signature, not the gossip), and a
+/// refuted claim quarantines its node.
+pub fn on_measurement(shared: &Shared, bytes: &[u8], now: u64) {
+    let own = shared.own.as_ref().map(|(id, c)| (*id, c));
+    match shared.quarantine.offer(bytes, &shared.directory, own, now) {
+        Ok(Some(e)) => warn!(
+            node = %e.node.short(),
+            claimed = %e.claimed,
+            landmark = %e.landmark.short(),
+            landmark_at = %e.landmark_place,
+            measured_ms = e.measured.as_secs_f64() * 1e3,
+            minimum_ms = e.minimum.as_secs_f64() * 1e3,
+            "node quarantined: a landmark's round trip refutes its jurisdiction"
+        ),
+        Ok(None) => {}
+        Err(e) => debug!(reason = e.kind(), "measurement report refused"),
+    }
 }
 
 /// What this node's own sync has gathered so far.

@@ -73,6 +73,7 @@ fn admit(
             capacity_max_mbps: 1000,
             not_before_ms: now.saturating_sub(60_000),
             not_after_ms: now + 30 * 86_400_000,
+            landmark: None,
         },
         std::slice::from_ref(authority),
     )

@@ -522,6 +522,7 @@ mod tests {
             capacity_max_mbps: 100,
             not_before_ms: 0,
             not_after_ms: not_after,
+            landmark: None,
         };
         admit(k, &terms, std::slice::from_ref(a))
             .unwrap()
@@ -717,6 +718,7 @@ mod tests {
                     capacity_max_mbps: ceiling,
                     not_before_ms: 0,
                     not_after_ms: not_after,
+                    landmark: None,
                 };
                 let cert = admit(&k, &terms, std::slice::from_ref(&a))
                     .unwrap()

@@ -15,6 +15,16 @@
 //! and hands the plaintext cell, still in that buffer, to the switch. A cell
 //! is copied once per hop (into the writer's batch) and never allocated on
 //! its own.
+//!
+//! Each end pings the other every [`KEEPALIVE`] on circuit 0 (PING, answered
+//! by PONG with the body echoed) and keeps a round-trip estimate of the
+//! answers ([`Rtt`]: smoothed as TCP's SRTT, RFC 6298, and the least seen).
+//! Path selection weighs nodes by it, and landmarks report it. A peer that
+//! sends nothing at all for [`DEAD_AFTER`] while this end waits on its
+//! socket (a stopped process, a silent middlebox) is declared dead and the
+//! link closed (`ferry_links_closed_total{reason="dead"}`), so its circuits
+//! fail over in seconds rather than at TCP's timeout. Time the reader spends
+//! blocked forwarding is not held against the peer.
 
 use crate::authority::now_ms;
 use crate::crypto::{self, Session};
@@ -43,6 +53,81 @@ pub const TRANSPORT_CODEC: FrameCodec =
     FrameCodec::new(TAG_LEN + ferry_proto::cell::HEADER_LEN, MAX_NOISE_MESSAGE);
 /// Cells queued for one link's writer before senders wait.
 pub const LINK_QUEUE_CELLS: usize = 128;
+/// How often each end of a link pings the other.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// A peer silent this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(4);
+
+/// PINGs awaiting their PONG that a link remembers (older ones are given
+/// up: their answers, if they come, are not samples).
+const PINGS_KEPT: usize = 8;
+
+/// A link's round-trip estimate, from its PING/PONG samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rtt {
+    /// Smoothed RTT (RFC 6298: 7/8 old + 1/8 sample), if sampled.
+    pub srtt: Option<Duration>,
+    /// Its mean deviation (RFC 6298's RTTVAR).
+    pub rttvar: Duration,
+    /// The least sample seen: the best bound on the path's propagation
+    /// delay (queueing only adds to a sample).
+    pub min: Option<Duration>,
+    /// Samples taken.
+    pub samples: u64,
+}
+
+impl Rtt {
+    /// Takes one sample.
+    pub fn sample(&mut self, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let dev = s.abs_diff(r);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+        self.min = Some(self.min.map_or(r, |m| m.min(r)));
+        self.samples += 1;
+    }
+}
+
+#[cfg(test)]
+mod rtt_tests {
+    use super::*;
+
+    /// RFC 6298's first sample and update; the least sample is kept.
+    #[test]
+    fn samples_smooth_as_tcp_does() {
+        let ms = Duration::from_millis;
+        let mut r = Rtt::default();
+        r.sample(ms(80));
+        assert_eq!(
+            (r.srtt, r.rttvar, r.min),
+            (Some(ms(80)), ms(40), Some(ms(80)))
+        );
+        r.sample(ms(40));
+        assert_eq!(r.srtt, Some(ms(75)), "7/8 × 80 + 1/8 × 40");
+        assert_eq!(r.rttvar, ms(40), "3/4 × 40 + 1/4 × 40");
+        assert_eq!(r.min, Some(ms(40)));
+        r.sample(ms(400));
+        assert_eq!(r.min, Some(ms(40)), "queueing does not raise the least");
+        assert_eq!(r.samples, 3);
+    }
+}
+
+/// What the keepalive keeps per link.
+#[derive(Debug, Default)]
+struct Keepalive {
+    rtt: Rtt,
+    next: u64,
+    pings: std::collections::VecDeque<(u64, std::time::Instant)>,
+}
+
 /// Time allowed for a link handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest batch the writer puts in one `write` call.
@@ -133,6 +218,13 @@ pub struct LinkHandle {
     next_circ: AtomicU32,
     initiator: bool,
     closed: CancellationToken,
+    keepalive: std::sync::Mutex<Keepalive>,
+    /// Reads that returned bytes: the keepalive's sign of life.
+    heard: std::sync::atomic::AtomicU64,
+    /// Set while the reader waits on the socket (not while it forwards).
+    waiting: std::sync::atomic::AtomicBool,
+    /// Set when the keepalive declared the peer dead.
+    dead: std::sync::atomic::AtomicBool,
 }
 
 /// The link is gone.
@@ -174,6 +266,86 @@ impl LinkHandle {
     /// Closes the link.
     pub fn close(&self) {
         self.closed.cancel();
+    }
+
+    /// The link's round-trip estimate.
+    pub fn rtt(&self) -> Rtt {
+        self.keepalive.lock().expect("keepalive lock").rtt
+    }
+
+    /// Answers a link-level cell (PING, PONG); `false` if `frame` is not
+    /// one.
+    fn link_level(&self, frame: &[u8]) -> bool {
+        use ferry_proto::CellCmd;
+        let Ok(c) = ferry_proto::Cell::parse(frame) else {
+            return false;
+        };
+        match c.cmd {
+            CellCmd::Ping => {
+                // Best effort: a full queue is busy sending anyway, and any
+                // cell tells the peer this end is alive.
+                self.try_send(cell(0, CellCmd::Pong, c.body));
+                true
+            }
+            CellCmd::Pong => {
+                let Ok(seq) = <[u8; 8]>::try_from(c.body).map(u64::from_be_bytes) else {
+                    return true;
+                };
+                let mut k = self.keepalive.lock().expect("keepalive lock");
+                if let Some(i) = k.pings.iter().position(|(s, _)| *s == seq) {
+                    let (_, sent) = k.pings.remove(i).expect("found");
+                    k.rtt.sample(sent.elapsed());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Pings the peer every [`KEEPALIVE`] and declares it dead after
+/// [`DEAD_AFTER`] of silence while the reader waits on it.
+async fn keepalive(link: Arc<LinkHandle>, closed: CancellationToken) {
+    let mut tick = tokio::time::interval(KEEPALIVE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = link.heard.load(Ordering::Relaxed);
+    // Ticks in a row with nothing heard (counted, not timed, so a tick a
+    // little early does not cost a whole extra one).
+    let mut silent = 0u32;
+    let dead_after = DEAD_AFTER.as_millis().div_ceil(KEEPALIVE.as_millis()) as u32;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = closed.cancelled() => return,
+        }
+        let now = std::time::Instant::now();
+        let h = link.heard.load(Ordering::Relaxed);
+        if h != heard || !link.waiting.load(Ordering::Relaxed) {
+            heard = h;
+            silent = 0;
+        } else {
+            silent += 1;
+        }
+        if silent >= dead_after {
+            warn!(
+                silent_secs = (KEEPALIVE * silent).as_secs(),
+                "link dead: the peer sent nothing; closing"
+            );
+            link.dead.store(true, Ordering::Relaxed);
+            closed.cancel();
+            return;
+        }
+        let seq = {
+            let mut k = link.keepalive.lock().expect("keepalive lock");
+            k.next += 1;
+            let seq = k.next;
+            if k.pings.len() == PINGS_KEPT {
+                k.pings.pop_front();
+            }
+            k.pings.push_back((seq, now));
+            seq
+        };
+        link.try_send(cell(0, ferry_proto::CellCmd::Ping, &seq.to_be_bytes()));
     }
 }
 
@@ -380,6 +552,10 @@ fn start<H: LinkHost>(
         next_circ: AtomicU32::new(1),
         initiator,
         closed: closed.clone(),
+        keepalive: std::sync::Mutex::new(Keepalive::default()),
+        heard: std::sync::atomic::AtomicU64::new(0),
+        waiting: std::sync::atomic::AtomicBool::new(false),
+        dead: std::sync::atomic::AtomicBool::new(false),
     });
     let span = tracing::info_span!("link", id = link.id, peer = %peer.short());
     let (r, w) = sock.into_split();
@@ -390,6 +566,9 @@ fn start<H: LinkHost>(
     switch.tasks().spawn(
         write_loop(w, rx, sealer, closed.clone(), switch.bytes_out()).instrument(span.clone()),
     );
+    switch
+        .tasks()
+        .spawn(keepalive(link.clone(), closed.clone()).instrument(span.clone()));
     let sw = switch.clone();
     let l2 = link.clone();
     switch.tasks().spawn(
@@ -411,11 +590,14 @@ fn start<H: LinkHost>(
                 }
                 None => debug!("link closed"),
             }
-            sw.metrics()
-                .link
-                .closed
-                .with_label_values(&[if reason.is_some() { "error" } else { "normal" }])
-                .inc();
+            let label = if l2.dead.load(Ordering::Relaxed) {
+                "dead"
+            } else if reason.is_some() {
+                "error"
+            } else {
+                "normal"
+            };
+            sw.metrics().link.closed.with_label_values(&[label]).inc();
             l2.close();
             sw.link_down(&l2);
         }
@@ -484,12 +666,19 @@ async fn read_loop<H: LinkHost>(
                 .inc_by(frame.len() as u64 + 4);
             let len = opener.open_in_place(&mut frame)?;
             frame.truncate(len);
+            if frame.starts_with(&[0; 4]) && link.link_level(&frame) {
+                continue;
+            }
             H::on_cell(switch, link, frame).await?;
         }
         if buf.capacity() - buf.len() < MAX_NOISE_MESSAGE {
             buf.reserve(READ_CHUNK);
         }
-        if r.read_buf(&mut buf).await? == 0 {
+        link.waiting.store(true, Ordering::Relaxed);
+        let n = r.read_buf(&mut buf).await;
+        link.waiting.store(false, Ordering::Relaxed);
+        link.heard.fetch_add(1, Ordering::Relaxed);
+        if n? == 0 {
             if buf.is_empty() {
                 info!("link closed by peer");
                 return Ok(());

@@ -124,6 +124,11 @@ pub struct ControlMetrics {
     pub revoked: IntGauge,
     /// Revocations refused, by reason.
     pub revocation_rejections: IntCounterVec,
+    /// Nodes quarantined on a landmark's evidence.
+    pub quarantined: IntGauge,
+    /// Landmark reports taken, by result (plausible, refuted, or why one
+    /// was refused).
+    pub reports: IntCounterVec,
 }
 
 /// A node's metrics: every subsystem's, in one registry.
@@ -228,7 +233,7 @@ impl LinkMetrics {
             closed: counter_vec(
                 r,
                 "ferry_links_closed_total",
-                "Data-plane links closed, by reason (error, normal).",
+                "Data-plane links closed, by reason (error, normal, dead: the peer went silent).",
                 "reason",
             ),
             handshake_seconds: histogram(
@@ -239,7 +244,7 @@ impl LinkMetrics {
             sent: bytes.with_label_values(&["sent"]),
             received: bytes.with_label_values(&["received"]),
         };
-        seed(&m.closed, &["error", "normal"]);
+        seed(&m.closed, &["error", "normal", "dead"]);
         m
     }
 }
@@ -454,7 +459,30 @@ impl ControlMetrics {
                 "Revocations refused (not signed k of n by trusted authority keys, malformed), by reason.",
                 "reason",
             ),
+            quarantined: gauge(
+                r,
+                "ferry_quarantined_nodes",
+                "Nodes quarantined here: a landmark's signed round trip refutes their jurisdiction.",
+            ),
+            reports: counter_vec(
+                r,
+                "ferry_measurement_reports_total",
+                "Landmark measurement reports, by result (plausible, refuted, malformed, not_landmark, bad_signature, stale, unknown_node).",
+                "result",
+            ),
         };
+        seed(
+            &m.reports,
+            &[
+                "plausible",
+                "refuted",
+                "malformed",
+                "not_landmark",
+                "bad_signature",
+                "stale",
+                "unknown_node",
+            ],
+        );
         seed(
             &m.ruling_rejections,
             &[

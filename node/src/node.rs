@@ -229,8 +229,21 @@ pub fn start_full(
         revocations: revocations.clone(),
         counters: counters.clone(),
         store: store.clone(),
+        quarantine: switch.quarantine.clone(),
+        own: switch
+            .certificate
+            .as_ref()
+            .and_then(|c| c.verified.clone().ok())
+            .map(|c| (keys.node_id(), c)),
     };
+    let landmark_shared = shared.clone();
     let control = control::start(&keys, settings, shared, signer, shutdown.clone())?;
+    switch.tasks.spawn(crate::landmark::run(
+        switch.clone(),
+        control.clone(),
+        landmark_shared,
+        shutdown.clone(),
+    ));
     let running = start_data_plane(
         switch.clone(),
         Listeners {

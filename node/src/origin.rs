@@ -265,7 +265,22 @@ impl Origin {
     }
 
     fn view(&self, now: u64) -> MeshView {
-        MeshView::new(self.switch.directory.live(now).iter().map(|e| e.info()))
+        let live = self.switch.directory.live(now);
+        // Quarantined nodes leave path selection here.
+        let quarantine = &self.switch.quarantine;
+        MeshView::new(
+            live.iter()
+                .filter(|e| !quarantine.contains(&e.peer.id, now))
+                .map(|e| {
+                    let mut info = e.info();
+                    // This node's own measurement, where it has a link; the
+                    // router's default otherwise (adverts carry no RTT).
+                    if let Some(srtt) = self.switch.link_rtt(&info.id).and_then(|r| r.srtt) {
+                        info.rtt_ms = srtt.as_millis().try_into().unwrap_or(u32::MAX);
+                    }
+                    info
+                }),
+        )
     }
 
     /// The circuits, for status.

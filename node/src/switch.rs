@@ -94,6 +94,8 @@ pub struct Switch {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// This node's certificate (`None`: it has no `node.cert`).
     pub certificate: Option<crate::cert::OwnCert>,
+    /// Nodes quarantined on landmarks' evidence (out of path selection).
+    pub quarantine: Arc<crate::plausibility::Quarantine>,
     /// Every data-plane task (links, circuits, streams, extends), so a
     /// shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -168,6 +170,7 @@ impl Switch {
             bytes_out: Arc::new(AtomicU64::new(0)),
             metrics,
             certificate,
+            quarantine: Arc::default(),
             tasks: TaskTracker::new(),
         })
     }
@@ -213,6 +216,11 @@ impl Switch {
             return Ok(l);
         }
         link::dial(self, peer).await
+    }
+
+    /// The round-trip estimate of the live link to `peer`, if there is one.
+    pub fn link_rtt(&self, peer: &NodeId) -> Option<crate::link::Rtt> {
+        self.live_link(peer).map(|l| l.rtt())
     }
 
     fn live_link(&self, peer: &NodeId) -> Option<Arc<LinkHandle>> {
@@ -756,6 +764,12 @@ impl Switch {
             .with_label_values(&[self.cfg.jurisdiction.as_str(), &self.cfg.roles.to_string()])
             .set(1);
         m.link.active.set(self.link_count() as i64);
+        m.control
+            .quarantined
+            .set(self.quarantine.in_force(now).len() as i64);
+        for (result, n) in self.quarantine.results() {
+            advance(&m.control.reports.with_label_values(&[result]), n);
+        }
         advance(&m.link.sent, self.bytes_out());
         m.circuit.active.set(self.circuit_count() as i64);
         n.ready.set(i64::from(self.readiness(now).ready));

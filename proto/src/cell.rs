@@ -26,6 +26,11 @@ pub enum CellCmd {
     /// Hop → neighbours: the hop is draining. Body: plaintext
     /// `pb::DrainNotice`. Relays forward it like RELAY cells.
     Notice = 6,
+    /// Link-level (circuit 0), either way: are you there? Body: 8 bytes
+    /// the answer echoes. Sent every second: keepalive and RTT probe.
+    Ping = 7,
+    /// Link-level (circuit 0): the answer to a PING, its body echoed.
+    Pong = 8,
 }
 
 impl CellCmd {
@@ -38,6 +43,8 @@ impl CellCmd {
             4 => CellCmd::Relay,
             5 => CellCmd::Destroy,
             6 => CellCmd::Notice,
+            7 => CellCmd::Ping,
+            8 => CellCmd::Pong,
             code => {
                 return Err(DecodeError::UnknownCode {
                     what: "cell command",
@@ -56,6 +63,8 @@ impl CellCmd {
             CellCmd::Relay => "relay",
             CellCmd::Destroy => "destroy",
             CellCmd::Notice => "notice",
+            CellCmd::Ping => "ping",
+            CellCmd::Pong => "pong",
         }
     }
 }

@@ -254,7 +254,9 @@ pub struct NodeInfo {
     pub capacity: u32,
     /// Measured load, 0.0 (idle) to 1.0 (full).
     pub load: f32,
-    /// Measured round-trip time from here, in milliseconds.
+    /// Measured round-trip time from here, in milliseconds: the choosing
+    /// node's own link estimate (SRTT) where it has a link to the node, a
+    /// neutral 10 ms where it has none.
     pub rtt_ms: u32,
     /// Its own state.
     pub state: NodeState,

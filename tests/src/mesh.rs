@@ -73,6 +73,15 @@ pub struct Options {
     /// Replacements in the entry's config text (for example a `[limits]`
     /// line of the template with another value).
     pub entry_replace: Vec<(String, String)>,
+    /// Nodes (by spec index) the entry reaches through a delaying proxy,
+    /// with the delay each way ([`crate::tap::start_delay`]): further
+    /// away in round-trip time from the entry only. Must be set inside a
+    /// tokio runtime.
+    pub entry_delay: Vec<(usize, std::time::Duration)>,
+    /// Nodes (by spec index) that advertise a delaying proxy as their link
+    /// address: every node dialling them reaches them that much further
+    /// away, each way. Gossip meshes; must be set inside a tokio runtime.
+    pub advertise_delay: Vec<(usize, std::time::Duration)>,
 }
 
 impl Options {
@@ -110,6 +119,8 @@ impl Default for Options {
             entry_toml: String::new(),
             entry_http: None,
             entry_replace: Vec::new(),
+            entry_delay: Vec::new(),
+            advertise_delay: Vec::new(),
         }
     }
 }
@@ -210,6 +221,14 @@ impl Mesh {
             let cfg = m.dir.join("ferry.toml");
             let mut text = std::fs::read_to_string(&cfg)?;
             text = text.replace("hops = 3", &format!("hops = {}", opts.hops));
+            if let Some((_, delay)) = opts.advertise_delay.iter().find(|(j, _)| *j == i) {
+                let link = m.ports.link.expect("a delayed node has a link");
+                let proxy = crate::tap::start_delay(link, *delay)?;
+                text = text.replace(
+                    "# advertise_link = \"203.0.113.7:7000\"",
+                    &format!("advertise_link = \"{proxy}\""),
+                );
+            }
             let capacity = opts
                 .capacity_of
                 .iter()
@@ -251,6 +270,14 @@ impl Mesh {
             }
             if i + 1 == members.len() {
                 text = replace_all(text, &opts.entry_replace)?;
+                for (j, delay) in &opts.entry_delay {
+                    let link = members[*j].ports.link.expect("a delayed node has a link");
+                    let proxy = crate::tap::start_delay(link, *delay)?;
+                    text = text.replace(
+                        &format!("addr = \"{link}\""),
+                        &format!("addr = \"{proxy}\""),
+                    );
+                }
                 if !opts.entry_toml.is_empty() {
                     text.push('\n');
                     text.push_str(&opts.entry_toml);

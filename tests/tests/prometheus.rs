@@ -225,6 +225,7 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
         "ferry_certificate_expiry_seconds > 86400",
         "ferry_certificate_required == 1",
         "ferry_ruling_rejections_total{reason=\"unknown_key\"} > 0",
+        "ferry_quarantined_nodes",
     ] {
         wait_data(&base, series, Duration::from_secs(20));
     }

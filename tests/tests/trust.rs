@@ -157,6 +157,7 @@ async fn a_squatted_noise_key_gains_no_circuit_and_the_victim_keeps_working() {
             capacity_max_mbps: 1000,
             not_before_ms: now - 60_000,
             not_after_ms: now + 3_600_000,
+            landmark: None,
         },
         &[ferry_node::authority::load_key(&kd.join("authority.key")).unwrap()],
     )
