@@ -169,8 +169,13 @@ async fn post_revocation(
             );
         }
     };
-    match crate::control::apply_revocation(&st.revocations, &st.switch.directory, &st.store, &bytes)
-    {
+    match crate::control::apply_revocation(
+        &st.revocations,
+        &st.switch.directory,
+        &st.switch.quarantine,
+        &st.store,
+        &bytes,
+    ) {
         Ok(r) => {
             let news = matches!(r, crate::rulings::Revoked::New(_));
             if news {
@@ -312,7 +317,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
             "jurisdiction": e.peer.jurisdiction.to_string(),
             "roles": e.peer.roles.to_string(),
             "state": match e.state {
-                _ if sw.quarantine.contains(&e.peer.id, now) => "quarantined",
+                _ if sw.quarantine.contains(&e.peer.id, e.peer.jurisdiction, now) => "quarantined",
                 ferry_router::NodeState::Active => "active",
                 ferry_router::NodeState::Draining { .. } => "draining",
                 ferry_router::NodeState::Exited => "exited",

@@ -366,11 +366,10 @@ impl CertFile {
                 capacity_max_mbps: b.capacity_max_mbps,
                 not_before: fmt_time(b.not_before_ms),
                 not_after: fmt_time(b.not_after_ms),
-                landmark: b
-                    .landmark
-                    .as_ref()
-                    .and_then(|l| Location::from_wire(l).ok())
-                    .map(|l| l.to_string()),
+                landmark: b.landmark.as_ref().map(|l| match Location::from_wire(l) {
+                    Ok(l) => l.to_string(),
+                    Err(e) => format!("invalid: {e:#}"),
+                }),
             },
             body_hex: hex::encode(&c.body),
             signatures: SignatureFile::from_wire(&c.signatures),

@@ -562,19 +562,29 @@ fn disconnect_revoked(swarm: &mut libp2p::Swarm<Behaviour>, id: &ferry_router::N
 /// path selection), its stored advert is deleted, and the data plane closes
 /// its links (within one state tick).
 fn on_revocation(shared: &Shared, bytes: &[u8]) -> Result<Revoked, crate::authority::Refusal> {
-    apply_revocation(&shared.revocations, &shared.directory, &shared.store, bytes)
+    apply_revocation(
+        &shared.revocations,
+        &shared.directory,
+        &shared.quarantine,
+        &shared.store,
+        bytes,
+    )
 }
 
 /// Verifies and applies a signed revocation (see [`on_revocation`]).
 pub fn apply_revocation(
     revocations: &Revocations,
     directory: &Directory,
+    quarantine: &crate::plausibility::Quarantine,
     store: &Store,
     bytes: &[u8],
 ) -> Result<Revoked, crate::authority::Refusal> {
     let r = revocations.offer(bytes)?;
     if let Revoked::New(id) = r {
         directory.revoke(id);
+        // A revoked landmark's reports, and reports of a revoked node,
+        // stand no more.
+        quarantine.forget(&id);
         let _ = store.delete(cf::PEERS, &id.0);
     }
     Ok(r)

@@ -4,8 +4,12 @@
 //! each link's least round trip, checks it as any node would (it is
 //! quarantined here too if it refutes) and gossips it. A report is renewed
 //! sooner when the least round trip falls by a tenth. Dials are bounded to
-//! [`DIALS_PER_ROUND`] a round, so a large mesh is linked over a few
-//! rounds, not all at once.
+//! [`DIALS_PER_ROUND`] a round, one at a time per node, starting each round
+//! where the last left off, and a node whose dial failed is tried again
+//! only after a backoff (10 s, doubling to 10 min): a node advertising an
+//! address that never answers costs a dial now and then, not every round.
+//! (Dials share the switch's dial lock with circuit builds; issue 15 takes
+//! that lock apart.)
 
 use crate::authority::now_ms;
 use crate::control::{Command, Shared};
@@ -47,6 +51,10 @@ pub async fn run(
     };
     tracing::info!(at = %place, "this node is a landmark: it measures the nodes it links to");
     let mut sent: HashMap<NodeId, (u64, Duration)> = HashMap::new();
+    // Dials: when a node may be dialled again, and the backoff after that.
+    let mut backoff: HashMap<NodeId, (u64, u64)> = HashMap::new();
+    let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut start = 0usize;
     let mut tick = tokio::time::interval(ROUND);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -56,25 +64,44 @@ pub async fn run(
         }
         let now = now_ms();
         let mut dials = 0;
-        for e in switch.directory.live(now) {
+        let mut live = switch.directory.live(now);
+        live.sort_by_key(|e| e.peer.id);
+        start = if live.is_empty() {
+            0
+        } else {
+            start % live.len()
+        };
+        live.rotate_left(start);
+        start += DIALS_PER_ROUND;
+        for e in live {
             let id = e.peer.id;
             if id == me || e.peer.addr.is_none() {
                 continue;
             }
             let Some(rtt) = switch.link_rtt(&id) else {
-                if dials < DIALS_PER_ROUND {
+                let (next, wait) = backoff.get(&id).copied().unwrap_or((0, 5_000));
+                if dials < DIALS_PER_ROUND
+                    && now >= next
+                    && in_flight.lock().expect("dials lock").insert(id)
+                {
                     dials += 1;
-                    let sw = switch.clone();
+                    let wait = (wait * 2).min(600_000);
+                    backoff.insert(id, (now + wait, wait));
+                    let (sw, in_flight) = (switch.clone(), in_flight.clone());
                     switch.tasks.spawn(async move {
-                        if let Err(e) =
-                            tokio::time::timeout(Duration::from_secs(10), sw.link_to(id)).await
-                        {
-                            debug!(peer = %id.short(), error = %e, "landmark dial timed out");
+                        match tokio::time::timeout(Duration::from_secs(10), sw.link_to(id)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
+                                debug!(peer = %id.short(), error = %format!("{e:#}"), "landmark dial failed")
+                            }
+                            Err(_) => debug!(peer = %id.short(), "landmark dial timed out"),
                         }
+                        in_flight.lock().expect("dials lock").remove(&id);
                     });
                 }
                 continue;
             };
+            backoff.remove(&id);
             let Some(min) = rtt.min.filter(|_| rtt.samples >= MIN_SAMPLES) else {
                 continue;
             };
@@ -94,5 +121,6 @@ pub async fn run(
             sent.insert(id, (now, min));
         }
         sent.retain(|id, _| switch.directory.get(id, now).is_some());
+        backoff.retain(|id, _| switch.directory.get(id, now).is_some());
     }
 }

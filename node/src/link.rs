@@ -19,12 +19,19 @@
 //! Each end pings the other every [`KEEPALIVE`] on circuit 0 (PING, answered
 //! by PONG with the body echoed) and keeps a round-trip estimate of the
 //! answers ([`Rtt`]: smoothed as TCP's SRTT, RFC 6298, and the least seen).
-//! Path selection weighs nodes by it, and landmarks report it. A peer that
-//! sends nothing at all for [`DEAD_AFTER`] while this end waits on its
-//! socket (a stopped process, a silent middlebox) is declared dead and the
-//! link closed (`ferry_links_closed_total{reason="dead"}`), so its circuits
-//! fail over in seconds rather than at TCP's timeout. Time the reader spends
-//! blocked forwarding is not held against the peer.
+//! Path selection weighs nodes by it, and landmarks report it. PINGs carry
+//! random nonces (a peer cannot answer one early), a PING left unanswered
+//! counts as a sample of its age (a peer that answers none gets no
+//! flattering estimate), and PONGs are sent at most four a second. A peer
+//! that keeps links alive itself (it has pinged) but sends no frame for
+//! [`DEAD_AFTER`] while this end waits on its socket (a stopped process, a
+//! silent middlebox) is declared dead and the link closed
+//! (`ferry_links_closed_total{reason="dead"}`), so its circuits fail over in
+//! seconds rather than at TCP's timeout. Time the reader spends blocked
+//! forwarding is not held against the peer; a node from before keepalives
+//! (it never pings) is never declared dead. Such a node does close a link
+//! on an unknown cell (PING), so a mesh upgrades by restarting nodes, as
+//! for any wire change.
 
 use crate::authority::now_ms;
 use crate::crypto::{self, Session};
@@ -124,9 +131,21 @@ mod rtt_tests {
 #[derive(Debug, Default)]
 struct Keepalive {
     rtt: Rtt,
-    next: u64,
+    /// PINGs awaiting their PONG: a random nonce each (a peer cannot
+    /// answer one before it has it), and when it was sent.
     pings: std::collections::VecDeque<(u64, std::time::Instant)>,
+    /// When this end last answered a PING (at most one PONG per
+    /// [`PONG_GAP`]).
+    ponged: Option<std::time::Instant>,
+    /// Whether the peer has ever pinged: only a peer that keeps links alive
+    /// itself is declared dead for silence (a node from before keepalives
+    /// sends nothing on an idle link).
+    pinged: bool,
 }
+
+/// Least time between two PONGs this end sends: a peer's PING flood gets
+/// a few answers a second, not a queue full of them.
+const PONG_GAP: Duration = Duration::from_millis(250);
 
 /// Time allowed for a link handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -280,26 +299,30 @@ impl LinkHandle {
         let Ok(c) = ferry_proto::Cell::parse(frame) else {
             return false;
         };
-        match c.cmd {
-            CellCmd::Ping => {
-                // Best effort: a full queue is busy sending anyway, and any
-                // cell tells the peer this end is alive.
-                self.try_send(cell(0, CellCmd::Pong, c.body));
-                true
-            }
-            CellCmd::Pong => {
-                let Ok(seq) = <[u8; 8]>::try_from(c.body).map(u64::from_be_bytes) else {
-                    return true;
-                };
-                let mut k = self.keepalive.lock().expect("keepalive lock");
-                if let Some(i) = k.pings.iter().position(|(s, _)| *s == seq) {
-                    let (_, sent) = k.pings.remove(i).expect("found");
-                    k.rtt.sample(sent.elapsed());
-                }
-                true
-            }
-            _ => false,
+        if !matches!(c.cmd, CellCmd::Ping | CellCmd::Pong) {
+            return false;
         }
+        // Only 8-byte nonces are answered or matched; anything else on
+        // circuit 0 is dropped here.
+        let Ok(nonce) = <[u8; 8]>::try_from(c.body).map(u64::from_be_bytes) else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        let mut k = self.keepalive.lock().expect("keepalive lock");
+        if c.cmd == CellCmd::Ping {
+            k.pinged = true;
+            if k.ponged.is_none_or(|t| now.duration_since(t) >= PONG_GAP) {
+                k.ponged = Some(now);
+                drop(k);
+                // Best effort: a full queue is busy sending anyway, and
+                // any cell tells the peer this end is alive.
+                self.try_send(cell(0, CellCmd::Pong, c.body));
+            }
+        } else if let Some(i) = k.pings.iter().position(|(s, _)| *s == nonce) {
+            let (_, sent) = k.pings.remove(i).expect("found");
+            k.rtt.sample(now.duration_since(sent));
+        }
+        true
     }
 }
 
@@ -326,7 +349,8 @@ async fn keepalive(link: Arc<LinkHandle>, closed: CancellationToken) {
         } else {
             silent += 1;
         }
-        if silent >= dead_after {
+        let pinged = link.keepalive.lock().expect("keepalive lock").pinged;
+        if silent >= dead_after && pinged {
             warn!(
                 silent_secs = (KEEPALIVE * silent).as_secs(),
                 "link dead: the peer sent nothing; closing"
@@ -335,17 +359,25 @@ async fn keepalive(link: Arc<LinkHandle>, closed: CancellationToken) {
             closed.cancel();
             return;
         }
-        let seq = {
+        let nonce: u64 = rand::random();
+        {
             let mut k = link.keepalive.lock().expect("keepalive lock");
-            k.next += 1;
-            let seq = k.next;
+            // A PING unanswered for twice the smoothed RTT (and at least a
+            // second) counts as a sample of its age: a peer that answers
+            // nothing does not keep a flattering estimate (or none).
+            let late = k.rtt.srtt.map_or(KEEPALIVE, |s| (s * 2).max(KEEPALIVE));
+            if let Some(&(_, sent)) = k.pings.front()
+                && now.duration_since(sent) > late
+            {
+                k.pings.pop_front();
+                k.rtt.sample(now.duration_since(sent));
+            }
             if k.pings.len() == PINGS_KEPT {
                 k.pings.pop_front();
             }
-            k.pings.push_back((seq, now));
-            seq
-        };
-        link.try_send(cell(0, ferry_proto::CellCmd::Ping, &seq.to_be_bytes()));
+            k.pings.push_back((nonce, now));
+        }
+        link.try_send(cell(0, ferry_proto::CellCmd::Ping, &nonce.to_be_bytes()));
     }
 }
 
@@ -617,6 +649,10 @@ async fn write_loop(
     written: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_NOISE_MESSAGE + 4);
+    // Bytes of link-level cells (keepalive) in the batch: link upkeep, not
+    // traffic, so not in `written` (the advertised load, and what an exited
+    // node must keep at zero).
+    let mut upkeep;
     loop {
         let first = tokio::select! {
             c = rx.recv() => c,
@@ -624,8 +660,10 @@ async fn write_loop(
         };
         let Some(first) = first else { break };
         out.clear();
+        upkeep = 0;
         let mut next = Some(first);
         while let Some(cell) = next {
+            let before = out.len();
             TRANSPORT_CODEC.put_prefix(cell.len() + TAG_LEN, &mut out);
             let start = out.len();
             out.extend_from_slice(&cell);
@@ -634,13 +672,16 @@ async fn write_loop(
                 closed.cancel();
                 return;
             }
+            if cell.starts_with(&[0; 4]) {
+                upkeep += out.len() - before;
+            }
             next = if out.len() < WRITE_BATCH {
                 rx.try_recv().ok()
             } else {
                 None
             };
         }
-        written.fetch_add(out.len() as u64, Ordering::Relaxed);
+        written.fetch_add((out.len() - upkeep) as u64, Ordering::Relaxed);
         if let Err(e) = w.write_all(&out).await {
             debug!(error = %e, "link write failed");
             closed.cancel();
@@ -666,6 +707,9 @@ async fn read_loop<H: LinkHost>(
                 .inc_by(frame.len() as u64 + 4);
             let len = opener.open_in_place(&mut frame)?;
             frame.truncate(len);
+            // A frame that opened: the peer is alive (bytes of a frame
+            // that never completes are not).
+            link.heard.fetch_add(1, Ordering::Relaxed);
             if frame.starts_with(&[0; 4]) && link.link_level(&frame) {
                 continue;
             }
@@ -677,7 +721,6 @@ async fn read_loop<H: LinkHost>(
         link.waiting.store(true, Ordering::Relaxed);
         let n = r.read_buf(&mut buf).await;
         link.waiting.store(false, Ordering::Relaxed);
-        link.heard.fetch_add(1, Ordering::Relaxed);
         if n? == 0 {
             if buf.is_empty() {
                 info!("link closed by peer");

@@ -467,7 +467,7 @@ impl ControlMetrics {
             reports: counter_vec(
                 r,
                 "ferry_measurement_reports_total",
-                "Landmark measurement reports, by result (plausible, refuted, malformed, not_landmark, bad_signature, stale, unknown_node).",
+                "Landmark measurement reports, by result (plausible, refuted, malformed, not_landmark, bad_signature, stale, future, unknown_node, claim_changed).",
                 "result",
             ),
         };
@@ -480,7 +480,9 @@ impl ControlMetrics {
                 "not_landmark",
                 "bad_signature",
                 "stale",
+                "future",
                 "unknown_node",
+                "claim_changed",
             ],
         );
         seed(

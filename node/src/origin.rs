@@ -270,7 +270,7 @@ impl Origin {
         let quarantine = &self.switch.quarantine;
         MeshView::new(
             live.iter()
-                .filter(|e| !quarantine.contains(&e.peer.id, now))
+                .filter(|e| !quarantine.contains(&e.peer.id, e.peer.jurisdiction, now))
                 .map(|e| {
                     let mut info = e.info();
                     // This node's own measurement, where it has a link; the

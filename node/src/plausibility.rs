@@ -8,8 +8,9 @@
 //! (`link::Rtt::min`, the least of its PING/PONG samples), and signs a
 //! [`pb::MeasurementReport`] per node, gossiped on `ferry/measurements/1`.
 //!
-//! Light in fibre covers about 200 km per millisecond, so a round trip
-//! between places `d` km apart takes at least `d / 100` ms. For a landmark
+//! Light covers 300 km per millisecond in vacuum (a third less in fibre;
+//! microwave and laser links come close to vacuum), so a round trip between
+//! places `d` km apart takes at least `d / 150` ms. For a landmark
 //! in jurisdiction L and a node claiming J, `node/data/min-distance-km.csv`
 //! (Natural Earth, `scripts/gen-distances.py`) gives a lower bound on the
 //! distance between any point of L and any point of J, so a lower bound on
@@ -23,8 +24,15 @@
 //!
 //! What this can and cannot prove:
 //! - It can refute a claim of being far from a landmark: no path is faster
-//!   than light in fibre, and queueing only adds delay, so a node cannot
-//!   fake being *closer* than it is (it can always seem further away).
+//!   than light, and queueing only adds delay, so a node cannot seem
+//!   *closer* than it is.
+//! - It catches misconfiguration and nodes that do not hide, not a node set
+//!   on lying: a node can always seem further away, and it knows when a
+//!   landmark measures it (the landmark's handshake names it), so it can
+//!   delay its answers to landmarks only. Only a positive bound would hold
+//!   against that (a small round trip to a landmark *inside* the claimed
+//!   jurisdiction bounds the distance from above); that needs landmarks in
+//!   every jurisdiction and is not built.
 //! - It cannot confirm a claim. A node 50 ms from a landmark may be in any
 //!   jurisdiction that far or nearer; neighbouring jurisdictions (distance
 //!   0 in the table) are never told apart.
@@ -32,9 +40,11 @@
 //!   can quarantine any node it names. The authority vouches for
 //!   landmarks as it vouches for jurisdictions, and revoking a landmark
 //!   voids its reports (its certificate no longer verifies).
-//! - A node can present a nearby proxy to a landmark only by being near it:
-//!   the measurement is of the node that answers the link's Noise
-//!   handshake with its key.
+//! - Evidence is per landmark and node: the newest report of each pair
+//!   stands (an older one replayed changes nothing), a consistent report
+//!   lifts that landmark's evidence, evidence about a claim the node no
+//!   longer makes does not count, and revoking a landmark or the node
+//!   drops its evidence.
 
 use crate::directory::Directory;
 use crate::identity::Keys;
@@ -79,10 +89,10 @@ pub fn min_distance_km(a: Jurisdiction, b: Jurisdiction) -> u32 {
     table().get(&key).copied().unwrap_or(0)
 }
 
-/// The least round trip possible between `a` and `b`: light in fibre,
-/// about 200 km per millisecond each way.
+/// The least round trip possible between `a` and `b`: light in vacuum,
+/// 300 km per millisecond each way.
 pub fn min_rtt(a: Jurisdiction, b: Jurisdiction) -> Duration {
-    Duration::from_micros(u64::from(min_distance_km(a, b)) * 10)
+    Duration::from_nanos(u64::from(min_distance_km(a, b)) * 20_000 / 3)
 }
 
 /// How far below the minimum a measurement must be to refute a claim: a
@@ -134,12 +144,18 @@ pub enum ReportError {
     /// The signature does not verify under the landmark's key.
     #[error("bad signature")]
     BadSignature,
-    /// Expired, or measured in the future.
-    #[error("stale or future report")]
+    /// Expired, or made to stand longer than a report may.
+    #[error("stale report")]
     Stale,
-    /// The node is unknown here, or claims another jurisdiction now.
-    #[error("unknown node or another claim")]
+    /// Measured in the future.
+    #[error("report from the future")]
+    Future,
+    /// The node is unknown here.
+    #[error("unknown node")]
     UnknownNode,
+    /// The node claims another jurisdiction now than the report names.
+    #[error("the node's claim has changed")]
+    ClaimChanged,
 }
 
 impl ReportError {
@@ -150,7 +166,9 @@ impl ReportError {
             ReportError::NotLandmark => "not_landmark",
             ReportError::BadSignature => "bad_signature",
             ReportError::Stale => "stale",
+            ReportError::Future => "future",
             ReportError::UnknownNode => "unknown_node",
+            ReportError::ClaimChanged => "claim_changed",
         }
     }
 }
@@ -164,19 +182,27 @@ pub enum Verdict {
         landmark: NodeId,
         /// The node measured.
         node: NodeId,
+        /// When.
+        measured_at_ms: u64,
     },
     /// The claim is refuted.
     Refuted(Box<Evidence>),
 }
 
+/// The bytes a report's signature covers.
+pub fn signed_message(report: &[u8]) -> Vec<u8> {
+    let mut msg = MEASUREMENT_CONTEXT.to_vec();
+    msg.extend_from_slice(report);
+    msg
+}
+
 /// Signs a landmark's report.
 pub fn sign(keys: &Keys, report: &pb::MeasurementReport) -> Vec<u8> {
     let report = report.encode_to_vec();
-    let mut msg = MEASUREMENT_CONTEXT.to_vec();
-    msg.extend_from_slice(&report);
+    let signature = keys.identity.sign(&signed_message(&report));
     pb::SignedMeasurement {
         report,
-        signature: keys.identity.sign(&msg).to_bytes().to_vec(),
+        signature: signature.to_bytes().to_vec(),
     }
     .encode_to_vec()
 }
@@ -212,25 +238,29 @@ pub fn check(
     let place = cert.landmark.as_ref().ok_or(ReportError::NotLandmark)?;
     let key = VerifyingKey::from_bytes(&landmark.0).map_err(|_| ReportError::BadSignature)?;
     let sig = Signature::from_slice(&s.signature).map_err(|_| ReportError::BadSignature)?;
-    let mut msg = MEASUREMENT_CONTEXT.to_vec();
-    msg.extend_from_slice(&s.report);
-    key.verify(&msg, &sig)
+    key.verify(&signed_message(&s.report), &sig)
         .map_err(|_| ReportError::BadSignature)?;
+    if r.measured_at_ms > now + 60_000 {
+        return Err(ReportError::Future);
+    }
     if r.expires_at_ms <= now
-        || r.measured_at_ms > now + 60_000
-        || r.expires_at_ms > r.measured_at_ms + 2 * REPORT_LIFETIME.as_millis() as u64
+        || r.expires_at_ms > r.measured_at_ms + REPORT_LIFETIME.as_millis() as u64
     {
         return Err(ReportError::Stale);
     }
     let n = directory.get(&node, now).ok_or(ReportError::UnknownNode)?;
     let claimed = n.peer.jurisdiction;
     if claimed.to_string() != r.claimed {
-        return Err(ReportError::UnknownNode);
+        return Err(ReportError::ClaimChanged);
     }
     let measured = Duration::from_micros(r.min_rtt_us);
     let minimum = min_rtt(cert.jurisdiction, claimed);
     if !refutes(measured, minimum) {
-        return Ok(Verdict::Plausible { landmark, node });
+        return Ok(Verdict::Plausible {
+            landmark,
+            node,
+            measured_at_ms: r.measured_at_ms,
+        });
     }
     Ok(Verdict::Refuted(Box::new(Evidence {
         landmark,
@@ -246,10 +276,16 @@ pub fn check(
     })))
 }
 
+/// A (node, landmark) pair.
+type Pair = (NodeId, NodeId);
+
 /// The evidence this node holds, by quarantined node.
 #[derive(Debug, Default)]
 pub struct Quarantine {
-    by_node: Mutex<HashMap<NodeId, Evidence>>,
+    /// The newest verdict of each (node, landmark) pair: its time, and the
+    /// evidence if it refuted. Bounded by known nodes × known landmarks
+    /// (both checked against the directory before a verdict is taken).
+    pairs: Mutex<HashMap<Pair, (u64, Option<Evidence>)>>,
     results: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
@@ -293,39 +329,63 @@ impl Quarantine {
         Ok(self.take(verdict).then_some(evidence).flatten())
     }
 
-    /// Takes a checked verdict: evidence quarantines the node; a plausible
-    /// report from the same landmark lifts that landmark's evidence (the
-    /// node moved, or the landmark's earlier view was wrong). Returns
-    /// whether the node is newly quarantined.
+    /// Takes a checked verdict, if it is the newest of its (node,
+    /// landmark) pair: evidence quarantines the node; a plausible report
+    /// lifts that landmark's evidence (the node moved, or the landmark's
+    /// earlier view was wrong). An older report, replayed, changes nothing.
+    /// Returns whether the node is newly quarantined.
     pub fn take(&self, verdict: Verdict) -> bool {
-        let mut q = self.by_node.lock().expect("quarantine lock");
-        match verdict {
-            Verdict::Refuted(e) => q.insert(e.node, *e).is_none(),
-            Verdict::Plausible { landmark, node } => {
-                if q.get(&node).is_some_and(|e| e.landmark == landmark) {
-                    q.remove(&node);
-                }
-                false
-            }
+        let (key, at, evidence) = match verdict {
+            Verdict::Refuted(e) => ((e.node, e.landmark), e.measured_at_ms, Some(*e)),
+            Verdict::Plausible {
+                landmark,
+                node,
+                measured_at_ms,
+            } => ((node, landmark), measured_at_ms, None),
+        };
+        let mut q = self.pairs.lock().expect("quarantine lock");
+        if q.get(&key).is_some_and(|(t, _)| *t >= at) {
+            return false;
         }
+        let was = q.iter().any(|((n, _), (_, e))| *n == key.0 && e.is_some());
+        let refuted = evidence.is_some();
+        q.insert(key, (at, evidence));
+        refuted && !was
     }
 
-    /// Drops lapsed evidence; returns the evidence in force.
+    /// Forgets what `id` said as a landmark, and what was said of it (it
+    /// was revoked).
+    pub fn forget(&self, id: &NodeId) {
+        self.pairs
+            .lock()
+            .expect("quarantine lock")
+            .retain(|(node, landmark), _| node != id && landmark != id);
+    }
+
+    /// Drops lapsed verdicts; returns the evidence in force (one per pair).
     pub fn in_force(&self, now: u64) -> Vec<Evidence> {
-        let mut q = self.by_node.lock().expect("quarantine lock");
-        q.retain(|_, e| e.expires_at_ms > now);
-        let mut v: Vec<Evidence> = q.values().cloned().collect();
-        v.sort_by_key(|e| e.node);
+        let mut q = self.pairs.lock().expect("quarantine lock");
+        q.retain(|_, (at, e)| match e {
+            Some(e) => e.expires_at_ms > now,
+            None => *at + REPORT_LIFETIME.as_millis() as u64 > now,
+        });
+        let mut v: Vec<Evidence> = q.values().filter_map(|(_, e)| e.clone()).collect();
+        v.sort_by_key(|e| (e.node, e.landmark));
         v
     }
 
-    /// Whether `node` is quarantined at `now`.
-    pub fn contains(&self, node: &NodeId, now: u64) -> bool {
-        self.by_node
+    /// Whether `node`, claiming `claimed` now, is quarantined at `now`
+    /// (evidence about a claim it no longer makes does not count).
+    pub fn contains(&self, node: &NodeId, claimed: Jurisdiction, now: u64) -> bool {
+        self.pairs
             .lock()
             .expect("quarantine lock")
-            .get(node)
-            .is_some_and(|e| e.expires_at_ms > now)
+            .iter()
+            .any(|((n, _), (_, e))| {
+                n == node
+                    && e.as_ref()
+                        .is_some_and(|e| e.expires_at_ms > now && e.claimed == claimed)
+            })
     }
 }
 
@@ -368,13 +428,30 @@ mod tests {
         // two countries are somewhat nearer.
         assert!((4_000..5_200).contains(&ch_pk), "{ch_pk}");
         assert_eq!(min_distance_km(j("DE"), j("CH")), 0, "neighbours");
-        assert_eq!(min_distance_km(j("SG"), j("PK")), 0, "not in 1:110m");
-        assert_eq!(
-            min_rtt(j("CH"), j("PK")),
-            Duration::from_micros(u64::from(ch_pk) * 10)
-        );
+        // Places fill in what 1:110m leaves out: Singapore; islands near
+        // another country (Nicobar, 150 km from Sumatra; the Canaries,
+        // 1,400 km from Dakar; Yonaguni, 110 km from Taiwan); overseas
+        // France (Saint-Pierre off Newfoundland, Mayotte off Madagascar,
+        // New Caledonia 750 km from Norfolk Island); San Marino inside
+        // Italy's 1:110m polygon.
+        assert!(min_distance_km(j("SG"), j("PK")) > 3_000);
+        for (a, b, at_most) in [
+            ("ID", "IN", 150),
+            ("ES", "SN", 1_400),
+            ("JP", "TW", 110),
+            ("CA", "FR", 20),
+            ("FR", "MG", 300),
+            ("AU", "FR", 750),
+            ("IT", "SM", 0),
+        ] {
+            let km = min_distance_km(j(a), j(b));
+            assert!(km <= at_most, "{a}-{b}: {km} km, truly at most {at_most}");
+        }
+        // 300 km per ms each way: d km take 2d/300 ms there and back.
+        let rtt = min_rtt(j("CH"), j("PK")).as_secs_f64() * 1e3;
+        assert!((rtt - f64::from(ch_pk) / 150.0).abs() < 1e-3, "{rtt}");
         let ca_au = min_distance_km(j("CA"), j("AU"));
-        assert!(ca_au > 10_000, "{ca_au}");
+        assert!(ca_au > 9_000, "{ca_au}");
     }
 
     /// A landmark in PK, a node claiming CH in the directory; reports of
@@ -418,25 +495,42 @@ mod tests {
         let me = lk.node_id();
         let now = 1_000_000;
         let own = Some((me, &cert));
-        let make = |ms: u64, claimed: &str| {
-            let r = report(me, node, j(claimed), measured(ms), now).unwrap();
+        let at = |ms: u64, claimed: &str, when: u64| {
+            let r = report(me, node, j(claimed), measured(ms), when).unwrap();
             sign(&lk, &r)
         };
+        let make = |ms: u64, claimed: &str| at(ms, claimed, now);
+        let ch = j("CH");
         let q = Quarantine::default();
-        let e = q
-            .offer(&make(1, "CH"), &dir, own, now)
-            .unwrap()
-            .expect("refuted");
-        assert_eq!((e.claimed, e.landmark_jurisdiction), (j("CH"), j("PK")));
-        assert!(e.minimum > Duration::from_millis(40));
-        assert!(q.contains(&node, now));
+        let old = make(1, "CH");
+        let e = q.offer(&old, &dir, own, now).unwrap().expect("refuted");
+        assert_eq!((e.claimed, e.landmark_jurisdiction), (ch, j("PK")));
+        assert!(e.minimum > Duration::from_millis(25));
+        assert!(q.contains(&node, ch, now));
         assert!(
-            q.offer(&make(1, "CH"), &dir, own, now).unwrap().is_none(),
+            !q.contains(&node, j("DE"), now),
+            "not once it claims otherwise"
+        );
+        let again = at(1, "CH", now + 1);
+        assert!(
+            q.offer(&again, &dir, own, now + 1).unwrap().is_none(),
             "not news"
         );
-        // Consistent now (the node moved): lifted.
-        assert!(q.offer(&make(90, "CH"), &dir, own, now).unwrap().is_none());
-        assert!(!q.contains(&node, now));
+        // Consistent now (the node moved): lifted; the old report, replayed,
+        // changes nothing.
+        let moved = at(90, "CH", now + 2);
+        assert!(q.offer(&moved, &dir, own, now + 2).unwrap().is_none());
+        assert!(!q.contains(&node, ch, now + 2));
+        assert!(q.offer(&old, &dir, own, now + 3).unwrap().is_none());
+        assert!(
+            !q.contains(&node, ch, now + 3),
+            "a replay does not quarantine"
+        );
+        // Evidence again; revoking the landmark drops it.
+        let back = at(1, "CH", now + 4);
+        assert!(q.offer(&back, &dir, own, now + 4).unwrap().is_some());
+        q.forget(&me);
+        assert!(!q.contains(&node, ch, now + 4));
         // Forged: one byte of the signature changed.
         let mut forged = pb::SignedMeasurement::decode(make(1, "CH").as_slice()).unwrap();
         forged.signature[0] ^= 1;
@@ -467,11 +561,12 @@ mod tests {
             .unwrap_err(),
             ReportError::Stale
         );
-        assert_eq!(err(&make(1, "DE"), own), ReportError::UnknownNode);
+        assert_eq!(err(&make(1, "DE"), own), ReportError::ClaimChanged);
+        assert_eq!(err(&at(1, "CH", now + 3_600_000), own), ReportError::Future);
         assert_eq!(err(&[0xff; 2000], own), ReportError::Malformed);
         assert_eq!(
             q.results().iter().find(|(k, _)| *k == "refuted").unwrap().1,
-            2
+            4
         );
         assert!(
             q.in_force(now + REPORT_LIFETIME.as_millis() as u64)

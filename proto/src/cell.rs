@@ -140,6 +140,8 @@ mod tests {
             Just(CellCmd::Relay),
             Just(CellCmd::Destroy),
             Just(CellCmd::Notice),
+            Just(CellCmd::Ping),
+            Just(CellCmd::Pong),
         ]
     }
 
@@ -158,7 +160,7 @@ mod tests {
         #[test]
         fn junk_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..64)) {
             match Cell::parse(&buf) {
-                Ok(cell) => prop_assert!((1..=6).contains(&(cell.cmd as u8))),
+                Ok(cell) => prop_assert!((1..=8).contains(&(cell.cmd as u8))),
                 Err(e) => prop_assert!(!e.to_string().is_empty()),
             }
         }

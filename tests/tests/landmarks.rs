@@ -1,9 +1,10 @@
 //! Jurisdiction claims checked by landmarks, with real processes in a
 //! gossip mesh: a landmark admitted in PK (Karachi) measures the nodes it
 //! links to. A node claiming CH answers it in well under a millisecond (it
-//! is on the same machine), which no node in Switzerland could: 4,500 km
-//! of fibre each way take at least 45 ms. It is quarantined at every node,
-//! circuits avoid it, and the evidence verifies under the landmark's key. A
+//! is on the same machine), which no node in Switzerland could: the table
+//! puts CH at least 4,092 km from PK, 27 ms there and back for light. It is
+//! quarantined at every node, circuits avoid it, and the evidence verifies
+//! under the landmark's key. A
 //! node claiming DE and an exit claiming CA, placed 100 ms away (a delaying
 //! proxy: this kernel has no `netem`), are consistent with their claims and
 //! stay in service.
@@ -85,7 +86,7 @@ async fn a_node_too_near_a_landmark_for_its_claim_is_quarantined_everywhere() {
     assert_eq!(evidence["landmark_jurisdiction"], "PK");
     let measured = evidence["measured_rtt_ms"].as_f64().unwrap();
     let minimum = evidence["minimum_rtt_ms"].as_f64().unwrap();
-    assert!(measured < 5.0 && minimum > 40.0, "{measured} vs {minimum}");
+    assert!(measured < 5.0 && minimum > 25.0, "{measured} vs {minimum}");
     // The evidence verifies under the landmark's own key, whoever passed
     // it on.
     let signed = hex::decode(evidence["signed_report_hex"].as_str().unwrap()).unwrap();
