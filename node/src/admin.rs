@@ -12,6 +12,13 @@
 //! (200 only while the node is admitted, active and has joined the mesh:
 //! 503 while unadmitted, joining, draining or exited).
 //!
+//! POST bodies must be `Content-Type: application/json`, and on a loopback
+//! listener the `Host` header must name a loopback address or `localhost`
+//! ([`guard`]), so a web page cannot drive a desktop node's API (CSRF, DNS
+//! rebinding). A drain may end at most a year ahead; every date printed is
+//! bounded to what RFC 3339 can write, so nothing stored can fail to read
+//! back.
+//!
 //! The metrics listener serves `GET /metrics`, `/livez` and `/readyz` and
 //! nothing else, so it can face a cluster's network (probes, scrapes)
 //! while the admin API, which can drain the node, stays on loopback.
@@ -93,6 +100,68 @@ async fn metrics(
     )
 }
 
+/// What a web page cannot send, checked before any handler runs.
+///
+/// - POST bodies must say `Content-Type: application/json`: a page can send
+///   a cross-origin POST without asking only as a "simple request"
+///   (text/plain, forms), never as JSON, so a page a desktop user visits
+///   cannot drain or rotate a loopback node (CSRF); 415 otherwise.
+/// - On a loopback listener the `Host` header must name a loopback address
+///   or `localhost`: a page that rebinds its own name to 127.0.0.1 (DNS
+///   rebinding) sends its own name, and is refused with 421.
+async fn guard(
+    local: Option<std::net::SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let refuse = |code: StatusCode, error: &str, detail: &str| {
+        (code, Json(json!({ "error": error, "detail": detail }))).into_response()
+    };
+    if local.is_some_and(|a| a.ip().is_loopback()) {
+        let host = req
+            .headers()
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let name = host
+            .rsplit_once(':')
+            .map_or(host, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = name.eq_ignore_ascii_case("localhost")
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return refuse(
+                StatusCode::MISDIRECTED_REQUEST,
+                "host",
+                "this admin API answers only requests addressed to a loopback address or localhost",
+            );
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content_type",
+                "send the body as Content-Type: application/json",
+            );
+        }
+    }
+    next.run(req).await
+}
+
 /// Serves until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let app = Router::new()
@@ -106,6 +175,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state);
+    let local = listener.local_addr().ok();
+    let app = app.layer(axum::middleware::from_fn(move |req, next| {
+        guard(local, req, next)
+    }));
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -472,6 +545,9 @@ async fn readyz(State(st): State<Arc<AdminState>>) -> (StatusCode, Json<Value>) 
     )
 }
 
+/// How far ahead an operator drain may end: a year.
+const MAX_DRAIN_MS: u64 = 366 * 86_400_000;
+
 /// `POST /v1/drain` body.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -512,11 +588,19 @@ async fn post_drain(State(st): State<Arc<AdminState>>, body: String) -> (StatusC
                 ));
             }
         },
-        (None, Some(s)) => now + s.saturating_mul(1000),
+        (None, Some(s)) => now.saturating_add(s.saturating_mul(1000)),
         _ => return bad("give exactly one of exit_by (RFC 3339) and in_secs".into()),
     };
     if until <= now {
         return bad(format!("exit_by {} is not in the future", fmt_time(until)));
+    }
+    // A drain is days or weeks; a date past a year is a mistake, and one
+    // past year 9999 could not be written back (refused, never stored).
+    if until > now + MAX_DRAIN_MS {
+        return bad(format!(
+            "exit_by {} is more than a year ahead",
+            fmt_time(until)
+        ));
     }
     if req.reason.len() > 200 {
         return bad("reason is longer than 200 characters".into());

@@ -69,8 +69,15 @@ fn parse_time(key: &str, s: &str) -> Result<u64> {
 
 /// RFC 3339 (seconds) for a time in ms since the UNIX epoch.
 pub fn fmt_time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    // RFC 3339 ends at year 9999, and so does `humantime` (it panics past
+    // it): a later time (only a signed or persisted input could hold one)
+    // prints as the last second it can write.
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms.min(MAX_TIME_MS)))
+        .to_string()
 }
+
+/// The last millisecond RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
 
 impl RulingFile {
     /// Parses TOML or JSON (by the first non-blank character).

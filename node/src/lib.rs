@@ -23,6 +23,7 @@
 //!
 //! Not in this crate: routing decisions (they live in `ferry-router`), wire
 //! layouts (`ferry-proto`).
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;

@@ -146,6 +146,12 @@ fn special_v4(a: Ipv4Addr) -> Option<&'static str> {
         "multicast/reserved"
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         "shared (CGNAT)"
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        "IETF protocol assignments"
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        "benchmarking"
+    } else if a.is_documentation() {
+        "documentation"
     } else {
         return None;
     })
@@ -163,6 +169,20 @@ fn special_v6(a: Ipv6Addr) -> Option<&'static str> {
         "private (ULA)"
     } else if (s[0] & 0xffc0) == 0xfe80 {
         "link-local"
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        "site-local"
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        "local-use NAT64"
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        // NAT64 (RFC 6052): the IPv4 address it reaches is the low 32 bits.
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+        return special_v4(v4).map(|_| "NAT64 of a special IPv4 address");
+    } else if s[0] == 0x2002 {
+        // 6to4 (RFC 3056): the relay's IPv4 address is bits 16 to 48.
+        let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+        return special_v4(v4).map(|_| "6to4 of a special IPv4 address");
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        "Teredo tunnel"
     } else {
         return None;
     })
@@ -188,10 +208,24 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
             "100.64.0.1:80",
             "169.254.1.1:80",
+            "192.0.0.8:80",
+            "198.18.0.1:80",
+            "198.19.255.1:80",
+            "203.0.113.5:80",
+            "[fec0::1]:80",
+            "[64:ff9b::7f00:1]:80",
+            "[64:ff9b::a00:1]:80",
+            "[64:ff9b:1::1]:80",
+            "[2002:7f00:1::1]:80",
+            "[2002:c0a8:101::1]:80",
+            "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80",
         ] {
             assert!(matches!(p.check(sa(t)), Verdict::Deny(_)), "{t}");
         }
         assert_eq!(p.check(sa("93.184.216.34:443")), Verdict::Allow);
+        // NAT64 and 6to4 of a public address are public.
+        assert_eq!(p.check(sa("[64:ff9b::5db8:d822]:443")), Verdict::Allow);
+        assert_eq!(p.check(sa("[2002:5db8:d822::1]:443")), Verdict::Allow);
         assert_eq!(p.check(sa("[2001:db8::1]:443")), Verdict::Allow);
     }
 

@@ -13,6 +13,7 @@
 //! (`client`); targets and checkable traffic (`traffic`); recording taps
 //! (`tap`); and, as modules of their own, [`rulings`] and a raw [`gossip`]
 //! peer.
+#![forbid(unsafe_code)]
 
 mod admission;
 mod client;

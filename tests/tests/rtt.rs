@@ -93,6 +93,20 @@ async fn the_entry_prefers_the_relay_nearer_in_rtt() {
         (0.6..0.75).contains(&share),
         "the near relay's share of 4000 picks is {share:.3}, not about 2/3"
     );
+    // `ferry status` shows each peer's RTT.
+    let admin = mesh.entry.admin.to_string();
+    let text = tokio::task::spawn_blocking(move || run_ferry(&["status", "--admin", &admin]))
+        .await
+        .unwrap()
+        .unwrap();
+    let line = |j: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(j) && l.contains("rtt"))
+            .unwrap_or_else(|| panic!("no RTT line for {j}:\n{text}"))
+            .to_string()
+    };
+    assert!(line("IS").contains(" ms (min "), "{}", line("IS"));
+    assert!(line("DE").contains(" ms (min "), "{}", line("DE"));
     drop(held);
 }
 

@@ -1,0 +1,119 @@
+//! The admin API against what a hostile web page or a careless operator
+//! sends, with a real node: a drain dated past what RFC 3339 can write is
+//! refused (it used to panic the handler, be persisted, and panic the node
+//! at every start after); a cross-origin "simple" POST (text/plain) is
+//! refused (CSRF); a request for another host name is refused (DNS
+//! rebinding). The node keeps serving, and restarts cleanly.
+
+use ferry_tests::{Mesh, Options, Spec};
+use serde_json::Value;
+use std::time::Duration;
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// POSTs `body` as `content_type` with the `Host` header `host` (the
+/// listen address if `None`); the status and the JSON answer.
+fn post(
+    admin: &str,
+    path: &str,
+    content_type: &str,
+    host: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let mut req = agent()
+        .post(&format!("http://{admin}{path}"))
+        .header("content-type", content_type);
+    if let Some(h) = host {
+        req = req.header("host", h);
+    }
+    let mut resp = req.send(body.as_bytes()).expect("the admin API answers");
+    let code = resp.status().as_u16();
+    let v = resp.body_mut().read_json().unwrap_or(Value::Null);
+    (code, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_what_a_page_or_a_typo_sends() {
+    let mut mesh = Mesh::start(
+        &[Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let admin = mesh.nodes[0].admin.to_string();
+    let state = |mesh: &Mesh| mesh.nodes[0].status().unwrap()["state"].clone();
+    // A drain ending in the year 31,000,000: refused, not persisted.
+    let far = r#"{"in_secs": 1000000000000000}"#;
+    let (code, v) = post(&admin, "/v1/drain", "application/json", None, far);
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("more than a year ahead"),
+        "{v}"
+    );
+    let (code, v) = post(
+        &admin,
+        "/v1/drain",
+        "application/json",
+        None,
+        r#"{"exit_by": "9999-12-31T00:00:00Z"}"#,
+    );
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(state(&mesh), "active");
+    // A page's cross-origin POST can only be a "simple" one: text/plain.
+    let (code, v) = post(
+        &admin,
+        "/v1/drain",
+        "text/plain",
+        None,
+        r#"{"in_secs": 60}"#,
+    );
+    assert_eq!(code, 415, "{v}");
+    assert_eq!(v["error"], "content_type");
+    assert_eq!(state(&mesh), "active", "the page did not drain the node");
+    // DNS rebinding: the page's own name in Host.
+    let (code, v) = post(
+        &admin,
+        "/v1/drain",
+        "application/json",
+        Some("evil.example:80"),
+        r#"{"in_secs": 60}"#,
+    );
+    assert_eq!(code, 421, "{v}");
+    let mut resp = agent()
+        .get(&format!("http://{admin}/v1/status"))
+        .header("host", "evil.example")
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 421, "status is not readable either");
+    let _ = resp.body_mut().read_to_string();
+    // The operator's own tools still work, by IP or as localhost.
+    let port = mesh.nodes[0].admin.port();
+    let (code, v) = post(
+        &admin,
+        "/v1/drain",
+        "application/json",
+        Some(&format!("localhost:{port}")),
+        r#"{"in_secs": 600, "persist": true}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    let node = &mut mesh.nodes[0];
+    node.wait_state("draining", Duration::from_secs(5)).unwrap();
+    // What was persisted can be read back: the node restarts, draining.
+    node.kill9_and_restart().unwrap();
+    node.wait_state("draining", Duration::from_secs(10))
+        .unwrap();
+    let out = ferry_tests::run_ferry(&["drain", "--admin", &admin, "--cancel"]).unwrap();
+    assert!(out.contains("cancelled"), "{out}");
+    node.wait_state("active", Duration::from_secs(5)).unwrap();
+}
