@@ -144,6 +144,32 @@ pub fn to_ruling(b: &pb::RulingBody) -> Result<Ruling> {
     })
 }
 
+/// Refuses to co-sign a file whose readable copy does not say what its
+/// `body_hex` (the bytes signed) says: a key holder reads the copy, so a
+/// doctored copy must not collect their signature for other terms. Names
+/// the fields that differ.
+pub fn check_readable<T: Serialize>(what: &str, shown: &T, signed: &T) -> Result<()> {
+    let (a, b) = (serde_json::to_value(shown)?, serde_json::to_value(signed)?);
+    if a == b {
+        return Ok(());
+    }
+    let differ: Vec<String> = match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        _ => vec!["the whole copy".into()],
+    };
+    bail!(
+        "the readable {what} does not match body_hex (the bytes signed) in: {}; refusing to sign",
+        differ.join(", ")
+    )
+}
+
 /// A signed ruling file: the exact signed bytes plus a readable copy.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -633,12 +633,22 @@ pub fn cosign_file(text: &str, key: &SigningKey) -> Result<(String, &'static str
     if v.get("certificate").is_some() {
         let mut f: CertFile = serde_json::from_value(v).context("certificate file")?;
         let mut c = f.to_cert()?;
+        crate::authority::check_readable(
+            "certificate",
+            &f.certificate,
+            &CertFile::from_cert(&c)?.certificate,
+        )?;
         sign_with(CERT_CONTEXT, &c.body, &mut c.signatures, key);
         f = CertFile::from_cert(&c)?;
         Ok((serde_json::to_string_pretty(&f)? + "\n", "certificate"))
     } else if v.get("revocation").is_some() {
         let f: RevocationFile = serde_json::from_value(v).context("revocation file")?;
         let mut s = f.to_signed()?;
+        crate::authority::check_readable(
+            "revocation",
+            &f.revocation,
+            &RevocationFile::from_signed(&s)?.revocation,
+        )?;
         sign_with(REVOCATION_CONTEXT, &s.body, &mut s.signatures, key);
         let f = RevocationFile::from_signed(&s)?;
         Ok((serde_json::to_string_pretty(&f)? + "\n", "revocation"))
@@ -791,5 +801,44 @@ mod tests {
             .verify_revocation(&rev.to_signed().unwrap().encode_to_vec())
             .unwrap();
         assert_eq!((id, body.reason.as_str()), (node.node_id(), "key lost"));
+    }
+
+    /// A file whose readable copy was doctored (it says DE and a
+    /// different reason; the signed bytes say CH and the real one) does
+    /// not collect a co-signature: the key holder reads the copy.
+    #[test]
+    fn a_doctored_readable_copy_is_not_cosigned() {
+        let node = Keys::generate();
+        let (a, b) = (
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+        );
+        let req = make_request(
+            &node,
+            &Proposal {
+                jurisdiction: Jurisdiction(*b"CH"),
+                family: "op",
+                roles: parse_role_list("relay").unwrap(),
+                contact: "",
+            },
+            1,
+        )
+        .verify()
+        .unwrap();
+        let body = certificate_body(&req, &admission()).unwrap();
+        let mut file =
+            CertFile::from_cert(&sign_certificate(&body, std::slice::from_ref(&a))).unwrap();
+        file.certificate.jurisdiction = "DE".into();
+        let e = cosign_file(&serde_json::to_string(&file).unwrap(), &b).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("does not match body_hex") && e.contains("jurisdiction"),
+            "{e}"
+        );
+        let mut rev =
+            RevocationFile::new(&node.node_id(), "key lost", 7, std::slice::from_ref(&a)).unwrap();
+        rev.revocation.reason = "routine".into();
+        let e = cosign_file(&serde_json::to_string(&rev).unwrap(), &b).unwrap_err();
+        assert!(format!("{e:#}").contains("reason"), "{e:#}");
     }
 }

@@ -653,7 +653,15 @@ fn policy_sign(key: &Path, input: &Path, out: &Path, valid_for: Duration) -> Res
     let text =
         std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let mut signed = match serde_json::from_str::<SignedFile>(&text) {
-        Ok(f) => f.to_signed()?,
+        Ok(f) => {
+            let s = f.to_signed()?;
+            ferry_node::authority::check_readable(
+                "ruling",
+                &f.ruling,
+                &SignedFile::from_signed(&s)?.ruling,
+            )?;
+            s
+        }
         Err(_) => {
             let file = RulingFile::parse(&text)
                 .with_context(|| format!("ruling file {}", input.display()))?;
