@@ -219,6 +219,9 @@ pub fn start(
             let gcfg = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // Nothing is forwarded before this node has checked it
+                // (`verdict`): junk and forgeries stop at the first hop.
+                .validate_messages()
                 .max_transmit_size(MAX_GOSSIP)
                 .message_id_fn(|m: &gossipsub::Message| {
                     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -389,19 +392,42 @@ pub fn start(
                         // connection time can come before its subscription).
                         tick.reset_immediately();
                     }
-                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                    SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, message_id, propagation_source })) => {
                         let now = crate::authority::now_ms();
-                        if message.topic == adverts.hash() {
-                            on_advert(&mut swarm, &shared, &own, &message.data, now);
+                        let verdict = if message.topic == adverts.hash() {
+                            on_advert(&mut swarm, &shared, &own, &message.data, now)
                         } else if message.topic == rulings_topic.hash() {
-                            let _ = shared.rulings.offer(&message.data, now, Source::Gossip);
+                            match shared.rulings.offer(&message.data, now, Source::Gossip) {
+                                Ok(Offered::InForce | Offered::Cosigned) => Verdict::New,
+                                Ok(_) => Verdict::Old,
+                                Err(r) if matches!(r.kind, "expired" | "rollback") => Verdict::Old,
+                                Err(_) => Verdict::Invalid,
+                            }
                         } else if message.topic == measurements.hash() {
-                            on_measurement(&shared, &message.data, now);
-                        } else if message.topic == revocations_topic.hash()
-                            && let Ok(Revoked::New(id)) = on_revocation(&shared, &message.data)
-                        {
-                            disconnect_revoked(&mut swarm, &id);
-                        }
+                            on_measurement(&shared, &message.data, now)
+                        } else if message.topic == revocations_topic.hash() {
+                            match on_revocation(&shared, &message.data) {
+                                Ok(Revoked::New(id)) => {
+                                    disconnect_revoked(&mut swarm, &id);
+                                    Verdict::New
+                                }
+                                Ok(Revoked::Cosigned(_)) => Verdict::New,
+                                Ok(Revoked::Duplicate) => Verdict::Old,
+                                Err(_) => Verdict::Invalid,
+                            }
+                        } else {
+                            Verdict::Invalid
+                        };
+                        let acceptance = match verdict {
+                            Verdict::New => gossipsub::MessageAcceptance::Accept,
+                            Verdict::Old => gossipsub::MessageAcceptance::Ignore,
+                            Verdict::Invalid => gossipsub::MessageAcceptance::Reject,
+                        };
+                        let _ = swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            acceptance,
+                        );
                     }
                     _ => {}
                 },
@@ -412,13 +438,30 @@ pub fn start(
     Ok(tx)
 }
 
+/// What this node made of a gossip message, which decides whether gossip
+/// carries it on: only what checks out and is news goes further; what is
+/// old is dropped quietly; what is invalid is dropped and its sender
+/// penalised (gossipsub's Reject).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid and new here: forwarded.
+    New,
+    /// Valid but nothing new (a duplicate, out of date, about a node this
+    /// node does not know yet): not forwarded.
+    Old,
+    /// Malformed, forged, or from no one entitled to say it: not forwarded.
+    Invalid,
+}
+
 /// Takes a landmark's report from gossip (or this landmark's own): checked
 /// here (the landmark's certificate and signature, not the gossip), and a
 /// refuted claim quarantines its node.
-pub fn on_measurement(shared: &Shared, bytes: &[u8], now: u64) {
+pub fn on_measurement(shared: &Shared, bytes: &[u8], now: u64) -> Verdict {
+    use crate::plausibility::ReportError;
     let own = shared.own.as_ref().map(|(id, c)| (*id, c));
     match shared.quarantine.offer(bytes, &shared.directory, own, now) {
-        Ok(Some(e)) => warn!(
+        Ok(Some(e)) => {
+            warn!(
             node = %e.node.short(),
             claimed = %e.claimed,
             landmark = %e.landmark.short(),
@@ -426,9 +469,19 @@ pub fn on_measurement(shared: &Shared, bytes: &[u8], now: u64) {
             measured_ms = e.measured.as_secs_f64() * 1e3,
             minimum_ms = e.minimum.as_secs_f64() * 1e3,
             "node quarantined: a landmark's round trip refutes its jurisdiction"
-        ),
-        Ok(None) => {}
-        Err(e) => debug!(reason = e.kind(), "measurement report refused"),
+            );
+            Verdict::New
+        }
+        Ok(None) => Verdict::New,
+        Err(e) => {
+            debug!(reason = e.kind(), "measurement report refused");
+            match e {
+                ReportError::Malformed | ReportError::NotLandmark | ReportError::BadSignature => {
+                    Verdict::Invalid
+                }
+                _ => Verdict::Old,
+            }
+        }
     }
 }
 
@@ -606,7 +659,7 @@ fn on_advert(
     own: &ferry_router::NodeId,
     data: &[u8],
     now: u64,
-) {
+) -> Verdict {
     match shared.directory.accept(data, own, now) {
         Ok(Some(e)) => {
             let _ = shared.store.put(cf::PEERS, &e.peer.id.0, data);
@@ -622,8 +675,9 @@ fn on_advert(
                 }
             }
             debug!(node = %e.peer.id.short(), jurisdiction = %e.peer.jurisdiction, "advert accepted");
+            Verdict::New
         }
-        Ok(None) => {}
+        Ok(None) => Verdict::Old,
         Err(d) => {
             *shared
                 .counters
@@ -638,6 +692,12 @@ fn on_advert(
                 warn!(reason = d.kind, detail = %d.detail, "advert dropped (the same reason is logged again in a minute at the earliest; all are counted)");
             } else {
                 debug!(reason = d.kind, detail = %d.detail, "advert dropped");
+            }
+            // Out of order: valid, not news.
+            if d.kind == "stale" {
+                Verdict::Old
+            } else {
+                Verdict::Invalid
             }
         }
     }
