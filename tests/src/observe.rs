@@ -26,6 +26,32 @@ impl Proc {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// `ferry paths --admin … --n N --json` (an entry): how `n` freshly
+    /// picked paths spread, as (node id, jurisdiction, paths) per node.
+    pub fn paths(&self, n: usize) -> Result<Vec<(String, String, u64)>> {
+        let out = crate::node::run_ferry(&[
+            "paths",
+            "--admin",
+            &self.admin.to_string(),
+            "--n",
+            &n.to_string(),
+            "--json",
+        ])?;
+        let v: Value = serde_json::from_str(&out)?;
+        Ok(v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap_or("").to_string(),
+                    n["jurisdiction"].as_str().unwrap_or("").to_string(),
+                    n["paths"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
     /// `GET /v1/status` from its admin API.
     pub fn status(&self) -> Result<Value> {
         let agent: ureq::Agent = ureq::Agent::config_builder()

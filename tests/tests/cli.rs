@@ -139,47 +139,31 @@ fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
     }
     let text = banner.join("\n");
     assert!(text.contains("6 nodes in 6 jurisdictions"), "{text}");
-    let curl_line = banner
-        .iter()
-        .find(|l| l.contains("curl --socks5-hostname"))
-        .expect("curl line");
-    let args: Vec<&str> = curl_line
-        .split_whitespace()
-        .skip_while(|w| *w != "curl")
-        .skip(1)
-        .collect();
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20"])
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"));
-    // The same page through the demo's HTTP CONNECT entry.
-    let http_line = banner
-        .iter()
-        .find(|l| l.contains("curl -p -x"))
-        .expect("an HTTP CONNECT curl line");
-    assert!(http_line.contains(&http), "{http_line}");
-    let args: Vec<&str> = http_line
-        .split_whitespace()
-        .skip_while(|w| *w != "curl")
-        .skip(1)
-        .collect();
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20"])
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"),
-        "curl through the HTTP entry: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Each curl line the banner prints fetches the demo's page: through the
+    // SOCKS5 entry and through the HTTP CONNECT entry.
+    for (needle, port) in [("curl --socks5-hostname", &socks), ("curl -p -x", &http)] {
+        let line = banner
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` line:\n{text}"));
+        assert!(line.contains(port.as_str()), "{line}");
+        let args: Vec<&str> = line
+            .split_whitespace()
+            .skip_while(|w| *w != "curl")
+            .skip(1)
+            .collect();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("Hello through Ferry"),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // A ruling applied to the running demo drains PK, and lifting it
     // brings PK back.

@@ -113,22 +113,12 @@ async fn a_node_too_near_a_landmark_for_its_claim_is_quarantined_everywhere() {
     };
     assert_eq!(peer(ch)["state"], "quarantined");
     assert_eq!(peer(de)["state"], "active");
-    let admin = mesh.entry.admin.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        run_ferry(&["paths", "--admin", &admin, "--n", "2000", "--json"])
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let paths: Value = serde_json::from_str(&out).unwrap();
+    let paths = mesh.entry.paths(2000).unwrap();
     let on = |id: &str| {
-        paths["nodes"]
-            .as_array()
-            .unwrap()
+        paths
             .iter()
-            .find(|n| n["id"] == id)
-            .and_then(|n| n["paths"].as_u64())
-            .unwrap_or(0)
+            .find(|(pid, ..)| pid == id)
+            .map_or(0, |(.., n)| *n)
     };
     assert_eq!(on(ch), 0, "no path through the quarantined node");
     assert!(on(de) > 0, "paths still use DE");

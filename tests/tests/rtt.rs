@@ -64,22 +64,12 @@ async fn the_entry_prefers_the_relay_nearer_in_rtt() {
     );
     // Thousands of fresh picks: the near relay carries about twice the
     // far one's share (weights 1 and 1/(1 + 50/50)).
-    let admin = mesh.entry.admin.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        run_ferry(&["paths", "--admin", &admin, "--n", "4000", "--json"])
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let paths = mesh.entry.paths(4000).unwrap();
     let on = |j: &str| {
-        v["nodes"]
-            .as_array()
-            .unwrap()
+        paths
             .iter()
-            .find(|n| n["jurisdiction"] == j)
-            .and_then(|n| n["paths"].as_u64())
-            .unwrap_or(0) as f64
+            .find(|(_, pj, _)| pj == j)
+            .map_or(0.0, |(.., n)| *n as f64)
     };
     let share = on("DE") / (on("DE") + on("IS"));
     println!(
