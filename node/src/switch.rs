@@ -697,10 +697,16 @@ impl Switch {
                 format!("node {next} is neither relay nor exit"),
             ));
         }
-        let out = self
-            .link_to(next)
-            .await
-            .map_err(|e| (RefusalReason::Unreachable, format!("node {next}: {e:#}")))?;
+        // The connect error's text stays here (debug): echoed to the origin
+        // it would tell a hostile origin, through an advert naming any
+        // address, whether that address's port is open (a port scanner).
+        let out = self.link_to(next).await.map_err(|e| {
+            debug!(next = %next.short(), error = %format!("{e:#}"), "extend: no link to the next hop");
+            (
+                RefusalReason::Unreachable,
+                format!("node {next} could not be reached"),
+            )
+        })?;
         let out_circ = out.alloc_circ_id();
         let (tx, rx) = oneshot::channel();
         self.table().add_pending(out.id, out_circ, tx);

@@ -167,3 +167,48 @@ async fn bad_input_closes_only_its_connection() {
     }
     assert!(mesh.entry.alive());
 }
+
+/// A relay that cannot reach the next hop says so to the origin, but not
+/// why in the operating system's words: echoed, a connect error would tell
+/// a hostile origin (through an advert naming any address) whether a port
+/// is open. (Before, "Connection refused (os error 111)" and the address
+/// reached the entry.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extend_failure_does_not_echo_the_connect_error() {
+    let mut mesh = Mesh::start(&ferry_tests::THREE, &Options::default()).unwrap();
+    let target = ferry_tests::echo_server().await.unwrap();
+    let gone = mesh.nodes[0].link.unwrap();
+    mesh.nodes[0].kill9().unwrap();
+    // Paths through CH then DE fail at CH, which cannot connect to DE.
+    let mut told = false;
+    for _ in 0..20 {
+        let r = mesh.connect(target.port(), "").await.unwrap();
+        assert!(r.is_err(), "no path avoids DE with 3 hops");
+        if mesh.entry.log().contains("could not be reached") {
+            told = true;
+            break;
+        }
+    }
+    assert!(
+        told,
+        "an extend failure reached the entry:\n{}",
+        mesh.entry.log()
+    );
+    let log = mesh.entry.log();
+    for l in log.lines().filter(|l| l.contains("could not be reached")) {
+        assert!(!l.contains("os error") && !l.contains("refused ("), "{l}");
+    }
+    assert!(!log.contains(&gone.to_string()), "DE's address: {log}");
+    let relay = mesh.nodes[1].log();
+    let warned: Vec<&str> = relay
+        .lines()
+        .filter(|l| l.contains("extend failed"))
+        .collect();
+    assert!(!warned.is_empty(), "{relay}");
+    for l in warned {
+        assert!(
+            !l.contains(&gone.to_string()),
+            "no address above debug: {l}"
+        );
+    }
+}
