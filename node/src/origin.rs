@@ -200,6 +200,9 @@ pub struct Origin {
     switch: Arc<Switch>,
     rng: Mutex<StdRng>,
     pool: tokio::sync::Mutex<Vec<Arc<OriginCircuit>>>,
+    /// Builds in progress, one lock per route key (dropped once no open
+    /// holds it).
+    building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     next_id: AtomicU64,
     /// Migrations planned: circuit → (start, done by). Kept once planned so
     /// the spread holds; replaced when the deadline moves.
@@ -240,6 +243,7 @@ impl Origin {
             switch,
             rng: Mutex::new(StdRng::from_entropy()),
             pool: tokio::sync::Mutex::new(Vec::new()),
+            building: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             scheduled: Mutex::new(HashMap::new()),
             stats: OriginStats::default(),
@@ -357,15 +361,15 @@ impl Origin {
         })
     }
 
-    /// A circuit with room for one more stream on `route`, built if needed,
-    /// and the pool, still held.
-    async fn circuit(&self, route: &Arc<Route>) -> Result<(Arc<Endpoint>, Pool<'_>), OpenError> {
+    /// A circuit in the pool with room for one more stream on `route`, and
+    /// the pool, still held.
+    async fn pooled(&self, route: &Route) -> (Option<Arc<Endpoint>>, Pool<'_>) {
         let mut pool = self.pool.lock().await;
         pool.retain(|c| c.endpoint().is_some());
         let max = self.switch.cfg.max_streams_per_circuit as usize;
         let now = crate::authority::now_ms();
         let set = self.switch.rulings.snapshot();
-        if let Some(end) = pool
+        let end = pool
             .iter()
             .filter(|c| {
                 c.route.key == route.key
@@ -373,8 +377,42 @@ impl Origin {
                     && self.usable(&set, &c.path, route, now)
             })
             .filter_map(|c| c.endpoint())
-            .find(|e| e.stream_count() < max)
-        {
+            .find(|e| e.stream_count() < max);
+        (end, pool)
+    }
+
+    /// A circuit with room for one more stream on `route`, built if needed,
+    /// and the pool, still held. Builds run without the pool held (one
+    /// hanging build must not stop streams on other routes), one at a time
+    /// per route (a burst of streams on a new route shares one circuit).
+    async fn circuit(&self, route: &Arc<Route>) -> Result<(Arc<Endpoint>, Pool<'_>), OpenError> {
+        if let (Some(end), pool) = self.pooled(route).await {
+            return Ok((end, pool));
+        }
+        let lock = self
+            .building
+            .lock()
+            .expect("building lock")
+            .entry(route.key.clone())
+            .or_default()
+            .clone();
+        let built = self.build_for(route, &lock).await;
+        let mut building = self.building.lock().expect("building lock");
+        if Arc::strong_count(&lock) == 2 {
+            building.remove(&route.key);
+        }
+        drop(building);
+        built
+    }
+
+    async fn build_for(
+        &self,
+        route: &Arc<Route>,
+        lock: &tokio::sync::Mutex<()>,
+    ) -> Result<(Arc<Endpoint>, Pool<'_>), OpenError> {
+        let _turn = lock.lock().await;
+        // Another open on this route may have built one meanwhile.
+        if let (Some(end), pool) = self.pooled(route).await {
             return Ok((end, pool));
         }
         let mut last = None;
@@ -384,6 +422,7 @@ impl Origin {
                     let end = oc
                         .endpoint()
                         .ok_or_else(|| OpenError::Build("circuit closed".into()))?;
+                    let mut pool = self.pool.lock().await;
                     pool.push(oc);
                     return Ok((end, pool));
                 }

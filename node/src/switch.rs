@@ -84,7 +84,11 @@ pub struct Switch {
     /// Every live link by id (a second link to one peer replaces the first
     /// in `links`, but both run until closed): what revocation closes.
     all_links: Mutex<HashMap<LinkId, Arc<LinkHandle>>>,
-    dial_lock: tokio::sync::Mutex<()>,
+    /// One dial at a time per peer (two builds wanting the same new link
+    /// make one), and only per peer: a peer whose handshake hangs for the
+    /// whole timeout holds up dials to it alone. An entry is dropped once
+    /// no dial holds it, so the map holds only dials in progress.
+    dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     circuits: Mutex<Circuits>,
     next_link: AtomicU64,
     exit: Option<Arc<ExitCtx>>,
@@ -163,7 +167,7 @@ impl Switch {
             state,
             links: Mutex::new(HashMap::new()),
             all_links: Mutex::new(HashMap::new()),
-            dial_lock: tokio::sync::Mutex::new(()),
+            dial_locks: Mutex::new(HashMap::new()),
             circuits: Mutex::new(Table::default()),
             next_link: AtomicU64::new(1),
             exit,
@@ -211,11 +215,28 @@ impl Switch {
         if let Some(l) = self.live_link(&peer) {
             return Ok(l);
         }
-        let _guard = self.dial_lock.lock().await;
-        if let Some(l) = self.live_link(&peer) {
-            return Ok(l);
+        let lock = self
+            .dial_locks
+            .lock()
+            .expect("dial locks")
+            .entry(peer)
+            .or_default()
+            .clone();
+        let dialled = {
+            let _guard = lock.lock().await;
+            match self.live_link(&peer) {
+                Some(l) => Ok(l),
+                None => link::dial(self, peer).await,
+            }
+        };
+        // The last dial out forgets the lock (the map's and ours are the
+        // only references then).
+        let mut locks = self.dial_locks.lock().expect("dial locks");
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&peer);
         }
-        link::dial(self, peer).await
+        drop(locks);
+        dialled
     }
 
     /// The round-trip estimate of the live link to `peer`, if there is one.

@@ -212,3 +212,67 @@ async fn an_extend_failure_does_not_echo_the_connect_error() {
         );
     }
 }
+
+/// A peer whose link handshake never answers holds up dials to it alone:
+/// a stream through another relay is built while the dial to it hangs for
+/// its whole timeout (10 s). (Before, one dial lock for all peers made the
+/// second stream wait out the first dial.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_peer_does_not_hold_up_dials_to_others() {
+    // Takes connections (the kernel's backlog) and never answers one.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let fake = Keys::generate();
+    let block = peer_block(
+        &fake.node_id(),
+        &fake.noise_public(),
+        Some(silent.local_addr().unwrap()),
+        "FR",
+        Roles {
+            relay: true,
+            ..Roles::default()
+        },
+    );
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            hops: 2,
+            extra_peers: vec![block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let target = ferry_tests::echo_server().await.unwrap();
+    // A stream that must go through the silent FR "relay".
+    let socks = mesh.socks();
+    let hung = tokio::spawn(async move {
+        let auth = Some(("", "exclude=DE,CH"));
+        ferry_tests::socks_connect_as(socks, "127.0.0.1", target.port(), auth).await
+    });
+    // The entry is dialling it: the connection is in the silent backlog.
+    let t = std::time::Instant::now();
+    let _held = loop {
+        match silent.accept() {
+            Ok((s, _)) => break s,
+            Err(_) => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "the entry never dialled FR"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Meanwhile a stream through the real relays is built at once.
+    let started = std::time::Instant::now();
+    let s = mesh.connect(target.port(), "exclude=FR").await.unwrap();
+    let took = started.elapsed();
+    assert!(s.is_ok(), "a path avoiding FR: {:?}", s.err());
+    assert!(
+        took < Duration::from_secs(5),
+        "the second stream waited {took:?} behind the hanging dial"
+    );
+    // The first one fails in its own time.
+    let r = hung.await.unwrap().unwrap();
+    assert!(r.is_err(), "no circuit through a peer that never answers");
+}
