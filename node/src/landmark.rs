@@ -7,9 +7,9 @@
 //! [`DIALS_PER_ROUND`] a round, one at a time per node, starting each round
 //! where the last left off, and a node whose dial failed is tried again
 //! only after a backoff (10 s, doubling to 10 min): a node advertising an
-//! address that never answers costs a dial now and then, not every round.
-//! (Dials share the switch's dial lock with circuit builds; issue 15 takes
-//! that lock apart.)
+//! address that never answers costs a dial now and then, not every round
+//! (and holds up dials to that node alone: the switch's dial locks are per
+//! peer).
 
 use crate::authority::now_ms;
 use crate::control::{Command, Shared};
