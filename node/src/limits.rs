@@ -178,6 +178,21 @@ struct Bytes<L> {
     burst: u32,
 }
 
+impl<L> Bytes<L> {
+    /// Buckets for `per_sec` bytes a second each way, made by `make`
+    /// (keyed or direct); `None` for no limit.
+    fn new(per_sec: u32, make: fn(Quota) -> L) -> Option<Arc<Self>> {
+        let burst = byte_burst(per_sec);
+        quota(per_sec, burst).map(|q| {
+            Arc::new(Self {
+                up: make(q),
+                down: make(q),
+                burst,
+            })
+        })
+    }
+}
+
 /// The limiters built from one [`Settings`] (rebuilt on a reload).
 struct Rules {
     settings: Settings,
@@ -209,13 +224,7 @@ impl TenantRules {
         Self {
             share,
             rate: quota(share.streams_per_sec, share.burst).map(RateLimiter::direct),
-            bytes: quota(share.bytes_per_sec, byte_burst(share.bytes_per_sec)).map(|q| {
-                Arc::new(Bytes {
-                    up: RateLimiter::direct(q),
-                    down: RateLimiter::direct(q),
-                    burst: byte_burst(share.bytes_per_sec),
-                })
-            }),
+            bytes: Bytes::new(share.bytes_per_sec, RateLimiter::direct),
         }
     }
 }
@@ -253,13 +262,7 @@ impl Rules {
         let c = settings.client;
         Self {
             client_rate: quota(c.streams_per_sec, c.burst).map(|q| Arc::new(RateLimiter::keyed(q))),
-            client_bytes: quota(c.bytes_per_sec, byte_burst(c.bytes_per_sec)).map(|q| {
-                Arc::new(Bytes {
-                    up: RateLimiter::keyed(q),
-                    down: RateLimiter::keyed(q),
-                    burst: byte_burst(c.bytes_per_sec),
-                })
-            }),
+            client_bytes: Bytes::new(c.bytes_per_sec, RateLimiter::keyed),
             tenants: Mutex::new(HashMap::new()),
             settings,
         }

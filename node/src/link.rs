@@ -699,6 +699,7 @@ async fn read_loop<H: LinkHost>(
     mut buf: BytesMut,
 ) -> Result<(), LinkError> {
     loop {
+        let mut opened = false;
         while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut buf)? {
             switch
                 .metrics()
@@ -707,13 +708,16 @@ async fn read_loop<H: LinkHost>(
                 .inc_by(frame.len() as u64 + 4);
             let len = opener.open_in_place(&mut frame)?;
             frame.truncate(len);
-            // A frame that opened: the peer is alive (bytes of a frame
-            // that never completes are not).
-            link.heard.fetch_add(1, Ordering::Relaxed);
+            opened = true;
             if frame.starts_with(&[0; 4]) && link.link_level(&frame) {
                 continue;
             }
             H::on_cell(switch, link, frame).await?;
+        }
+        // Frames opened: the peer is alive (bytes of a frame that never
+        // completes are not). Once per read, not per frame.
+        if opened {
+            link.heard.fetch_add(1, Ordering::Relaxed);
         }
         if buf.capacity() - buf.len() < MAX_NOISE_MESSAGE {
             buf.reserve(READ_CHUNK);
