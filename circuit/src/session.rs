@@ -865,6 +865,25 @@ impl Session {
         Ok(Outcome::Done)
     }
 
+    /// Queues a keepalive: one open stream's current acknowledgement (the
+    /// peer takes one it already has as a no-op, a newer one as credit),
+    /// so the relays see the circuit in use while its streams are quiet.
+    /// `false` if no stream is open to carry it.
+    pub fn keepalive(&mut self) -> Result<bool> {
+        self.check_open()?;
+        let Some(id) = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Open)
+            .map(|(id, _)| *id)
+            .min()
+        else {
+            return Ok(false);
+        };
+        self.queue_ack(id)?;
+        Ok(true)
+    }
+
     /// Sends a CONTROL cell (sealed for the origin: the tip's reply to an
     /// EXTEND).
     pub fn send_control(&mut self, body: &[u8]) -> Result<()> {

@@ -36,6 +36,23 @@ impl LinkRef for LinkId {
     }
 }
 
+/// The most hops a circuit may have.
+pub const MAX_HOPS: usize = 8;
+
+/// CONTROL cells one side of a forwarded circuit passes on.
+///
+/// Only the tip reads CONTROL cells, and the only ones an origin sends are
+/// EXTENDs (each answered by one CONTROL cell back). The first hop of an
+/// `n`-hop circuit handles the EXTEND to hop 2 itself as the tip, and then
+/// forwards the EXTENDs to hops 3 to `n`: `n - 2` of them each way. Hop 1
+/// is one the origin does not control, so counting there bounds the
+/// circuit: a ninth hop needs a seventh forwarded CONTROL cell, which ends
+/// the circuit. This is Tor's RELAY_EARLY bound (Evans et al., 2009: a
+/// circuit looping A→B→A→… makes each byte cross one link as many times as
+/// the loop is long), kept without a separate cell type, because Ferry
+/// never sends CONTROL cells through a relay after the build.
+pub const MAX_FORWARDED_CONTROL: u8 = (MAX_HOPS - 2) as u8;
+
 /// One side of a circuit on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot<L, T, O, P> {
@@ -45,6 +62,12 @@ pub enum Slot<L, T, O, P> {
         link: L,
         /// The circuit id there.
         circ: u32,
+        /// CONTROL cells that arrived on this side and went on (at most
+        /// [`MAX_FORWARDED_CONTROL`]).
+        controls: u8,
+        /// A cell arrived on this side since the last
+        /// [`Table::sweep_forwards`].
+        seen: bool,
     },
     /// We sent CREATE on this side (extending) and wait for CREATED.
     Pending(P),
@@ -90,6 +113,10 @@ pub enum Dispatch<L, T, O, P> {
     },
     /// Nothing to do: `why`, for a debug log.
     Drop(&'static str),
+    /// A CONTROL cell past [`MAX_FORWARDED_CONTROL`] on a forwarded side:
+    /// the origin is building past [`MAX_HOPS`]. Destroy the circuit (a
+    /// protocol violation); the cell goes no further.
+    TooLong,
 }
 
 /// What removing a slot leaves to do: the slot's contents to close, and
@@ -108,12 +135,15 @@ pub struct Removed<L, T, O, P> {
 #[derive(Debug)]
 pub struct Table<L, T, O, P> {
     slots: HashMap<(LinkId, u32), Slot<L, T, O, P>>,
+    /// Circuit sides on each link (what the per-link limit counts).
+    per_link: HashMap<LinkId, usize>,
 }
 
 impl<L, T, O, P> Default for Table<L, T, O, P> {
     fn default() -> Self {
         Self {
             slots: HashMap::new(),
+            per_link: HashMap::new(),
         }
     }
 }
@@ -137,7 +167,7 @@ impl<L: LinkRef, T: Clone, O: Clone, P> Table<L, T, O, P> {
                     Dispatch::Create
                 }
             }
-            CellCmd::Destroy => match self.slots.remove(&key) {
+            CellCmd::Destroy => match self.take(key) {
                 Some(slot) => {
                     let notify = self.unlink(&slot);
                     Dispatch::Destroyed {
@@ -149,7 +179,7 @@ impl<L: LinkRef, T: Clone, O: Clone, P> Table<L, T, O, P> {
                 None => Dispatch::Drop("destroy for an unknown circuit"),
             },
             CellCmd::Created => match self.slots.get(&key) {
-                Some(Slot::Pending(_)) => match self.slots.remove(&key) {
+                Some(Slot::Pending(_)) => match self.take(key) {
                     Some(Slot::Pending(p)) => Dispatch::Created(p),
                     _ => unreachable!("checked just above"),
                 },
@@ -157,11 +187,25 @@ impl<L: LinkRef, T: Clone, O: Clone, P> Table<L, T, O, P> {
                 Some(_) => Dispatch::Drop("CREATED for a circuit that is not waiting for one"),
                 None => Dispatch::Drop("cell for an unknown circuit"),
             },
-            CellCmd::Control | CellCmd::Relay | CellCmd::Notice => match self.slots.get(&key) {
-                Some(Slot::Forward { link, circ }) => Dispatch::Forward {
-                    link: link.clone(),
-                    circ: *circ,
-                },
+            CellCmd::Control | CellCmd::Relay | CellCmd::Notice => match self.slots.get_mut(&key) {
+                Some(Slot::Forward {
+                    link,
+                    circ,
+                    controls,
+                    seen,
+                }) => {
+                    *seen = true;
+                    if cmd == CellCmd::Control {
+                        if *controls >= MAX_FORWARDED_CONTROL {
+                            return Dispatch::TooLong;
+                        }
+                        *controls += 1;
+                    }
+                    Dispatch::Forward {
+                        link: link.clone(),
+                        circ: *circ,
+                    }
+                }
                 Some(Slot::Tip(_)) if cmd == CellCmd::Notice => {
                     // The origin owns the circuit; the tip needs no notice.
                     Dispatch::Drop("drain notice at the tip")
@@ -179,16 +223,43 @@ impl<L: LinkRef, T: Clone, O: Clone, P> Table<L, T, O, P> {
 }
 
 impl<L: LinkRef, T, O, P> Table<L, T, O, P> {
+    /// Puts a slot in (every insertion goes through here, for the counts).
+    fn put(&mut self, key: (LinkId, u32), slot: Slot<L, T, O, P>) -> Option<Slot<L, T, O, P>> {
+        let old = self.slots.insert(key, slot);
+        if old.is_none() {
+            *self.per_link.entry(key.0).or_default() += 1;
+        }
+        old
+    }
+
+    /// Takes a slot out (every removal goes through here, for the counts).
+    fn take(&mut self, key: (LinkId, u32)) -> Option<Slot<L, T, O, P>> {
+        let old = self.slots.remove(&key)?;
+        if let std::collections::hash_map::Entry::Occupied(mut n) = self.per_link.entry(key.0) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+        Some(old)
+    }
+
     /// For a removed forward slot, removes its other side too and returns
     /// where to send DESTROY.
     fn unlink(&mut self, slot: &Slot<L, T, O, P>) -> Option<(L, u32)> {
         match slot {
-            Slot::Forward { link, circ } => {
-                self.slots.remove(&(link.link_id(), *circ));
+            Slot::Forward { link, circ, .. } => {
+                self.take((link.link_id(), *circ));
                 Some((link.clone(), *circ))
             }
             _ => None,
         }
+    }
+
+    /// Circuit sides on `link` (forwards, tips, origins and pending
+    /// extends alike).
+    pub fn on_link(&self, link: LinkId) -> usize {
+        self.per_link.get(&link).copied().unwrap_or(0)
     }
 
     /// Whether `(link, circ)` is in use.
@@ -203,28 +274,28 @@ impl<L: LinkRef, T, O, P> Table<L, T, O, P> {
 
     /// Adds a tip (a CREATE this node answered).
     pub fn add_tip(&mut self, link: LinkId, circ: u32, tip: T) {
-        self.slots.insert((link, circ), Slot::Tip(tip));
+        self.put((link, circ), Slot::Tip(tip));
     }
 
     /// Adds a circuit this node originates.
     pub fn add_origin(&mut self, link: LinkId, circ: u32, origin: O) {
-        self.slots.insert((link, circ), Slot::Origin(origin));
+        self.put((link, circ), Slot::Origin(origin));
     }
 
     /// Adds an extend waiting for CREATED on `(link, circ)`.
     pub fn add_pending(&mut self, link: LinkId, circ: u32, pending: P) {
-        self.slots.insert((link, circ), Slot::Pending(pending));
+        self.put((link, circ), Slot::Pending(pending));
     }
 
     /// Forgets one side of a circuit, sending nothing.
     pub fn remove(&mut self, link: LinkId, circ: u32) -> Option<Slot<L, T, O, P>> {
-        self.slots.remove(&(link, circ))
+        self.take((link, circ))
     }
 
     /// Removes a circuit from one side (the shell sends DESTROY on that
     /// side itself) and returns what is left to do.
     pub fn destroy(&mut self, link: LinkId, circ: u32) -> Option<Removed<L, T, O, P>> {
-        let slot = self.slots.remove(&(link, circ))?;
+        let slot = self.take((link, circ))?;
         let notify = self.unlink(&slot);
         Some(Removed { circ, slot, notify })
     }
@@ -250,20 +321,24 @@ impl<L: LinkRef, T, O, P> Table<L, T, O, P> {
                 "the outward circuit id is already in use".into(),
             ));
         }
-        let Some(Slot::Tip(tip)) = self.slots.insert(
+        let Some(Slot::Tip(tip)) = self.put(
             inward,
             Slot::Forward {
                 link: out_link,
                 circ: out_circ,
+                controls: 0,
+                seen: true,
             },
         ) else {
             unreachable!("checked just above")
         };
-        self.slots.insert(
+        self.put(
             outward,
             Slot::Forward {
                 link: in_link,
                 circ: in_circ,
+                controls: 0,
+                seen: true,
             },
         );
         Ok(tip)
@@ -286,6 +361,7 @@ impl<L: LinkRef, T, O, P> Table<L, T, O, P> {
 
     /// Removes every circuit; returns each side as `(link, Removed)`.
     pub fn drain_all(&mut self) -> Vec<(LinkId, Removed<L, T, O, P>)> {
+        self.per_link.clear();
         let mut all: Vec<_> = self.slots.drain().collect();
         all.sort_unstable_by_key(|(k, _)| *k);
         all.into_iter()
@@ -325,12 +401,55 @@ impl<L: LinkRef, T, O, P> Table<L, T, O, P> {
             .slots
             .values()
             .filter_map(|s| match s {
-                Slot::Forward { link, circ } => Some((link.clone(), *circ)),
+                Slot::Forward { link, circ, .. } => Some((link.clone(), *circ)),
                 _ => None,
             })
             .collect();
         v.sort_unstable_by_key(|(l, c)| (l.link_id(), *c));
         v
+    }
+
+    /// Forwarded circuits no cell crossed, either way, since the last
+    /// sweep: one side of each, to destroy (both sides go). Starts the next
+    /// period.
+    pub fn sweep_forwards(&mut self) -> Vec<(LinkId, u32)> {
+        let mut idle = Vec::new();
+        for (key, slot) in &self.slots {
+            if let Slot::Forward {
+                link, circ, seen, ..
+            } = slot
+            {
+                let other = (link.link_id(), *circ);
+                let other_seen = matches!(
+                    self.slots.get(&other),
+                    Some(Slot::Forward { seen: true, .. })
+                );
+                if !seen && !other_seen && *key < other {
+                    idle.push(*key);
+                }
+            }
+        }
+        for slot in self.slots.values_mut() {
+            if let Slot::Forward { seen, .. } = slot {
+                *seen = false;
+            }
+        }
+        idle.sort_unstable();
+        idle
+    }
+
+    /// Every tip, with where it is (the shell checks each for quiet).
+    pub fn tips(&self) -> Vec<(LinkId, u32, T)>
+    where
+        T: Clone,
+    {
+        self.slots
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Tip(t) => Some((k.0, k.1, t.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The link of every circuit side (for counting by neighbour).
@@ -393,6 +512,71 @@ mod tests {
             Dispatch::Drop("cell for an unknown circuit"),
             "the same id on another link is another circuit"
         );
+    }
+
+    /// A relay passes on the CONTROL cells of an 8-hop build (six each
+    /// way at the first hop), and the seventh ends the circuit: no loop
+    /// through relays builds past [`MAX_HOPS`].
+    #[test]
+    fn a_build_past_eight_hops_is_cut_at_the_first_hop() {
+        let mut t = relay();
+        for _ in 0..MAX_FORWARDED_CONTROL {
+            assert_eq!(
+                t.dispatch(1, 7, CellCmd::Control, R::Unspecified),
+                Dispatch::Forward { link: 2, circ: 9 }
+            );
+            assert_eq!(
+                t.dispatch(2, 9, CellCmd::Control, R::Unspecified),
+                Dispatch::Forward { link: 1, circ: 7 }
+            );
+        }
+        for _ in 0..100 {
+            assert_eq!(
+                t.dispatch(1, 7, CellCmd::Relay, R::Unspecified),
+                Dispatch::Forward { link: 2, circ: 9 },
+                "RELAY cells are not counted"
+            );
+        }
+        assert_eq!(
+            t.dispatch(1, 7, CellCmd::Control, R::Unspecified),
+            Dispatch::TooLong
+        );
+        assert_eq!(
+            t.dispatch(2, 9, CellCmd::Control, R::Unspecified),
+            Dispatch::TooLong,
+            "each side is bounded"
+        );
+    }
+
+    /// A forwarded circuit is idle after a whole period with no cell
+    /// either way; a cell on either side keeps both.
+    #[test]
+    fn idle_forwards_are_found_by_sweeps() {
+        let mut t = relay();
+        assert!(t.sweep_forwards().is_empty(), "new: seen");
+        t.dispatch(2, 9, CellCmd::Relay, R::Unspecified);
+        assert!(t.sweep_forwards().is_empty(), "a cell one way keeps it");
+        assert_eq!(t.sweep_forwards(), vec![(1, 7)], "one side of the pair");
+        t.dispatch(1, 7, CellCmd::Relay, R::Unspecified);
+        assert!(t.sweep_forwards().is_empty());
+    }
+
+    #[test]
+    fn sides_are_counted_per_link() {
+        let mut t = relay();
+        t.add_tip(1, 8, "tip2");
+        t.add_origin(3, 1, "mine");
+        t.add_pending(3, 2, "w");
+        assert_eq!((t.on_link(1), t.on_link(2), t.on_link(3)), (2, 1, 2));
+        t.dispatch(3, 2, CellCmd::Created, R::Unspecified);
+        assert_eq!(t.on_link(3), 1, "a CREATED takes its pending slot");
+        t.destroy(2, 9);
+        assert_eq!((t.on_link(1), t.on_link(2)), (1, 0), "both sides of the forward");
+        t.link_down(1);
+        assert_eq!(t.on_link(1), 0);
+        t.drain_all();
+        assert_eq!(t.on_link(3), 0);
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -421,3 +421,44 @@ fn sending_past_the_window_is_a_protocol_error() {
     let err = origin.handle_relay(b).unwrap_err();
     assert_eq!(err.kind(), "protocol", "{err}");
 }
+
+/// A keepalive is an open stream's current acknowledgement: one cell the
+/// peer takes as credit at most, so relays see the circuit in use while
+/// its streams are quiet; with no open stream there is nothing to send.
+#[test]
+fn a_keepalive_changes_nothing_at_the_peer() {
+    let mut a = circuit();
+    assert!(!a.o.keepalive().unwrap(), "no stream, no keepalive");
+    let id = open(&mut a);
+    assert!(matches!(
+        a.x.send_data(id, record(b"hello")).unwrap(),
+        Outcome::Done
+    ));
+    down(&mut a);
+    let mut seen = Seen::default();
+    seen.take(&mut a.o, id);
+    up(&mut a);
+    let _ = events(&mut a.x);
+    assert!(a.o.keepalive().unwrap());
+    let cells: Vec<BytesMut> = std::iter::from_fn(|| a.o.poll_transmit()).collect();
+    assert_eq!(cells.len(), 1, "one cell");
+    for c in cells {
+        a.x.handle_relay(c).unwrap();
+    }
+    // At most the acknowledgement is news (the origin had not sent it
+    // yet): the exit may send more; nothing else happens.
+    assert!(
+        events(&mut a.x)
+            .iter()
+            .all(|e| matches!(e, Event::Writable { .. })),
+        "nothing but credit at the exit"
+    );
+    // The stream carries on.
+    assert!(matches!(
+        a.x.send_data(id, record(b" again")).unwrap(),
+        Outcome::Done
+    ));
+    down(&mut a);
+    seen.take(&mut a.o, id);
+    assert_eq!(seen.bytes, b"hello again");
+}

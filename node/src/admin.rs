@@ -109,8 +109,13 @@ async fn metrics(
 /// - On a loopback listener the `Host` header must name a loopback address
 ///   or `localhost`: a page that rebinds its own name to 127.0.0.1 (DNS
 ///   rebinding) sends its own name, and is refused with 421.
+/// - With `[admin] token_file`, every request but the probes (`/livez`,
+///   `/readyz`) must carry `Authorization: Bearer <token>` (compared in
+///   constant time, by digest); 401 otherwise. Other local users (and
+///   anything else that reaches the listener) then cannot drain the node.
 async fn guard(
     local: Option<std::net::SocketAddr>,
+    token: Option<[u8; 32]>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -118,6 +123,29 @@ async fn guard(
     let refuse = |code: StatusCode, error: &str, detail: &str| {
         (code, Json(json!({ "error": error, "detail": detail }))).into_response()
     };
+    if let Some(digest) = token
+        && !matches!(req.uri().path(), "/livez" | "/readyz")
+    {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| {
+                let (scheme, t) = h.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
+            });
+        if !given.is_some_and(|t| crate::auth::verify_token(t, &digest)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({
+                    "error": "token",
+                    "detail": "this admin API needs Authorization: Bearer with the token in [admin] token_file (ferry: --admin-token-file or FERRY_ADMIN_TOKEN_FILE)",
+                })),
+            )
+                .into_response();
+        }
+    }
     if local.is_some_and(|a| a.ip().is_loopback()) {
         let host = req
             .headers()
@@ -164,6 +192,7 @@ async fn guard(
 
 /// Serves until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let token = state.switch.cfg.admin_token;
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/rulings", post(post_ruling))
@@ -177,7 +206,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .with_state(state);
     let local = listener.local_addr().ok();
     let app = app.layer(axum::middleware::from_fn(move |req, next| {
-        guard(local, req, next)
+        guard(local, token, req, next)
     }));
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -455,6 +484,8 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
                 "migrations_done": n(&s.migrations_done),
                 "migrations_failed": n(&s.migrations_failed),
                 "streams_moved": n(&s.streams_moved),
+                "streams_rescued": n(&s.streams_rescued),
+                "streams_lost": n(&s.streams_lost),
                 "exit_circuits_closed": n(&s.exit_closed),
             })
         }
@@ -642,12 +673,36 @@ pub mod client {
     use serde_json::Value;
     use std::time::Duration;
 
+    /// The admin token this process sends ([`use_token`]).
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+    /// Makes every request of this process's [`agent`]s carry `token`
+    /// (`Authorization: Bearer`). Set once; later calls change nothing.
+    pub fn use_token(token: String) {
+        let _ = TOKEN.set(token);
+    }
+
+    fn with_token(
+        mut req: ureq::http::Request<ureq::SendBody>,
+        next: ureq::middleware::MiddlewareNext,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        if let Some(t) = TOKEN.get()
+            && let Ok(v) = ureq::http::HeaderValue::from_str(&format!("Bearer {t}"))
+        {
+            req.headers_mut()
+                .insert(ureq::http::header::AUTHORIZATION, v);
+        }
+        next.handle(req)
+    }
+
     /// An HTTP agent that hands back error statuses as answers (the API
-    /// explains its refusals in the body).
+    /// explains its refusals in the body), and sends the admin token if
+    /// this process has one.
     pub fn agent(timeout: Duration) -> ureq::Agent {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
+            .middleware(with_token)
             .build()
             .into()
     }

@@ -290,6 +290,7 @@ pub fn start(
     let (tx, mut rx) = mpsc::unbounded_channel();
     dial_bootstrap(&bootstrap, &tx);
     let mut dials: Vec<Multiaddr> = Vec::new();
+    sweep_stored_adverts(&shared.store, crate::authority::now_ms());
     for (_, bytes) in shared.store.all(cf::PEERS)? {
         if let Ok((a, e)) = crate::directory::verify_advert(&bytes, 0)
             && !shared.directory.is_revoked(&e.peer.id)
@@ -309,6 +310,8 @@ pub fn start(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 3);
         let mut kad_tick = tokio::time::interval(Duration::from_secs(10));
+        let mut sweep_tick = tokio::time::interval(ADVERT_SWEEP);
+        sweep_tick.tick().await;
         // While no peer is connected, the bootstrap list is resolved and
         // dialled again every 2 s (peers that start later, names that
         // resolve later); connected, nothing is dialled.
@@ -340,6 +343,11 @@ pub fn start(
                 }
                 _ = kad_tick.tick() => {
                     let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+                _ = sweep_tick.tick() => {
+                    let store = shared.store.clone();
+                    let now = crate::authority::now_ms();
+                    tokio::task::spawn_blocking(move || sweep_stored_adverts(&store, now));
                 }
                 _ = alone_tick.tick() => {
                     if swarm.connected_peers().next().is_none() {
@@ -436,6 +444,37 @@ pub fn start(
         debug!("control plane stopped");
     });
     Ok(tx)
+}
+
+/// Stored adverts of nodes not heard from for this long (since their last
+/// advert expired) are deleted: the store keeps the peers a restart redials,
+/// not every node that ever passed through.
+pub const ADVERT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often stored adverts are swept (and once at start).
+const ADVERT_SWEEP: Duration = Duration::from_secs(3600);
+
+/// Deletes stored adverts older than [`ADVERT_RETENTION`] (and any that no
+/// longer decode); returns how many.
+pub fn sweep_stored_adverts(store: &crate::store::Store, now: u64) -> usize {
+    let Ok(all) = store.all(cf::PEERS) else {
+        return 0;
+    };
+    let retention = ADVERT_RETENTION.as_millis() as u64;
+    let mut gone = 0;
+    for (k, bytes) in all {
+        let old = match crate::directory::verify_advert(&bytes, 0) {
+            Ok((a, _)) => a.expires_at_ms.saturating_add(retention) < now,
+            Err(_) => true,
+        };
+        if old && store.delete(cf::PEERS, &k).is_ok() {
+            gone += 1;
+        }
+    }
+    if gone > 0 {
+        info!(gone, "stored adverts of nodes long gone deleted");
+    }
+    gone
 }
 
 /// What this node made of a gossip message, which decides whether gossip
@@ -662,7 +701,7 @@ fn on_advert(
 ) -> Verdict {
     match shared.directory.accept(data, own, now) {
         Ok(Some(e)) => {
-            let _ = shared.store.put(cf::PEERS, &e.peer.id.0, data);
+            let _ = shared.store.put_cache(cf::PEERS, &e.peer.id.0, data);
             if let Some(pid) = peer_id(&e.peer.id)
                 && !swarm.is_connected(&pid)
             {

@@ -590,6 +590,33 @@ mod tests {
         );
     }
 
+    /// The store keeps the adverts a restart redials, not every node that
+    /// ever passed: one whose last advert expired more than a week ago is
+    /// deleted, as is anything that no longer decodes.
+    #[test]
+    fn stored_adverts_of_nodes_long_gone_are_swept() {
+        use crate::store::{Store, cf};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = 86_400_000u64;
+        let (recent, gone) = (Keys::generate(), Keys::generate());
+        let (_, c1) = admitted(&recent, 100 * day);
+        let (_, c2) = admitted(&gone, 100 * day);
+        let put = |k: &Keys, v: &[u8]| store.put_cache(cf::PEERS, &k.node_id().0, v).unwrap();
+        put(&recent, &own(&recent, c1).sign(1, 5 * day));
+        put(&gone, &own(&gone, c2).sign(1, 2 * day));
+        store.put_cache(cf::PEERS, b"junk", &[1, 2, 3]).unwrap();
+        assert_eq!(crate::control::sweep_stored_adverts(&store, 10 * day), 2);
+        let left: Vec<Vec<u8>> = store
+            .all(cf::PEERS)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, vec![recent.node_id().0.to_vec()]);
+        assert_eq!(crate::control::sweep_stored_adverts(&store, 10 * day), 0);
+    }
+
     #[test]
     fn claims_come_from_the_certificate_and_are_capped() {
         let k = Keys::generate();

@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
@@ -56,8 +56,10 @@ pub type CircuitError = CoreError;
 
 /// Time the origin waits for `Resumed` when moving a stream.
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most streams the exit side takes on one circuit.
-pub const MAX_STREAMS_PER_CIRCUIT: usize = 1024;
+/// Most streams an origin's session keeps on one circuit (the entry opens
+/// fewer: `[circuit] max_streams_per_circuit`; exits take
+/// `[limits] streams_per_circuit`).
+pub const ORIGIN_MAX_STREAMS: usize = 1024;
 /// How long an exit keeps a stream whose circuit closed (for a move), and a
 /// tombstone of a stream that ended cleanly (ms).
 pub const PARK_MS: u64 = 30_000;
@@ -89,13 +91,19 @@ pub struct ExitCtx {
     pub resumables: Mutex<Resumables<Arc<StreamHandle>>>,
     /// The node's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Name lookups in flight (`[limits] dns_lookups`): a permit is held
+    /// by the resolver thread until the system resolver answers, so slow
+    /// names cannot take every blocking thread.
+    dns: Arc<tokio::sync::Semaphore>,
 }
 
 impl ExitCtx {
-    /// An exit with this policy.
+    /// An exit with this policy, resolving at most `dns_lookups` names at
+    /// once.
     pub fn new(
         policy: ExitPolicy,
         connect_timeout: Duration,
+        dns_lookups: usize,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
@@ -103,6 +111,35 @@ impl ExitCtx {
             connect_timeout,
             resumables: Mutex::new(Resumables::new(PARK_MS, MAX_RESUMABLE)),
             metrics,
+            dns: Arc::new(tokio::sync::Semaphore::new(dns_lookups)),
+        }
+    }
+
+    /// Resolves `host` (an address literal needs no lookup). A lookup runs
+    /// on a blocking thread that holds one of [`Self::dns`]'s permits until
+    /// the resolver answers, even if the stream stopped waiting for it;
+    /// with none free, the BEGIN ends at once with `capacity`.
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, (EndReason, String)> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let Ok(permit) = self.dns.clone().try_acquire_owned() else {
+            self.metrics.node.refusals.with_label_values(&["dns"]).inc();
+            return Err((
+                EndReason::Capacity,
+                "the exit is resolving as many names as it may".into(),
+            ));
+        };
+        let name = host.to_string();
+        let lookup = tokio::task::spawn_blocking(move || {
+            let _held = permit;
+            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
+                .map(|a| a.collect::<Vec<_>>())
+        });
+        match tokio::time::timeout(self.connect_timeout, lookup).await {
+            Ok(Ok(Ok(a))) => Ok(a),
+            Ok(_) => Err((EndReason::HostUnreachable, "name did not resolve".into())),
+            Err(_) => Err((EndReason::Timeout, "name resolution timed out".into())),
         }
     }
 
@@ -144,6 +181,131 @@ pub enum Inbound {
     Reset(EndReason, String),
 }
 
+/// Bytes a compact buffer of a stream's queue starts with.
+const COMPACT_CHUNK: usize = 16 * 1024;
+
+/// What waits for a stream's socket writer: a queue that holds about the
+/// payload it carries, whatever the cells were like.
+///
+/// Payload arrives as slices of the link's read buffer, one per DATA cell,
+/// and each slice keeps its whole frame (and the read chunk it came in)
+/// alive. While the writer keeps up, each slice goes to it as is (no
+/// copy); once something waits in the queue, new payload is copied onto
+/// the end of one compact buffer instead. So a peer that sends a window's
+/// worth of one-byte cells to a socket that does not read makes the queue
+/// hold about a window of bytes, not a frame (and an allocation) per byte,
+/// which was about a hundred times more.
+pub struct InboundQueue {
+    state: Mutex<Queued>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Queued {
+    items: std::collections::VecDeque<Inbound>,
+    /// The last item is a compact buffer this queue made (payload may be
+    /// appended to it).
+    compact_tail: bool,
+    /// The sender (the stream's handle) is gone.
+    closed: bool,
+    /// The receiver (the socket writer) is gone: take nothing more.
+    deaf: bool,
+}
+
+impl InboundQueue {
+    fn new() -> (Arc<Self>, InboundRx) {
+        let q = Arc::new(Self {
+            state: Mutex::new(Queued::default()),
+            ready: Notify::new(),
+        });
+        (q.clone(), InboundRx(q))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queued> {
+        self.state.lock().expect("inbound lock")
+    }
+
+    /// Queues `m` for the socket writer (dropped if it is gone).
+    fn send(&self, m: Inbound) {
+        let mut q = self.lock();
+        if q.deaf {
+            return;
+        }
+        match m {
+            Inbound::Data(d) if !q.items.is_empty() => {
+                if q.compact_tail
+                    && let Some(Inbound::Data(last)) = q.items.back_mut()
+                {
+                    last.extend_from_slice(&d);
+                } else {
+                    let mut c = BytesMut::with_capacity(d.len().max(COMPACT_CHUNK));
+                    c.extend_from_slice(&d);
+                    q.items.push_back(Inbound::Data(c));
+                    q.compact_tail = true;
+                }
+            }
+            m => {
+                q.items.push_back(m);
+                q.compact_tail = false;
+            }
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Payload bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock()
+            .items
+            .iter()
+            .map(|m| match m {
+                Inbound::Data(d) => d.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The sender is done: the receiver gets `None` once the queue is empty.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
+/// The socket writer's end of a stream's [`InboundQueue`].
+pub struct InboundRx(Arc<InboundQueue>);
+
+impl InboundRx {
+    /// The next item, waiting for one; `None` once the stream's handle is
+    /// gone and the queue is empty.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        loop {
+            let ready = self.0.ready.notified();
+            {
+                let mut q = self.0.lock();
+                if let Some(m) = q.items.pop_front() {
+                    if q.items.is_empty() {
+                        q.compact_tail = false;
+                    }
+                    return Some(m);
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            ready.await;
+        }
+    }
+}
+
+impl Drop for InboundRx {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.deaf = true;
+        q.items.clear();
+    }
+}
+
 /// Where a stream is attached now.
 #[derive(Default)]
 struct At {
@@ -162,12 +324,18 @@ type MoveReply = oneshot::Sender<Result<(), (CoreError, Option<Box<Stream>>)>>;
 /// holds it now.
 pub struct StreamHandle {
     at: Mutex<At>,
-    inbound: mpsc::UnboundedSender<Inbound>,
+    inbound: Arc<InboundQueue>,
     writable: Notify,
     moved: Mutex<Option<MoveReply>>,
     moves: AtomicU32,
     /// The exit's resume token (exit side).
     token: Token,
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        self.inbound.close();
+    }
 }
 
 impl std::fmt::Debug for StreamHandle {
@@ -196,8 +364,8 @@ enum Op<R> {
 }
 
 impl StreamHandle {
-    fn new(token: Token) -> (Arc<Self>, mpsc::UnboundedReceiver<Inbound>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn new(token: Token) -> (Arc<Self>, InboundRx) {
+        let (tx, rx) = InboundQueue::new();
         let h = Arc::new(Self {
             at: Mutex::new(At::default()),
             inbound: tx,
@@ -260,13 +428,13 @@ impl StreamHandle {
     }
 
     /// The stream is over here: its tasks stop, the client is reset.
-    fn end(&self, reason: EndReason, detail: String) {
+    pub(crate) fn end(&self, reason: EndReason, detail: String) {
         {
             let mut at = self.at();
             at.ended = true;
             at.loc = None;
         }
-        let _ = self.inbound.send(Inbound::Reset(reason, detail));
+        self.inbound.send(Inbound::Reset(reason, detail));
         self.wake();
         if let Some(w) = self.moved.lock().expect("move lock").take() {
             let _ = w.send(Err((CoreError::Closed, None)));
@@ -402,7 +570,7 @@ pub struct StreamParts {
     /// The stream.
     pub handle: Arc<StreamHandle>,
     /// What arrives for it.
-    pub inbound: mpsc::UnboundedReceiver<Inbound>,
+    pub inbound: InboundRx,
 }
 
 impl StreamParts {
@@ -425,7 +593,7 @@ struct Inner {
 }
 
 /// A new stream's receiving end, made with its handle for a BEGIN.
-type Begun = Option<mpsc::UnboundedReceiver<Inbound>>;
+type Begun = Option<InboundRx>;
 
 /// Events taken out of the session, with their streams' handles (and a
 /// BEGIN's new receiver), to act on once its lock is released.
@@ -439,6 +607,11 @@ pub struct Endpoint {
     exit: Option<Arc<ExitCtx>>,
     inner: Mutex<Inner>,
     closed: AtomicBool,
+    /// Set while this tip extends the circuit: one EXTEND at a time (an
+    /// origin that sends many would make the tip dial for each).
+    extending: AtomicBool,
+    /// A cell arrived since the last [`Endpoint::quiet`].
+    heard: AtomicBool,
     /// Where its tasks (and its streams') are tracked.
     tasks: TaskTracker,
 }
@@ -493,12 +666,13 @@ impl Endpoint {
         keys: ferry_circuit::crypto::Session,
         side: Side,
         window: u32,
+        max_streams: usize,
         exit: Option<Arc<ExitCtx>>,
         tasks: TaskTracker,
     ) -> Arc<Self> {
         let cfg = Config {
             window,
-            max_streams: MAX_STREAMS_PER_CIRCUIT,
+            max_streams,
             resume_timeout_ms: RESUME_TIMEOUT.as_millis() as u64,
         };
         Arc::new(Self {
@@ -511,8 +685,38 @@ impl Endpoint {
                 flushing: false,
             }),
             closed: AtomicBool::new(false),
+            extending: AtomicBool::new(false),
+            heard: AtomicBool::new(true),
             tasks,
         })
+    }
+
+    /// Whether no cell arrived since the last call (the idle sweeps ask
+    /// once a period).
+    pub fn quiet(&self) -> bool {
+        !self.heard.swap(false, Ordering::Relaxed)
+    }
+
+    /// Sends a keepalive if a stream is open ([`Session::keepalive`]);
+    /// whether one went.
+    pub async fn keepalive(self: &Arc<Self>) -> Result<bool, CircuitError> {
+        let (r, todo) = self.run(|g| g.core.keepalive());
+        self.act(todo);
+        if r? {
+            self.flush().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Claims this tip's one extend; `false` if one is running.
+    pub fn start_extend(&self) -> bool {
+        !self.extending.swap(true, Ordering::AcqRel)
+    }
+
+    /// The extend ended without splicing: the origin may ask again.
+    pub fn end_extend(&self) {
+        self.extending.store(false, Ordering::Release);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -563,14 +767,14 @@ impl Endpoint {
     fn on_event(self: &Arc<Self>, ev: Event, h: Option<Arc<StreamHandle>>, begun: Begun) {
         match (ev, h) {
             (Event::Data { data, .. }, Some(h)) => {
-                let _ = h.inbound.send(Inbound::Data(data));
+                h.inbound.send(Inbound::Data(data));
             }
             (Event::Connected { .. }, Some(h)) => {
-                let _ = h.inbound.send(Inbound::Connected);
+                h.inbound.send(Inbound::Connected);
             }
             (Event::Writable { .. }, Some(h)) => h.wake(),
             (Event::Finished { .. }, Some(h)) => {
-                let _ = h.inbound.send(Inbound::Finished);
+                h.inbound.send(Inbound::Finished);
             }
             (Event::Reset { reason, detail, .. }, Some(h)) => {
                 if let Some(x) = &self.exit {
@@ -706,6 +910,26 @@ impl Endpoint {
     /// Each stream is taken off under its own pointer's lock, so a
     /// `Resume` or a socket task never sees it half gone.
     pub fn close(self: &Arc<Self>, reason: DestroyReason) {
+        self.close_inner(reason, false);
+    }
+
+    /// Closes the circuit at its origin, handing back the streams that
+    /// were open, detached (their clients wait), instead of ending them:
+    /// the caller moves them onto a new circuit to the same exit with
+    /// [`Endpoint::adopt`], or ends them.
+    pub fn close_rescuing(
+        self: &Arc<Self>,
+        reason: DestroyReason,
+    ) -> Vec<(Arc<StreamHandle>, Stream)> {
+        self.close_inner(reason, true)
+    }
+
+    fn close_inner(
+        self: &Arc<Self>,
+        reason: DestroyReason,
+        rescue: bool,
+    ) -> Vec<(Arc<StreamHandle>, Stream)> {
+        let mut orphans = Vec::new();
         self.closed.store(true, Ordering::Release);
         let handles: Vec<(u32, Arc<StreamHandle>)> = self.lock().handles.drain().collect();
         let (why, detail) = closed_reason(reason);
@@ -733,6 +957,12 @@ impl Endpoint {
                     drop(at);
                     resolve_move(&h, Err((CoreError::Closed, Some(Box::new(stream)))));
                 }
+                // Taken out for a move to another circuit (the origin's
+                // rescue after a lost circuit).
+                Some(stream) if rescue && stream.phase() == Phase::Open => {
+                    drop(at);
+                    orphans.push((h, stream));
+                }
                 _ => {
                     drop(at);
                     h.end(why, detail.clone());
@@ -742,6 +972,18 @@ impl Endpoint {
         }
         let (_, todo) = self.run(|g| g.core.close());
         self.act(todo);
+        orphans
+    }
+
+    /// Attaches a stream taken from a lost circuit to `new` (another
+    /// circuit to the same exit) with a `Resume`, and waits for the exit's
+    /// answer. On failure the stream comes back, to try elsewhere.
+    pub async fn adopt(
+        h: &Arc<StreamHandle>,
+        new: &Arc<Endpoint>,
+        stream: Stream,
+    ) -> Result<(), (CoreError, Option<Box<Stream>>)> {
+        Self::reattach(h, new, stream).await
     }
 
     /// Sends a control reply (sealed for the origin).
@@ -758,6 +1000,7 @@ impl Endpoint {
         buf: BytesMut,
     ) -> Result<Option<ferry_proto::pb::Extend>, CircuitError> {
         // Opening a CONTROL cell queues nothing: no flush to start.
+        self.heard.store(true, Ordering::Relaxed);
         let (r, todo) = self.run(|g| g.core.handle_control(buf));
         self.act(todo);
         match r?.msg {
@@ -771,6 +1014,7 @@ impl Endpoint {
         // Whether the cell queued an answer is read under the same lock, so
         // a DATA cell (which queues nothing) costs no second lock; a RESUME
         // queues its answer while it is acted on.
+        self.heard.store(true, Ordering::Relaxed);
         let ((r, queued), todo) = self.run(|g| {
             let r = g.core.handle_relay(buf);
             (r, g.core.has_transmits())
@@ -1208,7 +1452,7 @@ async fn pump_up(
 async fn pump_down(
     h: &StreamHandle,
     mut w: tokio::net::tcp::WriteHalf<'_>,
-    mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    mut inbound: InboundRx,
     pace: &Pace,
     stop: CancellationToken,
 ) -> CloseReason {
@@ -1278,14 +1522,7 @@ async fn connect_target(
     if host.is_empty() || host.len() > 255 {
         return Err((EndReason::HostUnreachable, "bad host name length".into()));
     }
-    let addrs: Vec<SocketAddr> =
-        match tokio::time::timeout(exit.connect_timeout, tokio::net::lookup_host((host, port)))
-            .await
-        {
-            Ok(Ok(a)) => a.collect(),
-            Ok(Err(_)) => return Err((EndReason::HostUnreachable, "name did not resolve".into())),
-            Err(_) => return Err((EndReason::Timeout, "name resolution timed out".into())),
-        };
+    let addrs = exit.resolve(host, port).await?;
     let mut refusals = Vec::new();
     let allowed: Vec<SocketAddr> = addrs
         .into_iter()
@@ -1329,5 +1566,58 @@ fn io_reason(e: &std::io::Error) -> EndReason {
         HostUnreachable => EndReason::HostUnreachable,
         TimedOut => EndReason::Timeout,
         _ => EndReason::HostUnreachable,
+    }
+}
+
+#[cfg(test)]
+mod inbound_tests {
+    use super::*;
+
+    /// Tiny payloads queued behind a busy writer are copied into one
+    /// compact buffer: 100,000 one-byte cells cut from big read chunks
+    /// hold about 100 KB, not a chunk (or a frame) each; order is kept,
+    /// and an end still comes after the data.
+    #[tokio::test]
+    async fn tiny_cells_queue_compactly_and_in_order() {
+        let (tx, mut rx) = InboundQueue::new();
+        // A read chunk as the link reads it; each cell a slice of it.
+        let mut chunk = BytesMut::with_capacity(256 * 1024);
+        chunk.resize(256 * 1024, 0);
+        let first = chunk.split_to(10);
+        tx.send(Inbound::Data(first));
+        for i in 0..100_000u32 {
+            if chunk.len() < 2 {
+                chunk = BytesMut::zeroed(256 * 1024);
+            }
+            let mut one = chunk.split_to(1);
+            one[0] = (i % 251) as u8;
+            tx.send(Inbound::Data(one));
+        }
+        tx.send(Inbound::Finished);
+        assert_eq!(tx.queued_bytes(), 100_010);
+        // Three items: the first slice as it came, one compact buffer, the end.
+        assert_eq!(tx.lock().items.len(), 3);
+        let Some(Inbound::Data(a)) = rx.recv().await else {
+            panic!("data first")
+        };
+        assert_eq!(a.len(), 10);
+        let Some(Inbound::Data(b)) = rx.recv().await else {
+            panic!("then the compact buffer")
+        };
+        assert_eq!(b.len(), 100_000);
+        assert!(b.capacity() < 2 * 100_000 + COMPACT_CHUNK, "{}", b.capacity());
+        assert!(b.iter().enumerate().all(|(i, x)| *x == (i % 251) as u8));
+        assert!(matches!(rx.recv().await, Some(Inbound::Finished)));
+        tx.close();
+        assert!(rx.recv().await.is_none());
+    }
+
+    /// Once the writer is gone, nothing more is held.
+    #[tokio::test]
+    async fn a_gone_writer_holds_nothing() {
+        let (tx, rx) = InboundQueue::new();
+        drop(rx);
+        tx.send(Inbound::Data(BytesMut::from(&b"lost"[..])));
+        assert_eq!(tx.queued_bytes(), 0);
     }
 }

@@ -66,6 +66,55 @@ pub const CHECKS: u32 = 1;
 /// The most a rate or a burst may be set to (new streams per second).
 pub const MAX_RATE: u32 = 1_000_000;
 
+/// What this node takes on for others, as a relay and exit (`[limits]`;
+/// a restart changes them). Every one has a bound: a hostile peer or
+/// origin can fill a limit, not the node's memory or its file table.
+/// Refusals are counted in `ferry_refusals_total` by reason (`capacity`
+/// for the first four, `dns` for lookups).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Carry {
+    /// Links at once, inbound and outbound (an inbound one past it is
+    /// closed before its handshake; a dial past it fails).
+    pub links: u32,
+    /// Inbound link handshakes in progress at once (each may take up to
+    /// the handshake timeout); more connections wait to be accepted.
+    pub link_handshakes: u32,
+    /// Circuit sides this node holds at once, in all.
+    pub circuits: u32,
+    /// Circuit sides at once on one link: one neighbour cannot take them
+    /// all.
+    pub circuits_per_link: u32,
+    /// Streams at once on one circuit, at the exit.
+    pub streams_per_circuit: u32,
+    /// Names the exit resolves at once (each holds a resolver thread
+    /// until the system resolver answers, even after the stream gave up
+    /// on it); a BEGIN past it ends with `capacity`.
+    pub dns_lookups: u32,
+    /// A circuit with no cell either way for this long is closed, at the
+    /// relays, the exit and the entry (0: never).
+    pub idle_circuit_secs: u32,
+    /// MiB of forwarded cells that may wait for congested links, in all
+    /// (each circuit's own share is at most
+    /// [`crate::link::CIRCUIT_QUEUE_MAX`]); a circuit whose cell finds
+    /// either full is destroyed (`capacity`).
+    pub forward_queue_mb: u32,
+}
+
+impl Default for Carry {
+    fn default() -> Self {
+        Self {
+            links: 2048,
+            link_handshakes: 64,
+            circuits: 20_000,
+            circuits_per_link: 4096,
+            streams_per_circuit: 512,
+            dns_lookups: 64,
+            idle_circuit_secs: 600,
+            forward_queue_mb: 256,
+        }
+    }
+}
+
 /// What one client or one tenant may take (0: no limit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Share {

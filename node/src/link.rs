@@ -60,6 +60,12 @@ pub const TRANSPORT_CODEC: FrameCodec =
     FrameCodec::new(TAG_LEN + ferry_proto::cell::HEADER_LEN, MAX_NOISE_MESSAGE);
 /// Cells queued for one link's writer before senders wait.
 pub const LINK_QUEUE_CELLS: usize = 128;
+/// Circuit control cells (DESTROY, CREATED) that found the data queue full,
+/// queued for one link's writer ahead of data. They are never dropped: one
+/// that finds this queue full too closes the link, which ends every
+/// circuit on it (what the DESTROY was to end, and more), so no circuit is
+/// left open at one end only.
+pub const LINK_URGENT_CELLS: usize = 1024;
 /// How often each end of a link pings the other.
 pub const KEEPALIVE: Duration = Duration::from_secs(1);
 
@@ -212,6 +218,9 @@ pub trait LinkHost: Send + Sync + 'static {
     fn next_link_id(&self) -> LinkId;
     /// The counter of bytes written to links.
     fn bytes_out(&self) -> Arc<std::sync::atomic::AtomicU64>;
+    /// The bytes waiting in every link's overflow, and the most there may
+    /// be (`[limits] forward_queue_mb`).
+    fn forward_queue(&self) -> (Arc<std::sync::atomic::AtomicUsize>, usize);
     /// A link finished its handshake.
     fn link_up(&self, link: Arc<LinkHandle>);
     /// A link closed.
@@ -226,6 +235,42 @@ pub trait LinkHost: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), Malformed>> + Send;
 }
 
+/// Bytes one circuit may have waiting in a link's overflow; past it the
+/// circuit is destroyed (`capacity`). A circuit's senders keep at most
+/// their streams' windows in flight, so only a sender that ignores them,
+/// or a very wide circuit behind a link that stopped, gets here.
+pub const CIRCUIT_QUEUE_MAX: usize = 16 << 20;
+
+/// Forwarded cells that found a link's queue full, one queue per circuit,
+/// written round-robin (a circuit at a time, a cell at a time), so that a
+/// circuit whose cells pile up does not hold up the others: the reader of
+/// the link they came from never waits for this one.
+#[derive(Debug, Default)]
+struct Overflow {
+    state: std::sync::Mutex<OverflowState>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct OverflowState {
+    /// Cells and their bytes, by circuit id on this link.
+    queues: std::collections::HashMap<u32, (std::collections::VecDeque<BytesMut>, usize)>,
+    /// Circuits with cells, in turn.
+    order: std::collections::VecDeque<u32>,
+}
+
+/// Why a forwarded cell was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The link is gone.
+    #[error("link closed")]
+    Closed,
+    /// The circuit, or all circuits of this node, have as much waiting as
+    /// they may ([`CIRCUIT_QUEUE_MAX`], `[limits] forward_queue_mb`).
+    #[error("too much queued for a congested link")]
+    TooMuch,
+}
+
 /// A live link, as the rest of the node sees it.
 #[derive(Debug)]
 pub struct LinkHandle {
@@ -234,6 +279,14 @@ pub struct LinkHandle {
     /// The node at the other end.
     pub peer: NodeId,
     tx: mpsc::Sender<BytesMut>,
+    /// Circuit control cells, written before data ([`LINK_URGENT_CELLS`]).
+    urgent: mpsc::Sender<BytesMut>,
+    /// Forwarded cells waiting, by circuit.
+    overflow: Arc<Overflow>,
+    /// Bytes waiting in every link's overflow on this node, and the most
+    /// there may be.
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    held_max: usize,
     next_circ: AtomicU32,
     initiator: bool,
     closed: CancellationToken,
@@ -266,6 +319,80 @@ impl LinkHandle {
     /// Queues a cell if there is room now (for best-effort notices).
     pub fn try_send(&self, cell: BytesMut) -> bool {
         self.tx.try_send(cell).is_ok()
+    }
+
+    /// Queues a cell a relay forwards onto this link, without waiting: to
+    /// the link's queue while it has room and no circuit is waiting, else
+    /// to its circuit's overflow queue ([`Overflow`]). A circuit's cells
+    /// keep their order.
+    pub fn forward(&self, circ: u32, cell: BytesMut) -> Result<(), ForwardError> {
+        let mut o = self.overflow.state.lock().expect("overflow lock");
+        if self.tx.is_closed() {
+            return Err(ForwardError::Closed);
+        }
+        let cell = if o.queues.is_empty() {
+            match self.tx.try_send(cell) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(ForwardError::Closed),
+                Err(mpsc::error::TrySendError::Full(c)) => c,
+            }
+        } else {
+            cell
+        };
+        let len = cell.len();
+        let held = self.held.load(Ordering::Relaxed);
+        let (q, bytes) = o.queues.entry(circ).or_default();
+        if *bytes + len > CIRCUIT_QUEUE_MAX || held + len > self.held_max {
+            if q.is_empty() {
+                o.queues.remove(&circ);
+            }
+            return Err(ForwardError::TooMuch);
+        }
+        let first = q.is_empty();
+        q.push_back(cell);
+        *bytes += len;
+        if first {
+            o.order.push_back(circ);
+        }
+        self.held.fetch_add(len, Ordering::Relaxed);
+        drop(o);
+        self.overflow.ready.notify_one();
+        Ok(())
+    }
+
+    /// Drops what waits in this link's overflow for `circ` (the circuit is
+    /// being destroyed).
+    pub fn purge(&self, circ: u32) {
+        let mut o = self.overflow.state.lock().expect("overflow lock");
+        if let Some((_, bytes)) = o.queues.remove(&circ) {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a circuit control cell (DESTROY, CREATED) without waiting:
+    /// behind the data queued before it if there is room (a DESTROY then
+    /// follows the circuit's last cells), else ahead of data. It is never
+    /// dropped: if the peer has also left [`LINK_URGENT_CELLS`] of them
+    /// unread, the link is closed instead (which ends every circuit on it
+    /// at both ends). `false` if the link is closed.
+    pub fn send_urgent(&self, cell: BytesMut) -> bool {
+        let cell = match self.tx.try_send(cell) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(c)) => c,
+        };
+        match self.urgent.try_send(cell) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    peer = %self.peer.short(),
+                    "link closed: the peer left {LINK_URGENT_CELLS} circuit control cells unread"
+                );
+                self.close();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 
     /// A fresh circuit id for a circuit this side creates on the link. The
@@ -576,11 +703,18 @@ fn start<H: LinkHost>(
     initiator: bool,
 ) -> Arc<LinkHandle> {
     let (tx, rx) = mpsc::channel(LINK_QUEUE_CELLS);
+    let (urgent, urgent_rx) = mpsc::channel(LINK_URGENT_CELLS);
     let closed = switch.shutdown().child_token();
+    let overflow = Arc::new(Overflow::default());
+    let (held, held_max) = switch.forward_queue();
     let link = Arc::new(LinkHandle {
         id: switch.next_link_id(),
         peer,
         tx,
+        urgent,
+        overflow: overflow.clone(),
+        held: held.clone(),
+        held_max,
         next_circ: AtomicU32::new(1),
         initiator,
         closed: closed.clone(),
@@ -596,7 +730,20 @@ fn start<H: LinkHost>(
         rx: opener,
     } = session;
     switch.tasks().spawn(
-        write_loop(w, rx, sealer, closed.clone(), switch.bytes_out()).instrument(span.clone()),
+        write_loop(
+            w,
+            Queues {
+                urgent: urgent_rx,
+                data: rx,
+                overflow,
+                held,
+                overflow_turn: false,
+            },
+            sealer,
+            closed.clone(),
+            switch.bytes_out(),
+        )
+        .instrument(span.clone()),
     );
     switch
         .tasks()
@@ -641,9 +788,89 @@ fn start<H: LinkHost>(
     link
 }
 
+/// A link writer's queues: circuit control cells first, then the link's
+/// queue and the circuits' overflow queues in turn.
+struct Queues {
+    urgent: mpsc::Receiver<BytesMut>,
+    data: mpsc::Receiver<BytesMut>,
+    overflow: Arc<Overflow>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether the overflow goes first next time (they alternate).
+    overflow_turn: bool,
+}
+
+impl Queues {
+    /// The next cell queued now: urgent ones first, then the link's queue
+    /// and the overflow alternately.
+    fn try_next(&mut self) -> Option<BytesMut> {
+        if let Ok(c) = self.urgent.try_recv() {
+            return Some(c);
+        }
+        self.overflow_turn = !self.overflow_turn;
+        if self.overflow_turn {
+            self.pop_overflow().or_else(|| self.data.try_recv().ok())
+        } else {
+            self.data.try_recv().ok().or_else(|| self.pop_overflow())
+        }
+    }
+
+    /// One cell of the next circuit in turn.
+    fn pop_overflow(&mut self) -> Option<BytesMut> {
+        let mut o = self.overflow.state.lock().expect("overflow lock");
+        while let Some(circ) = o.order.pop_front() {
+            let Some((q, bytes)) = o.queues.get_mut(&circ) else {
+                continue; // purged
+            };
+            let Some(c) = q.pop_front() else {
+                o.queues.remove(&circ);
+                continue;
+            };
+            *bytes -= c.len();
+            if q.is_empty() {
+                o.queues.remove(&circ);
+            } else {
+                o.order.push_back(circ);
+            }
+            self.held.fetch_sub(c.len(), Ordering::Relaxed);
+            return Some(c);
+        }
+        None
+    }
+
+    /// Waits for the next cell (`None`: the link is gone).
+    async fn next(&mut self) -> Option<BytesMut> {
+        loop {
+            if let Some(c) = self.try_next() {
+                return Some(c);
+            }
+            let overflow = self.overflow.clone();
+            let more = overflow.ready.notified();
+            tokio::select! {
+                biased;
+                Some(c) = self.urgent.recv() => return Some(c),
+                c = self.data.recv() => return c,
+                _ = more => {}
+            }
+        }
+    }
+}
+
+impl Drop for Queues {
+    /// A closed link's overflow no longer counts against the node's.
+    fn drop(&mut self) {
+        // Closed first: a forward after this sees it and queues nothing.
+        self.data.close();
+        let mut o = self.overflow.state.lock().expect("overflow lock");
+        let bytes: usize = o.queues.values().map(|(_, b)| b).sum();
+        o.queues.clear();
+        o.order.clear();
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 async fn write_loop(
     mut w: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<BytesMut>,
+    mut q: Queues,
     mut sealer: crypto::Sealer,
     closed: CancellationToken,
     written: Arc<std::sync::atomic::AtomicU64>,
@@ -655,7 +882,7 @@ async fn write_loop(
     let mut upkeep;
     loop {
         let first = tokio::select! {
-            c = rx.recv() => c,
+            c = q.next() => c,
             _ = closed.cancelled() => None,
         };
         let Some(first) = first else { break };
@@ -676,7 +903,7 @@ async fn write_loop(
                 upkeep += out.len() - before;
             }
             next = if out.len() < WRITE_BATCH {
-                rx.try_recv().ok()
+                q.try_next()
             } else {
                 None
             };
@@ -741,4 +968,117 @@ pub fn cell(circ_id: u32, cmd: ferry_proto::CellCmd, body: &[u8]) -> BytesMut {
     b.put_slice(&ferry_proto::cell::header(circ_id, cmd));
     b.put_slice(body);
     b
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    fn handle(data: usize, urgent: usize) -> (LinkHandle, Queues) {
+        let (tx, data_rx) = mpsc::channel(data);
+        let (utx, urgent_rx) = mpsc::channel(urgent);
+        let overflow = Arc::new(Overflow::default());
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = LinkHandle {
+            id: 1,
+            peer: NodeId([7; 32]),
+            tx,
+            urgent: utx,
+            overflow: overflow.clone(),
+            held: held.clone(),
+            held_max: 1 << 20,
+            next_circ: AtomicU32::new(1),
+            initiator: true,
+            closed: CancellationToken::new(),
+            keepalive: Default::default(),
+            heard: Default::default(),
+            waiting: Default::default(),
+            dead: Default::default(),
+        };
+        let q = Queues {
+            urgent: urgent_rx,
+            data: data_rx,
+            overflow,
+            held,
+            overflow_turn: false,
+        };
+        (h, q)
+    }
+
+    /// Once a link's queue is full, forwarded cells wait per circuit and
+    /// are written a circuit at a time: a circuit with a thousand cells
+    /// waiting does not hold up one with a single cell (it used to: the
+    /// reader of the link they came from waited for room, for every
+    /// circuit on it). A circuit's cells keep their order, its queue and
+    /// the node's are bounded, and a purge drops what a destroyed circuit
+    /// left.
+    #[test]
+    fn forwarded_cells_wait_per_circuit_and_take_turns() {
+        use ferry_proto::CellCmd;
+        let (h, mut q) = handle(1, 4);
+        h.forward(1, cell(1, CellCmd::Relay, &[0])).unwrap();
+        for i in 1..1000u16 {
+            h.forward(1, cell(1, CellCmd::Relay, &i.to_be_bytes())).unwrap();
+        }
+        h.forward(2, cell(2, CellCmd::Relay, b"x")).unwrap();
+        assert_eq!(h.held.load(Ordering::Relaxed), 999 * 7 + 6);
+        let first: Vec<u32> = std::iter::from_fn(|| q.try_next())
+            .take(4)
+            .map(|c| u32::from_be_bytes(c[..4].try_into().unwrap()))
+            .collect();
+        assert!(first.contains(&2), "circuit 2 within the first turns: {first:?}");
+        // Circuit 1's cells in order.
+        let rest: Vec<u16> = std::iter::from_fn(|| q.try_next())
+            .filter(|c| c[3] == 1)
+            .map(|c| u16::from_be_bytes(c[5..7].try_into().unwrap()))
+            .collect();
+        assert!(rest.windows(2).all(|w| w[0] + 1 == w[1]), "in order");
+        assert_eq!(h.held.load(Ordering::Relaxed), 0);
+        // Bounds: the node's (1 MiB here), then a purge frees it.
+        let big = BytesMut::zeroed(60_000);
+        assert!(h.forward(3, big.clone()).is_ok(), "the link's queue");
+        let mut n = 0;
+        while h.forward(3, big.clone()).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, (1 << 20) / 60_000);
+        assert_eq!(h.forward(4, big.clone()), Err(ForwardError::TooMuch));
+        h.purge(3);
+        assert_eq!(h.held.load(Ordering::Relaxed), 0);
+        assert!(h.forward(4, big).is_ok());
+        drop(q);
+        assert_eq!(h.held.load(Ordering::Relaxed), 0, "a closed link holds nothing");
+        assert_eq!(
+            h.forward(4, cell(4, CellCmd::Relay, b"late")),
+            Err(ForwardError::Closed)
+        );
+    }
+
+    /// A DESTROY follows the data queued before it while there is room;
+    /// on a full data queue it goes ahead of the data instead of being
+    /// dropped (it used to be); with both full, the link closes, which
+    /// ends every circuit on it.
+    #[test]
+    fn a_destroy_is_never_dropped() {
+        use ferry_proto::CellCmd;
+        let (h, mut q) = handle(2, 1);
+        assert!(h.try_send(cell(5, CellCmd::Relay, b"a")));
+        assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
+        assert!(!h.try_send(cell(6, CellCmd::Relay, b"b")), "data queue full");
+        assert!(h.send_urgent(cell(6, CellCmd::Destroy, b"")), "goes ahead");
+        let order: Vec<u8> = std::iter::from_fn(|| q.try_next())
+            .map(|c| c[ferry_proto::cell::HEADER_LEN - 1])
+            .collect();
+        assert_eq!(
+            order,
+            [CellCmd::Destroy as u8, CellCmd::Relay as u8, CellCmd::Destroy as u8],
+            "the urgent DESTROY first, then the queue in order"
+        );
+        let (h, _q) = handle(1, 1);
+        assert!(h.try_send(cell(5, CellCmd::Relay, b"a")));
+        assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
+        assert!(!h.is_closed());
+        assert!(!h.send_urgent(cell(6, CellCmd::Destroy, b"")));
+        assert!(h.is_closed(), "a peer that reads nothing loses the link");
+    }
 }

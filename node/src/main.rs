@@ -38,6 +38,10 @@ struct Cli {
     /// Payload, keys and client addresses appear only at debug.
     #[arg(long, global = true, default_value = "info", env = "FERRY_LOG")]
     log: String,
+    /// A file holding the admin API's bearer token ([admin] token_file),
+    /// sent by the commands that call a node's admin API.
+    #[arg(long, global = true, env = "FERRY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -380,6 +384,11 @@ fn init_logs(cli: &Cli) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logs(&cli);
+    if let Some(f) = &cli.admin_token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("--admin-token-file {}", f.display()))?;
+        ferry_node::admin::client::use_token(t.trim().to_string());
+    }
     match cli.cmd {
         Cmd::Init {
             dir,

@@ -35,6 +35,8 @@ pub const CLOSE_REASONS: [CloseReason; 6] = [
 pub struct LinkMetrics {
     /// Links open (scrape time).
     pub active: IntGauge,
+    /// Bytes of forwarded cells waiting for congested links (scrape time).
+    pub queued: IntGauge,
     /// Links opened.
     pub opened: IntCounter,
     /// Links closed, by reason (`error`, `normal`).
@@ -66,6 +68,8 @@ pub struct CircuitMetrics {
     pub migrations: IntCounterVec,
     /// Streams moved.
     pub streams_moved: IntCounter,
+    /// Streams of lost circuits, moved or lost.
+    pub rescued: IntCounterVec,
     /// Circuits closed because their exit left.
     pub exit_closed: IntCounter,
 }
@@ -229,6 +233,11 @@ impl LinkMetrics {
         );
         let m = Self {
             active: gauge(r, "ferry_links_active", "Data-plane links open."),
+            queued: gauge(
+                r,
+                "ferry_link_queued_bytes",
+                "Bytes of forwarded cells waiting, with their circuits, for congested links.",
+            ),
             opened: counter(r, "ferry_links_opened_total", "Data-plane links opened."),
             closed: counter_vec(
                 r,
@@ -300,6 +309,12 @@ impl CircuitMetrics {
                 "ferry_streams_moved_total",
                 "Streams moved to another circuit.",
             ),
+            rescued: counter_vec(
+                r,
+                "ferry_streams_rescued_total",
+                "Streams of circuits lost without warning (a hop died, a link was cut), by result: moved to a new circuit to the same exit, or lost.",
+                "result",
+            ),
             exit_closed: counter(
                 r,
                 "ferry_exit_circuits_closed_total",
@@ -307,7 +322,8 @@ impl CircuitMetrics {
             ),
         };
         seed(&m.migrations, &["started", "succeeded", "failed"]);
-        for r in (1..=7).filter_map(|i| ferry_proto::pb::DestroyReason::try_from(i).ok()) {
+        seed(&m.rescued, &["moved", "lost"]);
+        for r in (1..=9).filter_map(|i| ferry_proto::pb::DestroyReason::try_from(i).ok()) {
             m.closed.with_label_values(&[&destroy_label(r)]);
         }
         m
@@ -398,7 +414,7 @@ impl NodeMetrics {
             refusals: counter_vec(
                 r,
                 "ferry_refusals_total",
-                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout, rate, concurrency, connections).",
+                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout, rate, concurrency, connections, loop, dns, policy).",
                 "reason",
             ),
             peers: gauge_vec(
@@ -421,6 +437,9 @@ impl NodeMetrics {
                 "rate",
                 "concurrency",
                 "connections",
+                "loop",
+                "dns",
+                "policy",
             ],
         );
         m

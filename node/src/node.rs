@@ -288,6 +288,7 @@ fn start_data_plane(
     if let Some(exit) = switch.exit() {
         switch.tasks.spawn(exit.sweep_parked(shutdown.clone()));
     }
+    switch.tasks.spawn(switch.clone().sweep_idle());
     let origin = (listeners.socks.is_some() || listeners.http.is_some()).then(|| {
         let origin = Origin::new(switch.clone());
         let entry_listeners =
@@ -310,6 +311,12 @@ fn start_data_plane(
         switch
             .tasks
             .spawn(origin.clone().run_drains(shutdown.clone()));
+        switch
+            .tasks
+            .spawn(origin.clone().run_idle(shutdown.clone()));
+        switch
+            .tasks
+            .spawn(origin.clone().run_rescues(shutdown.clone()));
         origin
     });
     switch
@@ -398,22 +405,44 @@ impl Running {
     }
 }
 
+/// Accepts links: at most `[limits] link_handshakes` in their handshake at
+/// once (the next connection waits in the kernel's backlog until one
+/// ends), and none past `[limits] links` (closed at once, counted as
+/// `capacity`).
 async fn accept_links(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) {
     let mut n = 0u64;
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        switch.cfg.carry.link_handshakes as usize,
+    ));
     loop {
+        let permit = tokio::select! {
+            p = handshakes.clone().acquire_owned() => p.expect("never closed"),
+            _ = shutdown.cancelled() => return,
+        };
         let sock = tokio::select! {
             a = listener.accept() => match a {
                 Ok((s, _)) => s,
-                Err(e) => { warn!(error = %e, "link accept failed"); continue; }
+                Err(e) => {
+                    warn!(error = %e, "link accept failed");
+                    // Out of file descriptors, say: let some close.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = shutdown.cancelled() => return,
         };
         n += 1;
+        if switch.link_total() >= switch.cfg.carry.links as usize {
+            switch.refused_link("link refused: this node holds its limit of links ([limits] links)");
+            continue;
+        }
         let sw = switch.clone();
         let span = tracing::info_span!("inbound", n);
         switch.tasks.spawn(
             async move {
-                if let Err(e) = link::accept(sw, sock).await {
+                let r = link::accept(sw, sock).await;
+                drop(permit);
+                if let Err(e) = r {
                     warn!(reason = %format!("{e:#}"), "link refused");
                 }
             }

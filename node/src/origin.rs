@@ -22,13 +22,13 @@
 //! exit is leaving cannot move (its TCP connections live there): it takes no
 //! new streams and is closed at the deadline with the reason.
 
-use crate::endpoint::{CircuitError, Endpoint, Inbound, StreamParts};
+use crate::endpoint::{CircuitError, Endpoint, Inbound, StreamHandle, StreamParts};
 use crate::link::LinkHandle;
 use crate::routing::Route;
 use crate::switch::Switch;
 use bytes::BytesMut;
 use ferry_circuit::crypto::Session;
-use ferry_circuit::{Build, Hop, Side, Step};
+use ferry_circuit::{Build, Hop, Side, Step, Stream};
 use ferry_proto::CellCmd;
 use ferry_proto::pb::{DestroyReason, EndReason};
 use ferry_router::{
@@ -58,8 +58,25 @@ enum BuildEvent {
     Destroyed(DestroyReason),
 }
 
+/// Answers a build waits for at once: one per step (a hop that sends more
+/// breaks the protocol).
+const BUILD_EVENTS: usize = 4;
+
+/// How long the origin tries to move the streams of a circuit it lost
+/// without warning (a relay killed, a link cut) onto a new circuit to the
+/// same exit; exits keep such streams parked for
+/// [`crate::endpoint::PARK_MS`], longer than this.
+pub const RESCUE_WINDOW: Duration = Duration::from_secs(20);
+
+/// Streams of a lost circuit, to move onto a new circuit to its exit.
+struct Rescue {
+    route: Arc<Route>,
+    path: Vec<NodeId>,
+    orphans: Vec<(Arc<StreamHandle>, Stream)>,
+}
+
 enum State {
-    Building(mpsc::UnboundedSender<BuildEvent>),
+    Building(mpsc::Sender<BuildEvent>),
     Open(Arc<Endpoint>),
     Closed,
 }
@@ -86,6 +103,25 @@ pub struct OriginCircuit {
     at_risk: AtomicBool,
     /// When it was built, ms since the epoch.
     pub built_at_ms: u64,
+    /// Where a lost circuit's streams go to be moved ([`Origin::run_rescues`]).
+    rescue: mpsc::UnboundedSender<Rescue>,
+}
+
+/// Whether a circuit closed for `reason` was lost rather than ended: its
+/// streams are worth moving to another circuit to the same exit.
+fn lost(reason: DestroyReason) -> bool {
+    matches!(
+        reason,
+        DestroyReason::LinkLost
+            | DestroyReason::Protocol
+            | DestroyReason::Unspecified
+            | DestroyReason::Shutdown
+    )
+}
+
+/// A hop sent more build answers than there are steps.
+fn too_many<T>(_: mpsc::error::TrySendError<T>) -> CircuitError {
+    CircuitError::Protocol("more answers than the build has steps".into())
 }
 
 impl crate::switch::OriginSlot for OriginCircuit {
@@ -108,10 +144,10 @@ impl OriginCircuit {
         let st = self.state.lock().expect("state lock");
         match (&*st, cmd) {
             (State::Building(tx), CellCmd::Created) => {
-                let _ = tx.send(BuildEvent::Created(buf));
+                tx.try_send(BuildEvent::Created(buf)).map_err(too_many)?;
             }
             (State::Building(tx), CellCmd::Control) => {
-                let _ = tx.send(BuildEvent::Control(buf));
+                tx.try_send(BuildEvent::Control(buf)).map_err(too_many)?;
             }
             (State::Open(end), CellCmd::Relay) => {
                 let end = end.clone();
@@ -134,7 +170,28 @@ impl OriginCircuit {
         let prev = std::mem::replace(&mut *self.state.lock().expect("state lock"), State::Closed);
         match prev {
             State::Building(tx) => {
-                let _ = tx.send(BuildEvent::Destroyed(reason));
+                let _ = tx.try_send(BuildEvent::Destroyed(reason));
+            }
+            // Lost without warning (a hop died, a link was cut, a hop
+            // broke the protocol): the open streams move to a new circuit
+            // to the same exit, which parked them.
+            State::Open(end) if lost(reason) => {
+                let orphans = end.close_rescuing(reason);
+                if !orphans.is_empty() {
+                    let rescue = Rescue {
+                        route: self.route.clone(),
+                        path: self.path.clone(),
+                        orphans,
+                    };
+                    if let Err(e) = self.rescue.send(rescue) {
+                        for (h, _) in e.0.orphans {
+                            h.end(
+                                EndReason::CircuitClosed,
+                                "circuit lost while the entry stops".into(),
+                            );
+                        }
+                    }
+                }
             }
             State::Open(end) => end.close(reason),
             State::Closed => {}
@@ -214,6 +271,9 @@ pub struct Origin {
     policy: std::sync::RwLock<Arc<crate::routing::Policy>>,
     /// The entry's fair limits.
     limits: crate::limits::Limits,
+    /// Lost circuits' streams, to move ([`Origin::run_rescues`]).
+    rescues: mpsc::UnboundedSender<Rescue>,
+    rescues_rx: Mutex<Option<mpsc::UnboundedReceiver<Rescue>>>,
 }
 
 /// What the origin has done about drains.
@@ -229,6 +289,10 @@ pub struct OriginStats {
     pub exit_closed: AtomicU64,
     /// Streams moved.
     pub streams_moved: AtomicU64,
+    /// Streams of lost circuits moved to a new circuit to their exit.
+    pub streams_rescued: AtomicU64,
+    /// Streams of lost circuits that no new circuit took back in time.
+    pub streams_lost: AtomicU64,
 }
 
 /// Tries per stream open when a hop turns out to be leaving.
@@ -239,7 +303,10 @@ impl Origin {
     pub fn new(switch: Arc<Switch>) -> Arc<Self> {
         let switch_policy = switch.cfg.routing.clone();
         let limits = crate::limits::Limits::new(switch.cfg.limits.clone());
+        let (rescues, rescues_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
+            rescues,
+            rescues_rx: Mutex::new(Some(rescues_rx)),
             switch,
             rng: Mutex::new(StdRng::from_entropy()),
             pool: tokio::sync::Mutex::new(Vec::new()),
@@ -509,8 +576,9 @@ impl Origin {
             .await
             .map_err(|e| Failed::from(OpenError::Build(format!("{e:#}"))))?;
         let circ = link.alloc_circ_id();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(BUILD_EVENTS);
         let oc = Arc::new(OriginCircuit {
+            rescue: self.rescues.clone(),
             link: link.clone(),
             circ,
             state: Mutex::new(State::Building(tx)),
@@ -538,6 +606,7 @@ impl Origin {
                     session,
                     Side::Origin,
                     self.switch.cfg.stream_window,
+                    crate::endpoint::ORIGIN_MAX_STREAMS,
                     None,
                     self.switch.tasks.clone(),
                 );
@@ -588,7 +657,7 @@ impl Origin {
         link: &LinkHandle,
         circ: u32,
         path: &[NodeId],
-        mut rx: mpsc::UnboundedReceiver<BuildEvent>,
+        mut rx: mpsc::Receiver<BuildEvent>,
     ) -> Result<Session, Failed> {
         let hops = path
             .iter()
@@ -639,6 +708,156 @@ impl Origin {
         }
     }
 
+    /// Moves the streams of circuits lost without warning, until
+    /// `shutdown`: for each lost circuit, a new circuit to the same exit
+    /// (avoiding the lost circuit's relays at first, as one of them is
+    /// likely dead; then any), and each stream resumed on it as a planned
+    /// move is (the exit parked it, and both ends send again what the
+    /// other lacks: no byte lost, none twice). Tried with backoff for
+    /// [`RESCUE_WINDOW`]; a stream no circuit took back by then ends.
+    pub async fn run_rescues(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut rx) = self.rescues_rx.lock().expect("rescue lock").take() else {
+            return;
+        };
+        loop {
+            let r = tokio::select! {
+                r = rx.recv() => r,
+                _ = shutdown.cancelled() => None,
+            };
+            let Some(r) = r else { break };
+            let me = self.clone();
+            let span = tracing::info_span!("rescue");
+            self.switch
+                .tasks
+                .spawn(async move { me.rescue(r).await }.instrument(span));
+        }
+        // Stopping: what is still waiting ends.
+        rx.close();
+        while let Ok(r) = rx.try_recv() {
+            for (h, _) in r.orphans {
+                h.end(EndReason::CircuitClosed, "circuit lost while the entry stops".into());
+            }
+        }
+    }
+
+    async fn rescue(self: Arc<Self>, r: Rescue) {
+        let started = std::time::Instant::now();
+        let exit = *r.path.last().expect("a path has an exit");
+        let relays = r.path[..r.path.len() - 1].to_vec();
+        let total = r.orphans.len();
+        info!(streams = total, "circuit lost; moving its streams to a new circuit to the same exit");
+        let mut left = r.orphans;
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        while !left.is_empty() && started.elapsed() < RESCUE_WINDOW {
+            if self.switch.shutdown.is_cancelled() {
+                break;
+            }
+            attempt += 1;
+            let avoid = if attempt <= 2 { relays.as_slice() } else { &[] };
+            match self.build(&r.route, Some(exit), avoid).await {
+                Ok(new) => {
+                    if let Some(end) = new.endpoint() {
+                        self.pool.lock().await.push(new.clone());
+                        let mut failed = Vec::new();
+                        for (h, s) in left.drain(..) {
+                            match Endpoint::adopt(&h, &end, s).await {
+                                Ok(()) => {
+                                    self.stats.streams_rescued.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err((_, Some(s))) => failed.push((h, *s)),
+                                Err((e, None)) => {
+                                    self.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
+                                    debug!(error = %e, "a lost circuit's stream could not be moved");
+                                    h.end(
+                                        EndReason::CircuitClosed,
+                                        format!("circuit lost, and the exit did not take the stream back: {e}"),
+                                    );
+                                }
+                            }
+                        }
+                        left = failed;
+                    }
+                }
+                Err(f) => debug!(attempt, error = %f.err, "rescue: no circuit to the exit yet"),
+            }
+            if !left.is_empty() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        let lost = left.len();
+        for (h, _) in left {
+            self.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
+            h.end(
+                EndReason::CircuitClosed,
+                format!(
+                    "circuit lost, and no new circuit to its exit took the stream back within {}s",
+                    RESCUE_WINDOW.as_secs()
+                ),
+            );
+        }
+        if lost == 0 {
+            info!(streams = total, attempt, took_ms = started.elapsed().as_millis() as u64, "a lost circuit's streams moved");
+        } else {
+            warn!(moved = total - lost, lost, "a lost circuit's streams could not all be moved");
+        }
+    }
+
+    /// Keeps quiet circuits alive and closes unused ones, until
+    /// `shutdown`: every third of `[limits] idle_circuit_secs`, a circuit
+    /// with streams sends a keepalive (so relays, which close circuits no
+    /// cell crossed for that long, keep it while its streams are quiet,
+    /// an SSH session or a mail client's IDLE); every whole period, a
+    /// circuit with no stream and no cell from its exit since the last
+    /// one leaves the pool and is destroyed.
+    pub async fn run_idle(self: Arc<Self>, shutdown: CancellationToken) {
+        let secs = u64::from(self.switch.cfg.carry.idle_circuit_secs);
+        if secs == 0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(secs) / 3);
+        tick.tick().await;
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            ticks += 1;
+            let (busy, idle) = {
+                let mut pool = self.pool.lock().await;
+                let mut idle = Vec::new();
+                if ticks % 3 == 0 {
+                    pool.retain(|c| {
+                        let quiet = c.endpoint().is_some_and(|e| e.quiet());
+                        let unused = quiet
+                            && c.stream_count() == 0
+                            && !c.migrating.load(Ordering::Acquire);
+                        if unused {
+                            c.closing.store(true, Ordering::Release);
+                            idle.push(c.clone());
+                        }
+                        !unused
+                    });
+                }
+                let busy: Vec<Arc<Endpoint>> = pool
+                    .iter()
+                    .filter(|c| c.stream_count() > 0)
+                    .filter_map(|c| c.endpoint())
+                    .collect();
+                (busy, idle)
+            };
+            for c in &idle {
+                debug!(circ = c.circ, "idle circuit closed");
+                self.switch.destroy(&c.link, c.circ, DestroyReason::Idle);
+            }
+            for end in busy {
+                let _ = end.keepalive().await;
+            }
+        }
+    }
+
     /// Closes every circuit.
     pub async fn close_all(&self) {
         for c in self.pool.lock().await.drain(..) {
@@ -683,6 +902,12 @@ impl Origin {
             advance(&m.circuit.migrations.with_label_values(&[result]), v);
         }
         advance(&m.circuit.streams_moved, get(&s.streams_moved));
+        for (result, v) in [
+            ("moved", get(&s.streams_rescued)),
+            ("lost", get(&s.streams_lost)),
+        ] {
+            advance(&m.circuit.rescued.with_label_values(&[result]), v);
+        }
         let paced = self.limits.paced_seconds() - m.stream.paced.get();
         if paced > 0.0 {
             m.stream.paced.inc_by(paced);

@@ -124,6 +124,13 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The name of the special (non-public) range `ip` is in, if any: loopback,
+/// private, link-local, CGNAT, ULA and the rest the exit policy denies by
+/// default (IPv4-mapped addresses judged as IPv4).
+pub fn non_public(ip: IpAddr) -> Option<&'static str> {
+    special_range(canonical(ip))
+}
+
 /// The name of the special range an address is in, if any.
 fn special_range(ip: IpAddr) -> Option<&'static str> {
     match ip {

@@ -119,8 +119,8 @@ impl ConnOptions {
                         .trim()
                         .parse()
                         .map_err(|_| anyhow!("hops = `{v}` is not a number"))?;
-                    if !(1..=8).contains(&h) {
-                        bail!("hops = {h}: must be 1 to 8");
+                    if !(1..=ferry_circuit::MAX_HOPS).contains(&h) {
+                        bail!("hops = {h}: must be 1 to {}", ferry_circuit::MAX_HOPS);
                     }
                     c.hops = Some(h);
                 }

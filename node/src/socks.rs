@@ -19,7 +19,6 @@ use crate::auth::{AuthRefusal, Client, Credentials};
 use crate::entry::Admission;
 use crate::origin::{OpenError, Origin};
 use ferry_proto::pb::EndReason;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -92,6 +91,204 @@ pub enum SocksError {
     Io(#[from] std::io::Error),
 }
 
+/// SOCKS5 messages as pure functions over the bytes read so far (no I/O),
+/// as arti's `tor-socksproto` does: each says how many more bytes it needs
+/// at least, or what it parsed and how many bytes that took, or what is
+/// wrong (and the reply the client is owed, if any). [`handshake`] only
+/// reads exactly what they ask for, calls them, and writes; the fuzzers
+/// call them directly.
+pub mod wire {
+    use super::{SocksError, reply};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// What a parse made of the bytes so far.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Parsed<T> {
+        /// At least this many more bytes are needed.
+        More(usize),
+        /// Parsed, from this many bytes.
+        Done(T, usize),
+    }
+
+    /// The authentication method the server picks from a greeting.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Method {
+        /// RFC 1929 username/password.
+        UserPass,
+        /// No authentication.
+        NoAuth,
+        /// Neither was offered.
+        NoAcceptable,
+    }
+
+    fn need<T>(b: &[u8], n: usize) -> Option<Parsed<T>> {
+        (b.len() < n).then(|| Parsed::More(n - b.len()))
+    }
+
+    /// The greeting: version 5, then the methods offered.
+    pub fn greeting(b: &[u8]) -> Result<Parsed<Method>, SocksError> {
+        if let Some(m) = need(b, 2) {
+            return Ok(m);
+        }
+        if b[0] != 5 {
+            return Err(SocksError::Version(b[0]));
+        }
+        let len = 2 + b[1] as usize;
+        if let Some(m) = need(b, len) {
+            return Ok(m);
+        }
+        let methods = &b[2..len];
+        let method = if methods.contains(&0x02) {
+            Method::UserPass
+        } else if methods.contains(&0x00) {
+            Method::NoAuth
+        } else {
+            Method::NoAcceptable
+        };
+        Ok(Parsed::Done(method, len))
+    }
+
+    /// RFC 1929's sub-negotiation: the username and password. `Err` with
+    /// `true`: the client is owed the failure status.
+    pub fn userpass(b: &[u8]) -> Result<Parsed<(String, String)>, (SocksError, bool)> {
+        if let Some(m) = need(b, 2) {
+            return Ok(m);
+        }
+        if b[0] != 1 {
+            return Err((SocksError::Auth, false));
+        }
+        let ulen = b[1] as usize;
+        if let Some(m) = need(b, 3 + ulen) {
+            return Ok(m);
+        }
+        let plen = b[2 + ulen] as usize;
+        let len = 3 + ulen + plen;
+        if let Some(m) = need(b, len) {
+            return Ok(m);
+        }
+        let text = |x: &[u8]| String::from_utf8(x.to_vec()).map_err(|_| (SocksError::Auth, true));
+        Ok(Parsed::Done(
+            (text(&b[2..2 + ulen])?, text(&b[3 + ulen..len])?),
+            len,
+        ))
+    }
+
+    /// The request: CONNECT to a domain name or an IP literal, and a port.
+    /// `Err` carries the reply the client is owed, if any.
+    pub fn request(b: &[u8]) -> Result<Parsed<(String, u16)>, (SocksError, Option<u8>)> {
+        if let Some(m) = need(b, 4) {
+            return Ok(m);
+        }
+        if b[0] != 5 {
+            return Err((SocksError::Version(b[0]), None));
+        }
+        let (start, len) = match b[3] {
+            0x01 => (4, 4),
+            0x04 => (4, 16),
+            0x03 => {
+                if let Some(m) = need(b, 5) {
+                    return Ok(m);
+                }
+                (5, b[4] as usize)
+            }
+            t => {
+                return Err((
+                    SocksError::AddressType(t),
+                    Some(reply::ADDRESS_TYPE_NOT_SUPPORTED),
+                ));
+            }
+        };
+        let end = start + len + 2;
+        if let Some(m) = need(b, end) {
+            return Ok(m);
+        }
+        let addr = &b[start..start + len];
+        let host = match b[3] {
+            0x01 => Ipv4Addr::from(<[u8; 4]>::try_from(addr).expect("4 bytes")).to_string(),
+            0x04 => Ipv6Addr::from(<[u8; 16]>::try_from(addr).expect("16 bytes")).to_string(),
+            _ => match std::str::from_utf8(addr) {
+                Ok(n) if !n.is_empty() => n.to_string(),
+                _ => return Err((SocksError::Domain, Some(reply::HOST_UNREACHABLE))),
+            },
+        };
+        if b[1] != 0x01 {
+            return Err((SocksError::Command(b[1]), Some(reply::COMMAND_NOT_SUPPORTED)));
+        }
+        let port = u16::from_be_bytes([b[end - 2], b[end - 1]]);
+        Ok(Parsed::Done((host, port), end))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Every message parses the same however it is cut: byte by byte
+        /// it asks for exactly what is missing, and never for more.
+        #[test]
+        fn messages_parse_whole_or_ask_for_the_rest() {
+            let greet = [5, 2, 0, 2];
+            for i in 0..greet.len() {
+                assert!(matches!(greeting(&greet[..i]), Ok(Parsed::More(n)) if n >= 1 && i + n <= greet.len()));
+            }
+            assert_eq!(greeting(&greet).unwrap(), Parsed::Done(Method::UserPass, 4));
+            assert_eq!(greeting(&[5, 1, 0]).unwrap(), Parsed::Done(Method::NoAuth, 3));
+            assert_eq!(greeting(&[5, 1, 1]).unwrap(), Parsed::Done(Method::NoAcceptable, 3));
+            assert!(matches!(greeting(&[4, 1]), Err(SocksError::Version(4))));
+            let auth = [1, 3, b'a', b'c', b'm', 2, b'p', b'w'];
+            for i in 0..auth.len() {
+                assert!(matches!(userpass(&auth[..i]), Ok(Parsed::More(n)) if i + n <= auth.len()));
+            }
+            assert_eq!(
+                userpass(&auth).unwrap(),
+                Parsed::Done(("acm".into(), "pw".into()), auth.len())
+            );
+            assert!(matches!(userpass(&[1, 1, 0xff, 0]), Err((SocksError::Auth, true))));
+            let req = [5, 1, 0, 3, 4, b'h', b'o', b's', b't', 1, 187];
+            for i in 0..req.len() {
+                assert!(matches!(request(&req[..i]), Ok(Parsed::More(n)) if i + n <= req.len()));
+            }
+            assert_eq!(request(&req).unwrap(), Parsed::Done(("host".into(), 443), req.len()));
+            let v6 = [[5, 1, 0, 4].as_slice(), &[0; 15], &[1], &[0, 80]].concat();
+            assert_eq!(request(&v6).unwrap(), Parsed::Done(("::1".into(), 80), 22));
+            assert!(matches!(
+                request(&[5, 2, 0, 1, 1, 2, 3, 4, 0, 80]),
+                Err((SocksError::Command(2), Some(reply::COMMAND_NOT_SUPPORTED)))
+            ));
+            assert!(matches!(
+                request(&[5, 1, 0, 9]),
+                Err((SocksError::AddressType(9), Some(reply::ADDRESS_TYPE_NOT_SUPPORTED)))
+            ));
+            assert!(matches!(
+                request(&[5, 1, 0, 3, 0, 0, 80]),
+                Err((SocksError::Domain, Some(reply::HOST_UNREACHABLE)))
+            ));
+        }
+    }
+}
+
+/// Reads one message with `parse`, exactly the bytes it asks for (so none
+/// of what a client sends after its request is taken here).
+async fn read_msg<S, T, E>(
+    s: &mut S,
+    parse: impl Fn(&[u8]) -> Result<wire::Parsed<T>, E>,
+) -> Result<Result<T, E>, std::io::Error>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        match parse(&buf) {
+            Ok(wire::Parsed::More(n)) => {
+                let at = buf.len();
+                buf.resize(at + n, 0);
+                s.read_exact(&mut buf[at..]).await?;
+            }
+            Ok(wire::Parsed::Done(t, _)) => return Ok(Ok(t)),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+}
+
 /// Reads the greeting and request; answers method selection and auth,
 /// asking `check` about the credentials (`None`: the client offered none).
 /// Unsupported commands and address types get their reply before the error.
@@ -101,121 +298,56 @@ where
     F: FnOnce(Option<(String, String)>) -> Fut,
     Fut: std::future::Future<Output = Result<Client, AuthRefusal>>,
 {
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).await?;
-    if head[0] != 5 {
-        return Err(SocksError::Version(head[0]));
-    }
-    let mut methods = [0u8; 255];
-    let methods = &mut methods[..head[1] as usize];
-    s.read_exact(methods).await?;
-    let method = if methods.contains(&0x02) {
-        0x02
-    } else if methods.contains(&0x00) {
-        0x00
-    } else {
-        s.write_all(&[5, 0xff]).await?;
-        return Err(SocksError::NoMethod);
-    };
-    if method == 0x00 {
+    let method = read_msg(s, wire::greeting).await??;
+    let client = match method {
+        wire::Method::NoAcceptable => {
+            s.write_all(&[5, 0xff]).await?;
+            return Err(SocksError::NoMethod);
+        }
         // No credentials offered: served only if anonymous clients are.
-        return match check(None).await {
+        wire::Method::NoAuth => match check(None).await {
             Ok(client) => {
                 s.write_all(&[5, 0x00]).await?;
-                request(s, client).await
-            }
-            Err(why) => {
-                s.write_all(&[5, 0xff]).await?;
-                Err(SocksError::Refused(why))
-            }
-        };
-    }
-    s.write_all(&[5, method]).await?;
-    let client = {
-        let mut ver = [0u8; 2];
-        s.read_exact(&mut ver).await?;
-        if ver[0] != 1 {
-            return Err(SocksError::Auth);
-        }
-        let mut user = vec![0u8; ver[1] as usize];
-        s.read_exact(&mut user).await?;
-        let mut plen = [0u8; 1];
-        s.read_exact(&mut plen).await?;
-        let mut pass = vec![0u8; plen[0] as usize];
-        s.read_exact(&mut pass).await?;
-        let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| SocksError::Auth);
-        let creds = match (text(user), text(pass)) {
-            (Ok(u), Ok(p)) => (u, p),
-            _ => {
-                s.write_all(&[1, 1]).await?;
-                return Err(SocksError::Auth);
-            }
-        };
-        match check(Some(creds)).await {
-            Ok(client) => {
-                s.write_all(&[1, 0]).await?;
                 client
             }
             Err(why) => {
-                // RFC 1929: any non-zero status is a failure; close.
-                s.write_all(&[1, 1]).await?;
+                s.write_all(&[5, 0xff]).await?;
                 return Err(SocksError::Refused(why));
             }
-        }
-    };
-    request(s, client).await
-}
-
-/// Reads the CONNECT request after authentication.
-async fn request<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    client: Client,
-) -> Result<Request, SocksError> {
-    let mut req = [0u8; 4];
-    s.read_exact(&mut req).await?;
-    if req[0] != 5 {
-        return Err(SocksError::Version(req[0]));
-    }
-    let host = match req[3] {
-        0x01 => {
-            let mut a = [0u8; 4];
-            s.read_exact(&mut a).await?;
-            Ipv4Addr::from(a).to_string()
-        }
-        0x04 => {
-            let mut a = [0u8; 16];
-            s.read_exact(&mut a).await?;
-            Ipv6Addr::from(a).to_string()
-        }
-        0x03 => {
-            let mut len = [0u8; 1];
-            s.read_exact(&mut len).await?;
-            let mut name = vec![0u8; len[0] as usize];
-            s.read_exact(&mut name).await?;
-            match String::from_utf8(name) {
-                Ok(n) if !n.is_empty() => n,
-                _ => {
-                    send_reply(s, reply::HOST_UNREACHABLE).await?;
-                    return Err(SocksError::Domain);
+        },
+        wire::Method::UserPass => {
+            s.write_all(&[5, 0x02]).await?;
+            let creds = match read_msg(s, wire::userpass).await? {
+                Ok(c) => c,
+                Err((e, owed)) => {
+                    if owed {
+                        s.write_all(&[1, 1]).await?;
+                    }
+                    return Err(e);
+                }
+            };
+            match check(Some(creds)).await {
+                Ok(client) => {
+                    s.write_all(&[1, 0]).await?;
+                    client
+                }
+                Err(why) => {
+                    // RFC 1929: any non-zero status is a failure; close.
+                    s.write_all(&[1, 1]).await?;
+                    return Err(SocksError::Refused(why));
                 }
             }
         }
-        t => {
-            send_reply(s, reply::ADDRESS_TYPE_NOT_SUPPORTED).await?;
-            return Err(SocksError::AddressType(t));
-        }
     };
-    let mut port = [0u8; 2];
-    s.read_exact(&mut port).await?;
-    if req[1] != 0x01 {
-        send_reply(s, reply::COMMAND_NOT_SUPPORTED).await?;
-        return Err(SocksError::Command(req[1]));
+    match read_msg(s, wire::request).await? {
+        Ok((host, port)) => Ok(Request { host, port, client }),
+        Err((e, owed)) => {
+            if let Some(code) = owed {
+                send_reply(s, code).await?;
+            }
+            Err(e)
+        }
     }
-    Ok(Request {
-        host,
-        port: u16::from_be_bytes(port),
-        client,
-    })
 }
 
 /// Sends a reply with an all-zero bound address.
@@ -325,6 +457,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
 
     /// A checker that admits anyone, taking the username as the tenant
     /// and the password as the options; and refuses the user `bad`.

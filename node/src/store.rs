@@ -118,6 +118,16 @@ impl Store {
             .context("store write")
     }
 
+    /// Writes one key without waiting for the log to reach the disk: for
+    /// what the mesh can tell the node again (a peer's advert), where a
+    /// write a `kill -9` loses costs nothing and a synced write per
+    /// advert would cost one disk flush each.
+    pub fn put_cache(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.db
+            .put_cf(self.handle(cf)?, key, value)
+            .context("store write")
+    }
+
     /// Reads one key.
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db.get_cf(self.handle(cf)?, key).context("store read")

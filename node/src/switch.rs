@@ -80,9 +80,12 @@ pub struct Switch {
     pub rulings: Arc<crate::rulings::Rulings>,
     /// This node's own state (active, draining, exited).
     pub state: Arc<crate::state::NodeStateCtl>,
+    /// The link new circuits to each peer take: the first that came up,
+    /// until it closes (then another live one to that peer, if any).
     links: Mutex<HashMap<NodeId, Arc<LinkHandle>>>,
-    /// Every live link by id (a second link to one peer replaces the first
-    /// in `links`, but both run until closed): what revocation closes.
+    /// Every live link by id (a second link to one peer runs beside the
+    /// first, carrying the circuits made on it, but does not replace it in
+    /// `links`): what revocation closes.
     all_links: Mutex<HashMap<LinkId, Arc<LinkHandle>>>,
     /// One dial at a time per peer (two builds wanting the same new link
     /// make one), and only per peer: a peer whose handshake hangs for the
@@ -94,6 +97,8 @@ pub struct Switch {
     exit: Option<Arc<ExitCtx>>,
     /// Bytes written to all links (for the advertised load).
     pub(crate) bytes_out: Arc<AtomicU64>,
+    /// Bytes of forwarded cells waiting in links' overflow queues.
+    pub(crate) forward_queued: Arc<std::sync::atomic::AtomicUsize>,
     /// The node's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// This node's certificate (`None`: it has no `node.cert`).
@@ -103,6 +108,9 @@ pub struct Switch {
     /// Every data-plane task (links, circuits, streams, extends), so a
     /// shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Refusals a remote party can repeat at will warn once a minute per
+    /// reason (all are counted).
+    warned: crate::rulings::WarnLimit,
 }
 
 pub use crate::link::Malformed;
@@ -155,6 +163,7 @@ impl Switch {
             Arc::new(ExitCtx::new(
                 cfg.exit_policy.clone(),
                 cfg.connect_timeout,
+                cfg.carry.dns_lookups as usize,
                 metrics.clone(),
             ))
         });
@@ -172,10 +181,12 @@ impl Switch {
             next_link: AtomicU64::new(1),
             exit,
             bytes_out: Arc::new(AtomicU64::new(0)),
+            forward_queued: Arc::default(),
             metrics,
             certificate,
             quarantine: Arc::default(),
             tasks: TaskTracker::new(),
+            warned: Default::default(),
         })
     }
 
@@ -199,21 +210,51 @@ impl Switch {
         self.next_link.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A link finished its handshake (the peer proved itself). A second
+    /// link from a peer that has a live one (both dialled at once, or the
+    /// peer restarted and the old link is not yet found dead) never
+    /// replaces it: the first stays the one new circuits take until it
+    /// closes.
     pub(crate) fn link_up(&self, link: Arc<LinkHandle>) {
         self.all_links
             .lock()
             .expect("links lock")
             .insert(link.id, link.clone());
-        self.links
-            .lock()
-            .expect("links lock")
-            .insert(link.peer, link);
+        let mut links = self.links.lock().expect("links lock");
+        match links.get(&link.peer) {
+            Some(l) if !l.is_closed() => {
+                debug!(
+                    peer = %link.peer.short(),
+                    first = l.id,
+                    second = link.id,
+                    "a second link to this peer; the first stays in use until it closes"
+                );
+            }
+            _ => {
+                links.insert(link.peer, link);
+            }
+        }
     }
 
-    /// The link to `peer`, dialing it if there is none.
+    /// Links open, in all (inbound and outbound, live or closing).
+    pub fn link_total(&self) -> usize {
+        self.all_links.lock().expect("links lock").len()
+    }
+
+    /// Counts and logs a link refused at the limit.
+    pub(crate) fn refused_link(&self, what: &str) {
+        self.refused("capacity", 0, what);
+    }
+
+    /// The link to `peer`, dialing it if there is none (and this node may
+    /// have one more: `[limits] links`).
     pub async fn link_to(self: &Arc<Self>, peer: NodeId) -> Result<Arc<LinkHandle>> {
         if let Some(l) = self.live_link(&peer) {
             return Ok(l);
+        }
+        if self.link_total() >= self.cfg.carry.links as usize {
+            self.refused_link("dial refused: this node holds its limit of links ([limits] links)");
+            anyhow::bail!("this node holds its limit of links");
         }
         let lock = self
             .dial_locks
@@ -280,12 +321,20 @@ impl Switch {
     /// of each forwarded circuit is told.
     pub(crate) fn link_down(&self, link: &Arc<LinkHandle>) {
         {
+            let mut all = self.all_links.lock().expect("links lock");
+            all.remove(&link.id);
             let mut links = self.links.lock().expect("links lock");
             if links.get(&link.peer).is_some_and(|l| l.id == link.id) {
                 links.remove(&link.peer);
+                // Another live link to the peer takes over.
+                if let Some(next) = all
+                    .values()
+                    .find(|l| l.peer == link.peer && !l.is_closed())
+                {
+                    links.insert(link.peer, next.clone());
+                }
             }
         }
-        self.all_links.lock().expect("links lock").remove(&link.id);
         let gone = self.table().link_down(link.id);
         for r in gone {
             self.finish_removed(r.slot, r.notify, DestroyReason::LinkLost);
@@ -307,7 +356,8 @@ impl Switch {
                 .inc();
         }
         if let Some((Out(link), c)) = notify {
-            link.try_send(destroy_cell(c, reason));
+            link.purge(c);
+            link.send_urgent(destroy_cell(c, reason));
         }
         match slot {
             Slot::Forward { .. } => {}
@@ -322,7 +372,8 @@ impl Switch {
     /// Destroys a circuit from one side: forgets it and tells both neighbours.
     pub(crate) fn destroy(&self, link: &LinkHandle, circ: u32, reason: DestroyReason) {
         let removed = self.table().destroy(link.id, circ);
-        link.try_send(destroy_cell(circ, reason));
+        link.purge(circ);
+        link.send_urgent(destroy_cell(circ, reason));
         if let Some(Removed { slot, notify, .. }) = removed {
             self.finish_removed(slot, notify, reason);
         }
@@ -352,7 +403,7 @@ impl Switch {
                     reason = "circuit id already in use on this link",
                     "circuit refused"
                 );
-                link.try_send(destroy_cell(circ, DestroyReason::BuildFailed));
+                link.send_urgent(destroy_cell(circ, DestroyReason::BuildFailed));
             }
             Dispatch::Destroyed {
                 slot,
@@ -366,9 +417,22 @@ impl Switch {
                 link: Out(out),
                 circ: out_circ,
             } => {
+                // Never waits: a congested next link queues the cell with
+                // its circuit, so this link's other circuits go on.
                 cellfmt::set_circ_id(&mut buf, out_circ);
-                if out.send(buf).await.is_err() {
-                    self.destroy(link, circ, DestroyReason::LinkLost);
+                match out.forward(out_circ, buf) {
+                    Ok(()) => {}
+                    Err(link::ForwardError::Closed) => {
+                        self.destroy(link, circ, DestroyReason::LinkLost);
+                    }
+                    Err(link::ForwardError::TooMuch) => {
+                        self.refused(
+                            "capacity",
+                            circ,
+                            "circuit destroyed: its cells waiting for a congested link passed the limit",
+                        );
+                        self.destroy(link, circ, DestroyReason::Capacity);
+                    }
                 }
             }
             Dispatch::Created(tx) => {
@@ -381,14 +445,19 @@ impl Switch {
                 let res = if cmd == CellCmd::Relay {
                     end.on_relay(buf)
                 } else {
-                    end.on_control(buf).map(|extend| {
-                        if let Some(ext) = extend {
-                            self.tasks.spawn(
-                                self.clone()
-                                    .extend(link.clone(), circ, end.clone(), ext)
-                                    .instrument(tracing::info_span!("circuit", circ)),
-                            );
+                    end.on_control(buf).and_then(|extend| {
+                        let Some(ext) = extend else { return Ok(()) };
+                        if !end.start_extend() {
+                            return Err(ferry_circuit::Error::Protocol(
+                                "a second EXTEND while one runs".into(),
+                            ));
                         }
+                        self.tasks.spawn(
+                            self.clone()
+                                .extend(link.clone(), circ, end.clone(), ext)
+                                .instrument(tracing::info_span!("circuit", circ)),
+                        );
+                        Ok(())
                     })
                 };
                 if let Err(e) = res {
@@ -403,6 +472,14 @@ impl Switch {
                 }
             }
             Dispatch::Drop(why) => debug!(circ, cmd = cmd.name(), why, "cell dropped"),
+            Dispatch::TooLong => {
+                self.refused(
+                    "loop",
+                    circ,
+                    "circuit destroyed: its origin builds past the hop limit (a loop through relays)",
+                );
+                self.destroy(link, circ, DestroyReason::Protocol);
+            }
         }
         Ok(())
     }
@@ -595,7 +672,8 @@ impl Switch {
             .inc_by((forwards / 2 + others) as u64);
         for (lid, Removed { circ, slot, .. }) in all {
             if let Some(l) = self.link_by_id(lid) {
-                l.try_send(destroy_cell(circ, reason));
+                l.purge(circ);
+                l.send_urgent(destroy_cell(circ, reason));
             }
             match slot {
                 Slot::Tip(end) => end.close(reason),
@@ -609,11 +687,85 @@ impl Switch {
         n
     }
 
+    /// Closes idle circuits until shutdown: every `[limits]
+    /// idle_circuit_secs`, each circuit no cell crossed (either way) since
+    /// the last sweep, so one goes after between one and two periods of
+    /// quiet. Origins keep circuits with streams alive with keepalives
+    /// (`Origin::run_idle`); an origin that sends none loses its circuits
+    /// here, at every relay and at the exit.
+    pub async fn sweep_idle(self: Arc<Self>) {
+        let secs = u64::from(self.cfg.carry.idle_circuit_secs);
+        if secs == 0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(secs));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let n = self.close_idle();
+            if n > 0 {
+                debug!(closed = n, "idle circuits closed");
+            }
+        }
+    }
+
+    /// One idle sweep: destroys what was quiet for the whole period.
+    fn close_idle(&self) -> usize {
+        let (forwards, tips) = {
+            let mut t = self.table();
+            (t.sweep_forwards(), t.tips())
+        };
+        let quiet_tips = tips
+            .into_iter()
+            .filter(|(.., end)| end.quiet())
+            .map(|(l, c, _)| (l, c));
+        let mut n = 0;
+        for (l, c) in forwards.into_iter().chain(quiet_tips) {
+            if let Some(link) = self.link_by_id(l) {
+                self.destroy(&link, c, DestroyReason::Idle);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Counts a refusal a remote party caused, and logs it (WARN once a
+    /// minute per kind, else DEBUG).
+    fn refused(&self, kind: &'static str, circ: u32, what: &str) {
+        self.metrics.node.refusals.with_label_values(&[kind]).inc();
+        if self.warned.allow(kind, now_ms()) {
+            warn!(
+                circ,
+                reason = kind,
+                "{what} (logged again in a minute at the earliest; all are counted)"
+            );
+        } else {
+            debug!(circ, reason = kind, "{what}");
+        }
+    }
+
+    /// Why this node cannot take one more circuit side on `link`, if it
+    /// cannot (`[limits] circuits`, `circuits_per_link`).
+    fn at_capacity(&self, link: LinkId) -> Option<&'static str> {
+        let t = self.table();
+        let c = &self.cfg.carry;
+        if t.len() >= c.circuits as usize {
+            Some("circuit refused: this node holds its limit of circuits ([limits] circuits)")
+        } else if t.on_link(link) >= c.circuits_per_link as usize {
+            Some("circuit refused: the link holds its limit of circuits ([limits] circuits_per_link)")
+        } else {
+            None
+        }
+    }
+
     fn on_create(self: &Arc<Self>, link: &Arc<LinkHandle>, circ: u32, msg1: &[u8]) {
         let _span = tracing::info_span!("circuit", circ).entered();
         let refuse = |why: &str| {
             warn!(circ, reason = why, "circuit refused");
-            link.try_send(destroy_cell(circ, DestroyReason::BuildFailed));
+            link.send_urgent(destroy_cell(circ, DestroyReason::BuildFailed));
         };
         let st = self.state.current();
         if st.state != ferry_router::NodeState::Active {
@@ -629,11 +781,16 @@ impl Switch {
             );
             let why = if st.by_ruling { "ruling" } else { "draining" };
             self.metrics.node.refusals.with_label_values(&[why]).inc();
-            link.try_send(destroy_cell(circ, reason));
+            link.send_urgent(destroy_cell(circ, reason));
             return;
         }
         if !(self.cfg.roles.relay || self.cfg.roles.exit) {
             return refuse("this node has neither the relay nor the exit role");
+        }
+        if let Some(why) = self.at_capacity(link.id) {
+            self.refused("capacity", circ, why);
+            link.send_urgent(destroy_cell(circ, DestroyReason::Capacity));
+            return;
         }
         // A link outlives what admitted its peer: no new circuit from a
         // node that is revoked, or whose certificate or advert lapsed.
@@ -659,11 +816,12 @@ impl Switch {
             session,
             Side::Exit,
             self.cfg.stream_window,
+            self.cfg.carry.streams_per_circuit as usize,
             self.exit.clone(),
             self.tasks.clone(),
         );
         self.table().add_tip(link.id, circ, end);
-        if !link.try_send(cell(circ, CellCmd::Created, &msg2)) {
+        if !link.send_urgent(cell(circ, CellCmd::Created, &msg2)) {
             self.destroy(link, circ, DestroyReason::Shutdown);
             return;
         }
@@ -681,6 +839,7 @@ impl Switch {
         let reply = match self.try_extend(&in_link, in_circ, &end, ext).await {
             Ok(msg2) => pb::control_reply::Msg::Extended(pb::Extended { handshake: msg2 }),
             Err((reason, detail)) => {
+                end.end_extend();
                 warn!(circ = in_circ, reason = reason.as_str_name(), %detail, "extend failed");
                 pb::control_reply::Msg::ExtendFailed(pb::ExtendFailed {
                     reason: reason as i32,
@@ -708,6 +867,19 @@ impl Switch {
             )
         })?;
         let next = NodeId(id);
+        // Back to the node it came from, or to this node: a loop, never a
+        // path a real origin picks (no two hops share a jurisdiction).
+        if next == in_link.peer || next == self.keys.node_id() {
+            self.refused(
+                "loop",
+                in_circ,
+                "extend refused: the next hop is this node or the previous one",
+            );
+            return Err((
+                RefusalReason::Malformed,
+                "the next hop is this node or the previous one".into(),
+            ));
+        }
         let peer = self.peer(&next).ok_or((
             RefusalReason::UnknownNode,
             format!("node {next} is not known here"),
@@ -716,6 +888,22 @@ impl Switch {
             return Err((
                 RefusalReason::Role,
                 format!("node {next} is neither relay nor exit"),
+            ));
+        }
+        // A public mesh dials public addresses only: an advert (or a
+        // static peer) naming a loopback or private address must not make
+        // relays connect into their own networks for an origin.
+        if !self.cfg.mesh_private
+            && let Some(range) = peer.addr.and_then(|a| crate::policy::non_public(a.ip()))
+        {
+            self.refused(
+                "policy",
+                in_circ,
+                "extend refused: the next hop's link address is not public ([mesh] private = false)",
+            );
+            return Err((
+                RefusalReason::Unreachable,
+                format!("node {next} has a {range} link address, which relays of a public mesh do not dial"),
             ));
         }
         // The connect error's text stays here (debug): echoed to the origin
@@ -728,6 +916,10 @@ impl Switch {
                 format!("node {next} could not be reached"),
             )
         })?;
+        if let Some(why) = self.at_capacity(out.id) {
+            self.refused("capacity", in_circ, why);
+            return Err((RefusalReason::Capacity, "this hop is at its circuit limit".into()));
+        }
         let out_circ = out.alloc_circ_id();
         let (tx, rx) = oneshot::channel();
         self.table().add_pending(out.id, out_circ, tx);
@@ -769,7 +961,7 @@ impl Switch {
             |e| Arc::ptr_eq(e, end),
         );
         if spliced.is_err() {
-            out.try_send(destroy_cell(out_circ, DestroyReason::Finished));
+            out.send_urgent(destroy_cell(out_circ, DestroyReason::Finished));
             return Err((
                 RefusalReason::Unspecified,
                 "circuit closed while extending".into(),
@@ -791,6 +983,9 @@ impl Switch {
             .with_label_values(&[self.cfg.jurisdiction.as_str(), &self.cfg.roles.to_string()])
             .set(1);
         m.link.active.set(self.link_count() as i64);
+        m.link
+            .queued
+            .set(self.forward_queued.load(Ordering::Relaxed) as i64);
         m.control
             .quarantined
             .set(self.quarantine.in_force(now).len() as i64);
@@ -857,7 +1052,7 @@ impl Switch {
         for (_, Removed { slot, .. }) in all {
             self.finish_removed(slot, None, DestroyReason::Shutdown);
         }
-        for l in self.links.lock().expect("links lock").values() {
+        for l in self.all_links.lock().expect("links lock").values() {
             l.close();
         }
     }
@@ -902,6 +1097,13 @@ impl LinkHost for Switch {
 
     fn bytes_out(&self) -> Arc<AtomicU64> {
         self.bytes_out.clone()
+    }
+
+    fn forward_queue(&self) -> (Arc<std::sync::atomic::AtomicUsize>, usize) {
+        (
+            self.forward_queued.clone(),
+            self.cfg.carry.forward_queue_mb as usize * (1 << 20),
+        )
     }
 
     fn link_up(&self, link: Arc<LinkHandle>) {

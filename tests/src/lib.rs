@@ -11,13 +11,14 @@
 //! status, logs and the waits on them (`observe`); the authority's key
 //! pairs and certificates (`admission`); the client's SOCKS5 and `curl`
 //! (`client`); targets and checkable traffic (`traffic`); recording taps
-//! (`tap`); and, as modules of their own, [`rulings`] and a raw [`gossip`]
-//! peer.
+//! (`tap`); and, as modules of their own, [`rulings`], a raw [`gossip`]
+//! peer and a [`raw`] link peer.
 #![forbid(unsafe_code)]
 
 mod admission;
 mod client;
 pub mod gossip;
+pub mod raw;
 mod mesh;
 mod node;
 mod observe;

@@ -34,6 +34,9 @@ pub struct Options {
     pub hops: usize,
     /// Exits may reach loopback targets.
     pub allow_private: bool,
+    /// A private mesh (`[mesh] private`, which `ferry init` sets for nodes
+    /// on loopback): `false` makes relays extend to public addresses only.
+    pub mesh_private: bool,
     /// Put a recording tap in front of every node's link listener.
     pub tap: bool,
     /// Extra keys to list as entry-only peers on every node (test clients).
@@ -73,6 +76,8 @@ pub struct Options {
     /// Replacements in the entry's config text (for example a `[limits]`
     /// line of the template with another value).
     pub entry_replace: Vec<(String, String)>,
+    /// Replacements in every other node's config text.
+    pub node_replace: Vec<(String, String)>,
     /// Nodes (by spec index) the entry reaches through a delaying proxy,
     /// with the delay each way ([`crate::tap::start_delay`]): further
     /// away in round-trip time from the entry only. Must be set inside a
@@ -103,6 +108,7 @@ impl Default for Options {
         Self {
             hops: 3,
             allow_private: true,
+            mesh_private: true,
             tap: false,
             extra_peers: Vec::new(),
             gossip: false,
@@ -119,6 +125,7 @@ impl Default for Options {
             entry_toml: String::new(),
             entry_http: None,
             entry_replace: Vec::new(),
+            node_replace: Vec::new(),
             entry_delay: Vec::new(),
             advertise_delay: Vec::new(),
         }
@@ -245,6 +252,10 @@ impl Mesh {
             if opts.allow_private {
                 text = text.replace("allow_private = false", "allow_private = true");
             }
+            if !opts.mesh_private {
+                text = text.replace("\nprivate = true", "\nprivate = false");
+            }
+            text = replace_all(text, &opts.node_replace)?;
             let (grace, margin, migration) = opts.drain_secs;
             text = text.replace("grace_secs = 30", &format!("grace_secs = {grace}"));
             text = text.replace("margin_secs = 10", &format!("margin_secs = {margin}"));
@@ -406,7 +417,7 @@ impl Mesh {
 fn replace_all(mut text: String, pairs: &[(String, String)]) -> Result<String> {
     for (from, to) in pairs {
         if !text.contains(from.as_str()) {
-            anyhow::bail!("`{from}` is not in the entry's config");
+            anyhow::bail!("`{from}` is not in the config");
         }
         text = text.replace(from.as_str(), to);
     }

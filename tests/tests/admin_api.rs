@@ -117,3 +117,77 @@ async fn the_admin_api_refuses_what_a_page_or_a_typo_sends() {
     assert!(out.contains("cancelled"), "{out}");
     node.wait_state("active", Duration::from_secs(5)).unwrap();
 }
+
+/// With `[admin] token_file`, every admin request but the probes must carry
+/// the token: without it (or with another) the node answers 401 and
+/// nothing changes; `ferry status` and `ferry drain` send it from
+/// `--admin-token-file` or `FERRY_ADMIN_TOKEN_FILE`. (Before, anyone who
+/// reached the port, another local user among them, could drain the node.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_makes_the_admin_api_ask_for_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "c0ffee00c0ffee00c0ffee00c0ffee00\n").unwrap();
+    let mesh = Mesh::start(
+        &[Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            entry_replace: vec![(
+                "# token_file = \"/etc/ferry/admin.token\"".into(),
+                format!("token_file = \"{}\"", token_file.display()),
+            )],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let admin = mesh.entry.admin.to_string();
+    let get = |path: &str, auth: Option<&str>| {
+        let mut req = agent().get(&format!("http://{admin}{path}"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let mut resp = req.call().unwrap();
+        let code = resp.status().as_u16();
+        (code, resp.body_mut().read_to_string().unwrap_or_default())
+    };
+    let (code, body) = get("/v1/status", None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"error\":\"token\""), "{body}");
+    let (code, _) = get("/v1/status", Some("Bearer c0ffee00c0ffee00c0ffee00c0ffee01"));
+    assert_eq!(code, 401, "another token");
+    let (code, _) = get("/v1/status", Some("Basic YTpi"));
+    assert_eq!(code, 401, "another scheme");
+    let (code, _) = get("/v1/status", Some("Bearer c0ffee00c0ffee00c0ffee00c0ffee00"));
+    assert_eq!(code, 200);
+    assert_eq!(get("/livez", None).0, 200, "probes need no token");
+    assert_eq!(get("/readyz", None).0, 200, "probes need no token");
+    let (code, v) = post(
+        &admin,
+        "/v1/drain",
+        "application/json",
+        None,
+        r#"{"in_secs": 60}"#,
+    );
+    assert_eq!(code, 401, "{v}");
+
+    // The CLI: refused without the token, served with it.
+    let err = ferry_tests::run_ferry(&["status", "--admin", &admin]).unwrap_err();
+    assert!(err.to_string().contains("refused (token)"), "{err:#}");
+    let tf = token_file.to_str().unwrap();
+    let out =
+        ferry_tests::run_ferry(&["--admin-token-file", tf, "status", "--admin", &admin]).unwrap();
+    assert!(out.contains("active"), "{out}");
+    let out = std::process::Command::new(ferry_tests::ferry_bin().unwrap())
+        .args(["drain", "--admin", &admin, "--in", "10m"])
+        .env("FERRY_ADMIN_TOKEN_FILE", tf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out =
+        ferry_tests::run_ferry(&["--admin-token-file", tf, "status", "--admin", &admin]).unwrap();
+    assert!(out.contains("draining"), "{out}");
+}

@@ -3,10 +3,9 @@
 //! bytes arrive intact.
 
 use ferry_node::config::peer_block;
-use ferry_node::crypto::{self, Session};
 use ferry_node::identity::Keys;
-use ferry_node::link::{HANDSHAKE_CODEC, TRANSPORT_CODEC};
 use ferry_router::Roles;
+use ferry_tests::raw::{RawLink, fake_entry, frame, handshake, handshake_recorded};
 use ferry_tests::{Mesh, Options, Proc};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,59 +33,9 @@ async fn refused(node: &Proc, mut s: TcpStream, bytes: &[u8], reason: &str) {
     node.wait_log(reason, Duration::from_secs(10)).unwrap();
 }
 
-/// Runs a link handshake with `node` as the test's fake peer, including
-/// the initiator's identity proof (its first transport frame).
-async fn handshake(node: &Proc, keys: &Keys) -> (TcpStream, Session) {
-    let mut s = TcpStream::connect(node.link.unwrap()).await.unwrap();
-    let mut hs = crypto::link_initiator(&keys.noise_private(), &node.noise_key).unwrap();
-    let mut out = Vec::new();
-    HANDSHAKE_CODEC.encode(&crypto::write_hs(&mut hs).unwrap(), &mut out);
-    s.write_all(&out).await.unwrap();
-    let mut buf = bytes::BytesMut::new();
-    let m2 = loop {
-        if let Some(f) = HANDSHAKE_CODEC.decode(&mut buf).unwrap() {
-            break f;
-        }
-        assert!(
-            s.read_buf(&mut buf).await.unwrap() > 0,
-            "node closed the handshake"
-        );
-    };
-    crypto::read_hs(&mut hs, &m2).unwrap();
-    let proof = crypto::prove(
-        &keys.identity,
-        crypto::LINK_INITIATOR_PROOF,
-        &crypto::handshake_hash(&hs),
-    );
-    let mut session = Session::from_handshake(hs).unwrap();
-    let first = frame(&mut session, &proof);
-    s.write_all(&first).await.unwrap();
-    (s, session)
-}
-
-/// Seals `plain` as one transport frame.
-fn frame(session: &mut Session, plain: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    TRANSPORT_CODEC.put_prefix(plain.len() + 16, &mut out);
-    let start = out.len();
-    out.extend_from_slice(plain);
-    session.tx.seal_tail(&mut out, start).unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_closes_only_its_connection() {
-    let fake = Keys::generate();
-    let fake_block = peer_block(
-        &fake.node_id(),
-        &fake.noise_public(),
-        None,
-        "NL",
-        Roles {
-            entry: true,
-            ..Roles::default()
-        },
-    );
+    let (fake, fake_block) = fake_entry();
     let specs = ferry_tests::THREE;
     let mut mesh = Mesh::start(
         &specs,
@@ -276,3 +225,124 @@ async fn a_hanging_peer_does_not_hold_up_dials_to_others() {
     let r = hung.await.unwrap().unwrap();
     assert!(r.is_err(), "no circuit through a peer that never answers");
 }
+
+/// In a public mesh (`[mesh] private = false`), a relay extends circuits
+/// only to nodes with public link addresses: an advert or a peer naming a
+/// loopback or private address cannot make it connect into its own
+/// network for an origin. (Before, relays dialled whatever address they
+/// were given.) Here every node links on loopback, so every extend is
+/// refused, with the reason in the entry's log and the refusal counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_mesh_does_not_extend_to_private_addresses() {
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            mesh_private: false,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let target = ferry_tests::echo_server().await.unwrap();
+    let r = mesh.connect(target.port(), "").await.unwrap();
+    assert!(r.is_err(), "a 3-hop circuit needs an extend");
+    mesh.entry
+        .wait_log("loopback link address", Duration::from_secs(10))
+        .unwrap();
+    let refused: f64 = mesh
+        .nodes
+        .iter()
+        .filter_map(|n| n.metric("ferry_refusals_total{reason=\"policy\"}"))
+        .sum();
+    assert!(refused >= 1.0, "refusals counted: {refused}");
+}
+
+/// A circuit cannot be longer than eight hops: a hostile origin building
+/// around a loop of relays (A→B→C→A→…, each byte it sends then crossing
+/// every link of the loop again and again) is cut at the first hop when
+/// it asks for a ninth, and a relay refuses to extend back to the node it
+/// came from (A→B→A). Before, a 100-hop loop was built in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_through_relays_is_cut_at_eight_hops() {
+    let (fake, fake_block) = fake_entry();
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            extra_peers: vec![fake_block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let n = &mesh.nodes;
+    let mut link = RawLink::open(&n[0], &fake).await;
+    // An honest circuit first: three hops build.
+    let (built, how) = link.build(0x8000_0001, &[&n[0], &n[1], &n[2]]).await;
+    assert_eq!((built, how.as_str()), (3, "built"));
+
+    let cycle: Vec<&Proc> = (0..100).map(|i| &n[i % 3]).collect();
+    let (built, how) = link.build(0x8000_0002, &cycle).await;
+    println!("a 100-hop loop: {built} hops built, then {how}");
+    assert_eq!(built, ferry_circuit::MAX_HOPS, "{how}");
+    assert_eq!(how, "destroyed: DESTROY_REASON_PROTOCOL");
+    n[0].wait_log("builds past the hop limit", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(n[0].metric("ferry_refusals_total{reason=\"loop\"}"), Some(1.0));
+
+    let bounce: Vec<&Proc> = (0..100).map(|i| &n[i % 2]).collect();
+    let (built, how) = link.build(0x8000_0003, &bounce).await;
+    println!("a 100-hop A/B bounce: {built} hops built, then {how}");
+    assert_eq!(built, 2, "{how}");
+    assert!(how.contains("the next hop is this node or the previous one"), "{how}");
+
+    // The link and the nodes carry on.
+    let (built, how) = link.build(0x8000_0004, &[&n[0], &n[1], &n[2]]).await;
+    assert_eq!((built, how.as_str()), (3, "built"));
+}
+
+/// A recorded link handshake replayed on a new connection gains nothing:
+/// the node answers message 1, but the recorded proof that follows is
+/// sealed for the first connection's keys, so the replay is refused and
+/// never registered; the live link keeps carrying circuits. (The node
+/// registers a link only once the initiator has proved itself in its
+/// first transport frame.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_link_handshake_is_refused_and_the_live_link_stays() {
+    let (fake, fake_block) = fake_entry();
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            extra_peers: vec![fake_block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let n = &mesh.nodes;
+    let (s, session, recorded) = handshake_recorded(&n[0], &fake).await;
+    let mut live = RawLink {
+        s,
+        session,
+        buf: bytes::BytesMut::new(),
+    };
+    let (built, how) = live.build(0x8000_0001, &[&n[0], &n[1]]).await;
+    assert_eq!((built, how.as_str()), (2, "built"));
+
+    let malformed = "ferry_refusals_total{reason=\"malformed\"}";
+    let before = n[0].metric(malformed).unwrap();
+    let mut replay = TcpStream::connect(n[0].link.unwrap()).await.unwrap();
+    replay.write_all(&recorded).await.unwrap();
+    closed_by_peer(replay).await;
+    n[0].wait_log("record failed to authenticate", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        n[0].metric(malformed),
+        Some(before + 1.0),
+        "the replay is refused as a handshake that does not check out"
+    );
+
+    let (built, how) = live.build(0x8000_0002, &[&n[0], &n[1], &n[2]]).await;
+    assert_eq!(
+        (built, how.as_str()),
+        (3, "built"),
+        "the live link still carries new circuits"
+    );
+}
+

@@ -137,12 +137,37 @@ pub struct FileLimits {
     pub tenant_burst: u32,
     /// Bytes per second each way, per tenant.
     pub tenant_bytes_per_sec: u32,
+    /// Links at once.
+    pub links: u32,
+    /// Inbound link handshakes at once.
+    pub link_handshakes: u32,
+    /// Circuit sides at once, in all.
+    pub circuits: u32,
+    /// Circuit sides at once on one link.
+    pub circuits_per_link: u32,
+    /// Streams at once on one circuit (exit).
+    pub streams_per_circuit: u32,
+    /// Names resolved at once (exit).
+    pub dns_lookups: u32,
+    /// Idle circuits close after this many seconds (0: never).
+    pub idle_circuit_secs: u32,
+    /// MiB of forwarded cells waiting for congested links, in all.
+    pub forward_queue_mb: u32,
 }
 
 impl Default for FileLimits {
     fn default() -> Self {
         let d = crate::limits::Settings::default();
+        let c = crate::limits::Carry::default();
         Self {
+            links: c.links,
+            link_handshakes: c.link_handshakes,
+            circuits: c.circuits,
+            circuits_per_link: c.circuits_per_link,
+            streams_per_circuit: c.streams_per_circuit,
+            dns_lookups: c.dns_lookups,
+            idle_circuit_secs: c.idle_circuit_secs,
+            forward_queue_mb: c.forward_queue_mb,
             connections: d.connections,
             client_streams: d.client.streams,
             client_streams_per_sec: d.client.streams_per_sec,
@@ -205,6 +230,9 @@ pub struct FileMesh {
     /// Advert lifetime.
     #[serde(default = "default_advert_ttl")]
     pub advert_ttl_secs: u64,
+    /// Links on non-public addresses are fine (a test bed, one site).
+    #[serde(default)]
+    pub private: bool,
 }
 
 impl Default for FileMesh {
@@ -213,6 +241,7 @@ impl Default for FileMesh {
             listen: None,
             bootstrap: Vec::new(),
             advert_ttl_secs: default_advert_ttl(),
+            private: false,
         }
     }
 }
@@ -255,6 +284,9 @@ pub struct FileAdmin {
     /// Allow a non-loopback admin listener.
     #[serde(default)]
     pub allow_remote: bool,
+    /// A file holding the bearer token every admin request but the probes
+    /// must carry (`[admin]` only).
+    pub token_file: Option<String>,
 }
 
 /// `[node]`

@@ -87,6 +87,11 @@ pub fn render_template(t: &Template<'_>) -> String {
     let metrics = opt("listen", t.metrics, "127.0.0.1:9300");
     let bootstrap = list(t.bootstrap);
     let authority_keys = list(t.authority_keys);
+    // A node made to link on a loopback or private address is in a
+    // private mesh (a test bed, one site).
+    let private = t
+        .link
+        .is_some_and(|a| crate::policy::non_public(a.ip()).is_some());
     format!(
         r#"# Ferry node configuration.
 #
@@ -141,6 +146,12 @@ bootstrap = [{bootstrap}]
 # Lifetime of this node's signed advert; it is renewed every third of it. A
 # node that vanishes leaves every peer's path selection within this time.
 advert_ttl_secs = 30
+# A private mesh, whose nodes link over loopback, private, link-local or
+# other non-public addresses (a test bed, one site, a Docker or Kubernetes
+# network). Off, a relay extends circuits only to nodes whose link address
+# is public, so that no origin can make it connect into its own network
+# through an advert naming such an address.
+private = {private}
 
 [authority]
 # Public keys (64 hex digits, from `ferry authority keygen`) whose signatures
@@ -163,6 +174,12 @@ threshold = 1
 # allow_remote = true.
 {admin}
 allow_remote = false
+# A file holding a bearer token (at least 16 characters: `openssl rand -hex
+# 32`) that every request but /livez and /readyz must carry; ferry status,
+# drain and policy publish send it with --admin-token-file (or
+# FERRY_ADMIN_TOKEN_FILE). Set it wherever other local users, or web pages
+# in a desktop user's browser, could reach the listener.
+# token_file = "/etc/ferry/admin.token"
 
 [metrics]
 # Prometheus metrics: GET /metrics on its own listener. Loopback unless
@@ -176,7 +193,7 @@ hops = 3
 # Per-stream flow-control window: the most a sender may have unacknowledged.
 # The receiving end never buffers more than this per stream. 65536 to 67108864.
 stream_window_bytes = 2097152
-# Streams that share one circuit before another circuit is built. 1 to 1024.
+# Streams that share one circuit before another circuit is built. 1 to 512.
 max_streams_per_circuit = 64
 # Time allowed to build a circuit, hop by hop. 1 to 300.
 build_timeout_secs = 10
@@ -233,6 +250,26 @@ tenant_streams = 2048
 tenant_streams_per_sec = 1000
 tenant_burst = 2000
 tenant_bytes_per_sec = 0
+# What this node takes on for others as a relay and exit (a restart changes
+# these; refusals are counted as capacity). Links at once, and inbound link
+# handshakes at once (each may take up to 10 s):
+links = 2048
+link_handshakes = 64
+# Circuit sides held at once, in all and on one link (a relay holds two
+# per circuit): one neighbour cannot take them all.
+circuits = 20000
+circuits_per_link = 4096
+# Streams at once on one circuit, at the exit, and names the exit resolves
+# at once (a BEGIN past either ends with capacity).
+streams_per_circuit = 512
+dns_lookups = 64
+# Circuits with no cell either way for this long are closed, at relays,
+# exits and the entry's pool (0: never).
+idle_circuit_secs = 600
+# MiB of forwarded cells that may wait for congested links, in all: cells
+# wait with their circuit (circuits take turns), and a circuit whose cell
+# finds this full (or its own 16 MiB) is destroyed.
+forward_queue_mb = 256
 
 [drain]
 # SIGTERM drains the node for this long (no new circuits; owners move theirs

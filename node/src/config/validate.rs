@@ -67,16 +67,22 @@ pub struct NodeConfig {
     pub bootstrap: Vec<String>,
     /// Advert lifetime.
     pub advert_ttl: Duration,
+    /// A private mesh: relays extend to nodes on non-public addresses.
+    pub mesh_private: bool,
     /// Trusted authority keys.
     pub authority: crate::authority::Authority,
     /// Routing constraints and tenants (entries).
     pub routing: crate::routing::Policy,
     /// What one client or tenant of the entry may take.
     pub limits: crate::limits::Settings,
+    /// What the node takes on for others (relay, exit).
+    pub carry: crate::limits::Carry,
     /// Drain timing.
     pub drain: DrainSettings,
     /// Admin API listener.
     pub admin_listen: Option<SocketAddr>,
+    /// The digest of the admin API's bearer token (`[admin] token_file`).
+    pub admin_token: Option<[u8; 32]>,
     /// Prometheus metrics listener.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -141,6 +147,26 @@ fn local_listener(section: &str, f: &FileAdmin) -> Result<Option<SocketAddr>> {
     }
     Ok(addr)
 }
+
+/// The digest of the admin token in `path` (surrounding white space
+/// trimmed; at least [`MIN_ADMIN_TOKEN`] characters).
+fn read_admin_token(path: &str) -> Result<[u8; 32]> {
+    use std::io::Read;
+    let mut t = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_string(&mut t))
+        .with_context(|| format!("admin.token_file = `{path}`: cannot read it"))?;
+    let t = t.trim();
+    if t.len() < MIN_ADMIN_TOKEN || t.contains(char::is_whitespace) {
+        bail!(
+            "admin.token_file = `{path}`: the token must be at least {MIN_ADMIN_TOKEN} characters with no white space (for example `openssl rand -hex 32 > {path}`)"
+        );
+    }
+    Ok(crate::auth::token_digest(t))
+}
+
+/// The shortest admin token taken.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr> {
     s.parse()
@@ -216,15 +242,21 @@ impl TryFrom<FileConfig> for NodeConfig {
                  authentication, so set listen.socks_allow_remote = true to expose it on purpose"
             );
         }
-        if !(1..=8).contains(&f.circuit.hops) {
-            bail!("circuit.hops = {}: must be 1 to 8", f.circuit.hops);
+        if !(1..=ferry_circuit::MAX_HOPS).contains(&f.circuit.hops) {
+            bail!(
+                "circuit.hops = {}: must be 1 to {}",
+                f.circuit.hops,
+                ferry_circuit::MAX_HOPS
+            );
         }
         let window = f.circuit.stream_window_bytes;
         if !(65_536..=64 * 1024 * 1024).contains(&window) {
             bail!("circuit.stream_window_bytes = {window}: must be 65536 to 67108864");
         }
-        if !(1..=1024).contains(&f.circuit.max_streams_per_circuit) {
-            bail!("circuit.max_streams_per_circuit must be 1 to 1024");
+        if !(1..=512).contains(&f.circuit.max_streams_per_circuit) {
+            bail!(
+                "circuit.max_streams_per_circuit must be 1 to 512 (exits take 512 by default: [limits] streams_per_circuit)"
+            );
         }
         if !(1..=300).contains(&f.circuit.build_timeout_secs) {
             bail!("circuit.build_timeout_secs must be 1 to 300");
@@ -252,6 +284,15 @@ impl TryFrom<FileConfig> for NodeConfig {
         let authority = crate::authority::Authority::new(&f.authority.keys, f.authority.threshold)
             .context("authority")?;
         let admin_listen = local_listener("admin", &f.admin)?;
+        if f.metrics.token_file.is_some() {
+            bail!("metrics.token_file: only [admin] takes a token file");
+        }
+        let admin_token = f
+            .admin
+            .token_file
+            .as_deref()
+            .map(read_admin_token)
+            .transpose()?;
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in f.peers.iter().enumerate() {
             let ctx = || format!("peers[{i}]");
@@ -310,6 +351,29 @@ impl TryFrom<FileConfig> for NodeConfig {
             bail!("limits.connections must be at least 1");
         }
         for (k, v) in [
+            ("links", fl.links),
+            ("link_handshakes", fl.link_handshakes),
+            ("circuits", fl.circuits),
+            ("circuits_per_link", fl.circuits_per_link),
+            ("streams_per_circuit", fl.streams_per_circuit),
+            ("dns_lookups", fl.dns_lookups),
+            ("forward_queue_mb", fl.forward_queue_mb),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                bail!("limits.{k} = {v}: must be 1 to 1000000");
+            }
+        }
+        let carry = crate::limits::Carry {
+            links: fl.links,
+            link_handshakes: fl.link_handshakes,
+            circuits: fl.circuits,
+            circuits_per_link: fl.circuits_per_link,
+            streams_per_circuit: fl.streams_per_circuit,
+            dns_lookups: fl.dns_lookups,
+            idle_circuit_secs: fl.idle_circuit_secs,
+            forward_queue_mb: fl.forward_queue_mb,
+        };
+        for (k, v) in [
             ("client_streams_per_sec", fl.client_streams_per_sec),
             ("client_burst", fl.client_burst),
             ("tenant_streams_per_sec", fl.tenant_streams_per_sec),
@@ -342,8 +406,8 @@ impl TryFrom<FileConfig> for NodeConfig {
             if t.name.is_empty() || t.name.len() > 255 {
                 bail!("{key}.name must be 1 to 255 characters (it is a SOCKS5 username)");
             }
-            if t.hops.is_some_and(|h| !(1..=8).contains(&h)) {
-                bail!("{key}.hops must be 1 to 8");
+            if t.hops.is_some_and(|h| !(1..=ferry_circuit::MAX_HOPS).contains(&h)) {
+                bail!("{key}.hops must be 1 to {}", ferry_circuit::MAX_HOPS);
             }
             let mut c = constraints(&t.exclude, &t.exit_in, &t.avoid_transit, &key)?;
             c.hops = t.hops;
@@ -438,6 +502,7 @@ impl TryFrom<FileConfig> for NodeConfig {
         Ok(NodeConfig {
             routing,
             limits,
+            carry,
             drain,
             jurisdiction,
             roles,
@@ -459,8 +524,10 @@ impl TryFrom<FileConfig> for NodeConfig {
             mesh_listen,
             bootstrap: f.mesh.bootstrap,
             advert_ttl: Duration::from_secs(f.mesh.advert_ttl_secs),
+            mesh_private: f.mesh.private,
             authority,
             admin_listen,
+            admin_token,
             metrics_listen,
         })
     }

@@ -1,0 +1,207 @@
+//! What a node takes on for others is bounded, with real processes: one
+//! neighbour gets at most `[limits] circuits_per_link` circuits (refused
+//! past it with DESTROY capacity, and counted), and circuits nobody uses
+//! close by themselves at every hop while a quiet stream's circuit stays.
+
+use ferry_proto::pb::DestroyReason;
+use ferry_tests::raw::{RawLink, fake_entry};
+use ferry_tests::{Mesh, Options};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Before, circuits per link (and in all) were unbounded: a hostile
+/// neighbour could open them until the node ran out of memory, and
+/// `RefusalReason::Capacity` was never used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_neighbour_gets_at_most_its_share_of_circuits() {
+    let (fake, block) = fake_entry();
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            extra_peers: vec![block],
+            node_replace: vec![(
+                "circuits_per_link = 4096".into(),
+                "circuits_per_link = 5".into(),
+            )],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let node = &mesh.nodes[0];
+    let mut link = RawLink::open(node, &fake).await;
+    for c in 1..=5 {
+        let (built, how) = link.build(0x8000_0000 + c, &[node]).await;
+        assert_eq!((built, how.as_str()), (1, "built"), "circuit {c}");
+    }
+    let (built, how) = link.build(0x8000_0006, &[node]).await;
+    assert_eq!(
+        (built, how.as_str()),
+        (0, "destroyed: DESTROY_REASON_CAPACITY")
+    );
+    assert_eq!(
+        node.metric("ferry_refusals_total{reason=\"capacity\"}"),
+        Some(1.0)
+    );
+    node.wait_log("limit of circuits ([limits] circuits_per_link)", Duration::from_secs(5))
+        .unwrap();
+    // A circuit closed frees its place.
+    link.send(&ferry_node::switch::destroy_cell(
+        0x8000_0001,
+        DestroyReason::Finished,
+    ))
+    .await;
+    let (built, how) = link.build(0x8000_0007, &[node]).await;
+    assert_eq!((built, how.as_str()), (1, "built"));
+    // Other neighbours are not held back: the mesh's own entry still gets
+    // its circuits through this node.
+    let target = ferry_tests::echo_server().await.unwrap();
+    let mut s = mesh.open(target.port(), "").await.expect("SOCKS success");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+}
+
+/// With `idle_circuit_secs = 2`: a stream left quiet for three periods
+/// still carries its bytes (the entry's keepalives keep its circuit), and
+/// once it ends the circuits close at every hop, counted as `idle`.
+/// Before, nothing closed a circuit nobody used, at relays or in the
+/// entry's pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_circuits_close_and_quiet_streams_stay() {
+    let idle = (
+        "idle_circuit_secs = 600".to_string(),
+        "idle_circuit_secs = 2".to_string(),
+    );
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            node_replace: vec![idle.clone()],
+            entry_replace: vec![idle],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let target = ferry_tests::echo_server().await.unwrap();
+    let mut s = mesh.open(target.port(), "").await.expect("SOCKS success");
+    s.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).await.unwrap();
+    // Quiet for three idle periods: what an SSH session or a mail client's
+    // IDLE does.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    s.write_all(b"after!").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .expect("the quiet stream answers")
+        .unwrap();
+    assert_eq!(&got, b"after!");
+    for n in &mesh.nodes {
+        assert_eq!(
+            n.metric("ferry_circuits_closed_total{reason=\"idle\"}"),
+            Some(0.0),
+            "{}: a circuit with a stream was closed as idle",
+            n.jurisdiction
+        );
+    }
+    drop(s);
+    // Every hop closes the circuit by itself once it is unused.
+    let t0 = Instant::now();
+    loop {
+        let active: f64 = mesh
+            .nodes
+            .iter()
+            .filter_map(|n| n.metric("ferry_circuits_active"))
+            .sum();
+        if active == 0.0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{active} circuits still open at the relays"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let closed: f64 = mesh
+        .nodes
+        .iter()
+        .chain([&mesh.entry])
+        .filter_map(|n| n.metric("ferry_circuits_closed_total{reason=\"idle\"}"))
+        .sum();
+    assert!(closed >= 1.0, "closed as idle: {closed}");
+    println!("circuits closed as idle, all nodes: {closed}");
+}
+
+/// A hostile origin sends 400,000 one-byte DATA cells (400 KB, well inside
+/// the stream's 2 MiB window) to a target that never reads. Once the
+/// socket's buffers are full the exit queues them: each used to keep its
+/// frame, the read chunk it came in and a queue entry (about 100 bytes
+/// for each byte); now the queue copies them into one compact buffer.
+/// The exit's resident memory is measured before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_cells_to_a_target_that_never_reads_hold_about_their_bytes() {
+    use ferry_circuit::{Event, HEADROOM, Outcome};
+    const CELLS: usize = 400_000;
+    let (fake, block) = fake_entry();
+    let mesh = Mesh::start(
+        &[ferry_tests::Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            extra_peers: vec![block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let exit = &mesh.nodes[0];
+    // Takes connections and never reads.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = target.accept().await {
+            socks.push(s);
+        }
+    });
+    let mut link = RawLink::open(exit, &fake).await;
+    let mut s = link.circuit(0x8000_0001, &[exit]).await;
+    let id = s.open("127.0.0.1", port).unwrap();
+    link.flush(&mut s).await;
+    loop {
+        s.handle_relay(link.next().await).unwrap();
+        if std::iter::from_fn(|| s.poll_event()).any(|e| matches!(e, Event::Connected { .. })) {
+            break;
+        }
+    }
+    let before = exit.rss_bytes().unwrap();
+    for i in 0..CELLS {
+        let mut r = bytes::BytesMut::zeroed(HEADROOM + 1);
+        r[HEADROOM] = (i % 251) as u8;
+        assert!(matches!(s.send_data(id, r).unwrap(), Outcome::Done), "cell {i}: no credit");
+        if i % 4096 == 4095 {
+            link.flush(&mut s).await;
+        }
+    }
+    link.flush(&mut s).await;
+    // The exit has them all once its RESIDENT memory stops growing; give it
+    // until its log says nothing more and the sample is stable.
+    let mut last = 0;
+    let mut after = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = exit.rss_bytes().unwrap();
+        if after == last {
+            break;
+        }
+        last = after;
+    }
+    let grew = after.saturating_sub(before);
+    println!(
+        "{CELLS} one-byte cells queued at the exit: resident memory grew by {:.1} MiB",
+        grew as f64 / (1 << 20) as f64
+    );
+    assert!(
+        grew < 6 << 20,
+        "the exit holds {grew} bytes more for {CELLS} bytes of payload"
+    );
+    held.abort();
+}
