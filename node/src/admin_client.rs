@@ -144,11 +144,8 @@ fn wait_empty(admin: SocketAddr, until_ms: u64) -> Result<()> {
 }
 
 pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
-    let mut resp = agent()
-        .get(&format!("http://{admin}/v1/status"))
-        .call()
-        .with_context(|| format!("reaching the admin API at {admin}"))?;
-    let v: serde_json::Value = resp.body_mut().read_json().context("admin API answer")?;
+    let resp = agent().get(&format!("http://{admin}/v1/status")).call();
+    let v = client::answer(&admin.to_string(), resp)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

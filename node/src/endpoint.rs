@@ -963,8 +963,13 @@ impl Endpoint {
                     drop(at);
                     orphans.push((h, stream));
                 }
-                _ => {
+                other => {
                     drop(at);
+                    debug!(
+                        stream = id,
+                        phase = ?other.as_ref().map(|s| s.phase()),
+                        "stream ended with its circuit"
+                    );
                     h.end(why, detail.clone());
                 }
             }
@@ -1426,10 +1431,11 @@ async fn pump_up(
             let wait = h.waiter();
             match h.send(rec) {
                 Send::Sent(end) => {
-                    if end.flush().await.is_err() {
-                        stop.cancel();
-                        return "circuit_closed";
-                    }
+                    // The record is in the stream's resend ring: if the
+                    // circuit closed meanwhile, it goes again wherever the
+                    // stream moves (or the close ends the stream, and the
+                    // next send says so).
+                    let _ = end.flush().await;
                     break;
                 }
                 Send::Wait(b) => {
@@ -1479,11 +1485,11 @@ async fn pump_down(
                     stop.cancel();
                     return "reset";
                 }
-                if let Op::Done((), end) = h.consumed(b.len() as u64)
-                    && end.flush().await.is_err()
-                {
-                    stop.cancel();
-                    return "circuit_closed";
+                // A circuit that closed meanwhile loses the acknowledgement
+                // only: a move carries what was received, and a close that
+                // ends the stream says so on `inbound`.
+                if let Op::Done((), end) = h.consumed(b.len() as u64) {
+                    let _ = end.flush().await;
                 }
             }
             Some(Inbound::Connected) => {}

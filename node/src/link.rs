@@ -241,10 +241,13 @@ pub trait LinkHost: Send + Sync + 'static {
 /// or a very wide circuit behind a link that stopped, gets here.
 pub const CIRCUIT_QUEUE_MAX: usize = 16 << 20;
 
-/// Forwarded cells that found a link's queue full, one queue per circuit,
-/// written round-robin (a circuit at a time, a cell at a time), so that a
-/// circuit whose cells pile up does not hold up the others: the reader of
-/// the link they came from never waits for this one.
+/// The cells a relay forwards onto a link, one queue per circuit, written
+/// round-robin (a circuit at a time, a cell at a time), so that a circuit
+/// whose cells pile up does not hold up the others: the reader of the link
+/// they came from never waits for this one. Bounded per circuit
+/// ([`CIRCUIT_QUEUE_MAX`]) and per node (`[limits] forward_queue_mb`);
+/// senders keep within their streams' windows, so the bounds are met only
+/// by a sender that ignores them or a link that has stopped.
 #[derive(Debug, Default)]
 struct Overflow {
     state: std::sync::Mutex<OverflowState>,
@@ -321,24 +324,16 @@ impl LinkHandle {
         self.tx.try_send(cell).is_ok()
     }
 
-    /// Queues a cell a relay forwards onto this link, without waiting: to
-    /// the link's queue while it has room and no circuit is waiting, else
-    /// to its circuit's overflow queue ([`Overflow`]). A circuit's cells
-    /// keep their order.
+    /// Queues a cell a relay forwards onto this link, without waiting, in
+    /// its circuit's queue ([`Overflow`]): the circuits a link forwards
+    /// take turns with each other and with the cells of the circuits this
+    /// node ends (which use the link's queue), and a circuit's cells keep
+    /// their order.
     pub fn forward(&self, circ: u32, cell: BytesMut) -> Result<(), ForwardError> {
         let mut o = self.overflow.state.lock().expect("overflow lock");
         if self.tx.is_closed() {
             return Err(ForwardError::Closed);
         }
-        let cell = if o.queues.is_empty() {
-            match self.tx.try_send(cell) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(ForwardError::Closed),
-                Err(mpsc::error::TrySendError::Full(c)) => c,
-            }
-        } else {
-            cell
-        };
         let len = cell.len();
         let held = self.held.load(Ordering::Relaxed);
         let (q, bytes) = o.queues.entry(circ).or_default();
@@ -1005,18 +1000,17 @@ mod queue_tests {
         (h, q)
     }
 
-    /// Once a link's queue is full, forwarded cells wait per circuit and
-    /// are written a circuit at a time: a circuit with a thousand cells
-    /// waiting does not hold up one with a single cell (it used to: the
-    /// reader of the link they came from waited for room, for every
-    /// circuit on it). A circuit's cells keep their order, its queue and
-    /// the node's are bounded, and a purge drops what a destroyed circuit
-    /// left.
+    /// Forwarded cells wait per circuit and are written a circuit at a
+    /// time: a circuit with a thousand cells waiting does not hold up one
+    /// with a single cell (it used to: the reader of the link they came
+    /// from waited for room in one queue, for every circuit on it). A
+    /// circuit's cells keep their order, its queue and the node's are
+    /// bounded, and a purge drops what a destroyed circuit left.
     #[test]
     fn forwarded_cells_wait_per_circuit_and_take_turns() {
         use ferry_proto::CellCmd;
         let (h, mut q) = handle(1, 4);
-        h.forward(1, cell(1, CellCmd::Relay, &[0])).unwrap();
+        assert!(h.try_send(cell(9, CellCmd::Relay, &[0, 0])));
         for i in 1..1000u16 {
             h.forward(1, cell(1, CellCmd::Relay, &i.to_be_bytes())).unwrap();
         }
@@ -1036,7 +1030,6 @@ mod queue_tests {
         assert_eq!(h.held.load(Ordering::Relaxed), 0);
         // Bounds: the node's (1 MiB here), then a purge frees it.
         let big = BytesMut::zeroed(60_000);
-        assert!(h.forward(3, big.clone()).is_ok(), "the link's queue");
         let mut n = 0;
         while h.forward(3, big.clone()).is_ok() {
             n += 1;

@@ -76,7 +76,8 @@ pub struct Options {
     /// Replacements in the entry's config text (for example a `[limits]`
     /// line of the template with another value).
     pub entry_replace: Vec<(String, String)>,
-    /// Replacements in every other node's config text.
+    /// Replacements in every node's config text, the entry's too (before
+    /// `entry_replace`).
     pub node_replace: Vec<(String, String)>,
     /// Nodes (by spec index) the entry reaches through a delaying proxy,
     /// with the delay each way ([`crate::tap::start_delay`]): further

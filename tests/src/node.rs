@@ -292,7 +292,12 @@ fn spawn(dir: &Path, args: &[&str]) -> Result<Child> {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(err)
-        .env("RUST_LOG", "info")
+        // FERRY_TEST_LOG: another filter for the nodes of a test run (for
+        // example `info,ferry_node=debug` to see why a test failed).
+        .env(
+            "RUST_LOG",
+            std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .spawn()
         .context("spawning ferry")
 }

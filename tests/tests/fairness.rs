@@ -75,11 +75,21 @@ async fn a_stalled_next_link_does_not_stall_other_circuits() {
     .unwrap();
     let (sink, source) = (sink().await, paced_source().await);
     // The checked, paced download, through CH and IS.
-    let mut down = mesh.open(source, "exit_in=IS").await.unwrap();
+    let mut down = match mesh.open(source, "exit_in=IS").await {
+        Ok(s) => s,
+        Err(e) => panic!("{e:#}\n{}", mesh.entry.log()),
+    };
     // Eight bulk uploads through CH and DE, as fast as they go.
     let mut bulk = Vec::new();
     for _ in 0..8 {
-        let mut s = mesh.open(sink, "exit_in=DE").await.unwrap();
+        let mut s = match mesh.open(sink, "exit_in=DE").await {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "{e:#}\n{}\n{}",
+                mesh.entry.log(),
+                mesh.nodes.iter().map(|n| n.log()).collect::<Vec<_>>().join("\n")
+            ),
+        };
         bulk.push(tokio::spawn(async move {
             let buf = vec![7u8; 64 * 1024];
             while s.write_all(&buf).await.is_ok() {}

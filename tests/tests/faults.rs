@@ -57,12 +57,17 @@ impl Load {
         }
     }
 
-    /// Every transfer finished, every byte checked both ways.
-    async fn finish(mut self) {
+    /// Every transfer finished, every byte checked both ways (or the
+    /// nodes' logs, to see why not).
+    async fn finish(mut self, mesh: &Mesh) {
         let _ = self.target;
-        finish_transfers(self.tasks, &mut self.uploads, &self.seeds, LEN)
-            .await
-            .unwrap();
+        if let Err(e) = finish_transfers(self.tasks, &mut self.uploads, &self.seeds, LEN).await {
+            let logs: Vec<String> = std::iter::once(&mesh.entry)
+                .chain(&mesh.nodes)
+                .map(|n| format!("--- {}\n{}", n.jurisdiction, n.log()))
+                .collect();
+            panic!("{e:#}\n{}", logs.join("\n"));
+        }
     }
 }
 
@@ -121,7 +126,7 @@ async fn a_relay_killed_under_twenty_streams_loses_no_byte() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     node(&mut mesh, &relay).kill9().unwrap();
     println!("killed {relay} under {STREAMS} streams");
-    load.finish().await;
+    load.finish(&mesh).await;
     assert_eq!(rescued(&mesh, "moved"), STREAMS as f64);
     assert_eq!(rescued(&mesh, "lost"), 0.0);
 }
@@ -137,7 +142,7 @@ async fn a_relay_cut_off_for_five_seconds_loses_no_byte() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     n.signal("CONT");
     println!("{relay} cut off for 5 s under {STREAMS} streams");
-    load.finish().await;
+    load.finish(&mesh).await;
     assert_eq!(rescued(&mesh, "moved"), STREAMS as f64);
     assert!(node(&mut mesh, &relay).alive(), "the relay carries on");
 }
@@ -156,7 +161,7 @@ async fn a_rolling_crash_restart_of_every_relay_loses_no_byte() {
     let now = carrying_relay(&mesh);
     assert_eq!(now, second, "the streams moved to the other relay");
     node(&mut mesh, second).kill9_and_restart().unwrap();
-    load.finish().await;
+    load.finish(&mesh).await;
     assert_eq!(rescued(&mesh, "moved"), 2.0 * STREAMS as f64);
     assert_eq!(rescued(&mesh, "lost"), 0.0);
 }

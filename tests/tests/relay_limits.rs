@@ -76,8 +76,7 @@ async fn idle_circuits_close_and_quiet_streams_stay() {
     let mesh = Mesh::start(
         &ferry_tests::THREE,
         &Options {
-            node_replace: vec![idle.clone()],
-            entry_replace: vec![idle],
+            node_replace: vec![idle],
             ..Options::default()
         },
     )
