@@ -13,7 +13,7 @@ pub mod table;
 pub use build::{Build, Hop, Step};
 pub use error::{Error, Result};
 pub use resume::{Found, Resumables};
-pub use session::{Config, Event, HEADROOM, Outcome, Phase, Session, Side, Stream, Token};
-pub use table::{
-    Dispatch, LinkId, LinkRef, MAX_FORWARDED_CONTROL, MAX_HOPS, Removed, Slot, Table,
+pub use session::{
+    CIRCUIT_WINDOW, Config, Event, HEADROOM, Outcome, Phase, Session, Side, Stream, Token,
 };
+pub use table::{Dispatch, LinkId, LinkRef, MAX_FORWARDED_CONTROL, MAX_HOPS, Removed, Slot, Table};

@@ -75,6 +75,19 @@ pub enum Side {
     Exit,
 }
 
+/// Bytes a sender keeps unacknowledged on one circuit, over all its
+/// streams (each also within its own window).
+///
+/// Streams have windows of their own, but a circuit carries up to hundreds
+/// of streams, and relays queue what a circuit sends faster than the next
+/// link takes it (`ferry-node`'s per-circuit forwarding queues, which keep
+/// one circuit from stalling the others on a link). This bound, kept by
+/// every sender, is what bounds those queues: a relay holds at most about
+/// this much for a circuit each way from an honest sender, and may destroy
+/// a circuit that queues more than twice it. No wire change: it is each
+/// sender's own discipline over the acknowledgements it already gets.
+pub const CIRCUIT_WINDOW: u64 = 8 << 20;
+
 /// A session's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -405,6 +418,9 @@ pub struct Session {
     transmits: VecDeque<BytesMut>,
     events: VecDeque<Event>,
     closed: bool,
+    /// A send was refused for want of circuit credit ([`CIRCUIT_WINDOW`]):
+    /// the next acknowledgement wakes every stream.
+    circuit_blocked: bool,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -434,7 +450,13 @@ impl Session {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
+            circuit_blocked: false,
         }
+    }
+
+    /// Bytes sent and not yet acknowledged, over every stream here.
+    pub fn in_flight(&self) -> u64 {
+        self.streams.values().map(|s| s.sent - s.acked).sum()
     }
 
     /// Which end this is.
@@ -812,6 +834,12 @@ impl Session {
         if s.credit() < n as u64 {
             return Ok(Outcome::Blocked(buf));
         }
+        let in_flight: u64 = self.streams.values().map(|s| s.sent - s.acked).sum();
+        if in_flight + n as u64 > CIRCUIT_WINDOW {
+            self.circuit_blocked = true;
+            return Ok(Outcome::Blocked(buf));
+        }
+        let s = self.streams.get_mut(&id).expect("checked above");
         let off = s.sent;
         s.ring.push(&buf[HEADROOM..]);
         s.sent += n as u64;
@@ -1049,6 +1077,13 @@ impl Session {
                 if let Some(s) = self.streams.get_mut(&id) {
                     if s.on_ack(ack)? {
                         self.events.push_back(Event::Writable { id });
+                        if std::mem::take(&mut self.circuit_blocked) {
+                            // Circuit credit freed: every stream may send.
+                            let others: Vec<u32> =
+                                self.streams.keys().copied().filter(|o| *o != id).collect();
+                            self.events
+                                .extend(others.into_iter().map(|id| Event::Writable { id }));
+                        }
                     }
                     self.settle(id);
                 }

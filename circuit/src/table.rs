@@ -571,7 +571,11 @@ mod tests {
         t.dispatch(3, 2, CellCmd::Created, R::Unspecified);
         assert_eq!(t.on_link(3), 1, "a CREATED takes its pending slot");
         t.destroy(2, 9);
-        assert_eq!((t.on_link(1), t.on_link(2)), (1, 0), "both sides of the forward");
+        assert_eq!(
+            (t.on_link(1), t.on_link(2)),
+            (1, 0),
+            "both sides of the forward"
+        );
         t.link_down(1);
         assert_eq!(t.on_link(1), 0);
         t.drain_all();

@@ -462,3 +462,66 @@ fn a_keepalive_changes_nothing_at_the_peer() {
     seen.take(&mut a.o, id);
     assert_eq!(seen.bytes, b"hello again");
 }
+
+/// A sender keeps at most `CIRCUIT_WINDOW` unacknowledged over all the
+/// streams of a circuit, whatever each stream's own window allows; an
+/// acknowledgement on one stream lets the others go on.
+#[test]
+fn a_circuit_has_a_window_over_its_streams() {
+    use ferry_circuit::CIRCUIT_WINDOW;
+    let (o, x) = keys();
+    let cfg = Config {
+        window: 6 << 20,
+        max_streams: 16,
+        resume_timeout_ms: 1_000,
+    };
+    let mut a = Circ {
+        o: Session::new(Side::Origin, 1, o, cfg.clone()),
+        x: Session::new(Side::Exit, 1, x, cfg),
+    };
+    let ids: Vec<u32> = (0..3)
+        .map(|_| a.o.open("target.example", 80).unwrap())
+        .collect();
+    up(&mut a);
+    for id in &ids {
+        assert!(matches!(a.x.accept(*id, TOKEN).unwrap(), Outcome::Done));
+    }
+    down(&mut a);
+    let _ = events(&mut a.x);
+    let _ = events(&mut a.o);
+    let chunk = ferry_proto::MAX_DATA_PAYLOAD;
+    let fill = |x: &mut Session, id: u32| {
+        let mut n = 0u64;
+        while let Outcome::Done = x.send_data(id, record(&vec![1; chunk])).unwrap() {
+            n += chunk as u64;
+        }
+        n
+    };
+    // Stream 1 sends its own window (6 MiB); stream 2 only what is left of
+    // the circuit's (8 MiB), though its own window would take 6; stream 3
+    // nothing.
+    let one = fill(&mut a.x, ids[0]);
+    let two = fill(&mut a.x, ids[1]);
+    assert!(one > 6 * (1 << 20) - chunk as u64, "{one}");
+    assert!(
+        two <= CIRCUIT_WINDOW - one && two > CIRCUIT_WINDOW - one - chunk as u64,
+        "{two}"
+    );
+    assert_eq!(fill(&mut a.x, ids[2]), 0);
+    assert!(a.x.in_flight() <= CIRCUIT_WINDOW);
+    // The origin reads stream 1: its acknowledgement wakes stream 3 too.
+    down(&mut a);
+    let mut seen = Seen::default();
+    let _ = seen.take(&mut a.o, ids[0]);
+    up(&mut a);
+    let woke = events(&mut a.x);
+    assert!(
+        woke.iter()
+            .any(|e| matches!(e, Event::Writable { id } if *id == ids[2])),
+        "{woke:?}"
+    );
+    assert!(matches!(
+        a.x.send_data(ids[2], record(&vec![3; chunk])).unwrap(),
+        Outcome::Done
+    ));
+}

@@ -1611,7 +1611,11 @@ mod inbound_tests {
             panic!("then the compact buffer")
         };
         assert_eq!(b.len(), 100_000);
-        assert!(b.capacity() < 2 * 100_000 + COMPACT_CHUNK, "{}", b.capacity());
+        assert!(
+            b.capacity() < 2 * 100_000 + COMPACT_CHUNK,
+            "{}",
+            b.capacity()
+        );
         assert!(b.iter().enumerate().all(|(i, x)| *x == (i % 251) as u8));
         assert!(matches!(rx.recv().await, Some(Inbound::Finished)));
         tx.close();

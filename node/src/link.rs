@@ -235,11 +235,11 @@ pub trait LinkHost: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), Malformed>> + Send;
 }
 
-/// Bytes one circuit may have waiting in a link's overflow; past it the
-/// circuit is destroyed (`capacity`). A circuit's senders keep at most
-/// their streams' windows in flight, so only a sender that ignores them,
-/// or a very wide circuit behind a link that stopped, gets here.
-pub const CIRCUIT_QUEUE_MAX: usize = 16 << 20;
+/// Bytes one circuit may have waiting in a link's queues; past it the
+/// circuit is destroyed (`capacity`). Honest senders keep at most
+/// [`ferry_circuit::CIRCUIT_WINDOW`] in flight on a circuit, so only a
+/// sender that ignores it gets here.
+pub const CIRCUIT_QUEUE_MAX: usize = 2 * ferry_circuit::CIRCUIT_WINDOW as usize;
 
 /// The cells a relay forwards onto a link, one queue per circuit, written
 /// round-robin (a circuit at a time, a cell at a time), so that a circuit
@@ -1012,7 +1012,8 @@ mod queue_tests {
         let (h, mut q) = handle(1, 4);
         assert!(h.try_send(cell(9, CellCmd::Relay, &[0, 0])));
         for i in 1..1000u16 {
-            h.forward(1, cell(1, CellCmd::Relay, &i.to_be_bytes())).unwrap();
+            h.forward(1, cell(1, CellCmd::Relay, &i.to_be_bytes()))
+                .unwrap();
         }
         h.forward(2, cell(2, CellCmd::Relay, b"x")).unwrap();
         assert_eq!(h.held.load(Ordering::Relaxed), 999 * 7 + 6);
@@ -1020,7 +1021,10 @@ mod queue_tests {
             .take(4)
             .map(|c| u32::from_be_bytes(c[..4].try_into().unwrap()))
             .collect();
-        assert!(first.contains(&2), "circuit 2 within the first turns: {first:?}");
+        assert!(
+            first.contains(&2),
+            "circuit 2 within the first turns: {first:?}"
+        );
         // Circuit 1's cells in order.
         let rest: Vec<u16> = std::iter::from_fn(|| q.try_next())
             .filter(|c| c[3] == 1)
@@ -1040,7 +1044,11 @@ mod queue_tests {
         assert_eq!(h.held.load(Ordering::Relaxed), 0);
         assert!(h.forward(4, big).is_ok());
         drop(q);
-        assert_eq!(h.held.load(Ordering::Relaxed), 0, "a closed link holds nothing");
+        assert_eq!(
+            h.held.load(Ordering::Relaxed),
+            0,
+            "a closed link holds nothing"
+        );
         assert_eq!(
             h.forward(4, cell(4, CellCmd::Relay, b"late")),
             Err(ForwardError::Closed)
@@ -1057,14 +1065,21 @@ mod queue_tests {
         let (h, mut q) = handle(2, 1);
         assert!(h.try_send(cell(5, CellCmd::Relay, b"a")));
         assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
-        assert!(!h.try_send(cell(6, CellCmd::Relay, b"b")), "data queue full");
+        assert!(
+            !h.try_send(cell(6, CellCmd::Relay, b"b")),
+            "data queue full"
+        );
         assert!(h.send_urgent(cell(6, CellCmd::Destroy, b"")), "goes ahead");
         let order: Vec<u8> = std::iter::from_fn(|| q.try_next())
             .map(|c| c[ferry_proto::cell::HEADER_LEN - 1])
             .collect();
         assert_eq!(
             order,
-            [CellCmd::Destroy as u8, CellCmd::Relay as u8, CellCmd::Destroy as u8],
+            [
+                CellCmd::Destroy as u8,
+                CellCmd::Relay as u8,
+                CellCmd::Destroy as u8
+            ],
             "the urgent DESTROY first, then the queue in order"
         );
         let (h, _q) = handle(1, 1);

@@ -433,7 +433,8 @@ async fn accept_links(listener: TcpListener, switch: Arc<Switch>, shutdown: Canc
         };
         n += 1;
         if switch.link_total() >= switch.cfg.carry.links as usize {
-            switch.refused_link("link refused: this node holds its limit of links ([limits] links)");
+            switch
+                .refused_link("link refused: this node holds its limit of links ([limits] links)");
             continue;
         }
         let sw = switch.clone();

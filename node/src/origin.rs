@@ -735,7 +735,10 @@ impl Origin {
         rx.close();
         while let Ok(r) = rx.try_recv() {
             for (h, _) in r.orphans {
-                h.end(EndReason::CircuitClosed, "circuit lost while the entry stops".into());
+                h.end(
+                    EndReason::CircuitClosed,
+                    "circuit lost while the entry stops".into(),
+                );
             }
         }
     }
@@ -745,7 +748,10 @@ impl Origin {
         let exit = *r.path.last().expect("a path has an exit");
         let relays = r.path[..r.path.len() - 1].to_vec();
         let total = r.orphans.len();
-        info!(streams = total, "circuit lost; moving its streams to a new circuit to the same exit");
+        info!(
+            streams = total,
+            "circuit lost; moving its streams to a new circuit to the same exit"
+        );
         let mut left = r.orphans;
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
@@ -798,9 +804,17 @@ impl Origin {
             );
         }
         if lost == 0 {
-            info!(streams = total, attempt, took_ms = started.elapsed().as_millis() as u64, "a lost circuit's streams moved");
+            info!(
+                streams = total,
+                attempt,
+                took_ms = started.elapsed().as_millis() as u64,
+                "a lost circuit's streams moved"
+            );
         } else {
-            warn!(moved = total - lost, lost, "a lost circuit's streams could not all be moved");
+            warn!(
+                moved = total - lost,
+                lost, "a lost circuit's streams could not all be moved"
+            );
         }
     }
 
@@ -831,9 +845,8 @@ impl Origin {
                 if ticks % 3 == 0 {
                     pool.retain(|c| {
                         let quiet = c.endpoint().is_some_and(|e| e.quiet());
-                        let unused = quiet
-                            && c.stream_count() == 0
-                            && !c.migrating.load(Ordering::Acquire);
+                        let unused =
+                            quiet && c.stream_count() == 0 && !c.migrating.load(Ordering::Acquire);
                         if unused {
                             c.closing.store(true, Ordering::Release);
                             idle.push(c.clone());

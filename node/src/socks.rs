@@ -212,7 +212,10 @@ pub mod wire {
             },
         };
         if b[1] != 0x01 {
-            return Err((SocksError::Command(b[1]), Some(reply::COMMAND_NOT_SUPPORTED)));
+            return Err((
+                SocksError::Command(b[1]),
+                Some(reply::COMMAND_NOT_SUPPORTED),
+            ));
         }
         let port = u16::from_be_bytes([b[end - 2], b[end - 1]]);
         Ok(Parsed::Done((host, port), end))
@@ -228,11 +231,19 @@ pub mod wire {
         fn messages_parse_whole_or_ask_for_the_rest() {
             let greet = [5, 2, 0, 2];
             for i in 0..greet.len() {
-                assert!(matches!(greeting(&greet[..i]), Ok(Parsed::More(n)) if n >= 1 && i + n <= greet.len()));
+                assert!(
+                    matches!(greeting(&greet[..i]), Ok(Parsed::More(n)) if n >= 1 && i + n <= greet.len())
+                );
             }
             assert_eq!(greeting(&greet).unwrap(), Parsed::Done(Method::UserPass, 4));
-            assert_eq!(greeting(&[5, 1, 0]).unwrap(), Parsed::Done(Method::NoAuth, 3));
-            assert_eq!(greeting(&[5, 1, 1]).unwrap(), Parsed::Done(Method::NoAcceptable, 3));
+            assert_eq!(
+                greeting(&[5, 1, 0]).unwrap(),
+                Parsed::Done(Method::NoAuth, 3)
+            );
+            assert_eq!(
+                greeting(&[5, 1, 1]).unwrap(),
+                Parsed::Done(Method::NoAcceptable, 3)
+            );
             assert!(matches!(greeting(&[4, 1]), Err(SocksError::Version(4))));
             let auth = [1, 3, b'a', b'c', b'm', 2, b'p', b'w'];
             for i in 0..auth.len() {
@@ -242,12 +253,18 @@ pub mod wire {
                 userpass(&auth).unwrap(),
                 Parsed::Done(("acm".into(), "pw".into()), auth.len())
             );
-            assert!(matches!(userpass(&[1, 1, 0xff, 0]), Err((SocksError::Auth, true))));
+            assert!(matches!(
+                userpass(&[1, 1, 0xff, 0]),
+                Err((SocksError::Auth, true))
+            ));
             let req = [5, 1, 0, 3, 4, b'h', b'o', b's', b't', 1, 187];
             for i in 0..req.len() {
                 assert!(matches!(request(&req[..i]), Ok(Parsed::More(n)) if i + n <= req.len()));
             }
-            assert_eq!(request(&req).unwrap(), Parsed::Done(("host".into(), 443), req.len()));
+            assert_eq!(
+                request(&req).unwrap(),
+                Parsed::Done(("host".into(), 443), req.len())
+            );
             let v6 = [[5, 1, 0, 4].as_slice(), &[0; 15], &[1], &[0, 80]].concat();
             assert_eq!(request(&v6).unwrap(), Parsed::Done(("::1".into(), 80), 22));
             assert!(matches!(
@@ -256,7 +273,10 @@ pub mod wire {
             ));
             assert!(matches!(
                 request(&[5, 1, 0, 9]),
-                Err((SocksError::AddressType(9), Some(reply::ADDRESS_TYPE_NOT_SUPPORTED)))
+                Err((
+                    SocksError::AddressType(9),
+                    Some(reply::ADDRESS_TYPE_NOT_SUPPORTED)
+                ))
             ));
             assert!(matches!(
                 request(&[5, 1, 0, 3, 0, 0, 80]),

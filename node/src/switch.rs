@@ -327,10 +327,7 @@ impl Switch {
             if links.get(&link.peer).is_some_and(|l| l.id == link.id) {
                 links.remove(&link.peer);
                 // Another live link to the peer takes over.
-                if let Some(next) = all
-                    .values()
-                    .find(|l| l.peer == link.peer && !l.is_closed())
-                {
+                if let Some(next) = all.values().find(|l| l.peer == link.peer && !l.is_closed()) {
                     links.insert(link.peer, next.clone());
                 }
             }
@@ -755,7 +752,9 @@ impl Switch {
         if t.len() >= c.circuits as usize {
             Some("circuit refused: this node holds its limit of circuits ([limits] circuits)")
         } else if t.on_link(link) >= c.circuits_per_link as usize {
-            Some("circuit refused: the link holds its limit of circuits ([limits] circuits_per_link)")
+            Some(
+                "circuit refused: the link holds its limit of circuits ([limits] circuits_per_link)",
+            )
         } else {
             None
         }
@@ -903,7 +902,9 @@ impl Switch {
             );
             return Err((
                 RefusalReason::Unreachable,
-                format!("node {next} has a {range} link address, which relays of a public mesh do not dial"),
+                format!(
+                    "node {next} has a {range} link address, which relays of a public mesh do not dial"
+                ),
             ));
         }
         // The connect error's text stays here (debug): echoed to the origin
@@ -918,7 +919,10 @@ impl Switch {
         })?;
         if let Some(why) = self.at_capacity(out.id) {
             self.refused("capacity", in_circ, why);
-            return Err((RefusalReason::Capacity, "this hop is at its circuit limit".into()));
+            return Err((
+                RefusalReason::Capacity,
+                "this hop is at its circuit limit".into(),
+            ));
         }
         let out_circ = out.alloc_circ_id();
         let (tx, rx) = oneshot::channel();

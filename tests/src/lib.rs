@@ -18,10 +18,10 @@
 mod admission;
 mod client;
 pub mod gossip;
-pub mod raw;
 mod mesh;
 mod node;
 mod observe;
+pub mod raw;
 pub mod rulings;
 mod tap;
 mod traffic;

@@ -153,11 +153,17 @@ async fn a_token_file_makes_the_admin_api_ask_for_the_token() {
     let (code, body) = get("/v1/status", None);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("\"error\":\"token\""), "{body}");
-    let (code, _) = get("/v1/status", Some("Bearer c0ffee00c0ffee00c0ffee00c0ffee01"));
+    let (code, _) = get(
+        "/v1/status",
+        Some("Bearer c0ffee00c0ffee00c0ffee00c0ffee01"),
+    );
     assert_eq!(code, 401, "another token");
     let (code, _) = get("/v1/status", Some("Basic YTpi"));
     assert_eq!(code, 401, "another scheme");
-    let (code, _) = get("/v1/status", Some("Bearer c0ffee00c0ffee00c0ffee00c0ffee00"));
+    let (code, _) = get(
+        "/v1/status",
+        Some("Bearer c0ffee00c0ffee00c0ffee00c0ffee00"),
+    );
     assert_eq!(code, 200);
     assert_eq!(get("/livez", None).0, 200, "probes need no token");
     assert_eq!(get("/readyz", None).0, 200, "probes need no token");

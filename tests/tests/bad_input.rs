@@ -285,13 +285,19 @@ async fn a_loop_through_relays_is_cut_at_eight_hops() {
     assert_eq!(how, "destroyed: DESTROY_REASON_PROTOCOL");
     n[0].wait_log("builds past the hop limit", Duration::from_secs(10))
         .unwrap();
-    assert_eq!(n[0].metric("ferry_refusals_total{reason=\"loop\"}"), Some(1.0));
+    assert_eq!(
+        n[0].metric("ferry_refusals_total{reason=\"loop\"}"),
+        Some(1.0)
+    );
 
     let bounce: Vec<&Proc> = (0..100).map(|i| &n[i % 2]).collect();
     let (built, how) = link.build(0x8000_0003, &bounce).await;
     println!("a 100-hop A/B bounce: {built} hops built, then {how}");
     assert_eq!(built, 2, "{how}");
-    assert!(how.contains("the next hop is this node or the previous one"), "{how}");
+    assert!(
+        how.contains("the next hop is this node or the previous one"),
+        "{how}"
+    );
 
     // The link and the nodes carry on.
     let (built, how) = link.build(0x8000_0004, &[&n[0], &n[1], &n[2]]).await;
@@ -345,4 +351,3 @@ async fn a_replayed_link_handshake_is_refused_and_the_live_link_stays() {
         "the live link still carries new circuits"
     );
 }
-

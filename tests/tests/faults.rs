@@ -6,7 +6,9 @@
 //! every byte arrives, once, both ways. (Before, a relay's crash reset
 //! every stream on its circuits.)
 
-use ferry_tests::{Mesh, Options, Proc, Spec, Uploads, finish_transfers, pattern_server_paced, spawn_transfer};
+use ferry_tests::{
+    Mesh, Options, Proc, Spec, Uploads, finish_transfers, pattern_server_paced, spawn_transfer,
+};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -114,7 +116,9 @@ fn node<'a>(mesh: &'a mut Mesh, jurisdiction: &str) -> &'a mut Proc {
 
 fn rescued(mesh: &Mesh, result: &str) -> f64 {
     mesh.entry
-        .metric(&format!("ferry_streams_rescued_total{{result=\"{result}\"}}"))
+        .metric(&format!(
+            "ferry_streams_rescued_total{{result=\"{result}\"}}"
+        ))
         .unwrap_or(-1.0)
 }
 

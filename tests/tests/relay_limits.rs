@@ -42,8 +42,11 @@ async fn one_neighbour_gets_at_most_its_share_of_circuits() {
         node.metric("ferry_refusals_total{reason=\"capacity\"}"),
         Some(1.0)
     );
-    node.wait_log("limit of circuits ([limits] circuits_per_link)", Duration::from_secs(5))
-        .unwrap();
+    node.wait_log(
+        "limit of circuits ([limits] circuits_per_link)",
+        Duration::from_secs(5),
+    )
+    .unwrap();
     // A circuit closed frees its place.
     link.send(&ferry_node::switch::destroy_cell(
         0x8000_0001,
@@ -175,7 +178,10 @@ async fn one_byte_cells_to_a_target_that_never_reads_hold_about_their_bytes() {
     for i in 0..CELLS {
         let mut r = bytes::BytesMut::zeroed(HEADROOM + 1);
         r[HEADROOM] = (i % 251) as u8;
-        assert!(matches!(s.send_data(id, r).unwrap(), Outcome::Done), "cell {i}: no credit");
+        assert!(
+            matches!(s.send_data(id, r).unwrap(), Outcome::Done),
+            "cell {i}: no credit"
+        );
         if i % 4096 == 4095 {
             link.flush(&mut s).await;
         }

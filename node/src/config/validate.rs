@@ -406,7 +406,9 @@ impl TryFrom<FileConfig> for NodeConfig {
             if t.name.is_empty() || t.name.len() > 255 {
                 bail!("{key}.name must be 1 to 255 characters (it is a SOCKS5 username)");
             }
-            if t.hops.is_some_and(|h| !(1..=ferry_circuit::MAX_HOPS).contains(&h)) {
+            if t.hops
+                .is_some_and(|h| !(1..=ferry_circuit::MAX_HOPS).contains(&h))
+            {
                 bail!("{key}.hops must be 1 to {}", ferry_circuit::MAX_HOPS);
             }
             let mut c = constraints(&t.exclude, &t.exit_in, &t.avoid_transit, &key)?;
