@@ -1,8 +1,4 @@
-//! The HTTP CONNECT entry's request head.
+//! See `ferry_tests::decoders::http_connect`.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let _ = ferry_node::http_proxy::parse_head(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_tests::decoders::http_connect(data));

@@ -17,6 +17,7 @@
 
 mod admission;
 mod client;
+pub mod decoders;
 pub mod gossip;
 mod mesh;
 mod node;
