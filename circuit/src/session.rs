@@ -870,6 +870,28 @@ impl Session {
             self.queue_ack(id)?;
             self.settle(id);
         }
+        // The sender's circuit window (`CIRCUIT_WINDOW`) counts what every
+        // stream has not acknowledged: once a quarter of it is consumed
+        // here and unacknowledged, over all streams, every stream with
+        // something to acknowledge does, or many streams each below their
+        // own threshold could hold the whole window and stop the circuit.
+        let unacked: u64 = self
+            .streams
+            .values()
+            .map(|s| s.ack_value() - s.ack_sent)
+            .sum();
+        if unacked >= CIRCUIT_WINDOW / 4 {
+            let owed: Vec<u32> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| s.ack_value() != s.ack_sent)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in owed {
+                self.queue_ack(id)?;
+                self.settle(id);
+            }
+        }
         Ok(Outcome::Done)
     }
 

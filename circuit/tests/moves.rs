@@ -525,3 +525,53 @@ fn a_circuit_has_a_window_over_its_streams() {
         Outcome::Done
     ));
 }
+
+/// Many streams each below their own acknowledgement threshold (a quarter
+/// of their window) can together hold the whole circuit window: the
+/// receiver acknowledges them all once a quarter of the circuit window is
+/// consumed and unacknowledged, so the circuit never stops for want of an
+/// acknowledgement (it did, with 20 streams).
+#[test]
+fn many_quiet_acknowledgements_do_not_stop_a_circuit() {
+    use ferry_circuit::CIRCUIT_WINDOW;
+    let (o, x) = keys();
+    let cfg = Config {
+        window: 2 << 20,
+        max_streams: 64,
+        resume_timeout_ms: 1_000,
+    };
+    let mut a = Circ {
+        o: Session::new(Side::Origin, 1, o, cfg.clone()),
+        x: Session::new(Side::Exit, 1, x, cfg),
+    };
+    let ids: Vec<u32> = (0..20).map(|_| a.o.open("target.example", 80).unwrap()).collect();
+    up(&mut a);
+    for id in &ids {
+        assert!(matches!(a.x.accept(*id, TOKEN).unwrap(), Outcome::Done));
+    }
+    down(&mut a);
+    let _ = events(&mut a.x);
+    let _ = events(&mut a.o);
+    let chunk = ferry_proto::MAX_DATA_PAYLOAD;
+    let mut got = 0u64;
+    // Round-robin over the streams, as long as the circuit lets the exit
+    // send; the origin consumes all it gets. 64 MiB in all must pass.
+    while got < 8 * CIRCUIT_WINDOW {
+        let mut sent = 0;
+        for id in &ids {
+            if let Outcome::Done = a.x.send_data(*id, record(&vec![5; chunk])).unwrap() {
+                sent += 1;
+            }
+        }
+        down(&mut a);
+        for ev in events(&mut a.o) {
+            if let Event::Data { id, data } = ev {
+                got += data.len() as u64;
+                let _ = a.o.consumed(id, data.len() as u64).unwrap();
+            }
+        }
+        up(&mut a);
+        let _ = events(&mut a.x);
+        assert!(sent > 0, "the circuit stopped at {got} bytes");
+    }
+}
