@@ -544,7 +544,9 @@ fn many_quiet_acknowledgements_do_not_stop_a_circuit() {
         o: Session::new(Side::Origin, 1, o, cfg.clone()),
         x: Session::new(Side::Exit, 1, x, cfg),
     };
-    let ids: Vec<u32> = (0..20).map(|_| a.o.open("target.example", 80).unwrap()).collect();
+    let ids: Vec<u32> = (0..20)
+        .map(|_| a.o.open("target.example", 80).unwrap())
+        .collect();
     up(&mut a);
     for id in &ids {
         assert!(matches!(a.x.accept(*id, TOKEN).unwrap(), Outcome::Done));

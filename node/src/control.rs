@@ -66,7 +66,19 @@ pub struct SyncResponse {
     pub revocations: Vec<Vec<u8>>,
     /// The answering node's own signed advert (with its certificate).
     pub advert: Vec<u8>,
+    /// Signed adverts of live nodes the answering node knows (at most
+    /// [`MAX_SYNC_ADVERTS`], in at most [`MAX_SYNC_ADVERT_BYTES`]), each
+    /// checked by the asker as if gossip had brought it: a node that joins
+    /// knows the mesh at once, not only as gossip passes on each node's
+    /// next advert. (Absent from older nodes' answers: empty.)
+    #[serde(default)]
+    pub adverts: Vec<Vec<u8>>,
 }
+
+/// Most adverts one sync answer carries.
+pub const MAX_SYNC_ADVERTS: usize = 256;
+/// Most bytes of adverts one sync answer carries.
+pub const MAX_SYNC_ADVERT_BYTES: usize = 256 * 1024;
 /// Largest gossip message libp2p accepts at all; Ferry's own bounds are lower.
 pub const MAX_GOSSIP: usize = 64 * 1024;
 
@@ -565,10 +577,30 @@ fn on_sync(
             message: Message::Request { channel, .. },
             ..
         } => {
+            let now = crate::authority::now_ms();
+            let mut adverts = Vec::new();
+            let mut bytes = 0;
+            for (k, v) in shared.store.all(cf::PEERS).unwrap_or_default() {
+                let live = <[u8; 32]>::try_from(k.as_slice()).is_ok_and(|id| {
+                    shared
+                        .directory
+                        .get(&ferry_router::NodeId(id), now)
+                        .is_some()
+                });
+                if !live {
+                    continue;
+                }
+                if adverts.len() == MAX_SYNC_ADVERTS || bytes + v.len() > MAX_SYNC_ADVERT_BYTES {
+                    break;
+                }
+                bytes += v.len();
+                adverts.push(v);
+            }
             let answer = SyncResponse {
                 rulings: shared.rulings.signed(),
                 revocations: shared.revocations.signed(),
                 advert: state.own_advert.clone(),
+                adverts,
             };
             let _ = swarm.behaviour_mut().sync.send_response(channel, answer);
             return;
@@ -616,6 +648,10 @@ fn on_sync(
             };
             if admitted {
                 state.answered.insert(peer);
+                // What the peer knows of the mesh, checked one by one.
+                for a in response.adverts.iter().take(MAX_SYNC_ADVERTS) {
+                    let _ = on_advert(swarm, shared, own, a, now);
+                }
             }
             debug!(%peer, admitted, rulings = response.rulings.len(), new, revoked, "sync answer");
             peer
