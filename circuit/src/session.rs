@@ -86,7 +86,14 @@ pub enum Side {
 /// this much for a circuit each way from an honest sender, and may destroy
 /// a circuit that queues more than twice it. No wire change: it is each
 /// sender's own discipline over the acknowledgements it already gets.
-pub const CIRCUIT_WINDOW: u64 = 8 << 20;
+///
+/// The price is head-of-line blocking between the streams of one circuit:
+/// bytes a receiving socket has not read yet count until it does, so
+/// sixteen streams whose clients stopped reading (2 MiB windows) hold the
+/// whole window. A receiver that reported what it has *received* apart
+/// from what it has consumed would let the window count only what is on
+/// the way; not built yet.
+pub const CIRCUIT_WINDOW: u64 = 32 << 20;
 
 /// A session's settings.
 #[derive(Debug, Clone)]
@@ -454,6 +461,18 @@ impl Session {
         }
     }
 
+    /// Takes a stream out. Its unacknowledged bytes leave the circuit
+    /// window with it, so streams waiting for circuit credit are woken.
+    fn remove_stream(&mut self, id: u32) -> Option<Stream> {
+        let s = self.streams.remove(&id)?;
+        if s.sent > s.acked && std::mem::take(&mut self.circuit_blocked) {
+            let ids: Vec<u32> = self.streams.keys().copied().collect();
+            self.events
+                .extend(ids.into_iter().map(|id| Event::Writable { id }));
+        }
+        Some(s)
+    }
+
     /// Bytes sent and not yet acknowledged, over every stream here.
     pub fn in_flight(&self) -> u64 {
         self.streams.values().map(|s| s.sent - s.acked).sum()
@@ -528,7 +547,7 @@ impl Session {
             .collect();
         late.sort_unstable();
         for id in late {
-            if let Some(mut stream) = self.streams.remove(&id) {
+            if let Some(mut stream) = self.remove_stream(id) {
                 stream.phase = Phase::Open;
                 self.events.push_back(Event::MoveFailed {
                     id,
@@ -628,7 +647,7 @@ impl Session {
     /// Forgets stream `id` if it is complete at both ends.
     fn settle(&mut self, id: u32) {
         if self.streams.get(&id).is_some_and(Stream::complete)
-            && let Some(s) = self.streams.remove(&id)
+            && let Some(s) = self.remove_stream(id)
         {
             self.events.push_back(Event::Closed {
                 id,
@@ -731,7 +750,7 @@ impl Session {
 
     /// Exit: the stream could not be opened; sends END and forgets it.
     pub fn refuse(&mut self, id: u32, reason: EndReason, detail: &str) -> Result<()> {
-        self.streams.remove(&id);
+        self.remove_stream(id);
         self.queue_end(id, reason, detail)
     }
 
@@ -740,7 +759,7 @@ impl Session {
     pub fn take_for_move(&mut self, id: u32, attempt: u32, received: u64) -> Result<Stream> {
         let s = self.streams.get(&id).ok_or(Error::NoStream(id))?;
         s.resumable(attempt, received)?;
-        Ok(self.streams.remove(&id).expect("checked just above"))
+        Ok(self.remove_stream(id).expect("checked just above"))
     }
 
     /// Exit: takes a stream the origin moved here as `id` (after
@@ -783,7 +802,7 @@ impl Session {
         stream.moves += 1;
         self.streams.insert(id, stream);
         self.resend(id, received, fin).map_err(|e| {
-            let s = self.streams.remove(&id).expect("just inserted");
+            let s = self.remove_stream(id).expect("just inserted");
             (e, Box::new(s))
         })?;
         self.events.push_back(Event::Writable { id });
@@ -814,7 +833,7 @@ impl Session {
     /// Takes a stream off this session, for a move: its messages here are
     /// dropped from now on.
     pub fn detach(&mut self, id: u32) -> Option<Stream> {
-        self.streams.remove(&id)
+        self.remove_stream(id)
     }
 
     /// Sends one DATA record: `buf` is [`HEADROOM`] bytes, then at most
@@ -908,7 +927,7 @@ impl Session {
         }
         s.fin_sent = Some((reason, detail.to_string()));
         if reason != EndReason::Done {
-            self.streams.remove(&id);
+            self.remove_stream(id);
         }
         self.queue_end(id, reason, detail)?;
         self.settle(id);
@@ -1118,13 +1137,13 @@ impl Session {
                 };
                 if let Phase::Moving { .. } = s.phase {
                     if reason == EndReason::UnknownStream {
-                        self.streams.remove(&id);
+                        self.remove_stream(id);
                         self.events.push_back(Event::Reset {
                             id,
                             reason,
                             detail: "the exit no longer has this stream".into(),
                         });
-                    } else if let Some(mut stream) = self.streams.remove(&id) {
+                    } else if let Some(mut stream) = self.remove_stream(id) {
                         stream.phase = Phase::Open;
                         self.events.push_back(Event::MoveFailed {
                             id,
@@ -1149,7 +1168,7 @@ impl Session {
                     }
                     self.settle(id);
                 } else {
-                    self.streams.remove(&id);
+                    self.remove_stream(id);
                     self.events.push_back(Event::Reset {
                         id,
                         reason,

@@ -546,6 +546,38 @@ struct SyncState {
     /// The advert this node last published (sent with its answers, so the
     /// asker can tell an admitted peer's answer from anyone's).
     own_advert: Vec<u8>,
+    /// The live adverts sync answers carry, and when they were gathered:
+    /// gathered at most once every [`SYNC_ADVERTS_FOR`], so that askers
+    /// (anyone can ask) cannot make this node scan its store at will.
+    adverts: Option<(std::time::Instant, Vec<Vec<u8>>)>,
+}
+
+/// How long the adverts gathered for sync answers are reused.
+const SYNC_ADVERTS_FOR: Duration = Duration::from_secs(5);
+
+/// The stored adverts of live nodes, for a sync answer (bounded by
+/// [`MAX_SYNC_ADVERTS`] and [`MAX_SYNC_ADVERT_BYTES`]).
+fn live_adverts(shared: &Shared) -> Vec<Vec<u8>> {
+    let now = crate::authority::now_ms();
+    let mut adverts = Vec::new();
+    let mut bytes = 0;
+    for (k, v) in shared.store.all(cf::PEERS).unwrap_or_default() {
+        let live = <[u8; 32]>::try_from(k.as_slice()).is_ok_and(|id| {
+            shared
+                .directory
+                .get(&ferry_router::NodeId(id), now)
+                .is_some()
+        });
+        if !live {
+            continue;
+        }
+        if adverts.len() == MAX_SYNC_ADVERTS || bytes + v.len() > MAX_SYNC_ADVERT_BYTES {
+            break;
+        }
+        bytes += v.len();
+        adverts.push(v);
+    }
+    adverts
 }
 
 /// The version of a signed ruling, decoded without checking signatures
@@ -577,25 +609,18 @@ fn on_sync(
             message: Message::Request { channel, .. },
             ..
         } => {
-            let now = crate::authority::now_ms();
-            let mut adverts = Vec::new();
-            let mut bytes = 0;
-            for (k, v) in shared.store.all(cf::PEERS).unwrap_or_default() {
-                let live = <[u8; 32]>::try_from(k.as_slice()).is_ok_and(|id| {
-                    shared
-                        .directory
-                        .get(&ferry_router::NodeId(id), now)
-                        .is_some()
-                });
-                if !live {
-                    continue;
-                }
-                if adverts.len() == MAX_SYNC_ADVERTS || bytes + v.len() > MAX_SYNC_ADVERT_BYTES {
-                    break;
-                }
-                bytes += v.len();
-                adverts.push(v);
+            let fresh = state
+                .adverts
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < SYNC_ADVERTS_FOR);
+            if !fresh {
+                state.adverts = Some((std::time::Instant::now(), live_adverts(shared)));
             }
+            let adverts = state
+                .adverts
+                .as_ref()
+                .map(|(_, a)| a.clone())
+                .unwrap_or_default();
             let answer = SyncResponse {
                 rulings: shared.rulings.signed(),
                 revocations: shared.revocations.signed(),

@@ -657,24 +657,29 @@ impl Drop for Flushing<'_> {
 }
 
 impl Endpoint {
-    /// An endpoint over `link`/`circ` with a finished session. `exit` is
-    /// the node's exit context at a tip (`None` at the origin, and at the
-    /// tip of a node that is not an exit).
+    /// A session's settings: our window per stream, and the most streams
+    /// it takes.
+    pub fn config(window: u32, max_streams: usize) -> Config {
+        Config {
+            window,
+            max_streams,
+            resume_timeout_ms: RESUME_TIMEOUT.as_millis() as u64,
+        }
+    }
+
+    /// An endpoint over `link`/`circ` with a finished session (settings
+    /// from [`Endpoint::config`]). `exit` is the node's exit context at a
+    /// tip (`None` at the origin, and at the tip of a node that is not an
+    /// exit).
     pub fn new(
         link: Arc<LinkHandle>,
         circ: u32,
         keys: ferry_circuit::crypto::Session,
         side: Side,
-        window: u32,
-        max_streams: usize,
+        cfg: Config,
         exit: Option<Arc<ExitCtx>>,
         tasks: TaskTracker,
     ) -> Arc<Self> {
-        let cfg = Config {
-            window,
-            max_streams,
-            resume_timeout_ms: RESUME_TIMEOUT.as_millis() as u64,
-        };
         Arc::new(Self {
             link,
             circ,

@@ -110,7 +110,7 @@ impl Default for Carry {
             streams_per_circuit: 512,
             dns_lookups: 64,
             idle_circuit_secs: 600,
-            forward_queue_mb: 256,
+            forward_queue_mb: 512,
         }
     }
 }

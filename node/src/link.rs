@@ -260,7 +260,12 @@ struct OverflowState {
     queues: std::collections::HashMap<u32, (std::collections::VecDeque<BytesMut>, usize)>,
     /// Circuits with cells, in turn.
     order: std::collections::VecDeque<u32>,
+    /// Bytes counted for this link (cells and their overhead).
+    bytes: usize,
 }
+
+/// What a queued cell counts for beyond its bytes (its queue entry).
+const QUEUED_CELL_OVERHEAD: usize = 64;
 
 /// Why a forwarded cell was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -334,10 +339,22 @@ impl LinkHandle {
         if self.tx.is_closed() {
             return Err(ForwardError::Closed);
         }
-        let len = cell.len();
+        let len = cell.len() + QUEUED_CELL_OVERHEAD;
         let held = self.held.load(Ordering::Relaxed);
+        // A cell is a slice of the read buffer it came in, and keeps all of
+        // it alive: once cells wait here, each is copied out, so what is
+        // held is what is counted.
+        let cell = if o.bytes > 0 {
+            BytesMut::from(&cell[..])
+        } else {
+            cell
+        };
+        let link_bytes = o.bytes;
         let (q, bytes) = o.queues.entry(circ).or_default();
-        if *bytes + len > CIRCUIT_QUEUE_MAX || held + len > self.held_max {
+        if *bytes + len > CIRCUIT_QUEUE_MAX
+            || link_bytes + len > self.held_max / 4
+            || held + len > self.held_max
+        {
             if q.is_empty() {
                 o.queues.remove(&circ);
             }
@@ -346,6 +363,7 @@ impl LinkHandle {
         let first = q.is_empty();
         q.push_back(cell);
         *bytes += len;
+        o.bytes += len;
         if first {
             o.order.push_back(circ);
         }
@@ -360,6 +378,8 @@ impl LinkHandle {
     pub fn purge(&self, circ: u32) {
         let mut o = self.overflow.state.lock().expect("overflow lock");
         if let Some((_, bytes)) = o.queues.remove(&circ) {
+            o.bytes -= bytes;
+            o.order.retain(|c| *c != circ);
             self.held.fetch_sub(bytes, Ordering::Relaxed);
         }
     }
@@ -820,13 +840,15 @@ impl Queues {
                 o.queues.remove(&circ);
                 continue;
             };
-            *bytes -= c.len();
+            let len = c.len() + QUEUED_CELL_OVERHEAD;
+            *bytes -= len;
             if q.is_empty() {
                 o.queues.remove(&circ);
             } else {
                 o.order.push_back(circ);
             }
-            self.held.fetch_sub(c.len(), Ordering::Relaxed);
+            o.bytes -= len;
+            self.held.fetch_sub(len, Ordering::Relaxed);
             return Some(c);
         }
         None
@@ -856,7 +878,7 @@ impl Drop for Queues {
         // Closed first: a forward after this sees it and queues nothing.
         self.data.close();
         let mut o = self.overflow.state.lock().expect("overflow lock");
-        let bytes: usize = o.queues.values().map(|(_, b)| b).sum();
+        let bytes = std::mem::take(&mut o.bytes);
         o.queues.clear();
         o.order.clear();
         self.held.fetch_sub(bytes, Ordering::Relaxed);
@@ -1016,7 +1038,10 @@ mod queue_tests {
                 .unwrap();
         }
         h.forward(2, cell(2, CellCmd::Relay, b"x")).unwrap();
-        assert_eq!(h.held.load(Ordering::Relaxed), 999 * 7 + 6);
+        assert_eq!(
+            h.held.load(Ordering::Relaxed),
+            999 * (7 + QUEUED_CELL_OVERHEAD) + 6 + QUEUED_CELL_OVERHEAD
+        );
         let first: Vec<u32> = std::iter::from_fn(|| q.try_next())
             .take(4)
             .map(|c| u32::from_be_bytes(c[..4].try_into().unwrap()))
@@ -1032,13 +1057,14 @@ mod queue_tests {
             .collect();
         assert!(rest.windows(2).all(|w| w[0] + 1 == w[1]), "in order");
         assert_eq!(h.held.load(Ordering::Relaxed), 0);
-        // Bounds: the node's (1 MiB here), then a purge frees it.
+        // Bounds: the link's quarter of the node's (1 MiB here), then a
+        // purge frees it.
         let big = BytesMut::zeroed(60_000);
         let mut n = 0;
         while h.forward(3, big.clone()).is_ok() {
             n += 1;
         }
-        assert_eq!(n, (1 << 20) / 60_000);
+        assert_eq!(n, (1 << 20) / 4 / (60_000 + QUEUED_CELL_OVERHEAD));
         assert_eq!(h.forward(4, big.clone()), Err(ForwardError::TooMuch));
         h.purge(3);
         assert_eq!(h.held.load(Ordering::Relaxed), 0);

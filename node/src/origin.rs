@@ -605,8 +605,10 @@ impl Origin {
                     circ,
                     session,
                     Side::Origin,
-                    self.switch.cfg.stream_window,
-                    crate::endpoint::ORIGIN_MAX_STREAMS,
+                    Endpoint::config(
+                        self.switch.cfg.stream_window,
+                        crate::endpoint::ORIGIN_MAX_STREAMS,
+                    ),
                     None,
                     self.switch.tasks.clone(),
                 );
@@ -826,10 +828,14 @@ impl Origin {
     /// circuit with no stream and no cell from its exit since the last
     /// one leaves the pool and is destroyed.
     pub async fn run_idle(self: Arc<Self>, shutdown: CancellationToken) {
-        let secs = u64::from(self.switch.cfg.carry.idle_circuit_secs);
-        if secs == 0 {
-            return;
-        }
+        // With no idle timeout here, unused circuits stay, but keepalives
+        // still go (relays may have one): as often as the default wants.
+        let configured = u64::from(self.switch.cfg.carry.idle_circuit_secs);
+        let secs = if configured == 0 {
+            u64::from(crate::limits::Carry::default().idle_circuit_secs)
+        } else {
+            configured
+        };
         let mut tick = tokio::time::interval(Duration::from_secs(secs) / 3);
         tick.tick().await;
         let mut ticks = 0u64;
@@ -842,7 +848,7 @@ impl Origin {
             let (busy, idle) = {
                 let mut pool = self.pool.lock().await;
                 let mut idle = Vec::new();
-                if ticks % 3 == 0 {
+                if configured != 0 && ticks % 3 == 0 {
                     pool.retain(|c| {
                         let quiet = c.endpoint().is_some_and(|e| e.quiet());
                         let unused =

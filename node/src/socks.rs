@@ -173,9 +173,11 @@ pub mod wire {
         ))
     }
 
+    /// Why a request was refused, and the reply the client is owed, if any.
+    pub type Refused = (SocksError, Option<u8>);
+
     /// The request: CONNECT to a domain name or an IP literal, and a port.
-    /// `Err` carries the reply the client is owed, if any.
-    pub fn request(b: &[u8]) -> Result<Parsed<(String, u16)>, (SocksError, Option<u8>)> {
+    pub fn request(b: &[u8]) -> Result<Parsed<(String, u16)>, Refused> {
         if let Some(m) = need(b, 4) {
             return Ok(m);
         }

@@ -408,6 +408,8 @@ impl Switch {
                 reason,
             } => {
                 debug!(circ, reason = reason.as_str_name(), "destroy received");
+                // What waits on this link for the circuit goes nowhere now.
+                link.purge(circ);
                 self.finish_removed(slot, notify, reason);
             }
             Dispatch::Forward {
@@ -814,8 +816,10 @@ impl Switch {
             circ,
             session,
             Side::Exit,
-            self.cfg.stream_window,
-            self.cfg.carry.streams_per_circuit as usize,
+            Endpoint::config(
+                self.cfg.stream_window,
+                self.cfg.carry.streams_per_circuit as usize,
+            ),
             self.exit.clone(),
             self.tasks.clone(),
         );

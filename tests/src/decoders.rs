@@ -12,8 +12,11 @@ use ferry_node::identity::Keys;
 use ferry_proto::pb;
 use ferry_proto::{Cell, CellCmd, StreamMsg, cell, decode_pb};
 
-/// The targets, by name (as in `fuzz/Cargo.toml`).
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+/// A target: its name (as in `fuzz/Cargo.toml`) and its body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// The targets.
+pub const TARGETS: [Target; 8] = [
     ("frames", frames),
     ("cells", cells),
     ("session", session),

@@ -268,8 +268,8 @@ dns_lookups = 64
 idle_circuit_secs = 600
 # MiB of forwarded cells that may wait for congested links, in all: cells
 # wait with their circuit (circuits take turns), and a circuit whose cell
-# finds this full (or its own 16 MiB) is destroyed.
-forward_queue_mb = 256
+# finds this full (or its own 64 MiB, or its link's quarter) is destroyed.
+forward_queue_mb = 512
 
 [drain]
 # SIGTERM drains the node for this long (no new circuits; owners move theirs
