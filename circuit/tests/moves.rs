@@ -93,6 +93,32 @@ impl Seen {
     }
 }
 
+/// A circuit whose streams have `window` each, with `n` streams opened
+/// and connected (their events taken).
+fn circuit_of(window: u32, n: usize) -> (Circ, Vec<u32>) {
+    let (o, x) = keys();
+    let cfg = Config {
+        window,
+        max_streams: 64,
+        resume_timeout_ms: 1_000,
+    };
+    let mut c = Circ {
+        o: Session::new(Side::Origin, 1, o, cfg.clone()),
+        x: Session::new(Side::Exit, 1, x, cfg),
+    };
+    let ids: Vec<u32> = (0..n)
+        .map(|_| c.o.open("target.example", 80).unwrap())
+        .collect();
+    up(&mut c);
+    for id in &ids {
+        assert!(matches!(c.x.accept(*id, TOKEN).unwrap(), Outcome::Done));
+    }
+    down(&mut c);
+    let _ = events(&mut c.x);
+    let _ = events(&mut c.o);
+    (c, ids)
+}
+
 /// Opens stream 1 on `c` and connects it at the exit.
 fn open(c: &mut Circ) -> u32 {
     let id = c.o.open("target.example", 80).unwrap();
@@ -469,28 +495,9 @@ fn a_keepalive_changes_nothing_at_the_peer() {
 #[test]
 fn a_circuit_has_a_window_over_its_streams() {
     use ferry_circuit::CIRCUIT_WINDOW;
-    let (o, x) = keys();
     // Each stream's own window is three quarters of the circuit's.
     let own = (CIRCUIT_WINDOW / 4 * 3) as u32;
-    let cfg = Config {
-        window: own,
-        max_streams: 16,
-        resume_timeout_ms: 1_000,
-    };
-    let mut a = Circ {
-        o: Session::new(Side::Origin, 1, o, cfg.clone()),
-        x: Session::new(Side::Exit, 1, x, cfg),
-    };
-    let ids: Vec<u32> = (0..3)
-        .map(|_| a.o.open("target.example", 80).unwrap())
-        .collect();
-    up(&mut a);
-    for id in &ids {
-        assert!(matches!(a.x.accept(*id, TOKEN).unwrap(), Outcome::Done));
-    }
-    down(&mut a);
-    let _ = events(&mut a.x);
-    let _ = events(&mut a.o);
+    let (mut a, ids) = circuit_of(own, 3);
     let chunk = ferry_proto::MAX_DATA_PAYLOAD;
     let fill = |x: &mut Session, id: u32| {
         let mut n = 0u64;
@@ -536,26 +543,7 @@ fn a_circuit_has_a_window_over_its_streams() {
 #[test]
 fn many_quiet_acknowledgements_do_not_stop_a_circuit() {
     use ferry_circuit::CIRCUIT_WINDOW;
-    let (o, x) = keys();
-    let cfg = Config {
-        window: 2 << 20,
-        max_streams: 64,
-        resume_timeout_ms: 1_000,
-    };
-    let mut a = Circ {
-        o: Session::new(Side::Origin, 1, o, cfg.clone()),
-        x: Session::new(Side::Exit, 1, x, cfg),
-    };
-    let ids: Vec<u32> = (0..20)
-        .map(|_| a.o.open("target.example", 80).unwrap())
-        .collect();
-    up(&mut a);
-    for id in &ids {
-        assert!(matches!(a.x.accept(*id, TOKEN).unwrap(), Outcome::Done));
-    }
-    down(&mut a);
-    let _ = events(&mut a.x);
-    let _ = events(&mut a.o);
+    let (mut a, ids) = circuit_of(2 << 20, 20);
     let chunk = ferry_proto::MAX_DATA_PAYLOAD;
     let mut got = 0u64;
     // Round-robin over the streams, as long as the circuit lets the exit

@@ -131,6 +131,28 @@ impl Proc {
     }
 }
 
+/// An entry's own circuits in its status: (path by jurisdiction, streams, built at).
+pub fn entry_circuits(v: &Value) -> Vec<(Vec<String>, u64, u64)> {
+    v["origin"]["circuits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let path = c["path"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect();
+            (
+                path,
+                c["streams"].as_u64().unwrap_or(0),
+                c["built_at_ms"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 /// The peer with node id `id` (hex) in a status, if it lists one.
 pub fn peer<'a>(status: &'a Value, id: &str) -> Option<&'a Value> {
     status["peers"]

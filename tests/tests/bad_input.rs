@@ -11,6 +11,20 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// The three-node mesh with a hostile client's keys admitted as an entry.
+fn fake_mesh() -> (Keys, Mesh) {
+    let (fake, block) = fake_entry();
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            extra_peers: vec![block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    (fake, mesh)
+}
+
 /// Waits until the node closes `s` (EOF or reset), failing after 10 s.
 async fn closed_by_peer(mut s: TcpStream) {
     let mut buf = [0u8; 1024];
@@ -263,15 +277,7 @@ async fn a_public_mesh_does_not_extend_to_private_addresses() {
 /// came from (A→B→A). Before, a 100-hop loop was built in full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loop_through_relays_is_cut_at_eight_hops() {
-    let (fake, fake_block) = fake_entry();
-    let mesh = Mesh::start(
-        &ferry_tests::THREE,
-        &Options {
-            extra_peers: vec![fake_block],
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let (fake, mesh) = fake_mesh();
     let n = &mesh.nodes;
     let mut link = RawLink::open(&n[0], &fake).await;
     // An honest circuit first: three hops build.
@@ -312,15 +318,7 @@ async fn a_loop_through_relays_is_cut_at_eight_hops() {
 /// first transport frame.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_link_handshake_is_refused_and_the_live_link_stays() {
-    let (fake, fake_block) = fake_entry();
-    let mesh = Mesh::start(
-        &ferry_tests::THREE,
-        &Options {
-            extra_peers: vec![fake_block],
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let (fake, mesh) = fake_mesh();
     let n = &mesh.nodes;
     let (s, session, recorded) = handshake_recorded(&n[0], &fake).await;
     let mut live = RawLink {

@@ -7,8 +7,9 @@
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling, sign};
 use ferry_tests::{
-    CA_PK_DE, Mesh, Options, Proc, Spec, Uploads, finish_transfers, pattern_server_paced,
-    pattern_transfer, read_until_end, run_ferry, socks_connect_as, spawn_transfer,
+    CA_PK_DE, Mesh, Options, Proc, Spec, Uploads, entry_circuits, finish_transfers,
+    pattern_server_paced, pattern_transfer, read_until_end, run_ferry, socks_connect_as,
+    spawn_transfer,
 };
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -33,28 +34,6 @@ fn publish(node: &Proc, file: &Path) {
 
 fn authority(dir: &Path) -> (PathBuf, String) {
     rulings::authority(dir, "authority")
-}
-
-/// The entry's own circuits: (path by jurisdiction, streams, built at).
-fn circuits(v: &Value) -> Vec<(Vec<String>, u64, u64)> {
-    v["origin"]["circuits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            let path = c["path"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect();
-            (
-                path,
-                c["streams"].as_u64().unwrap_or(0),
-                c["built_at_ms"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
 }
 
 /// A circuit's path in a status, by jurisdiction.
@@ -124,7 +103,7 @@ async fn long_streams(
             "streams run through the relay",
             Duration::from_secs(20),
             |v| {
-                circuits(v)
+                entry_circuits(v)
                     .iter()
                     .any(|(p, n, _)| p == &[first, "CA"] && *n == seeds.len() as u64)
             },
@@ -178,7 +157,7 @@ fn assert_pk_left(mesh: &Mesh) {
             p.jurisdiction,
             v["circuit_neighbours"]
         );
-        for (path, ..) in circuits(&v) {
+        for (path, ..) in entry_circuits(&v) {
             assert!(!path.contains(&"PK".to_string()), "entry circuit {path:?}");
         }
     }
@@ -204,7 +183,7 @@ async fn streams_move_off_a_blocked_relay_without_losing_a_byte() {
     short_transfer(&mesh, target, 100, None).await;
     until(exit + 500).await;
     let v = mesh.entry.status().unwrap();
-    for (path, _, built) in circuits(&v) {
+    for (path, _, built) in entry_circuits(&v) {
         assert!(
             built < from || !path.contains(&"PK".to_string()),
             "{path:?} built after blocked_from"

@@ -7,9 +7,9 @@
 //! every stream on its circuits.)
 
 use ferry_tests::{
-    Mesh, Options, Proc, Spec, Uploads, finish_transfers, pattern_server_paced, spawn_transfer,
+    Mesh, Options, Proc, Spec, Uploads, entry_circuits, finish_transfers, pattern_server_paced,
+    spawn_transfer,
 };
-use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -79,32 +79,14 @@ fn carrying_relay(mesh: &Mesh) -> String {
     let v = mesh
         .entry
         .wait_status("the streams on one circuit", Duration::from_secs(30), |v| {
-            streams_on(v).iter().any(|(_, n)| *n == STREAMS)
+            entry_circuits(v).iter().any(|(_, n, _)| *n == STREAMS)
         })
         .unwrap();
-    streams_on(&v)
+    entry_circuits(&v)
         .into_iter()
-        .find(|(_, n)| *n == STREAMS)
-        .map(|(p, _)| p[0].clone())
+        .find(|(_, n, _)| *n == STREAMS)
+        .map(|(p, ..)| p[0].clone())
         .unwrap()
-}
-
-/// Each circuit's path and streams.
-fn streams_on(v: &Value) -> Vec<(Vec<String>, u64)> {
-    v["origin"]["circuits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            let path = c["path"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect();
-            (path, c["streams"].as_u64().unwrap_or(0))
-        })
-        .collect()
 }
 
 fn node<'a>(mesh: &'a mut Mesh, jurisdiction: &str) -> &'a mut Proc {
