@@ -1,20 +1,48 @@
 #!/usr/bin/env bash
-# Runs every fuzz target (fuzz/) on its corpus: `scripts/fuzz.sh [RUNS]`,
-# 10,000,000 executions each by default (one core per target, in turn).
+# Runs the fuzz targets (fuzz/) on their corpora.
+#   scripts/fuzz.sh [RUNS [TARGET...]]   RUNS executions of each target
+#                                        (default 10,000,000), in turn
+#   FERRY_FUZZ_SECS=N scripts/fuzz.sh    N seconds of each instead (CI: brief)
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
-# New inputs that reach new code are added to fuzz/corpus/TARGET; minimise
-# them with `cargo +nightly fuzz cmin TARGET` before committing. Prints each
-# target's executions and time (what fuzz/README.md records).
+# Builds without a sanitizer (Ferry's crates forbid `unsafe`; what is
+# looked for is a panic, an overflow, a hang or an allocation sized by
+# input) and with debug assertions and overflow checks. The build goes to
+# $FERRY_FUZZ_TARGET_DIR (default /var/cache/ferry/fuzz-target if writable,
+# else fuzz/target). New inputs that reach new code are added to
+# fuzz/corpus/TARGET; minimise them with `cargo +nightly fuzz cmin` before
+# committing. Prints each target's executions, rate and time (what
+# fuzz/README.md records) and stops at the first crash, whose input is in
+# fuzz/artifacts/TARGET.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 runs="${1:-10000000}"
+shift || true
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 2; }
-targets=$(sed -n 's/^name = "\(.*\)"/\1/p' Cargo.toml | grep -v '^ferry-fuzz$')
+rustup toolchain list 2>/dev/null | grep -q '^nightly' || { echo "fuzz: the nightly toolchain is missing: rustup toolchain install nightly" >&2; exit 2; }
+dir="${FERRY_FUZZ_TARGET_DIR:-}"
+if [ -z "$dir" ]; then
+  if mkdir -p /var/cache/ferry/fuzz-target 2>/dev/null && [ -w /var/cache/ferry/fuzz-target ]; then
+    dir=/var/cache/ferry/fuzz-target
+  else
+    dir=target
+  fi
+fi
+flags=(-s none --target-dir "$dir")
+if [ $# -gt 0 ]; then targets="$*"; else targets=$(sed -n 's/^name = "\(.*\)"/\1/p' Cargo.toml | grep -v '^ferry-fuzz$'); fi
+if [ -n "${FERRY_FUZZ_SECS:-}" ]; then limit=(-max_total_time="$FERRY_FUZZ_SECS"); else limit=(-runs="$runs"); fi
+echo "fuzz: building the targets (nightly, $dir)"
+cargo +nightly fuzz build "${flags[@]}"
 for t in $targets; do
   mkdir -p "corpus/$t"
+  # The config target's seed is the whole config template (about 10 KB).
+  max_len=4096
+  [ "$t" = config ] && max_len=16384
   start=$SECONDS
-  out=$(cargo +nightly fuzz run "$t" "corpus/$t" -- -runs="$runs" -rss_limit_mb=2048 -max_len=4096 2>&1) || {
-    echo "$out" | tail -40; echo "fuzz: $t failed (see fuzz/artifacts/$t)" >&2; exit 1; }
-  done_line=$(echo "$out" | grep -E "^Done [0-9]+ runs" | tail -1)
-  echo "$t: ${done_line:-?} ($((SECONDS - start)) s)"
+  out=$(cargo +nightly fuzz run "${flags[@]}" "$t" "corpus/$t" -- "${limit[@]}" \
+    -rss_limit_mb=2048 -max_len="$max_len" -timeout=10 -print_final_stats=1 2>&1) || {
+    echo "$out" | tail -40; echo "fuzz: $t failed (the input is in fuzz/artifacts/$t)" >&2; exit 1; }
+  execs=$(echo "$out" | sed -n 's/^stat::number_of_executed_units: *//p' | tail -1)
+  rate=$(echo "$out" | sed -n 's/^stat::average_exec_per_sec: *//p' | tail -1)
+  cov=$(echo "$out" | grep -oE 'cov: [0-9]+' | tail -1)
+  echo "$t: ${execs:-?} executions, ${rate:-?}/s, ${cov:-cov: ?}, $((SECONDS - start)) s, corpus $(ls "corpus/$t" | wc -l) inputs"
 done

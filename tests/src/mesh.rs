@@ -88,6 +88,10 @@ pub struct Options {
     /// address: every node dialling them reaches them that much further
     /// away, each way. Gossip meshes; must be set inside a tokio runtime.
     pub advertise_delay: Vec<(usize, std::time::Duration)>,
+    /// Nodes (by spec index) started under another command: its words,
+    /// then `ferry` and its arguments (for example `unshare --mount` to
+    /// give an exit its own `/etc/resolv.conf`).
+    pub wrap: Vec<(usize, Vec<String>)>,
 }
 
 impl Options {
@@ -129,6 +133,7 @@ impl Default for Options {
             node_replace: Vec::new(),
             entry_delay: Vec::new(),
             advertise_delay: Vec::new(),
+            wrap: Vec::new(),
         }
     }
 }
@@ -296,6 +301,9 @@ impl Mesh {
                 }
             }
             std::fs::write(&cfg, text)?;
+            if let Some((_, words)) = opts.wrap.iter().find(|(j, _)| *j == i) {
+                std::fs::write(m.dir.join("wrap"), words.join("\n"))?;
+            }
         }
         let mut procs = Vec::new();
         let mut held = Vec::new();

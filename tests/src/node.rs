@@ -121,6 +121,11 @@ impl Proc {
         Ok(kb * 1024)
     }
 
+    /// Open file descriptors of the process (sockets, files, pipes).
+    pub fn open_fds(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))?.count())
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -286,10 +291,22 @@ fn field(block: &str, key: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("no {key} in peer block:\n{block}"))
 }
 
+/// Starts `ferry args` in the node's folder `dir`, logging to
+/// `stderr.log` there. If the folder holds a `wrap` file (written from
+/// [`crate::Options::wrap`]), its lines are a command the node is started
+/// under, one argument a line (for example `unshare --mount …`).
 fn spawn(dir: &Path, args: &[&str]) -> Result<Child> {
     let err = std::fs::File::create(dir.join("stderr.log"))?;
-    Command::new(ferry_bin()?)
-        .args(args)
+    let mut cmd = match std::fs::read_to_string(dir.join("wrap")) {
+        Ok(wrap) => {
+            let mut words = wrap.lines();
+            let mut cmd = Command::new(words.next().context("an empty wrap file")?);
+            cmd.args(words).arg(ferry_bin()?);
+            cmd
+        }
+        Err(_) => Command::new(ferry_bin()?),
+    };
+    cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(err)
         // FERRY_TEST_LOG: another filter for the nodes of a test run (for

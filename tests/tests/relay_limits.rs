@@ -1,7 +1,9 @@
 //! What a node takes on for others is bounded, with real processes: one
 //! neighbour gets at most `[limits] circuits_per_link` circuits (refused
 //! past it with DESTROY capacity, and counted), and circuits nobody uses
-//! close by themselves at every hop while a quiet stream's circuit stays.
+//! close by themselves at every hop while a quiet stream's circuit stays;
+//! an exit's name lookups in flight are bounded; a target that never reads
+//! holds about the bytes it was sent.
 
 use ferry_proto::pb::DestroyReason;
 use ferry_tests::raw::{RawLink, fake_entry};
@@ -209,4 +211,136 @@ async fn one_byte_cells_to_a_target_that_never_reads_hold_about_their_bytes() {
         "the exit holds {grew} bytes more for {CELLS} bytes of payload"
     );
     held.abort();
+}
+
+/// The names in DNS queries that reach `sock`, as they arrive.
+async fn record_queries(
+    sock: tokio::net::UdpSocket,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let mut buf = [0u8; 1500];
+    while let Ok((n, _)) = sock.recv_from(&mut buf).await {
+        // The question's name: length-prefixed labels after the 12-byte header.
+        let mut labels = Vec::new();
+        let mut at = 12;
+        while at < n && buf[at] != 0 {
+            let len = buf[at] as usize;
+            let Some(label) = buf.get(at + 1..at + 1 + len) else {
+                break;
+            };
+            labels.push(String::from_utf8_lossy(label).into_owned());
+            at += 1 + len;
+        }
+        seen.lock().unwrap().push(labels.join("."));
+    }
+}
+
+/// With `dns_lookups = 3` and a resolver that never answers (the exit runs
+/// in its own mount namespace, whose `/etc/resolv.conf` names a UDP socket
+/// this test holds and never answers from): three lookups wait, a fourth
+/// name is refused at once and counted (`reason="dns"`) without reaching
+/// the resolver, an address needing no lookup still connects, and once
+/// the system resolver gives up on the three (its timeout, 12 s) names are
+/// looked up again. Before, nothing bounded lookups: every BEGIN with a
+/// slow name held one of tokio's blocking threads for the resolver's
+/// whole timeout, after the stream itself had timed out. (Needs root, for
+/// `unshare` and port 53.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_lookups_in_flight_are_bounded_at_the_exit() {
+    use ferry_tests::socks_connect;
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let resolver = "127.83.0.1";
+    let sock = tokio::net::UdpSocket::bind((resolver, 53))
+        .await
+        .expect("binding a UDP socket on port 53 (this test needs root)");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = tokio::spawn(record_queries(sock, seen.clone()));
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(
+        &conf,
+        format!("nameserver {resolver}\noptions timeout:12 attempts:1\n"),
+    )
+    .unwrap();
+    let mount = format!(
+        "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+        conf.display()
+    );
+    let mesh = Mesh::start(
+        &[ferry_tests::Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            node_replace: vec![("dns_lookups = 64".into(), "dns_lookups = 3".into())],
+            wrap: vec![(
+                0,
+                ["unshare", "--mount", "sh", "-c", &mount, "sh"]
+                    .map(String::from)
+                    .to_vec(),
+            )],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let exit = &mesh.nodes[0];
+    let socks = mesh.socks();
+    let asked = |name: &str| seen.lock().unwrap().iter().any(|n| n == name);
+    let wait_asked = |name: &'static str, within: Duration| {
+        let seen = seen.clone();
+        async move {
+            let until = Instant::now() + within;
+            while !seen.lock().unwrap().iter().any(|n| n == name) {
+                assert!(Instant::now() < until, "the resolver never saw {name}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let waiting: Vec<_> = ["slow-1.example", "slow-2.example", "slow-3.example"]
+        .into_iter()
+        .map(|name| tokio::spawn(async move { socks_connect(socks, name, 80).await }))
+        .collect();
+    for name in ["slow-1.example", "slow-2.example", "slow-3.example"] {
+        wait_asked(name, Duration::from_secs(15)).await;
+    }
+    let started = Instant::now();
+    let fourth = socks_connect(socks, "slow-4.example", 80).await.unwrap();
+    assert_eq!(fourth.err(), Some(1), "the fourth name: general failure");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once, not after a lookup: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !asked("slow-4.example"),
+        "the fourth name reached the resolver"
+    );
+    assert_eq!(
+        exit.metric("ferry_refusals_total{reason=\"dns\"}"),
+        Some(1.0)
+    );
+    // An address needs no lookup, and still connects.
+    let target = ferry_tests::echo_server().await.unwrap();
+    let mut s = socks_connect(socks, "127.0.0.1", target.port())
+        .await
+        .unwrap()
+        .expect("an address connects while lookups wait");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    // The three streams end (the exit's connect timeout, 10 s); their
+    // lookups hold their places until the resolver gives up (12 s).
+    for w in waiting {
+        let r = w.await.unwrap().unwrap();
+        assert!(r.is_err(), "a name nobody answers did not connect");
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while !asked("slow-5.example") {
+        assert!(Instant::now() < until, "lookups never came back");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socks_connect(socks, "slow-5.example", 80),
+        )
+        .await;
+    }
+    recorder.abort();
 }
