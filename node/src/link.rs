@@ -32,6 +32,15 @@
 //! (it never pings) is never declared dead. Such a node does close a link
 //! on an unknown cell (PING), so a mesh upgrades by restarting nodes, as
 //! for any wire change.
+//!
+//! The other half of a dead link is a peer that sends but does not read (a
+//! hostile node, or one wedged): this end's writer then makes no progress,
+//! and what waits for it (up to a quarter of the node's forwarding budget)
+//! stays held. A link whose socket takes no byte for [`WRITE_STALL`] while
+//! the writer has bytes for it is closed
+//! (`ferry_links_closed_total{reason="stalled"}`). A peer that reads at
+//! all, however slowly, is never closed for it: only a write with no
+//! progress counts.
 
 use crate::authority::now_ms;
 use crate::crypto::{self, Session};
@@ -71,6 +80,10 @@ pub const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// A peer silent this long is dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(4);
+
+/// A link whose socket accepts no byte of a pending write this long is
+/// closed: the peer has stopped reading.
+pub const WRITE_STALL: Duration = Duration::from_secs(20);
 
 /// PINGs awaiting their PONG that a link remembers (older ones are given
 /// up: their answers, if they come, are not samples).
@@ -305,6 +318,8 @@ pub struct LinkHandle {
     waiting: std::sync::atomic::AtomicBool,
     /// Set when the keepalive declared the peer dead.
     dead: std::sync::atomic::AtomicBool,
+    /// Set when the writer gave up on a peer that stopped reading.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 /// The link is gone.
@@ -737,6 +752,7 @@ fn start<H: LinkHost>(
         heard: std::sync::atomic::AtomicU64::new(0),
         waiting: std::sync::atomic::AtomicBool::new(false),
         dead: std::sync::atomic::AtomicBool::new(false),
+        stalled: std::sync::atomic::AtomicBool::new(false),
     });
     let span = tracing::info_span!("link", id = link.id, peer = %peer.short());
     let (r, w) = sock.into_split();
@@ -755,7 +771,7 @@ fn start<H: LinkHost>(
                 overflow_turn: false,
             },
             sealer,
-            closed.clone(),
+            link.clone(),
             switch.bytes_out(),
         )
         .instrument(span.clone()),
@@ -786,6 +802,8 @@ fn start<H: LinkHost>(
             }
             let label = if l2.dead.load(Ordering::Relaxed) {
                 "dead"
+            } else if l2.stalled.load(Ordering::Relaxed) {
+                "stalled"
             } else if reason.is_some() {
                 "error"
             } else {
@@ -889,9 +907,10 @@ async fn write_loop(
     mut w: OwnedWriteHalf,
     mut q: Queues,
     mut sealer: crypto::Sealer,
-    closed: CancellationToken,
+    link: Arc<LinkHandle>,
     written: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    let closed = link.closed.clone();
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_NOISE_MESSAGE + 4);
     // Bytes of link-level cells (keepalive) in the batch: link upkeep, not
     // traffic, so not in `written` (the advertised load, and what an exited
@@ -926,10 +945,36 @@ async fn write_loop(
             };
         }
         written.fetch_add((out.len() - upkeep) as u64, Ordering::Relaxed);
-        if let Err(e) = w.write_all(&out).await {
-            debug!(error = %e, "link write failed");
-            closed.cancel();
-            return;
+        let mut at = 0;
+        while at < out.len() {
+            // A link closed elsewhere (its reader, the keepalive) stops a
+            // blocked write at once, and frees what waits with it.
+            let wrote = tokio::select! {
+                r = tokio::time::timeout(WRITE_STALL, w.write(&out[at..])) => r,
+                _ = closed.cancelled() => return,
+            };
+            match wrote {
+                Ok(Ok(n)) if n > 0 => at += n,
+                Ok(Ok(_)) => {
+                    debug!("link write took nothing");
+                    closed.cancel();
+                    return;
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "link write failed");
+                    closed.cancel();
+                    return;
+                }
+                Err(_) => {
+                    warn!(
+                        stalled_secs = WRITE_STALL.as_secs(),
+                        "link stalled: the peer has read nothing; closing"
+                    );
+                    link.stalled.store(true, Ordering::Relaxed);
+                    closed.cancel();
+                    return;
+                }
+            }
         }
     }
     let _ = w.shutdown().await;
@@ -1011,6 +1056,7 @@ mod queue_tests {
             heard: Default::default(),
             waiting: Default::default(),
             dead: Default::default(),
+            stalled: Default::default(),
         };
         let q = Queues {
             urgent: urgent_rx,

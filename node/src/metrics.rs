@@ -242,7 +242,7 @@ impl LinkMetrics {
             closed: counter_vec(
                 r,
                 "ferry_links_closed_total",
-                "Data-plane links closed, by reason (error, normal, dead: the peer went silent).",
+                "Data-plane links closed, by reason (error, normal, dead: the peer went silent, stalled: the peer stopped reading).",
                 "reason",
             ),
             handshake_seconds: histogram(
@@ -253,7 +253,7 @@ impl LinkMetrics {
             sent: bytes.with_label_values(&["sent"]),
             received: bytes.with_label_values(&["received"]),
         };
-        seed(&m.closed, &["error", "normal", "dead"]);
+        seed(&m.closed, &["error", "normal", "dead", "stalled"]);
         m
     }
 }

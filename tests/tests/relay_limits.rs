@@ -3,7 +3,8 @@
 //! past it with DESTROY capacity, and counted), and circuits nobody uses
 //! close by themselves at every hop while a quiet stream's circuit stays;
 //! an exit's name lookups in flight are bounded; a target that never reads
-//! holds about the bytes it was sent.
+//! holds about the bytes it was sent; a neighbour that stops reading loses
+//! its link.
 
 use ferry_proto::pb::DestroyReason;
 use ferry_tests::raw::{RawLink, fake_entry};
@@ -343,4 +344,86 @@ async fn name_lookups_in_flight_are_bounded_at_the_exit() {
         .await;
     }
     recorder.abort();
+}
+
+/// A neighbour that keeps its link alive (a PING every second) but reads
+/// nothing: once the exit's socket has taken no byte for
+/// `link::WRITE_STALL` (20 s), the exit closes the link, counted as
+/// `stalled`, and goes on serving others. Before, such a link stayed open
+/// for good, holding what waited for it (up to a quarter of the node's
+/// forwarding budget) and its circuits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_stops_reading_loses_its_link() {
+    let (fake, block) = fake_entry();
+    let mesh = Mesh::start(
+        &[ferry_tests::Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            extra_peers: vec![block],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let exit = &mesh.nodes[0];
+    // Sends 16 MiB to every connection, then holds it.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    let sender = tokio::spawn(async move {
+        while let Ok((mut s, _)) = target.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5a_u8; 64 << 10];
+                for _ in 0..256 {
+                    if s.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            });
+        }
+    });
+    let mut link = RawLink::open(exit, &fake).await;
+    let mut s = link.circuit(0x8000_0001, &[exit]).await;
+    // Six streams with a 2 MiB window each: more than the sockets buffer.
+    for _ in 0..6 {
+        s.open("127.0.0.1", port).unwrap();
+    }
+    link.flush(&mut s).await;
+    let started = Instant::now();
+    let stalled = "ferry_links_closed_total{reason=\"stalled\"}";
+    assert_eq!(exit.metric(stalled), Some(0.0));
+    while exit.metric(stalled) != Some(1.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the link that reads nothing is still open after 45 s"
+        );
+        let mut ping = ferry_proto::cell::header(0, ferry_proto::CellCmd::Ping).to_vec();
+        ping.extend_from_slice(&rand_nonce(started));
+        let f = ferry_tests::raw::frame(&mut link.session, &ping);
+        let _ = link.s.write_all(&f).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        started.elapsed() >= ferry_node::link::WRITE_STALL,
+        "closed after {:?}, before the writer could have stalled that long",
+        started.elapsed()
+    );
+    exit.wait_log("link stalled", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        exit.metric("ferry_links_closed_total{reason=\"dead\"}"),
+        Some(0.0)
+    );
+    // The exit goes on serving the mesh's own entry.
+    let echo = ferry_tests::echo_server().await.unwrap();
+    let mut e = mesh.open(echo.port(), "").await.expect("SOCKS success");
+    e.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    e.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    sender.abort();
+}
+
+/// Eight bytes that differ from one PING to the next.
+fn rand_nonce(since: Instant) -> [u8; 8] {
+    (since.elapsed().as_nanos() as u64).to_be_bytes()
 }
