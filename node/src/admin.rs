@@ -22,6 +22,13 @@
 //! The metrics listener serves `GET /metrics`, `/livez` and `/readyz` and
 //! nothing else, so it can face a cluster's network (probes, scrapes)
 //! while the admin API, which can drain the node, stays on loopback.
+//!
+//! Each of the two listeners holds at most [`CONNECTIONS`] connections at
+//! once (more wait in the kernel's backlog, costing the node no
+//! descriptor), and a connection that sends nothing for [`IDLE`] is closed
+//! ([`Bounded`]): `axum::serve` itself accepts without limit and has no
+//! read timeout, so anyone who can reach the metrics port could otherwise
+//! use up the node's descriptors, and with them its links.
 
 use crate::authority::{SignedFile, fmt_time, now_ms};
 use crate::control::{Command, GossipCounters, offer_and_publish};
@@ -39,6 +46,126 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Connections at once on the admin listener, and on the metrics listener.
+pub const CONNECTIONS: usize = 64;
+
+/// A connection to the admin or metrics listener that sends nothing for
+/// this long is closed (a scraper reconnects).
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A listener for `axum::serve` with at most [`CONNECTIONS`] connections
+/// open at once, each closed once idle for [`IDLE`].
+pub struct Bounded {
+    inner: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Bounded {
+    /// Bounds `inner`.
+    pub fn new(inner: TcpListener) -> Self {
+        Self {
+            inner,
+            slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS)),
+        }
+    }
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Slotted;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let idle = Box::pin(tokio::time::sleep(IDLE));
+        (
+            Slotted {
+                io,
+                idle,
+                _slot: slot,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection holding one of its listener's slots until it closes.
+pub struct Slotted {
+    io: tokio::net::TcpStream,
+    /// Reset by every read that returns bytes.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Slotted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let at = tokio::time::Instant::now() + IDLE;
+                    self.idle.as_mut().reset(at);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Slotted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// What the handlers need.
 pub struct AdminState {
@@ -69,7 +196,7 @@ pub async fn serve_metrics(
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(Bounded::new(listener), app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
@@ -208,7 +335,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     let app = app.layer(axum::middleware::from_fn(move |req, next| {
         guard(local, token, req, next)
     }));
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(Bounded::new(listener), app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {

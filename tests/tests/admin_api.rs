@@ -3,7 +3,8 @@
 //! refused (it used to panic the handler, be persisted, and panic the node
 //! at every start after); a cross-origin "simple" POST (text/plain) is
 //! refused (CSRF); a request for another host name is refused (DNS
-//! rebinding). The node keeps serving, and restarts cleanly.
+//! rebinding). The node keeps serving, and restarts cleanly. Idle
+//! connections to the metrics port are bounded.
 
 use ferry_tests::{Mesh, Options, Spec};
 use serde_json::Value;
@@ -195,4 +196,84 @@ async fn a_token_file_makes_the_admin_api_ask_for_the_token() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("draining; exit by"), "{said}");
+}
+
+/// 300 connections to the metrics listener that send nothing (what anyone
+/// who reaches a cluster's metrics port can open): the node holds at most
+/// `admin::CONNECTIONS` of them (the rest wait in the kernel's backlog),
+/// keeps carrying streams, and answers scrapes again once they go.
+/// Before, `axum::serve` accepted every one, each holding a descriptor
+/// for good (no read timeout), until the node's file table was full and
+/// its links could not be accepted either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_metrics_port_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start(
+        &[Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let exit = &mesh.nodes[0];
+    let before = exit.open_fds().unwrap();
+    // Those past the node's slots and the kernel's backlog wait for the
+    // handshake: each gets 2 s.
+    let metrics = exit.metrics;
+    let tries: Vec<_> = (0..300)
+        .map(|_| {
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(metrics),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut idle = Vec::new();
+    for t in tries {
+        if let Ok(Ok(s)) = t.await.unwrap() {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() > 100, "only {} connected", idle.len());
+    // The node has accepted what it will once its descriptors stop rising.
+    let mut held = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = exit.open_fds().unwrap();
+        if now == held {
+            break;
+        }
+        held = now;
+    }
+    let limit = ferry_node::admin::CONNECTIONS;
+    println!(
+        "descriptors: {before} before, {held} with {} idle connections",
+        idle.len()
+    );
+    assert!(
+        held <= before + limit + 8,
+        "{held} descriptors open, {before} before: the listener took more than {limit}"
+    );
+    // Streams still go through.
+    let echo = ferry_tests::echo_server().await.unwrap();
+    let mut s = mesh.open(echo.port(), "").await.expect("SOCKS success");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    // Once they go, scrapes are answered again.
+    drop(idle);
+    let scraped = tokio::task::spawn_blocking(move || {
+        agent()
+            .get(&format!("http://{metrics}/metrics"))
+            .call()
+            .map(|r| r.status().as_u16())
+    })
+    .await
+    .unwrap();
+    assert_eq!(scraped.ok(), Some(200));
 }
