@@ -14,6 +14,12 @@
 //! joins a minute or a year after a ruling was signed has it within one
 //! round trip of its first connection, and nothing is re-gossiped (the
 //! re-gossip of the same bytes that gossipsub drops as a duplicate is gone).
+//!
+//! The control listener faces the same network as the link listener, so
+//! what a stranger can make it hold is bounded (libp2p's
+//! `connection_limits`): [`CONTROL_PENDING`] connections in their Noise
+//! handshake at once (more are closed on arrival), [`CONTROL_CONNECTIONS`]
+//! established in all, and [`CONTROL_PER_PEER`] per peer.
 
 pub use crate::config::{Bootstrap, multiaddr, parse_bootstrap};
 use crate::directory::{Directory, OwnAdvert};
@@ -82,8 +88,16 @@ pub const MAX_SYNC_ADVERT_BYTES: usize = 256 * 1024;
 /// Largest gossip message libp2p accepts at all; Ferry's own bounds are lower.
 pub const MAX_GOSSIP: usize = 64 * 1024;
 
+/// Control connections in their handshake at once, each way.
+pub const CONTROL_PENDING: u32 = 64;
+/// Control connections established at once, in all.
+pub const CONTROL_CONNECTIONS: u32 = 2048;
+/// Control connections established at once with one peer.
+pub const CONTROL_PER_PEER: u32 = 2;
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: libp2p::connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
@@ -263,7 +277,13 @@ pub fn start(
                 )],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             );
+            let limits = libp2p::connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(CONTROL_PENDING))
+                .with_max_pending_outgoing(Some(CONTROL_PENDING))
+                .with_max_established(Some(CONTROL_CONNECTIONS))
+                .with_max_established_per_peer(Some(CONTROL_PER_PEER));
             Ok(Behaviour {
+                limits: libp2p::connection_limits::Behaviour::new(limits),
                 gossipsub,
                 kad,
                 identify,

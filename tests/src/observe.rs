@@ -11,7 +11,43 @@ use std::time::{Duration, Instant};
 /// How long a mesh gets to learn of all its members by gossip.
 const CONVERGE: Duration = Duration::from_secs(30);
 
+/// Opens `n` TCP connections to `addr` at once that send nothing, and
+/// keeps those that connect within 2 s (past a listener's bound and its
+/// backlog, the rest wait for the handshake).
+pub async fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let tries: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                    .await
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for t in tries {
+        if let Ok(Ok(Ok(s))) = t.await {
+            open.push(s);
+        }
+    }
+    open
+}
+
 impl Proc {
+    /// Its open descriptors once they stop changing (sampled every 100 ms,
+    /// for at most 2 s): what it holds after a burst of connections.
+    pub async fn settled_fds(&self) -> usize {
+        let mut held = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.open_fds().unwrap_or(0);
+            if now == held {
+                break;
+            }
+            held = now;
+        }
+        held
+    }
+
     /// The value of one sample (`name` or `name{labels}`) on its metrics
     /// listener, if the series is there.
     pub fn metric(&self, series: &str) -> Option<f64> {

@@ -218,37 +218,10 @@ async fn idle_connections_to_the_metrics_port_are_bounded() {
     .unwrap();
     let exit = &mesh.nodes[0];
     let before = exit.open_fds().unwrap();
-    // Those past the node's slots and the kernel's backlog wait for the
-    // handshake: each gets 2 s.
     let metrics = exit.metrics;
-    let tries: Vec<_> = (0..300)
-        .map(|_| {
-            tokio::spawn(async move {
-                tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio::net::TcpStream::connect(metrics),
-                )
-                .await
-            })
-        })
-        .collect();
-    let mut idle = Vec::new();
-    for t in tries {
-        if let Ok(Ok(s)) = t.await.unwrap() {
-            idle.push(s);
-        }
-    }
+    let idle = ferry_tests::idle_connections(metrics, 300).await;
     assert!(idle.len() > 100, "only {} connected", idle.len());
-    // The node has accepted what it will once its descriptors stop rising.
-    let mut held = 0;
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = exit.open_fds().unwrap();
-        if now == held {
-            break;
-        }
-        held = now;
-    }
+    let held = exit.settled_fds().await;
     let limit = ferry_node::admin::CONNECTIONS;
     println!(
         "descriptors: {before} before, {held} with {} idle connections",

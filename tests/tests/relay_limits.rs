@@ -427,3 +427,41 @@ async fn a_neighbour_that_stops_reading_loses_its_link() {
 fn rand_nonce(since: Instant) -> [u8; 8] {
     (since.elapsed().as_nanos() as u64).to_be_bytes()
 }
+
+/// 300 connections to a node's control (libp2p) port that never finish
+/// their handshake: it holds at most `control::CONTROL_PENDING` of them
+/// (the rest are closed on arrival) and keeps carrying streams. Before,
+/// the control plane had no connection limit at all: each stranger's
+/// connection held a descriptor and an upgrade task until its handshake
+/// timed out, and established ones were unbounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_the_control_port_are_bounded() {
+    let mesh = Mesh::start(
+        &[ferry_tests::Spec::new("CA", "exit")],
+        &Options {
+            hops: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let exit = &mesh.nodes[0];
+    let before = exit.open_fds().unwrap();
+    let idle = ferry_tests::idle_connections(exit.mesh, 300).await;
+    let held = exit.settled_fds().await;
+    let limit = ferry_node::control::CONTROL_PENDING as usize;
+    println!(
+        "descriptors: {before} before, {held} with {} connections opened",
+        idle.len()
+    );
+    assert!(
+        held <= before + limit + 8,
+        "{held} descriptors open, {before} before: the control plane took more than {limit}"
+    );
+    let echo = ferry_tests::echo_server().await.unwrap();
+    let mut s = mesh.open(echo.port(), "").await.expect("SOCKS success");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    drop(idle);
+}
