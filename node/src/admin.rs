@@ -216,7 +216,7 @@ async fn metrics(
     }
     st.rulings.observe(&m.control);
     st.revocations.observe(&m.control);
-    st.counters.observe(&m.control);
+    st.counters.observe(m);
     let body = m.encode();
     (
         [(

@@ -125,14 +125,19 @@ pub enum Command {
 pub struct GossipCounters {
     adverts: Mutex<BTreeMap<&'static str, u64>>,
     warned: WarnLimit,
+    /// Control connections refused by the connection limits.
+    denied: std::sync::atomic::AtomicU64,
 }
 
 impl GossipCounters {
-    /// Fills the gossip metrics (at scrape time).
-    pub fn observe(&self, m: &crate::metrics::ControlMetrics) {
+    /// Fills the gossip metrics, and the control plane's refusals
+    /// (`ferry_refusals_total{reason="control"}`), at scrape time.
+    pub fn observe(&self, m: &crate::metrics::Metrics) {
         for (reason, n) in self.advert_rejections() {
-            crate::metrics::advance(&m.advert_rejections.with_label_values(&[reason]), n);
+            crate::metrics::advance(&m.control.advert_rejections.with_label_values(&[reason]), n);
         }
+        let denied = self.denied.load(std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::advance(&m.node.refusals.with_label_values(&["control"]), denied);
     }
 }
 
@@ -468,6 +473,9 @@ pub fn start(
                             &propagation_source,
                             acceptance,
                         );
+                    }
+                    SwarmEvent::IncomingConnectionError { error: libp2p::swarm::ListenError::Denied { .. }, .. } => {
+                        shared.counters.denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     _ => {}
                 },

@@ -414,7 +414,7 @@ impl NodeMetrics {
             refusals: counter_vec(
                 r,
                 "ferry_refusals_total",
-                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout, rate, concurrency, connections, loop, dns, policy).",
+                "Requests refused, by reason (ruling, draining, constraint, capacity, auth, malformed, timeout, rate, concurrency, connections, loop, dns, policy, control: a control-plane connection past its limits).",
                 "reason",
             ),
             peers: gauge_vec(
@@ -440,6 +440,7 @@ impl NodeMetrics {
                 "loop",
                 "dns",
                 "policy",
+                "control",
             ],
         );
         m

@@ -419,6 +419,32 @@ impl Mesh {
             .await?
             .map_err(|code| anyhow!("the entry refused the stream: SOCKS reply {code}"))
     }
+
+    /// A mesh of one exit in CA and the entry (1 hop), with `extra_peers`
+    /// listed on both (test clients' keys).
+    pub fn one_exit(extra_peers: Vec<String>) -> Result<Mesh> {
+        Mesh::start(
+            &[Spec::new("CA", "exit")],
+            &Options {
+                hops: 1,
+                extra_peers,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// A stream through the entry to an echo server carries `ping` there
+    /// and back: the mesh still serves.
+    pub async fn echo_ping(&self) -> Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let echo = crate::traffic::echo_server().await?;
+        let mut s = self.open(echo.port(), "").await?;
+        s.write_all(b"ping").await?;
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await?;
+        anyhow::ensure!(&got == b"ping", "the echo came back as {got:?}");
+        Ok(())
+    }
 }
 
 /// Applies `(from, to)` replacements to a config text; a `from` that is not

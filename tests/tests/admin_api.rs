@@ -207,15 +207,7 @@ async fn a_token_file_makes_the_admin_api_ask_for_the_token() {
 /// its links could not be accepted either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_to_the_metrics_port_are_bounded() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mesh = Mesh::start(
-        &[Spec::new("CA", "exit")],
-        &Options {
-            hops: 1,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = Mesh::one_exit(Vec::new()).unwrap();
     let exit = &mesh.nodes[0];
     let before = exit.open_fds().unwrap();
     let metrics = exit.metrics;
@@ -232,12 +224,7 @@ async fn idle_connections_to_the_metrics_port_are_bounded() {
         "{held} descriptors open, {before} before: the listener took more than {limit}"
     );
     // Streams still go through.
-    let echo = ferry_tests::echo_server().await.unwrap();
-    let mut s = mesh.open(echo.port(), "").await.expect("SOCKS success");
-    s.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
+    mesh.echo_ping().await.unwrap();
     // Once they go, scrapes are answered again.
     drop(idle);
     let scraped = tokio::task::spawn_blocking(move || {

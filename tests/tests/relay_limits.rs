@@ -60,12 +60,7 @@ async fn one_neighbour_gets_at_most_its_share_of_circuits() {
     assert_eq!((built, how.as_str()), (1, "built"));
     // Other neighbours are not held back: the mesh's own entry still gets
     // its circuits through this node.
-    let target = ferry_tests::echo_server().await.unwrap();
-    let mut s = mesh.open(target.port(), "").await.expect("SOCKS success");
-    s.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
+    mesh.echo_ping().await.unwrap();
 }
 
 /// With `idle_circuit_secs = 2`: a stream left quiet for three periods
@@ -148,15 +143,7 @@ async fn one_byte_cells_to_a_target_that_never_reads_hold_about_their_bytes() {
     use ferry_circuit::{Event, HEADROOM, Outcome};
     const CELLS: usize = 400_000;
     let (fake, block) = fake_entry();
-    let mesh = Mesh::start(
-        &[ferry_tests::Spec::new("CA", "exit")],
-        &Options {
-            hops: 1,
-            extra_peers: vec![block],
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = Mesh::one_exit(vec![block]).unwrap();
     let exit = &mesh.nodes[0];
     // Takes connections and never reads.
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -355,15 +342,7 @@ async fn name_lookups_in_flight_are_bounded_at_the_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbour_that_stops_reading_loses_its_link() {
     let (fake, block) = fake_entry();
-    let mesh = Mesh::start(
-        &[ferry_tests::Spec::new("CA", "exit")],
-        &Options {
-            hops: 1,
-            extra_peers: vec![block],
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = Mesh::one_exit(vec![block]).unwrap();
     let exit = &mesh.nodes[0];
     // Sends 16 MiB to every connection, then holds it.
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -414,12 +393,7 @@ async fn a_neighbour_that_stops_reading_loses_its_link() {
         Some(0.0)
     );
     // The exit goes on serving the mesh's own entry.
-    let echo = ferry_tests::echo_server().await.unwrap();
-    let mut e = mesh.open(echo.port(), "").await.expect("SOCKS success");
-    e.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    e.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
+    mesh.echo_ping().await.unwrap();
     sender.abort();
 }
 
@@ -436,14 +410,7 @@ fn rand_nonce(since: Instant) -> [u8; 8] {
 /// timed out, and established ones were unbounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_the_control_port_are_bounded() {
-    let mesh = Mesh::start(
-        &[ferry_tests::Spec::new("CA", "exit")],
-        &Options {
-            hops: 1,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = Mesh::one_exit(Vec::new()).unwrap();
     let exit = &mesh.nodes[0];
     let before = exit.open_fds().unwrap();
     let idle = ferry_tests::idle_connections(exit.mesh, 300).await;
@@ -457,11 +424,14 @@ async fn connections_to_the_control_port_are_bounded() {
         held <= before + limit + 8,
         "{held} descriptors open, {before} before: the control plane took more than {limit}"
     );
-    let echo = ferry_tests::echo_server().await.unwrap();
-    let mut s = mesh.open(echo.port(), "").await.expect("SOCKS success");
-    s.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
+    let refused = exit
+        .metric("ferry_refusals_total{reason=\"control\"}")
+        .unwrap_or(0.0);
+    assert!(
+        refused >= (idle.len() - limit) as f64 - 8.0,
+        "{refused} control connections counted as refused of {} past the limit",
+        idle.len() - limit
+    );
+    mesh.echo_ping().await.unwrap();
     drop(idle);
 }
