@@ -25,10 +25,16 @@
 //!
 //! Each of the two listeners holds at most [`CONNECTIONS`] connections at
 //! once (more wait in the kernel's backlog, costing the node no
-//! descriptor), and a connection that sends nothing for [`IDLE`] is closed
-//! ([`Bounded`]): `axum::serve` itself accepts without limit and has no
+//! descriptor), at most [`PER_ADDRESS`] from one address (more are closed
+//! on arrival and counted, `ferry_refusals_total{reason="connections"}`),
+//! and closes a connection that has had no answer written for [`IDLE`]
+//! ([`Bounded`]). `axum::serve` itself accepts without limit and has no
 //! read timeout, so anyone who can reach the metrics port could otherwise
-//! use up the node's descriptors, and with them its links.
+//! use up the node's descriptors, and with them its links; and the timer
+//! runs from the last answer, not the last byte read, so a client that
+//! trickles a request a byte at a time holds its slot for [`IDLE`] at
+//! most. One address cannot keep the probes (kubelet's, from another
+//! address) waiting.
 
 use crate::authority::{SignedFile, fmt_time, now_ms};
 use crate::control::{Command, GossipCounters, offer_and_publish};
@@ -50,23 +56,36 @@ use tokio_util::sync::CancellationToken;
 /// Connections at once on the admin listener, and on the metrics listener.
 pub const CONNECTIONS: usize = 64;
 
-/// A connection to the admin or metrics listener that sends nothing for
-/// this long is closed (a scraper reconnects).
-pub const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Connections at once from one address (an IPv4 address or an IPv6
+/// address), on each of the admin and metrics listeners.
+pub const PER_ADDRESS: usize = 8;
+
+/// A connection to the admin or metrics listener with no answer written
+/// for this long is closed (a scraper that keeps connections reconnects).
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Open connections by address, shared by a listener and its connections.
+type ByAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
 /// A listener for `axum::serve` with at most [`CONNECTIONS`] connections
-/// open at once, each closed once idle for [`IDLE`].
+/// open at once and [`PER_ADDRESS`] from one address, each closed once
+/// [`IDLE`] passes with no answer written.
 pub struct Bounded {
     inner: TcpListener,
     slots: Arc<tokio::sync::Semaphore>,
+    by_address: ByAddress,
+    refused: prometheus::IntCounter,
 }
 
 impl Bounded {
-    /// Bounds `inner`.
-    pub fn new(inner: TcpListener) -> Self {
+    /// Bounds `inner`; connections refused (one address past its share)
+    /// are counted in `refused`.
+    pub fn new(inner: TcpListener, refused: prometheus::IntCounter) -> Self {
         Self {
             inner,
             slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS)),
+            by_address: Arc::default(),
+            refused,
         }
     }
 }
@@ -82,16 +101,30 @@ impl axum::serve::Listener for Bounded {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        let idle = Box::pin(tokio::time::sleep(IDLE));
-        (
-            Slotted {
-                io,
-                idle,
-                _slot: slot,
-            },
-            addr,
-        )
+        loop {
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            {
+                let mut open = self.by_address.lock().expect("by-address lock");
+                let n = open.entry(addr.ip()).or_default();
+                if *n >= PER_ADDRESS {
+                    // Closed on arrival: this address has its share.
+                    self.refused.inc();
+                    continue;
+                }
+                *n += 1;
+            }
+            let idle = Box::pin(tokio::time::sleep(IDLE));
+            return (
+                Slotted {
+                    io,
+                    idle,
+                    ip: addr.ip(),
+                    by_address: self.by_address.clone(),
+                    _slot: slot,
+                },
+                addr,
+            );
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
@@ -99,12 +132,37 @@ impl axum::serve::Listener for Bounded {
     }
 }
 
-/// A connection holding one of its listener's slots until it closes.
+/// A connection holding one of its listener's slots, and one of its
+/// address's, until it closes.
 pub struct Slotted {
     io: tokio::net::TcpStream,
-    /// Reset by every read that returns bytes.
+    /// Reset by every write (an answer going out).
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    ip: std::net::IpAddr,
+    by_address: ByAddress,
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Slotted {
+    fn drop(&mut self) {
+        let mut open = self.by_address.lock().expect("by-address lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Slotted {
+    /// An answer went out: the connection has [`IDLE`] again.
+    fn answered(&mut self, wrote: &std::task::Poll<std::io::Result<usize>>) {
+        if matches!(wrote, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            let at = tokio::time::Instant::now() + IDLE;
+            self.idle.as_mut().reset(at);
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Slotted {
@@ -114,15 +172,8 @@ impl tokio::io::AsyncRead for Slotted {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
-        let before = buf.filled().len();
         match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    let at = tokio::time::Instant::now() + IDLE;
-                    self.idle.as_mut().reset(at);
-                }
-                Poll::Ready(r)
-            }
+            Poll::Ready(r) => Poll::Ready(r),
             Poll::Pending => match self.idle.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
                 Poll::Pending => Poll::Pending,
@@ -137,7 +188,9 @@ impl tokio::io::AsyncWrite for Slotted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let wrote = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.answered(&wrote);
+        wrote
     }
 
     fn poll_flush(
@@ -159,12 +212,23 @@ impl tokio::io::AsyncWrite for Slotted {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let wrote = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.answered(&wrote);
+        wrote
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
+}
+
+/// The counter of connections a listener closed on arrival.
+fn refused_connections(st: &AdminState) -> prometheus::IntCounter {
+    st.switch
+        .metrics
+        .node
+        .refusals
+        .with_label_values(&["connections"])
 }
 
 /// What the handlers need.
@@ -191,12 +255,13 @@ pub async fn serve_metrics(
     state: Arc<AdminState>,
     shutdown: CancellationToken,
 ) {
+    let refused = refused_connections(&state);
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(Bounded::new(listener), app)
+    if let Err(e) = axum::serve(Bounded::new(listener, refused), app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
@@ -320,6 +385,7 @@ async fn guard(
 /// Serves until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let token = state.switch.cfg.admin_token;
+    let refused = refused_connections(&state);
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/rulings", post(post_ruling))
@@ -335,7 +401,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     let app = app.layer(axum::middleware::from_fn(move |req, next| {
         guard(local, token, req, next)
     }));
-    if let Err(e) = axum::serve(Bounded::new(listener), app)
+    if let Err(e) = axum::serve(Bounded::new(listener, refused), app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {

@@ -17,9 +17,14 @@
 //!
 //! The control listener faces the same network as the link listener, so
 //! what a stranger can make it hold is bounded (libp2p's
-//! `connection_limits`): [`CONTROL_PENDING`] connections in their Noise
-//! handshake at once (more are closed on arrival), [`CONTROL_CONNECTIONS`]
-//! established in all, and [`CONTROL_PER_PEER`] per peer.
+//! `connection_limits`): [`CONTROL_PENDING`] inbound connections in their
+//! Noise handshake at once (more are closed on arrival),
+//! [`CONTROL_CONNECTIONS`] established in all, and [`CONTROL_PER_PEER`]
+//! per peer (room for both ends dialling at once, redials, and stale
+//! connections not yet found dead). Outbound dials are not bounded here:
+//! this node makes them, one per known node at most. Every connection
+//! refused is counted (`ferry_refusals_total{reason="control"}`), a peer's
+//! connections past its limit included.
 
 pub use crate::config::{Bootstrap, multiaddr, parse_bootstrap};
 use crate::directory::{Directory, OwnAdvert};
@@ -88,12 +93,12 @@ pub const MAX_SYNC_ADVERT_BYTES: usize = 256 * 1024;
 /// Largest gossip message libp2p accepts at all; Ferry's own bounds are lower.
 pub const MAX_GOSSIP: usize = 64 * 1024;
 
-/// Control connections in their handshake at once, each way.
+/// Inbound control connections in their handshake at once.
 pub const CONTROL_PENDING: u32 = 64;
 /// Control connections established at once, in all.
 pub const CONTROL_CONNECTIONS: u32 = 2048;
 /// Control connections established at once with one peer.
-pub const CONTROL_PER_PEER: u32 = 2;
+pub const CONTROL_PER_PEER: u32 = 8;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -284,7 +289,6 @@ pub fn start(
             );
             let limits = libp2p::connection_limits::ConnectionLimits::default()
                 .with_max_pending_incoming(Some(CONTROL_PENDING))
-                .with_max_pending_outgoing(Some(CONTROL_PENDING))
                 .with_max_established(Some(CONTROL_CONNECTIONS))
                 .with_max_established_per_peer(Some(CONTROL_PER_PEER));
             Ok(Behaviour {

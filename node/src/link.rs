@@ -38,9 +38,11 @@
 //! and what waits for it (up to a quarter of the node's forwarding budget)
 //! stays held. A link whose socket takes no byte for [`WRITE_STALL`] while
 //! the writer has bytes for it is closed
-//! (`ferry_links_closed_total{reason="stalled"}`). A peer that reads at
-//! all, however slowly, is never closed for it: only a write with no
-//! progress counts.
+//! (`ferry_links_closed_total{reason="stalled"}`). The kernel reports a
+//! full socket writable again only once a share of its send buffer (about
+//! a third) has drained, so what counts is the peer reading that much in
+//! 20 s: with a 4 MiB send buffer, about 65 KB/s. A peer slower than that
+//! is closed as stalled.
 
 use crate::authority::now_ms;
 use crate::crypto::{self, Session};
@@ -950,6 +952,9 @@ async fn write_loop(
             // A link closed elsewhere (its reader, the keepalive) stops a
             // blocked write at once, and frees what waits with it.
             let wrote = tokio::select! {
+                // Biased: a close interrupts only a write that is blocked,
+                // not one the socket can take (no frame cut in half).
+                biased;
                 r = tokio::time::timeout(WRITE_STALL, w.write(&out[at..])) => r,
                 _ = closed.cancelled() => return,
             };

@@ -9,6 +9,7 @@
 use ferry_tests::{Mesh, Options, Spec};
 use serde_json::Value;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -198,10 +199,12 @@ async fn a_token_file_makes_the_admin_api_ask_for_the_token() {
     assert!(said.contains("draining; exit by"), "{said}");
 }
 
-/// 300 connections to the metrics listener that send nothing (what anyone
-/// who reaches a cluster's metrics port can open): the node holds at most
-/// `admin::CONNECTIONS` of them (the rest wait in the kernel's backlog),
-/// keeps carrying streams, and answers scrapes again once they go.
+/// 300 connections to the metrics listener from one address that send
+/// nothing (what anyone who reaches a cluster's metrics port can open):
+/// the node keeps `admin::PER_ADDRESS` of them and closes the rest on
+/// arrival, counted; a probe from another address is answered meanwhile;
+/// streams go on; a request trickled and never finished is closed after
+/// `admin::IDLE`; and scrapes are answered once the connections go.
 /// Before, `axum::serve` accepted every one, each holding a descriptor
 /// for good (no read timeout), until the node's file table was full and
 /// its links could not be accepted either.
@@ -214,14 +217,57 @@ async fn idle_connections_to_the_metrics_port_are_bounded() {
     let idle = ferry_tests::idle_connections(metrics, 300).await;
     assert!(idle.len() > 100, "only {} connected", idle.len());
     let held = exit.settled_fds().await;
-    let limit = ferry_node::admin::CONNECTIONS;
+    let limit = ferry_node::admin::PER_ADDRESS;
     println!(
         "descriptors: {before} before, {held} with {} idle connections",
         idle.len()
     );
     assert!(
-        held <= before + limit + 8,
-        "{held} descriptors open, {before} before: the listener took more than {limit}"
+        held <= before + limit + 4,
+        "{held} descriptors open, {before} before: the listener kept more than {limit}"
+    );
+    // A scrape from another address is answered (this address has its
+    // share), and counts the rest as refused.
+    let probe = |from: &'static str, request: &'static [u8]| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(metrics).await.unwrap();
+        s.write_all(request).await.unwrap();
+        s
+    };
+    let mut s = probe(
+        "127.0.0.2",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let mut page = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut page))
+        .await
+        .expect("the scrape answered within 3 s")
+        .unwrap();
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let refused: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_refusals_total{reason=\"connections\"} "))
+        .expect("the refusal series")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(refused >= 100.0, "{refused} connections counted as refused");
+    // A request begun and never finished holds its place for IDLE at most.
+    let mut s = probe("127.0.0.3", b"GET /livez HTTP/1.1\r\n").await;
+    let started = std::time::Instant::now();
+    let idle_for = ferry_node::admin::IDLE;
+    let mut rest = Vec::new();
+    tokio::time::timeout(idle_for + Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("a trickled request was not closed")
+        .ok();
+    assert!(
+        started.elapsed() + Duration::from_secs(1) >= idle_for,
+        "closed after {:?}, before IDLE",
+        started.elapsed()
     );
     // Streams still go through.
     mesh.echo_ping().await.unwrap();
