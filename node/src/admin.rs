@@ -58,14 +58,11 @@ pub const CONNECTIONS: usize = 64;
 
 /// Connections at once from one address (an IPv4 address or an IPv6
 /// address), on each of the admin and metrics listeners.
-pub const PER_ADDRESS: usize = 8;
+pub const PER_ADDRESS: u32 = 8;
 
 /// A connection to the admin or metrics listener with no answer written
 /// for this long is closed (a scraper that keeps connections reconnects).
 pub const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Open connections by address, shared by a listener and its connections.
-type ByAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
 /// A listener for `axum::serve` with at most [`CONNECTIONS`] connections
 /// open at once and [`PER_ADDRESS`] from one address, each closed once
@@ -73,7 +70,7 @@ type ByAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr
 pub struct Bounded {
     inner: TcpListener,
     slots: Arc<tokio::sync::Semaphore>,
-    by_address: ByAddress,
+    by_address: crate::limits::Counts<std::net::IpAddr>,
     refused: prometheus::IntCounter,
 }
 
@@ -84,7 +81,7 @@ impl Bounded {
         Self {
             inner,
             slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS)),
-            by_address: Arc::default(),
+            by_address: crate::limits::Counts::default(),
             refused,
         }
     }
@@ -103,23 +100,17 @@ impl axum::serve::Listener for Bounded {
             .expect("the semaphore is never closed");
         loop {
             let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-            {
-                let mut open = self.by_address.lock().expect("by-address lock");
-                let n = open.entry(addr.ip()).or_default();
-                if *n >= PER_ADDRESS {
-                    // Closed on arrival: this address has its share.
-                    self.refused.inc();
-                    continue;
-                }
-                *n += 1;
-            }
+            let Ok(place) = self.by_address.take(addr.ip(), PER_ADDRESS) else {
+                // Closed on arrival: this address has its share.
+                self.refused.inc();
+                continue;
+            };
             let idle = Box::pin(tokio::time::sleep(IDLE));
             return (
                 Slotted {
                     io,
                     idle,
-                    ip: addr.ip(),
-                    by_address: self.by_address.clone(),
+                    _place: place,
                     _slot: slot,
                 },
                 addr,
@@ -138,21 +129,8 @@ pub struct Slotted {
     io: tokio::net::TcpStream,
     /// Reset by every write (an answer going out).
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
-    ip: std::net::IpAddr,
-    by_address: ByAddress,
+    _place: crate::limits::Place<std::net::IpAddr>,
     _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for Slotted {
-    fn drop(&mut self) {
-        let mut open = self.by_address.lock().expect("by-address lock");
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
 }
 
 impl Slotted {

@@ -335,7 +335,7 @@ impl Rules {
 pub struct Limits {
     rules: RwLock<Arc<Rules>>,
     listeners: Mutex<Vec<(&'static str, Arc<tokio::sync::Semaphore>, u32)>>,
-    open: Arc<Mutex<HashMap<Who, u32>>>,
+    open: Counts<Who>,
     admitted: AtomicU64,
     paced_nanos: Arc<AtomicU64>,
 }
@@ -346,7 +346,7 @@ impl Limits {
         Self {
             rules: RwLock::new(Arc::new(Rules::new(settings))),
             listeners: Mutex::new(Vec::new()),
-            open: Arc::new(Mutex::new(HashMap::new())),
+            open: Counts::default(),
             admitted: AtomicU64::new(0),
             paced_nanos: Arc::new(AtomicU64::new(0)),
         }
@@ -469,34 +469,66 @@ impl Limits {
     }
 
     fn hold(&self, who: Who, max: u32, over: fn(u32) -> Limited) -> Result<Held, Limited> {
-        let mut open = self.open.lock().expect("open lock");
-        // Never 0 here (a count at 0 is removed), so a refusal leaves the
-        // map as it was.
-        let n = open.get(&who).copied().unwrap_or(0);
-        if max != 0 && n >= max {
-            return Err(over(max));
-        }
-        open.insert(who.clone(), n + 1);
-        Ok(Held {
-            open: self.open.clone(),
-            who,
-        })
+        self.open.take(who, max).map_err(|_| over(max))
     }
 }
 
-/// One place in a count of open streams, given back when dropped.
-struct Held {
-    open: Arc<Mutex<HashMap<Who, u32>>>,
-    who: Who,
+/// One place in a count of open streams.
+type Held = Place<Who>;
+
+/// Places open at once, counted by key (streams by client and tenant
+/// here, connections by address on the admin listeners); a count at 0
+/// is forgotten, so the map holds only keys with something open.
+pub struct Counts<K: Eq + std::hash::Hash>(Arc<Mutex<HashMap<K, u32>>>);
+
+impl<K: Eq + std::hash::Hash> Default for Counts<K> {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(HashMap::new())))
+    }
 }
 
-impl Drop for Held {
+impl<K: Eq + std::hash::Hash + Clone> Counts<K> {
+    /// A place for `key` if it has fewer than `max` open (0: no limit),
+    /// else `Err` with how many it has; given back when dropped.
+    pub fn take(&self, key: K, max: u32) -> Result<Place<K>, u32> {
+        let mut open = self.0.lock().expect("counts lock");
+        // Never 0 here (a count at 0 is removed), so a refusal leaves the
+        // map as it was.
+        let n = open.get(&key).copied().unwrap_or(0);
+        if max != 0 && n >= max {
+            return Err(n);
+        }
+        open.insert(key.clone(), n + 1);
+        Ok(Place {
+            open: self.0.clone(),
+            key,
+        })
+    }
+
+    /// How many `key` has open.
+    pub fn get(&self, key: &K) -> Option<u32> {
+        self.0.lock().expect("counts lock").get(key).copied()
+    }
+
+    /// Whether nothing is open.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().expect("counts lock").is_empty()
+    }
+}
+
+/// One place in a [`Counts`], given back when dropped.
+pub struct Place<K: Eq + std::hash::Hash> {
+    open: Arc<Mutex<HashMap<K, u32>>>,
+    key: K,
+}
+
+impl<K: Eq + std::hash::Hash> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut open = self.open.lock().expect("open lock");
-        if let Some(n) = open.get_mut(&self.who) {
+        let mut open = self.open.lock().expect("counts lock");
+        if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.who);
+                open.remove(&self.key);
             }
         }
     }
@@ -623,10 +655,7 @@ mod tests {
         drop(a);
         let c = l.admit_client(ip).unwrap();
         drop((b, c, other));
-        assert!(
-            l.open.lock().unwrap().is_empty(),
-            "counts are forgotten at 0"
-        );
+        assert!(l.open.is_empty(), "counts are forgotten at 0");
     }
 
     /// One client keeps at most HANDSHAKES connections in their handshake
@@ -650,7 +679,7 @@ mod tests {
         drop(check);
         assert!(l.hold_check(&passes[1]).is_some());
         drop((passes, last));
-        assert!(l.open.lock().unwrap().is_empty());
+        assert!(l.open.is_empty());
     }
 
     /// A reload keeps the buckets of shares it does not change: a client
@@ -730,7 +759,7 @@ mod tests {
             l.admit_tenant(&mut p, "big").unwrap();
             keep.push(p);
         }
-        let open = |t: &str| l.open.lock().unwrap().get(&Who::Tenant(t.into())).copied();
+        let open = |t: &str| l.open.get(&Who::Tenant(t.into()));
         assert_eq!(open("big"), Some(3));
         drop(keep);
         assert_eq!(open("big"), None, "counts are forgotten at 0");

@@ -33,6 +33,30 @@ pub async fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<tokio
 }
 
 impl Proc {
+    /// Opens `n` idle connections to `addr` (one of its listeners) with
+    /// [`idle_connections`], and checks it holds at most `limit` (and
+    /// `slack`) more descriptors for them; the connections.
+    pub async fn flood_within(
+        &self,
+        addr: std::net::SocketAddr,
+        n: usize,
+        limit: usize,
+        slack: usize,
+    ) -> Vec<tokio::net::TcpStream> {
+        let before = self.open_fds().unwrap();
+        let idle = idle_connections(addr, n).await;
+        let held = self.settled_fds().await;
+        println!(
+            "descriptors: {before} before, {held} with {} connections opened",
+            idle.len()
+        );
+        assert!(
+            held <= before + limit + slack,
+            "{held} descriptors open, {before} before: the listener took more than {limit}"
+        );
+        idle
+    }
+
     /// Its open descriptors once they stop changing (sampled every 100 ms,
     /// for at most 2 s): what it holds after a burst of connections.
     pub async fn settled_fds(&self) -> usize {
