@@ -149,14 +149,11 @@ impl tokio::io::AsyncRead for Slotted {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(r) => Poll::Ready(r),
-            Poll::Pending => match self.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
-                Poll::Pending => Poll::Pending,
-            },
+        let read = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if read.is_pending() && self.idle.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
         }
+        read
     }
 }
 

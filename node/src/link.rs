@@ -960,13 +960,8 @@ async fn write_loop(
             };
             match wrote {
                 Ok(Ok(n)) if n > 0 => at += n,
-                Ok(Ok(_)) => {
-                    debug!("link write took nothing");
-                    closed.cancel();
-                    return;
-                }
-                Ok(Err(e)) => {
-                    debug!(error = %e, "link write failed");
+                Ok(r) => {
+                    debug!(result = ?r, "link write failed");
                     closed.cancel();
                     return;
                 }

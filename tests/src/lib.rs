@@ -32,7 +32,7 @@ pub use client::{
 };
 pub use mesh::{CA_PK_DE, Mesh, Options, THREE};
 pub use node::{Proc, Spec, ferry_bin, free_port, run_ferry};
-pub use observe::{entry_circuits, idle_connections, peer};
+pub use observe::{entry_circuits, peer};
 pub use tap::start_tap;
 pub use traffic::{
     Pattern, Uploads, echo_server, finish_transfers, http_server, pattern_server,

@@ -14,7 +14,7 @@ const CONVERGE: Duration = Duration::from_secs(30);
 /// Opens `n` TCP connections to `addr` at once that send nothing, and
 /// keeps those that connect within 2 s (past a listener's bound and its
 /// backlog, the rest wait for the handshake).
-pub async fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+async fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
     let tries: Vec<_> = (0..n)
         .map(|_| {
             tokio::spawn(async move {

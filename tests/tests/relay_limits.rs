@@ -272,22 +272,16 @@ async fn name_lookups_in_flight_are_bounded_at_the_exit() {
     let exit = &mesh.nodes[0];
     let socks = mesh.socks();
     let asked = |name: &str| seen.lock().unwrap().iter().any(|n| n == name);
-    let wait_asked = |name: &'static str, within: Duration| {
-        let seen = seen.clone();
-        async move {
-            let until = Instant::now() + within;
-            while !seen.lock().unwrap().iter().any(|n| n == name) {
-                assert!(Instant::now() < until, "the resolver never saw {name}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
     let waiting: Vec<_> = ["slow-1.example", "slow-2.example", "slow-3.example"]
         .into_iter()
         .map(|name| tokio::spawn(async move { socks_connect(socks, name, 80).await }))
         .collect();
+    let until = Instant::now() + Duration::from_secs(15);
     for name in ["slow-1.example", "slow-2.example", "slow-3.example"] {
-        wait_asked(name, Duration::from_secs(15)).await;
+        while !asked(name) {
+            assert!(Instant::now() < until, "the resolver never saw {name}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let started = Instant::now();
     let fourth = socks_connect(socks, "slow-4.example", 80).await.unwrap();
@@ -306,15 +300,9 @@ async fn name_lookups_in_flight_are_bounded_at_the_exit() {
         Some(1.0)
     );
     // An address needs no lookup, and still connects.
-    let target = ferry_tests::echo_server().await.unwrap();
-    let mut s = socks_connect(socks, "127.0.0.1", target.port())
+    mesh.echo_ping()
         .await
-        .unwrap()
         .expect("an address connects while lookups wait");
-    s.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
     // The three streams end (the exit's connect timeout, 10 s); their
     // lookups hold their places until the resolver gives up (12 s).
     for w in waiting {
@@ -416,12 +404,12 @@ async fn connections_to_the_control_port_are_bounded() {
     let idle = exit.flood_within(exit.mesh, 300, limit, 8).await;
     // Refusals are counted as the node gets to them.
     let past = idle.len().saturating_sub(limit + 8) as f64;
-    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + Duration::from_secs(10);
     let refused = loop {
         let n = exit
             .metric("ferry_refusals_total{reason=\"control\"}")
             .unwrap_or(0.0);
-        if n >= past || std::time::Instant::now() > until {
+        if n >= past || Instant::now() > until {
             break n;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
