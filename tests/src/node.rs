@@ -121,6 +121,11 @@ impl Proc {
         Ok(kb * 1024)
     }
 
+    /// Its process id (for profilers and /proc readers).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Open file descriptors of the process (sockets, files, pipes).
     pub fn open_fds(&self) -> Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))?.count())

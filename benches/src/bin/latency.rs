@@ -1,0 +1,167 @@
+//! Round trips of 64 bytes, direct, through one socat relay, and through
+//! 1-hop and 3-hop Ferry circuits, in one run; then through the 3-hop
+//! circuit again while a bulk stream shares it (the same entry, route and
+//! circuit, so the same links at every hop).
+//!
+//! ```text
+//! apt-get install socat                         # Debian
+//! cargo build --release --workspace --bins
+//! cargo run --release -p ferry-bench --bin latency [-- ROUND_TRIPS RUNS]
+//! ```
+//!
+//! Prints p50 and p99 of each (median over RUNS, 3 by default, of
+//! ROUND_TRIPS, 5,000 by default), the time each process adds at p50
+//! (Ferry with h hops has h + 1 processes between client and server: the
+//! entry too), and the loaded p99 over the unloaded one.
+
+use anyhow::{Context, Result, bail};
+use ferry_bench::{blast, counting_sink, ping_pong, quantile};
+use ferry_tests::{Mesh, Options, Spec, THREE};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// p50 and p99 (µs) of `n` round trips on streams from `open`, median
+/// over `runs` streams.
+async fn measure<F, Fut>(name: &str, n: usize, runs: usize, open: F) -> Result<(f64, f64)>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<TcpStream>>,
+{
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut s = open().await?;
+        // Warm: the first round trips pay for connection setup.
+        ping_pong(&mut s, 64, 50, Instant::now() + Duration::from_secs(30)).await?;
+        let mut v = ping_pong(&mut s, 64, n, Instant::now() + Duration::from_secs(120)).await?;
+        if v.len() < n {
+            bail!("{name}: only {} round trips in 120 s", v.len());
+        }
+        p50.push(quantile(&mut v, 0.5));
+        p99.push(quantile(&mut v, 0.99));
+    }
+    let r = (quantile(&mut p50, 0.5), quantile(&mut p99, 0.5));
+    eprintln!("  {name}: p50 {:.0} µs, p99 {:.0} µs", r.0, r.1);
+    Ok(r)
+}
+
+async fn via(socks: SocketAddr, port: u16) -> Result<TcpStream> {
+    ferry_tests::socks_connect(socks, "127.0.0.1", port)
+        .await?
+        .map_err(|c| anyhow::anyhow!("SOCKS reply {c}"))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(5000);
+    let runs: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let echo = ferry_tests::echo_server().await?;
+    let relay = ferry_tests::free_port()?;
+    let _socat = Bg(Command::new("socat")
+        .args([
+            "-b",
+            "131072",
+            &format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", relay.port()),
+            &format!("TCP:{echo},nodelay"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("socat (Debian: apt-get install socat)")?);
+    let one = Mesh::start(
+        &[Spec::new("IS", "exit")],
+        &Options {
+            hops: 1,
+            ..Options::default()
+        },
+    )?;
+    let three = Mesh::start(&THREE, &Options::default())?;
+    one.echo_ping().await?;
+    three.echo_ping().await?;
+    let t0 = Instant::now();
+    while TcpStream::connect(relay).await.is_err() {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "socat never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("latency: {n} round trips of 64 bytes, median of {runs} runs");
+    let direct = measure("direct", n, runs, || async move {
+        Ok(TcpStream::connect(echo).await?)
+    })
+    .await?;
+    let socat = measure("socat, 1 relay", n, runs, || async move {
+        Ok(TcpStream::connect(relay).await?)
+    })
+    .await?;
+    let (s1, s3) = (one.socks(), three.socks());
+    let f1 = measure("ferry, 1 hop", n, runs, || via(s1, echo.port())).await?;
+    let f3 = measure("ferry, 3 hops", n, runs, || via(s3, echo.port())).await?;
+
+    // The same 3-hop circuit with a bulk stream on it. The entry puts
+    // streams of one route on one circuit (up to its stream limit), so
+    // both streams cross the same links.
+    let (sink, count) = counting_sink().await?;
+    let bulk = via(s3, sink.port()).await?;
+    let until = Instant::now() + Duration::from_secs(600);
+    let load = tokio::spawn(blast(bulk, until));
+    // Let the bulk stream reach full speed first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = count.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let loaded = measure(
+        "ferry, 3 hops, with a bulk stream on the circuit",
+        n,
+        runs,
+        || via(s3, echo.port()),
+    )
+    .await?;
+    let bulk_gbps =
+        (count.load(Ordering::Relaxed) - before) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9;
+    load.abort();
+
+    let per = |x: (f64, f64), procs: f64| (x.0 - direct.0) / procs;
+    println!(
+        "{:<44}{:>10}{:>10}{:>18}",
+        "path", "p50 µs", "p99 µs", "added/process µs"
+    );
+    for (name, r, procs) in [
+        ("direct", direct, 0.0),
+        ("socat, 1 relay", socat, 1.0),
+        ("ferry, 1 hop (entry, exit)", f1, 2.0),
+        ("ferry, 3 hops (entry, 2 relays, exit)", f3, 4.0),
+    ] {
+        let added = if procs > 0.0 {
+            format!("{:.1}", per(r, procs))
+        } else {
+            "-".into()
+        };
+        println!("{name:<44}{:>10.0}{:>10.0}{added:>18}", r.0, r.1);
+    }
+    println!(
+        "{:<44}{:>10.0}{:>10.0}",
+        format!("ferry, 3 hops, bulk at {bulk_gbps:.2} Gbit/s alongside"),
+        loaded.0,
+        loaded.1
+    );
+    println!(
+        "ferry per process at p50 over socat's: 1 hop {:.2}x, 3 hops {:.2}x; loaded p99 over unloaded: {:.2}x",
+        per(f1, 2.0) / per(socat, 1.0),
+        per(f3, 4.0) / per(socat, 1.0),
+        loaded.1 / f3.1
+    );
+    Ok(())
+}

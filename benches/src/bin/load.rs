@@ -1,0 +1,222 @@
+//! Load on a loopback mesh of release `ferry` processes (relays DE and CH,
+//! exit IS, an entry; 3 hops, so every circuit crosses all three), with
+//! the CPU each process spent on it; with a role named, a `perf record` of
+//! that process for the load's length, which `benches/profile.sh` turns
+//! into a flamegraph.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release -p ferry-bench --bin load -- LOAD [SECS [ROLE PERF_DATA]]
+//! ```
+//!
+//! - `bulk`: one stream, as fast as it goes.
+//! - `streams`: 1,000 streams at once, each as fast as it goes.
+//! - `small`: 64 clients each opening a stream, sending 1 KiB to an echo
+//!   server, reading it back and closing, over and over.
+//! - `circuits`: a test origin (this process, with a key the nodes list)
+//!   building 2-hop circuits through relay DE to exit IS, 64 builds in
+//!   flight, destroying each once built.
+//! - `mix`: `bulk` and `small` at once.
+//!
+//! ROLE is `entry`, `relay` (DE) or `exit` (IS). SECS defaults to 10.
+
+use anyhow::{Result, bail};
+use ferry_bench::{
+    CpuWatch, Perf, blast, build_circuits, counting_sink, gbps, hop, rss_bytes, unlimited_entry,
+};
+use ferry_tests::raw::{RawLink, fake_entry};
+use ferry_tests::{Mesh, Options, Proc, THREE};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Streams of the `streams` load.
+const STREAMS: usize = 1000;
+/// Clients of the `small` load.
+const SMALL_CLIENTS: usize = 64;
+
+fn role<'a>(mesh: &'a Mesh, name: &str) -> Result<&'a Proc> {
+    Ok(match name {
+        "entry" => &mesh.entry,
+        "relay" => mesh.node("DE"),
+        "exit" => mesh.node("IS"),
+        other => bail!("no role {other:?} (entry, relay or exit)"),
+    })
+}
+
+/// `bulk`: one stream for `secs`; bytes delivered.
+async fn bulk(mesh: &Mesh, secs: f64) -> Result<u64> {
+    let (sink, count) = counting_sink().await?;
+    let s = mesh.open(sink.port(), "").await?;
+    blast(s, Instant::now() + Duration::from_secs_f64(secs)).await?;
+    Ok(count.load(Ordering::Relaxed))
+}
+
+/// `streams`: [`STREAMS`] streams at once for `secs`; bytes delivered.
+async fn streams(mesh: &Mesh, secs: f64) -> Result<u64> {
+    let (sink, count) = counting_sink().await?;
+    let mut open = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        open.push(mesh.open(sink.port(), "").await?);
+    }
+    // Counted from here: every stream is open.
+    let before = count.load(Ordering::Relaxed);
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = open
+        .into_iter()
+        .map(|s| tokio::spawn(blast(s, until)))
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) - before)
+}
+
+/// `small`: [`SMALL_CLIENTS`] clients opening, using and closing streams
+/// for `secs`; streams completed.
+async fn small(mesh: &Mesh, secs: f64) -> Result<u64> {
+    let echo = ferry_tests::echo_server().await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let socks = mesh.socks();
+    let tasks: Vec<_> = (0..SMALL_CLIENTS)
+        .map(|_| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let out = vec![0x3cu8; 1024];
+                let mut back = vec![0u8; 1024];
+                while Instant::now() < until {
+                    let mut s = ferry_tests::socks_connect(socks, "127.0.0.1", echo.port())
+                        .await?
+                        .map_err(|c| anyhow::anyhow!("SOCKS reply {c}"))?;
+                    s.write_all(&out).await?;
+                    s.read_exact(&mut back).await?;
+                    anyhow::ensure!(back == out, "the echo came back altered");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed))
+}
+
+/// `circuits`: 2-hop circuits through `relay` to `exit` built (and
+/// destroyed) for `secs`, 64 builds in flight; circuits built.
+async fn circuits(
+    relay: &Proc,
+    exit: &Proc,
+    keys: &ferry_node::identity::Keys,
+    secs: f64,
+) -> Result<u64> {
+    let mut link = RawLink::open(relay, keys).await;
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let built = build_circuits(
+        &mut link,
+        &[hop(relay)?, hop(exit)?],
+        1,
+        usize::MAX,
+        until,
+        true,
+    )
+    .await?;
+    Ok(built as u64)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let load = args.first().map(String::as_str).unwrap_or("bulk");
+    let secs: f64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10.0);
+    let profile = match (args.get(2), args.get(3)) {
+        (Some(r), Some(f)) => Some((r.clone(), std::path::PathBuf::from(f))),
+        (None, None) => None,
+        _ => bail!("usage: load LOAD [SECS [ROLE PERF_DATA]]"),
+    };
+    if !["bulk", "streams", "small", "circuits", "mix"].contains(&load) {
+        bail!("no load {load:?} (bulk, streams, small, circuits or mix)");
+    }
+    let (keys, block) = fake_entry();
+    let mesh = Mesh::start(
+        &THREE,
+        &Options {
+            extra_peers: vec![block],
+            entry_replace: unlimited_entry(None),
+            ..Options::default()
+        },
+    )?;
+    eprintln!(
+        "load {load}: {secs} s on relays DE, CH, exit IS and an entry (ferry = {})",
+        ferry_tests::ferry_bin()?.display()
+    );
+    // Warm: every circuit the entry needs is built before the clock starts.
+    mesh.echo_ping().await?;
+    let procs: Vec<(String, u32)> = [("entry", "entry"), ("relay DE", "relay")]
+        .iter()
+        .map(|(n, r)| Ok((n.to_string(), role(&mesh, r)?.pid())))
+        .chain([
+            Ok(("relay CH".to_string(), mesh.node("CH").pid())),
+            Ok(("exit IS".to_string(), mesh.node("IS").pid())),
+        ])
+        .collect::<Result<_>>()?;
+    let perf = match &profile {
+        Some((r, f)) => Some(Perf::record(role(&mesh, r)?.pid(), f)?),
+        None => None,
+    };
+    let watch = CpuWatch::start(&procs)?;
+    let t0 = Instant::now();
+    let (bytes, ops) = match load {
+        "bulk" => (bulk(&mesh, secs).await?, 0),
+        "streams" => (streams(&mesh, secs).await?, 0),
+        "small" => (0, small(&mesh, secs).await?),
+        "circuits" => (
+            0,
+            circuits(mesh.node("DE"), mesh.node("IS"), &keys, secs).await?,
+        ),
+        _ => {
+            let (b, s) = tokio::join!(bulk(&mesh, secs), small(&mesh, secs));
+            (b?, s?)
+        }
+    };
+    let took = t0.elapsed().as_secs_f64();
+    let spent = watch.spent()?;
+    if let Some(p) = perf {
+        p.stop()?;
+    }
+    let what = match load {
+        "bulk" | "streams" => format!("{:.2} Gbit/s", gbps(bytes, took)),
+        "circuits" => format!("{ops} circuits built, {:.0} per second", ops as f64 / took),
+        "small" => format!("{ops} streams, {:.0} per second", ops as f64 / took),
+        _ => format!(
+            "bulk {:.2} Gbit/s, {ops} small streams ({:.0} per second)",
+            gbps(bytes, took),
+            ops as f64 / took
+        ),
+    };
+    println!("load {load}, {took:.1} s: {what}");
+    println!(
+        "{:<10}{:>10}{:>12}{:>14}{:>10}",
+        "process", "CPU s", "CPU s/GB", "per op, µs", "RSS MiB"
+    );
+    for ((name, pid), (_, cpu)) in procs.iter().zip(&spent) {
+        let per_gb = if bytes > 0 {
+            format!("{:.2}", cpu / (bytes as f64 / 1e9))
+        } else {
+            "-".into()
+        };
+        let per_op = if ops > 0 {
+            format!("{:.1}", cpu / ops as f64 * 1e6)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{name:<10}{cpu:>10.2}{per_gb:>12}{per_op:>14}{:>10.1}",
+            rss_bytes(*pid)? as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
