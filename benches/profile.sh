@@ -73,9 +73,10 @@ for line in open(sys.argv[1]):
     all_ += n
     frames = stack.split(";")
     for k, pat in kinds:
-        # AEAD, copies and allocation count where they are the leaf or
-        # near it (not a caller that merely leads to one).
-        tail = frames[-4:] if k != kinds[1][0] and k != kinds[5][0] else frames
+        # A kernel frame anywhere means time in the kernel; the other
+        # kinds count where they are the leaf or near it (not a caller
+        # that merely leads to one: every task runs under the runtime).
+        tail = frames if k == kinds[1][0] else frames[-4:]
         if any(pat.search(f) for f in tail):
             totals[k] += n
             break

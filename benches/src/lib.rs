@@ -9,13 +9,10 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result, anyhow};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Clock ticks per second of `/proc/PID/stat` (`getconf CLK_TCK`).
 fn ticks_per_sec() -> f64 {
@@ -44,17 +41,7 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / ticks_per_sec())
 }
 
-/// Resident memory of process `pid`, bytes.
-pub fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .ok_or_else(|| anyhow!("no VmRSS"))?
-        .parse()?;
-    Ok(kb * 1024)
-}
+pub use ferry_tests::{counting_sink, rss_of as rss_bytes};
 
 /// Processes watched over one measured interval: CPU seconds each spent
 /// in it.
@@ -79,30 +66,6 @@ impl CpuWatch {
             .map(|(n, p, s)| Ok((n.clone(), cpu_secs(*p)? - s)))
             .collect()
     }
-}
-
-/// A sink on loopback that reads every connection to its end and counts
-/// the bytes.
-pub async fn counting_sink() -> Result<(SocketAddr, Arc<AtomicU64>)> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let a = l.local_addr()?;
-    let count = Arc::new(AtomicU64::new(0));
-    let c = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    c.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    Ok((a, count))
 }
 
 /// Writes to `s` as fast as it takes bytes until `until`, then closes it.
@@ -202,7 +165,7 @@ pub fn gbps(bytes: u64, secs: f64) -> f64 {
 /// also the streams the entry puts on one circuit.
 pub fn unlimited_entry(per_circuit: Option<usize>) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = [
-        ("connections = 4096", "connections = 100000"),
+        ("connections = 4096", "connections = 16384"),
         ("client_streams = 512", "client_streams = 100000"),
         (
             "client_streams_per_sec = 100",
@@ -291,6 +254,19 @@ pub async fn build_circuits(
                     .await;
                 }
             }
+        }
+    }
+}
+
+/// Prints the last lines of every process's log of `mesh` (after a load
+/// failed).
+pub fn dump_logs(mesh: &ferry_tests::Mesh) {
+    for p in std::iter::once(&mesh.entry).chain(&mesh.nodes) {
+        let log = p.log();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        eprintln!("--- {} (last lines)", p.jurisdiction);
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
         }
     }
 }

@@ -1,59 +1,108 @@
 //! The resend ring: a stream's sent, unacknowledged bytes.
 
-/// A byte ring holding a stream's payload in `[acked, sent)`: one copy per
-/// byte sent and no allocation in steady state. It grows (by doubling, rare)
-/// up to the send window, which credit enforces: `sent - acked` never
-/// exceeds it.
+use std::collections::VecDeque;
+
+/// Bytes per chunk of a ring.
+const CHUNK: usize = 8 * 1024;
+
+/// Emptied chunks a ring keeps for its next bytes while it holds any: a
+/// quarter window's worth, what one acknowledgement of a busy stream
+/// frees at once.
+const SPARES: usize = 64;
+
+/// A stream's payload in `[acked, sent)`, what a move sends again: one copy
+/// per byte sent, in chunks of [`CHUNK`] bytes taken as bytes arrive and
+/// given up as acknowledgements pass them. A ring holds what is
+/// unacknowledged in chunks (the first and last partly used), as many
+/// spares again at most, and nothing once everything is acknowledged.
+///
+/// It used to be one buffer that doubled as it filled and never shrank:
+/// each stream held the most it ever had in flight (up to its window, 2
+/// MiB), so 1,000 bulk streams on one entry held about 1.4 GB, and an
+/// entry spent more than half its CPU time faulting in the fresh pages of
+/// buffers as they doubled (`benches/profile.sh streams entry`).
+/// Emptied chunks wait as spares (up to [`SPARES`]) while the stream has
+/// bytes in flight, so a busy stream reuses its chunks and allocates
+/// nothing in steady state.
 #[derive(Default)]
 pub(crate) struct Ring {
-    buf: Vec<u8>,
+    /// Each chunk's length is the bytes written into it (all but the last
+    /// are full).
+    chunks: VecDeque<Vec<u8>>,
+    /// Offset of the first byte in the first chunk.
     head: usize,
     pub(crate) len: usize,
+    spares: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Ring {
     /// Lengths only: the ring holds payload, which never reaches a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Ring({} of {} bytes)", self.len, self.buf.len())
+        write!(
+            f,
+            "Ring({} bytes in {} chunks)",
+            self.len,
+            self.chunks.len()
+        )
     }
 }
 
 impl Ring {
-    pub(crate) fn push(&mut self, data: &[u8]) {
-        if self.len + data.len() > self.buf.len() {
-            let cap = (self.len + data.len()).next_power_of_two().max(64 * 1024);
-            let mut grown = vec![0u8; cap];
-            self.copy_to(0, self.len, &mut grown[..self.len]);
-            self.buf = grown;
-            self.head = 0;
+    pub(crate) fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let end = self.head + self.len;
+            let (at, off) = (end / CHUNK, end % CHUNK);
+            if at == self.chunks.len() {
+                // Filled by appending: a new chunk is never zeroed first.
+                let chunk = self
+                    .spares
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(CHUNK));
+                self.chunks.push_back(chunk);
+            }
+            let n = data.len().min(CHUNK - off);
+            debug_assert_eq!(self.chunks[at].len(), off);
+            self.chunks[at].extend_from_slice(&data[..n]);
+            self.len += n;
+            data = &data[n..];
         }
-        let cap = self.buf.len();
-        let tail = (self.head + self.len) % cap;
-        let first = data.len().min(cap - tail);
-        self.buf[tail..tail + first].copy_from_slice(&data[..first]);
-        self.buf[..data.len() - first].copy_from_slice(&data[first..]);
-        self.len += data.len();
     }
 
     pub(crate) fn consume(&mut self, n: usize) {
         let n = n.min(self.len);
-        if n > 0 {
-            self.head = (self.head + n) % self.buf.len();
-            self.len -= n;
+        self.head += n;
+        self.len -= n;
+        if self.len == 0 {
+            // Everything is acknowledged: a quiet stream holds nothing.
+            self.chunks.clear();
+            self.spares.clear();
+            self.head = 0;
+            return;
         }
+        while self.head >= CHUNK {
+            let mut done = self.chunks.pop_front().expect("a chunk under the head");
+            if self.spares.len() < SPARES {
+                done.clear();
+                self.spares.push(done);
+            }
+            self.head -= CHUNK;
+        }
+        // Spares never outnumber the chunks in use: a stream that bursts
+        // and then trickles does not keep its burst's chunks.
+        self.spares.truncate(self.chunks.len());
     }
 
     /// Copies bytes `[skip, skip + out.len())` of the ring into `out`.
     pub(crate) fn copy_to(&self, skip: usize, n: usize, out: &mut [u8]) {
         debug_assert!(skip + n <= self.len && out.len() == n);
-        if n == 0 {
-            return;
+        let (mut pos, mut done) = (self.head + skip, 0);
+        while done < n {
+            let (at, off) = (pos / CHUNK, pos % CHUNK);
+            let k = (n - done).min(CHUNK - off);
+            out[done..done + k].copy_from_slice(&self.chunks[at][off..off + k]);
+            done += k;
+            pos += k;
         }
-        let cap = self.buf.len();
-        let start = (self.head + skip) % cap;
-        let first = n.min(cap - start);
-        out[..first].copy_from_slice(&self.buf[start..start + first]);
-        out[first..].copy_from_slice(&self.buf[..n - first]);
     }
 }
 
@@ -66,9 +115,10 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// The ring holds exactly the bytes pushed and not consumed, across
-        /// wrap-arounds and growth, compared with a plain Vec.
+        /// chunk boundaries, spares and emptying, compared with a plain
+        /// Vec; an empty ring holds no chunk.
         #[test]
-        fn ring_matches_a_plain_buffer(ops in proptest::collection::vec((any::<bool>(), 1usize..70_000), 1..30)) {
+        fn ring_matches_a_plain_buffer(ops in proptest::collection::vec((any::<bool>(), prop_oneof![1usize..70_000, (1usize..9).prop_map(|k| k * super::CHUNK)]), 1..30), skip in 0usize..20_000) {
             let mut ring = Ring::default();
             let mut model: std::collections::VecDeque<u8> = Default::default();
             let mut next = 0u8;
@@ -83,6 +133,11 @@ mod tests {
                     model.drain(..n);
                 }
                 prop_assert_eq!(ring.len, model.len());
+                prop_assert!(ring.chunks.len() <= model.len().div_ceil(super::CHUNK) + 1);
+                prop_assert!(ring.spares.len() <= super::SPARES.min(ring.chunks.len()));
+                if model.is_empty() {
+                    prop_assert!(ring.chunks.is_empty() && ring.spares.is_empty());
+                }
                 let mut out = vec![0u8; model.len()];
                 ring.copy_to(0, model.len(), &mut out);
                 prop_assert!(out.iter().eq(model.iter()));
@@ -90,6 +145,12 @@ mod tests {
                     let mut part = vec![0u8; 7];
                     ring.copy_to(3, 7, &mut part);
                     prop_assert!(part.iter().eq(model.iter().skip(3).take(7)));
+                    // A span across chunk boundaries, from anywhere.
+                    let from = skip % model.len();
+                    let n = (model.len() - from).min(3 * super::CHUNK);
+                    let mut span = vec![0u8; n];
+                    ring.copy_to(from, n, &mut span);
+                    prop_assert!(span.iter().eq(model.iter().skip(from).take(n)));
                 }
             }
         }

@@ -16,6 +16,10 @@
 //! receiver acknowledges (WINDOW) only what its socket took, so a slow reader
 //! stalls its own stream and nothing else, and no node buffers more than the
 //! window per stream. A peer that sends past the window breaks the protocol.
+//! A receiver acknowledges a quarter window at a time while a stream is
+//! busy, and whatever else its socket took a short while after it took it
+//! ([`Session::acknowledge`], at most 200 ms later in `ferry-node`), so a
+//! sender holds about what a stream has in flight, not a quarter window.
 //!
 //! # Offsets, and moving a stream
 //!
@@ -910,6 +914,26 @@ impl Session {
                 self.queue_ack(id)?;
                 self.settle(id);
             }
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Acknowledges whatever stream `id`'s socket has taken and no WINDOW
+    /// has said yet. [`Session::consumed`] acknowledges a quarter window at
+    /// a time, which keeps WINDOW cells rare on a busy stream but would
+    /// leave a slow one's bytes in the sender's resend ring for minutes (2
+    /// KB a second takes over four minutes to fill a quarter of 2 MiB): the
+    /// shell calls this a short while after the socket took the first byte
+    /// not yet acknowledged, so a sender holds about what a stream carries
+    /// in that while, not a quarter window.
+    pub fn acknowledge(&mut self, id: u32) -> Result<Outcome> {
+        self.check_open()?;
+        let Some(s) = self.streams.get(&id) else {
+            return Ok(Outcome::Elsewhere(()));
+        };
+        if s.ack_value() != s.ack_sent {
+            self.queue_ack(id)?;
+            self.settle(id);
         }
         Ok(Outcome::Done)
     }

@@ -497,6 +497,15 @@ impl World {
                         ),
                     }
                 }
+                // The shell's delayed acknowledgement, at random moments
+                // (to a stream still here: a consumption may have
+                // completed it).
+                if sess.stream(id).is_some() && self.rng.gen_bool(0.1) {
+                    match sess.acknowledge(id).unwrap() {
+                        Outcome::Done => {}
+                        o => panic!("acknowledged on the stream's own session: {o:?}"),
+                    }
+                }
                 let credit = sess.stream(id).map_or(0, |st| st.credit());
                 let left = app.out.len() - app.written;
                 if left > 0 && credit > 0 {

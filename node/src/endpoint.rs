@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -439,6 +439,12 @@ impl StreamHandle {
         if let Some(w) = self.moved.lock().expect("move lock").take() {
             let _ = w.send(Err((CoreError::Closed, None)));
         }
+    }
+
+    /// Acknowledges what the socket took and no WINDOW said yet
+    /// ([`ferry_circuit::Session::acknowledge`]).
+    fn acknowledge(&self) -> Op<Result<Outcome, CoreError>> {
+        self.op(|g, id| g.core.acknowledge(id))
     }
 
     /// The socket took `n` bytes: tell the session (now, or when the stream
@@ -1395,23 +1401,59 @@ pub async fn run_stream(mut sock: TcpStream, parts: StreamParts, pace: &Pace) ->
     reason
 }
 
+/// The least room a stream's socket reader takes for one read.
+const READ_MIN: usize = 4 * 1024;
+
+/// The longest a stream's socket writer leaves what its socket took
+/// unacknowledged ([`ferry_circuit::Session::acknowledge`]): TCP's delayed
+/// acknowledgement, at its usual bound. A busy stream also acknowledges by
+/// the quarter window, sooner.
+const ACK_DELAY: Duration = Duration::from_millis(200);
+
+/// Room for the next read of a stream's socket, after one of `last` bytes
+/// into `size` bytes of room: doubled after a read that filled it (up to a
+/// record), halved after one that used under a quarter (down to
+/// [`READ_MIN`]). A stream holds room for about what it carries: 1,000
+/// slow streams hold 4 KiB each, not a record each.
+fn next_read_size(size: usize, last: usize) -> usize {
+    if last >= size {
+        (size * 2).min(MAX_DATA_PAYLOAD)
+    } else if last < size / 4 {
+        (size / 2).max(READ_MIN)
+    } else {
+        size
+    }
+}
+
 /// Socket → circuit.
 async fn pump_up(
     h: &StreamHandle,
-    mut r: tokio::net::tcp::ReadHalf<'_>,
+    r: tokio::net::tcp::ReadHalf<'_>,
     pace: &Pace,
     stop: CancellationToken,
 ) -> CloseReason {
-    let mut buf = BytesMut::with_capacity(4 * (HEADROOM + MAX_DATA_PAYLOAD + 16));
+    let mut size = READ_MIN;
+    let mut buf = BytesMut::new();
     loop {
-        buf.reserve(HEADROOM + MAX_DATA_PAYLOAD + 16);
-        buf.put_bytes(0, HEADROOM);
-        let mut room = (&mut buf).limit(MAX_DATA_PAYLOAD);
-        let read = tokio::select! {
-            r = r.read_buf(&mut room) => r,
+        // Room is taken once bytes are there, sized for them: a stream
+        // waiting for its client holds at most the room of its last read.
+        let ready = tokio::select! {
+            r = r.readable() => r,
             _ = stop.cancelled() => return STOPPED,
         };
-        match read {
+        let read = match ready {
+            Ok(()) => {
+                buf.reserve(HEADROOM + size + ferry_proto::TAG_LEN);
+                buf.put_bytes(0, HEADROOM);
+                r.try_read_buf(&mut (&mut buf).limit(size))
+            }
+            Err(e) => Err(e),
+        };
+        let shrink = match read {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                buf.clear();
+                continue;
+            }
             Ok(0) => {
                 h.finish(EndReason::Done, "").await;
                 return "done";
@@ -1423,6 +1465,8 @@ async fn pump_up(
                         _ = stop.cancelled() => return STOPPED,
                     }
                 }
+                let next = next_read_size(size, n);
+                std::mem::replace(&mut size, next) > next
             }
             Err(e) => {
                 debug!(error = %e, "stream read failed");
@@ -1430,8 +1474,18 @@ async fn pump_up(
                 stop.cancel();
                 return "reset";
             }
-        }
+        };
+        // Room for the tag the seal appends, inside the record's own
+        // capacity: a split record has none past its length, and the seal
+        // would copy the whole record into a larger buffer to add 16 bytes.
+        buf.put_bytes(0, ferry_proto::TAG_LEN);
         let mut rec = buf.split();
+        rec.truncate(rec.len() - ferry_proto::TAG_LEN);
+        if shrink {
+            // Smaller records from here: the next allocation is sized for
+            // them (the buffer kept would stay a record's size).
+            buf = BytesMut::new();
+        }
         loop {
             let wait = h.waiter();
             match h.send(rec) {
@@ -1467,10 +1521,29 @@ async fn pump_down(
     pace: &Pace,
     stop: CancellationToken,
 ) -> CloseReason {
+    // When to acknowledge what the socket took: ACK_DELAY after the first
+    // byte taken since the last acknowledgement (a deadline that later
+    // bytes do not push back, so a stream that trickles is acknowledged
+    // too, as TCP's delayed ACK is).
+    let mut ack_at: Option<tokio::time::Instant> = None;
     loop {
-        let m = tokio::select! {
-            m = inbound.recv() => m,
-            _ = stop.cancelled() => return STOPPED,
+        let m = if let Some(at) = ack_at {
+            tokio::select! {
+                m = inbound.recv() => m,
+                _ = tokio::time::sleep_until(at) => {
+                    ack_at = None;
+                    if let Op::Done(_, end) = h.acknowledge() {
+                        let _ = end.flush().await;
+                    }
+                    continue;
+                }
+                _ = stop.cancelled() => return STOPPED,
+            }
+        } else {
+            tokio::select! {
+                m = inbound.recv() => m,
+                _ = stop.cancelled() => return STOPPED,
+            }
         };
         match m {
             Some(Inbound::Data(b)) => {
@@ -1496,6 +1569,7 @@ async fn pump_down(
                 if let Op::Done((), end) = h.consumed(b.len() as u64) {
                     let _ = end.flush().await;
                 }
+                ack_at.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
             }
             Some(Inbound::Connected) => {}
             Some(Inbound::Finished) => {

@@ -31,11 +31,11 @@ pub use client::{
     curl_socks, curl_socks_async, socks_connect, socks_connect_as, socks_connect_from,
 };
 pub use mesh::{CA_PK_DE, Mesh, Options, THREE};
-pub use node::{Proc, Spec, ferry_bin, free_port, run_ferry};
+pub use node::{Proc, Spec, ferry_bin, free_port, rss_of, run_ferry};
 pub use observe::{entry_circuits, peer};
 pub use tap::start_tap;
 pub use traffic::{
-    Pattern, Uploads, echo_server, finish_transfers, http_server, pattern_server,
+    Pattern, Uploads, counting_sink, echo_server, finish_transfers, http_server, pattern_server,
     pattern_server_paced, pattern_transfer, read_digest, read_until_end, send_pattern,
     send_pattern_paced, spawn_transfer,
 };

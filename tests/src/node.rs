@@ -60,6 +60,18 @@ pub fn run_ferry(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Resident memory of process `pid`, in bytes (`VmRSS` of /proc).
+pub fn rss_of(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| anyhow!("no VmRSS"))?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
 /// One node to start.
 #[derive(Clone, Debug)]
 pub struct Spec {
@@ -111,14 +123,7 @@ impl Proc {
 
     /// Resident memory of the process, in bytes (from /proc).
     pub fn rss_bytes(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .ok_or_else(|| anyhow!("no VmRSS"))?
-            .parse()?;
-        Ok(kb * 1024)
+        rss_of(self.child.id())
     }
 
     /// Its process id (for profilers and /proc readers).

@@ -11,7 +11,7 @@
 //!
 //! - `bulk`: one stream, as fast as it goes.
 //! - `streams`: 1,000 streams at once, each as fast as it goes.
-//! - `small`: 64 clients each opening a stream, sending 1 KiB to an echo
+//! - `small`: 24 clients each opening a stream, sending 1 KiB to an echo
 //!   server, reading it back and closing, over and over.
 //! - `circuits`: a test origin (this process, with a key the nodes list)
 //!   building 2-hop circuits through relay DE to exit IS, 64 builds in
@@ -19,8 +19,11 @@
 //! - `mix`: `bulk` and `small` at once.
 //!
 //! ROLE is `entry`, `relay` (DE) or `exit` (IS). SECS defaults to 10.
+//! `LOAD_CONFIG="FROM=>TO;..."` replaces text in every node's config, for
+//! experiments (`stream_window_bytes = 2097152=>stream_window_bytes =
+//! 8388608`).
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use ferry_bench::{
     CpuWatch, Perf, blast, build_circuits, counting_sink, gbps, hop, rss_bytes, unlimited_entry,
 };
@@ -33,8 +36,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Streams of the `streams` load.
 const STREAMS: usize = 1000;
-/// Clients of the `small` load.
-const SMALL_CLIENTS: usize = 64;
+/// Clients of the `small` load (the entry lets one client address have 32
+/// connections in their handshake at once).
+const SMALL_CLIENTS: usize = 24;
 
 fn role<'a>(mesh: &'a Mesh, name: &str) -> Result<&'a Proc> {
     Ok(match name {
@@ -88,10 +92,11 @@ async fn small(mesh: &Mesh, secs: f64) -> Result<u64> {
                 let mut back = vec![0u8; 1024];
                 while Instant::now() < until {
                     let mut s = ferry_tests::socks_connect(socks, "127.0.0.1", echo.port())
-                        .await?
+                        .await
+                        .context("SOCKS handshake")?
                         .map_err(|c| anyhow::anyhow!("SOCKS reply {c}"))?;
                     s.write_all(&out).await?;
-                    s.read_exact(&mut back).await?;
+                    s.read_exact(&mut back).await.context("echo")?;
                     anyhow::ensure!(back == out, "the echo came back altered");
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -141,11 +146,23 @@ async fn main() -> Result<()> {
         bail!("no load {load:?} (bulk, streams, small, circuits or mix)");
     }
     let (keys, block) = fake_entry();
+    // Experiments: LOAD_CONFIG="from=>to;from=>to" replaces text in every
+    // node's config (for example a window or a limit).
+    let node_replace = std::env::var("LOAD_CONFIG")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once("=>") {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => bail!("LOAD_CONFIG: {p:?} is not FROM=>TO"),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mesh = Mesh::start(
         &THREE,
         &Options {
             extra_peers: vec![block],
             entry_replace: unlimited_entry(None),
+            node_replace,
             ..Options::default()
         },
     )?;
@@ -169,17 +186,27 @@ async fn main() -> Result<()> {
     };
     let watch = CpuWatch::start(&procs)?;
     let t0 = Instant::now();
-    let (bytes, ops) = match load {
-        "bulk" => (bulk(&mesh, secs).await?, 0),
-        "streams" => (streams(&mesh, secs).await?, 0),
-        "small" => (0, small(&mesh, secs).await?),
-        "circuits" => (
-            0,
-            circuits(mesh.node("DE"), mesh.node("IS"), &keys, secs).await?,
-        ),
-        _ => {
-            let (b, s) = tokio::join!(bulk(&mesh, secs), small(&mesh, secs));
-            (b?, s?)
+    let ran: Result<(u64, u64)> = async {
+        Ok(match load {
+            "bulk" => (bulk(&mesh, secs).await?, 0),
+            "streams" => (streams(&mesh, secs).await?, 0),
+            "small" => (0, small(&mesh, secs).await?),
+            "circuits" => (
+                0,
+                circuits(mesh.node("DE"), mesh.node("IS"), &keys, secs).await?,
+            ),
+            _ => {
+                let (b, s) = tokio::join!(bulk(&mesh, secs), small(&mesh, secs));
+                (b?, s?)
+            }
+        })
+    }
+    .await;
+    let (bytes, ops) = match ran {
+        Ok(r) => r,
+        Err(e) => {
+            ferry_bench::dump_logs(&mesh);
+            return Err(e);
         }
     };
     let took = t0.elapsed().as_secs_f64();

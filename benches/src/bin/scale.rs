@@ -298,7 +298,13 @@ async fn main() -> Result<()> {
     eprintln!("scale: goodput of 1 and {MANY} streams, {secs} s each");
     let m = mesh(Vec::new())?;
     m.echo_ping().await?;
-    let (one, many) = goodput(&m, secs).await?;
+    let (one, many) = match goodput(&m, secs).await {
+        Ok(r) => r,
+        Err(e) => {
+            ferry_bench::dump_logs(&m);
+            return Err(e);
+        }
+    };
     println!(
         "goodput: 1 stream {one:.2} Gbit/s, {MANY} streams {many:.2} Gbit/s together ({:.2}x)",
         many / one

@@ -1,0 +1,157 @@
+//! What an open stream costs the nodes at its ends: a stream that carries
+//! little holds little.
+//!
+//! Real processes: an entry and an exit (one hop). 500 streams each send 2
+//! KB every quarter second to a sink for six seconds; the entry's and the
+//! exit's resident memory may grow by at most 32 KiB per stream, and every
+//! byte must arrive on its own stream, unaltered.
+//!
+//! Before, each stream's socket reader reserved room for four full records
+//! (256 KiB) and its resend ring started at 64 KiB and was acknowledged
+//! only a quarter window (512 KiB) at a time, so a slow stream held more
+//! the longer it lived: this test measured about 100 KiB per stream at the
+//! entry after six seconds.
+
+use ferry_tests::{Mesh, Options, Spec};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const STREAMS: usize = 500;
+/// The most a slow stream may cost each end, bytes.
+const PER_STREAM: u64 = 32 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_streams_hold_little_memory_at_the_ends() {
+    let raise = |a: &str, b: &str| (a.to_string(), b.to_string());
+    let mesh = Mesh::start(
+        &[Spec::new("IS", "exit")],
+        &Options {
+            hops: 1,
+            entry_replace: vec![
+                raise(
+                    "client_streams_per_sec = 100",
+                    "client_streams_per_sec = 1000",
+                ),
+                raise("client_burst = 300", "client_burst = 1000"),
+            ],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    mesh.echo_ping().await.unwrap();
+
+    // Each stream starts with its index (two bytes), then carries the byte
+    // `index % 251`: the sink checks every byte of every connection and
+    // counts them by stream.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink = l.local_addr().unwrap().port();
+    let got = Arc::new(AtomicU64::new(0));
+    let by_stream = Arc::new(Mutex::new(HashMap::<u16, u64>::new()));
+    let altered = Arc::new(AtomicU64::new(0));
+    {
+        let (got, by_stream, altered) = (got.clone(), by_stream.clone(), altered.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (got, by_stream, altered) = (got.clone(), by_stream.clone(), altered.clone());
+                tokio::spawn(async move {
+                    let mut id = [0u8; 2];
+                    if s.read_exact(&mut id).await.is_err() {
+                        return;
+                    }
+                    let id = u16::from_be_bytes(id);
+                    let mut n = 2u64;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        if buf[..k].iter().any(|b| *b != (id % 251) as u8) {
+                            altered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        n += k as u64;
+                        got.fetch_add(k as u64, Ordering::Relaxed);
+                    }
+                    got.fetch_add(2, Ordering::Relaxed);
+                    by_stream.lock().unwrap().insert(id, n);
+                });
+            }
+        });
+    }
+
+    // Allocators settle after the warm-up stream.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (entry0, exit0) = (
+        mesh.entry.rss_bytes().unwrap(),
+        mesh.nodes[0].rss_bytes().unwrap(),
+    );
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let mut s = match mesh.open(sink, "").await {
+            Ok(s) => s,
+            Err(e) => panic!("stream {i}: {e:#}\n{}", mesh.entry.log()),
+        };
+        let (sent, stop) = (sent.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let chunk = vec![(i % 251) as u8; 2000];
+            s.write_all(&(i as u16).to_be_bytes()).await.expect("write");
+            let mut mine = 2u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                s.write_all(&chunk).await.expect("write");
+                mine += chunk.len() as u64;
+            }
+            s.shutdown().await.expect("shutdown");
+            sent.fetch_add(mine, Ordering::Relaxed);
+            mine
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (entry1, exit1) = (
+        mesh.entry.rss_bytes().unwrap(),
+        mesh.nodes[0].rss_bytes().unwrap(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut mine = Vec::new();
+    for t in tasks {
+        mine.push(t.await.unwrap());
+    }
+    let want = sent.load(Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    while (got.load(Ordering::Relaxed) < want || by_stream.lock().unwrap().len() < STREAMS)
+        && t0.elapsed() < Duration::from_secs(15)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(altered.load(Ordering::Relaxed), 0, "bytes altered");
+    let by_stream = by_stream.lock().unwrap().clone();
+    for (i, n) in mine.iter().enumerate() {
+        assert_eq!(
+            by_stream.get(&(i as u16)),
+            Some(n),
+            "stream {i}: sent {n} bytes, the sink got another count"
+        );
+    }
+    let per = |a: u64, b: u64| b.saturating_sub(a) / STREAMS as u64;
+    println!(
+        "per slow stream: entry {} KiB, exit {} KiB ({want} bytes carried)",
+        per(entry0, entry1) / 1024,
+        per(exit0, exit1) / 1024
+    );
+    for (who, a, b) in [("entry", entry0, entry1), ("exit", exit0, exit1)] {
+        assert!(
+            per(a, b) <= PER_STREAM,
+            "the {who} grew by {} KiB per slow stream (at most {} KiB)",
+            per(a, b) / 1024,
+            PER_STREAM / 1024
+        );
+    }
+}
