@@ -81,6 +81,18 @@ pub async fn blast(mut s: TcpStream, until: Instant) -> Result<()> {
     Ok(())
 }
 
+/// [`blast`] on every stream of `streams` at once until `until`.
+pub async fn blast_all(streams: Vec<TcpStream>, until: Instant) -> Result<()> {
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|s| tokio::spawn(blast(s, until)))
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
 /// The value at quantile `q` (0..=1) of `v` (sorted in place).
 pub fn quantile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -189,18 +201,6 @@ pub fn unlimited_entry(per_circuit: Option<usize>) -> Vec<(String, String)> {
         ));
     }
     v
-}
-
-/// The circuit-build hop for a node of a test mesh.
-pub fn hop(p: &ferry_tests::Proc) -> Result<ferry_circuit::Hop> {
-    Ok(ferry_circuit::Hop {
-        node: ferry_router::NodeId(
-            hex::decode(&p.id)?
-                .try_into()
-                .map_err(|_| anyhow!("bad node id {}", p.id))?,
-        ),
-        noise_key: p.noise_key,
-    })
 }
 
 /// Builds circuits along `path` on `link` as a test origin, 64 builds in

@@ -1441,14 +1441,11 @@ async fn pump_up(
             r = r.readable() => r,
             _ = stop.cancelled() => return STOPPED,
         };
-        let read = match ready {
-            Ok(()) => {
-                buf.reserve(HEADROOM + size + ferry_proto::TAG_LEN);
-                buf.put_bytes(0, HEADROOM);
-                r.try_read_buf(&mut (&mut buf).limit(size))
-            }
-            Err(e) => Err(e),
-        };
+        let read = ready.and_then(|()| {
+            buf.reserve(HEADROOM + size + ferry_proto::TAG_LEN);
+            buf.put_bytes(0, HEADROOM);
+            r.try_read_buf(&mut (&mut buf).limit(size))
+        });
         let shrink = match read {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 buf.clear();

@@ -143,15 +143,9 @@ impl RawLink {
         circ: u32,
         path: &[&Proc],
     ) -> (usize, String, Option<Session>) {
-        use ferry_circuit::{Build, Hop, Step};
+        use ferry_circuit::{Build, Step};
         use ferry_proto::{Cell, CellCmd};
-        let hops = path
-            .iter()
-            .map(|p| Hop {
-                node: ferry_router::NodeId(hex::decode(&p.id).unwrap().try_into().unwrap()),
-                noise_key: p.noise_key,
-            })
-            .collect();
+        let hops = path.iter().map(|p| hop(p)).collect();
         let (mut build, create) = Build::start(circ, hops, u64::MAX).unwrap();
         self.send(&create).await;
         let mut built = 0;
@@ -181,6 +175,19 @@ impl RawLink {
                 Err(e) => return (built, e.to_string(), None),
             }
         }
+    }
+}
+
+/// The circuit-build hop for a node of a test mesh.
+pub fn hop(p: &Proc) -> ferry_circuit::Hop {
+    ferry_circuit::Hop {
+        node: ferry_router::NodeId(
+            hex::decode(&p.id)
+                .ok()
+                .and_then(|id| id.try_into().ok())
+                .expect("a node id is 32 bytes of hex"),
+        ),
+        noise_key: p.noise_key,
     }
 }
 

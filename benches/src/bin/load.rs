@@ -25,9 +25,10 @@
 
 use anyhow::{Context, Result, bail};
 use ferry_bench::{
-    CpuWatch, Perf, blast, build_circuits, counting_sink, gbps, hop, rss_bytes, unlimited_entry,
+    CpuWatch, Perf, blast, blast_all, build_circuits, counting_sink, gbps, rss_bytes,
+    unlimited_entry,
 };
-use ferry_tests::raw::{RawLink, fake_entry};
+use ferry_tests::raw::{RawLink, fake_entry, hop};
 use ferry_tests::{Mesh, Options, Proc, THREE};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,14 +67,7 @@ async fn streams(mesh: &Mesh, secs: f64) -> Result<u64> {
     }
     // Counted from here: every stream is open.
     let before = count.load(Ordering::Relaxed);
-    let until = Instant::now() + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = open
-        .into_iter()
-        .map(|s| tokio::spawn(blast(s, until)))
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
+    blast_all(open, Instant::now() + Duration::from_secs_f64(secs)).await?;
     Ok(count.load(Ordering::Relaxed) - before)
 }
 
@@ -122,7 +116,7 @@ async fn circuits(
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let built = build_circuits(
         &mut link,
-        &[hop(relay)?, hop(exit)?],
+        &[hop(relay), hop(exit)],
         1,
         usize::MAX,
         until,

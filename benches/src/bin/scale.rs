@@ -24,14 +24,13 @@
 
 use anyhow::{Context, Result};
 use ferry_bench::{
-    CpuWatch, blast, build_circuits, counting_sink, gbps, hop, rss_bytes, unlimited_entry,
+    CpuWatch, blast, blast_all, build_circuits, counting_sink, gbps, rss_bytes, unlimited_entry,
 };
-use ferry_tests::raw::{RawLink, fake_entry};
+use ferry_tests::raw::{RawLink, fake_entry, hop};
 use ferry_tests::{Mesh, Options, Proc, THREE};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// Streams of the aggregate-goodput phase.
 const MANY: usize = 1000;
@@ -39,12 +38,6 @@ const MANY: usize = 1000;
 const ENTRY_CIRCUITS: usize = 1000;
 /// Bytes a second each slow stream carries.
 const SLOW_RATE: usize = 2000;
-
-async fn open(mesh: &Mesh, port: u16) -> Result<TcpStream> {
-    ferry_tests::socks_connect(mesh.socks(), "127.0.0.1", port)
-        .await?
-        .map_err(|c| anyhow::anyhow!("SOCKS reply {c}"))
-}
 
 /// Each process's resident memory, MiB, after allocators settle.
 async fn rss(procs: &[(&str, &Proc)]) -> Result<Vec<f64>> {
@@ -72,24 +65,17 @@ fn print_growth(what: &str, n: usize, procs: &[(&str, &Proc)], before: &[f64], a
 /// Phase 1: one stream, then [`MANY`]; Gbit/s of each.
 async fn goodput(mesh: &Mesh, secs: f64) -> Result<(f64, f64)> {
     let (sink, count) = counting_sink().await?;
-    let one = open(mesh, sink.port()).await?;
+    let one = mesh.open(sink.port(), "").await?;
     let t0 = Instant::now();
     blast(one, t0 + Duration::from_secs_f64(secs)).await?;
     let single = gbps(count.swap(0, Ordering::Relaxed), t0.elapsed().as_secs_f64());
     let mut streams = Vec::new();
     for _ in 0..MANY {
-        streams.push(open(mesh, sink.port()).await?);
+        streams.push(mesh.open(sink.port(), "").await?);
     }
     count.store(0, Ordering::Relaxed);
     let t0 = Instant::now();
-    let until = t0 + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = streams
-        .into_iter()
-        .map(|s| tokio::spawn(blast(s, until)))
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
+    blast_all(streams, t0 + Duration::from_secs_f64(secs)).await?;
     let many = gbps(count.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
     Ok((single, many))
 }
@@ -102,7 +88,8 @@ async fn slow_streams(mesh: &Mesh, n: usize, procs: &[(&str, &Proc)]) -> Result<
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let mut s = open(mesh, sink.port())
+        let mut s = mesh
+            .open(sink.port(), "")
             .await
             .with_context(|| format!("stream {i}"))?;
         let stop = stop.clone();
@@ -151,7 +138,7 @@ async fn idle_circuits(
     procs: &[(&str, &Proc)],
 ) -> Result<Vec<RawLink>> {
     let (relay, exit) = (mesh.node("DE"), mesh.node("IS"));
-    let path = [hop(relay)?, hop(exit)?];
+    let path = [hop(relay), hop(exit)];
     let before = rss(procs).await?;
     let watch = CpuWatch::start(&[
         ("relay DE".into(), relay.pid()),
@@ -211,7 +198,7 @@ async fn entry_circuits() -> Result<()> {
     let mut held = Vec::with_capacity(ENTRY_CIRCUITS);
     for i in 0..ENTRY_CIRCUITS {
         held.push(
-            open(&mesh, sink.port())
+            mesh.open(sink.port(), "")
                 .await
                 .with_context(|| format!("stream {i}"))?,
         );
