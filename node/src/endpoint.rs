@@ -1442,7 +1442,7 @@ async fn pump_up(
             _ = stop.cancelled() => return STOPPED,
         };
         let read = ready.and_then(|()| {
-            buf.reserve(HEADROOM + size + ferry_proto::TAG_LEN);
+            buf.reserve(HEADROOM + size + 2 * ferry_proto::TAG_LEN);
             buf.put_bytes(0, HEADROOM);
             r.try_read_buf(&mut (&mut buf).limit(size))
         });
@@ -1475,9 +1475,10 @@ async fn pump_up(
         // Room for the tag the seal appends, inside the record's own
         // capacity: a split record has none past its length, and the seal
         // would copy the whole record into a larger buffer to add 16 bytes.
-        buf.put_bytes(0, ferry_proto::TAG_LEN);
+        // And for the link's tag, appended by the link's writer.
+        buf.put_bytes(0, 2 * ferry_proto::TAG_LEN);
         let mut rec = buf.split();
-        rec.truncate(rec.len() - ferry_proto::TAG_LEN);
+        rec.truncate(rec.len() - 2 * ferry_proto::TAG_LEN);
         if shrink {
             // Smaller records from here: the next allocation is sized for
             // them (the buffer kept would stay a record's size).

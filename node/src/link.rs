@@ -69,8 +69,10 @@ pub const HANDSHAKE_CODEC: FrameCodec = FrameCodec::new(1, MAX_NOISE_MESSAGE);
 /// Transport frames: at least a tag and a cell header, at most the Noise maximum.
 pub const TRANSPORT_CODEC: FrameCodec =
     FrameCodec::new(TAG_LEN + ferry_proto::cell::HEADER_LEN, MAX_NOISE_MESSAGE);
-/// Cells queued for one link's writer before senders wait.
-pub const LINK_QUEUE_CELLS: usize = 128;
+mod queue;
+pub use queue::LINK_QUEUE_BYTES;
+use queue::CellQueue;
+
 /// Circuit control cells (DESTROY, CREATED) that found the data queue full,
 /// queued for one link's writer ahead of data. They are never dropped: one
 /// that finds this queue full too closes the link, which ends every
@@ -172,6 +174,13 @@ const PONG_GAP: Duration = Duration::from_millis(250);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest batch the writer puts in one `write` call.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Most cells in one batch (each large cell is two of the `writev` call's
+/// slices, under Linux's 1,024).
+const WRITE_CELLS: usize = 256;
+/// Cells at least this long are sealed where they are and written from
+/// there; shorter ones are copied into the batch's buffer (a slice of its
+/// own costs the kernel more than copying a few hundred bytes).
+const WRITE_IN_PLACE: usize = 2048;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -301,7 +310,9 @@ pub struct LinkHandle {
     pub id: LinkId,
     /// The node at the other end.
     pub peer: NodeId,
-    tx: mpsc::Sender<BytesMut>,
+    /// Cells of the circuits this node ends, builds and upkeep
+    /// ([`queue`]: bounded in bytes, circuits in turn).
+    tx: Arc<CellQueue>,
     /// Circuit control cells, written before data ([`LINK_URGENT_CELLS`]).
     urgent: mpsc::Sender<BytesMut>,
     /// Forwarded cells waiting, by circuit.
@@ -330,14 +341,15 @@ pub struct LinkHandle {
 pub struct LinkClosed;
 
 impl LinkHandle {
-    /// Queues one plaintext cell; waits while the queue is full.
+    /// Queues one plaintext cell; waits, in turn, while the queue is full.
     pub async fn send(&self, cell: BytesMut) -> Result<(), LinkClosed> {
         self.tx.send(cell).await.map_err(|_| LinkClosed)
     }
 
-    /// Waits for room for one cell in the queue; sending on the permit
-    /// cannot fail or wait. Cancel-safe: nothing is queued until then.
-    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, BytesMut>, LinkClosed> {
+    /// Waits, in turn with the other senders, for room for one cell of any
+    /// size in the queue; sending on the permit cannot fail or wait.
+    /// Cancel-safe: nothing is queued until then.
+    pub async fn reserve(&self) -> Result<queue::Permit<'_>, LinkClosed> {
         self.tx.reserve().await.map_err(|_| LinkClosed)
     }
 
@@ -362,7 +374,10 @@ impl LinkHandle {
         // it alive: once cells wait here, each is copied out, so what is
         // held is what is counted.
         let cell = if o.bytes > 0 {
-            BytesMut::from(&cell[..])
+            // With room for the tag the link's writer appends.
+            let mut c = BytesMut::with_capacity(cell.len() + TAG_LEN);
+            c.extend_from_slice(&cell);
+            c
         } else {
             cell
         };
@@ -410,8 +425,8 @@ impl LinkHandle {
     pub fn send_urgent(&self, cell: BytesMut) -> bool {
         let cell = match self.tx.try_send(cell) {
             Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(c)) => c,
+            Err(queue::TrySendError::Closed) => return false,
+            Err(queue::TrySendError::Full(c)) => c,
         };
         match self.urgent.try_send(cell) {
             Ok(()) => true,
@@ -734,7 +749,7 @@ fn start<H: LinkHost>(
     peer: NodeId,
     initiator: bool,
 ) -> Arc<LinkHandle> {
-    let (tx, rx) = mpsc::channel(LINK_QUEUE_CELLS);
+    let tx = Arc::new(CellQueue::new(LINK_QUEUE_BYTES));
     let (urgent, urgent_rx) = mpsc::channel(LINK_URGENT_CELLS);
     let closed = switch.shutdown().child_token();
     let overflow = Arc::new(Overflow::default());
@@ -742,7 +757,7 @@ fn start<H: LinkHost>(
     let link = Arc::new(LinkHandle {
         id: switch.next_link_id(),
         peer,
-        tx,
+        tx: tx.clone(),
         urgent,
         overflow: overflow.clone(),
         held: held.clone(),
@@ -767,7 +782,7 @@ fn start<H: LinkHost>(
             w,
             Queues {
                 urgent: urgent_rx,
-                data: rx,
+                data: tx,
                 overflow,
                 held,
                 overflow_turn: false,
@@ -827,7 +842,7 @@ fn start<H: LinkHost>(
 /// queue and the circuits' overflow queues in turn.
 struct Queues {
     urgent: mpsc::Receiver<BytesMut>,
-    data: mpsc::Receiver<BytesMut>,
+    data: Arc<CellQueue>,
     overflow: Arc<Overflow>,
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// Whether the overflow goes first next time (they alternate).
@@ -843,9 +858,9 @@ impl Queues {
         }
         self.overflow_turn = !self.overflow_turn;
         if self.overflow_turn {
-            self.pop_overflow().or_else(|| self.data.try_recv().ok())
+            self.pop_overflow().or_else(|| self.data.try_pop())
         } else {
-            self.data.try_recv().ok().or_else(|| self.pop_overflow())
+            self.data.try_pop().or_else(|| self.pop_overflow())
         }
     }
 
@@ -880,13 +895,15 @@ impl Queues {
             if let Some(c) = self.try_next() {
                 return Some(c);
             }
-            let overflow = self.overflow.clone();
-            let more = overflow.ready.notified();
+            if self.data.is_closed() {
+                return None;
+            }
+            let (overflow, data) = (self.overflow.clone(), self.data.clone());
             tokio::select! {
                 biased;
                 Some(c) = self.urgent.recv() => return Some(c),
-                c = self.data.recv() => return c,
-                _ = more => {}
+                _ = data.ready() => {}
+                _ = overflow.ready.notified() => {}
             }
         }
     }
@@ -905,6 +922,96 @@ impl Drop for Queues {
     }
 }
 
+/// One batch of frames for one `writev` call: the length prefixes and the
+/// short cells, sealed, in one buffer, and the long cells sealed where they
+/// are (a forwarded cell is still in the buffer its link read it into, with
+/// the room of the tag it came with), so a relay copies no payload.
+struct Batch {
+    /// Prefixes and short cells.
+    out: Vec<u8>,
+    /// The long cells, in order.
+    cells: Vec<BytesMut>,
+    /// The batch in order: a range of `out`, or a long cell.
+    parts: Vec<Part>,
+    /// Where the part of `out` being added to starts.
+    open: usize,
+    /// Bytes in the batch.
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Out(usize, usize),
+    Cell(usize),
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            out: Vec::with_capacity(WRITE_BATCH + MAX_NOISE_MESSAGE + 4),
+            cells: Vec::with_capacity(WRITE_CELLS),
+            parts: Vec::with_capacity(2 * WRITE_CELLS + 1),
+            open: 0,
+            len: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.out.clear();
+        self.cells.clear();
+        self.parts.clear();
+        self.open = 0;
+        self.len = 0;
+    }
+
+    fn full(&self) -> bool {
+        self.len >= WRITE_BATCH || self.cells.len() >= WRITE_CELLS
+    }
+
+    /// Seals `cell` and adds it as a frame; returns the frame's length.
+    fn push(
+        &mut self,
+        sealer: &mut crypto::Sealer,
+        mut cell: BytesMut,
+    ) -> Result<usize, crypto::CryptoError> {
+        let frame = 4 + cell.len() + TAG_LEN;
+        TRANSPORT_CODEC.put_prefix(cell.len() + TAG_LEN, &mut self.out);
+        if cell.len() < WRITE_IN_PLACE {
+            let start = self.out.len();
+            self.out.extend_from_slice(&cell);
+            sealer.seal_tail(&mut self.out, start)?;
+        } else {
+            let tag = sealer.seal_in_place(&mut cell)?;
+            // In place when the cell has the room (forwarded cells and the
+            // ends' records do); else this copies it once.
+            cell.extend_from_slice(tag.as_ref());
+            if self.open < self.out.len() {
+                self.parts.push(Part::Out(self.open, self.out.len()));
+            }
+            self.open = self.out.len();
+            self.parts.push(Part::Cell(self.cells.len()));
+            self.cells.push(cell);
+        }
+        self.len += frame;
+        Ok(frame)
+    }
+
+    /// The batch as slices, in order.
+    fn slices(&mut self) -> Vec<std::io::IoSlice<'_>> {
+        if self.open < self.out.len() {
+            self.parts.push(Part::Out(self.open, self.out.len()));
+            self.open = self.out.len();
+        }
+        self.parts
+            .iter()
+            .map(|p| match *p {
+                Part::Out(a, b) => std::io::IoSlice::new(&self.out[a..b]),
+                Part::Cell(i) => std::io::IoSlice::new(&self.cells[i]),
+            })
+            .collect()
+    }
+}
+
 async fn write_loop(
     mut w: OwnedWriteHalf,
     mut q: Queues,
@@ -913,7 +1020,7 @@ async fn write_loop(
     written: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let closed = link.closed.clone();
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_NOISE_MESSAGE + 4);
+    let mut batch = Batch::new();
     // Bytes of link-level cells (keepalive) in the batch: link upkeep, not
     // traffic, so not in `written` (the advertised load, and what an exited
     // node must keep at zero).
@@ -924,42 +1031,37 @@ async fn write_loop(
             _ = closed.cancelled() => None,
         };
         let Some(first) = first else { break };
-        out.clear();
+        batch.clear();
         upkeep = 0;
         let mut next = Some(first);
         while let Some(cell) = next {
-            let before = out.len();
-            TRANSPORT_CODEC.put_prefix(cell.len() + TAG_LEN, &mut out);
-            let start = out.len();
-            out.extend_from_slice(&cell);
-            if sealer.seal_tail(&mut out, start).is_err() {
-                warn!("link nonce exhausted; closing");
-                closed.cancel();
-                return;
+            let link_level = cell.starts_with(&[0; 4]);
+            match batch.push(&mut sealer, cell) {
+                Ok(n) if link_level => upkeep += n,
+                Ok(_) => {}
+                Err(_) => {
+                    warn!("link nonce exhausted; closing");
+                    closed.cancel();
+                    return;
+                }
             }
-            if cell.starts_with(&[0; 4]) {
-                upkeep += out.len() - before;
-            }
-            next = if out.len() < WRITE_BATCH {
-                q.try_next()
-            } else {
-                None
-            };
+            next = if batch.full() { None } else { q.try_next() };
         }
-        written.fetch_add((out.len() - upkeep) as u64, Ordering::Relaxed);
-        let mut at = 0;
-        while at < out.len() {
+        written.fetch_add((batch.len - upkeep) as u64, Ordering::Relaxed);
+        let mut slices = batch.slices();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
             // A link closed elsewhere (its reader, the keepalive) stops a
             // blocked write at once, and frees what waits with it.
             let wrote = tokio::select! {
                 // Biased: a close interrupts only a write that is blocked,
                 // not one the socket can take (no frame cut in half).
                 biased;
-                r = tokio::time::timeout(WRITE_STALL, w.write(&out[at..])) => r,
+                r = tokio::time::timeout(WRITE_STALL, w.write_vectored(rest)) => r,
                 _ = closed.cancelled() => return,
             };
             match wrote {
-                Ok(Ok(n)) if n > 0 => at += n,
+                Ok(Ok(n)) if n > 0 => std::io::IoSlice::advance_slices(&mut rest, n),
                 Ok(r) => {
                     debug!(result = ?r, "link write failed");
                     closed.cancel();
@@ -1036,15 +1138,17 @@ pub fn cell(circ_id: u32, cmd: ferry_proto::CellCmd, body: &[u8]) -> BytesMut {
 mod queue_tests {
     use super::*;
 
+    /// A link's two ends with `data` bytes of queue (at least a largest
+    /// cell's room) and `urgent` cells of urgent queue.
     fn handle(data: usize, urgent: usize) -> (LinkHandle, Queues) {
-        let (tx, data_rx) = mpsc::channel(data);
+        let tx = Arc::new(CellQueue::new(data));
         let (utx, urgent_rx) = mpsc::channel(urgent);
         let overflow = Arc::new(Overflow::default());
         let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let h = LinkHandle {
             id: 1,
             peer: NodeId([7; 32]),
-            tx,
+            tx: tx.clone(),
             urgent: utx,
             overflow: overflow.clone(),
             held: held.clone(),
@@ -1060,7 +1164,7 @@ mod queue_tests {
         };
         let q = Queues {
             urgent: urgent_rx,
-            data: data_rx,
+            data: tx,
             overflow,
             held,
             overflow_turn: false,
@@ -1134,8 +1238,16 @@ mod queue_tests {
     #[test]
     fn a_destroy_is_never_dropped() {
         use ferry_proto::CellCmd;
-        let (h, mut q) = handle(2, 1);
-        assert!(h.try_send(cell(5, CellCmd::Relay, b"a")));
+        use ferry_proto::cell::HEADER_LEN;
+        // A cell that leaves the queue (of a largest cell's room) `room`
+        // bytes of room.
+        let filler = |room: usize| {
+            let body = vec![0; queue::MAX_COST - room - queue::OVERHEAD - HEADER_LEN];
+            cell(5, CellCmd::Relay, &body)
+        };
+        let destroy_room = HEADER_LEN + queue::OVERHEAD;
+        let (h, mut q) = handle(0, 1);
+        assert!(h.try_send(filler(destroy_room)));
         assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
         assert!(
             !h.try_send(cell(6, CellCmd::Relay, b"b")),
@@ -1154,11 +1266,59 @@ mod queue_tests {
             ],
             "the urgent DESTROY first, then the queue in order"
         );
-        let (h, _q) = handle(1, 1);
-        assert!(h.try_send(cell(5, CellCmd::Relay, b"a")));
+        let (h, _q) = handle(0, 1);
+        assert!(h.try_send(filler(0)));
         assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
         assert!(!h.is_closed());
         assert!(!h.send_urgent(cell(6, CellCmd::Destroy, b"")));
         assert!(h.is_closed(), "a peer that reads nothing loses the link");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever mix of short and long cells, with or without room for
+        /// their tag, a batch's slices read back as the same cells in
+        /// order, each a frame sealed under the link's nonces, and the
+        /// lengths it reports add up to what it writes.
+        #[test]
+        fn a_batch_reads_back_as_its_cells(
+            lens in proptest::collection::vec(
+                prop_oneof![ferry_proto::cell::HEADER_LEN..WRITE_IN_PLACE, WRITE_IN_PLACE..MAX_NOISE_MESSAGE - TAG_LEN],
+                1..40,
+            ),
+            room in proptest::collection::vec(any::<bool>(), 40),
+        ) {
+            let key = [3u8; 32];
+            let mut sealer = crypto::Sealer::new(&key);
+            let mut opener = crypto::Opener::new(&key);
+            let mut batch = Batch::new();
+            let mut sent = Vec::new();
+            let mut reported = 0;
+            for (i, len) in lens.iter().enumerate() {
+                let body: Vec<u8> = (0..*len).map(|j| (i * 31 + j) as u8).collect();
+                let mut cell = BytesMut::with_capacity(len + if room[i] { TAG_LEN } else { 0 });
+                cell.extend_from_slice(&body);
+                sent.push(body);
+                reported += batch.push(&mut sealer, cell).unwrap();
+            }
+            let mut wire = BytesMut::new();
+            for s in batch.slices() {
+                wire.extend_from_slice(&s);
+            }
+            prop_assert_eq!(wire.len(), reported);
+            prop_assert_eq!(batch.len, reported);
+            let mut got = Vec::new();
+            while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut wire).unwrap() {
+                let n = opener.open_in_place(&mut frame).unwrap();
+                got.push(frame[..n].to_vec());
+            }
+            prop_assert!(wire.is_empty());
+            prop_assert_eq!(got, sent);
+        }
     }
 }

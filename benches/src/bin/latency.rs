@@ -1,7 +1,10 @@
 //! Round trips of 64 bytes, direct, through one socat relay, and through
 //! 1-hop and 3-hop Ferry circuits, in one run; then through the 3-hop
 //! circuit again while a bulk stream shares it (the same entry, route and
-//! circuit, so the same links at every hop).
+//! circuit, so the same links at every hop); then through 2-hop circuits
+//! of their own, unloaded and while a bulk stream on another circuit
+//! shares all their links (an entry that puts one stream on a circuit, a
+//! mesh of one relay and one exit, so every circuit takes the same links).
 //!
 //! ```text
 //! apt-get install socat                         # Debian
@@ -12,11 +15,13 @@
 //! Prints p50 and p99 of each (median over RUNS, 3 by default, of
 //! ROUND_TRIPS, 5,000 by default), the time each process adds at p50
 //! (Ferry with h hops has h + 1 processes between client and server: the
-//! entry too), and the loaded p99 over the unloaded one.
+//! entry too), and each loaded p99 over its unloaded one.
 
 use anyhow::{Context, Result, bail};
-use ferry_bench::{blast, counting_sink, ping_pong, quantile};
+use ferry_bench::{blast, counting_sink, ping_pong, quantile, unlimited_entry};
 use ferry_tests::{Mesh, Options, Spec, THREE};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -88,8 +93,18 @@ async fn main() -> Result<()> {
         },
     )?;
     let three = Mesh::start(&THREE, &Options::default())?;
+    // One stream per circuit, and one way through the mesh.
+    let apart = Mesh::start(
+        &[Spec::new("DE", "relay"), Spec::new("IS", "exit")],
+        &Options {
+            hops: 2,
+            entry_replace: unlimited_entry(Some(1)),
+            ..Options::default()
+        },
+    )?;
     one.echo_ping().await?;
     three.echo_ping().await?;
+    apart.echo_ping().await?;
     let t0 = Instant::now();
     while TcpStream::connect(relay).await.is_err() {
         anyhow::ensure!(
@@ -111,27 +126,36 @@ async fn main() -> Result<()> {
     let f1 = measure("ferry, 1 hop", n, runs, || via(s1, echo.port())).await?;
     let f3 = measure("ferry, 3 hops", n, runs, || via(s3, echo.port())).await?;
 
+    let s2 = apart.socks();
+    let f2 = measure("ferry, 2 hops, a circuit of its own", n, runs, || {
+        via(s2, echo.port())
+    })
+    .await?;
+
     // The same 3-hop circuit with a bulk stream on it. The entry puts
     // streams of one route on one circuit (up to its stream limit), so
     // both streams cross the same links.
     let (sink, count) = counting_sink().await?;
-    let bulk = via(s3, sink.port()).await?;
-    let until = Instant::now() + Duration::from_secs(600);
-    let load = tokio::spawn(blast(bulk, until));
-    // Let the bulk stream reach full speed first.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = count.load(Ordering::Relaxed);
-    let t = Instant::now();
-    let loaded = measure(
-        "ferry, 3 hops, with a bulk stream on the circuit",
-        n,
-        runs,
-        || via(s3, echo.port()),
-    )
+    let (loaded, bulk_gbps) = with_bulk(s3, sink, &count, || {
+        measure(
+            "ferry, 3 hops, with a bulk stream on the circuit",
+            n,
+            runs,
+            || via(s3, echo.port()),
+        )
+    })
     .await?;
-    let bulk_gbps =
-        (count.load(Ordering::Relaxed) - before) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9;
-    load.abort();
+    // A 2-hop circuit of its own beside a bulk stream's circuit: the same
+    // links, so only the links' queues and the processes are shared.
+    let (beside, beside_gbps) = with_bulk(s2, sink, &count, || {
+        measure(
+            "ferry, 2 hops, with a bulk stream on another circuit",
+            n,
+            runs,
+            || via(s2, echo.port()),
+        )
+    })
+    .await?;
 
     let per = |x: (f64, f64), procs: f64| (x.0 - direct.0) / procs;
     println!(
@@ -143,6 +167,7 @@ async fn main() -> Result<()> {
         ("socat, 1 relay", socat, 1.0),
         ("ferry, 1 hop (entry, exit)", f1, 2.0),
         ("ferry, 3 hops (entry, 2 relays, exit)", f3, 4.0),
+        ("ferry, 2 hops, one stream per circuit", f2, 3.0),
     ] {
         let added = if procs > 0.0 {
             format!("{:.1}", per(r, procs))
@@ -153,15 +178,47 @@ async fn main() -> Result<()> {
     }
     println!(
         "{:<44}{:>10.0}{:>10.0}",
-        format!("ferry, 3 hops, bulk at {bulk_gbps:.2} Gbit/s alongside"),
+        format!("ferry, 3 hops, bulk at {bulk_gbps:.2} Gbit/s on it"),
         loaded.0,
         loaded.1
     );
     println!(
-        "ferry per process at p50 over socat's: 1 hop {:.2}x, 3 hops {:.2}x; loaded p99 over unloaded: {:.2}x",
+        "{:<44}{:>10.0}{:>10.0}",
+        format!("ferry, 2 hops, bulk at {beside_gbps:.2} Gbit/s beside"),
+        beside.0,
+        beside.1
+    );
+    println!(
+        "ferry per process at p50 over socat's: 1 hop {:.2}x, 3 hops {:.2}x; loaded p99 over unloaded: same circuit {:.2}x, another circuit {:.2}x",
         per(f1, 2.0) / per(socat, 1.0),
         per(f3, 4.0) / per(socat, 1.0),
-        loaded.1 / f3.1
+        loaded.1 / f3.1,
+        beside.1 / f2.1
     );
     Ok(())
+}
+
+/// Runs `f` while a bulk stream through `socks` to `sink` sends at full
+/// speed; returns what `f` returned and the bulk stream's Gbit/s meanwhile.
+async fn with_bulk<F, Fut>(
+    socks: SocketAddr,
+    sink: SocketAddr,
+    count: &Arc<AtomicU64>,
+    f: F,
+) -> Result<((f64, f64), f64)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(f64, f64)>>,
+{
+    let bulk = via(socks, sink.port()).await?;
+    let load = tokio::spawn(blast(bulk, Instant::now() + Duration::from_secs(600)));
+    // Let the bulk stream reach full speed first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = count.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let r = f().await;
+    let gbps =
+        (count.load(Ordering::Relaxed) - before) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9;
+    load.abort();
+    Ok((r?, gbps))
 }
