@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -70,8 +70,8 @@ pub const HANDSHAKE_CODEC: FrameCodec = FrameCodec::new(1, MAX_NOISE_MESSAGE);
 pub const TRANSPORT_CODEC: FrameCodec =
     FrameCodec::new(TAG_LEN + ferry_proto::cell::HEADER_LEN, MAX_NOISE_MESSAGE);
 mod queue;
-pub use queue::LINK_QUEUE_BYTES;
 use queue::CellQueue;
+pub use queue::LINK_QUEUE_BYTES;
 
 /// Circuit control cells (DESTROY, CREATED) that found the data queue full,
 /// queued for one link's writer ahead of data. They are never dropped: one
@@ -343,19 +343,22 @@ pub struct LinkClosed;
 impl LinkHandle {
     /// Queues one plaintext cell; waits, in turn, while the queue is full.
     pub async fn send(&self, cell: BytesMut) -> Result<(), LinkClosed> {
-        self.tx.send(cell).await.map_err(|_| LinkClosed)
+        self.tx.send(cell).await
     }
 
     /// Waits, in turn with the other senders, for room for one cell of any
     /// size in the queue; sending on the permit cannot fail or wait.
     /// Cancel-safe: nothing is queued until then.
     pub async fn reserve(&self) -> Result<queue::Permit<'_>, LinkClosed> {
-        self.tx.reserve().await.map_err(|_| LinkClosed)
+        self.tx.reserve().await
     }
 
-    /// Queues a cell if there is room now (for best-effort notices).
+    /// Queues a small best-effort cell (PING, PONG, a notice) behind what
+    /// is queued if the queue's control room has room now
+    /// ([`queue::CONTROL_BYTES`]); senders waiting for room do not keep it
+    /// out.
     pub fn try_send(&self, cell: BytesMut) -> bool {
-        self.tx.try_send(cell).is_ok()
+        self.tx.try_send_control(cell).is_ok()
     }
 
     /// Queues a cell a relay forwards onto this link, without waiting, in
@@ -423,7 +426,7 @@ impl LinkHandle {
     /// unread, the link is closed instead (which ends every circuit on it
     /// at both ends). `false` if the link is closed.
     pub fn send_urgent(&self, cell: BytesMut) -> bool {
-        let cell = match self.tx.try_send(cell) {
+        let cell = match self.tx.try_send_control(cell) {
             Ok(()) => return true,
             Err(queue::TrySendError::Closed) => return false,
             Err(queue::TrySendError::Full(c)) => c,
@@ -551,7 +554,12 @@ async fn keepalive(link: Arc<LinkHandle>, closed: CancellationToken) {
             }
             k.pings.push_back((nonce, now));
         }
-        link.try_send(cell(0, ferry_proto::CellCmd::Ping, &nonce.to_be_bytes()));
+        // Recorded first (the answer may come at once); a PING the queue
+        // had no room for was never sent, and its age is no sample.
+        if !link.try_send(cell(0, ferry_proto::CellCmd::Ping, &nonce.to_be_bytes())) {
+            let mut k = link.keepalive.lock().expect("keepalive lock");
+            k.pings.retain(|(n, _)| *n != nonce);
+        }
     }
 }
 
@@ -895,9 +903,6 @@ impl Queues {
             if let Some(c) = self.try_next() {
                 return Some(c);
             }
-            if self.data.is_closed() {
-                return None;
-            }
             let (overflow, data) = (self.overflow.clone(), self.data.clone());
             tokio::select! {
                 biased;
@@ -925,7 +930,15 @@ impl Drop for Queues {
 /// One batch of frames for one `writev` call: the length prefixes and the
 /// short cells, sealed, in one buffer, and the long cells sealed where they
 /// are (a forwarded cell is still in the buffer its link read it into, with
-/// the room of the tag it came with), so a relay copies no payload.
+/// the room of the tag it came with), so the writer copies no payload.
+///
+/// A batch keeps its long cells until the write ends (at most
+/// [`WRITE_STALL`]). Those a relay forwards are its own buffers once they
+/// waited in the link's overflow (which copies each cell queued behind
+/// another: see [`LinkHandle::forward`]); only a cell that found the
+/// overflow empty is still a slice of the read buffer it came in, and keeps
+/// that buffer alive, as it did while it waited there. A batch is taken
+/// from the queues at once, so it holds about one of them.
 struct Batch {
     /// Prefixes and short cells.
     out: Vec<u8>,
@@ -939,9 +952,12 @@ struct Batch {
     len: usize,
 }
 
+/// A slice of a [`Batch`].
 #[derive(Clone, Copy)]
 enum Part {
+    /// Bytes of `out`, from and to.
     Out(usize, usize),
+    /// The long cell of `cells` at this index.
     Cell(usize),
 }
 
@@ -1012,8 +1028,8 @@ impl Batch {
     }
 }
 
-async fn write_loop(
-    mut w: OwnedWriteHalf,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut w: W,
     mut q: Queues,
     mut sealer: crypto::Sealer,
     link: Arc<LinkHandle>,
@@ -1140,7 +1156,7 @@ mod queue_tests {
 
     /// A link's two ends with `data` bytes of queue (at least a largest
     /// cell's room) and `urgent` cells of urgent queue.
-    fn handle(data: usize, urgent: usize) -> (LinkHandle, Queues) {
+    pub(super) fn handle(data: usize, urgent: usize) -> (LinkHandle, Queues) {
         let tx = Arc::new(CellQueue::new(data));
         let (utx, urgent_rx) = mpsc::channel(urgent);
         let overflow = Arc::new(Overflow::default());
@@ -1231,31 +1247,34 @@ mod queue_tests {
         );
     }
 
-    /// A DESTROY follows the data queued before it while there is room;
-    /// on a full data queue it goes ahead of the data instead of being
-    /// dropped (it used to be); with both full, the link closes, which
-    /// ends every circuit on it.
+    /// A DESTROY follows the data queued before it, on the queue's
+    /// control room, even when senders wait for room; with that full it
+    /// goes ahead of the data instead of being dropped; with both full, the
+    /// link closes, which ends every circuit on it.
     #[test]
     fn a_destroy_is_never_dropped() {
         use ferry_proto::CellCmd;
         use ferry_proto::cell::HEADER_LEN;
-        // A cell that leaves the queue (of a largest cell's room) `room`
-        // bytes of room.
-        let filler = |room: usize| {
-            let body = vec![0; queue::MAX_COST - room - queue::OVERHEAD - HEADER_LEN];
+        // A cell that fills the queue (of a largest cell's room).
+        let filler = || {
+            let body = vec![0; queue::MAX_COST - QUEUED_CELL_OVERHEAD - HEADER_LEN];
             cell(5, CellCmd::Relay, &body)
         };
-        let destroy_room = HEADER_LEN + queue::OVERHEAD;
+        let fill_control = |h: &LinkHandle| {
+            while h.try_send(cell(7, CellCmd::Notice, b"")) {}
+        };
         let (h, mut q) = handle(0, 1);
-        assert!(h.try_send(filler(destroy_room)));
-        assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
+        assert!(h.tx.try_send(filler()).is_ok());
         assert!(
-            !h.try_send(cell(6, CellCmd::Relay, b"b")),
-            "data queue full"
+            h.tx.try_send(cell(6, CellCmd::Relay, b"b")).is_err(),
+            "full"
         );
+        assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
+        fill_control(&h);
         assert!(h.send_urgent(cell(6, CellCmd::Destroy, b"")), "goes ahead");
         let order: Vec<u8> = std::iter::from_fn(|| q.try_next())
-            .map(|c| c[ferry_proto::cell::HEADER_LEN - 1])
+            .map(|c| c[HEADER_LEN - 1])
+            .filter(|c| *c != CellCmd::Notice as u8)
             .collect();
         assert_eq!(
             order,
@@ -1267,7 +1286,7 @@ mod queue_tests {
             "the urgent DESTROY first, then the queue in order"
         );
         let (h, _q) = handle(0, 1);
-        assert!(h.try_send(filler(0)));
+        fill_control(&h);
         assert!(h.send_urgent(cell(5, CellCmd::Destroy, b"")));
         assert!(!h.is_closed());
         assert!(!h.send_urgent(cell(6, CellCmd::Destroy, b"")));
@@ -1304,7 +1323,11 @@ mod batch_tests {
                 let mut cell = BytesMut::with_capacity(len + if room[i] { TAG_LEN } else { 0 });
                 cell.extend_from_slice(&body);
                 sent.push(body);
+                let at = cell.as_ptr();
                 reported += batch.push(&mut sealer, cell).unwrap();
+                if *len >= WRITE_IN_PLACE && room[i] {
+                    prop_assert_eq!(batch.cells.last().unwrap().as_ptr(), at, "sealed in place");
+                }
             }
             let mut wire = BytesMut::new();
             for s in batch.slices() {
@@ -1320,5 +1343,114 @@ mod batch_tests {
             prop_assert!(wire.is_empty());
             prop_assert_eq!(got, sent);
         }
+    }
+
+    /// A socket that takes a few bytes of a write at a time (at most
+    /// `step`, varying), as a busy kernel may.
+    struct Trickle {
+        got: Arc<std::sync::Mutex<Vec<u8>>>,
+        step: usize,
+        calls: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let n = buf.len().min(1 + self.calls * 7919 % self.step);
+            self.got.lock().unwrap().extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let mut left = 1 + self.calls * 7919 % self.step;
+            let mut got = self.got.lock().unwrap();
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(left);
+                got.extend_from_slice(&b[..take]);
+                (left, n) = (left - take, n + take);
+                if left == 0 {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The link's writer, through a socket that takes a few bytes at a
+    /// time, writes every cell as one sealed frame, in order, short and
+    /// long alike (partial writes resume where they stopped, mid-slice).
+    #[tokio::test]
+    async fn partial_writes_keep_the_frames_whole() {
+        use ferry_proto::CellCmd;
+        let key = [5u8; 32];
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, q) = super::queue_tests::handle(0, 4);
+        let h = Arc::new(h);
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = tokio::spawn(write_loop(
+            Trickle {
+                got: got.clone(),
+                step: 3000,
+                calls: 0,
+            },
+            q,
+            crypto::Sealer::new(&key),
+            h.clone(),
+            written.clone(),
+        ));
+        let mut sent = Vec::new();
+        for i in 0..300usize {
+            let len = [40, 1500, 2047, 2048, 9000, 60_000][i % 6] + i;
+            let body: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+            let c = cell(9, CellCmd::Relay, &body);
+            sent.push(c.to_vec());
+            h.send(c).await.unwrap();
+        }
+        let total: usize = sent.iter().map(|c| 4 + c.len() + TAG_LEN).sum();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while got.lock().unwrap().len() < total {
+            assert!(std::time::Instant::now() < deadline, "the writer stopped");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(written.load(Ordering::Relaxed) as usize, total);
+        h.close();
+        writer.await.unwrap();
+        let mut wire = BytesMut::from(&got.lock().unwrap()[..]);
+        let mut opener = crypto::Opener::new(&key);
+        let mut frames = Vec::new();
+        while let Some(mut f) = TRANSPORT_CODEC.decode(&mut wire).unwrap() {
+            let n = opener.open_in_place(&mut f).unwrap();
+            frames.push(f[..n].to_vec());
+        }
+        assert!(wire.is_empty(), "no frame cut short");
+        assert!(frames == sent, "every cell, whole and in order");
     }
 }

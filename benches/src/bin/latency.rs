@@ -20,8 +20,6 @@
 use anyhow::{Context, Result, bail};
 use ferry_bench::{blast, counting_sink, ping_pong, quantile, unlimited_entry};
 use ferry_tests::{Mesh, Options, Spec, THREE};
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -135,8 +133,7 @@ async fn main() -> Result<()> {
     // The same 3-hop circuit with a bulk stream on it. The entry puts
     // streams of one route on one circuit (up to its stream limit), so
     // both streams cross the same links.
-    let (sink, count) = counting_sink().await?;
-    let (loaded, bulk_gbps) = with_bulk(s3, sink, &count, || {
+    let (loaded, bulk_gbps) = with_bulk(s3, || {
         measure(
             "ferry, 3 hops, with a bulk stream on the circuit",
             n,
@@ -147,7 +144,7 @@ async fn main() -> Result<()> {
     .await?;
     // A 2-hop circuit of its own beside a bulk stream's circuit: the same
     // links, so only the links' queues and the processes are shared.
-    let (beside, beside_gbps) = with_bulk(s2, sink, &count, || {
+    let (beside, beside_gbps) = with_bulk(s2, || {
         measure(
             "ferry, 2 hops, with a bulk stream on another circuit",
             n,
@@ -198,18 +195,15 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` while a bulk stream through `socks` to `sink` sends at full
-/// speed; returns what `f` returned and the bulk stream's Gbit/s meanwhile.
-async fn with_bulk<F, Fut>(
-    socks: SocketAddr,
-    sink: SocketAddr,
-    count: &Arc<AtomicU64>,
-    f: F,
-) -> Result<((f64, f64), f64)>
+/// Runs `f` while a bulk stream through `socks` to a sink of its own sends
+/// at full speed; returns what `f` returned and the bulk stream's Gbit/s
+/// meanwhile.
+async fn with_bulk<F, Fut>(socks: SocketAddr, f: F) -> Result<((f64, f64), f64)>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(f64, f64)>>,
 {
+    let (sink, count) = counting_sink().await?;
     let bulk = via(socks, sink.port()).await?;
     let load = tokio::spawn(blast(bulk, Instant::now() + Duration::from_secs(600)));
     // Let the bulk stream reach full speed first.

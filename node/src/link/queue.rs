@@ -12,14 +12,20 @@
 //! Forwarded cells do not come here: they wait per circuit in the link's
 //! overflow, which takes turns with this queue.
 //!
-//! The queue used to be a channel of 128 cells: behind a bulk stream, that
-//! is up to 8 MiB (22 ms at 3 Gbit/s) ahead of another circuit's 64-byte
-//! request. Bounded in bytes it holds what the writer puts in one `write`
-//! call, and a reservation takes the room of the largest cell until its
+//! Bounded in bytes, the queue holds about what the writer puts in one
+//! `write` call. A reservation takes the room of the largest cell until its
 //! cell is known (then gives back the rest), so a caller may reserve first
 //! and take the cell from its session only once there is room (nothing is
 //! lost to a cancelled wait).
+//!
+//! Small best-effort cells (keepalive PING and PONG, notices, circuit
+//! control that should follow its circuit's data) do not wait for room,
+//! nor take it from senders that do: the room freed on a busy link goes to
+//! the waiting senders first, so such a cell would almost never find any.
+//! They go in the same order on a room of their own
+//! ([`CONTROL_BYTES`]).
 
+use super::{LinkClosed, QUEUED_CELL_OVERHEAD as OVERHEAD};
 use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -30,21 +36,17 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 /// kernel takes the last, and no more.
 pub const LINK_QUEUE_BYTES: usize = 256 * 1024;
 
-/// What a queued cell counts for beyond its bytes (its queue entry).
-pub(crate) const OVERHEAD: usize = 64;
+/// Bytes of small best-effort cells the queue holds besides
+/// ([`CellQueue::try_send_control`]): a few hundred PINGs or DESTROYs.
+pub const CONTROL_BYTES: usize = 16 * 1024;
 
 /// The room a reservation holds until its cell is known: the largest cell.
 pub(crate) const MAX_COST: usize = ferry_proto::MAX_NOISE_MESSAGE + OVERHEAD;
 
-/// The queue is closed: the link is gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("link closed")]
-pub struct Closed;
-
 /// Why [`CellQueue::try_send`] did not queue a cell.
 #[derive(Debug)]
 pub enum TrySendError {
-    /// Not enough room now.
+    /// Not enough room now (the cell is handed back).
     Full(BytesMut),
     /// The link is gone (the cell is dropped).
     Closed,
@@ -53,9 +55,27 @@ pub enum TrySendError {
 /// Cells in order, with the room each holds.
 #[derive(Debug)]
 pub struct CellQueue {
-    cells: Mutex<VecDeque<(BytesMut, u32)>>,
+    state: Mutex<State>,
     room: Semaphore,
     ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Cells in order, each with the room it holds: bytes of `room`, or
+    /// of the control room.
+    cells: VecDeque<(BytesMut, Room)>,
+    /// Bytes of the control room in use.
+    control: usize,
+}
+
+/// Whose room a queued cell holds.
+#[derive(Debug, Clone, Copy)]
+enum Room {
+    /// This many of the semaphore's bytes.
+    Shared(u32),
+    /// This many bytes of the control room.
+    Control(u32),
 }
 
 /// Room for one cell ([`CellQueue::reserve`]); sending on it cannot fail or
@@ -81,30 +101,49 @@ impl CellQueue {
     /// A queue of at most `bytes` (at least one largest cell's room).
     pub fn new(bytes: usize) -> Self {
         Self {
-            cells: Mutex::new(VecDeque::new()),
+            state: Mutex::new(State::default()),
             room: Semaphore::new(bytes.max(MAX_COST)),
             ready: Notify::new(),
         }
     }
 
     /// Waits, in turn, for room for a cell of any size. Cancel-safe.
-    pub async fn reserve(&self) -> Result<Permit<'_>, Closed> {
+    pub async fn reserve(&self) -> Result<Permit<'_>, LinkClosed> {
         let room = self
             .room
             .acquire_many(MAX_COST as u32)
             .await
-            .map_err(|_| Closed)?;
+            .map_err(|_| LinkClosed)?;
         Ok(Permit { queue: self, room })
     }
 
     /// Waits, in turn, for room for `cell` and queues it.
-    pub async fn send(&self, cell: BytesMut) -> Result<(), Closed> {
+    pub async fn send(&self, cell: BytesMut) -> Result<(), LinkClosed> {
         let room = self
             .room
             .acquire_many(cost(&cell))
             .await
-            .map_err(|_| Closed)?;
+            .map_err(|_| LinkClosed)?;
         self.push(room, cell);
+        Ok(())
+    }
+
+    /// Queues a small best-effort cell behind what is queued, in the
+    /// control room ([`CONTROL_BYTES`]) if it has room now: it neither
+    /// waits for senders nor takes their room.
+    pub fn try_send_control(&self, cell: BytesMut) -> Result<(), TrySendError> {
+        let cost = cost(&cell);
+        let mut s = self.state.lock().expect("queue lock");
+        if self.room.is_closed() {
+            return Err(TrySendError::Closed);
+        }
+        if s.control + cost as usize > CONTROL_BYTES {
+            return Err(TrySendError::Full(cell));
+        }
+        s.control += cost as usize;
+        s.cells.push_back((cell, Room::Control(cost)));
+        drop(s);
+        self.ready.notify_one();
         Ok(())
     }
 
@@ -125,13 +164,13 @@ impl CellQueue {
         let cost = cost(&cell);
         let held = room.num_permits() as u32;
         room.forget();
-        let mut cells = self.cells.lock().expect("queue lock");
+        let mut s = self.state.lock().expect("queue lock");
         if self.room.is_closed() {
             // Closed after the room was taken: the cell goes nowhere.
             return;
         }
-        cells.push_back((cell, cost));
-        drop(cells);
+        s.cells.push_back((cell, Room::Shared(cost)));
+        drop(s);
         if held > cost {
             self.room.add_permits((held - cost) as usize);
         }
@@ -140,8 +179,15 @@ impl CellQueue {
 
     /// The next cell, if any; its room goes to the next sender in turn.
     pub fn try_pop(&self) -> Option<BytesMut> {
-        let (cell, cost) = self.cells.lock().expect("queue lock").pop_front()?;
-        self.room.add_permits(cost as usize);
+        let mut s = self.state.lock().expect("queue lock");
+        let (cell, room) = s.cells.pop_front()?;
+        match room {
+            Room::Shared(n) => {
+                drop(s);
+                self.room.add_permits(n as usize);
+            }
+            Room::Control(n) => s.control -= n as usize,
+        }
         Some(cell)
     }
 
@@ -156,7 +202,9 @@ impl CellQueue {
     /// dropped.
     pub fn close(&self) {
         self.room.close();
-        self.cells.lock().expect("queue lock").clear();
+        let mut s = self.state.lock().expect("queue lock");
+        s.cells.clear();
+        s.control = 0;
     }
 
     /// Whether [`CellQueue::close`] was called.
@@ -179,8 +227,7 @@ mod tests {
     /// Two circuits' senders, one with a long backlog and one with a single
     /// small cell that asks after the queue is full: the small cell is
     /// queued after at most the queue's bytes and one cell of the busy
-    /// circuit, not after its backlog (a queue bounded in cells held 128 of
-    /// them ahead of it).
+    /// circuit, not after its backlog.
     #[tokio::test]
     async fn a_busy_circuit_delays_another_by_the_queue_at_most() {
         let q = Arc::new(CellQueue::new(LINK_QUEUE_BYTES));
@@ -207,14 +254,16 @@ mod tests {
             tokio::spawn(async move { q.send(cell(2, 64)).await.unwrap() })
         };
         tokio::task::yield_now().await;
-        // The writer: takes cells one at a time, letting senders run.
-        let mut ahead = 0usize;
-        loop {
+        // The writer: takes cells one at a time, letting senders run, for
+        // at most the busy circuit's whole backlog.
+        let (mut ahead, mut got) = (0usize, false);
+        for _ in 0..10_000 {
             let Some(c) = q.try_pop() else {
                 tokio::task::yield_now().await;
                 continue;
             };
             if c[0] == 2 {
+                got = true;
                 break;
             }
             ahead += c.len();
@@ -222,6 +271,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
+        assert!(got, "the small cell was never queued");
         assert!(
             ahead <= LINK_QUEUE_BYTES + 2 * big,
             "{ahead} bytes of the busy circuit went first"
@@ -257,8 +307,46 @@ mod tests {
             "the queue is full"
         );
         q.close();
-        assert_eq!(waiting.await, Err(Closed));
+        assert!(matches!(waiting.await, Err(LinkClosed)));
         assert!(q.try_pop().is_none(), "what waited is dropped");
         assert!(matches!(q.try_send(cell(1, 1)), Err(TrySendError::Closed)));
+    }
+
+    /// A reservation that outlives its link queues nothing and frees
+    /// nothing twice.
+    #[tokio::test]
+    async fn a_permit_sent_after_close_is_dropped() {
+        let q = CellQueue::new(LINK_QUEUE_BYTES);
+        let p = q.reserve().await.unwrap();
+        q.close();
+        p.send(cell(1, 100));
+        assert!(q.try_pop().is_none());
+        assert!(matches!(q.reserve().await, Err(LinkClosed)));
+    }
+
+    /// Small best-effort cells get in while senders wait for room on a
+    /// full queue, behind what is queued, up to their own room; the cells
+    /// leaving give it back.
+    #[tokio::test]
+    async fn control_cells_get_in_on_a_full_queue_in_order() {
+        let q = CellQueue::new(MAX_COST);
+        q.try_send(cell(1, MAX_COST - OVERHEAD)).unwrap();
+        let waiting = q.send(cell(2, 100));
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        assert!(matches!(
+            q.try_send(cell(3, 72)),
+            Err(TrySendError::Full(_))
+        ));
+        let mut n = 0;
+        while q.try_send_control(cell(3, 72)).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, CONTROL_BYTES / (72 + OVERHEAD));
+        let order: Vec<u8> = std::iter::from_fn(|| q.try_pop()).map(|c| c[0]).collect();
+        assert_eq!(order[0], 1, "behind what was queued");
+        assert_eq!(order.len(), 1 + n);
+        assert!(q.try_send_control(cell(3, 72)).is_ok(), "room came back");
+        waiting.await.unwrap();
     }
 }
