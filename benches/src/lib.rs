@@ -170,6 +170,21 @@ pub fn gbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 * 8.0 / secs / 1e9
 }
 
+/// Replacements in every node's config from the environment variable
+/// `var`, for experiments: `FROM=>TO;FROM=>TO` (for example
+/// `stream_window_bytes = 2097152=>stream_window_bytes = 262144`).
+pub fn config_from_env(var: &str) -> Result<Vec<(String, String)>> {
+    std::env::var(var)
+        .unwrap_or_default()
+        .split(';')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once("=>") {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => anyhow::bail!("{var}: {p:?} is not FROM=>TO"),
+        })
+        .collect()
+}
+
 /// Replacements for an entry's config (`Options::entry_replace`) that
 /// raise its per-client and per-tenant limits far above any load here, so
 /// that loads measure forwarding, not the fair-share limits (which refuse

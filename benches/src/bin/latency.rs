@@ -16,6 +16,9 @@
 //! ROUND_TRIPS, 5,000 by default), the time each process adds at p50
 //! (Ferry with h hops has h + 1 processes between client and server: the
 //! entry too), and each loaded p99 over its unloaded one.
+//!
+//! `LATENCY_CONFIG="FROM=>TO;..."` replaces text in every node's config of
+//! the Ferry meshes, for experiments (a window, for example).
 
 use anyhow::{Context, Result, bail};
 use ferry_bench::{blast, counting_sink, ping_pong, quantile, unlimited_entry};
@@ -83,20 +86,29 @@ async fn main() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("socat (Debian: apt-get install socat)")?);
+    let node_replace = ferry_bench::config_from_env("LATENCY_CONFIG")?;
     let one = Mesh::start(
         &[Spec::new("IS", "exit")],
         &Options {
             hops: 1,
+            node_replace: node_replace.clone(),
             ..Options::default()
         },
     )?;
-    let three = Mesh::start(&THREE, &Options::default())?;
+    let three = Mesh::start(
+        &THREE,
+        &Options {
+            node_replace: node_replace.clone(),
+            ..Options::default()
+        },
+    )?;
     // One stream per circuit, and one way through the mesh.
     let apart = Mesh::start(
         &[Spec::new("DE", "relay"), Spec::new("IS", "exit")],
         &Options {
             hops: 2,
             entry_replace: unlimited_entry(Some(1)),
+            node_replace,
             ..Options::default()
         },
     )?;

@@ -142,15 +142,7 @@ async fn main() -> Result<()> {
     let (keys, block) = fake_entry();
     // Experiments: LOAD_CONFIG="from=>to;from=>to" replaces text in every
     // node's config (for example a window or a limit).
-    let node_replace = std::env::var("LOAD_CONFIG")
-        .unwrap_or_default()
-        .split(';')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once("=>") {
-            Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => bail!("LOAD_CONFIG: {p:?} is not FROM=>TO"),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let node_replace = ferry_bench::config_from_env("LOAD_CONFIG")?;
     let mesh = Mesh::start(
         &THREE,
         &Options {
