@@ -147,7 +147,9 @@ impl CellQueue {
         Ok(())
     }
 
-    /// Queues `cell` if there is room now.
+    /// Queues `cell` if there is room now (the tests fill queues with it;
+    /// the node's best-effort cells take [`CellQueue::try_send_control`]).
+    #[cfg(test)]
     pub fn try_send(&self, cell: BytesMut) -> Result<(), TrySendError> {
         match self.room.try_acquire_many(cost(&cell)) {
             Ok(room) => {
