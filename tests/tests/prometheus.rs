@@ -2,7 +2,8 @@
 //! `scripts/ensure-deps.sh test`) scrapes a running mesh; the alert rules in
 //! `deploy/prometheus/` load and evaluate, every query of the Grafana
 //! dashboard in `deploy/grafana/` returns data, and the drain metrics move
-//! when a ruling drains PK.
+//! when a ruling drains PK. Every alert rule fires when it should and stays
+//! silent when it should not (`promtool test rules`, the same package).
 
 use ferry_node::authority::now_ms;
 use ferry_tests::rulings::{self, Ruling};
@@ -229,4 +230,81 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
     ] {
         wait_data(&base, series, Duration::from_secs(20));
     }
+}
+
+/// The alerts of `ferry-rules.yml`, by name.
+fn alert_names(rules: &str) -> Vec<String> {
+    rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert:"))
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// The alerts a promtool test file expects to fire, and those it expects
+/// silent, at some evaluation.
+fn tested(tests: &str) -> (Vec<String>, Vec<String>) {
+    let (mut fires, mut silent) = (Vec::new(), Vec::new());
+    let lines: Vec<&str> = tests
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(name) = l.strip_prefix("alertname:").map(|n| n.trim().to_string()) else {
+            continue;
+        };
+        match (lines.get(i + 1), lines.get(i + 2)) {
+            (Some(&"exp_alerts: []"), _) => silent.push(name),
+            (Some(&"exp_alerts:"), Some(next)) if next.starts_with("- exp_labels:") => {
+                fires.push(name)
+            }
+            other => panic!("{name}: no exp_alerts after it: {other:?}"),
+        }
+    }
+    (fires, silent)
+}
+
+/// `promtool test rules` passes for `deploy/prometheus/ferry-rules.test.yml`,
+/// and every alert of `ferry-rules.yml` has a case there that fires it (with
+/// its labels and summary) and one that keeps it silent: a rule added
+/// without both fails here.
+#[test]
+fn every_alert_rule_fires_when_it_should_and_only_then() {
+    let dir = repo().join("deploy/prometheus");
+    let rules = std::fs::read_to_string(dir.join("ferry-rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("ferry-rules.test.yml")).unwrap();
+    let names = alert_names(&rules);
+    assert!(names.len() >= 7, "alerts found: {names:?}");
+    let (fires, silent) = tested(&tests);
+    for n in &names {
+        assert!(fires.contains(n), "{n}: no promtool case fires it");
+        assert!(silent.contains(n), "{n}: no promtool case keeps it silent");
+    }
+    let out = Command::new("promtool")
+        .args(["test", "rules", "ferry-rules.test.yml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool (Debian: apt-get install prometheus; scripts/ensure-deps.sh test)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool test rules failed:\n{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
+}
+
+/// The coverage check above reads what it should: an alert with only a
+/// firing case, or none, is caught.
+#[test]
+fn the_coverage_check_catches_an_untested_rule() {
+    let tests = "tests:\n  - alert_rule_test:\n      - eval_time: 1m\n        alertname: A\n        exp_alerts:\n          - exp_labels:\n              x: y\n      - eval_time: 2m\n        alertname: B\n        exp_alerts: []\n";
+    let (fires, silent) = tested(tests);
+    assert_eq!(fires, ["A"]);
+    assert_eq!(silent, ["B"]);
+    assert_eq!(
+        alert_names("rules:\n  - alert: A\n    expr: x\n  - alert: B\n"),
+        ["A", "B"]
+    );
 }
