@@ -236,21 +236,33 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
 fn alert_names(rules: &str) -> Vec<String> {
     rules
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert:"))
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("- alert:")
+                .or_else(|| l.strip_prefix("alert:"))
+        })
         .map(|n| n.trim().to_string())
         .collect()
 }
 
+/// A line of YAML without its indentation and trailing comment.
+fn bare(line: &str) -> &str {
+    let l = line.trim();
+    match l.find(" #") {
+        Some(i) => l[..i].trim_end(),
+        None if l.starts_with('#') => "",
+        None => l,
+    }
+}
+
 /// The alerts a promtool test file expects to fire, and those it expects
-/// silent, at some evaluation.
+/// silent, at some evaluation (each `alertname:` followed by its
+/// `exp_alerts:`).
 fn tested(tests: &str) -> (Vec<String>, Vec<String>) {
     let (mut fires, mut silent) = (Vec::new(), Vec::new());
-    let lines: Vec<&str> = tests
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    for (i, l) in lines.iter().enumerate() {
+    let lines: Vec<&str> = tests.lines().map(bare).filter(|l| !l.is_empty()).collect();
+    for (i, &l) in lines.iter().enumerate() {
+        let l = l.strip_prefix("- ").unwrap_or(l);
         let Some(name) = l.strip_prefix("alertname:").map(|n| n.trim().to_string()) else {
             continue;
         };
@@ -259,10 +271,35 @@ fn tested(tests: &str) -> (Vec<String>, Vec<String>) {
             (Some(&"exp_alerts:"), Some(next)) if next.starts_with("- exp_labels:") => {
                 fires.push(name)
             }
-            other => panic!("{name}: no exp_alerts after it: {other:?}"),
+            other => panic!("{name}: its exp_alerts must follow it: {other:?}"),
         }
     }
     (fires, silent)
+}
+
+/// What is wrong with the test file's coverage of the rules: alerts with
+/// no case that fires them or none that keeps them silent, and cases for
+/// alerts the rules do not have (promtool passes a silent case of a
+/// misspelt name).
+fn coverage_faults(rules: &str, tests: &str) -> Vec<String> {
+    let names = alert_names(rules);
+    let (fires, silent) = tested(tests);
+    let mut faults = Vec::new();
+    for n in &names {
+        if !fires.contains(n) {
+            faults.push(format!("{n}: no promtool case fires it"));
+        }
+        if !silent.contains(n) {
+            faults.push(format!("{n}: no promtool case keeps it silent"));
+        }
+    }
+    for n in fires.iter().chain(&silent) {
+        if !names.contains(n) {
+            faults.push(format!("{n}: tested, but no such alert"));
+        }
+    }
+    faults.dedup();
+    faults
 }
 
 /// `promtool test rules` passes for `deploy/prometheus/ferry-rules.test.yml`,
@@ -276,11 +313,7 @@ fn every_alert_rule_fires_when_it_should_and_only_then() {
     let tests = std::fs::read_to_string(dir.join("ferry-rules.test.yml")).unwrap();
     let names = alert_names(&rules);
     assert!(names.len() >= 7, "alerts found: {names:?}");
-    let (fires, silent) = tested(&tests);
-    for n in &names {
-        assert!(fires.contains(n), "{n}: no promtool case fires it");
-        assert!(silent.contains(n), "{n}: no promtool case keeps it silent");
-    }
+    assert_eq!(coverage_faults(&rules, &tests), Vec::<String>::new());
     let out = Command::new("promtool")
         .args(["test", "rules", "ferry-rules.test.yml"])
         .current_dir(&dir)
@@ -295,16 +328,20 @@ fn every_alert_rule_fires_when_it_should_and_only_then() {
     assert!(text.contains("SUCCESS"), "{text}");
 }
 
-/// The coverage check above reads what it should: an alert with only a
-/// firing case, or none, is caught.
+/// The coverage check finds an alert with only a firing case, one with
+/// only a silent case, and a case of an alert that does not exist, through
+/// comments and either key order of a rule.
 #[test]
-fn the_coverage_check_catches_an_untested_rule() {
-    let tests = "tests:\n  - alert_rule_test:\n      - eval_time: 1m\n        alertname: A\n        exp_alerts:\n          - exp_labels:\n              x: y\n      - eval_time: 2m\n        alertname: B\n        exp_alerts: []\n";
-    let (fires, silent) = tested(tests);
-    assert_eq!(fires, ["A"]);
-    assert_eq!(silent, ["B"]);
+fn the_coverage_check_finds_untested_and_unknown_alerts() {
+    let rules = "rules:\n  - alert: A\n    expr: x\n  - expr: y\n    alert: B\n  - alert: C\n";
+    let tests = "tests:\n  - alert_rule_test:\n      # A fires\n      - eval_time: 1m\n        alertname: A  # here\n        exp_alerts:  # one\n          - exp_labels: {x: y}\n      - eval_time: 2m\n        alertname: B\n\n        exp_alerts: []\n      - alertname: C\n        exp_alerts: []\n      - alertname: C\n        exp_alerts:\n          - exp_labels:\n              x: y\n      - alertname: Z\n        exp_alerts: []\n";
+    assert_eq!(alert_names(rules), ["A", "B", "C"]);
     assert_eq!(
-        alert_names("rules:\n  - alert: A\n    expr: x\n  - alert: B\n"),
-        ["A", "B"]
+        coverage_faults(rules, tests),
+        [
+            "A: no promtool case keeps it silent",
+            "B: no promtool case fires it",
+            "Z: tested, but no such alert",
+        ]
     );
 }
