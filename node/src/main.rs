@@ -367,10 +367,22 @@ enum PolicyCmd {
     },
 }
 
+/// The log filter from `--log` (`FERRY_LOG`): libp2p's crates held to
+/// the node's bar unless the filter names them (docs/LOGGING.md): WARN,
+/// and gossipsub ERROR (its warnings are about messages already
+/// published, which the node republishes on purpose).
+fn log_filter(log: &str) -> String {
+    if log.contains("libp2p") {
+        log.to_string()
+    } else {
+        format!("{log},libp2p=warn,libp2p_gossipsub=error")
+    }
+}
+
 fn init_logs(cli: &Cli) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(&cli.log)));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

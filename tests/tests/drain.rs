@@ -620,3 +620,83 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// The lines of a node's log at WARN or above (text format: the level
+/// follows the timestamp).
+fn warnings(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            let mut words = l.split_whitespace();
+            words.next();
+            matches!(words.next(), Some("WARN" | "ERROR"))
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Quiet logs while all is well: for a minute, a gossip mesh (adverts
+/// renewed every second) carries long streams through a ruling that drains
+/// PK by its exit date, then a lift, then a transfer through PK every two
+/// seconds, and no node logs a line at WARN or above (the log convention:
+/// docs/LOGGING.md). A forged ruling then gets exactly one WARN, at the
+/// node it was handed to, naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_is_well_logs_no_warning_and_a_forged_ruling_one() {
+    let t0 = Instant::now();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = authority(keys.path());
+    let (mesh, long) = long_streams(public, (30, 2, 2), "PK", "DE", &[0, 10]).await;
+    let target = long.target;
+    let now = now_ms();
+    let (from, exit) = (now + 1_500, now + 15_000);
+    block_pk(keys.path(), &key, &mesh, from, exit);
+    until(from + 300).await;
+    short_transfer(&mesh, target, 100, None).await;
+    until(exit + 500).await;
+    assert_pk_left(&mesh);
+    long.finish().await;
+    let lift = Ruling {
+        version: 2,
+        lifted: true,
+        ..Ruling::block("PK", from, exit)
+    };
+    publish(&mesh.nodes[0], &sign(keys.path(), &key, &lift));
+    let pk = mesh.node("PK");
+    pk.wait_state("active", Duration::from_secs(10)).unwrap();
+    mesh.entry
+        .wait_knows([pk], Duration::from_secs(15))
+        .unwrap();
+    let mut seed = 40;
+    while t0.elapsed() < Duration::from_secs(60) {
+        short_transfer(&mesh, target, seed, Some(("", "exclude=DE"))).await;
+        seed += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    for p in mesh.all() {
+        let w = warnings(&p.log());
+        assert!(
+            w.is_empty(),
+            "{} warned with all well:\n{}",
+            p.jurisdiction,
+            w.join("\n")
+        );
+    }
+
+    let (stranger, _) = rulings::authority(keys.path(), "stranger");
+    let forged = sign(
+        keys.path(),
+        &stranger,
+        &Ruling::block("DE", now_ms() + 500, now_ms() + 600_000),
+    );
+    assert!(rulings::publish(&mesh.nodes[0], &forged).is_err());
+    mesh.nodes[0]
+        .wait_log("ruling refused", Duration::from_secs(5))
+        .unwrap();
+    let all: Vec<String> = mesh.all().iter().flat_map(|p| warnings(&p.log())).collect();
+    assert_eq!(all.len(), 1, "one WARN for the forged ruling: {all:#?}");
+    assert!(
+        all[0].contains("ruling refused") && all[0].contains("reason="),
+        "{}",
+        all[0]
+    );
+}
