@@ -379,13 +379,59 @@ fn log_filter(log: &str) -> String {
     }
 }
 
-fn init_logs(cli: &Cli) {
+/// Standard error for the log, or held back: the demo holds its nodes'
+/// log lines until its banner is out, so a newcomer reads the banner first.
+#[derive(Clone, Default)]
+struct LogGate(std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+/// Most log bytes a closed gate holds; past it, it opens (the log matters
+/// more than the order).
+const LOG_GATE_HOLD: usize = 4 << 20;
+
+impl LogGate {
+    /// A gate that holds what is logged until [`LogGate::open`].
+    fn closed() -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new()))))
+    }
+
+    /// Writes what was held to standard error, and lets the rest through.
+    fn open(&self) {
+        if let Some(held) = self.0.lock().expect("log gate lock").take() {
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), &held);
+        }
+    }
+}
+
+impl std::io::Write for LogGate {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock().expect("log gate lock");
+        match g.as_mut() {
+            Some(held) if held.len() + buf.len() <= LOG_GATE_HOLD => {
+                held.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            Some(_) => {
+                let held = g.take().unwrap_or_default();
+                let mut e = std::io::stderr();
+                e.write_all(&held)?;
+                e.write(buf)
+            }
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn init_logs(cli: &Cli, gate: LogGate) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(&cli.log)));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || gate.clone())
         .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Text => b.init(),
@@ -395,7 +441,12 @@ fn init_logs(cli: &Cli) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logs(&cli);
+    // The demo's banner comes before its nodes' log lines.
+    let gate = match &cli.cmd {
+        Cmd::Demo { cmd: None, .. } => LogGate::closed(),
+        _ => LogGate::default(),
+    };
+    init_logs(&cli, gate.clone());
     if let Some(f) = &cli.admin_token_file {
         let t = std::fs::read_to_string(f)
             .with_context(|| format!("--admin-token-file {}", f.display()))?;
@@ -528,7 +579,7 @@ fn main() -> Result<()> {
             socks,
             http,
             cmd: None,
-        } => runtime()?.block_on(demo(socks, http)),
+        } => runtime()?.block_on(demo(socks, http, gate)),
         Cmd::Node {
             config,
             create_keys,
@@ -843,11 +894,19 @@ async fn run_node(
     Ok(())
 }
 
-async fn demo(socks: SocketAddr, http: SocketAddr) -> Result<()> {
+async fn demo(socks: SocketAddr, http: SocketAddr, gate: LogGate) -> Result<()> {
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone())?;
-    let demo = ferry_node::demo::start(socks, http, shutdown.clone()).await?;
+    let demo = match ferry_node::demo::start(socks, http, shutdown.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            // What the nodes logged explains the failure.
+            gate.open();
+            return Err(e);
+        }
+    };
     println!("{}", demo.banner());
+    gate.open();
     shutdown.cancelled().await;
     println!("\nStopping the demo mesh...");
     demo.stop().await;

@@ -215,6 +215,61 @@ fn demo_serves_its_page_through_the_mesh_and_stops_on_ctrl_c() {
     assert!(rest.iter().any(|l| l == "Stopped."), "{rest:?}");
 }
 
+/// A newcomer reads the demo's banner first: with its output and its log
+/// on one terminal (one pipe here), no node's log line comes before the
+/// banner ends, and the lines held meanwhile follow it.
+#[test]
+fn the_demo_banner_comes_before_its_nodes_logs() {
+    let socks = free_port().unwrap().to_string();
+    let http = free_port().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = Command::new(ferry_bin().unwrap())
+        .args(["demo", "--socks", &socks, "--http", &http])
+        .env("TMPDIR", tmp.path())
+        .env_remove("RUST_LOG")
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(reader).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    while !lines.iter().any(|l| l.contains("Press Ctrl-C")) {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => lines.push(l),
+            Err(e) => panic!("no demo banner ({e}):\n{}", lines.join("\n")),
+        }
+    }
+    // A log line: a timestamp, then a level.
+    let logged = |l: &str| {
+        let mut w = l.split_whitespace();
+        w.next()
+            .is_some_and(|t| t.starts_with("20") && t.contains('T'))
+            && matches!(w.next(), Some("INFO" | "WARN" | "ERROR" | "DEBUG"))
+    };
+    let first = lines.iter().find(|l| !l.trim().is_empty()).unwrap();
+    assert!(first.starts_with("Ferry demo:"), "first line: {first}");
+    assert!(
+        !lines.iter().any(|l| logged(l)),
+        "log lines inside the banner:\n{}",
+        lines.join("\n")
+    );
+    // The nodes' lines held while the banner was written come after it.
+    let after = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(30)).ok())
+        .find(|l| !l.trim().is_empty())
+        .expect("the nodes' log after the banner");
+    assert!(logged(&after), "after the banner: {after}");
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}
+
 #[test]
 fn admission_on_the_command_line_checks_the_request_and_signs_k_of_n() {
     let dir = tempfile::tempdir().unwrap();
