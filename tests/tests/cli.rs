@@ -223,15 +223,18 @@ fn the_demo_banner_comes_before_its_nodes_logs() {
     let socks = free_port().unwrap().to_string();
     let http = free_port().unwrap().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let (reader, writer) = std::io::pipe().unwrap();
-    let mut child = Command::new(ferry_bin().unwrap())
-        .args(["demo", "--socks", &socks, "--http", &http])
+    // The shell joins standard error to the pipe, then is the demo (exec).
+    let bin = ferry_bin().unwrap();
+    let mut child = Command::new("sh")
+        .args(["-c", "exec \"$0\" demo --socks \"$1\" --http \"$2\" 2>&1"])
+        .arg(&bin)
+        .args([&socks, &http])
         .env("TMPDIR", tmp.path())
         .env_remove("RUST_LOG")
-        .stdout(writer.try_clone().unwrap())
-        .stderr(writer)
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let reader = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for l in BufReader::new(reader).lines().map_while(Result::ok) {
