@@ -1425,6 +1425,14 @@ fn next_read_size(size: usize, last: usize) -> usize {
     }
 }
 
+/// Completes at `at`, or never if there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Socket → circuit.
 async fn pump_up(
     h: &StreamHandle,
@@ -1525,23 +1533,16 @@ async fn pump_down(
     // too, as TCP's delayed ACK is).
     let mut ack_at: Option<tokio::time::Instant> = None;
     loop {
-        let m = if let Some(at) = ack_at {
-            tokio::select! {
-                m = inbound.recv() => m,
-                _ = tokio::time::sleep_until(at) => {
-                    ack_at = None;
-                    if let Op::Done(_, end) = h.acknowledge() {
-                        let _ = end.flush().await;
-                    }
-                    continue;
+        let m = tokio::select! {
+            m = inbound.recv() => m,
+            _ = sleep_until_some(ack_at) => {
+                ack_at = None;
+                if let Op::Done(_, end) = h.acknowledge() {
+                    let _ = end.flush().await;
                 }
-                _ = stop.cancelled() => return STOPPED,
+                continue;
             }
-        } else {
-            tokio::select! {
-                m = inbound.recv() => m,
-                _ = stop.cancelled() => return STOPPED,
-            }
+            _ = stop.cancelled() => return STOPPED,
         };
         match m {
             Some(Inbound::Data(b)) => {

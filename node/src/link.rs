@@ -903,12 +903,11 @@ impl Queues {
             if let Some(c) = self.try_next() {
                 return Some(c);
             }
-            let (overflow, data) = (self.overflow.clone(), self.data.clone());
             tokio::select! {
                 biased;
                 Some(c) = self.urgent.recv() => return Some(c),
-                _ = data.ready() => {}
-                _ = overflow.ready.notified() => {}
+                _ = self.data.ready() => {}
+                _ = self.overflow.ready.notified() => {}
             }
         }
     }

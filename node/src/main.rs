@@ -381,43 +381,58 @@ fn log_filter(log: &str) -> String {
 
 /// Standard error for the log, or held back: the demo holds its nodes'
 /// log lines until its banner is out, so a newcomer reads the banner first.
-#[derive(Clone, Default)]
-struct LogGate(std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+/// Once open (every other command starts so) a write is one atomic load
+/// and the write to standard error.
+#[derive(Clone)]
+struct LogGate(std::sync::Arc<Gate>);
+
+struct Gate {
+    open: std::sync::atomic::AtomicBool,
+    /// What was logged while closed.
+    held: std::sync::Mutex<Vec<u8>>,
+}
 
 /// Most log bytes a closed gate holds; past it, it opens (the log matters
 /// more than the order).
 const LOG_GATE_HOLD: usize = 4 << 20;
 
 impl LogGate {
-    /// A gate that holds what is logged until [`LogGate::open`].
-    fn closed() -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new()))))
+    /// A gate that is open (`true`) or holds what is logged until
+    /// [`LogGate::open`].
+    fn new(open: bool) -> Self {
+        Self(std::sync::Arc::new(Gate {
+            open: std::sync::atomic::AtomicBool::new(open),
+            held: std::sync::Mutex::new(Vec::new()),
+        }))
     }
 
     /// Writes what was held to standard error, and lets the rest through.
+    /// The flag is set under the lock, after what was held is out, so a
+    /// line held meanwhile is never left behind nor written ahead.
     fn open(&self) {
-        if let Some(held) = self.0.lock().expect("log gate lock").take() {
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), &held);
-        }
+        let mut held = self.0.held.lock().expect("log gate lock");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), &held);
+        *held = Vec::new();
+        self.0
+            .open
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
 impl std::io::Write for LogGate {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut g = self.0.lock().expect("log gate lock");
-        match g.as_mut() {
-            Some(held) if held.len() + buf.len() <= LOG_GATE_HOLD => {
+        use std::sync::atomic::Ordering::Acquire;
+        if !self.0.open.load(Acquire) {
+            let mut held = self.0.held.lock().expect("log gate lock");
+            if !self.0.open.load(Acquire) && held.len() + buf.len() <= LOG_GATE_HOLD {
                 held.extend_from_slice(buf);
-                Ok(buf.len())
+                return Ok(buf.len());
             }
-            Some(_) => {
-                let held = g.take().unwrap_or_default();
-                let mut e = std::io::stderr();
-                e.write_all(&held)?;
-                e.write(buf)
-            }
-            None => std::io::stderr().write(buf),
+            drop(held);
+            // Past the most it holds: open (the log matters more).
+            self.open();
         }
+        std::io::stderr().write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -442,10 +457,7 @@ fn init_logs(cli: &Cli, gate: LogGate) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // The demo's banner comes before its nodes' log lines.
-    let gate = match &cli.cmd {
-        Cmd::Demo { cmd: None, .. } => LogGate::closed(),
-        _ => LogGate::default(),
-    };
+    let gate = LogGate::new(!matches!(&cli.cmd, Cmd::Demo { cmd: None, .. }));
     init_logs(&cli, gate.clone());
     if let Some(f) = &cli.admin_token_file {
         let t = std::fs::read_to_string(f)
@@ -579,7 +591,12 @@ fn main() -> Result<()> {
             socks,
             http,
             cmd: None,
-        } => runtime()?.block_on(demo(socks, http, gate)),
+        } => {
+            let r = runtime()?.block_on(demo(socks, http, gate.clone()));
+            // Held lines of a demo that failed to start explain why.
+            gate.open();
+            r
+        }
         Cmd::Node {
             config,
             create_keys,
@@ -897,14 +914,7 @@ async fn run_node(
 async fn demo(socks: SocketAddr, http: SocketAddr, gate: LogGate) -> Result<()> {
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone())?;
-    let demo = match ferry_node::demo::start(socks, http, shutdown.clone()).await {
-        Ok(d) => d,
-        Err(e) => {
-            // What the nodes logged explains the failure.
-            gate.open();
-            return Err(e);
-        }
-    };
+    let demo = ferry_node::demo::start(socks, http, shutdown.clone()).await?;
     println!("{}", demo.banner());
     gate.open();
     shutdown.cancelled().await;

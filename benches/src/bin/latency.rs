@@ -145,25 +145,21 @@ async fn main() -> Result<()> {
     // The same 3-hop circuit with a bulk stream on it. The entry puts
     // streams of one route on one circuit (up to its stream limit), so
     // both streams cross the same links.
-    let (loaded, bulk_gbps) = with_bulk(s3, || {
-        measure(
-            "ferry, 3 hops, with a bulk stream on the circuit",
-            n,
-            runs,
-            || via(s3, echo.port()),
-        )
-    })
+    let loaded = beside_bulk(
+        "ferry, 3 hops, with a bulk stream on the circuit",
+        s3,
+        echo.port(),
+        (n, runs),
+    )
     .await?;
     // A 2-hop circuit of its own beside a bulk stream's circuit: the same
     // links, so only the links' queues and the processes are shared.
-    let (beside, beside_gbps) = with_bulk(s2, || {
-        measure(
-            "ferry, 2 hops, with a bulk stream on another circuit",
-            n,
-            runs,
-            || via(s2, echo.port()),
-        )
-    })
+    let beside = beside_bulk(
+        "ferry, 2 hops, with a bulk stream on another circuit",
+        s2,
+        echo.port(),
+        (n, runs),
+    )
     .await?;
 
     let per = |x: (f64, f64), procs: f64| (x.0 - direct.0) / procs;
@@ -185,36 +181,32 @@ async fn main() -> Result<()> {
         };
         println!("{name:<44}{:>10.0}{:>10.0}{added:>18}", r.0, r.1);
     }
-    println!(
-        "{:<44}{:>10.0}{:>10.0}",
-        format!("ferry, 3 hops, bulk at {bulk_gbps:.2} Gbit/s on it"),
-        loaded.0,
-        loaded.1
-    );
-    println!(
-        "{:<44}{:>10.0}{:>10.0}",
-        format!("ferry, 2 hops, bulk at {beside_gbps:.2} Gbit/s beside"),
-        beside.0,
-        beside.1
-    );
+    for (path, place, ((p50, p99), gbps)) in
+        [("3 hops", "on it", loaded), ("2 hops", "beside", beside)]
+    {
+        let name = format!("ferry, {path}, bulk at {gbps:.2} Gbit/s {place}");
+        println!("{name:<44}{p50:>10.0}{p99:>10.0}");
+    }
     println!(
         "ferry per process at p50 over socat's: 1 hop {:.2}x, 3 hops {:.2}x; loaded p99 over unloaded: same circuit {:.2}x, another circuit {:.2}x",
         per(f1, 2.0) / per(socat, 1.0),
         per(f3, 4.0) / per(socat, 1.0),
-        loaded.1 / f3.1,
-        beside.1 / f2.1
+        loaded.0.1 / f3.1,
+        beside.0.1 / f2.1
     );
     Ok(())
 }
 
-/// Runs `f` while a bulk stream through `socks` to a sink of its own sends
-/// at full speed; returns what `f` returned and the bulk stream's Gbit/s
+/// Round trips ([`measure`]) through `socks` to the echo server on
+/// `echo_port` while a bulk stream through `socks` to a sink of its own
+/// sends at full speed; returns p50 and p99 and the bulk stream's Gbit/s
 /// meanwhile.
-async fn with_bulk<F, Fut>(socks: SocketAddr, f: F) -> Result<((f64, f64), f64)>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(f64, f64)>>,
-{
+async fn beside_bulk(
+    name: &str,
+    socks: SocketAddr,
+    echo_port: u16,
+    (n, runs): (usize, usize),
+) -> Result<((f64, f64), f64)> {
     let (sink, count) = counting_sink().await?;
     let bulk = via(socks, sink.port()).await?;
     let load = tokio::spawn(blast(bulk, Instant::now() + Duration::from_secs(600)));
@@ -222,7 +214,7 @@ where
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = count.load(Ordering::Relaxed);
     let t = Instant::now();
-    let r = f().await;
+    let r = measure(name, n, runs, || via(socks, echo_port)).await;
     let gbps =
         (count.load(Ordering::Relaxed) - before) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9;
     load.abort();

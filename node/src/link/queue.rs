@@ -62,8 +62,7 @@ pub struct CellQueue {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Cells in order, each with the room it holds: bytes of `room`, or
-    /// of the control room.
+    /// Cells in order, each with the room it holds ([`cost`] bytes of it).
     cells: VecDeque<(BytesMut, Room)>,
     /// Bytes of the control room in use.
     control: usize,
@@ -72,10 +71,10 @@ struct State {
 /// Whose room a queued cell holds.
 #[derive(Debug, Clone, Copy)]
 enum Room {
-    /// This many of the semaphore's bytes.
-    Shared(u32),
-    /// This many bytes of the control room.
-    Control(u32),
+    /// The semaphore's.
+    Shared,
+    /// The control room.
+    Control,
 }
 
 /// Room for one cell ([`CellQueue::reserve`]); sending on it cannot fail or
@@ -141,7 +140,7 @@ impl CellQueue {
             return Err(TrySendError::Full(cell));
         }
         s.control += cost as usize;
-        s.cells.push_back((cell, Room::Control(cost)));
+        s.cells.push_back((cell, Room::Control));
         drop(s);
         self.ready.notify_one();
         Ok(())
@@ -171,7 +170,7 @@ impl CellQueue {
             // Closed after the room was taken: the cell goes nowhere.
             return;
         }
-        s.cells.push_back((cell, Room::Shared(cost)));
+        s.cells.push_back((cell, Room::Shared));
         drop(s);
         if held > cost {
             self.room.add_permits((held - cost) as usize);
@@ -183,12 +182,13 @@ impl CellQueue {
     pub fn try_pop(&self) -> Option<BytesMut> {
         let mut s = self.state.lock().expect("queue lock");
         let (cell, room) = s.cells.pop_front()?;
+        let n = cost(&cell) as usize;
         match room {
-            Room::Shared(n) => {
+            Room::Shared => {
                 drop(s);
-                self.room.add_permits(n as usize);
+                self.room.add_permits(n);
             }
-            Room::Control(n) => s.control -= n as usize,
+            Room::Control => s.control -= n,
         }
         Some(cell)
     }
