@@ -373,8 +373,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state);
     let local = listener.local_addr().ok();
+    // Requests are served on axum's own tasks: they log in the span the
+    // API was started in (the demo's `node{at=..}`).
+    let span = tracing::Span::current();
     let app = app.layer(axum::middleware::from_fn(move |req, next| {
-        guard(local, token, req, next)
+        tracing::Instrument::instrument(guard(local, token, req, next), span.clone())
     }));
     if let Err(e) = axum::serve(Bounded::new(listener, refused), app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -571,6 +574,70 @@ async fn get_paths(
     )
 }
 
+/// By when an own circuit must be off its path, and why, as the entry's
+/// drain planner decides it ([`ferry_router::must_leave`]): the earliest
+/// deadline among its leaving hops (rulings in force, announced ones too,
+/// over their jurisdictions for its traffic; their own drains), and
+/// whether it moves or, its exit leaving, closes its streams. A hop this
+/// node no longer knows (its advert lapsed, it was revoked) takes no new
+/// streams but is not drained: it is reported as `hop_unknown`. Null when
+/// nothing asks it to move.
+fn must_leave(
+    sw: &Switch,
+    set: &ferry_router::RulingSet,
+    c: &crate::origin::OriginCircuit,
+    now: u64,
+) -> Value {
+    let hops: Vec<_> = c
+        .path
+        .iter()
+        .map(|id| {
+            let info = sw
+                .directory
+                .get(id, now)
+                .map(|e| (Some(e.peer.jurisdiction), e.state));
+            (*id, info)
+        })
+        .collect();
+    let jurisdiction = |id: &ferry_router::NodeId| {
+        sw.peer(id)
+            .map_or_else(|| "??".to_string(), |p| p.jurisdiction.to_string())
+    };
+    let t = ferry_router::Time(now);
+    let Some(l) = ferry_router::must_leave(&hops, set, &c.route.scope, t) else {
+        return match hops.iter().find(|(_, info)| info.is_none()) {
+            Some((id, _)) => json!({
+                "by": fmt_time(now),
+                "in_secs": 0,
+                "jurisdiction": jurisdiction(id),
+                "hop_unknown": hex::encode(id.0),
+                "action": "move",
+            }),
+            None => Value::Null,
+        };
+    };
+    let phase = if t < l.from {
+        "announced"
+    } else if t < l.by {
+        "draining"
+    } else {
+        "overdue"
+    };
+    let ruling = l.ruling.as_deref().and_then(|id| set.get(id));
+    json!({
+        "by": fmt_time(l.by.0),
+        "in_secs": l.by.0.saturating_sub(now) / 1000,
+        "jurisdiction": jurisdiction(&l.node),
+        "node": hex::encode(l.node.0),
+        "action": if l.close { "close" } else { "move" },
+        "phase": phase,
+        "from": fmt_time(l.from.0),
+        "ruling": ruling.map(|r| r.id.clone()),
+        "version": ruling.map(|r| r.version),
+        "region": ruling.map(|r| r.region.to_string()),
+    })
+}
+
 async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
     let now = now_ms();
     let sw = &st.switch;
@@ -642,6 +709,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
                     "tenant": c.route.scope.tenant,
                     "class": c.route.scope.class,
                     "constraints": c.route.constraints.describe(),
+                    "must_leave": must_leave(sw, &set, &c, now),
                 }));
             }
             let s = &o.stats;

@@ -4,7 +4,7 @@
 use crate::admission_cli;
 use anyhow::{Context, Result, bail};
 use ferry_node::admin::client;
-use ferry_node::authority::now_ms;
+use ferry_node::authority::{fmt_time, now_ms};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -143,30 +143,100 @@ fn wait_empty(admin: SocketAddr, until_ms: u64) -> Result<()> {
     }
 }
 
-pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
-    let resp = agent().get(&format!("http://{admin}/v1/status")).call();
-    let v = client::answer(&admin.to_string(), resp)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+/// `ferry status`: once, or every `watch` in place until interrupted
+/// (the screen redrawn on a terminal; elsewhere each frame follows the
+/// last under a dated rule, and `--json` prints one line of JSON a frame).
+/// While watching, a node that stops answering is said so and asked again.
+pub fn status(admin: SocketAddr, json: bool, watch: Option<Duration>) -> Result<()> {
+    let fetch = || {
+        let resp = agent().get(&format!("http://{admin}/v1/status")).call();
+        client::answer(&admin.to_string(), resp)
+    };
+    use std::io::{IsTerminal, Write};
+    // The reader went away (`| head`): done, not an error.
+    let done = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    };
+    let Some(every) = watch else {
+        let text = render(&fetch()?, json)?;
+        let mut out = std::io::stdout().lock();
+        return Ok(done(
+            out.write_all(text.as_bytes()).and_then(|()| out.flush()),
+        )?);
+    };
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let now = now_ms();
+        let frame = match fetch() {
+            Ok(v) if json => format!("{}\n", serde_json::to_string(&v)?),
+            Ok(v) => render(&v, false)?,
+            Err(e) if json => format!("{}\n", serde_json::json!({ "error": format!("{e:#}") })),
+            Err(e) => format!(
+                "{e:#}\n(asking again in {})\n",
+                humantime::format_duration(every)
+            ),
+        };
+        // Text from the node (reasons, ids) cannot move the cursor.
+        let frame: String = frame
+            .chars()
+            .filter(|c| *c == '\n' || !c.is_control())
+            .collect();
+        let mut out = std::io::stdout().lock();
+        let wrote = if json {
+            write!(out, "{frame}")
+        } else {
+            let head = format!(
+                "{}  every {}  (Ctrl-C to stop)",
+                fmt_time(now),
+                humantime::format_duration(every)
+            );
+            if tty {
+                // Home, draw each line over the last frame's, then clear
+                // what that frame left below.
+                write!(
+                    out,
+                    "\x1b[H{head}\x1b[K\n{}\x1b[J",
+                    frame.replace('\n', "\x1b[K\n")
+                )
+            } else {
+                write!(out, "--- {head}\n{frame}")
+            }
+        };
+        if let Err(e) = wrote.and_then(|()| out.flush()) {
+            return Ok(done(Err(e))?);
+        }
+        drop(out);
+        std::thread::sleep(every);
     }
+}
+
+/// The text `ferry status` prints for a status answer `v`, or the JSON
+/// itself.
+fn render(v: &serde_json::Value, json: bool) -> Result<String> {
+    use std::fmt::Write;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(v)?));
+    }
+    let mut o = String::new();
     let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
-    println!(
+    writeln!(
+        o,
         "node {}  {}  {}  {}",
         &s("node_id")[..8.min(s("node_id").len())],
         s("jurisdiction"),
         s("roles"),
         s("state")
-    );
+    )?;
     if let Some(r) = v["state_reason"].as_str().filter(|r| !r.is_empty()) {
-        println!("  {r}");
+        writeln!(o, "  {r}")?;
     }
-    if let Some(line) = admission_cli::status_line(&v) {
-        println!("{line}");
+    if let Some(line) = admission_cli::status_line(v) {
+        writeln!(o, "{line}")?;
     }
-    println!("circuits carried: {}", v["circuits"]);
+    writeln!(o, "circuits carried: {}", v["circuits"])?;
     if let Some(cs) = v["origin"]["circuits"].as_array() {
-        println!("own circuits: {}", cs.len());
+        writeln!(o, "own circuits: {}", cs.len())?;
         for c in cs {
             let path: Vec<&str> = c["path"]
                 .as_array()
@@ -174,29 +244,44 @@ pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
                 .flatten()
                 .filter_map(|x| x.as_str())
                 .collect();
-            println!("  {}  streams {}", path.join(" -> "), c["streams"]);
+            let scope = match (c["tenant"].as_str(), c["class"].as_str()) {
+                (Some(t), Some(k)) if !t.is_empty() => format!("tenant {t}  class {k}"),
+                (_, Some(k)) => format!("class {k}"),
+                _ => String::new(),
+            };
+            writeln!(
+                o,
+                "  {}  {scope}  streams {}",
+                path.join(" -> "),
+                c["streams"]
+            )?;
+            if let Some(line) = leave_line(&c["must_leave"]) {
+                writeln!(o, "    {line}")?;
+            }
         }
     }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    println!("peers: {}", peers.len());
+    writeln!(o, "peers: {}", peers.len())?;
     for p in &peers {
         let id = p["id"].as_str().unwrap_or("?");
         let rtt = match (p["rtt"]["srtt_ms"].as_f64(), p["rtt"]["min_ms"].as_f64()) {
             (Some(s), Some(m)) => format!("rtt {s:.2} ms (min {m:.2})"),
             _ => "no link".to_string(),
         };
-        println!(
+        writeln!(
+            o,
             "  {}  {}  {:<16} {:<9} {rtt}",
             p["jurisdiction"].as_str().unwrap_or("??"),
             &id[..8.min(id.len())],
             p["roles"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
-        );
+        )?;
     }
     for q in v["quarantine"].as_array().into_iter().flatten() {
         let id = q["node_id"].as_str().unwrap_or("?");
         let landmark = q["landmark_id"].as_str().unwrap_or("?");
-        println!(
+        writeln!(
+            o,
             "quarantined: {} claims {}, but landmark {} at {} measured {:.2} ms (at least {:.2} ms for that claim)",
             &id[..8.min(id.len())],
             q["claimed"].as_str().unwrap_or("??"),
@@ -204,12 +289,13 @@ pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
             q["landmark_at"].as_str().unwrap_or("?"),
             q["measured_rtt_ms"].as_f64().unwrap_or(0.0),
             q["minimum_rtt_ms"].as_f64().unwrap_or(0.0),
-        );
+        )?;
     }
     let rulings = v["rulings"].as_array().cloned().unwrap_or_default();
-    println!("rulings in force: {}", rulings.len());
+    writeln!(o, "rulings in force: {}", rulings.len())?;
     for r in rulings {
-        println!(
+        writeln!(
+            o,
             "  {} v{}  {}  blocked from {}  exit by {}{}",
             r["id"].as_str().unwrap_or("?"),
             r["version"],
@@ -221,7 +307,7 @@ pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
             } else {
                 ""
             }
-        );
+        )?;
     }
     for key in [
         "ruling_rejections",
@@ -230,8 +316,87 @@ pub fn status(admin: SocketAddr, json: bool) -> Result<()> {
     ] {
         if let Some(m) = v[key].as_object().filter(|m| !m.is_empty()) {
             let parts: Vec<String> = m.iter().map(|(k, n)| format!("{k}={n}")).collect();
-            println!("{}: {}", key.replace('_', " "), parts.join(" "));
+            writeln!(o, "{}: {}", key.replace('_', " "), parts.join(" "))?;
         }
     }
-    Ok(())
+    Ok(o)
+}
+
+/// What an own circuit's `must_leave` says, as a line: which hop must be
+/// left, by when (counted from the node's own clock: `in_secs`), why, and
+/// what happens then; `None` when nothing asks it to move.
+fn leave_line(m: &serde_json::Value) -> Option<String> {
+    let by = m["by"].as_str()?;
+    let short = |k: &str| m[k].as_str().map(|id| id[..8.min(id.len())].to_string());
+    let left = match (m["phase"].as_str(), m["in_secs"].as_u64()) {
+        (Some("overdue"), _) | (_, Some(0)) => "OVERDUE".to_string(),
+        (_, Some(s)) => format!("in {}", humantime::format_duration(Duration::from_secs(s))),
+        (_, None) => "?".to_string(),
+    };
+    let j = m["jurisdiction"].as_str().unwrap_or("??");
+    let why = if let Some(r) = m["ruling"].as_str() {
+        format!(
+            "ruling {r} v{} on {}",
+            m["version"],
+            m["region"].as_str().unwrap_or("?")
+        )
+    } else if let Some(id) = short("hop_unknown") {
+        format!("node {id} is not known here any more (its advert lapsed, or it was revoked)")
+    } else {
+        format!("node {} is draining", short("node").unwrap_or_default())
+    };
+    let phase = match m["phase"].as_str() {
+        Some("announced") => format!(", draining from {}", m["from"].as_str().unwrap_or("?")),
+        Some("draining") => ", draining now".to_string(),
+        _ => String::new(),
+    };
+    let then = if m["action"] == "close" {
+        "its exit leaves: its streams close then"
+    } else {
+        "it moves before then"
+    };
+    Some(format!(
+        "must leave {j} by {by} ({left}): {why}{phase}; {then}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_circuit_says_which_hop_it_must_leave_by_when_and_why() {
+        let announced = json!({
+            "by": "2030-01-15T00:00:00Z", "in_secs": 7_200, "jurisdiction": "PK",
+            "node": "cd".repeat(32), "action": "move", "phase": "announced",
+            "from": "2030-01-01T00:00:00Z", "ruling": "pk-2030", "version": 3, "region": "PK",
+        });
+        assert_eq!(
+            leave_line(&announced).unwrap(),
+            "must leave PK by 2030-01-15T00:00:00Z (in 2h): ruling pk-2030 v3 on PK, \
+             draining from 2030-01-01T00:00:00Z; it moves before then"
+        );
+        let exit = json!({
+            "by": "2030-01-15T00:00:00Z", "in_secs": 0, "jurisdiction": "DE",
+            "node": "ab".repeat(32), "action": "close", "phase": "overdue",
+            "from": "2030-01-01T00:00:00Z", "ruling": null,
+        });
+        assert_eq!(
+            leave_line(&exit).unwrap(),
+            "must leave DE by 2030-01-15T00:00:00Z (OVERDUE): node abababab is draining; \
+             its exit leaves: its streams close then"
+        );
+        let unknown = json!({
+            "by": "2030-01-15T00:00:00Z", "in_secs": 0, "jurisdiction": "??",
+            "hop_unknown": "ef".repeat(32), "action": "move",
+        });
+        assert!(
+            leave_line(&unknown)
+                .unwrap()
+                .contains("node efefefef is not known here any more"),
+            "{unknown}"
+        );
+        assert_eq!(leave_line(&serde_json::Value::Null), None);
+    }
 }

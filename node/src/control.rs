@@ -28,7 +28,8 @@
 
 pub use crate::config::{Bootstrap, multiaddr, parse_bootstrap};
 use crate::directory::{Directory, OwnAdvert};
-use crate::rulings::{Offered, Revocations, Revoked, Rulings, Source, WarnLimit};
+use crate::log_limit::LogLimit;
+use crate::rulings::{Offered, Revocations, Revoked, Rulings, Source};
 use crate::store::{Store, cf};
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
@@ -44,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// Gossip topic for node adverts.
 pub const ADVERTS: &str = "ferry/adverts/1";
@@ -129,7 +130,7 @@ pub enum Command {
 #[derive(Debug, Default)]
 pub struct GossipCounters {
     adverts: Mutex<BTreeMap<&'static str, u64>>,
-    warned: WarnLimit,
+    warned: LogLimit,
     /// Control connections refused by the connection limits.
     denied: std::sync::atomic::AtomicU64,
 }
@@ -195,16 +196,19 @@ fn dial_bootstrap(list: &Arc<Vec<Bootstrap>>, tx: &mpsc::UnboundedSender<Command
         return;
     }
     let (list, tx) = (list.clone(), tx.clone());
-    tokio::spawn(async move {
-        let addrs = resolve_bootstrap(&list).await;
-        if addrs.is_empty() {
-            debug!(
-                configured = list.len(),
-                "no bootstrap address resolved yet; trying again in 2 s"
-            );
+    tokio::spawn(
+        async move {
+            let addrs = resolve_bootstrap(&list).await;
+            if addrs.is_empty() {
+                debug!(
+                    configured = list.len(),
+                    "no bootstrap address resolved yet; trying again in 2 s"
+                );
+            }
+            let _ = tx.send(Command::Dial(addrs));
         }
-        let _ = tx.send(Command::Dial(addrs));
-    });
+        .in_current_span(),
+    );
 }
 
 /// The libp2p peer id of a node id.
@@ -486,7 +490,7 @@ pub fn start(
             }
         }
         debug!("control plane stopped");
-    });
+    }.in_current_span());
     Ok(tx)
 }
 
@@ -544,7 +548,9 @@ pub fn on_measurement(shared: &Shared, bytes: &[u8], now: u64) -> Verdict {
     let own = shared.own.as_ref().map(|(id, c)| (*id, c));
     match shared.quarantine.offer(bytes, &shared.directory, own, now) {
         Ok(Some(e)) => {
-            warn!(
+            crate::warn_limited!(
+            shared.counters.warned,
+            "node quarantined",
             node = %e.node.short(),
             claimed = %e.claimed,
             landmark = %e.landmark.short(),
@@ -689,7 +695,9 @@ fn on_sync(
                 + shared.revocations.rejections().values().sum::<u64>()
                 - before;
             if refused > 0 {
-                warn!(
+                crate::warn_limited!(
+                    shared.counters.warned,
+                    "sync refused",
                     refused,
                     "a peer's sync answer carried statements that do not verify"
                 );
@@ -820,10 +828,18 @@ fn on_advert(
                 .or_default() += 1;
             // A stale advert is gossip arriving out of order (a newer one
             // came first): expected, so never a warning.
-            if d.kind != "stale" && shared.counters.warned.allow(d.kind, now) {
-                warn!(reason = d.kind, detail = %d.detail, "advert dropped (the same reason is logged again in a minute at the earliest; all are counted)");
-            } else {
-                debug!(reason = d.kind, detail = %d.detail, "advert dropped");
+            let warn = match d.kind {
+                "stale" => None,
+                kind => shared.counters.warned.allow(kind, now),
+            };
+            match warn {
+                // The detail may quote the advert (a claimed jurisdiction):
+                // escaped, so it cannot forge log lines.
+                Some(0) => warn!(reason = d.kind, detail = ?d.detail, "advert dropped"),
+                Some(held_back) => {
+                    warn!(reason = d.kind, detail = ?d.detail, held_back, "advert dropped")
+                }
+                None => debug!(reason = d.kind, detail = %d.detail, "advert dropped"),
             }
             // Out of order: valid, not news.
             if d.kind == "stale" {

@@ -214,6 +214,10 @@ pub async fn start(
             }
         };
         let store = std::sync::Arc::new(crate::store::Store::open(&cfg.data_dir)?);
+        // Seven nodes log into one stream: each line names its node
+        // (`node{at=PK}`), its tasks started inside this span.
+        let span = tracing::info_span!("node", at = %cc);
+        let _in = span.enter();
         running.push(node::start_full(
             cfg,
             keys,

@@ -51,7 +51,7 @@ pub async fn serve<F, Fut>(
                 Err(e) => {
                     // Out of descriptors (EMFILE) fails every accept until
                     // some close: pause rather than spin.
-                    warn!(error = %e, "entry accept failed");
+                    crate::warn_limited!(origin.warned, "entry accept failed", error = %e, "entry accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
@@ -129,36 +129,20 @@ pub fn refused(origin: &Origin, proto: &'static str, reason: &'static str, why: 
         .refusals
         .with_label_values(&[reason])
         .inc();
-    log_refusal(reason, proto, why);
+    log_refusal(origin, reason, proto, why);
 }
 
-/// Logs a refusal: at most one line per `reason` a second at `info`, the
-/// others at `debug` and counted in the next `info` line (`more`).
-fn log_refusal(reason: &'static str, proto: &'static str, why: &str) {
-    static LAST: std::sync::Mutex<Vec<(&'static str, std::time::Instant, u64)>> =
-        std::sync::Mutex::new(Vec::new());
-    let quiet = {
-        let mut last = LAST.lock().expect("log throttle lock");
-        let now = std::time::Instant::now();
-        match last.iter_mut().find(|(r, _, _)| *r == reason) {
-            Some((_, at, n)) if now.duration_since(*at) < std::time::Duration::from_secs(1) => {
-                *n += 1;
-                None
-            }
-            Some((_, at, n)) => {
-                *at = now;
-                Some(std::mem::take(n))
-            }
-            None => {
-                last.push((reason, now, 0));
-                Some(0)
-            }
-        }
-    };
-    match quiet {
-        Some(more) => tracing::info!(reason, proto, more, "client refused: {why}"),
-        None => tracing::debug!(reason, proto, "client refused: {why}"),
-    }
+/// Logs a refusal: at most one line per `reason` a second at `info`
+/// (with `held_back`, how many went to `debug` since), so a hostile client
+/// cannot flood the log.
+fn log_refusal(origin: &Origin, reason: &'static str, proto: &'static str, why: &str) {
+    crate::info_limited!(
+        origin.refusals_logged,
+        reason,
+        reason,
+        proto,
+        "client refused: {why}"
+    );
 }
 
 /// Raises this process's soft limit on open files to its hard limit (each
@@ -251,7 +235,7 @@ pub fn refused_credentials(origin: &Origin, proto: &'static str, why: AuthRefusa
         .refusals
         .with_label_values(&["auth"])
         .inc();
-    log_refusal(why.kind(), proto, &why.to_string());
+    log_refusal(origin, why.kind(), proto, &why.to_string());
 }
 
 /// Opens `client`'s stream to `host:port` along the route its tenant and

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// The most bytes a request head may have.
 pub const HEAD_LIMIT: usize = 8192;
@@ -259,10 +259,22 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) => {
                 let _ = respond(&mut sock, 431, "request head too long", "").await;
-                return warn!(reason = "request head too long", "http connection closed");
+                return crate::warn_limited!(
+                    origin.warned,
+                    "http head too long",
+                    reason = "request head too long",
+                    "http connection closed"
+                );
             }
             Ok(Err(e)) => return debug!(error = %e, "http connection closed"),
-            Err(_) => return warn!(reason = "request timed out", "http connection closed"),
+            Err(_) => {
+                return crate::warn_limited!(
+                    origin.warned,
+                    "http timed out",
+                    reason = "request timed out",
+                    "http connection closed"
+                );
+            }
         };
     if let Some(l) = adm.pass.refused() {
         // Over its rate: told so, its credentials not even checked.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 /// How often a landmark looks at its links.
 pub const ROUND: Duration = Duration::from_secs(2);
@@ -97,7 +97,7 @@ pub async fn run(
                             Err(_) => debug!(peer = %id.short(), "landmark dial timed out"),
                         }
                         in_flight.lock().expect("dials lock").remove(&id);
-                    });
+                    }.in_current_span());
                 }
                 continue;
             };

@@ -41,6 +41,7 @@ pub mod identity;
 pub mod landmark;
 pub mod limits;
 pub mod link;
+pub mod log_limit;
 pub mod metrics;
 pub mod node;
 pub mod origin;

@@ -48,6 +48,7 @@ use crate::authority::now_ms;
 use crate::crypto::{self, Session};
 use crate::directory::Peer;
 use crate::identity::Keys;
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{BufMut, BytesMut};
@@ -251,6 +252,9 @@ pub trait LinkHost: Send + Sync + 'static {
     fn link_down(&self, link: &Arc<LinkHandle>);
     /// Where the link's tasks are tracked.
     fn tasks(&self) -> &TaskTracker;
+    /// What limits the links' repeated warnings (a peer can cause them at
+    /// will).
+    fn log_limit(&self) -> Arc<LogLimit>;
     /// A cell arrived on `link`; an error closes the link.
     fn on_cell(
         this: &Arc<Self>,
@@ -333,6 +337,8 @@ pub struct LinkHandle {
     dead: std::sync::atomic::AtomicBool,
     /// Set when the writer gave up on a peer that stopped reading.
     stalled: std::sync::atomic::AtomicBool,
+    /// The node's limit on repeated warnings.
+    warned: Arc<LogLimit>,
 }
 
 /// The link is gone.
@@ -434,7 +440,9 @@ impl LinkHandle {
         match self.urgent.try_send(cell) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!(
+                crate::warn_limited!(
+                    self.warned,
+                    "link urgent full",
                     peer = %self.peer.short(),
                     "link closed: the peer left {LINK_URGENT_CELLS} circuit control cells unread"
                 );
@@ -528,7 +536,9 @@ async fn keepalive(link: Arc<LinkHandle>, closed: CancellationToken) {
         }
         let pinged = link.keepalive.lock().expect("keepalive lock").pinged;
         if silent >= dead_after && pinged {
-            warn!(
+            crate::warn_limited!(
+                link.warned,
+                "link dead",
                 silent_secs = (KEEPALIVE * silent).as_secs(),
                 "link dead: the peer sent nothing; closing"
             );
@@ -778,6 +788,7 @@ fn start<H: LinkHost>(
         waiting: std::sync::atomic::AtomicBool::new(false),
         dead: std::sync::atomic::AtomicBool::new(false),
         stalled: std::sync::atomic::AtomicBool::new(false),
+        warned: switch.log_limit(),
     });
     let span = tracing::info_span!("link", id = link.id, peer = %peer.short());
     let (r, w) = sock.into_split();
@@ -821,7 +832,20 @@ fn start<H: LinkHost>(
                             .with_label_values(&["malformed"])
                             .inc();
                     }
-                    warn!(reason = %r, kind = r.kind(), "link closed")
+                    match r.kind() {
+                        // A peer that went away (reset, closed mid-record):
+                        // expected, and counted in ferry_links_closed_total.
+                        kind @ ("io" | "truncated") => {
+                            debug!(reason = %r, kind, "link closed")
+                        }
+                        kind => crate::warn_limited!(
+                            l2.warned,
+                            ("link closed", kind),
+                            reason = %r,
+                            kind,
+                            "link closed"
+                        ),
+                    }
                 }
                 None => debug!("link closed"),
             }
@@ -1083,7 +1107,9 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
                     return;
                 }
                 Err(_) => {
-                    warn!(
+                    crate::warn_limited!(
+                        link.warned,
+                        "link stalled",
                         stalled_secs = WRITE_STALL.as_secs(),
                         "link stalled: the peer has read nothing; closing"
                     );
@@ -1176,6 +1202,7 @@ mod queue_tests {
             waiting: Default::default(),
             dead: Default::default(),
             stalled: Default::default(),
+            warned: Default::default(),
         };
         let q = Queues {
             urgent: urgent_rx,

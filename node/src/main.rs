@@ -180,6 +180,11 @@ enum Cmd {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh in place every EVERY (2s if not given) until Ctrl-C;
+        /// with --json, one line of JSON a refresh.
+        #[arg(long, value_name = "EVERY", num_args = 0..=1, default_missing_value = "2s",
+              value_parser = parse_watch)]
+        watch: Option<Duration>,
     },
     /// Drain a running node: it takes no new circuits, its circuits move
     /// away, and at the exit date it carries nothing. Persisted: a restart
@@ -367,6 +372,17 @@ enum PolicyCmd {
     },
 }
 
+/// `ferry status --watch EVERY`: a duration of 100 ms to a day (a node
+/// asked more often than ten times a second is asked for nothing).
+fn parse_watch(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if (Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("{s}: give 100ms to 1day"))
+    }
+}
+
 /// The log filter from `--log` (`FERRY_LOG`): libp2p's crates held to
 /// the node's bar unless the filter names them (docs/LOGGING.md): WARN,
 /// and gossipsub ERROR (its warnings are about messages already
@@ -504,7 +520,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Status { admin, json } => admin_client::status(admin, json),
+        Cmd::Status { admin, json, watch } => admin_client::status(admin, json, watch),
         Cmd::Healthcheck { admin, ready } => admin_client::healthcheck(admin, ready),
         Cmd::Drain {
             admin,

@@ -195,12 +195,19 @@ pub fn start_full(
         rulings.clone(),
         Some(store.clone()),
     )?);
-    tracing::info!(
-        peers = recovered,
-        rulings = rulings.snapshot().iter().count(),
-        state = state.current().name(),
-        "state recovered from the store"
-    );
+    let held_rulings = rulings.snapshot().iter().count();
+    let held_state = state.current().name();
+    // A fresh store recovers nothing: not news.
+    if recovered > 0 || held_rulings > 0 || held_state != "active" {
+        tracing::info!(
+            peers = recovered,
+            rulings = held_rulings,
+            state = held_state,
+            "state recovered from the store"
+        );
+    } else {
+        tracing::debug!("a fresh store: nothing to recover");
+    }
     let counters = Arc::new(GossipCounters::default());
     let keys = Arc::new(keys);
     let cfg = Arc::new(cfg);
@@ -238,12 +245,15 @@ pub fn start_full(
     };
     let landmark_shared = shared.clone();
     let control = control::start(&keys, settings, shared, signer, shutdown.clone())?;
-    switch.tasks.spawn(crate::landmark::run(
-        switch.clone(),
-        control.clone(),
-        landmark_shared,
-        shutdown.clone(),
-    ));
+    switch.tasks.spawn(
+        crate::landmark::run(
+            switch.clone(),
+            control.clone(),
+            landmark_shared,
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let running = start_data_plane(
         switch.clone(),
         Listeners {
@@ -266,10 +276,10 @@ pub fn start_full(
         origin: running.origin.clone(),
     });
     if let Some(l) = listeners.admin {
-        tokio::spawn(admin::serve(l, state.clone(), shutdown.clone()));
+        tokio::spawn(admin::serve(l, state.clone(), shutdown.clone()).in_current_span());
     }
     if let Some(l) = listeners.metrics {
-        tokio::spawn(admin::serve_metrics(l, state, shutdown));
+        tokio::spawn(admin::serve_metrics(l, state, shutdown).in_current_span());
     }
     Ok(running)
 }
@@ -283,12 +293,16 @@ fn start_data_plane(
     if let Some(l) = listeners.link {
         switch
             .tasks
-            .spawn(accept_links(l, switch.clone(), shutdown.clone()));
+            .spawn(accept_links(l, switch.clone(), shutdown.clone()).in_current_span());
     }
     if let Some(exit) = switch.exit() {
-        switch.tasks.spawn(exit.sweep_parked(shutdown.clone()));
+        switch
+            .tasks
+            .spawn(exit.sweep_parked(shutdown.clone()).in_current_span());
     }
-    switch.tasks.spawn(switch.clone().sweep_idle());
+    switch
+        .tasks
+        .spawn(switch.clone().sweep_idle().in_current_span());
     let origin = (listeners.socks.is_some() || listeners.http.is_some()).then(|| {
         let origin = Origin::new(switch.clone());
         let entry_listeners =
@@ -299,29 +313,33 @@ fn start_data_plane(
         if let Some(l) = listeners.socks {
             switch
                 .tasks
-                .spawn(socks::serve(l, origin.clone(), shutdown.clone()));
+                .spawn(socks::serve(l, origin.clone(), shutdown.clone()).in_current_span());
         }
         if let Some(l) = listeners.http {
-            switch.tasks.spawn(crate::http_proxy::serve(
-                l,
-                origin.clone(),
-                shutdown.clone(),
-            ));
+            switch.tasks.spawn(
+                crate::http_proxy::serve(l, origin.clone(), shutdown.clone()).in_current_span(),
+            );
         }
+        switch.tasks.spawn(
+            origin
+                .clone()
+                .run_drains(shutdown.clone())
+                .in_current_span(),
+        );
         switch
             .tasks
-            .spawn(origin.clone().run_drains(shutdown.clone()));
-        switch
-            .tasks
-            .spawn(origin.clone().run_idle(shutdown.clone()));
-        switch
-            .tasks
-            .spawn(origin.clone().run_rescues(shutdown.clone()));
+            .spawn(origin.clone().run_idle(shutdown.clone()).in_current_span());
+        switch.tasks.spawn(
+            origin
+                .clone()
+                .run_rescues(shutdown.clone())
+                .in_current_span(),
+        );
         origin
     });
     switch
         .tasks
-        .spawn(watch_state(switch.clone(), control, shutdown));
+        .spawn(watch_state(switch.clone(), control, shutdown).in_current_span());
     Running { switch, origin }
 }
 
@@ -423,7 +441,7 @@ async fn accept_links(listener: TcpListener, switch: Arc<Switch>, shutdown: Canc
             a = listener.accept() => match a {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    warn!(error = %e, "link accept failed");
+                    crate::warn_limited!(switch.warned, "link accept failed", error = %e, "link accept failed");
                     // Out of file descriptors, say: let some close.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
@@ -438,13 +456,15 @@ async fn accept_links(listener: TcpListener, switch: Arc<Switch>, shutdown: Canc
             continue;
         }
         let sw = switch.clone();
+        let warned = switch.warned.clone();
         let span = tracing::info_span!("inbound", n);
         switch.tasks.spawn(
             async move {
                 let r = link::accept(sw, sock).await;
                 drop(permit);
                 if let Err(e) = r {
-                    warn!(reason = %format!("{e:#}"), "link refused");
+                    let kind = e.downcast_ref::<link::Refused>().map_or("other", |r| r.kind);
+                    crate::warn_limited!(warned, ("link refused", kind), reason = %format!("{e:#}"), "link refused");
                 }
             }
             .instrument(span),

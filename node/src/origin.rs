@@ -274,6 +274,11 @@ pub struct Origin {
     /// Lost circuits' streams, to move ([`Origin::run_rescues`]).
     rescues: mpsc::UnboundedSender<Rescue>,
     rescues_rx: Mutex<Option<mpsc::UnboundedReceiver<Rescue>>>,
+    /// Client refusals: one INFO line a second per reason, with a count.
+    pub(crate) refusals_logged: crate::log_limit::LogLimit,
+    /// Warnings a client or the mesh can repeat (bad handshakes, failed
+    /// builds): one a minute per reason, with a count.
+    pub(crate) warned: crate::log_limit::LogLimit,
 }
 
 /// What the origin has done about drains.
@@ -316,6 +321,8 @@ impl Origin {
             stats: OriginStats::default(),
             limits,
             policy: std::sync::RwLock::new(Arc::new(switch_policy.clone())),
+            refusals_logged: crate::log_limit::LogLimit::new(1_000),
+            warned: crate::log_limit::LogLimit::per_minute(),
         })
     }
 
@@ -702,7 +709,7 @@ impl Origin {
         if let Some(hop) = leaving {
             self.learn_leaving(hop);
         } else {
-            warn!(error = %e, kind = e.kind(), "circuit build failed");
+            crate::warn_limited!(self.warned, "circuit build failed", error = %e, kind = e.kind(), "circuit build failed");
         }
         Failed {
             err: OpenError::Build(e.to_string()),
@@ -813,9 +820,12 @@ impl Origin {
                 "a lost circuit's streams moved"
             );
         } else {
-            warn!(
+            crate::warn_limited!(
+                self.warned,
+                "lost streams",
                 moved = total - lost,
-                lost, "a lost circuit's streams could not all be moved"
+                lost,
+                "a lost circuit's streams could not all be moved"
             );
         }
     }
@@ -1109,10 +1119,10 @@ impl Origin {
                 Err(e) => {
                     self.stats.migrations_failed.fetch_add(1, Ordering::Relaxed);
                     if old.endpoint().is_none() {
-                        warn!(circ = old.circ, error = %e, "migration failed and the circuit is gone");
+                        crate::warn_limited!(self.warned, ("migration failed", "gone"), circ = old.circ, error = %e, "migration failed and the circuit is gone");
                         break;
                     }
-                    warn!(circ = old.circ, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "migration failed; retrying");
+                    crate::warn_limited!(self.warned, ("migration failed", "retrying"), circ = old.circ, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "migration failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -1155,7 +1165,11 @@ impl Origin {
                 Ok(()) => moved += 1,
                 // Ended at the exit already: nothing left to move.
                 Err(CircuitError::UnknownStream) => {
-                    warn!("a stream the exit no longer had was ended instead of moved");
+                    crate::warn_limited!(
+                        self.warned,
+                        "stream unknown at exit",
+                        "a stream the exit no longer had was ended instead of moved"
+                    );
                 }
                 Err(e) => failed = Some(e.to_string()),
             }

@@ -12,6 +12,7 @@
 //! ignored in a sync answer from a peer that is behind).
 
 use crate::authority::{Authority, Refusal};
+use crate::log_limit::LogLimit;
 use crate::store::{Store, cf};
 use ferry_proto::pb;
 use ferry_router::{Blocs, NodeId, Rejected, RulingSet};
@@ -20,38 +21,18 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
-/// At most one WARN line per reason a minute for what a remote party can
-/// repeat at will (a hostile node gossiping junk); the rest go to DEBUG.
-/// Every occurrence is counted all the same.
-#[derive(Debug, Default)]
-pub struct WarnLimit(Mutex<BTreeMap<&'static str, u64>>);
-
-impl WarnLimit {
-    /// Whether a WARN line for `kind` may be written at `now` (ms).
-    pub fn allow(&self, kind: &'static str, now: u64) -> bool {
-        let mut g = self.0.lock().expect("lock");
-        match g.get(kind) {
-            Some(last) if now < last + 60_000 => false,
-            _ => {
-                g.insert(kind, now);
-                true
-            }
-        }
-    }
-}
-
 /// Refusals counted by reason, each logged as [`Log`] says.
 #[derive(Debug, Default)]
 struct Refusals {
     counts: Mutex<BTreeMap<&'static str, u64>>,
-    warned: WarnLimit,
+    warned: LogLimit,
 }
 
 /// How a refusal is logged.
 enum Log {
     /// WARN (an operator sent it and is told).
     Warn,
-    /// WARN as [`WarnLimit`] allows at this time (ms), else DEBUG: what a
+    /// WARN as [`LogLimit`] allows at this time (ms), else DEBUG: what a
     /// remote party can repeat.
     Limited(u64),
     /// DEBUG (counted, and summed by the caller).
@@ -62,14 +43,16 @@ impl Refusals {
     fn record(&self, e: &Refusal, what: &str, log: Log) {
         *self.counts.lock().expect("lock").entry(e.kind).or_default() += 1;
         let warn = match log {
-            Log::Warn => true,
+            Log::Warn => Some(0),
             Log::Limited(now) => self.warned.allow(e.kind, now),
-            Log::Debug => false,
+            Log::Debug => None,
         };
-        if warn {
-            warn!(reason = e.kind, detail = %e.detail, "{what} refused");
-        } else {
-            tracing::debug!(reason = e.kind, detail = %e.detail, "{what} refused");
+        match warn {
+            Some(0) => warn!(reason = e.kind, detail = %e.detail, "{what} refused"),
+            Some(held_back) => {
+                warn!(reason = e.kind, detail = %e.detail, held_back, "{what} refused")
+            }
+            None => tracing::debug!(reason = e.kind, detail = %e.detail, "{what} refused"),
         }
     }
 
@@ -513,16 +496,6 @@ mod tests {
         );
         assert_eq!(r.rejections().get("rollback"), Some(&1));
         assert_eq!(r.rejections().get("expired"), Some(&2));
-    }
-
-    #[test]
-    fn a_repeated_refusal_warns_once_a_minute_per_reason() {
-        let w = WarnLimit::default();
-        assert!(w.allow("expired", 1_000));
-        assert!(!w.allow("expired", 30_000));
-        assert!(w.allow("rollback", 30_000), "reasons are separate");
-        assert!(!w.allow("expired", 60_999));
-        assert!(w.allow("expired", 61_000));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Time a client has to finish the SOCKS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,6 +89,22 @@ pub enum SocksError {
     /// Socket error or early close.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl SocksError {
+    /// A bounded label (logs are limited per kind).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SocksError::Version(_) => "version",
+            SocksError::NoMethod => "no_method",
+            SocksError::Auth => "auth",
+            SocksError::Command(_) => "command",
+            SocksError::AddressType(_) => "address_type",
+            SocksError::Domain => "domain",
+            SocksError::Refused(_) => "refused",
+            SocksError::Io(_) => "io",
+        }
+    }
 }
 
 /// SOCKS5 messages as pure functions over the bytes read so far (no I/O),
@@ -444,8 +460,20 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
         Ok(Err(SocksError::Refused(why))) => {
             return crate::entry::refused_credentials(&origin, "socks", why);
         }
-        Ok(Err(e)) => return warn!(reason = %e, "socks connection closed"),
-        Err(_) => return warn!(reason = "handshake timed out", "socks connection closed"),
+        // A client that goes away mid-handshake (a port scan, a client
+        // that gave up) is nothing to look at.
+        Ok(Err(SocksError::Io(e))) => return debug!(reason = %e, "socks connection closed"),
+        Ok(Err(e)) => {
+            return crate::warn_limited!(origin.warned, ("socks handshake", e.kind()), reason = %e, "socks connection closed");
+        }
+        Err(_) => {
+            return crate::warn_limited!(
+                origin.warned,
+                "socks timed out",
+                reason = "handshake timed out",
+                "socks connection closed"
+            );
+        }
     };
     adm.pass.handshake_done();
     if crate::entry::admit_tenant(&origin, "socks", &mut adm.pass, &req.client).is_err() {

@@ -108,9 +108,9 @@ pub struct Switch {
     /// Every data-plane task (links, circuits, streams, extends), so a
     /// shutdown can wait for them.
     pub tasks: TaskTracker,
-    /// Refusals a remote party can repeat at will warn once a minute per
-    /// reason (all are counted).
-    warned: crate::rulings::WarnLimit,
+    /// Warnings a remote party can repeat at will: once a minute per
+    /// reason, with a count (all are counted in metrics too).
+    pub(crate) warned: Arc<crate::log_limit::LogLimit>,
 }
 
 pub use crate::link::Malformed;
@@ -395,7 +395,9 @@ impl Switch {
         match dispatch {
             Dispatch::Create => self.on_create(link, circ, c.body),
             Dispatch::CreateInUse => {
-                warn!(
+                crate::warn_limited!(
+                    self.warned,
+                    "circuit id in use",
                     circ,
                     reason = "circuit id already in use on this link",
                     "circuit refused"
@@ -460,13 +462,13 @@ impl Switch {
                     })
                 };
                 if let Err(e) = res {
-                    warn!(circ, error = %e, kind = e.kind(), "circuit protocol error; destroying circuit");
+                    crate::warn_limited!(self.warned, ("circuit protocol error", e.kind()), circ, error = %e, kind = e.kind(), "circuit protocol error; destroying circuit");
                     self.destroy(link, circ, DestroyReason::Protocol);
                 }
             }
             Dispatch::Origin(oc) => {
                 if let Err(e) = oc.on_cell(cmd, buf) {
-                    warn!(circ, error = %e, kind = e.kind(), "circuit protocol error; destroying circuit");
+                    crate::warn_limited!(self.warned, ("circuit protocol error", e.kind()), circ, error = %e, kind = e.kind(), "circuit protocol error; destroying circuit");
                     self.destroy(link, circ, DestroyReason::Protocol);
                 }
             }
@@ -735,15 +737,13 @@ impl Switch {
     /// minute per kind, else DEBUG).
     fn refused(&self, kind: &'static str, circ: u32, what: &str) {
         self.metrics.node.refusals.with_label_values(&[kind]).inc();
-        if self.warned.allow(kind, now_ms()) {
-            warn!(
-                circ,
-                reason = kind,
-                "{what} (logged again in a minute at the earliest; all are counted)"
-            );
-        } else {
-            debug!(circ, reason = kind, "{what}");
-        }
+        crate::warn_limited!(
+            self.warned,
+            ("refused", kind),
+            circ,
+            reason = kind,
+            "{what}"
+        );
     }
 
     /// Why this node cannot take one more circuit side on `link`, if it
@@ -764,8 +764,14 @@ impl Switch {
 
     fn on_create(self: &Arc<Self>, link: &Arc<LinkHandle>, circ: u32, msg1: &[u8]) {
         let _span = tracing::info_span!("circuit", circ).entered();
-        let refuse = |why: &str| {
-            warn!(circ, reason = why, "circuit refused");
+        let refuse = |kind: &'static str, why: &str| {
+            crate::warn_limited!(
+                self.warned,
+                ("circuit refused", kind),
+                circ,
+                reason = why,
+                "circuit refused"
+            );
             link.send_urgent(destroy_cell(circ, DestroyReason::BuildFailed));
         };
         let st = self.state.current();
@@ -786,7 +792,7 @@ impl Switch {
             return;
         }
         if !(self.cfg.roles.relay || self.cfg.roles.exit) {
-            return refuse("this node has neither the relay nor the exit role");
+            return refuse("role", "this node has neither the relay nor the exit role");
         }
         if let Some(why) = self.at_capacity(link.id) {
             self.refused("capacity", circ, why);
@@ -801,7 +807,10 @@ impl Switch {
                 .refusals
                 .with_label_values(&["auth"])
                 .inc();
-            return refuse("the node on this link is not admitted here any more");
+            return refuse(
+                "auth",
+                "the node on this link is not admitted here any more",
+            );
         }
         let (session, msg2) = match crypto::hop_respond(
             &self.keys.noise.responder_keys(now_ms()),
@@ -809,7 +818,7 @@ impl Switch {
             msg1,
         ) {
             Ok(x) => x,
-            Err(e) => return refuse(&e.to_string()),
+            Err(e) => return refuse("handshake", &e.to_string()),
         };
         let end = Endpoint::new(
             link.clone(),
@@ -843,7 +852,7 @@ impl Switch {
             Ok(msg2) => pb::control_reply::Msg::Extended(pb::Extended { handshake: msg2 }),
             Err((reason, detail)) => {
                 end.end_extend();
-                warn!(circ = in_circ, reason = reason.as_str_name(), %detail, "extend failed");
+                crate::warn_limited!(self.warned, ("extend failed", reason.as_str_name()), circ = in_circ, reason = reason.as_str_name(), %detail, "extend failed");
                 pb::control_reply::Msg::ExtendFailed(pb::ExtendFailed {
                     reason: reason as i32,
                     detail,
@@ -1124,6 +1133,10 @@ impl LinkHost for Switch {
 
     fn tasks(&self) -> &TaskTracker {
         &self.tasks
+    }
+
+    fn log_limit(&self) -> Arc<crate::log_limit::LogLimit> {
+        self.warned.clone()
     }
 
     fn on_cell(

@@ -121,7 +121,10 @@ pub struct DrainPlan {
     pub at_risk: Vec<u64>,
 }
 
-/// When a node must be left, for one scope: (drain start, deadline, ruling id).
+/// When a node must be left, for one scope: (drain start, deadline, ruling
+/// id). The drain starts with the earliest of the rulings that cover it
+/// (the node takes no new circuits from then), and must be done by the
+/// earliest deadline; the id is the ruling that sets the deadline.
 fn leave_window(
     view_state: Option<NodeState>,
     j: Option<Jurisdiction>,
@@ -142,11 +145,71 @@ fn leave_window(
         {
             continue;
         }
-        if best.as_ref().is_none_or(|b| r.exit_by < b.1) {
-            best = Some((r.blocked_from, r.exit_by, r.id.clone()));
-        }
+        best = Some(match best {
+            Some((from, by, id)) if by <= r.exit_by => (from.min(r.blocked_from), by, id),
+            Some((from, ..)) => (from.min(r.blocked_from), r.exit_by, r.id.clone()),
+            None => (r.blocked_from, r.exit_by, r.id.clone()),
+        });
     }
     best
+}
+
+/// What one circuit must do about its leaving hops, as [`plan_drain`]
+/// decides it: move off them, or close its streams when its exit leaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leave {
+    /// The hop with the earliest deadline.
+    pub node: NodeId,
+    /// Which ruling sets that deadline (none: the node drains itself or
+    /// has exited).
+    pub ruling: Option<String>,
+    /// The earliest time a leaving hop starts to drain.
+    pub from: Time,
+    /// The deadline: the earliest among the leaving hops.
+    pub by: Time,
+    /// The exit is leaving: the streams close at `by` (a stream cannot
+    /// change its exit); otherwise the circuit moves before it.
+    pub close: bool,
+    /// The leaving relays (what a new path avoids).
+    pub relays: Vec<NodeId>,
+}
+
+/// One hop of a circuit as the view knows it: its id, and its
+/// jurisdiction and state (`None` for a node the view does not know).
+pub type Hop = (NodeId, Option<(Option<Jurisdiction>, NodeState)>);
+
+/// What the circuit along `path` (entry side first, exit last) must do for `scope` at `now`: `None` when no hop
+/// is leaving. Rulings announced for later count too (their `from` is
+/// still to come). The one rule for [`plan_drain`] and for status.
+pub fn must_leave(
+    path: &[Hop],
+    rulings: &RulingSet,
+    scope: &TrafficScope,
+    now: Time,
+) -> Option<Leave> {
+    let ((exit, exit_info), relays) = path.split_last()?;
+    let window = |info: &Option<(Option<Jurisdiction>, NodeState)>| {
+        let (j, st) = info.unwrap_or((None, NodeState::Active));
+        leave_window(Some(st), j, rulings, scope, now)
+    };
+    let leaving: Vec<(NodeId, (Time, Time, String))> = relays
+        .iter()
+        .filter_map(|(id, info)| window(info).map(|w| (*id, w)))
+        .collect();
+    let exit_window = window(exit_info);
+    let close = exit_window.is_some();
+    let relays = leaving.iter().map(|(id, _)| *id).collect();
+    let all = leaving.into_iter().chain(exit_window.map(|w| (*exit, w)));
+    let from = all.clone().map(|(_, w)| w.0).min()?;
+    let (node, (_, by, ruling)) = all.min_by_key(|(_, w)| w.1)?;
+    Some(Leave {
+        node,
+        ruling: (!ruling.is_empty()).then_some(ruling),
+        from,
+        by,
+        close,
+        relays,
+    })
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -201,34 +264,23 @@ pub fn plan_drain(
 
     // Circuits.
     for c in circuits {
-        let Some((&exit, relays)) = c.path.split_last() else {
+        let hops: Vec<_> = c
+            .path
+            .iter()
+            .map(|id| (*id, info.get(id).copied()))
+            .collect();
+        let Some(leave) = must_leave(&hops, rulings, &c.scope, now) else {
             continue;
         };
-        let window = |id: &NodeId| {
-            let (j, st) = info.get(id).copied().unwrap_or((None, NodeState::Active));
-            leave_window(Some(st), j, rulings, &c.scope, now)
-        };
-        if let Some((_, deadline, _)) = window(&exit) {
-            let relay_deadline = relays.iter().filter_map(|r| window(r).map(|w| w.1)).min();
-            let at = relay_deadline
-                .map_or(deadline, |d| d.min(deadline))
-                .max(now);
+        if leave.close {
             plan.actions.push(Action::CloseExitStreams {
                 circuit: c.id,
                 owner: c.owner,
-                at,
+                at: leave.by.max(now),
             });
             continue;
         }
-        let affected: Vec<(NodeId, (Time, Time, String))> = relays
-            .iter()
-            .filter_map(|r| window(r).map(|w| (*r, w)))
-            .collect();
-        if affected.is_empty() {
-            continue;
-        }
-        let start = affected.iter().map(|(_, w)| w.0).min().unwrap_or(now);
-        let deadline = affected.iter().map(|(_, w)| w.1).min().unwrap_or(now);
+        let (start, deadline) = (leave.from, leave.by);
         let done_by = deadline.minus_ms(cfg.margin_ms);
         let latest = done_by.minus_ms(cfg.migration_ms);
         // Feasible only if a migration started now ends by `done_by`
@@ -246,7 +298,7 @@ pub fn plan_drain(
             owner: c.owner,
             at,
             done_by,
-            avoid: affected.into_iter().map(|(n, _)| n).collect(),
+            avoid: leave.relays,
         });
     }
     plan.actions
@@ -343,4 +395,102 @@ pub fn what_if(
     }
     impact.plan = plan;
     Ok(impact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geo::{Blocs, Region};
+    use crate::{Ruling, Scope};
+
+    fn ruling(id: &str, cc: &str, from: u64, exit: u64, scope: Scope) -> Ruling {
+        Ruling {
+            id: id.into(),
+            version: 1,
+            region: Region::parse(cc).unwrap(),
+            blocked_from: Time(from),
+            exit_by: Time(exit),
+            scope,
+            reason: "test".into(),
+            lifted: false,
+        }
+    }
+
+    fn hop(
+        n: u8,
+        cc: &[u8; 2],
+        state: NodeState,
+    ) -> (NodeId, Option<(Option<Jurisdiction>, NodeState)>) {
+        (NodeId([n; 32]), Some((Some(Jurisdiction(*cc)), state)))
+    }
+
+    #[test]
+    fn a_circuit_moves_off_a_leaving_relay_and_closes_when_its_exit_leaves() {
+        let blocs = Blocs::builtin();
+        let acme = TrafficScope {
+            class: "enterprise".into(),
+            tenant: "acme".into(),
+        };
+        let mut set = RulingSet::new();
+        let path = [
+            hop(1, b"PK", NodeState::Active),
+            hop(2, b"CA", NodeState::Active),
+        ];
+        assert_eq!(must_leave(&path, &set, &acme, Time(50)), None, "no ruling");
+        let other = Scope::Tenants(vec!["globex".into()]);
+        set.apply(ruling("g", "PK", 0, 10, other), &blocs).unwrap();
+        assert_eq!(
+            must_leave(&path, &set, &acme, Time(50)),
+            None,
+            "another tenant's"
+        );
+        // Announced: PK from 100, out by 900; a nearer one at 600.
+        set.apply(ruling("late", "PK", 100, 900, Scope::All), &blocs)
+            .unwrap();
+        set.apply(ruling("soon", "PK", 500, 600, Scope::All), &blocs)
+            .unwrap();
+        let l = must_leave(&path, &set, &acme, Time(50)).unwrap();
+        assert_eq!(
+            l,
+            Leave {
+                node: NodeId([1; 32]),
+                ruling: Some("soon".into()),
+                from: Time(100),
+                by: Time(600),
+                close: false,
+                relays: vec![NodeId([1; 32])],
+            }
+        );
+        // The exit drains itself earlier: the streams close then.
+        let exit_drains = [
+            hop(1, b"PK", NodeState::Active),
+            hop(2, b"CA", NodeState::Draining { until: Time(300) }),
+        ];
+        let l = must_leave(&exit_drains, &set, &acme, Time(50)).unwrap();
+        assert!(l.close && l.by == Time(300) && l.ruling.is_none(), "{l:?}");
+        assert_eq!(l.node, NodeId([2; 32]));
+        // A hop the view does not know is not drained (it takes no new
+        // streams: `may_carry`).
+        let unknown = [(NodeId([1; 32]), None), hop(2, b"CA", NodeState::Active)];
+        assert_eq!(must_leave(&unknown, &set, &acme, Time(50)), None);
+        // A bloc covers its members; a lift ends it.
+        set.apply(ruling("eu", "EU", 0, 700, Scope::All), &blocs)
+            .unwrap();
+        let via_de = [
+            hop(3, b"DE", NodeState::Active),
+            hop(2, b"CA", NodeState::Active),
+        ];
+        assert_eq!(
+            must_leave(&via_de, &set, &acme, Time(50))
+                .unwrap()
+                .ruling
+                .as_deref(),
+            Some("eu")
+        );
+        let mut lift = ruling("eu", "EU", 0, 700, Scope::All);
+        lift.version = 2;
+        lift.lifted = true;
+        set.apply(lift, &blocs).unwrap();
+        assert_eq!(must_leave(&via_de, &set, &acme, Time(50)), None);
+    }
 }

@@ -7,7 +7,8 @@ mod path;
 pub mod ruling;
 
 pub use drain::{
-    Action, DrainConfig, DrainPlan, Impact, JurisdictionImpact, LiveCircuit, plan_drain, what_if,
+    Action, DrainConfig, DrainPlan, Hop, Impact, JurisdictionImpact, Leave, LiveCircuit,
+    must_leave, plan_drain, what_if,
 };
 pub use geo::{Blocs, JurisdictionSet, Region};
 pub use path::{

@@ -2,8 +2,9 @@
 //! credentials for per-connection options) and the real `curl`.
 
 use anyhow::{Result, bail};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -89,4 +90,26 @@ pub async fn socks_connect_from(
         bail!("bad reply version {}", rep[0]);
     }
     Ok(if rep[1] == 0 { Ok(s) } else { Err(rep[1]) })
+}
+
+/// `ferry tenant add NAME --class CLASS`, the password on stdin.
+pub fn tenant_block(name: &str, class: &str, password: &str) -> String {
+    let mut child = Command::new(crate::ferry_bin().unwrap())
+        .args(["tenant", "add", name, "--class", class])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let block = String::from_utf8(out.stdout).unwrap();
+    assert!(block.contains("password_hash = \"$argon2id$"), "{block}");
+    assert!(!block.contains(password), "the block holds no password");
+    block
 }

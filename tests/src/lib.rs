@@ -28,7 +28,7 @@ mod tap;
 mod traffic;
 
 pub use client::{
-    curl_socks, curl_socks_async, socks_connect, socks_connect_as, socks_connect_from,
+    curl_socks, curl_socks_async, socks_connect, socks_connect_as, socks_connect_from, tenant_block,
 };
 pub use mesh::{CA_PK_DE, Mesh, Options, THREE};
 pub use node::{Proc, Spec, ferry_bin, free_port, rss_of, run_ferry};

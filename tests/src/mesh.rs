@@ -92,6 +92,9 @@ pub struct Options {
     /// then `ferry` and its arguments (for example `unshare --mount` to
     /// give an exit its own `/etc/resolv.conf`).
     pub wrap: Vec<(usize, Vec<String>)>,
+    /// The nodes' log filter (`RUST_LOG`), instead of `FERRY_TEST_LOG`'s or
+    /// `info`: for a test that reads what a node logs at DEBUG.
+    pub log_filter: Option<String>,
 }
 
 impl Options {
@@ -134,6 +137,7 @@ impl Default for Options {
             entry_delay: Vec::new(),
             advertise_delay: Vec::new(),
             wrap: Vec::new(),
+            log_filter: None,
         }
     }
 }
@@ -303,6 +307,9 @@ impl Mesh {
             std::fs::write(&cfg, text)?;
             if let Some((_, words)) = opts.wrap.iter().find(|(j, _)| *j == i) {
                 std::fs::write(m.dir.join("wrap"), words.join("\n"))?;
+            }
+            if let Some(f) = &opts.log_filter {
+                std::fs::write(m.dir.join("log-filter"), f)?;
             }
         }
         let mut procs = Vec::new();

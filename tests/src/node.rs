@@ -121,6 +121,20 @@ impl Proc {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
 
+    /// The lines of its log at WARN or above (text format: the level
+    /// follows the timestamp).
+    pub fn warnings(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| {
+                let mut words = l.split_whitespace();
+                words.next();
+                matches!(words.next(), Some("WARN" | "ERROR"))
+            })
+            .map(String::from)
+            .collect()
+    }
+
     /// Resident memory of the process, in bytes (from /proc).
     pub fn rss_bytes(&self) -> Result<u64> {
         rss_of(self.child.id())
@@ -304,7 +318,9 @@ fn field(block: &str, key: &str) -> Result<String> {
 /// Starts `ferry args` in the node's folder `dir`, logging to
 /// `stderr.log` there. If the folder holds a `wrap` file (written from
 /// [`crate::Options::wrap`]), its lines are a command the node is started
-/// under, one argument a line (for example `unshare --mount …`).
+/// under, one argument a line (for example `unshare --mount …`). A
+/// `log-filter` file there ([`crate::Options::log_filter`]) is its
+/// `RUST_LOG`.
 fn spawn(dir: &Path, args: &[&str]) -> Result<Child> {
     let err = std::fs::File::create(dir.join("stderr.log"))?;
     let mut cmd = match std::fs::read_to_string(dir.join("wrap")) {
@@ -323,7 +339,9 @@ fn spawn(dir: &Path, args: &[&str]) -> Result<Child> {
         // example `info,ferry_node=debug` to see why a test failed).
         .env(
             "RUST_LOG",
-            std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            std::fs::read_to_string(dir.join("log-filter"))
+                .or_else(|_| std::env::var("FERRY_TEST_LOG"))
+                .unwrap_or_else(|_| "info".into()),
         )
         .spawn()
         .context("spawning ferry")

@@ -55,6 +55,8 @@ async fn bad_input_closes_only_its_connection() {
         &specs,
         &Options {
             extra_peers: vec![fake_block],
+            // What a WARN line held back goes to (docs/LOGGING.md).
+            log_filter: Some("info,ferry_node=debug".into()),
             ..Options::default()
         },
     )
@@ -107,10 +109,40 @@ async fn bad_input_closes_only_its_connection() {
         refused(node, s, &[], "is not admitted here").await;
     }
 
-    // Junk on the SOCKS5 entry.
-    let s = TcpStream::connect(mesh.socks()).await.unwrap();
-    let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    refused(&mesh.entry, s, http, "not SOCKS5: version byte 0x47").await;
+    // A peer repeating an attack cannot flood the log: one WARN line a
+    // minute per reason and kind, the rest at DEBUG (each was found above):
+    // two malformed handshakes and a stranger's are two refused kinds, and
+    // three malformed streams one.
+    for node in &mesh.nodes {
+        let warned = node.warnings();
+        for (what, lines) in [("link refused", 2), ("link closed", 1)] {
+            let n = warned.iter().filter(|l| l.contains(what)).count();
+            assert_eq!(
+                n, lines,
+                "{}: {n} WARN lines {what:?}: {warned:#?}",
+                node.jurisdiction
+            );
+        }
+    }
+
+    // Junk on the SOCKS5 entry, again and again.
+    for _ in 0..20 {
+        let s = TcpStream::connect(mesh.socks()).await.unwrap();
+        let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        refused(&mesh.entry, s, http, "not SOCKS5: version byte 0x47").await;
+    }
+    let why = "not SOCKS5: version byte 0x47";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mesh.entry.log().matches(why).count() < 20 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mesh.entry.log().matches(why).count(), 20, "each one logged");
+    let warned = mesh.entry.warnings();
+    let n = warned.iter().filter(|l| l.contains(why)).count();
+    assert_eq!(
+        n, 1,
+        "{n} WARN lines for 20 bad SOCKS5 handshakes: {warned:#?}"
+    );
 
     // The circuit survived all of it: the second half arrives intact.
     w.write_all(&half).await.unwrap();

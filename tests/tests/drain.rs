@@ -621,19 +621,6 @@ async fn an_operator_drain_survives_kill_9_and_can_be_cancelled() {
     );
 }
 
-/// The lines of a node's log at WARN or above (text format: the level
-/// follows the timestamp).
-fn warnings(log: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| {
-            let mut words = l.split_whitespace();
-            words.next();
-            matches!(words.next(), Some("WARN" | "ERROR"))
-        })
-        .map(String::from)
-        .collect()
-}
-
 /// Quiet logs while all is well: for a minute, a gossip mesh (adverts
 /// renewed every second) carries long streams through a ruling that drains
 /// PK by its exit date, then a lift, then a transfer through PK every two
@@ -673,7 +660,7 @@ async fn all_is_well_logs_no_warning_and_a_forged_ruling_one() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     for p in mesh.all() {
-        let w = warnings(&p.log());
+        let w = p.warnings();
         assert!(
             w.is_empty(),
             "{} warned with all well:\n{}",
@@ -692,7 +679,7 @@ async fn all_is_well_logs_no_warning_and_a_forged_ruling_one() {
     mesh.nodes[0]
         .wait_log("ruling refused", Duration::from_secs(5))
         .unwrap();
-    let all: Vec<String> = mesh.all().iter().flat_map(|p| warnings(&p.log())).collect();
+    let all: Vec<String> = mesh.all().iter().flat_map(|p| p.warnings()).collect();
     assert_eq!(all.len(), 1, "one WARN for the forged ruling: {all:#?}");
     assert!(
         all[0].contains("ruling refused") && all[0].contains("reason="),

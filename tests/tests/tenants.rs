@@ -3,31 +3,8 @@
 //! no credentials are refused (and counted, and logged without the
 //! password).
 
-use ferry_tests::{Mesh, Options, ferry_bin, http_server};
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-/// `ferry tenant add NAME --class CLASS`, the password on stdin.
-fn tenant_block(name: &str, class: &str, password: &str) -> String {
-    let mut child = Command::new(ferry_bin().unwrap())
-        .args(["tenant", "add", name, "--class", class])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let block = String::from_utf8(out.stdout).unwrap();
-    assert!(block.contains("password_hash = \"$argon2id$"), "{block}");
-    assert!(!block.contains(password), "the block holds no password");
-    block
-}
+use ferry_tests::{Mesh, Options, http_server, tenant_block};
+use std::process::Command;
 
 /// The real `curl` through the entry, as `user:password` (none if empty).
 fn curl(socks: &str, user: &str, url: &str) -> std::process::Output {
