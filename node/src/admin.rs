@@ -8,7 +8,9 @@
 //! revocation file, as `ferry authority revoke` writes it),
 //! `POST /v1/keys/rotate-noise` (`{"grace_secs": N}`: a new Noise key, the
 //! old one accepted for N seconds), `GET /v1/paths?n=N` (an entry: which
-//! nodes N freshly picked paths would use), `GET /livez` and `GET /readyz`
+//! nodes N freshly picked paths would use), `GET /v1/what-if?region=..&exit_by=..`
+//! and `POST /v1/what-if` (a ruling file: what it would do before it is
+//! signed, [`get_what_if`]), `GET /livez` and `GET /readyz`
 //! (200 only while the node is admitted, active and has joined the mesh:
 //! 503 while unadmitted, joining, draining or exited).
 //!
@@ -368,6 +370,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .route("/v1/revocations", post(post_revocation))
         .route("/v1/keys/rotate-noise", post(post_rotate_noise))
         .route("/v1/paths", get(get_paths))
+        .route("/v1/what-if", get(get_what_if).post(post_what_if))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
@@ -520,6 +523,229 @@ async fn post_rotate_noise(
             Json(json!({ "error": "rotating", "detail": format!("{e:#}") })),
         ),
     }
+}
+
+/// `GET /v1/what-if?region=GB&exit_by=DATE[&from=DATE][&class=C|&tenant=T]`:
+/// what a ruling on `region` (a country or a bloc) draining from `from`
+/// (default now) to `exit_by` would do, before anyone signs it. Unknown
+/// keys are refused, so a typo cannot silently widen the scope.
+async fn get_what_if(
+    State(st): State<Arc<AdminState>>,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    let now = now_ms();
+    let bad = |detail: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "bad_what_if", "detail": detail })),
+        )
+    };
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["region", "from", "exit_by", "class", "tenant"].contains(&k.as_str()))
+    {
+        return bad(format!(
+            "unknown key `{k}` (region, from, exit_by, class or tenant)"
+        ));
+    }
+    let (Some(region), Some(exit_by)) = (q.get("region"), q.get("exit_by")) else {
+        return bad("give region and exit_by".into());
+    };
+    let file = crate::authority::RulingFile {
+        id: "what-if".into(),
+        version: 1,
+        region: region.clone(),
+        blocked_from: q.get("from").cloned().unwrap_or_else(|| fmt_time(now)),
+        exit_by: exit_by.clone(),
+        classes: q.get("class").into_iter().cloned().collect(),
+        tenants: q.get("tenant").into_iter().cloned().collect(),
+        reason: "what if".into(),
+        lifted: false,
+    };
+    what_if(&st, &file, now).await
+}
+
+/// `POST /v1/what-if`: the same for a ruling file (JSON), signed or not
+/// yet: its own id and version, so a new version of a ruling in force is
+/// weighed as replacing it.
+async fn post_what_if(
+    State(st): State<Arc<AdminState>>,
+    body: String,
+) -> (StatusCode, Json<Value>) {
+    match crate::authority::RulingFile::parse(&body) {
+        Ok(file) => what_if(&st, &file, now_ms()).await,
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "bad_what_if", "detail": format!("{e:#}") })),
+        ),
+    }
+}
+
+/// The what-if's answer. An entry weighs its own circuits; any node
+/// weighs the nodes and capacity it sees. Only an entry knows whose
+/// circuits it carries, so the mesh's whole answer is every entry's
+/// (`circuits_seen: "own"` says so).
+async fn what_if(
+    st: &AdminState,
+    file: &crate::authority::RulingFile,
+    now: u64,
+) -> (StatusCode, Json<Value>) {
+    let bad = |detail: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "bad_what_if", "detail": detail })),
+        )
+    };
+    let ruling = match file
+        .to_body(now, std::time::Duration::ZERO)
+        .and_then(|b| crate::authority::to_ruling(&b))
+    {
+        Ok(r) => r,
+        Err(e) => return bad(format!("{e:#}")),
+    };
+    let sw = &st.switch;
+    let blocs = ferry_router::Blocs::builtin();
+    let region = match blocs.resolve(&ruling.region) {
+        Ok(r) => r,
+        Err(e) => return bad(e.to_string()),
+    };
+    let view = sw.view(now);
+    let result = match &st.origin {
+        Some(o) => o.what_if(&ruling, now).await,
+        None => ferry_router::what_if(
+            &view,
+            &st.rulings.snapshot(),
+            &ruling,
+            &blocs,
+            ferry_router::Time(now),
+            &[],
+            &ferry_router::DrainConfig::default(),
+        )
+        .map(|i| (i, Vec::new())),
+    };
+    let (impact, circuits) = match result {
+        Ok(x) => x,
+        Err(e) => return bad(e.to_string()),
+    };
+    let mesh_capacity: u64 = view
+        .nodes()
+        .iter()
+        .filter(|n| n.roles.relay || n.roles.exit)
+        .map(|n| u64::from(n.capacity))
+        .sum();
+    let mut leaving_capacity = 0u64;
+    let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
+    let nodes: Vec<Value> = impact
+        .nodes
+        .iter()
+        .filter_map(|id| view.get(id))
+        .map(|n| {
+            if n.roles.relay || n.roles.exit {
+                leaving_capacity += u64::from(n.capacity);
+            }
+            for (role, on) in [
+                ("entry", n.roles.entry),
+                ("relay", n.roles.relay),
+                ("exit", n.roles.exit),
+            ] {
+                if on {
+                    *by_role.entry(role).or_default() += 1;
+                }
+            }
+            json!({
+                "id": hex::encode(n.id.0),
+                "jurisdiction": n.jurisdiction.map(|j| j.to_string()),
+                "roles": n.roles.to_string(),
+                "capacity_mbps": n.capacity,
+            })
+        })
+        .collect();
+    let by_jurisdiction: BTreeMap<String, Value> = impact
+        .by_jurisdiction
+        .iter()
+        .map(|(j, i)| {
+            (
+                j.to_string(),
+                json!({ "nodes": i.nodes, "capacity_mbps": i.capacity, "circuits": i.circuits }),
+            )
+        })
+        .collect();
+    let at = |id: u64| {
+        impact.plan.actions.iter().find_map(|a| match a {
+            ferry_router::Action::Migrate {
+                circuit,
+                at,
+                done_by,
+                ..
+            } if *circuit == id => Some((at.0, Some(done_by.0))),
+            ferry_router::Action::CloseExitStreams { circuit, at, .. } if *circuit == id => {
+                Some((at.0, None))
+            }
+            _ => None,
+        })
+    };
+    let mut listed = Vec::new();
+    for (action, ids) in [("move", &impact.migrate), ("close", &impact.close)] {
+        for id in ids {
+            let Some(c) = circuits.iter().find(|c| c.id == *id) else {
+                continue;
+            };
+            let (when, done_by) = at(*id).unwrap_or((now, None));
+            let risk = impact.at_risk.contains(id).then(|| {
+                format!(
+                    "a move takes up to {} s ([drain] migration_secs) and must end {} s ([drain] margin_secs) before the exit date: too late already",
+                    sw.cfg.drain.migration.as_secs(),
+                    sw.cfg.drain.margin.as_secs()
+                )
+            });
+            listed.push(json!({
+                "id": id,
+                "path": c.jurisdictions(sw),
+                "tenant": c.route.scope.tenant,
+                "class": c.route.scope.class,
+                "streams": c.stream_count(),
+                "action": action,
+                "at": fmt_time(when),
+                "done_by": done_by.map(fmt_time),
+                "at_risk": risk,
+            }));
+        }
+    }
+    let members: Vec<String> = region.iter().map(|j| j.to_string()).collect();
+    let scope = match &ruling.scope {
+        Scope::All => json!("all"),
+        Scope::Classes(c) => json!({ "classes": c }),
+        Scope::Tenants(t) => json!({ "tenants": t }),
+    };
+    (
+        StatusCode::OK,
+        Json(json!({
+            "ruling": {
+                "id": ruling.id,
+                "version": ruling.version,
+                "region": ruling.region.to_string(),
+                "jurisdictions": members,
+                "blocked_from": fmt_time(ruling.blocked_from.0),
+                "exit_by": fmt_time(ruling.exit_by.0),
+                "scope": scope,
+                "lifted": ruling.lifted,
+            },
+            "nodes": nodes,
+            "nodes_by_role": by_role,
+            "by_jurisdiction": by_jurisdiction,
+            "capacity_mbps": {
+                "leaving": leaving_capacity,
+                "mesh": mesh_capacity,
+                "share": if mesh_capacity == 0 { 0.0 } else { leaving_capacity as f64 / mesh_capacity as f64 },
+            },
+            "circuits": listed,
+            "migrate": impact.migrate.len(),
+            "close": impact.close.len(),
+            "at_risk": impact.at_risk.len(),
+            "tenants": impact.tenants,
+            "circuits_seen": if st.origin.is_some() { "own" } else { "none" },
+        })),
+    )
 }
 
 /// Most paths one `GET /v1/paths` picks.

@@ -37,6 +37,200 @@ pub fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What `ferry policy what-if` asks about.
+pub enum WhatIf {
+    /// A ruling given by flags.
+    Flags {
+        region: String,
+        from: Option<String>,
+        exit_by: String,
+        class: Option<String>,
+        tenant: Option<String>,
+    },
+    /// A ruling file, signed or not.
+    File(std::path::PathBuf),
+}
+
+/// `ferry policy what-if`: asks the node, prints its answer.
+pub fn what_if(admin: SocketAddr, ask: WhatIf, json: bool) -> Result<()> {
+    let url = format!("http://{admin}/v1/what-if");
+    let resp = match ask {
+        WhatIf::Flags {
+            region,
+            from,
+            exit_by,
+            class,
+            tenant,
+        } => {
+            let mut req = agent()
+                .get(&url)
+                .query("region", &region)
+                .query("exit_by", &exit_by);
+            for (k, v) in [("from", from), ("class", class), ("tenant", tenant)] {
+                if let Some(v) = v {
+                    req = req.query(k, &v);
+                }
+            }
+            req.call()
+        }
+        WhatIf::File(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let file = ruling_file(&text).with_context(|| path.display().to_string())?;
+            agent()
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(serde_json::to_string(&file)?.as_bytes())
+        }
+    };
+    let v = client::answer(&admin.to_string(), resp)?;
+    let text = if json {
+        format!("{}\n", serde_json::to_string_pretty(&v)?)
+    } else {
+        what_if_text(&v)?
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+/// A ruling file's terms: a signed file's signed body (not its readable
+/// copy), or the file as written.
+fn ruling_file(text: &str) -> Result<ferry_node::authority::RulingFile> {
+    use ferry_node::authority::{RulingFile, SignedFile};
+    use prost::Message;
+    if let Ok(signed) = serde_json::from_str::<SignedFile>(text) {
+        let bytes = hex::decode(&signed.body_hex).context("body_hex")?;
+        let body =
+            ferry_proto::pb::RulingBody::decode(bytes.as_slice()).context("the signed body")?;
+        return Ok(RulingFile::from_body(&body));
+    }
+    RulingFile::parse(text)
+}
+
+/// The text of a what-if answer.
+fn what_if_text(v: &serde_json::Value) -> Result<String> {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let r = &v["ruling"];
+    let names = |k: &str| -> Option<String> {
+        let list = r["scope"][k].as_array()?;
+        Some(
+            list.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    let scope = match (names("classes"), names("tenants")) {
+        (Some(c), _) => format!("{c} traffic"),
+        (_, Some(t)) => format!("the traffic of {t}"),
+        _ => "all traffic".to_string(),
+    };
+    writeln!(
+        o,
+        "what if {} ({}) drained from {}, out by {}, for {scope}:",
+        r["region"].as_str().unwrap_or("?"),
+        r["jurisdictions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        r["blocked_from"].as_str().unwrap_or("?"),
+        r["exit_by"].as_str().unwrap_or("?"),
+    )?;
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    let c = &v["capacity_mbps"];
+    writeln!(
+        o,
+        "nodes leaving: {}  ({} of {} Mbit/s of the mesh, {:.1}%)",
+        nodes.len(),
+        c["leaving"],
+        c["mesh"],
+        c["share"].as_f64().unwrap_or(0.0) * 100.0
+    )?;
+    if let Some(m) = v["nodes_by_role"].as_object().filter(|m| !m.is_empty()) {
+        let parts: Vec<String> = m.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        writeln!(o, "  by role: {}", parts.join(", "))?;
+    }
+    for n in &nodes {
+        let id = n["id"].as_str().unwrap_or("?");
+        writeln!(
+            o,
+            "  {}  {}  {:<16} {} Mbit/s",
+            n["jurisdiction"].as_str().unwrap_or("??"),
+            &id[..8.min(id.len())],
+            n["roles"].as_str().unwrap_or("?"),
+            n["capacity_mbps"]
+        )?;
+    }
+    let own = v["circuits_seen"] == "own";
+    writeln!(
+        o,
+        "circuits: {} would move, {} would close (their exit leaves), {} at risk{}",
+        v["migrate"],
+        v["close"],
+        v["at_risk"],
+        if own {
+            " (this entry's own)"
+        } else {
+            " (this node is no entry: ask the entries)"
+        }
+    )?;
+    for c in v["circuits"].as_array().into_iter().flatten() {
+        let path: Vec<&str> = c["path"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        let tenant = c["tenant"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .unwrap_or("(none)");
+        let when = match c["action"].as_str() {
+            Some("move") => format!(
+                "moves at {}, done by {}",
+                c["at"].as_str().unwrap_or("?"),
+                c["done_by"].as_str().unwrap_or("?")
+            ),
+            _ => format!("closes at {}", c["at"].as_str().unwrap_or("?")),
+        };
+        writeln!(
+            o,
+            "  {}  tenant {tenant}  class {}  streams {}  {when}",
+            path.join(" -> "),
+            c["class"].as_str().unwrap_or("?"),
+            c["streams"]
+        )?;
+        if let Some(why) = c["at_risk"].as_str() {
+            writeln!(o, "    AT RISK: {why}")?;
+        }
+    }
+    let tenants: Vec<&str> = v["tenants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .map(|t| if t.is_empty() { "(none)" } else { t })
+        .collect();
+    writeln!(
+        o,
+        "tenants affected: {}",
+        if tenants.is_empty() {
+            "none".to_string()
+        } else {
+            tenants.join(", ")
+        }
+    )?;
+    Ok(o)
+}
+
 pub fn healthcheck(admin: SocketAddr, ready: bool) -> Result<()> {
     let path = if ready { "readyz" } else { "livez" };
     let mut resp = client::agent(Duration::from_secs(3))

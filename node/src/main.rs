@@ -361,6 +361,38 @@ enum PolicyCmd {
         #[arg(long, default_value = "30d")]
         valid_for: humantime::Duration,
     },
+    /// What a ruling would do before it is signed: the nodes and capacity
+    /// that would leave, the circuits that would move or close, the
+    /// tenants hit, and what cannot move in time. Asked of one node: an
+    /// entry answers for its own circuits (ask every entry for the mesh).
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["region", "file"])))]
+    WhatIf {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// A country code or a bloc (EU, EEA, FIVE_EYES, FOURTEEN_EYES, GCC).
+        #[arg(long, requires = "exit_by")]
+        region: Option<String>,
+        /// Draining from (RFC 3339); now if not given.
+        #[arg(long, conflicts_with = "file")]
+        from: Option<String>,
+        /// Out by (RFC 3339).
+        #[arg(long, conflicts_with = "file")]
+        exit_by: Option<String>,
+        /// Only this service class.
+        #[arg(long, conflicts_with_all = ["tenant", "file"])]
+        class: Option<String>,
+        /// Only this tenant.
+        #[arg(long, conflicts_with = "file")]
+        tenant: Option<String>,
+        /// A ruling file (TOML or JSON, as `policy sign` takes it), or a
+        /// signed one.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a signed ruling (or revocation) to a node, which verifies it
     /// and gossips it on.
     Publish {
@@ -582,6 +614,32 @@ fn main() -> Result<()> {
         Cmd::Policy {
             cmd: PolicyCmd::Publish { admin, file },
         } => admin_client::policy_publish(admin, &file),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::WhatIf {
+                    admin,
+                    region,
+                    from,
+                    exit_by,
+                    class,
+                    tenant,
+                    file,
+                    json,
+                },
+        } => {
+            let ask = match (file, region, exit_by) {
+                (Some(f), ..) => admin_client::WhatIf::File(f),
+                (None, Some(region), Some(exit_by)) => admin_client::WhatIf::Flags {
+                    region,
+                    from,
+                    exit_by,
+                    class,
+                    tenant,
+                },
+                _ => anyhow::bail!("give --region and --exit-by, or --file"),
+            };
+            admin_client::what_if(admin, ask, json)
+        }
         Cmd::Demo {
             cmd:
                 Some(DemoCmd::Ruling {

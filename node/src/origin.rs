@@ -343,22 +343,7 @@ impl Origin {
     }
 
     fn view(&self, now: u64) -> MeshView {
-        let live = self.switch.directory.live(now);
-        // Quarantined nodes leave path selection here.
-        let quarantine = &self.switch.quarantine;
-        MeshView::new(
-            live.iter()
-                .filter(|e| !quarantine.contains(&e.peer.id, e.peer.jurisdiction, now))
-                .map(|e| {
-                    let mut info = e.info();
-                    // This node's own measurement, where it has a link; the
-                    // router's default otherwise (adverts carry no RTT).
-                    if let Some(srtt) = self.switch.link_rtt(&info.id).and_then(|r| r.srtt) {
-                        info.rtt_ms = srtt.as_millis().try_into().unwrap_or(u32::MAX);
-                    }
-                    info
-                }),
-        )
+        self.switch.view(now)
     }
 
     /// The circuits, for status.
@@ -963,9 +948,57 @@ impl Origin {
         }
     }
 
+    /// The circuits as the drain planner sees them.
+    fn live(&self, circuits: &[Arc<OriginCircuit>]) -> Vec<LiveCircuit> {
+        let me = self.switch.keys.node_id();
+        circuits
+            .iter()
+            .map(|c| LiveCircuit {
+                id: c.id,
+                path: c.path.clone(),
+                scope: c.route.scope.clone(),
+                owner: me,
+                rate_bps: 0,
+            })
+            .collect()
+    }
+
+    /// The drain planner's settings (`[drain]`), seeded by this node's id.
+    fn drain_config(&self) -> DrainConfig {
+        let d = &self.switch.cfg.drain;
+        let me = self.switch.keys.node_id();
+        DrainConfig {
+            margin_ms: d.margin.as_millis() as u64,
+            migration_ms: d.migration.as_millis() as u64,
+            seed: u64::from_be_bytes(me.0[..8].try_into().expect("8 bytes")),
+        }
+    }
+
+    /// What the ruling `r` would do, were it in force now: against this
+    /// node's view of the mesh and the rulings in force, and this entry's
+    /// own circuits (the ones it knows the tenants of), planned exactly
+    /// as its drains are. The circuits are returned beside the impact,
+    /// by id.
+    pub async fn what_if(
+        &self,
+        r: &ferry_router::Ruling,
+        now: u64,
+    ) -> Result<(ferry_router::Impact, Vec<Arc<OriginCircuit>>), ferry_router::RouterError> {
+        let circuits = self.circuits().await;
+        let impact = ferry_router::what_if(
+            &self.view(now),
+            &self.switch.rulings.snapshot(),
+            r,
+            &ferry_router::Blocs::builtin(),
+            Time(now),
+            &self.live(&circuits),
+            &self.drain_config(),
+        )?;
+        Ok((impact, circuits))
+    }
+
     async fn drain_tick(self: &Arc<Self>) {
         let now = crate::authority::now_ms();
-        let me = self.switch.keys.node_id();
         // A stream open holds the pool while it builds; plan at the next
         // tick rather than wait behind it.
         let circuits: Vec<Arc<OriginCircuit>> = {
@@ -978,22 +1011,8 @@ impl Origin {
         if circuits.is_empty() {
             return;
         }
-        let live: Vec<LiveCircuit> = circuits
-            .iter()
-            .map(|c| LiveCircuit {
-                id: c.id,
-                path: c.path.clone(),
-                scope: c.route.scope.clone(),
-                owner: me,
-                rate_bps: 0,
-            })
-            .collect();
-        let d = &self.switch.cfg.drain;
-        let cfg = DrainConfig {
-            margin_ms: d.margin.as_millis() as u64,
-            migration_ms: d.migration.as_millis() as u64,
-            seed: u64::from_be_bytes(me.0[..8].try_into().expect("8 bytes")),
-        };
+        let live = self.live(&circuits);
+        let cfg = self.drain_config();
         let plan = ferry_router::plan_drain(
             &self.view(now),
             &self.switch.rulings.snapshot(),

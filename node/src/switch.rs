@@ -280,6 +280,28 @@ impl Switch {
         dialled
     }
 
+    /// The mesh as path selection and drain planning see it: the live
+    /// nodes, less the quarantined, with this node's own RTT measurement
+    /// where it has a link.
+    pub fn view(&self, now: u64) -> ferry_router::MeshView {
+        let live = self.directory.live(now);
+        // Quarantined nodes leave path selection here.
+        let quarantine = &self.quarantine;
+        ferry_router::MeshView::new(
+            live.iter()
+                .filter(|e| !quarantine.contains(&e.peer.id, e.peer.jurisdiction, now))
+                .map(|e| {
+                    let mut info = e.info();
+                    // This node's own measurement, where it has a link; the
+                    // router's default otherwise (adverts carry no RTT).
+                    if let Some(srtt) = self.link_rtt(&info.id).and_then(|r| r.srtt) {
+                        info.rtt_ms = srtt.as_millis().try_into().unwrap_or(u32::MAX);
+                    }
+                    info
+                }),
+        )
+    }
+
     /// The round-trip estimate of the live link to `peer`, if there is one.
     pub fn link_rtt(&self, peer: &NodeId) -> Option<crate::link::Rtt> {
         self.live_link(peer).map(|l| l.rtt())

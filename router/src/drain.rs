@@ -322,10 +322,15 @@ pub struct JurisdictionImpact {
 pub struct Impact {
     /// Per jurisdiction the ruling covers, where nodes or circuits are affected.
     pub by_jurisdiction: BTreeMap<Jurisdiction, JurisdictionImpact>,
-    /// Circuits that would migrate.
-    pub migrate: usize,
-    /// Circuits whose exit streams would close at the deadline.
-    pub close: usize,
+    /// The nodes in the region (they leave for the ruling's scope).
+    pub nodes: Vec<NodeId>,
+    /// Circuits that would migrate (ids).
+    pub migrate: Vec<u64>,
+    /// Circuits whose exit streams would close at the deadline (ids).
+    pub close: Vec<u64>,
+    /// Circuits that would migrate but cannot finish by the exit date less
+    /// the margin (already too late when planned).
+    pub at_risk: Vec<u64>,
     /// Tenants with an affected circuit.
     pub tenants: BTreeSet<String>,
     /// The plan with the ruling in force.
@@ -358,6 +363,7 @@ pub fn what_if(
     if !hypothetical.lifted {
         for n in view.nodes() {
             if let Some(j) = n.jurisdiction.filter(|j| region.contains(*j)) {
+                impact.nodes.push(n.id);
                 let e = impact.by_jurisdiction.entry(j).or_default();
                 e.nodes += 1;
                 e.capacity += u64::from(n.capacity);
@@ -377,8 +383,13 @@ pub fn what_if(
             continue;
         }
         match a {
-            Action::Migrate { .. } => impact.migrate += 1,
-            _ => impact.close += 1,
+            Action::Migrate { .. } => {
+                impact.migrate.push(id);
+                if plan.at_risk.contains(&id) {
+                    impact.at_risk.push(id);
+                }
+            }
+            _ => impact.close.push(id),
         }
         if let Some(c) = circuits.iter().find(|c| c.id == id) {
             impact.tenants.insert(c.scope.tenant.clone());
@@ -393,6 +404,9 @@ pub fn what_if(
             }
         }
     }
+    impact.migrate.sort_unstable();
+    impact.close.sort_unstable();
+    impact.at_risk.sort_unstable();
     impact.plan = plan;
     Ok(impact)
 }

@@ -549,8 +549,13 @@ fn what_if_counts_nodes_circuits_and_tenants() {
         &DrainConfig::default(),
     )
     .unwrap();
-    assert_eq!(impact.migrate, 2);
-    assert_eq!(impact.close, 1);
+    assert_eq!(impact.migrate, [1, 2]);
+    assert_eq!(impact.close, [3]);
+    assert!(impact.at_risk.is_empty(), "a million ms is time enough");
+    assert_eq!(
+        impact.nodes,
+        [NodeId([1; 32]), NodeId([2; 32]), NodeId([5; 32])]
+    );
     assert_eq!(
         impact
             .tenants
@@ -563,6 +568,23 @@ fn what_if_counts_nodes_circuits_and_tenants() {
     assert_eq!(impact.by_jurisdiction[&j("AE")].capacity, 100);
     assert_eq!(impact.by_jurisdiction[&j("QA")].circuits, 1);
     assert!(!impact.by_jurisdiction.contains_key(&j("DE")));
+    // Out in a moment: the migrations cannot finish in time.
+    let soon = Ruling {
+        exit_by: Time(101),
+        ..gcc
+    };
+    let cfg = DrainConfig::default();
+    let impact = what_if(
+        &view,
+        &RulingSet::new(),
+        &soon,
+        &Blocs::builtin(),
+        Time(0),
+        &circuits,
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(impact.at_risk, [1, 2]);
 }
 
 #[test]
