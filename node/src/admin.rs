@@ -10,7 +10,8 @@
 //! old one accepted for N seconds), `GET /v1/paths?n=N` (an entry: which
 //! nodes N freshly picked paths would use), `GET /v1/what-if?region=..&exit_by=..`
 //! and `POST /v1/what-if` (a ruling file: what it would do before it is
-//! signed, [`get_what_if`]), `GET /livez` and `GET /readyz`
+//! signed, [`get_what_if`]), `GET /v1/audit?since=..` (the jurisdiction
+//! trail, [`crate::audit`]), `GET /livez` and `GET /readyz`
 //! (200 only while the node is admitted, active and has joined the mesh:
 //! 503 while unadmitted, joining, draining or exited).
 //!
@@ -371,6 +372,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .route("/v1/keys/rotate-noise", post(post_rotate_noise))
         .route("/v1/paths", get(get_paths))
         .route("/v1/what-if", get(get_what_if).post(post_what_if))
+        .route("/v1/audit", get(get_audit))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
@@ -746,6 +748,66 @@ async fn what_if(
             "circuits_seen": if st.origin.is_some() { "own" } else { "none" },
         })),
     )
+}
+
+/// `GET /v1/audit?since=DATE[&tenant=T][&limit=N]`: the jurisdiction
+/// trail of the streams that ended since `since` (RFC 3339), oldest first,
+/// at most `limit` (default and most [`crate::audit::MAX_EXPORT`];
+/// `truncated` says when more are left: ask again from the last one's end).
+async fn get_audit(
+    State(st): State<Arc<AdminState>>,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    let bad = |detail: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "bad_audit_query", "detail": detail })),
+        )
+    };
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["since", "tenant", "limit"].contains(&k.as_str()))
+    {
+        return bad(format!("unknown key `{k}` (since, tenant or limit)"));
+    }
+    let Some(since) = q.get("since") else {
+        return bad("give since (RFC 3339)".into());
+    };
+    let since_ms = match humantime::parse_rfc3339_weak(since) {
+        Ok(t) => t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        Err(e) => return bad(format!("since = `{since}`: not an RFC 3339 time ({e})")),
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => crate::audit::MAX_EXPORT,
+        Some(Ok(n)) if (1..=crate::audit::MAX_EXPORT).contains(&n) => n,
+        Some(_) => return bad(format!("limit must be 1 to {}", crate::audit::MAX_EXPORT)),
+    };
+    let audit = st.switch.audit.clone();
+    let tenant = q.get("tenant").cloned();
+    // One more than asked: whether more are left.
+    let read =
+        tokio::task::spawn_blocking(move || audit.export(since_ms, tenant.as_deref(), limit + 1))
+            .await;
+    match read {
+        Ok(Ok(mut records)) => {
+            let truncated = records.len() > limit;
+            records.truncate(limit);
+            (
+                StatusCode::OK,
+                Json(json!({ "records": records, "truncated": truncated })),
+            )
+        }
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "store", "detail": format!("{e:#}") })),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "store", "detail": e.to_string() })),
+        ),
+    }
 }
 
 /// Most paths one `GET /v1/paths` picks.

@@ -37,6 +37,102 @@ pub fn policy_publish(admin: SocketAddr, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How `ferry audit export` writes records.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AuditFormat {
+    /// One JSON record a line.
+    Jsonl,
+    /// CSV with a header: a row a stream, its circuits in one column.
+    Csv,
+}
+
+/// `ferry audit export`: the entry's trail since `since`, to standard
+/// output.
+pub fn audit_export(
+    admin: SocketAddr,
+    since: &str,
+    tenant: Option<&str>,
+    format: AuditFormat,
+) -> Result<()> {
+    let mut req = client::agent(Duration::from_secs(120))
+        .get(&format!("http://{admin}/v1/audit"))
+        .query("since", since);
+    if let Some(t) = tenant {
+        req = req.query("tenant", t);
+    }
+    let v = client::answer(&admin.to_string(), req.call())?;
+    let records: Vec<ferry_node::audit::Record> =
+        serde_json::from_value(v["records"].clone()).context("the audit records")?;
+    let mut out = Vec::new();
+    match format {
+        AuditFormat::Jsonl => {
+            for r in &records {
+                serde_json::to_writer(&mut out, r)?;
+                out.push(b'\n');
+            }
+        }
+        AuditFormat::Csv => {
+            let mut w = csv::Writer::from_writer(&mut out);
+            w.write_record([
+                "tenant",
+                "class",
+                "target",
+                "started",
+                "ended",
+                "bytes_up",
+                "bytes_down",
+                "end",
+                "moves",
+                "circuits",
+            ])?;
+            for r in &records {
+                // Each circuit: when, why, then its hops as JJ:node8.
+                let circuits: Vec<String> = r
+                    .circuits
+                    .iter()
+                    .map(|l| {
+                        let hops: Vec<String> = l
+                            .hops
+                            .iter()
+                            .map(|h| {
+                                format!("{}:{}", h.jurisdiction, &h.node[..8.min(h.node.len())])
+                            })
+                            .collect();
+                        format!("{} {} {}", l.at, l.why, hops.join(">"))
+                    })
+                    .collect();
+                w.write_record([
+                    r.tenant.as_str(),
+                    r.class.as_str(),
+                    r.target.as_deref().unwrap_or(""),
+                    r.started.as_str(),
+                    r.ended.as_str(),
+                    &r.bytes_up.to_string(),
+                    &r.bytes_down.to_string(),
+                    r.end.as_str(),
+                    &r.circuits.len().saturating_sub(1).to_string(),
+                    &circuits.join(" | "),
+                ])?;
+            }
+            w.flush()?;
+        }
+    }
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&out).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        r => r?,
+    }
+    drop(stdout);
+    if v["truncated"] == true {
+        eprintln!(
+            "more records are left: ask again with --since {}",
+            records.last().map_or("?", |r| r.ended.as_str())
+        );
+    }
+    Ok(())
+}
+
 /// What `ferry policy what-if` asks about.
 pub enum WhatIf {
     /// A ruling given by flags.

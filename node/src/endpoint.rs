@@ -41,7 +41,7 @@ use ferry_proto::MAX_DATA_PAYLOAD;
 use ferry_proto::pb::{DestroyReason, EndReason};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -330,6 +330,12 @@ pub struct StreamHandle {
     moves: AtomicU32,
     /// The exit's resume token (exit side).
     token: Token,
+    /// The entry's trail of where the stream went ([`crate::audit`]);
+    /// none at the exit.
+    trail: Mutex<Option<crate::audit::Trail>>,
+    /// Bytes its socket read (client to mesh) and wrote (mesh to client).
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
 }
 
 impl Drop for StreamHandle {
@@ -373,8 +379,36 @@ impl StreamHandle {
             moved: Mutex::new(None),
             moves: AtomicU32::new(0),
             token,
+            trail: Mutex::new(None),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
         });
         (h, rx)
+    }
+
+    /// Starts the entry's trail of this stream.
+    pub fn set_trail(&self, trail: crate::audit::Trail) {
+        *self.trail.lock().expect("trail lock") = Some(trail);
+    }
+
+    /// Adds a circuit the stream was put on to its trail (if it has one).
+    pub fn add_leg(&self, leg: crate::audit::Leg) {
+        if let Some(t) = self.trail.lock().expect("trail lock").as_mut() {
+            t.legs.push(leg);
+        }
+    }
+
+    /// Takes the trail, once the stream is over.
+    pub fn take_trail(&self) -> Option<crate::audit::Trail> {
+        self.trail.lock().expect("trail lock").take()
+    }
+
+    /// Bytes its socket read (up) and wrote (down).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_up.load(Ordering::Relaxed),
+            self.bytes_down.load(Ordering::Relaxed),
+        )
     }
 
     fn at(&self) -> MutexGuard<'_, At> {
@@ -1464,6 +1498,7 @@ async fn pump_up(
                 return "done";
             }
             Ok(n) => {
+                h.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                 if pace.is_active() {
                     tokio::select! {
                         _ = pace.take(Way::Up, n) => {}
@@ -1562,6 +1597,7 @@ async fn pump_down(
                     stop.cancel();
                     return "reset";
                 }
+                h.bytes_down.fetch_add(b.len() as u64, Ordering::Relaxed);
                 // A circuit that closed meanwhile loses the acknowledgement
                 // only: a move carries what was received, and a close that
                 // ends the stream says so on `inbound`.

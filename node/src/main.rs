@@ -239,6 +239,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TenantCmd,
     },
+    /// The jurisdiction trail an entry keeps of every stream.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Every stream that ended since a date: tenant, class, times, bytes,
+    /// how it ended, and each circuit it used (every hop's node and
+    /// jurisdiction) with each move.
+    Export {
+        /// The entry's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// Streams that ended at or after this time (RFC 3339).
+        #[arg(long)]
+        since: String,
+        /// Only this tenant's streams.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// One JSON record a line, or CSV (a row a stream, its circuits in
+        /// one column).
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: admin_client::AuditFormat,
+    },
 }
 
 #[derive(Subcommand)]
@@ -614,6 +641,15 @@ fn main() -> Result<()> {
         Cmd::Policy {
             cmd: PolicyCmd::Publish { admin, file },
         } => admin_client::policy_publish(admin, &file),
+        Cmd::Audit {
+            cmd:
+                AuditCmd::Export {
+                    admin,
+                    since,
+                    tenant,
+                    format,
+                },
+        } => admin_client::audit_export(admin, &since, tenant.as_deref(), format),
         Cmd::Policy {
             cmd:
                 PolicyCmd::WhatIf {

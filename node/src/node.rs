@@ -107,6 +107,7 @@ pub fn start(
         NodeStateCtl::load(cfg.jurisdiction, rulings.clone(), None)
             .expect("state without a store loads"),
     );
+    let audit = Arc::new(crate::audit::Audit::new(None, cfg.audit));
     let switch = Switch::new(Parts {
         keys: Arc::new(keys),
         cfg: Arc::new(cfg),
@@ -116,6 +117,7 @@ pub fn start(
         certificate: None,
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown.clone(),
+        audit,
     });
     start_data_plane(switch, listeners, shutdown, None)
 }
@@ -223,7 +225,15 @@ pub fn start_full(
         certificate,
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown.clone(),
+        audit: Arc::new(crate::audit::Audit::new(Some(store.clone()), cfg.audit)),
     });
+    switch.tasks.spawn(
+        switch
+            .audit
+            .clone()
+            .run_sweeps(shutdown.clone())
+            .in_current_span(),
+    );
     let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr, switch.clone());
     let settings = control::Settings {
         listen: cfg.mesh_listen,

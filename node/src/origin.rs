@@ -382,10 +382,29 @@ impl Origin {
         // so the drain planner (which closes idle circuits under the same
         // lock) never closes a circuit a stream is joining.
         let mut parts = {
-            let (end, _pool) = self.circuit(route).await?;
-            end.begin(host, port)
+            let (end, pool) = self.circuit(route).await?;
+            let path = pool
+                .iter()
+                .find(|c| c.endpoint().is_some_and(|e| Arc::ptr_eq(&e, &end)))
+                .map(|c| c.path.clone())
+                .unwrap_or_default();
+            let parts = end
+                .begin(host, port)
                 .await
-                .map_err(|e| OpenError::Build(e.to_string()))?
+                .map_err(|e| OpenError::Build(e.to_string()))?;
+            let now = crate::authority::now_ms();
+            parts.handle.set_trail(crate::audit::Trail {
+                tenant: route.scope.tenant.clone(),
+                class: route.scope.class.clone(),
+                target: self
+                    .switch
+                    .audit
+                    .records_targets()
+                    .then(|| format!("{host}:{port}")),
+                started_ms: now,
+                legs: vec![self.leg(&path, "opened".into(), now)],
+            });
+            parts
         };
         match tokio::time::timeout(OPEN_TIMEOUT, parts.inbound.recv()).await {
             Ok(Some(Inbound::Connected)) => Ok(parts),
@@ -408,6 +427,25 @@ impl Origin {
                     detail: format!("the exit did not answer within {}s", OPEN_TIMEOUT.as_secs()),
                 })
             }
+        }
+    }
+
+    /// A circuit a stream was put on at `now`, for its trail: each hop
+    /// with its jurisdiction as this node knows it.
+    fn leg(&self, path: &[NodeId], why: String, now: u64) -> crate::audit::Leg {
+        crate::audit::Leg {
+            at: crate::audit::rfc3339_ms(now),
+            why,
+            hops: path
+                .iter()
+                .map(|id| crate::audit::Hop {
+                    node: hex::encode(id.0),
+                    jurisdiction: self
+                        .switch
+                        .peer(id)
+                        .map_or_else(|| "??".into(), |p| p.jurisdiction.to_string()),
+                })
+                .collect(),
         }
     }
 
@@ -764,6 +802,12 @@ impl Origin {
                             match Endpoint::adopt(&h, &end, s).await {
                                 Ok(()) => {
                                     self.stats.streams_rescued.fetch_add(1, Ordering::Relaxed);
+                                    let now = crate::authority::now_ms();
+                                    h.add_leg(self.leg(
+                                        &new.path,
+                                        "rescued: its circuit was lost".into(),
+                                        now,
+                                    ));
                                 }
                                 Err((_, Some(s))) => failed.push((h, *s)),
                                 Err((e, None)) => {
@@ -1179,9 +1223,28 @@ impl Origin {
         self.pool.lock().await.push(new.clone());
         let mut failed = None;
         let mut moved = 0;
+        let why = match avoid {
+            [] => "moved".to_string(),
+            _ => format!(
+                "moved: off leaving {}",
+                avoid
+                    .iter()
+                    .map(|id| {
+                        self.switch.peer(id).map_or_else(
+                            || id.short(),
+                            |p| format!("{} ({})", id.short(), p.jurisdiction),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         for s in streams {
             match Endpoint::move_stream(&s, &new_end).await {
-                Ok(()) => moved += 1,
+                Ok(()) => {
+                    moved += 1;
+                    s.add_leg(self.leg(&new.path, why.clone(), crate::authority::now_ms()));
+                }
                 // Ended at the exit already: nothing left to move.
                 Err(CircuitError::UnknownStream) => {
                     crate::warn_limited!(

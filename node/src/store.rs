@@ -27,8 +27,12 @@ pub mod cf {
     /// Signed revocations of nodes, by node id (added after schema 1
     /// without a version change: an older store simply gains it).
     pub const REVOCATIONS: &str = "revocations";
+    /// The entry's jurisdiction trail: a record per stream, by end time
+    /// (ms, big-endian) and a sequence number (added without a schema
+    /// change, as revocations were).
+    pub const AUDIT: &str = "audit";
     /// All of them.
-    pub const ALL: [&str; 6] = [META, PEERS, RULINGS, STATE, DRAIN, REVOCATIONS];
+    pub const ALL: [&str; 7] = [META, PEERS, RULINGS, STATE, DRAIN, REVOCATIONS, AUDIT];
 }
 
 /// The node's store.
@@ -137,6 +141,34 @@ impl Store {
     pub fn delete(&self, cf: &str, key: &[u8]) -> Result<()> {
         self.db
             .delete_cf(self.handle(cf)?, key)
+            .context("store delete")
+    }
+
+    /// Up to `limit` (key, value) pairs of a column family from `from` on,
+    /// in key order.
+    pub fn scan_from(
+        &self,
+        cf: &str,
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.db
+            .iterator_cf(
+                self.handle(cf)?,
+                rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
+            )
+            .take(limit)
+            .map(|kv| {
+                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .context("store scan")
+            })
+            .collect()
+    }
+
+    /// Deletes every key in `[from, to)` of a column family.
+    pub fn delete_range(&self, cf: &str, from: &[u8], to: &[u8]) -> Result<()> {
+        self.db
+            .delete_range_cf(self.handle(cf)?, from, to)
             .context("store delete")
     }
 

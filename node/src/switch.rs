@@ -111,6 +111,8 @@ pub struct Switch {
     /// Warnings a remote party can repeat at will: once a minute per
     /// reason, with a count (all are counted in metrics too).
     pub(crate) warned: Arc<crate::log_limit::LogLimit>,
+    /// The jurisdiction trail ([`crate::audit`]).
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 pub use crate::link::Malformed;
@@ -144,6 +146,8 @@ pub struct Parts {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// The jurisdiction trail (an entry records its streams in it).
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl Switch {
@@ -158,6 +162,7 @@ impl Switch {
             certificate,
             metrics,
             shutdown,
+            audit,
         } = parts;
         let exit = cfg.roles.exit.then(|| {
             Arc::new(ExitCtx::new(
@@ -187,6 +192,7 @@ impl Switch {
             quarantine: Arc::default(),
             tasks: TaskTracker::new(),
             warned: Default::default(),
+            audit,
         })
     }
 

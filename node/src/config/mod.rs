@@ -25,7 +25,9 @@ pub use schema::{
     FileNode, FilePeer, FileRouting, FileTenant,
 };
 pub use template::{Template, peer_block, render_template};
-pub use validate::{DrainSettings, NodeConfig, Peer, parse_jurisdiction, parse_roles};
+pub use validate::{
+    AuditSettings, DrainSettings, NodeConfig, Peer, parse_jurisdiction, parse_roles,
+};
 
 /// Helpers the submodules' tests share, and the tests that cross them.
 #[cfg(test)]

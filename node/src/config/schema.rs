@@ -40,6 +40,9 @@ pub struct FileConfig {
     /// `[limits]`
     #[serde(default)]
     pub limits: FileLimits,
+    /// `[audit]`
+    #[serde(default)]
+    pub audit: FileAudit,
     /// `[[tenants]]`
     #[serde(default)]
     pub tenants: Vec<FileTenant>,
@@ -177,6 +180,25 @@ impl Default for FileLimits {
             tenant_streams_per_sec: d.tenant.streams_per_sec,
             tenant_burst: d.tenant.burst,
             tenant_bytes_per_sec: d.tenant.bytes_per_sec,
+        }
+    }
+}
+
+/// `[audit]`: the entry's jurisdiction trail of every stream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileAudit {
+    /// Records older than this are deleted.
+    pub retention_secs: u64,
+    /// Also record each stream's target host and port.
+    pub record_targets: bool,
+}
+
+impl Default for FileAudit {
+    fn default() -> Self {
+        Self {
+            retention_secs: 90 * 86_400,
+            record_targets: false,
         }
     }
 }

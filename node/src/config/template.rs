@@ -281,6 +281,17 @@ margin_secs = 10
 # Time one circuit move is given (build, move streams, retries). 1 to 600.
 migration_secs = 5
 
+[audit]
+# An entry records every stream it carries: tenant, class, start and end,
+# bytes each way, how it ended, and each circuit it used (every hop's node
+# id and jurisdiction) and each move, with time and reason (`ferry audit
+# export`, `GET /v1/audit`). Kept in the node's store this long, in
+# seconds (60 to 315360000; 7776000 is 90 days).
+retention_secs = 7776000
+# Also record each stream's target host and port (off: the trail says
+# where traffic went through, not where it went).
+record_targets = false
+
 # Tenants, by SOCKS5 username: a traffic class (rulings can be scoped to
 # classes or tenants; a connection cannot change it) and constraints added
 # to [routing]. With password_hash (an Argon2id PHC string: `ferry tenant

@@ -21,6 +21,15 @@ pub struct DrainSettings {
     pub migration: Duration,
 }
 
+/// The jurisdiction trail's settings (`[audit]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Records older than this are deleted.
+    pub retention: Duration,
+    /// Records name each stream's target.
+    pub record_targets: bool,
+}
+
 pub use crate::directory::Peer;
 
 /// The validated runtime configuration.
@@ -79,6 +88,8 @@ pub struct NodeConfig {
     pub carry: crate::limits::Carry,
     /// Drain timing.
     pub drain: DrainSettings,
+    /// `[audit]`: how long the trail is kept, and whether it names targets.
+    pub audit: AuditSettings,
     /// Admin API listener.
     pub admin_listen: Option<SocketAddr>,
     /// The digest of the admin API's bearer token (`[admin] token_file`).
@@ -481,6 +492,13 @@ impl TryFrom<FileConfig> for NodeConfig {
             margin: Duration::from_secs(f.drain.margin_secs),
             migration: Duration::from_secs(f.drain.migration_secs),
         };
+        if !(60..=10 * 365 * 86_400).contains(&f.audit.retention_secs) {
+            bail!("audit.retention_secs must be 60 (a minute) to 315360000 (ten years)");
+        }
+        let audit = AuditSettings {
+            retention: Duration::from_secs(f.audit.retention_secs),
+            record_targets: f.audit.record_targets,
+        };
         if fr.anonymous_class.len() > 64 {
             bail!("routing.anonymous_class must be at most 64 characters");
         }
@@ -506,6 +524,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             limits,
             carry,
             drain,
+            audit,
             jurisdiction,
             roles,
             key_dir: f.node.key_dir,
