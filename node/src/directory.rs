@@ -223,6 +223,15 @@ impl Directory {
             .contains(id)
     }
 
+    /// A live node's jurisdiction, without copying its entry.
+    pub fn jurisdiction(&self, id: &NodeId, now: u64) -> Option<Jurisdiction> {
+        let g = self.inner.read().expect("directory lock");
+        g.by_id
+            .get(id)
+            .filter(|e| e.live(now))
+            .map(|e| e.peer.jurisdiction)
+    }
+
     /// A live node by id.
     pub fn get(&self, id: &NodeId, now: u64) -> Option<Entry> {
         let g = self.inner.read().expect("directory lock");

@@ -277,22 +277,12 @@ pub async fn carry(origin: &Origin, sock: TcpStream, parts: StreamParts, pass: &
     let handle = parts.handle.clone();
     let why = crate::endpoint::run_stream(sock, parts, pass.pace()).await;
     metrics.stream.closed.with_label_values(&[why]).inc();
-    if let Some(t) = handle.take_trail() {
-        let now = crate::authority::now_ms();
-        let (bytes_up, bytes_down) = handle.bytes();
-        let record = crate::audit::Record {
-            tenant: t.tenant,
-            class: t.class,
-            target: t.target,
-            started: crate::audit::rfc3339_ms(t.started_ms),
-            ended: crate::audit::rfc3339_ms(now),
-            bytes_up,
-            bytes_down,
-            end: why.to_string(),
-            circuits: t.legs,
-        };
-        if let Err(e) = origin.switch().audit.record(now, &record) {
-            crate::warn_limited!(origin.warned, "audit write", error = %format!("{e:#}"), "could not record a stream in the audit trail");
-        }
+    if let Some(trail) = handle.take_trail() {
+        origin.switch().audit.submit(crate::audit::Ended {
+            trail,
+            ended_ms: crate::authority::now_ms(),
+            bytes: handle.bytes(),
+            end: why,
+        });
     }
 }

@@ -234,6 +234,13 @@ pub fn start_full(
             .run_sweeps(shutdown.clone())
             .in_current_span(),
     );
+    switch.tasks.spawn(
+        switch
+            .audit
+            .clone()
+            .run_writer(shutdown.clone())
+            .in_current_span(),
+    );
     let signer = control::advert_signer(keys.clone(), cfg.clone(), link_addr, switch.clone());
     let settings = control::Settings {
         listen: cfg.mesh_listen,

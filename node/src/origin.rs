@@ -402,7 +402,7 @@ impl Origin {
                     .records_targets()
                     .then(|| format!("{host}:{port}")),
                 started_ms: now,
-                legs: vec![self.leg(&path, "opened".into(), now)],
+                legs: vec![self.leg(&path, Arc::from("opened"), now)],
             });
             parts
         };
@@ -431,20 +431,15 @@ impl Origin {
     }
 
     /// A circuit a stream was put on at `now`, for its trail: each hop
-    /// with its jurisdiction as this node knows it.
-    fn leg(&self, path: &[NodeId], why: String, now: u64) -> crate::audit::Leg {
-        crate::audit::Leg {
-            at: crate::audit::rfc3339_ms(now),
+    /// with its jurisdiction as this node knows it (formatted later, by
+    /// the trail's writer).
+    fn leg(&self, path: &[NodeId], why: Arc<str>, now: u64) -> crate::audit::RawLeg {
+        crate::audit::RawLeg {
+            at_ms: now,
             why,
             hops: path
                 .iter()
-                .map(|id| crate::audit::Hop {
-                    node: hex::encode(id.0),
-                    jurisdiction: self
-                        .switch
-                        .peer(id)
-                        .map_or_else(|| "??".into(), |p| p.jurisdiction.to_string()),
-                })
+                .map(|id| (*id, self.switch.directory.jurisdiction(id, now)))
                 .collect(),
         }
     }
@@ -1223,8 +1218,8 @@ impl Origin {
         self.pool.lock().await.push(new.clone());
         let mut failed = None;
         let mut moved = 0;
-        let why = match avoid {
-            [] => "moved".to_string(),
+        let why: Arc<str> = match avoid {
+            [] => Arc::from("moved"),
             _ => format!(
                 "moved: off leaving {}",
                 avoid
@@ -1237,7 +1232,8 @@ impl Origin {
                     })
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
+            )
+            .into(),
         };
         for s in streams {
             match Endpoint::move_stream(&s, &new_end).await {

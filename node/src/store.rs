@@ -132,6 +132,17 @@ impl Store {
             .context("store write")
     }
 
+    /// Writes several keys at once, without waiting for the disk (as
+    /// [`Store::put_cache`]).
+    pub fn put_many(&self, cf: &str, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let h = self.handle(cf)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for (k, v) in pairs {
+            batch.put_cf(h, k, v);
+        }
+        self.db.write(batch).context("store write")
+    }
+
     /// Reads one key.
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db.get_cf(self.handle(cf)?, key).context("store read")
