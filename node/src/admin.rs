@@ -11,7 +11,8 @@
 //! nodes N freshly picked paths would use), `GET /v1/what-if?region=..&exit_by=..`
 //! and `POST /v1/what-if` (a ruling file: what it would do before it is
 //! signed, [`get_what_if`]), `GET /v1/audit?since=..` (the jurisdiction
-//! trail, [`crate::audit`]), `GET /livez` and `GET /readyz`
+//! trail, [`crate::audit`]), `GET /v1/audit/report?ruling=ID` (a signed
+//! exit report), `GET /livez` and `GET /readyz`
 //! (200 only while the node is admitted, active and has joined the mesh:
 //! 503 while unadmitted, joining, draining or exited).
 //!
@@ -373,6 +374,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .route("/v1/paths", get(get_paths))
         .route("/v1/what-if", get(get_what_if).post(post_what_if))
         .route("/v1/audit", get(get_audit))
+        .route("/v1/audit/report", get(get_report))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
@@ -807,6 +809,54 @@ async fn get_audit(
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({ "error": "store", "detail": e.to_string() })),
         ),
+    }
+}
+
+/// `GET /v1/audit/report?ruling=ID`: the exit report of a ruling this node
+/// knows (in force or lifted), from its trail, signed with its identity
+/// key ([`crate::audit::ExitReport`]).
+async fn get_report(
+    State(st): State<Arc<AdminState>>,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    let bad = |code: StatusCode, error: &str, detail: String| {
+        (code, Json(json!({ "error": error, "detail": detail })))
+    };
+    if let Some(k) = q.keys().find(|k| k.as_str() != "ruling") {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "bad_report_query",
+            format!("unknown key `{k}` (ruling)"),
+        );
+    }
+    let Some(id) = q.get("ruling") else {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "bad_report_query",
+            "give ruling (its id)".into(),
+        );
+    };
+    let set = st.rulings.snapshot();
+    let (Some(ruling), Some(region)) = (set.get(id), set.region_of(id)) else {
+        return bad(
+            StatusCode::NOT_FOUND,
+            "unknown_ruling",
+            format!("this node holds no ruling `{id}`"),
+        );
+    };
+    let mut report = crate::audit::ExitReport::new(ruling.clone(), *region);
+    let audit = st.switch.audit.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        audit.each(|r| report.add(r)).map(|()| report.finish())
+    })
+    .await;
+    match built {
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            Json(crate::audit::sign_report(body, &st.switch.keys.identity)),
+        ),
+        Ok(Err(e)) => bad(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")),
+        Err(e) => bad(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }
 

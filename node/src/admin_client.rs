@@ -133,6 +133,61 @@ pub fn audit_export(
     Ok(())
 }
 
+/// `ferry audit report`: the entry's signed exit report of `ruling`,
+/// written to `out` (or standard output), and a summary on standard
+/// error.
+pub fn audit_report(admin: SocketAddr, ruling: &str, out: Option<&Path>) -> Result<()> {
+    let resp = client::agent(Duration::from_secs(300))
+        .get(&format!("http://{admin}/v1/audit/report"))
+        .query("ruling", ruling)
+        .call();
+    let v = client::answer(&admin.to_string(), resp)?;
+    let text = format!("{}\n", serde_json::to_string_pretty(&v)?);
+    match out {
+        Some(path) => {
+            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    eprintln!("{}", report_summary(&v["body"]));
+    Ok(())
+}
+
+/// `ferry audit verify`: checks a signed report.
+pub fn audit_verify(path: &Path, node: Option<&str>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let signer = ferry_node::audit::verify_report(&text, node)
+        .with_context(|| format!("{}: NOT VALID", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    println!(
+        "valid: signed by node {signer}\n{}",
+        report_summary(&v["body"])
+    );
+    Ok(())
+}
+
+/// A report's counts in one paragraph.
+fn report_summary(b: &serde_json::Value) -> String {
+    let r = &b["ruling"];
+    let c = &b["crossed"];
+    format!(
+        "ruling {} v{} on {}: {} session(s) of its scope crossed the region: {} before {}, {} \
+         while draining, {} after the exit date {}; {} moved out, {} closed",
+        r["id"].as_str().unwrap_or("?"),
+        r["version"],
+        r["region"].as_str().unwrap_or("?"),
+        b["sessions"],
+        c["before"],
+        r["blocked_from"].as_str().unwrap_or("?"),
+        c["draining"],
+        c["after_exit"],
+        r["exit_by"].as_str().unwrap_or("?"),
+        b["moved_out"],
+        b["closed"],
+    )
+}
+
 /// What `ferry policy what-if` asks about.
 pub enum WhatIf {
     /// A ruling given by flags.

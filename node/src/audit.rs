@@ -23,7 +23,12 @@
 //! Keys are the end time (ms, big-endian) then a sequence number, so a
 //! `since` query is one range scan and retention one range delete.
 //!
-//! Not in this module: the exit report built from the trail.
+//! The exit report ([`exit_report`], [`sign_report`], [`verify_report`]):
+//! from the trail, every session of a ruling's scope that crossed its
+//! region, by phase (before `blocked_from`, while draining, after
+//! `exit_by`: which must be none), with the moves made and the sessions
+//! closed; signed with the node's identity key so a regulator or a customer
+//! can check it with `ferry audit verify`.
 
 use crate::store::{Store, cf};
 use anyhow::{Context, Result};
@@ -207,6 +212,181 @@ pub struct Record {
     pub circuits: Vec<Leg>,
 }
 
+/// Context of an exit report's signature.
+pub const REPORT_CONTEXT: &[u8] = b"ferry/exit-report/1";
+
+/// An exit report for a ruling, built record by record ([`ExitReport::add`])
+/// from the trail: a session counts in a phase when any stretch of it on a
+/// circuit with a hop in the region (from the leg's time to the next leg's,
+/// or the session's end) overlaps that phase. Pure: the caller signs it.
+#[derive(Debug)]
+pub struct ExitReport {
+    ruling: ferry_router::Ruling,
+    region: ferry_router::JurisdictionSet,
+    sessions: u64,
+    before: u64,
+    draining: u64,
+    after: u64,
+    moved_out: u64,
+    closed: u64,
+    after_exit: Vec<serde_json::Value>,
+    earliest: Option<u64>,
+}
+
+/// Most sessions after the exit date a report lists one by one (all are
+/// counted).
+pub const MAX_LISTED: usize = 1_000;
+
+impl ExitReport {
+    /// A report on `ruling`, its region resolved to `region`.
+    pub fn new(ruling: ferry_router::Ruling, region: ferry_router::JurisdictionSet) -> Self {
+        Self {
+            ruling,
+            region,
+            sessions: 0,
+            before: 0,
+            draining: 0,
+            after: 0,
+            moved_out: 0,
+            closed: 0,
+            after_exit: Vec::new(),
+            earliest: None,
+        }
+    }
+
+    /// Weighs one stored record.
+    pub fn add(&mut self, r: &pb::AuditRecord) {
+        use ferry_router::{Jurisdiction, TrafficScope};
+        let (from, exit) = (self.ruling.blocked_from.0, self.ruling.exit_by.0);
+        self.earliest = Some(self.earliest.map_or(r.started_ms, |e| e.min(r.started_ms)));
+        let scope = TrafficScope {
+            class: r.class.clone(),
+            tenant: r.tenant.clone(),
+        };
+        if !self.ruling.scope.covers(&scope) {
+            return;
+        }
+        let region = &self.region;
+        let inside = |l: &pb::AuditLeg| {
+            l.hops.iter().any(|h| {
+                <[u8; 2]>::try_from(h.jurisdiction.as_slice())
+                    .is_ok_and(|j| region.contains(Jurisdiction(j)))
+            })
+        };
+        let spans: Vec<(u64, u64)> = r
+            .circuits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| inside(l))
+            .map(|(i, l)| {
+                let end = r.circuits.get(i + 1).map_or(r.ended_ms, |n| n.at_ms);
+                (l.at_ms, end.max(l.at_ms + 1))
+            })
+            .collect();
+        if spans.is_empty() {
+            return;
+        }
+        self.sessions += 1;
+        let overlaps = |lo: u64, hi: u64| spans.iter().any(|&(a, b)| a < hi && lo < b);
+        self.before += u64::from(overlaps(0, from));
+        self.draining += u64::from(overlaps(from, exit));
+        if overlaps(exit, u64::MAX) {
+            self.after += 1;
+            if self.after_exit.len() < MAX_LISTED {
+                self.after_exit.push(serde_json::json!({
+                    "tenant": r.tenant,
+                    "class": r.class,
+                    "started": rfc3339_ms(r.started_ms),
+                    "ended": rfc3339_ms(r.ended_ms),
+                }));
+            }
+        }
+        if r.circuits.last().is_some_and(inside) {
+            self.closed += u64::from(r.ended_ms >= from);
+        } else {
+            self.moved_out += 1;
+        }
+    }
+
+    /// The report's body.
+    pub fn finish(self) -> serde_json::Value {
+        let r = &self.ruling;
+        let scope = match &r.scope {
+            ferry_router::Scope::All => serde_json::json!("all"),
+            ferry_router::Scope::Classes(c) => serde_json::json!({ "classes": c }),
+            ferry_router::Scope::Tenants(t) => serde_json::json!({ "tenants": t }),
+        };
+        serde_json::json!({
+            "kind": "ferry exit report",
+            "ruling": {
+                "id": r.id,
+                "version": r.version,
+                "region": r.region.to_string(),
+                "jurisdictions": self.region.iter().map(|j| j.to_string()).collect::<Vec<_>>(),
+                "blocked_from": rfc3339_ms(r.blocked_from.0),
+                "exit_by": rfc3339_ms(r.exit_by.0),
+                "scope": scope,
+                "lifted": r.lifted,
+            },
+            "trail_from": self.earliest.map(rfc3339_ms),
+            "sessions": self.sessions,
+            "crossed": { "before": self.before, "draining": self.draining, "after_exit": self.after },
+            "moved_out": self.moved_out,
+            "closed": self.closed,
+            "after_exit_sessions": self.after_exit,
+        })
+    }
+}
+
+/// A report signed by `key`: `{"body", "node_id", "signature"}`, the
+/// signature over [`REPORT_CONTEXT`] then the body's JSON (keys sorted, as
+/// `serde_json` writes a map).
+pub fn sign_report(body: serde_json::Value, key: &ed25519_dalek::SigningKey) -> serde_json::Value {
+    use ed25519_dalek::Signer;
+    let mut msg = REPORT_CONTEXT.to_vec();
+    msg.extend(serde_json::to_vec(&body).expect("a JSON value serializes"));
+    serde_json::json!({
+        "body": body,
+        "node_id": hex::encode(key.verifying_key().as_bytes()),
+        "signature": hex::encode(key.sign(&msg).to_bytes()),
+    })
+}
+
+/// Checks a signed report (its text); returns the node that signed it.
+/// With `expected`, any other signer is refused.
+pub fn verify_report(text: &str, expected: Option<&str>) -> Result<String> {
+    use ed25519_dalek::Verifier;
+    let v: serde_json::Value = serde_json::from_str(text).context("not a JSON report")?;
+    let field = |k: &str| {
+        v[k].as_str()
+            .with_context(|| format!("the report has no `{k}`"))
+    };
+    let node = field("node_id")?.to_string();
+    if let Some(e) = expected
+        && !e.eq_ignore_ascii_case(&node)
+    {
+        anyhow::bail!("signed by node {node}, not by {e}");
+    }
+    let key: [u8; 32] = hex::decode(&node)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("node_id is not 64 hex digits")?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key).context("node_id is no Ed25519 key")?;
+    let sig: [u8; 64] = hex::decode(field("signature")?)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("signature is not 128 hex digits")?;
+    let mut msg = REPORT_CONTEXT.to_vec();
+    msg.extend(serde_json::to_vec(&v["body"])?);
+    key.verify(&msg, &ed25519_dalek::Signature::from_bytes(&sig))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the signature does not match the report: it was changed, or not signed by {node}"
+            )
+        })?;
+    Ok(node)
+}
+
 /// The trail's store and settings.
 #[derive(Debug)]
 pub struct Audit {
@@ -347,6 +527,27 @@ impl Audit {
                     from = k;
                 }
                 _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Hands every stored record to `f`, oldest first, a page at a time.
+    pub fn each(&self, mut f: impl FnMut(&pb::AuditRecord)) -> Result<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut from = Vec::new();
+        loop {
+            let page = store.scan_from(cf::AUDIT, &from, 1024)?;
+            for (_, v) in &page {
+                f(&pb::AuditRecord::decode(v.as_slice()).context("an audit record")?);
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 1024 => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => return Ok(()),
             }
         }
     }
@@ -494,6 +695,78 @@ mod tests {
             "everything queued is written, on shutdown too"
         );
         assert_eq!(all[0], record("acme", 2_000));
+    }
+
+    fn stored(class: &str, legs: &[(u64, &[u8; 2])], ended_ms: u64) -> pb::AuditRecord {
+        pb::AuditRecord {
+            tenant: "acme".into(),
+            class: class.into(),
+            started_ms: legs[0].0,
+            ended_ms,
+            end: "done".into(),
+            circuits: legs
+                .iter()
+                .map(|(at, j)| pb::AuditLeg {
+                    at_ms: *at,
+                    why: "opened".into(),
+                    hops: vec![pb::AuditHop {
+                        node_id: vec![1; 32],
+                        jurisdiction: j.to_vec(),
+                    }],
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_exit_report_counts_each_session_in_the_phases_it_crossed_the_region() {
+        use ferry_router::{Blocs, Region, Ruling, Scope, Time};
+        let ruling = Ruling {
+            id: "gb".into(),
+            version: 1,
+            region: Region::parse("GB").unwrap(),
+            blocked_from: Time(1_000),
+            exit_by: Time(2_000),
+            scope: Scope::Classes(vec!["enterprise".into()]),
+            reason: "test".into(),
+            lifted: false,
+        };
+        let region = Blocs::builtin().resolve(&ruling.region).unwrap();
+        let mut r = ExitReport::new(ruling, region);
+        // Through GB from 500, moved to DE at 1,500: before and draining.
+        r.add(&stored(
+            "enterprise",
+            &[(500, b"GB"), (1_500, b"DE")],
+            3_000,
+        ));
+        // Through GB, ended at 900: before only, and not closed by the drain.
+        r.add(&stored("enterprise", &[(100, b"GB")], 900));
+        // Through GB past the exit date: counted and listed.
+        r.add(&stored("enterprise", &[(1_200, b"GB")], 2_500));
+        // Another class through GB, and an enterprise session around it.
+        r.add(&stored("consumer", &[(1_200, b"GB")], 2_500));
+        r.add(&stored("enterprise", &[(1_200, b"DE")], 2_500));
+        let b = r.finish();
+        assert_eq!(b["sessions"], 3, "{b:#}");
+        assert_eq!(
+            b["crossed"],
+            serde_json::json!({ "before": 2, "draining": 2, "after_exit": 1 })
+        );
+        assert_eq!(
+            (b["moved_out"].as_u64(), b["closed"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(b["after_exit_sessions"].as_array().unwrap().len(), 1);
+        // Signed, it verifies; changed, it does not.
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let signed = sign_report(b, &key);
+        let text = serde_json::to_string_pretty(&signed).unwrap();
+        let node = hex::encode(key.verifying_key().as_bytes());
+        assert_eq!(verify_report(&text, Some(&node)).unwrap(), node);
+        let changed = text.replacen("\"after_exit\": 1", "\"after_exit\": 0", 1);
+        assert_ne!(changed, text);
+        assert!(verify_report(&changed, None).is_err());
     }
 
     #[test]

@@ -266,6 +266,31 @@ enum AuditCmd {
         #[arg(long, value_enum, default_value = "jsonl")]
         format: admin_client::AuditFormat,
     },
+    /// A ruling's exit report from the entry's trail: every session of its
+    /// scope that crossed its region, before it was blocked, while it
+    /// drained and after its exit date (which must be none), with the
+    /// moves made and the sessions closed; signed by the entry.
+    Report {
+        /// The entry's admin address.
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        admin: SocketAddr,
+        /// The ruling's id.
+        #[arg(long)]
+        ruling: String,
+        /// Where to write the signed report (JSON); standard output if not
+        /// given.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Checks a signed exit report: exits non-zero if it was changed or
+    /// is not signed by the node it names (or by --node).
+    Verify {
+        /// The report file.
+        report: PathBuf,
+        /// The node that must have signed it (64 hex digits).
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -650,6 +675,12 @@ fn main() -> Result<()> {
                     format,
                 },
         } => admin_client::audit_export(admin, &since, tenant.as_deref(), format),
+        Cmd::Audit {
+            cmd: AuditCmd::Report { admin, ruling, out },
+        } => admin_client::audit_report(admin, &ruling, out.as_deref()),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { report, node },
+        } => admin_client::audit_verify(&report, node.as_deref()),
         Cmd::Policy {
             cmd:
                 PolicyCmd::WhatIf {

@@ -180,6 +180,79 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
         "{csv}"
     );
 
+    // The exit report: the enterprise session crossed PK before the
+    // ruling and while it drained, and moved out; none after the exit date.
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    run_ferry(&[
+        "audit",
+        "report",
+        "--admin",
+        &admin,
+        "--ruling",
+        "test-PK",
+        "--out",
+        report.to_str().unwrap(),
+    ])
+    .unwrap();
+    let signed: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let body = &signed["body"];
+    assert_eq!(
+        body["sessions"], 1,
+        "only the enterprise session is in scope: {body:#}"
+    );
+    assert_eq!(body["crossed"]["before"], 1, "{body:#}");
+    assert_eq!(body["crossed"]["draining"], 1, "{body:#}");
+    assert_eq!(body["crossed"]["after_exit"], 0, "{body:#}");
+    assert_eq!(
+        (body["moved_out"].as_u64(), body["closed"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let ok = run_ferry(&[
+        "audit",
+        "verify",
+        report.to_str().unwrap(),
+        "--node",
+        &mesh.entry.id,
+    ])
+    .unwrap();
+    assert!(
+        ok.contains(&format!("valid: signed by node {}", mesh.entry.id)),
+        "{ok}"
+    );
+    assert!(ok.contains("0 after the exit date"), "{ok}");
+    // Changed by one digit, it no longer verifies; nor under another node.
+    let text = std::fs::read_to_string(&report).unwrap();
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(
+        &tampered,
+        text.replacen("\"draining\": 1", "\"draining\": 0", 1),
+    )
+    .unwrap();
+    assert_ne!(
+        std::fs::read_to_string(&tampered).unwrap(),
+        text,
+        "the edit took"
+    );
+    let err = run_ferry(&["audit", "verify", tampered.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("NOT VALID") && err.contains("was changed"),
+        "{err}"
+    );
+    let other = mesh.nodes[0].id.clone();
+    let err = run_ferry(&[
+        "audit",
+        "verify",
+        report.to_str().unwrap(),
+        "--node",
+        &other,
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not by"), "{err}");
+
     // A restart keeps the trail.
     mesh.entry.kill9_and_restart().unwrap();
     assert_eq!(
