@@ -87,6 +87,9 @@ pub struct StreamMetrics {
     pub paced: Counter,
     /// Client connections open, by entry listener (scrape time).
     pub connections: IntGaugeVec,
+    /// Streams crossing a ruled region, by the ruling's phase (scrape
+    /// time).
+    pub ruled: IntGaugeVec,
 }
 
 /// The node as a whole: identity, state, admission, refusals, peers.
@@ -358,6 +361,17 @@ impl StreamMetrics {
                 "ferry_entry_connections",
                 "Client connections open, by entry listener (socks, http).",
                 "listener",
+            ),
+            ruled: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ferry_ruled_region_sessions",
+                        "Streams on this entry's circuits that cross a region a ruling in force covers, for the ruling's scope, by its phase now: before (blocked_from still to come), draining, after_exit (must be 0). Regions are the rulings' own (a country or a bloc).",
+                    ),
+                    &["region", "phase"],
+                )
+                .expect("valid metric"),
             ),
         };
         seed(&m.closed, &CLOSE_REASONS);

@@ -945,6 +945,36 @@ impl Origin {
                 }
             }
         }
+        // Sessions crossing each ruled region, by the ruling's phase.
+        m.stream.ruled.reset();
+        let set = self.switch.rulings.snapshot();
+        for r in set.iter().filter(|r| !r.lifted) {
+            let Some(region) = set.region_of(&r.id) else {
+                continue;
+            };
+            let phase = match r.status_at(Time(now)) {
+                ferry_router::Status::Allowed => "before",
+                ferry_router::Status::Draining { .. } => "draining",
+                ferry_router::Status::Blocked => "after_exit",
+            };
+            let crossing: usize = circuits
+                .iter()
+                .filter(|c| {
+                    r.scope.covers(&c.route.scope)
+                        && c.path.iter().any(|id| {
+                            self.switch
+                                .directory
+                                .jurisdiction(id, now)
+                                .is_some_and(|j| region.contains(j))
+                        })
+                })
+                .map(|c| c.stream_count())
+                .sum();
+            m.stream
+                .ruled
+                .with_label_values(&[&r.region.to_string(), phase])
+                .add(crossing as i64);
+        }
         let s = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for (result, v) in [

@@ -100,6 +100,13 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
     ruling.classes = &["enterprise"];
     rulings::publish(&mesh.entry, &rulings::sign(keys.path(), &kd, &ruling)).unwrap();
     tokio::time::sleep(Duration::from_millis(exit + 500 - now_ms())).await;
+    // Past the exit date, no enterprise session crosses PK (the metric a
+    // dashboard watches), though both streams are still open.
+    assert_eq!(
+        mesh.entry
+            .metric("ferry_ruled_region_sessions{phase=\"after_exit\",region=\"PK\"}"),
+        Some(0.0)
+    );
     for (i, s) in streams.iter_mut().enumerate() {
         echo(s, 50_000, 2 + i as u8).await;
         s.shutdown().await.unwrap();

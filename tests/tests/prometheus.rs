@@ -153,6 +153,14 @@ async fn prometheus_scrapes_the_mesh_and_every_query_returns_data() {
         Duration::from_secs(20),
     );
     assert!(value(&left) >= 1.0, "{left}");
+    // The held stream crosses PK while it drains (it cannot move: DE is
+    // excluded), and nothing crosses it after an exit date.
+    let crossing = wait_data(
+        &base,
+        "sum(ferry_ruled_region_sessions{region=\"PK\",phase=\"draining\"}) == 1",
+        Duration::from_secs(20),
+    );
+    assert_eq!(value(&crossing), 1.0, "{crossing}");
     let secs = wait_data(
         &base,
         &format!("ferry_node_exit_seconds{{instance=\"{pk}\"}} > 0"),
