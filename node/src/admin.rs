@@ -752,10 +752,12 @@ async fn what_if(
     )
 }
 
-/// `GET /v1/audit?since=DATE[&tenant=T][&limit=N]`: the jurisdiction
+/// `GET /v1/audit?since=DATE[&tenant=T][&limit=N]`, then
+/// `GET /v1/audit?after=CURSOR[&tenant=T][&limit=N]`: the jurisdiction
 /// trail of the streams that ended since `since` (RFC 3339), oldest first,
-/// at most `limit` (default and most [`crate::audit::MAX_EXPORT`];
-/// `truncated` says when more are left: ask again from the last one's end).
+/// a page of at most `limit` records (default and most
+/// [`crate::audit::MAX_EXPORT`]); `next` is the cursor of the page after,
+/// or null at the end.
 async fn get_audit(
     State(st): State<Arc<AdminState>>,
     axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
@@ -768,18 +770,24 @@ async fn get_audit(
     };
     if let Some(k) = q
         .keys()
-        .find(|k| !["since", "tenant", "limit"].contains(&k.as_str()))
+        .find(|k| !["since", "after", "tenant", "limit"].contains(&k.as_str()))
     {
-        return bad(format!("unknown key `{k}` (since, tenant or limit)"));
+        return bad(format!("unknown key `{k}` (since, after, tenant or limit)"));
     }
-    let Some(since) = q.get("since") else {
-        return bad("give since (RFC 3339)".into());
-    };
-    let since_ms = match humantime::parse_rfc3339_weak(since) {
-        Ok(t) => t
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-        Err(e) => return bad(format!("since = `{since}`: not an RFC 3339 time ({e})")),
+    let from = match (q.get("since"), q.get("after")) {
+        (_, Some(cursor)) => match hex::decode(cursor) {
+            Ok(k) if k.len() == 16 => k,
+            _ => return bad(format!("after = `{cursor}`: not a cursor this API gave")),
+        },
+        (Some(since), None) => match humantime::parse_rfc3339_weak(since) {
+            Ok(t) => (t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64))
+            .to_be_bytes()
+            .to_vec(),
+            Err(e) => return bad(format!("since = `{since}`: not an RFC 3339 time ({e})")),
+        },
+        (None, None) => return bad("give since (RFC 3339), or after (a cursor)".into()),
     };
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => crate::audit::MAX_EXPORT,
@@ -788,19 +796,13 @@ async fn get_audit(
     };
     let audit = st.switch.audit.clone();
     let tenant = q.get("tenant").cloned();
-    // One more than asked: whether more are left.
     let read =
-        tokio::task::spawn_blocking(move || audit.export(since_ms, tenant.as_deref(), limit + 1))
-            .await;
+        tokio::task::spawn_blocking(move || audit.page(&from, tenant.as_deref(), limit)).await;
     match read {
-        Ok(Ok(mut records)) => {
-            let truncated = records.len() > limit;
-            records.truncate(limit);
-            (
-                StatusCode::OK,
-                Json(json!({ "records": records, "truncated": truncated })),
-            )
-        }
+        Ok(Ok((records, next))) => (
+            StatusCode::OK,
+            Json(json!({ "records": records, "next": next.map(hex::encode) })),
+        ),
         Ok(Err(e)) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({ "error": "store", "detail": format!("{e:#}") })),
@@ -844,17 +846,37 @@ async fn get_report(
             format!("this node holds no ruling `{id}`"),
         );
     };
+    if ruling.lifted {
+        return bad(
+            StatusCode::CONFLICT,
+            "ruling_lifted",
+            format!(
+                "ruling `{id}` is lifted: its exit date no longer binds, and a report would count lawful traffic as crossing after it"
+            ),
+        );
+    }
     let mut report = crate::audit::ExitReport::new(ruling.clone(), *region);
     let audit = st.switch.audit.clone();
+    let now = now_ms();
     let built = tokio::task::spawn_blocking(move || {
-        audit.each(|r| report.add(r)).map(|()| report.finish())
+        audit.each(|r| report.add(r)).map(|()| report.finish(now))
     })
     .await;
     match built {
-        Ok(Ok(body)) => (
-            StatusCode::OK,
-            Json(crate::audit::sign_report(body, &st.switch.keys.identity)),
-        ),
+        Ok(Ok(mut body)) => {
+            // What the trail cannot show yet: streams still open (recorded
+            // when they end), and any the writer had no room for.
+            let open = match &st.origin {
+                Some(o) => o.crossing(ruling, region, now).await,
+                None => 0,
+            };
+            body["open_sessions_crossing_now"] = json!(open);
+            body["records_dropped_since_start"] = json!(st.switch.audit.dropped());
+            (
+                StatusCode::OK,
+                Json(crate::audit::sign_report(&body, &st.switch.keys.identity)),
+            )
+        }
         Ok(Err(e)) => bad(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")),
         Err(e) => bad(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }

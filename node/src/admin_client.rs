@@ -47,90 +47,95 @@ pub enum AuditFormat {
 }
 
 /// `ferry audit export`: the entry's trail since `since`, to standard
-/// output.
+/// output, a page at a time (each page written before the next is asked
+/// for, so a long trail never sits whole in memory).
 pub fn audit_export(
     admin: SocketAddr,
     since: &str,
     tenant: Option<&str>,
     format: AuditFormat,
 ) -> Result<()> {
-    let mut req = client::agent(Duration::from_secs(120))
-        .get(&format!("http://{admin}/v1/audit"))
-        .query("since", since);
-    if let Some(t) = tenant {
-        req = req.query("tenant", t);
-    }
-    let v = client::answer(&admin.to_string(), req.call())?;
-    let records: Vec<ferry_node::audit::Record> =
-        serde_json::from_value(v["records"].clone()).context("the audit records")?;
-    let mut out = Vec::new();
-    match format {
-        AuditFormat::Jsonl => {
-            for r in &records {
-                serde_json::to_writer(&mut out, r)?;
-                out.push(b'\n');
-            }
-        }
-        AuditFormat::Csv => {
-            let mut w = csv::Writer::from_writer(&mut out);
-            w.write_record([
-                "tenant",
-                "class",
-                "target",
-                "started",
-                "ended",
-                "bytes_up",
-                "bytes_down",
-                "end",
-                "moves",
-                "circuits",
-            ])?;
-            for r in &records {
-                // Each circuit: when, why, then its hops as JJ:node8.
-                let circuits: Vec<String> = r
-                    .circuits
-                    .iter()
-                    .map(|l| {
-                        let hops: Vec<String> = l
-                            .hops
-                            .iter()
-                            .map(|h| {
-                                format!("{}:{}", h.jurisdiction, &h.node[..8.min(h.node.len())])
-                            })
-                            .collect();
-                        format!("{} {} {}", l.at, l.why, hops.join(">"))
-                    })
-                    .collect();
-                w.write_record([
-                    r.tenant.as_str(),
-                    r.class.as_str(),
-                    r.target.as_deref().unwrap_or(""),
-                    r.started.as_str(),
-                    r.ended.as_str(),
-                    &r.bytes_up.to_string(),
-                    &r.bytes_down.to_string(),
-                    r.end.as_str(),
-                    &r.circuits.len().saturating_sub(1).to_string(),
-                    &circuits.join(" | "),
-                ])?;
-            }
-            w.flush()?;
-        }
-    }
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(&out).and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-        r => r?,
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut req =
+            client::agent(Duration::from_secs(120)).get(&format!("http://{admin}/v1/audit"));
+        req = match &cursor {
+            Some(c) => req.query("after", c),
+            None => req.query("since", since),
+        };
+        if let Some(t) = tenant {
+            req = req.query("tenant", t);
+        }
+        let v = client::answer(&admin.to_string(), req.call())?;
+        let records: Vec<ferry_node::audit::Record> =
+            serde_json::from_value(v["records"].clone()).context("the audit records")?;
+        let mut out = Vec::new();
+        match format {
+            AuditFormat::Jsonl => {
+                for r in &records {
+                    serde_json::to_writer(&mut out, r)?;
+                    out.push(b'\n');
+                }
+            }
+            AuditFormat::Csv => {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                if cursor.is_none() {
+                    w.write_record([
+                        "tenant",
+                        "class",
+                        "target",
+                        "started",
+                        "ended",
+                        "bytes_up",
+                        "bytes_down",
+                        "end",
+                        "moves",
+                        "circuits",
+                    ])?;
+                }
+                for r in &records {
+                    // Each circuit: when, why, then its hops as JJ:node8.
+                    let circuits: Vec<String> = r
+                        .circuits
+                        .iter()
+                        .map(|l| {
+                            let hops: Vec<String> = l
+                                .hops
+                                .iter()
+                                .map(|h| {
+                                    format!("{}:{}", h.jurisdiction, &h.node[..8.min(h.node.len())])
+                                })
+                                .collect();
+                            format!("{} {} {}", l.at, l.why, hops.join(">"))
+                        })
+                        .collect();
+                    w.write_record([
+                        r.tenant.as_str(),
+                        r.class.as_str(),
+                        r.target.as_deref().unwrap_or(""),
+                        r.started.as_str(),
+                        r.ended.as_str(),
+                        &r.bytes_up.to_string(),
+                        &r.bytes_down.to_string(),
+                        r.end.as_str(),
+                        &r.circuits.len().saturating_sub(1).to_string(),
+                        &circuits.join(" | "),
+                    ])?;
+                }
+                out = w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?;
+            }
+        }
+        match stdout.write_all(&out).and_then(|()| stdout.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            r => r?,
+        }
+        match v["next"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Ok(()),
+        }
     }
-    drop(stdout);
-    if v["truncated"] == true {
-        eprintln!(
-            "more records are left: ask again with --since {}",
-            records.last().map_or("?", |r| r.ended.as_str())
-        );
-    }
-    Ok(())
 }
 
 /// `ferry audit report`: the entry's signed exit report of `ruling`,
@@ -149,7 +154,9 @@ pub fn audit_report(admin: SocketAddr, ruling: &str, out: Option<&Path>) -> Resu
         }
         None => print!("{text}"),
     }
-    eprintln!("{}", report_summary(&v["body"]));
+    let body: serde_json::Value =
+        serde_json::from_str(v["body"].as_str().unwrap_or("{}")).context("the report's body")?;
+    eprintln!("{}", report_summary(&body));
     Ok(())
 }
 
@@ -157,13 +164,14 @@ pub fn audit_report(admin: SocketAddr, ruling: &str, out: Option<&Path>) -> Resu
 pub fn audit_verify(path: &Path, node: Option<&str>) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let signer = ferry_node::audit::verify_report(&text, node)
+    let (signer, body) = ferry_node::audit::verify_report(&text, node)
         .with_context(|| format!("{}: NOT VALID", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    println!(
-        "valid: signed by node {signer}\n{}",
-        report_summary(&v["body"])
-    );
+    println!("valid: signed by node {signer}\n{}", report_summary(&body));
+    if node.is_none() {
+        println!(
+            "(any key can sign a report: check that this is the entry's node id, or give --node)"
+        );
+    }
     Ok(())
 }
 
@@ -173,7 +181,8 @@ fn report_summary(b: &serde_json::Value) -> String {
     let c = &b["crossed"];
     format!(
         "ruling {} v{} on {}: {} session(s) of its scope crossed the region: {} before {}, {} \
-         while draining, {} after the exit date {}; {} moved out, {} closed",
+         while draining, {} after the exit date {}; {} moved out, {} closed; {} still open \
+         crossing it, {} not recorded",
         r["id"].as_str().unwrap_or("?"),
         r["version"],
         r["region"].as_str().unwrap_or("?"),
@@ -185,6 +194,8 @@ fn report_summary(b: &serde_json::Value) -> String {
         r["exit_by"].as_str().unwrap_or("?"),
         b["moved_out"],
         b["closed"],
+        b["open_sessions_crossing_now"],
+        b["records_dropped_since_start"],
     )
 }
 

@@ -394,7 +394,7 @@ impl StreamHandle {
     /// Adds a circuit the stream was put on to its trail (if it has one).
     pub fn add_leg(&self, leg: crate::audit::RawLeg) {
         if let Some(t) = self.trail.lock().expect("trail lock").as_mut() {
-            t.legs.push(leg);
+            t.push(leg);
         }
     }
 

@@ -274,15 +274,34 @@ pub async fn carry(origin: &Origin, sock: TcpStream, parts: StreamParts, pass: &
     let metrics = &origin.switch().metrics;
     metrics.stream.opened.inc();
     parts.record_ids(&tracing::Span::current());
-    let handle = parts.handle.clone();
+    // Recorded however it ends: also when a shutdown drops this task
+    // (as `stopped`).
+    let mut record = Recorder {
+        handle: parts.handle.clone(),
+        audit: origin.switch().audit.clone(),
+        end: "stopped",
+    };
     let why = crate::endpoint::run_stream(sock, parts, pass.pace()).await;
     metrics.stream.closed.with_label_values(&[why]).inc();
-    if let Some(trail) = handle.take_trail() {
-        origin.switch().audit.submit(crate::audit::Ended {
-            trail,
-            ended_ms: crate::authority::now_ms(),
-            bytes: handle.bytes(),
-            end: why,
-        });
+    record.end = why;
+}
+
+/// Hands a stream's trail to the audit writer when it is dropped.
+struct Recorder {
+    handle: std::sync::Arc<crate::endpoint::StreamHandle>,
+    audit: std::sync::Arc<crate::audit::Audit>,
+    end: &'static str,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(trail) = self.handle.take_trail() {
+            self.audit.submit(crate::audit::Ended {
+                trail,
+                ended_ms: crate::authority::now_ms(),
+                bytes: self.handle.bytes(),
+                end: self.end,
+            });
+        }
     }
 }

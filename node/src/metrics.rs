@@ -90,6 +90,8 @@ pub struct StreamMetrics {
     /// Streams crossing a ruled region, by the ruling's phase (scrape
     /// time).
     pub ruled: IntGaugeVec,
+    /// Streams the audit trail had no room for (advanced at scrape time).
+    pub audit_dropped: IntCounter,
 }
 
 /// The node as a whole: identity, state, admission, refusals, peers.
@@ -370,6 +372,14 @@ impl StreamMetrics {
                         "Streams on this entry's circuits that cross a region a ruling in force covers, for the ruling's scope, by its phase now: before (blocked_from still to come), draining, after_exit (must be 0). Regions are the rulings' own (a country or a bloc).",
                     ),
                     &["region", "phase"],
+                )
+                .expect("valid metric"),
+            ),
+            audit_dropped: reg(
+                r,
+                IntCounter::new(
+                    "ferry_audit_records_dropped_total",
+                    "Streams the jurisdiction trail did not record: its writer's queue was full.",
                 )
                 .expect("valid metric"),
             ),

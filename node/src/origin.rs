@@ -403,6 +403,7 @@ impl Origin {
                     .then(|| format!("{host}:{port}")),
                 started_ms: now,
                 legs: vec![self.leg(&path, Arc::from("opened"), now)],
+                legs_left_out: 0,
             });
             parts
         };
@@ -430,16 +431,23 @@ impl Origin {
         }
     }
 
-    /// A circuit a stream was put on at `now`, for its trail: each hop
-    /// with its jurisdiction as this node knows it (formatted later, by
-    /// the trail's writer).
+    /// A circuit a stream was put on at `now`, for its trail: this entry
+    /// first (the stream crosses its jurisdiction too), then each hop with
+    /// its jurisdiction as this node knows it (formatted later, by the
+    /// trail's writer).
     fn leg(&self, path: &[NodeId], why: Arc<str>, now: u64) -> crate::audit::RawLeg {
+        let me = (
+            self.switch.keys.node_id(),
+            Some(self.switch.cfg.jurisdiction),
+        );
         crate::audit::RawLeg {
             at_ms: now,
             why,
-            hops: path
-                .iter()
-                .map(|id| (*id, self.switch.directory.jurisdiction(id, now)))
+            hops: std::iter::once(me)
+                .chain(
+                    path.iter()
+                        .map(|id| (*id, self.switch.directory.jurisdiction(id, now))),
+                )
                 .collect(),
         }
     }
@@ -929,6 +937,41 @@ impl Origin {
             .sum()
     }
 
+    /// Streams open now that cross `region` (this entry's own jurisdiction
+    /// included) for `r`'s scope.
+    pub async fn crossing(
+        &self,
+        r: &ferry_router::Ruling,
+        region: &ferry_router::JurisdictionSet,
+        now: u64,
+    ) -> usize {
+        self.crossing_in(&self.circuits().await, r, region, now)
+    }
+
+    fn crossing_in(
+        &self,
+        circuits: &[Arc<OriginCircuit>],
+        r: &ferry_router::Ruling,
+        region: &ferry_router::JurisdictionSet,
+        now: u64,
+    ) -> usize {
+        let here = region.contains(self.switch.cfg.jurisdiction);
+        circuits
+            .iter()
+            .filter(|c| {
+                r.scope.covers(&c.route.scope)
+                    && (here
+                        || c.path.iter().any(|id| {
+                            self.switch
+                                .directory
+                                .jurisdiction(id, now)
+                                .is_some_and(|j| region.contains(j))
+                        }))
+            })
+            .map(|c| c.stream_count())
+            .sum()
+    }
+
     /// Fills the entry's circuit and stream metrics (at scrape time, after
     /// [`Switch::observe`], whose `blocked` gauge it adds to).
     pub async fn observe(&self, m: &crate::metrics::Metrics, now: u64) {
@@ -957,24 +1000,13 @@ impl Origin {
                 ferry_router::Status::Draining { .. } => "draining",
                 ferry_router::Status::Blocked => "after_exit",
             };
-            let crossing: usize = circuits
-                .iter()
-                .filter(|c| {
-                    r.scope.covers(&c.route.scope)
-                        && c.path.iter().any(|id| {
-                            self.switch
-                                .directory
-                                .jurisdiction(id, now)
-                                .is_some_and(|j| region.contains(j))
-                        })
-                })
-                .map(|c| c.stream_count())
-                .sum();
+            let crossing = self.crossing_in(&circuits, r, region, now);
             m.stream
                 .ruled
                 .with_label_values(&[&r.region.to_string(), phase])
                 .add(crossing as i64);
         }
+        advance(&m.stream.audit_dropped, self.switch.audit.dropped());
         let s = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for (result, v) in [

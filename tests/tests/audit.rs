@@ -99,7 +99,7 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
     let mut ruling = Ruling::block("PK", from, exit);
     ruling.classes = &["enterprise"];
     rulings::publish(&mesh.entry, &rulings::sign(keys.path(), &kd, &ruling)).unwrap();
-    tokio::time::sleep(Duration::from_millis(exit + 500 - now_ms())).await;
+    tokio::time::sleep(Duration::from_millis((exit + 500).saturating_sub(now_ms()))).await;
     // Past the exit date, no enterprise session crosses PK (the metric a
     // dashboard watches), though both streams are still open.
     assert_eq!(
@@ -142,10 +142,14 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
         "no target unless record_targets: {acme:#}"
     );
     let p = paths(&acme);
-    assert_eq!(p.first().unwrap(), &["PK", "CA"], "{acme:#}");
+    assert_eq!(
+        p.first().unwrap(),
+        &["NL", "PK", "CA"],
+        "the entry, then each hop: {acme:#}"
+    );
     assert_eq!(
         p.last().unwrap(),
-        &["DE", "CA"],
+        &["NL", "DE", "CA"],
         "moved around PK: {acme:#}"
     );
     let moved = acme["circuits"].as_array().unwrap().last().unwrap().clone();
@@ -168,7 +172,7 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
     );
     // The consumer stream was not the ruling's: it stayed on its circuit.
     let globex = of("globex");
-    assert_eq!(paths(&globex), [["PK", "CA"]], "{globex:#}");
+    assert_eq!(paths(&globex), [["NL", "PK", "CA"]], "{globex:#}");
 
     let only = export(&admin, &since, &["--tenant", "acme"]);
     assert_eq!(only.len(), 1);
@@ -183,7 +187,7 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
         "{csv}"
     );
     assert!(
-        csv.contains("opened PK:") && csv.contains("moved: off leaving"),
+        csv.contains("opened NL:") && csv.contains(">PK:") && csv.contains("moved: off leaving"),
         "{csv}"
     );
 
@@ -203,7 +207,8 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
     ])
     .unwrap();
     let signed: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let body = &signed["body"];
+    let body: Value = serde_json::from_str(signed["body"].as_str().unwrap()).unwrap();
+    let body = &body;
     assert_eq!(
         body["sessions"], 1,
         "only the enterprise session is in scope: {body:#}"
@@ -233,7 +238,7 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
     let tampered = dir.path().join("tampered.json");
     std::fs::write(
         &tampered,
-        text.replacen("\"draining\": 1", "\"draining\": 0", 1),
+        text.replacen(r#"\"draining\": 1"#, r#"\"draining\": 0"#, 1),
     )
     .unwrap();
     assert_ne!(
@@ -277,4 +282,27 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// A stream still open when the entry stops (SIGINT) is recorded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_at_a_stop_is_recorded() {
+    let mut mesh = Mesh::one_exit(vec![]).unwrap();
+    let since = ferry_node::authority::fmt_time(now_ms() - 1_000);
+    let target = echo_server().await.unwrap();
+    let mut s = mesh.open(target.port(), "").await.unwrap();
+    echo(&mut s, 10_000, 7).await;
+    mesh.entry.signal("INT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mesh.entry.alive() {
+        assert!(Instant::now() < deadline, "the entry did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
+    mesh.entry.kill9_and_restart().unwrap();
+    let admin = mesh.entry.admin.to_string();
+    let records = export(&admin, &since, &[]);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["bytes_up"], 10_000, "{:#}", records[0]);
+    assert_eq!(paths(&records[0]), [["NL", "CA"]]);
 }
