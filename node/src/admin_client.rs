@@ -199,6 +199,14 @@ fn report_summary(b: &serde_json::Value) -> String {
     )
 }
 
+/// The strings in a JSON array (none if it is not one).
+fn strs(v: &serde_json::Value) -> impl Iterator<Item = &str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+}
+
 /// What `ferry policy what-if` asks about.
 pub enum WhatIf {
     /// A ruling given by flags.
@@ -296,13 +304,7 @@ fn what_if_text(v: &serde_json::Value) -> Result<String> {
         o,
         "what if {} ({}) drained from {}, out by {}, for {scope}:",
         r["region"].as_str().unwrap_or("?"),
-        r["jurisdictions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
+        strs(&r["jurisdictions"]).collect::<Vec<_>>().join(" "),
         r["blocked_from"].as_str().unwrap_or("?"),
         r["exit_by"].as_str().unwrap_or("?"),
     )?;
@@ -345,12 +347,7 @@ fn what_if_text(v: &serde_json::Value) -> Result<String> {
         }
     )?;
     for c in v["circuits"].as_array().into_iter().flatten() {
-        let path: Vec<&str> = c["path"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_str())
-            .collect();
+        let path: Vec<&str> = strs(&c["path"]).collect();
         let tenant = c["tenant"]
             .as_str()
             .filter(|t| !t.is_empty())
@@ -374,11 +371,7 @@ fn what_if_text(v: &serde_json::Value) -> Result<String> {
             writeln!(o, "    AT RISK: {why}")?;
         }
     }
-    let tenants: Vec<&str> = v["tenants"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_str())
+    let tenants: Vec<&str> = strs(&v["tenants"])
         .map(|t| if t.is_empty() { "(none)" } else { t })
         .collect();
     writeln!(
@@ -594,12 +587,7 @@ fn render(v: &serde_json::Value, json: bool) -> Result<String> {
     if let Some(cs) = v["origin"]["circuits"].as_array() {
         writeln!(o, "own circuits: {}", cs.len())?;
         for c in cs {
-            let path: Vec<&str> = c["path"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .collect();
+            let path: Vec<&str> = strs(&c["path"]).collect();
             let scope = match (c["tenant"].as_str(), c["class"].as_str()) {
                 (Some(t), Some(k)) if !t.is_empty() => format!("tenant {t}  class {k}"),
                 (_, Some(k)) => format!("class {k}"),

@@ -115,31 +115,22 @@ async fn what_if_lists_the_nodes_circuits_and_tenants_a_ruling_would_hit() {
     // A class-scoped ruling hits only that class's circuits, and one that
     // must be out in a minute cannot be met: at risk, with the reason.
     let soon = fmt_time(now_ms() + 10_000);
-    let class = ask(&[
+    let enterprise = [
         "--region",
         "GB",
         "--exit-by",
         &soon,
         "--class",
         "enterprise",
-    ]);
+    ];
+    let class = ask(&enterprise);
     assert_eq!(strings(&class["tenants"]), ["acme".to_string()].into());
     assert_eq!(class["at_risk"], 1, "{class:#}");
     let risk = class["circuits"][0]["at_risk"].as_str().unwrap();
     assert!(risk.contains("margin_secs"), "{risk}");
-    let text = run_ferry(&[
-        "policy",
-        "what-if",
-        "--admin",
-        &admin,
-        "--region",
-        "GB",
-        "--exit-by",
-        &soon,
-        "--class",
-        "enterprise",
-    ])
-    .unwrap();
+    let mut args = vec!["policy", "what-if", "--admin", &admin];
+    args.extend(enterprise);
+    let text = run_ferry(&args).unwrap();
     for want in [
         "nodes leaving: 2",
         "tenant acme  class enterprise",
