@@ -689,7 +689,11 @@ async fn what_if(
         })
     };
     let mut listed = Vec::new();
-    for (action, ids) in [("move", &impact.migrate), ("close", &impact.close)] {
+    for (action, ids) in [
+        ("move", &impact.migrate),
+        ("close", &impact.close),
+        ("released", &impact.released),
+    ] {
         for id in ids {
             let Some(c) = circuits.iter().find(|c| c.id == *id) else {
                 continue;
@@ -746,6 +750,7 @@ async fn what_if(
             "migrate": impact.migrate.len(),
             "close": impact.close.len(),
             "at_risk": impact.at_risk.len(),
+            "released": impact.released.len(),
             "tenants": impact.tenants,
             "circuits_seen": if st.origin.is_some() { "own" } else { "none" },
         })),

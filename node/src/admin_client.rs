@@ -336,10 +336,11 @@ fn what_if_text(v: &serde_json::Value) -> Result<String> {
     let own = v["circuits_seen"] == "own";
     writeln!(
         o,
-        "circuits: {} would move, {} would close (their exit leaves), {} at risk{}",
+        "circuits: {} would move, {} would close (their exit leaves), {} at risk, {} released{}",
         v["migrate"],
         v["close"],
         v["at_risk"],
+        v["released"],
         if own {
             " (this entry's own)"
         } else {
@@ -353,6 +354,9 @@ fn what_if_text(v: &serde_json::Value) -> Result<String> {
             .filter(|t| !t.is_empty())
             .unwrap_or("(none)");
         let when = match c["action"].as_str() {
+            Some("released") => {
+                "released: the rulings in force move or close it, this one would not".to_string()
+            }
             Some("move") => format!(
                 "moves at {}, done by {}",
                 c["at"].as_str().unwrap_or("?"),

@@ -331,6 +331,9 @@ pub struct Impact {
     /// Circuits that would migrate but cannot finish by the exit date less
     /// the margin (already too late when planned).
     pub at_risk: Vec<u64>,
+    /// Circuits the rulings in force move or close and this one would not
+    /// (a lift).
+    pub released: Vec<u64>,
     /// Tenants with an affected circuit.
     pub tenants: BTreeSet<String>,
     /// The plan with the ruling in force.
@@ -376,10 +379,13 @@ pub fn what_if(
         }
         _ => None,
     };
-    let already: BTreeSet<u64> = before.actions.iter().filter_map(touched).collect();
+    // A circuit the rulings in force already move or close the same way,
+    // by the same time, is not this ruling's doing; one it moves sooner (an
+    // amendment that brings the exit date forward) or puts at risk is.
+    let planned: BTreeSet<&Action> = before.actions.iter().collect();
     for a in &plan.actions {
         let Some(id) = touched(a) else { continue };
-        if already.contains(&id) {
+        if planned.contains(a) && (before.at_risk.contains(&id) || !plan.at_risk.contains(&id)) {
             continue;
         }
         match a {
@@ -404,9 +410,23 @@ pub fn what_if(
             }
         }
     }
+    // And what it releases (a lift, a later exit date for a closing exit):
+    // circuits the rulings in force touch and it does not.
+    let after: BTreeSet<u64> = plan.actions.iter().filter_map(touched).collect();
+    impact.released = before
+        .actions
+        .iter()
+        .filter_map(touched)
+        .filter(|id| !after.contains(id))
+        .collect::<BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     impact.migrate.sort_unstable();
+    impact.migrate.dedup();
     impact.close.sort_unstable();
+    impact.close.dedup();
     impact.at_risk.sort_unstable();
+    impact.at_risk.dedup();
     impact.plan = plan;
     Ok(impact)
 }

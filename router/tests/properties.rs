@@ -571,7 +571,7 @@ fn what_if_counts_nodes_circuits_and_tenants() {
     // Out in a moment: the migrations cannot finish in time.
     let soon = Ruling {
         exit_by: Time(101),
-        ..gcc
+        ..gcc.clone()
     };
     let cfg = DrainConfig::default();
     let impact = what_if(
@@ -585,6 +585,29 @@ fn what_if_counts_nodes_circuits_and_tenants() {
     )
     .unwrap();
     assert_eq!(impact.at_risk, [1, 2]);
+    // With gcc in force: a new version with the same dates changes
+    // nothing, one that brings the exit date forward moves the same
+    // circuits sooner, and a lift releases them.
+    let mut set = RulingSet::new();
+    set.apply(gcc.clone(), &Blocs::builtin()).unwrap();
+    let v2 = |exit: u64, lifted: bool| Ruling {
+        version: 2,
+        exit_by: Time(exit),
+        lifted,
+        ..gcc.clone()
+    };
+    let ask =
+        |r: &Ruling| what_if(&view, &set, r, &Blocs::builtin(), Time(0), &circuits, &cfg).unwrap();
+    let same = ask(&v2(1_000_000, false));
+    assert!(same.migrate.is_empty() && same.close.is_empty(), "{same:?}");
+    let sooner = ask(&v2(500_000, false));
+    assert_eq!(
+        (sooner.migrate.as_slice(), sooner.close.as_slice()),
+        (&[1, 2][..], &[3][..])
+    );
+    let lift = ask(&v2(1_000_000, true));
+    assert_eq!(lift.released, [1, 2, 3]);
+    assert!(lift.migrate.is_empty() && lift.nodes.is_empty());
 }
 
 #[test]
