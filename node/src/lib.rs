@@ -11,6 +11,8 @@
 //!   `rocksdb` for the node's store.
 //! - `axum` for the admin API, `ureq` for the CLI's calls to it,
 //!   `humantime` for RFC 3339 dates in ruling files.
+//! - `csv` for `ferry audit export --format csv` (RFC 4180 quoting of
+//!   tenant names and reasons, which may hold commas and quotes).
 //! - `tokio` for I/O, `clap` for the CLI (its `env` feature reads
 //!   `FERRY_LOG_FORMAT`/`FERRY_LOG`), `toml`/`serde` for config,
 //!   `tracing` for logs, `prometheus` for metrics.
