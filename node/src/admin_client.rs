@@ -592,10 +592,12 @@ fn render(v: &serde_json::Value, json: bool) -> Result<String> {
         writeln!(o, "own circuits: {}", cs.len())?;
         for c in cs {
             let path: Vec<&str> = strs(&c["path"]).collect();
-            let scope = match (c["tenant"].as_str(), c["class"].as_str()) {
-                (Some(t), Some(k)) if !t.is_empty() => format!("tenant {t}  class {k}"),
-                (_, Some(k)) => format!("class {k}"),
-                _ => String::new(),
+            let named = |k: &str| c[k].as_str().filter(|s| !s.is_empty());
+            let scope = match (named("tenant"), named("class")) {
+                (Some(t), Some(k)) => format!("tenant {t}  class {k}"),
+                (Some(t), None) => format!("tenant {t}"),
+                (None, Some(k)) => format!("anonymous  class {k}"),
+                (None, None) => "anonymous".to_string(),
             };
             writeln!(
                 o,
