@@ -48,7 +48,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_router::Scope;
 use prost::Message;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -529,6 +528,22 @@ async fn post_rotate_noise(
     }
 }
 
+/// An error answer: `{"error": kind, "detail": why}` with `code`.
+fn refusal(code: StatusCode, error: &str, detail: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (
+        code,
+        Json(json!({ "error": error, "detail": detail.into() })),
+    )
+}
+
+/// A query key that is not one of `known`, named with them: refused, so a
+/// typo cannot silently drop a filter or widen a scope.
+fn unknown_key(q: &BTreeMap<String, String>, known: &[&str]) -> Option<String> {
+    q.keys()
+        .find(|k| !known.contains(&k.as_str()))
+        .map(|k| format!("unknown key `{k}` (known: {})", known.join(", ")))
+}
+
 /// `GET /v1/what-if?region=GB&exit_by=DATE[&from=DATE][&class=C|&tenant=T]`:
 /// what a ruling on `region` (a country or a bloc) draining from `from`
 /// (default now) to `exit_by` would do, before anyone signs it. Unknown
@@ -538,19 +553,9 @@ async fn get_what_if(
     axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
     let now = now_ms();
-    let bad = |detail: String| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "bad_what_if", "detail": detail })),
-        )
-    };
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["region", "from", "exit_by", "class", "tenant"].contains(&k.as_str()))
-    {
-        return bad(format!(
-            "unknown key `{k}` (region, from, exit_by, class or tenant)"
-        ));
+    let bad = |detail: String| refusal(StatusCode::BAD_REQUEST, "bad_what_if", detail);
+    if let Some(why) = unknown_key(&q, &["region", "from", "exit_by", "class", "tenant"]) {
+        return bad(why);
     }
     let (Some(region), Some(exit_by)) = (q.get("region"), q.get("exit_by")) else {
         return bad("give region and exit_by".into());
@@ -578,10 +583,7 @@ async fn post_what_if(
 ) -> (StatusCode, Json<Value>) {
     match crate::authority::RulingFile::parse(&body) {
         Ok(file) => what_if(&st, &file, now_ms()).await,
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "bad_what_if", "detail": format!("{e:#}") })),
-        ),
+        Err(e) => refusal(StatusCode::BAD_REQUEST, "bad_what_if", format!("{e:#}")),
     }
 }
 
@@ -594,12 +596,7 @@ async fn what_if(
     file: &crate::authority::RulingFile,
     now: u64,
 ) -> (StatusCode, Json<Value>) {
-    let bad = |detail: String| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "bad_what_if", "detail": detail })),
-        )
-    };
+    let bad = |detail: String| refusal(StatusCode::BAD_REQUEST, "bad_what_if", detail);
     let ruling = match file
         .to_body(now, std::time::Duration::ZERO)
         .and_then(|b| crate::authority::to_ruling(&b))
@@ -720,11 +717,7 @@ async fn what_if(
         }
     }
     let members: Vec<String> = region.iter().map(|j| j.to_string()).collect();
-    let scope = match &ruling.scope {
-        Scope::All => json!("all"),
-        Scope::Classes(c) => json!({ "classes": c }),
-        Scope::Tenants(t) => json!({ "tenants": t }),
-    };
+    let scope = crate::rulings::scope_json(&ruling.scope);
     (
         StatusCode::OK,
         Json(json!({
@@ -767,17 +760,9 @@ async fn get_audit(
     State(st): State<Arc<AdminState>>,
     axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
-    let bad = |detail: String| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "bad_audit_query", "detail": detail })),
-        )
-    };
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["since", "after", "tenant", "limit"].contains(&k.as_str()))
-    {
-        return bad(format!("unknown key `{k}` (since, after, tenant or limit)"));
+    let bad = |detail: String| refusal(StatusCode::BAD_REQUEST, "bad_audit_query", detail);
+    if let Some(why) = unknown_key(&q, &["since", "after", "tenant", "limit"]) {
+        return bad(why);
     }
     let from = match (q.get("since"), q.get("after")) {
         (_, Some(cursor)) => match hex::decode(cursor) {
@@ -808,14 +793,8 @@ async fn get_audit(
             StatusCode::OK,
             Json(json!({ "records": records, "next": next.map(hex::encode) })),
         ),
-        Ok(Err(e)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({ "error": "store", "detail": format!("{e:#}") })),
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({ "error": "store", "detail": e.to_string() })),
-        ),
+        Ok(Err(e)) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")),
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }
 
@@ -826,33 +805,26 @@ async fn get_report(
     State(st): State<Arc<AdminState>>,
     axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
-    let bad = |code: StatusCode, error: &str, detail: String| {
-        (code, Json(json!({ "error": error, "detail": detail })))
-    };
-    if let Some(k) = q.keys().find(|k| k.as_str() != "ruling") {
-        return bad(
-            StatusCode::BAD_REQUEST,
-            "bad_report_query",
-            format!("unknown key `{k}` (ruling)"),
-        );
+    if let Some(why) = unknown_key(&q, &["ruling"]) {
+        return refusal(StatusCode::BAD_REQUEST, "bad_report_query", why);
     }
     let Some(id) = q.get("ruling") else {
-        return bad(
+        return refusal(
             StatusCode::BAD_REQUEST,
             "bad_report_query",
-            "give ruling (its id)".into(),
+            "give ruling (its id)",
         );
     };
     let set = st.rulings.snapshot();
     let (Some(ruling), Some(region)) = (set.get(id), set.region_of(id)) else {
-        return bad(
+        return refusal(
             StatusCode::NOT_FOUND,
             "unknown_ruling",
             format!("this node holds no ruling `{id}`"),
         );
     };
     if ruling.lifted {
-        return bad(
+        return refusal(
             StatusCode::CONFLICT,
             "ruling_lifted",
             format!(
@@ -882,8 +854,8 @@ async fn get_report(
                 Json(crate::audit::sign_report(&body, &st.switch.keys.identity)),
             )
         }
-        Ok(Err(e)) => bad(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")),
-        Err(e) => bad(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        Ok(Err(e)) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")),
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }
 
@@ -1040,11 +1012,7 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
     let rulings: Vec<Value> = set
         .iter()
         .map(|r| {
-            let scope = match &r.scope {
-                Scope::All => json!("all"),
-                Scope::Classes(c) => json!({ "classes": c }),
-                Scope::Tenants(t) => json!({ "tenants": t }),
-            };
+            let scope = crate::rulings::scope_json(&r.scope);
             json!({
                 "id": r.id,
                 "version": r.version,

@@ -35,6 +35,7 @@ use anyhow::{Context, Result};
 use ferry_proto::pb;
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -367,11 +368,7 @@ impl ExitReport {
     /// The report's body, made at `now` (ms).
     pub fn finish(self, now: u64) -> serde_json::Value {
         let r = &self.ruling;
-        let scope = match &r.scope {
-            ferry_router::Scope::All => serde_json::json!("all"),
-            ferry_router::Scope::Classes(c) => serde_json::json!({ "classes": c }),
-            ferry_router::Scope::Tenants(t) => serde_json::json!({ "tenants": t }),
-        };
+        let scope = crate::rulings::scope_json(&r.scope);
         serde_json::json!({
             "kind": "ferry exit report",
             "made_at": rfc3339_ms(now),
@@ -597,54 +594,57 @@ impl Audit {
         tenant: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<Record>, Option<Vec<u8>>)> {
-        let Some(store) = &self.store else {
-            return Ok((Vec::new(), None));
-        };
         let mut out = Vec::new();
+        let next = self.scan(from, |r| {
+            if out.len() >= limit {
+                return ControlFlow::Break(());
+            }
+            if tenant.is_none_or(|t| t == r.tenant) {
+                out.push(Record::from_stored(r));
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok((out, next))
+    }
+
+    /// Hands every stored record to `f`, oldest first.
+    pub fn each(&self, mut f: impl FnMut(&pb::AuditRecord)) -> Result<()> {
+        self.scan(&[], |r| {
+            f(&r);
+            ControlFlow::Continue(())
+        })?;
+        Ok(())
+    }
+
+    /// Hands the stored records from the key `from` on to `f`, oldest
+    /// first, reading the store a page at a time (so a filter cannot make
+    /// one read hold the whole trail), until `f` breaks: then the key of
+    /// the record it broke at.
+    fn scan(
+        &self,
+        from: &[u8],
+        mut f: impl FnMut(pb::AuditRecord) -> ControlFlow<()>,
+    ) -> Result<Option<Vec<u8>>> {
+        const PAGE: usize = 1024;
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
         let mut from = from.to_vec();
-        // Scanned in pages, so a tenant filter cannot make one scan hold
-        // the whole trail.
         loop {
-            let page = store.scan_from(cf::AUDIT, &from, 1024)?;
+            let page = store.scan_from(cf::AUDIT, &from, PAGE)?;
             for (k, v) in &page {
-                if out.len() >= limit {
-                    return Ok((out, Some(k.clone())));
-                }
-                let r = Record::from_stored(
-                    pb::AuditRecord::decode(v.as_slice()).context("an audit record")?,
-                );
-                if tenant.is_none_or(|t| t == r.tenant) {
-                    out.push(r);
+                let r = pb::AuditRecord::decode(v.as_slice()).context("an audit record")?;
+                if f(r).is_break() {
+                    return Ok(Some(k.clone()));
                 }
             }
             match page.last() {
-                Some((k, _)) if page.len() == 1024 => {
+                Some((k, _)) if page.len() == PAGE => {
                     // The next key after the last one read.
                     from = k.clone();
                     from.push(0);
                 }
-                _ => return Ok((out, None)),
-            }
-        }
-    }
-
-    /// Hands every stored record to `f`, oldest first, a page at a time.
-    pub fn each(&self, mut f: impl FnMut(&pb::AuditRecord)) -> Result<()> {
-        let Some(store) = &self.store else {
-            return Ok(());
-        };
-        let mut from = Vec::new();
-        loop {
-            let page = store.scan_from(cf::AUDIT, &from, 1024)?;
-            for (_, v) in &page {
-                f(&pb::AuditRecord::decode(v.as_slice()).context("an audit record")?);
-            }
-            match page.last() {
-                Some((k, _)) if page.len() == 1024 => {
-                    from = k.clone();
-                    from.push(0);
-                }
-                _ => return Ok(()),
+                _ => return Ok(None),
             }
         }
     }

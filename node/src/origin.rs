@@ -32,8 +32,7 @@ use ferry_circuit::{Build, Hop, Side, Step, Stream};
 use ferry_proto::CellCmd;
 use ferry_proto::pb::{DestroyReason, EndReason};
 use ferry_router::{
-    Action, DrainConfig, LiveCircuit, MeshView, NodeId, NodeState, PathIndex, PathRequest,
-    RulingSet, Time,
+    Action, DrainConfig, LiveCircuit, NodeId, NodeState, PathIndex, PathRequest, RulingSet, Time,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -226,6 +225,9 @@ impl OriginCircuit {
 /// How long a stream waits for a joining entry to learn the rulings in force.
 pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A pooled circuit with room for a stream: its session, and the circuit.
+type Chosen = (Arc<Endpoint>, Arc<OriginCircuit>);
+
 /// Why a stream could not be opened: maps to a SOCKS5 reply.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -342,10 +344,6 @@ impl Origin {
         *self.policy.write().expect("policy lock") = Arc::new(policy);
     }
 
-    fn view(&self, now: u64) -> MeshView {
-        self.switch.view(now)
-    }
-
     /// The circuits, for status.
     pub async fn circuits(&self) -> Vec<Arc<OriginCircuit>> {
         let pool = self.pool.lock().await;
@@ -382,12 +380,7 @@ impl Origin {
         // so the drain planner (which closes idle circuits under the same
         // lock) never closes a circuit a stream is joining.
         let mut parts = {
-            let (end, pool) = self.circuit(route).await?;
-            let path = pool
-                .iter()
-                .find(|c| c.endpoint().is_some_and(|e| Arc::ptr_eq(&e, &end)))
-                .map(|c| c.path.clone())
-                .unwrap_or_default();
+            let ((end, oc), _pool) = self.circuit(route).await?;
             let parts = end
                 .begin(host, port)
                 .await
@@ -402,7 +395,7 @@ impl Origin {
                     .records_targets()
                     .then(|| format!("{host}:{port}")),
                 started_ms: now,
-                legs: vec![self.leg(&path, Arc::from("opened"), now)],
+                legs: vec![self.leg(&oc.path, Arc::from("opened"), now)],
                 legs_left_out: 0,
             });
             parts
@@ -463,31 +456,34 @@ impl Origin {
 
     /// A circuit in the pool with room for one more stream on `route`, and
     /// the pool, still held.
-    async fn pooled(&self, route: &Route) -> (Option<Arc<Endpoint>>, Pool<'_>) {
+    async fn pooled(&self, route: &Route) -> (Option<Chosen>, Pool<'_>) {
         let mut pool = self.pool.lock().await;
         pool.retain(|c| c.endpoint().is_some());
         let max = self.switch.cfg.max_streams_per_circuit as usize;
         let now = crate::authority::now_ms();
         let set = self.switch.rulings.snapshot();
-        let end = pool
+        let chosen = pool
             .iter()
             .filter(|c| {
                 c.route.key == route.key
                     && !c.closing.load(Ordering::Acquire)
                     && self.usable(&set, &c.path, route, now)
             })
-            .filter_map(|c| c.endpoint())
-            .find(|e| e.stream_count() < max);
-        (end, pool)
+            .find_map(|c| {
+                c.endpoint()
+                    .filter(|e| e.stream_count() < max)
+                    .map(|e| (e, c.clone()))
+            });
+        (chosen, pool)
     }
 
     /// A circuit with room for one more stream on `route`, built if needed,
     /// and the pool, still held. Builds run without the pool held (one
     /// hanging build must not stop streams on other routes), one at a time
     /// per route (a burst of streams on a new route shares one circuit).
-    async fn circuit(&self, route: &Arc<Route>) -> Result<(Arc<Endpoint>, Pool<'_>), OpenError> {
-        if let (Some(end), pool) = self.pooled(route).await {
-            return Ok((end, pool));
+    async fn circuit(&self, route: &Arc<Route>) -> Result<(Chosen, Pool<'_>), OpenError> {
+        if let (Some(chosen), pool) = self.pooled(route).await {
+            return Ok((chosen, pool));
         }
         let lock = self
             .building
@@ -509,11 +505,11 @@ impl Origin {
         &self,
         route: &Arc<Route>,
         lock: &tokio::sync::Mutex<()>,
-    ) -> Result<(Arc<Endpoint>, Pool<'_>), OpenError> {
+    ) -> Result<(Chosen, Pool<'_>), OpenError> {
         let _turn = lock.lock().await;
         // Another open on this route may have built one meanwhile.
-        if let (Some(end), pool) = self.pooled(route).await {
-            return Ok((end, pool));
+        if let (Some(chosen), pool) = self.pooled(route).await {
+            return Ok((chosen, pool));
         }
         let mut last = None;
         for _ in 0..BUILD_TRIES {
@@ -523,8 +519,8 @@ impl Origin {
                         .endpoint()
                         .ok_or_else(|| OpenError::Build("circuit closed".into()))?;
                     let mut pool = self.pool.lock().await;
-                    pool.push(oc);
-                    return Ok((end, pool));
+                    pool.push(oc.clone());
+                    return Ok(((end, oc), pool));
                 }
                 // A hop refused because it is leaving: it is now known
                 // here, so the next pick avoids it.
@@ -538,7 +534,7 @@ impl Origin {
     /// The router's index of usable paths for `route` at `now`.
     fn path_index(&self, route: &Route, now: u64) -> PathIndex {
         PathIndex::build(
-            &self.view(now),
+            &self.switch.view(now),
             &self.switch.rulings.snapshot(),
             &route.scope,
             Time(now),
@@ -1087,7 +1083,7 @@ impl Origin {
     ) -> Result<(ferry_router::Impact, Vec<Arc<OriginCircuit>>), ferry_router::RouterError> {
         let circuits = self.circuits().await;
         let impact = ferry_router::what_if(
-            &self.view(now),
+            &self.switch.view(now),
             &self.switch.rulings.snapshot(),
             r,
             &ferry_router::Blocs::builtin(),
@@ -1115,7 +1111,7 @@ impl Origin {
         let live = self.live(&circuits);
         let cfg = self.drain_config();
         let plan = ferry_router::plan_drain(
-            &self.view(now),
+            &self.switch.view(now),
             &self.switch.rulings.snapshot(),
             Time(now),
             &live,

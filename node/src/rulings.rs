@@ -21,6 +21,16 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
+/// A ruling's scope as the admin API, the what-if and the exit report
+/// show it: `"all"`, `{"classes": [..]}` or `{"tenants": [..]}`.
+pub fn scope_json(s: &ferry_router::Scope) -> serde_json::Value {
+    match s {
+        ferry_router::Scope::All => serde_json::json!("all"),
+        ferry_router::Scope::Classes(c) => serde_json::json!({ "classes": c }),
+        ferry_router::Scope::Tenants(t) => serde_json::json!({ "tenants": t }),
+    }
+}
+
 /// Refusals counted by reason, each logged as [`Log`] says.
 #[derive(Debug, Default)]
 struct Refusals {
