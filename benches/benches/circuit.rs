@@ -29,12 +29,12 @@ fn open_pair() -> (Session, Session, u32) {
     let mut exit = Session::new(Side::Exit, 1, x, cfg);
     let id = origin.open("target.example", 80).unwrap();
     while let Some(c) = origin.poll_transmit() {
-        exit.handle_relay(c).unwrap();
+        exit.handle_relay(c, 0).unwrap();
     }
     while exit.poll_event().is_some() {}
     assert!(matches!(exit.accept(id, [3; 16]).unwrap(), Outcome::Done));
     while let Some(c) = exit.poll_transmit() {
-        origin.handle_relay(c).unwrap();
+        origin.handle_relay(c, 0).unwrap();
     }
     while origin.poll_event().is_some() {}
     (origin, exit, id)
@@ -51,16 +51,21 @@ fn data_record(c: &mut Criterion) {
                 let mut buf = BytesMut::with_capacity(HEADROOM + size + 16);
                 buf.put_bytes(0, HEADROOM);
                 buf.put_slice(&payload);
-                assert!(matches!(origin.send_data(id, buf).unwrap(), Outcome::Done));
-                let cell = origin.poll_transmit().unwrap();
-                exit.handle_relay(cell).unwrap();
+                assert!(matches!(
+                    origin.send_data(id, buf, 0).unwrap(),
+                    Outcome::Done
+                ));
+                // The record, and a probe when one is due.
+                while let Some(cell) = origin.poll_transmit() {
+                    exit.handle_relay(cell, 0).unwrap();
+                }
                 while let Some(ev) = exit.poll_event() {
                     if let Event::Data { data, .. } = ev {
                         let _ = exit.consumed(id, black_box(data).len() as u64).unwrap();
                     }
                 }
                 while let Some(c) = exit.poll_transmit() {
-                    origin.handle_relay(c).unwrap();
+                    origin.handle_relay(c, 0).unwrap();
                 }
                 while origin.poll_event().is_some() {}
             });

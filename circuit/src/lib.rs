@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod congestion;
 pub mod crypto;
 pub mod error;
 pub mod resume;

@@ -21,6 +21,19 @@
 //! ([`Session::acknowledge`], at most 200 ms later in `ferry-node`), so a
 //! sender holds about what a stream has in flight, not a quarter window.
 //!
+//! # Congestion control
+//!
+//! Flow control bounds what a receiver takes; [`crate::congestion`] bounds
+//! what the path holds. Each end keeps a congestion window over all its
+//! streams on the circuit, measured with PROBE and PONG (only with a peer
+//! that said it answers them, in BEGIN, CONNECTED, RESUME or RESUMED, and
+//! only when [`Config::congestion`] is on). A stream stopped for want of
+//! circuit room (this window, or [`CIRCUIT_WINDOW`]) waits in line, and as
+//! room comes back streams are woken in the order they stopped, about one
+//! per record of room, so the streams of a circuit take turns: a small
+//! stream's request waits behind at most one round of a bulk stream's, not
+//! behind all it could queue.
+//!
 //! # Offsets, and moving a stream
 //!
 //! A [`Stream`] is not tied to one circuit. DATA carries the offset of its
@@ -52,6 +65,7 @@
 //! once, and reaches the other side's client as an error ([`Event::Reset`]),
 //! never as a clean end.
 
+use crate::congestion::{Congestion, Snapshot};
 use crate::crypto::{Opener, Sealer};
 use crate::error::{Error, Result};
 use crate::ring::Ring;
@@ -108,6 +122,10 @@ pub struct Config {
     pub max_streams: usize,
     /// How long a move waits for `Resumed`, in ms.
     pub resume_timeout_ms: u64,
+    /// Congestion control (see [`crate::congestion`]): probe the path and
+    /// keep in flight what it carries. Off, the session neither probes nor
+    /// says it answers probes (it still answers a peer's).
+    pub congestion: bool,
 }
 
 impl Default for Config {
@@ -116,6 +134,7 @@ impl Default for Config {
             window: 1 << 20,
             max_streams: 1024,
             resume_timeout_ms: 10_000,
+            congestion: true,
         }
     }
 }
@@ -172,6 +191,20 @@ pub struct Stream {
     moves: u32,
     /// Origin: moves tried. Exit: the newest move taken.
     attempt: u32,
+    /// Its place in the session's line for circuit room.
+    turn: Turn,
+}
+
+/// A stream's place in its session's line for circuit room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Not in line: it may send while nobody waits.
+    Free,
+    /// In line.
+    Waiting,
+    /// Called from the line: its next record goes if there is room (and
+    /// if there is none, it goes back to the front).
+    Called,
 }
 
 impl Stream {
@@ -193,6 +226,7 @@ impl Stream {
             token,
             moves: 0,
             attempt: 0,
+            turn: Turn::Free,
         }
     }
 
@@ -429,9 +463,19 @@ pub struct Session {
     transmits: VecDeque<BytesMut>,
     events: VecDeque<Event>,
     closed: bool,
-    /// A send was refused for want of circuit credit ([`CIRCUIT_WINDOW`]):
-    /// the next acknowledgement wakes every stream.
-    circuit_blocked: bool,
+    /// Streams stopped for want of circuit room, in the order they
+    /// stopped (an id here may have left since: its [`Turn`] says).
+    waiting: VecDeque<u32>,
+    /// Streams called from the line that have not sent yet.
+    called: usize,
+    /// Our congestion window (see [`crate::congestion`]).
+    cc: Congestion,
+    /// The peer answers PROBE: it said so, and [`Config::congestion`] is on.
+    probing: bool,
+    /// The latest `now` (µs) given to [`Session::send_data`] or
+    /// [`Session::handle_relay`]: what a probe sent on the way (after a
+    /// resend) is stamped with.
+    now: u64,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -461,18 +505,34 @@ impl Session {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
-            circuit_blocked: false,
+            waiting: VecDeque::new(),
+            called: 0,
+            cc: Congestion::default(),
+            probing: false,
+            now: 0,
         }
     }
 
     /// Takes a stream out. Its unacknowledged bytes leave the circuit
-    /// window with it, so streams waiting for circuit credit are woken.
+    /// window with it, so streams waiting for circuit room may go.
     fn remove_stream(&mut self, id: u32) -> Option<Stream> {
-        let s = self.streams.remove(&id)?;
-        if s.sent > s.acked && std::mem::take(&mut self.circuit_blocked) {
-            let ids: Vec<u32> = self.streams.keys().copied().collect();
-            self.events
-                .extend(ids.into_iter().map(|id| Event::Writable { id }));
+        let mut s = self.streams.remove(&id)?;
+        let called = match std::mem::replace(&mut s.turn, Turn::Free) {
+            Turn::Called => {
+                self.called -= 1;
+                true
+            }
+            // Out of the line, so churn on a circuit without room cannot
+            // grow it.
+            Turn::Waiting => {
+                self.waiting.retain(|w| *w != id);
+                false
+            }
+            Turn::Free => false,
+        };
+        if s.sent > s.acked || called {
+            // Room it held, or a turn it was called for: the next's.
+            self.wake_waiting();
         }
         Some(s)
     }
@@ -480,6 +540,117 @@ impl Session {
     /// Bytes sent and not yet acknowledged, over every stream here.
     pub fn in_flight(&self) -> u64 {
         self.streams.values().map(|s| s.sent - s.acked).sum()
+    }
+
+    /// Where the congestion window stands; `None` when the session does
+    /// not probe (the peer does not answer, or it is off here).
+    pub fn congestion(&self) -> Option<Snapshot> {
+        self.probing.then(|| self.cc.snapshot())
+    }
+
+    /// The peer said it answers PROBE (`probes` in its BEGIN, CONNECTED,
+    /// RESUME or RESUMED).
+    fn peer_probes(&mut self, probes: bool) {
+        if probes && self.cfg.congestion {
+            self.probing = true;
+        }
+    }
+
+    /// Circuit room: what both [`CIRCUIT_WINDOW`] and the congestion
+    /// window allow now.
+    fn circuit_room(&self) -> u64 {
+        let room = CIRCUIT_WINDOW.saturating_sub(self.in_flight());
+        if self.probing {
+            room.min(self.cc.room())
+        } else {
+            room
+        }
+    }
+
+    /// Puts `id` in line for circuit room: at the back, or at the front
+    /// if it was called and found the room taken.
+    fn wait_for_room(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        match s.turn {
+            Turn::Waiting => {}
+            Turn::Free => {
+                s.turn = Turn::Waiting;
+                self.waiting.push_back(id);
+            }
+            Turn::Called => {
+                s.turn = Turn::Waiting;
+                self.called -= 1;
+                self.waiting.push_front(id);
+            }
+        }
+    }
+
+    /// A called stream gives its turn up (it sent, or its own window
+    /// stopped it).
+    fn end_turn(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id)
+            && s.turn == Turn::Called
+        {
+            s.turn = Turn::Free;
+            self.called -= 1;
+        }
+    }
+
+    /// Calls streams from the line, in order, about one per record of
+    /// circuit room (less those called and not yet sent). A called stream
+    /// sends one record, then queues again while others wait; one that
+    /// finds the room taken goes back to the front. Whoever sends and
+    /// leaves room calls the next, so room never sits unused while a
+    /// stream waits.
+    fn wake_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        if self.probing && self.cc.room() == 0 {
+            // Streams wait for room only a PONG can bring: make sure one
+            // will come (bytes sent again after a move, or a window that
+            // shrank below what was sent, may be covered by no probe).
+            let probe = self.cc.on_stalled(self.now);
+            // A session that cannot seal is closed or broken, and its next
+            // send says so.
+            let _ = self.queue_probe(probe);
+        }
+        let room = self.circuit_room();
+        let mut wake = room
+            .div_ceil(MAX_DATA_PAYLOAD as u64)
+            .saturating_sub(self.called as u64);
+        while wake > 0 {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.streams.get_mut(&id)
+                && s.turn == Turn::Waiting
+            {
+                s.turn = Turn::Called;
+                self.called += 1;
+                self.events.push_back(Event::Writable { id });
+                wake -= 1;
+            }
+        }
+    }
+
+    /// Queues a PROBE with `count` (stream 0).
+    fn queue_probe(&mut self, count: Option<u64>) -> Result<()> {
+        match count {
+            Some(c) => self.queue_msg(StreamKind::Probe, 0, &c.to_be_bytes()),
+            None => Ok(()),
+        }
+    }
+
+    /// `n` bytes of DATA were sealed: counted, and probed when due.
+    fn on_data_sent(&mut self, n: usize, now: u64) -> Result<()> {
+        if !self.probing {
+            return Ok(());
+        }
+        let probe = self.cc.on_sent(n as u64, now);
+        self.queue_probe(probe)
     }
 
     /// Which end this is.
@@ -571,7 +742,17 @@ impl Session {
     pub fn close(&mut self) -> Vec<(u32, Stream)> {
         self.closed = true;
         self.transmits.clear();
-        let mut all: Vec<(u32, Stream)> = self.streams.drain().collect();
+        self.waiting.clear();
+        self.called = 0;
+        let mut all: Vec<(u32, Stream)> = self
+            .streams
+            .drain()
+            .map(|(id, mut s)| {
+                // Its place in this session's line means nothing elsewhere.
+                s.turn = Turn::Free;
+                (id, s)
+            })
+            .collect();
         all.sort_unstable_by_key(|(id, _)| *id);
         all
     }
@@ -640,6 +821,14 @@ impl Session {
                 .copy_to((off - s.acked) as usize, n, &mut buf[HEADROOM..]);
             off += n as u64;
             self.seal_push(CellCmd::Relay, buf)?;
+            if self.probing {
+                self.cc.on_resent(n as u64);
+            }
+        }
+        if self.probing {
+            // Probed at once: nothing else may send on this circuit soon.
+            let probe = self.cc.on_blocked(self.now);
+            self.queue_probe(probe)?;
         }
         let fin = self.streams.get(&id).and_then(|s| s.fin_sent.clone());
         if let (false, Some((reason, detail))) = (peer_fin, fin) {
@@ -690,6 +879,7 @@ impl Session {
             host: host.to_string(),
             port: port.into(),
             window: self.cfg.window,
+            probes: self.cfg.congestion,
         }
         .encode_to_vec();
         self.queue_msg(StreamKind::Begin, id, &body)?;
@@ -710,11 +900,13 @@ impl Session {
             return Err((e, Box::new(stream)));
         }
         let id = self.fresh_id();
+        stream.turn = Turn::Free;
         let body = pb::Resume {
             token: stream.token.to_vec(),
             received: stream.received,
             fin: stream.fin_received,
             attempt: stream.attempt + 1,
+            probes: self.cfg.congestion,
         }
         .encode_to_vec();
         if let Err(e) = self.queue_msg(StreamKind::Resume, id, &body) {
@@ -745,6 +937,7 @@ impl Session {
         let body = pb::Connected {
             window,
             resume_token: token.to_vec(),
+            probes: self.cfg.congestion,
         }
         .encode_to_vec();
         self.queue_msg(StreamKind::Connected, id, &body)?;
@@ -794,9 +987,11 @@ impl Session {
             return Err((e, Box::new(stream)));
         }
         stream.attempt = attempt;
+        stream.turn = Turn::Free;
         let body = pb::Resumed {
             received: stream.received,
             fin: stream.fin_received,
+            probes: self.cfg.congestion,
         }
         .encode_to_vec();
         if let Err(e) = self.queue_msg(StreamKind::Resumed, id, &body) {
@@ -827,6 +1022,7 @@ impl Session {
         let body = pb::Resumed {
             received,
             fin: true,
+            probes: self.cfg.congestion,
         }
         .encode_to_vec();
         self.queue_msg(StreamKind::Resumed, id, &body)
@@ -841,9 +1037,11 @@ impl Session {
     }
 
     /// Sends one DATA record: `buf` is [`HEADROOM`] bytes, then at most
-    /// [`MAX_DATA_PAYLOAD`] bytes of payload.
-    pub fn send_data(&mut self, id: u32, mut buf: BytesMut) -> Result<Outcome<BytesMut>> {
+    /// [`MAX_DATA_PAYLOAD`] bytes of payload. `now` is in µs, on the clock
+    /// [`Session::handle_relay`] is given.
+    pub fn send_data(&mut self, id: u32, mut buf: BytesMut, now: u64) -> Result<Outcome<BytesMut>> {
         self.check_open()?;
+        self.now = self.now.max(now);
         let n = buf.len().saturating_sub(HEADROOM);
         if buf.len() < HEADROOM || n > MAX_DATA_PAYLOAD {
             return Err(Error::Protocol(format!("a DATA record of {n} bytes")));
@@ -854,14 +1052,33 @@ impl Session {
         if s.fin_sent.is_some() {
             return Err(Error::Protocol(format!("stream {id}: DATA after END")));
         }
+        let turn = s.turn;
         if s.credit() < n as u64 {
+            // Its own window, not the circuit's: a turn it was called for
+            // goes to whoever waits.
+            self.end_turn(id);
+            self.wake_waiting();
             return Ok(Outcome::Blocked(buf));
         }
-        let in_flight: u64 = self.streams.values().map(|s| s.sent - s.acked).sum();
-        if in_flight + n as u64 > CIRCUIT_WINDOW {
-            self.circuit_blocked = true;
+        let behind =
+            turn == Turn::Waiting || (turn == Turn::Free && self.waiting.len() + self.called > 0);
+        if behind {
+            // Others wait for room: in line, behind them.
+            self.wait_for_room(id);
+            self.wake_waiting();
             return Ok(Outcome::Blocked(buf));
         }
+        if self.in_flight() + n as u64 > CIRCUIT_WINDOW
+            || (self.probing && !self.cc.allows(n as u64))
+        {
+            self.wait_for_room(id);
+            if self.probing {
+                let probe = self.cc.on_blocked(now);
+                self.queue_probe(probe)?;
+            }
+            return Ok(Outcome::Blocked(buf));
+        }
+        self.end_turn(id);
         let s = self.streams.get_mut(&id).expect("checked above");
         let off = s.sent;
         s.ring.push(&buf[HEADROOM..]);
@@ -870,6 +1087,8 @@ impl Session {
             .copy_from_slice(&smsg::header(StreamKind::Data, id));
         buf[HEADROOM - smsg::DATA_OFFSET_LEN..HEADROOM].copy_from_slice(&off.to_be_bytes());
         self.seal_push(CellCmd::Relay, buf)?;
+        self.on_data_sent(n, now)?;
+        self.wake_waiting();
         Ok(Outcome::Done)
     }
 
@@ -999,10 +1218,12 @@ impl Session {
     }
 
     /// Opens a RELAY cell (`buf` is the whole cell) and acts on its stream
-    /// message. An error is the peer breaking the protocol: the circuit
-    /// must be destroyed.
-    pub fn handle_relay(&mut self, mut buf: BytesMut) -> Result<()> {
+    /// message, at `now` (µs, on any monotonic clock: congestion control
+    /// times its probes with it). An error is the peer breaking the
+    /// protocol: the circuit must be destroyed.
+    pub fn handle_relay(&mut self, mut buf: BytesMut, now: u64) -> Result<()> {
         self.check_open()?;
+        self.now = self.now.max(now);
         let n = self.opener.open_in_place(&mut buf[cell::HEADER_LEN..])?;
         buf.truncate(cell::HEADER_LEN + n);
         let msg = StreamMsg::parse(&buf[cell::HEADER_LEN..])?;
@@ -1022,6 +1243,7 @@ impl Session {
                     return wrong_side("BEGIN");
                 }
                 let begin: pb::Begin = ferry_proto::decode_pb("begin", msg.body)?;
+                self.peer_probes(begin.probes);
                 if self.streams.contains_key(&id) {
                     return Err(Error::Protocol(format!("stream {id} opened twice")));
                 }
@@ -1051,6 +1273,7 @@ impl Session {
                     return wrong_side("RESUME");
                 }
                 let r: pb::Resume = ferry_proto::decode_pb("resume", msg.body)?;
+                self.peer_probes(r.probes);
                 if self.streams.contains_key(&id) {
                     return Err(Error::Protocol(format!("stream {id} opened twice")));
                 }
@@ -1071,6 +1294,7 @@ impl Session {
                     return wrong_side("CONNECTED");
                 }
                 let c: pb::Connected = ferry_proto::decode_pb("connected", msg.body)?;
+                self.peer_probes(c.probes);
                 if let Some(s) = self.streams.get_mut(&id) {
                     if s.phase != Phase::Opening {
                         return Err(Error::Protocol(format!("stream {id} connected twice")));
@@ -1090,6 +1314,7 @@ impl Session {
                     return wrong_side("RESUMED");
                 }
                 let m: pb::Resumed = ferry_proto::decode_pb("resumed", msg.body)?;
+                self.peer_probes(m.probes);
                 let Some(s) = self.streams.get_mut(&id) else {
                     return Ok(());
                 };
@@ -1141,17 +1366,33 @@ impl Session {
                 let ack = msg.window_ack()?;
                 if let Some(s) = self.streams.get_mut(&id) {
                     if s.on_ack(ack)? {
-                        self.events.push_back(Event::Writable { id });
-                        if std::mem::take(&mut self.circuit_blocked) {
-                            // Circuit credit freed: every stream may send.
-                            let others: Vec<u32> =
-                                self.streams.keys().copied().filter(|o| *o != id).collect();
-                            self.events
-                                .extend(others.into_iter().map(|id| Event::Writable { id }));
+                        if s.turn == Turn::Free {
+                            // Its own credit grew; in line, its turn comes.
+                            self.events.push_back(Event::Writable { id });
                         }
+                        // Circuit room freed, too.
+                        self.wake_waiting();
                     }
                     self.settle(id);
                 }
+            }
+            StreamKind::Probe => {
+                if id != 0 {
+                    return Err(Error::Protocol(format!("PROBE on stream {id}")));
+                }
+                let count = msg.probe_count()?;
+                self.queue_msg(StreamKind::Pong, 0, &count.to_be_bytes())?;
+            }
+            StreamKind::Pong => {
+                if id != 0 {
+                    return Err(Error::Protocol(format!("PONG on stream {id}")));
+                }
+                let count = msg.probe_count()?;
+                if !self.probing {
+                    return Err(Error::Protocol("PONG unasked".into()));
+                }
+                self.cc.on_pong(count, now).map_err(Error::Protocol)?;
+                self.wake_waiting();
             }
             StreamKind::End => {
                 let end: pb::End = ferry_proto::decode_pb("end", msg.body)?;

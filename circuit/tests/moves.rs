@@ -19,6 +19,8 @@ fn cfg() -> Config {
         window: 1 << 16,
         max_streams: 16,
         resume_timeout_ms: 1_000,
+        // These pin moves and the windows; `congestion.rs` tests probing.
+        congestion: false,
     }
 }
 
@@ -39,14 +41,14 @@ fn circuit() -> Circ {
 /// Delivers every queued cell origin → exit.
 fn up(c: &mut Circ) {
     while let Some(cell) = c.o.poll_transmit() {
-        c.x.handle_relay(cell).unwrap();
+        c.x.handle_relay(cell, 0).unwrap();
     }
 }
 
 /// Delivers every queued cell exit → origin.
 fn down(c: &mut Circ) {
     while let Some(cell) = c.x.poll_transmit() {
-        c.o.handle_relay(cell).unwrap();
+        c.o.handle_relay(cell, 0).unwrap();
     }
 }
 
@@ -101,6 +103,7 @@ fn circuit_of(window: u32, n: usize) -> (Circ, Vec<u32>) {
         window,
         max_streams: 64,
         resume_timeout_ms: 1_000,
+        congestion: false,
     };
     let mut c = Circ {
         o: Session::new(Side::Origin, 1, o, cfg.clone()),
@@ -183,7 +186,7 @@ fn an_unanswered_resume_hands_the_stream_back_and_its_end_still_arrives() {
     let id = open(&mut a);
     let mut seen = Seen::default();
     assert!(matches!(
-        a.x.send_data(id, record(b"one ")).unwrap(),
+        a.x.send_data(id, record(b"one "), 0).unwrap(),
         Outcome::Done
     ));
     down(&mut a);
@@ -223,7 +226,7 @@ fn an_unanswered_resume_hands_the_stream_back_and_its_end_still_arrives() {
     );
     // The exit ends the stream; the END reaches the origin's app.
     assert!(matches!(
-        a.x.send_data(xid, record(b"two")).unwrap(),
+        a.x.send_data(xid, record(b"two"), 0).unwrap(),
         Outcome::Done
     ));
     a.x.finish(xid, EndReason::Done, "").unwrap();
@@ -250,7 +253,7 @@ fn a_move_after_the_exit_finished_still_brings_the_last_bytes_and_the_end() {
     assert!(exit_seen.finished);
     // The exit sends its last bytes and END: lost with the old circuit.
     assert!(matches!(
-        a.x.send_data(id, record(b"last bytes")).unwrap(),
+        a.x.send_data(id, record(b"last bytes"), 0).unwrap(),
         Outcome::Done
     ));
     a.x.finish(id, EndReason::Done, "").unwrap();
@@ -320,7 +323,7 @@ fn when_the_new_circuit_dies_mid_move_the_old_one_takes_the_stream_back() {
             .any(|e| matches!(e, Event::Moved { id } if *id == aid))
     );
     assert!(matches!(
-        a.x.send_data(rid, record(b"still here")).unwrap(),
+        a.x.send_data(rid, record(b"still here"), 0).unwrap(),
         Outcome::Done
     ));
     a.x.finish(rid, EndReason::Done, "").unwrap();
@@ -364,7 +367,7 @@ fn a_stale_resume_is_refused_and_the_stream_stays() {
     assert_eq!(c.x.stream_count(), 1, "the stream stays on c");
     // And it still carries bytes on c.
     assert!(matches!(
-        c.x.send_data(xid, record(b"on c")).unwrap(),
+        c.x.send_data(xid, record(b"on c"), 0).unwrap(),
         Outcome::Done
     ));
     down(&mut c);
@@ -380,7 +383,7 @@ fn an_abnormal_end_is_a_reset_not_a_clean_close() {
     let mut a = circuit();
     let id = open(&mut a);
     assert!(matches!(
-        a.x.send_data(id, record(b"part")).unwrap(),
+        a.x.send_data(id, record(b"part"), 0).unwrap(),
         Outcome::Done
     ));
     a.x.finish(id, EndReason::Reset, "connection reset")
@@ -416,10 +419,11 @@ fn sending_past_the_window_is_a_protocol_error() {
     let connected = ferry_proto::pb::Connected {
         window: 1 << 20,
         resume_token: TOKEN.to_vec(),
+        probes: false,
     }
     .encode_to_vec();
     origin
-        .handle_relay(forge(StreamKind::Connected, &connected))
+        .handle_relay(forge(StreamKind::Connected, &connected), 0)
         .unwrap();
     let data = |off: u64| {
         let mut body = off.to_be_bytes().to_vec();
@@ -427,10 +431,10 @@ fn sending_past_the_window_is_a_protocol_error() {
         body
     };
     origin
-        .handle_relay(forge(StreamKind::Data, &data(0)))
+        .handle_relay(forge(StreamKind::Data, &data(0)), 0)
         .unwrap();
     let err = origin
-        .handle_relay(forge(StreamKind::Data, &data(40_000)))
+        .handle_relay(forge(StreamKind::Data, &data(40_000)), 0)
         .unwrap_err();
     assert_eq!(err.kind(), "window", "{err}");
     assert!(err.is_violation());
@@ -444,7 +448,7 @@ fn sending_past_the_window_is_a_protocol_error() {
     b.put_slice(&header(StreamKind::Data, id));
     b.put_slice(&data(5));
     x2.tx.seal_tail_bytes(&mut b, cell::HEADER_LEN).unwrap();
-    let err = origin.handle_relay(b).unwrap_err();
+    let err = origin.handle_relay(b, 0).unwrap_err();
     assert_eq!(err.kind(), "protocol", "{err}");
 }
 
@@ -457,7 +461,7 @@ fn a_keepalive_changes_nothing_at_the_peer() {
     assert!(!a.o.keepalive().unwrap(), "no stream, no keepalive");
     let id = open(&mut a);
     assert!(matches!(
-        a.x.send_data(id, record(b"hello")).unwrap(),
+        a.x.send_data(id, record(b"hello"), 0).unwrap(),
         Outcome::Done
     ));
     down(&mut a);
@@ -469,7 +473,7 @@ fn a_keepalive_changes_nothing_at_the_peer() {
     let cells: Vec<BytesMut> = std::iter::from_fn(|| a.o.poll_transmit()).collect();
     assert_eq!(cells.len(), 1, "one cell");
     for c in cells {
-        a.x.handle_relay(c).unwrap();
+        a.x.handle_relay(c, 0).unwrap();
     }
     // At most the acknowledgement is news (the origin had not sent it
     // yet): the exit may send more; nothing else happens.
@@ -481,7 +485,7 @@ fn a_keepalive_changes_nothing_at_the_peer() {
     );
     // The stream carries on.
     assert!(matches!(
-        a.x.send_data(id, record(b" again")).unwrap(),
+        a.x.send_data(id, record(b" again"), 0).unwrap(),
         Outcome::Done
     ));
     down(&mut a);
@@ -501,7 +505,7 @@ fn a_circuit_has_a_window_over_its_streams() {
     let chunk = ferry_proto::MAX_DATA_PAYLOAD;
     let fill = |x: &mut Session, id: u32| {
         let mut n = 0u64;
-        while let Outcome::Done = x.send_data(id, record(&vec![1; chunk])).unwrap() {
+        while let Outcome::Done = x.send_data(id, record(&vec![1; chunk]), 0).unwrap() {
             n += chunk as u64;
         }
         n
@@ -530,7 +534,7 @@ fn a_circuit_has_a_window_over_its_streams() {
         "{woke:?}"
     );
     assert!(matches!(
-        a.x.send_data(ids[2], record(&vec![3; chunk])).unwrap(),
+        a.x.send_data(ids[2], record(&vec![3; chunk]), 0).unwrap(),
         Outcome::Done
     ));
 }
@@ -551,7 +555,7 @@ fn many_quiet_acknowledgements_do_not_stop_a_circuit() {
     while got < 8 * CIRCUIT_WINDOW {
         let mut sent = 0;
         for id in &ids {
-            if let Outcome::Done = a.x.send_data(*id, record(&vec![5; chunk])).unwrap() {
+            if let Outcome::Done = a.x.send_data(*id, record(&vec![5; chunk]), 0).unwrap() {
                 sent += 1;
             }
         }

@@ -1043,6 +1043,13 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
                     "class": c.route.scope.class,
                     "constraints": c.route.constraints.describe(),
                     "must_leave": must_leave(sw, &set, &c, now),
+                    "congestion": c.congestion().map(|s| json!({
+                        "window_bytes": s.window,
+                        "in_flight_bytes": s.in_flight,
+                        "rtt_us": s.rtt_us,
+                        "base_rtt_us": s.base_rtt_us,
+                        "slow_start": s.slow_start,
+                    })),
                 }));
             }
             let s = &o.stats;

@@ -601,9 +601,10 @@ fn render(v: &serde_json::Value, json: bool) -> Result<String> {
             };
             writeln!(
                 o,
-                "  {}  {scope}  streams {}",
+                "  {}  {scope}  streams {}{}",
                 path.join(" -> "),
-                c["streams"]
+                c["streams"],
+                congestion_text(&c["congestion"])
             )?;
             if let Some(line) = leave_line(&c["must_leave"]) {
                 writeln!(o, "    {line}")?;
@@ -675,6 +676,28 @@ fn render(v: &serde_json::Value, json: bool) -> Result<String> {
 /// What an own circuit's `must_leave` says, as a line: which hop must be
 /// left, by when (counted from the node's own clock: `in_secs`), why, and
 /// what happens then; `None` when nothing asks it to move.
+/// A circuit's congestion window and round trip, as `  rtt 0.41 ms (least
+/// 0.22)  window 512 KiB`; nothing when it does not probe.
+fn congestion_text(c: &serde_json::Value) -> String {
+    let (Some(window), Some(rtt), Some(base)) = (
+        c["window_bytes"].as_u64(),
+        c["rtt_us"].as_u64(),
+        c["base_rtt_us"].as_u64(),
+    ) else {
+        return String::new();
+    };
+    if base == 0 {
+        return format!("  window {} KiB", window / 1024);
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    format!(
+        "  rtt {:.2} ms (least {:.2})  window {} KiB",
+        ms(rtt.max(base)),
+        ms(base),
+        window / 1024
+    )
+}
+
 fn leave_line(m: &serde_json::Value) -> Option<String> {
     let by = m["by"].as_str()?;
     let short = |k: &str| m[k].as_str().map(|id| id[..8.min(id.len())].to_string());

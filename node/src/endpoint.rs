@@ -66,14 +66,20 @@ pub const PARK_MS: u64 = 30_000;
 /// Most resume tokens an exit holds (live, parked and tombstones).
 pub const MAX_RESUMABLE: usize = 65_536;
 
-/// Milliseconds on a monotonic clock (the session core's `now`): a wall
-/// clock stepped back must not stall a move's timeout.
+/// Milliseconds on a monotonic clock (the session core's `now` for moves):
+/// a wall clock stepped back must not stall a move's timeout.
 fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Microseconds on the same clock (congestion control times its probes
+/// with it).
+fn now_us() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START
         .get_or_init(std::time::Instant::now)
         .elapsed()
-        .as_millis() as u64
+        .as_micros() as u64
 }
 
 /// How long a stream whose socket directions both ended stays attached,
@@ -511,7 +517,7 @@ impl StreamHandle {
         let Some((end, id)) = at.loc.clone() else {
             return Send::Wait(rec);
         };
-        let (r, todo) = end.run(|g| g.core.send_data(id, rec));
+        let (r, todo) = end.run(|g| g.core.send_data(id, rec, now_us()));
         drop(at);
         end.act(todo);
         match r {
@@ -697,13 +703,14 @@ impl Drop for Flushing<'_> {
 }
 
 impl Endpoint {
-    /// A session's settings: our window per stream, and the most streams
-    /// it takes.
-    pub fn config(window: u32, max_streams: usize) -> Config {
+    /// A session's settings: our window per stream, the most streams it
+    /// takes, and whether it runs congestion control.
+    pub fn config(window: u32, max_streams: usize, congestion: bool) -> Config {
         Config {
             window,
             max_streams,
             resume_timeout_ms: RESUME_TIMEOUT.as_millis() as u64,
+            congestion,
         }
     }
 
@@ -945,6 +952,12 @@ impl Endpoint {
         self.lock().core.stream_count()
     }
 
+    /// Where the session's congestion window stands (`None` when it does
+    /// not probe).
+    pub fn congestion(&self) -> Option<ferry_circuit::congestion::Snapshot> {
+        self.lock().core.congestion()
+    }
+
     /// The streams attached here.
     pub fn streams(&self) -> Vec<Arc<StreamHandle>> {
         self.lock().handles.values().cloned().collect()
@@ -1066,7 +1079,7 @@ impl Endpoint {
         // queues its answer while it is acted on.
         self.heard.store(true, Ordering::Relaxed);
         let ((r, queued), todo) = self.run(|g| {
-            let r = g.core.handle_relay(buf);
+            let r = g.core.handle_relay(buf, now_us());
             (r, g.core.has_transmits())
         });
         let resumes = todo.iter().any(|(e, ..)| matches!(e, Event::Resume { .. }));

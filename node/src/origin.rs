@@ -214,6 +214,11 @@ impl OriginCircuit {
         self.endpoint().map_or(0, |e| e.stream_count())
     }
 
+    /// Where its congestion window stands (`None` when it does not probe).
+    pub fn congestion(&self) -> Option<ferry_circuit::congestion::Snapshot> {
+        self.endpoint().and_then(|e| e.congestion())
+    }
+
     fn endpoint(&self) -> Option<Arc<Endpoint>> {
         match &*self.state.lock().expect("state lock") {
             State::Open(e) if !e.is_closed() => Some(e.clone()),
@@ -637,6 +642,7 @@ impl Origin {
                     Endpoint::config(
                         self.switch.cfg.stream_window,
                         crate::endpoint::ORIGIN_MAX_STREAMS,
+                        self.switch.cfg.congestion_control,
                     ),
                     None,
                     self.switch.tasks.clone(),

@@ -856,6 +856,7 @@ impl Switch {
             Endpoint::config(
                 self.cfg.stream_window,
                 self.cfg.carry.streams_per_circuit as usize,
+                self.cfg.congestion_control,
             ),
             self.exit.clone(),
             self.tasks.clone(),

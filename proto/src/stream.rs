@@ -32,6 +32,13 @@ pub enum StreamKind {
     Resume = 6,
     /// Exit → origin: moved. Body: `pb::Resumed`.
     Resumed = 7,
+    /// Either way, stream 0: the sender's count of DATA bytes sent on the
+    /// session so far (`u64` BE); answer at once with PONG. Only to a peer
+    /// that said it takes them (`probes` in BEGIN, CONNECTED, RESUME or
+    /// RESUMED).
+    Probe = 8,
+    /// Either way, stream 0: a PROBE's count, echoed.
+    Pong = 9,
 }
 
 impl StreamKind {
@@ -45,6 +52,8 @@ impl StreamKind {
             5 => StreamKind::End,
             6 => StreamKind::Resume,
             7 => StreamKind::Resumed,
+            8 => StreamKind::Probe,
+            9 => StreamKind::Pong,
             code => {
                 return Err(DecodeError::UnknownCode {
                     what: "stream message",
@@ -93,10 +102,19 @@ impl<'a> StreamMsg<'a> {
     /// The WINDOW acknowledgement (bytes consumed in all), if this is a
     /// well-formed WINDOW message.
     pub fn window_ack(&self) -> Result<u64, DecodeError> {
+        self.count("window acknowledgement")
+    }
+
+    /// The count a PROBE or PONG carries, if its body is one `u64`.
+    pub fn probe_count(&self) -> Result<u64, DecodeError> {
+        self.count("probe count")
+    }
+
+    fn count(&self, what: &'static str) -> Result<u64, DecodeError> {
         match <[u8; 8]>::try_from(self.body) {
             Ok(b) => Ok(u64::from_be_bytes(b)),
             Err(_) => Err(DecodeError::Truncated {
-                what: "window acknowledgement",
+                what,
                 len: self.body.len(),
                 need: 8,
             }),
@@ -146,6 +164,8 @@ mod tests {
             Just(StreamKind::End),
             Just(StreamKind::Resume),
             Just(StreamKind::Resumed),
+            Just(StreamKind::Probe),
+            Just(StreamKind::Pong),
         ]
     }
 
@@ -159,7 +179,7 @@ mod tests {
 
         #[test]
         fn begin_round_trips(host in "[a-z0-9.-]{0,255}", port: u16) {
-            let begin = pb::Begin { host, port: port.into(), window: 1 << 20 };
+            let begin = pb::Begin { host, port: port.into(), window: 1 << 20, probes: true };
             let decoded: pb::Begin = crate::decode_pb("begin", &begin.encode_to_vec()).unwrap();
             prop_assert_eq!(decoded, begin);
         }

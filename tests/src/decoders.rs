@@ -95,6 +95,7 @@ pub fn session(data: &[u8]) {
         window: 1 << 16,
         max_streams: 8,
         resume_timeout_ms: 1_000,
+        congestion: true,
     };
     let mut exit = Session::new(Side::Exit, 1, exit_keys, cfg);
     let mut now = 0u64;
@@ -110,7 +111,7 @@ pub fn session(data: &[u8]) {
             .tx
             .seal_tail_bytes(&mut buf, cell::HEADER_LEN)
             .expect("seal");
-        if exit.handle_relay(buf).is_err() {
+        if exit.handle_relay(buf, now).is_err() {
             // A real exit destroys the circuit here.
             return;
         }

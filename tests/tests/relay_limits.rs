@@ -159,7 +159,7 @@ async fn one_byte_cells_to_a_target_that_never_reads_hold_about_their_bytes() {
     let id = s.open("127.0.0.1", port).unwrap();
     link.flush(&mut s).await;
     loop {
-        s.handle_relay(link.next().await).unwrap();
+        s.handle_relay(link.next().await, 0).unwrap();
         if std::iter::from_fn(|| s.poll_event()).any(|e| matches!(e, Event::Connected { .. })) {
             break;
         }
@@ -169,7 +169,7 @@ async fn one_byte_cells_to_a_target_that_never_reads_hold_about_their_bytes() {
         let mut r = bytes::BytesMut::zeroed(HEADROOM + 1);
         r[HEADROOM] = (i % 251) as u8;
         assert!(
-            matches!(s.send_data(id, r).unwrap(), Outcome::Done),
+            matches!(s.send_data(id, r, 0).unwrap(), Outcome::Done),
             "cell {i}: no credit"
         );
         if i % 4096 == 4095 {

@@ -382,6 +382,10 @@ pub struct FileCircuit {
     /// Time allowed to build a circuit.
     #[serde(default = "default_build_timeout")]
     pub build_timeout_secs: u64,
+    /// Congestion control on the circuits this node ends (as origin or
+    /// exit): keep in flight what the path carries, not a whole window.
+    #[serde(default = "default_true")]
+    pub congestion_control: bool,
 }
 
 impl Default for FileCircuit {
@@ -391,10 +395,14 @@ impl Default for FileCircuit {
             stream_window_bytes: default_window(),
             max_streams_per_circuit: default_streams_per_circuit(),
             build_timeout_secs: default_build_timeout(),
+            congestion_control: true,
         }
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_hops() -> usize {
     3
 }

@@ -197,6 +197,12 @@ stream_window_bytes = 2097152
 max_streams_per_circuit = 64
 # Time allowed to build a circuit, hop by hop. 1 to 300.
 build_timeout_secs = 10
+# Congestion control on the circuits this node ends: each end times probes
+# through the circuit and keeps in flight what the path carries plus a small
+# queue, instead of every stream's whole window, so a bulk stream does not
+# stand in line ahead of everything else on its links. Used with peers that
+# take it; off, this node neither probes nor offers to.
+congestion_control = true
 
 [exit]
 # Allow targets in loopback, private (RFC 1918, ULA), link-local, CGNAT,

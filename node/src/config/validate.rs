@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub hops: usize,
     /// Per-stream window.
     pub stream_window: u32,
+    /// Congestion control on circuits this node ends.
+    pub congestion_control: bool,
     /// Streams per circuit.
     pub max_streams_per_circuit: u32,
     /// Circuit build timeout.
@@ -534,6 +536,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             http_listen,
             hops: f.circuit.hops,
             stream_window: window,
+            congestion_control: f.circuit.congestion_control,
             max_streams_per_circuit: f.circuit.max_streams_per_circuit,
             build_timeout: Duration::from_secs(f.circuit.build_timeout_secs),
             exit_policy,
