@@ -617,10 +617,17 @@ impl Session {
             // send says so.
             let _ = self.queue_probe(probe);
         }
+        // A whole record of room per stream called (or one stream, once
+        // nothing is in flight), so a called stream finds room for
+        // whatever it holds: called to less, it would go back to the line
+        // and be called again at once, round and round.
         let room = self.circuit_room();
-        let mut wake = room
-            .div_ceil(MAX_DATA_PAYLOAD as u64)
-            .saturating_sub(self.called as u64);
+        let idle = self.in_flight() == 0 || (self.probing && self.cc.in_flight() == 0);
+        let records = match room / MAX_DATA_PAYLOAD as u64 {
+            0 if idle => 1,
+            n => n,
+        };
+        let mut wake = records.saturating_sub(self.called as u64);
         while wake > 0 {
             let Some(id) = self.waiting.pop_front() else {
                 break;
@@ -1056,13 +1063,17 @@ impl Session {
         if s.credit() < n as u64 {
             // Its own window, not the circuit's: a turn it was called for
             // goes to whoever waits.
-            self.end_turn(id);
-            self.wake_waiting();
+            if turn == Turn::Called {
+                self.end_turn(id);
+                self.wake_waiting();
+            }
             return Ok(Outcome::Blocked(buf));
         }
-        let behind =
-            turn == Turn::Waiting || (turn == Turn::Free && self.waiting.len() + self.called > 0);
-        if behind {
+        if turn == Turn::Waiting {
+            // In line: its turn comes.
+            return Ok(Outcome::Blocked(buf));
+        }
+        if turn == Turn::Free && self.waiting.len() + self.called > 0 {
             // Others wait for room: in line, behind them.
             self.wait_for_room(id);
             self.wake_waiting();
@@ -1073,7 +1084,7 @@ impl Session {
         {
             self.wait_for_room(id);
             if self.probing {
-                let probe = self.cc.on_blocked(now);
+                let probe = self.cc.on_blocked(self.now);
                 self.queue_probe(probe)?;
             }
             return Ok(Outcome::Blocked(buf));
@@ -1087,7 +1098,7 @@ impl Session {
             .copy_from_slice(&smsg::header(StreamKind::Data, id));
         buf[HEADROOM - smsg::DATA_OFFSET_LEN..HEADROOM].copy_from_slice(&off.to_be_bytes());
         self.seal_push(CellCmd::Relay, buf)?;
-        self.on_data_sent(n, now)?;
+        self.on_data_sent(n, self.now)?;
         self.wake_waiting();
         Ok(Outcome::Done)
     }
@@ -1391,7 +1402,10 @@ impl Session {
                 if !self.probing {
                     return Err(Error::Protocol("PONG unasked".into()));
                 }
-                self.cc.on_pong(count, now).map_err(Error::Protocol)?;
+                // The session's own `now`, never behind a probe's stamp: two
+                // threads may read the clock and take the lock in either
+                // order, and a round trip of 0 would become the least.
+                self.cc.on_pong(count, self.now).map_err(Error::Protocol)?;
                 self.wake_waiting();
             }
             StreamKind::End => {

@@ -464,6 +464,9 @@ impl StreamHandle {
         let (r, todo) = end.run(|g| f(g, id));
         drop(at);
         end.act(todo);
+        // What the op queued and nobody sends otherwise (a probe, when it
+        // left streams waiting for room) goes now.
+        end.kick();
         Op::Done(r, end)
     }
 
@@ -522,7 +525,12 @@ impl StreamHandle {
         end.act(todo);
         match r {
             Ok(Outcome::Done) => Send::Sent(end),
-            Ok(Outcome::Blocked(b) | Outcome::Elsewhere(b)) => Send::Wait(b),
+            Ok(Outcome::Blocked(b) | Outcome::Elsewhere(b)) => {
+                // A stream stopped for circuit room leaves a probe queued,
+                // whose answer brings the room back: it must go out now.
+                end.kick();
+                Send::Wait(b)
+            }
             Err(_) => Send::Over,
         }
     }
@@ -1180,6 +1188,7 @@ impl Endpoint {
             at.loc = None;
             drop(at);
             old.act(todo);
+            old.kick();
             s.ok_or((CoreError::Closed, None))?
         };
         Self::reattach(h, new, stream).await

@@ -95,3 +95,83 @@ async fn an_entry_that_offers_no_probes_still_carries_every_byte() {
         assert!(c["congestion"].is_null(), "probed with it off: {c}");
     }
 }
+
+/// Round trips of 64 bytes on `s` (an echo), each answered within 10 s.
+async fn ping_pong(s: &mut tokio::net::TcpStream, n: usize) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut back = [0u8; 64];
+    for i in 0..n {
+        s.write_all(&[i as u8; 64]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .map_err(|_| format!("round trip {i}: no echo within 10 s"))?
+            .unwrap();
+        assert_eq!(back, [i as u8; 64]);
+    }
+    Ok(())
+}
+
+/// Requests are answered while a bulk stream fills the same links: on a
+/// circuit of their own (the entry puts one stream on each) and on the
+/// bulk stream's own circuit. Each stream stopped for circuit room is
+/// called in its turn, and the probe that brings the room back goes out
+/// when a stream stops (a probe left queued once froze both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_beside_a_bulk_stream() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    for per_circuit in [1, 64] {
+        let mesh = Mesh::start(
+            &[Spec::new("DE", "relay"), Spec::new("IS", "exit")],
+            &Options {
+                hops: 2,
+                entry_replace: vec![(
+                    "max_streams_per_circuit = 64".into(),
+                    format!("max_streams_per_circuit = {per_circuit}"),
+                )],
+                log_filter: Some("ferry_node=debug".into()),
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let echo = ferry_tests::echo_server().await.unwrap();
+        let mut s = mesh.open(echo.port(), "").await.unwrap();
+        ping_pong(&mut s, 20).await.unwrap();
+        drop(s);
+        let (sink, count) = ferry_tests::counting_sink().await.unwrap();
+        let mut bulk = mesh.open(sink.port(), "").await.unwrap();
+        let blast = tokio::spawn(async move {
+            let buf = vec![7u8; 64 * 1024];
+            // Bounded: 8 GiB or 120 s, whichever comes first.
+            let until = std::time::Instant::now() + Duration::from_secs(120);
+            for _ in 0..(128 * 1024) {
+                if std::time::Instant::now() > until || bulk.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+        while count.load(Ordering::Relaxed) < 64 * MIB as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                !blast.is_finished(),
+                "the bulk stream ended early after {} bytes: {:#?}",
+                count.load(Ordering::Relaxed),
+                own_circuits(&mesh)
+            );
+        }
+        let mut s = mesh.open(echo.port(), "").await.unwrap();
+        if let Err(e) = ping_pong(&mut s, 200).await {
+            panic!(
+                "{e}, streams per circuit {per_circuit}: {:#?}",
+                own_circuits(&mesh)
+            );
+        }
+        let moved = count.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            count.load(Ordering::Relaxed) > moved,
+            "the bulk stream stopped (streams per circuit {per_circuit})"
+        );
+        blast.abort();
+    }
+}
