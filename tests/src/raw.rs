@@ -118,12 +118,15 @@ impl RawLink {
 
     /// Builds `path` on circuit `circ`, which must succeed: the
     /// end-to-end session with its last hop, as an origin's stream
-    /// session (2 MiB window).
+    /// session (2 MiB window). It offers no probes, as a peer built before
+    /// congestion control: the exit sends it up to the streams' windows,
+    /// which is what a hostile origin that wants a node to queue would do.
     pub async fn circuit(&mut self, circ: u32, path: &[&Proc]) -> ferry_circuit::Session {
         let (built, how, session) = self.build_session(circ, path).await;
         let keys = session.unwrap_or_else(|| panic!("{built} hops built, then {how}"));
         let cfg = ferry_circuit::Config {
             window: 2 << 20,
+            congestion: false,
             ..Default::default()
         };
         ferry_circuit::Session::new(ferry_circuit::Side::Origin, circ, keys, cfg)
