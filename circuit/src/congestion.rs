@@ -328,9 +328,11 @@ mod tests {
 
     #[test]
     fn a_queue_that_builds_shrinks_the_window() {
-        let mut cc = Congestion::default();
-        cc.slow_start = false;
-        cc.window = 4 << 20;
+        let mut cc = Congestion {
+            slow_start: false,
+            window: 4 << 20,
+            ..Congestion::default()
+        };
         // The first round trip is the base; then every round trip doubles.
         let mut now = 0;
         let mut shrank = 0;
