@@ -608,10 +608,12 @@ impl Session {
         if self.waiting.is_empty() {
             return;
         }
-        if self.probing && self.cc.room() == 0 {
-            // Streams wait for room only a PONG can bring: make sure one
-            // will come (bytes sent again after a move, or a window that
-            // shrank below what was sent, may be covered by no probe).
+        if self.probing && self.cc.room() < MAX_DATA_PAYLOAD as u64 {
+            // Streams wait for room only a PONG can bring (less than a
+            // record calls nobody): make sure one will come (bytes sent
+            // again after a move, bytes sent by streams that took turns
+            // and so never stopped, or a window that shrank below what was
+            // sent, may be covered by no probe).
             let probe = self.cc.on_stalled(self.now);
             // A session that cannot seal is closed or broken, and its next
             // send says so.

@@ -1238,6 +1238,7 @@ impl Endpoint {
         }
         let (_, todo) = end.run(|g| g.core.handle_timeout(now_ms()));
         end.act(todo);
+        end.kick();
         rx.await.unwrap_or(Err((CoreError::Closed, None)))
     }
 
@@ -1353,6 +1354,8 @@ impl Endpoint {
                     at.loc = None;
                     drop(at);
                     old.act(todo);
+                    // A probe the stream's leaving queued there goes too.
+                    old.kick();
                     return self.accept_here(&exit, h, id, stream, attempt, received, fin);
                 }
                 Found::Parked(h, stream) => {
