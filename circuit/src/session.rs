@@ -193,6 +193,9 @@ pub struct Stream {
     attempt: u32,
     /// Its place in the session's line for circuit room.
     turn: Turn,
+    /// While in line or called: the bytes of the record it was refused
+    /// (what a call must leave it room for).
+    wants: u64,
 }
 
 /// A stream's place in its session's line for circuit room.
@@ -227,6 +230,7 @@ impl Stream {
             moves: 0,
             attempt: 0,
             turn: Turn::Free,
+            wants: 0,
         }
     }
 
@@ -468,6 +472,8 @@ pub struct Session {
     waiting: VecDeque<u32>,
     /// Streams called from the line that have not sent yet.
     called: usize,
+    /// The room they were called to (the sum of their `wants`).
+    called_bytes: u64,
     /// Our congestion window (see [`crate::congestion`]).
     cc: Congestion,
     /// The peer answers PROBE: it said so, and [`Config::congestion`] is on.
@@ -507,6 +513,7 @@ impl Session {
             closed: false,
             waiting: VecDeque::new(),
             called: 0,
+            called_bytes: 0,
             cc: Congestion::default(),
             probing: false,
             now: 0,
@@ -520,6 +527,7 @@ impl Session {
         let called = match std::mem::replace(&mut s.turn, Turn::Free) {
             Turn::Called => {
                 self.called -= 1;
+                self.called_bytes -= s.wants;
                 true
             }
             // Out of the line, so churn on a circuit without room cannot
@@ -567,9 +575,10 @@ impl Session {
         }
     }
 
-    /// Puts `id` in line for circuit room: at the back, or at the front
-    /// if it was called and found the room taken.
-    fn wait_for_room(&mut self, id: u32) {
+    /// Puts `id` in line for circuit room for a record of `n` bytes: at
+    /// the back, or at the front if it was called and found the room
+    /// taken.
+    fn wait_for_room(&mut self, id: u32, n: u64) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -582,9 +591,11 @@ impl Session {
             Turn::Called => {
                 s.turn = Turn::Waiting;
                 self.called -= 1;
+                self.called_bytes -= s.wants;
                 self.waiting.push_front(id);
             }
         }
+        s.wants = n;
     }
 
     /// A called stream gives its turn up (it sent, or its own window
@@ -595,15 +606,21 @@ impl Session {
         {
             s.turn = Turn::Free;
             self.called -= 1;
+            self.called_bytes -= s.wants;
         }
     }
 
-    /// Calls streams from the line, in order, about one per record of
-    /// circuit room (less those called and not yet sent). A called stream
-    /// sends one record, then queues again while others wait; one that
-    /// finds the room taken goes back to the front. Whoever sends and
-    /// leaves room calls the next, so room never sits unused while a
-    /// stream waits.
+    /// Calls streams from the line, in order, each whose record fits the
+    /// circuit room left (less what those called and not yet sent were
+    /// called to); one that does not fit keeps its place, so a small
+    /// request is not held behind a large record that cannot go. Into an
+    /// idle circuit the first goes whatever it holds. A called stream
+    /// sends its record, then queues again while others wait; one that
+    /// finds the room taken after all (a move's resend took it) goes back
+    /// to the front. Whoever sends and leaves room calls the next, so room
+    /// never sits unused while a stream that fits waits. A stream is only
+    /// ever called to room that fits its record: called to less, it would
+    /// go back to the line and be called again at once, round and round.
     fn wake_waiting(&mut self) {
         if self.waiting.is_empty() {
             return;
@@ -619,30 +636,29 @@ impl Session {
             // send says so.
             let _ = self.queue_probe(probe);
         }
-        // A whole record of room per stream called (or one stream, once
-        // nothing is in flight), so a called stream finds room for
-        // whatever it holds: called to less, it would go back to the line
-        // and be called again at once, round and round.
-        let room = self.circuit_room();
-        let idle = self.in_flight() == 0 || (self.probing && self.cc.in_flight() == 0);
-        let records = match room / MAX_DATA_PAYLOAD as u64 {
-            0 if idle => 1,
-            n => n,
-        };
-        let mut wake = records.saturating_sub(self.called as u64);
-        while wake > 0 {
-            let Some(id) = self.waiting.pop_front() else {
-                break;
+        let mut room = self.circuit_room().saturating_sub(self.called_bytes);
+        let mut idle = self.called == 0
+            && (self.in_flight() == 0 || (self.probing && self.cc.in_flight() == 0));
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        while let Some(id) = self.waiting.pop_front() {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
             };
-            if let Some(s) = self.streams.get_mut(&id)
-                && s.turn == Turn::Waiting
-            {
-                s.turn = Turn::Called;
-                self.called += 1;
-                self.events.push_back(Event::Writable { id });
-                wake -= 1;
+            if s.turn != Turn::Waiting {
+                continue;
             }
+            if s.wants <= room || std::mem::take(&mut idle) {
+                s.turn = Turn::Called;
+                room = room.saturating_sub(s.wants);
+                self.called += 1;
+                self.called_bytes += s.wants;
+                self.events.push_back(Event::Writable { id });
+            } else {
+                kept.push_back(id);
+            }
+            idle = false;
         }
+        self.waiting = kept;
     }
 
     /// Queues a PROBE with `count` (stream 0).
@@ -753,6 +769,7 @@ impl Session {
         self.transmits.clear();
         self.waiting.clear();
         self.called = 0;
+        self.called_bytes = 0;
         let mut all: Vec<(u32, Stream)> = self
             .streams
             .drain()
@@ -1077,14 +1094,14 @@ impl Session {
         }
         if turn == Turn::Free && self.waiting.len() + self.called > 0 {
             // Others wait for room: in line, behind them.
-            self.wait_for_room(id);
+            self.wait_for_room(id, n as u64);
             self.wake_waiting();
             return Ok(Outcome::Blocked(buf));
         }
         if self.in_flight() + n as u64 > CIRCUIT_WINDOW
             || (self.probing && !self.cc.allows(n as u64))
         {
-            self.wait_for_room(id);
+            self.wait_for_room(id, n as u64);
             if self.probing {
                 let probe = self.cc.on_blocked(self.now);
                 self.queue_probe(probe)?;

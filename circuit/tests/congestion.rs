@@ -374,3 +374,46 @@ fn streams_moved_with_more_to_resend_than_the_window_do_not_freeze_the_circuit()
     }
     assert_eq!(turns.len(), 2, "the circuit froze with streams in line");
 }
+
+/// When the circuit's window is all but full (receivers that stopped
+/// reading), a small record that fits the room left goes, though a large
+/// one waits ahead of it in line: a stream is called when its record fits,
+/// in order, and one that does not keeps its place.
+#[test]
+fn a_small_record_that_fits_is_not_held_behind_a_large_one_that_does_not() {
+    use ferry_circuit::CIRCUIT_WINDOW;
+    let (_o, mut x, ids) = pair(false, false, 6);
+    // Four streams' windows (8 MiB each) fill the circuit's 32 MiB, less
+    // than a record short.
+    let mut sent = 0;
+    for id in &ids[..4] {
+        sent += fill(&mut x, *id, 0);
+    }
+    let room = CIRCUIT_WINDOW - sent;
+    assert!(room > 100 && room < MAX_DATA_PAYLOAD as u64, "{room}");
+    // Stream 4 wants a large record: it waits. Stream 5's 100 bytes fit.
+    assert!(matches!(
+        x.send_data(ids[4], record(MAX_DATA_PAYLOAD, 4), 0).unwrap(),
+        Outcome::Blocked(_)
+    ));
+    let _ = events(&mut x);
+    let small = x.send_data(ids[5], record(100, 5), 0).unwrap();
+    let called = events(&mut x)
+        .iter()
+        .any(|e| matches!(e, Event::Writable { id } if *id == ids[5]));
+    assert!(
+        matches!(small, Outcome::Done) || called,
+        "the small record was left waiting: {small:?}"
+    );
+    if !matches!(small, Outcome::Done) {
+        assert!(matches!(
+            x.send_data(ids[5], record(100, 5), 0).unwrap(),
+            Outcome::Done
+        ));
+    }
+    // The large one still waits, in its place.
+    assert!(matches!(
+        x.send_data(ids[4], record(MAX_DATA_PAYLOAD, 4), 0).unwrap(),
+        Outcome::Blocked(_)
+    ));
+}
