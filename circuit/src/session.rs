@@ -29,10 +29,10 @@
 //! that said it answers them, in BEGIN, CONNECTED, RESUME or RESUMED, and
 //! only when [`Config::congestion`] is on). A stream stopped for want of
 //! circuit room (this window, or [`CIRCUIT_WINDOW`]) waits in line, and as
-//! room comes back streams are woken in the order they stopped, about one
-//! per record of room, so the streams of a circuit take turns: a small
-//! stream's request waits behind at most one round of a bulk stream's, not
-//! behind all it could queue.
+//! room comes back streams are called in the order they stopped, each whose
+//! record fits the room left, a record each, so the streams of a circuit
+//! take turns: a small stream's request waits behind at most one round of a
+//! bulk stream's, not behind all it could queue.
 //!
 //! # Offsets, and moving a stream
 //!
@@ -564,17 +564,6 @@ impl Session {
         }
     }
 
-    /// Circuit room: what both [`CIRCUIT_WINDOW`] and the congestion
-    /// window allow now.
-    fn circuit_room(&self) -> u64 {
-        let room = CIRCUIT_WINDOW.saturating_sub(self.in_flight());
-        if self.probing {
-            room.min(self.cc.room())
-        } else {
-            room
-        }
-    }
-
     /// Puts `id` in line for circuit room for a record of `n` bytes: at
     /// the back, or at the front if it was called and found the room
     /// taken.
@@ -636,9 +625,16 @@ impl Session {
             // send says so.
             let _ = self.queue_probe(probe);
         }
-        let mut room = self.circuit_room().saturating_sub(self.called_bytes);
-        let mut idle = self.called == 0
-            && (self.in_flight() == 0 || (self.probing && self.cc.in_flight() == 0));
+        // Circuit room: what both [`CIRCUIT_WINDOW`] and the congestion
+        // window allow now, less what called streams were called to.
+        let in_flight = self.in_flight();
+        let mut room = CIRCUIT_WINDOW.saturating_sub(in_flight);
+        if self.probing {
+            room = room.min(self.cc.room());
+        }
+        room = room.saturating_sub(self.called_bytes);
+        let mut idle =
+            self.called == 0 && (in_flight == 0 || (self.probing && self.cc.in_flight() == 0));
         let mut kept = VecDeque::with_capacity(self.waiting.len());
         while let Some(id) = self.waiting.pop_front() {
             let Some(s) = self.streams.get_mut(&id) else {
@@ -670,11 +666,11 @@ impl Session {
     }
 
     /// `n` bytes of DATA were sealed: counted, and probed when due.
-    fn on_data_sent(&mut self, n: usize, now: u64) -> Result<()> {
+    fn on_data_sent(&mut self, n: usize) -> Result<()> {
         if !self.probing {
             return Ok(());
         }
-        let probe = self.cc.on_sent(n as u64, now);
+        let probe = self.cc.on_sent(n as u64, self.now);
         self.queue_probe(probe)
     }
 
@@ -1117,7 +1113,7 @@ impl Session {
             .copy_from_slice(&smsg::header(StreamKind::Data, id));
         buf[HEADROOM - smsg::DATA_OFFSET_LEN..HEADROOM].copy_from_slice(&off.to_be_bytes());
         self.seal_push(CellCmd::Relay, buf)?;
-        self.on_data_sent(n, self.now)?;
+        self.on_data_sent(n)?;
         self.wake_waiting();
         Ok(Outcome::Done)
     }
