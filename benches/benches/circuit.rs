@@ -16,7 +16,7 @@ fn keys() -> (crypto::Session, crypto::Session) {
     let id = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let mut i = crypto::hop_initiator(&k.noise_public()).unwrap();
     let m1 = crypto::write_hs(&mut i).unwrap();
-    let (exit, m2) = crypto::hop_respond(&[k.noise_private()], &id, &m1).unwrap();
+    let (exit, m2) = crypto::hop_respond(&k.noise.responder_keys(0), &id, &m1).unwrap();
     crypto::read_hs(&mut i, &m2).unwrap();
     (crypto::Session::from_handshake(i).unwrap(), exit)
 }
@@ -93,5 +93,78 @@ fn data_record(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, data_record);
+/// A CREATE's cryptography at the hop (`crypto::hop_respond`: Noise NK as
+/// responder and the identity proof), beside what it is made of, measured
+/// in the same run: one X25519 variable-base multiplication by
+/// curve25519-dalek and by ring, a base-point multiplication, an Ed25519
+/// signature.
+fn circuit_setup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("circuit_setup");
+    let k = ferry_node::identity::Keys::generate();
+    let id = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let mut i = crypto::hop_initiator(&k.noise_public()).unwrap();
+    let m1 = crypto::write_hs(&mut i).unwrap();
+    let statics = [crypto::StaticKey::new(k.noise_private())];
+    g.bench_function("hop_respond", |b| {
+        b.iter(|| black_box(crypto::hop_respond(&statics, &id, black_box(&m1)).unwrap()));
+    });
+    // The same with snow's stock primitives (its `ring-accelerated`
+    // resolver: X25519 by curve25519-dalek, the static key's public half
+    // derived per handshake), as `hop_respond` was before `HopDh`.
+    g.bench_function("hop_respond_stock_snow", |b| {
+        let private = k.noise_private();
+        b.iter(|| {
+            let mut hs = snow::Builder::new(crypto::HOP_PATTERN.parse().unwrap())
+                .local_private_key(&private)
+                .and_then(|b| b.prologue(crypto::HOP_PROLOGUE))
+                .and_then(|b| b.build_responder())
+                .unwrap();
+            let mut scratch = [0u8; 256];
+            hs.read_message(black_box(&m1), &mut scratch).unwrap();
+            let proof = crypto::prove(&id, crypto::HOP_PROOF, hs.get_handshake_hash());
+            let msg2 = crypto::write_hs_with(&mut hs, &proof).unwrap();
+            black_box((crypto::Session::from_handshake(hs).unwrap(), msg2))
+        });
+    });
+    let point = k.noise_public();
+    g.bench_function("x25519_dalek", |b| {
+        b.iter(|| black_box(x25519_dalek::x25519(black_box([9; 32]), point)));
+    });
+    g.bench_function("x25519_dalek_base", |b| {
+        b.iter(|| {
+            black_box(x25519_dalek::x25519(
+                black_box([9; 32]),
+                x25519_dalek::X25519_BASEPOINT_BYTES,
+            ))
+        });
+    });
+    g.bench_function("x25519_dalek_mul_base", |b| {
+        let s = x25519_dalek::StaticSecret::from([9; 32]);
+        b.iter(|| black_box(x25519_dalek::PublicKey::from(black_box(&s))));
+    });
+    let rng = ring::rand::SystemRandom::new();
+    let peer = ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, point);
+    g.bench_function("x25519_ring_keygen_and_agree", |b| {
+        b.iter(|| {
+            let e = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+                .unwrap();
+            black_box(e.compute_public_key().unwrap());
+            ring::agreement::agree_ephemeral(e, &peer, |s| black_box(s[0])).unwrap()
+        });
+    });
+    g.bench_function("x25519_ring_keygen", |b| {
+        b.iter(|| {
+            let e = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+                .unwrap();
+            black_box(e.compute_public_key().unwrap())
+        });
+    });
+    g.bench_function("ed25519_sign", |b| {
+        use ed25519_dalek::Signer;
+        b.iter(|| black_box(id.sign(black_box(&[7u8; 49]))));
+    });
+    g.finish();
+}
+
+criterion_group!(benches, data_record, circuit_setup);
 criterion_main!(benches);

@@ -238,7 +238,7 @@ mod tests {
             Build::start(9, nodes.iter().map(|n| n.hop.clone()).collect(), 1_000).unwrap();
         assert_eq!(b.hop(), nodes[0].hop.node);
         let (mut tip, m2) = crypto::hop_respond(
-            &[nodes[0].private],
+            &[crypto::StaticKey::new(nodes[0].private)],
             &nodes[0].identity,
             &create[cell::HEADER_LEN..],
         )
@@ -258,8 +258,12 @@ mod tests {
                     n.hop.node.0.to_vec(),
                     "the tip learns the next hop"
                 );
-                let (s, m2) =
-                    crypto::hop_respond(&[n.private], &n.identity, &ext.handshake).unwrap();
+                let (s, m2) = crypto::hop_respond(
+                    &[crypto::StaticKey::new(n.private)],
+                    &n.identity,
+                    &ext.handshake,
+                )
+                .unwrap();
                 next = Some(s);
                 pb::control_reply::Msg::Extended(pb::Extended { handshake: m2 })
             });
@@ -286,7 +290,7 @@ mod tests {
         let (mut b, create) = Build::start(9, vec![a.hop.clone()], 1_000).unwrap();
         // The key's holder answers, but proves another identity.
         let (_, m2) = crypto::hop_respond(
-            &[a.private],
+            &[crypto::StaticKey::new(a.private)],
             &impostor.identity,
             &create[cell::HEADER_LEN..],
         )
@@ -302,8 +306,12 @@ mod tests {
     fn a_refused_extend_names_the_hop_and_whether_it_is_leaving() {
         let (a, c) = (node(1), node(3));
         let (mut b, create) = Build::start(9, vec![a.hop.clone(), c.hop.clone()], 1_000).unwrap();
-        let (mut tip, m2) =
-            crypto::hop_respond(&[a.private], &a.identity, &create[cell::HEADER_LEN..]).unwrap();
+        let (mut tip, m2) = crypto::hop_respond(
+            &[crypto::StaticKey::new(a.private)],
+            &a.identity,
+            &create[cell::HEADER_LEN..],
+        )
+        .unwrap();
         let mut created = BytesMut::new();
         created.put_slice(&cell::header(9, CellCmd::Created));
         created.put_slice(&m2);

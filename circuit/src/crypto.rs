@@ -6,6 +6,14 @@
 //! encrypted. The nonce is Noise's AESGCM nonce (32 zero bits, then the
 //! big-endian 64-bit counter) and the associated data is empty, so every
 //! record is a standard Noise transport message.
+//!
+//! A hop answers each CREATE with its own resolver for snow ([`HopDh`]):
+//! its static key's public half is derived once, not per handshake as
+//! snow's stock X25519 does, and its one-use ephemeral key is ring's, whose
+//! X25519 runs BoringSSL's fiat-crypto code with ADX/BMI2 assembly where
+//! the CPU has them: faster than curve25519-dalek's portable field
+//! arithmetic, which snow uses (the figures are in `benches/README.md`,
+//! "Circuit setup").
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
@@ -261,11 +269,212 @@ pub fn hop_initiator(remote_public: &[u8; 32]) -> Result<snow::HandshakeState, C
         .map_err(hs_err)
 }
 
+/// A node's Noise static key with its public half, derived once (snow
+/// derives it again for every handshake built with the private key alone:
+/// a base-point multiplication per CREATE).
+#[derive(Clone)]
+pub struct StaticKey {
+    private: [u8; KEY_LEN],
+    public: [u8; KEY_LEN],
+}
+
+impl StaticKey {
+    /// The key pair of an X25519 private key.
+    pub fn new(private: [u8; KEY_LEN]) -> Self {
+        let secret = x25519_dalek::StaticSecret::from(private);
+        Self {
+            private,
+            public: x25519_dalek::PublicKey::from(&secret).to_bytes(),
+        }
+    }
+
+    /// The public half.
+    pub fn public(&self) -> [u8; KEY_LEN] {
+        self.public
+    }
+
+    /// The private half.
+    pub fn private(&self) -> [u8; KEY_LEN] {
+        self.private
+    }
+}
+
+/// Keys are equal when their public halves are (the private halves are
+/// never compared).
+impl PartialEq for StaticKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.public == other.public
+    }
+}
+
+impl Eq for StaticKey {}
+
+impl std::fmt::Debug for StaticKey {
+    /// The public half only: a private key never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let public: String = self.public[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        write!(f, "StaticKey({public}…)")
+    }
+}
+
+/// snow's primitives for a hop's handshake: ring's, as snow's
+/// `ring-accelerated` gives them, for hashing, AES-GCM and randomness, and
+/// [`HopDh`] for X25519.
+struct HopResolver {
+    local: std::sync::Arc<StaticKey>,
+}
+
+impl snow::resolvers::CryptoResolver for HopResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+        snow::resolvers::RingResolver.resolve_rng()
+    }
+
+    fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+        match choice {
+            snow::params::DHChoice::Curve25519 => Some(Box::new(HopDh {
+                local: self.local.clone(),
+                public: [0; KEY_LEN],
+                secret: HopSecret::Unset,
+            })),
+            _ => None,
+        }
+    }
+
+    fn resolve_hash(
+        &self,
+        choice: &snow::params::HashChoice,
+    ) -> Option<Box<dyn snow::types::Hash>> {
+        snow::resolvers::RingResolver.resolve_hash(choice)
+    }
+
+    fn resolve_cipher(
+        &self,
+        choice: &snow::params::CipherChoice,
+    ) -> Option<Box<dyn snow::types::Cipher>> {
+        snow::resolvers::RingResolver.resolve_cipher(choice)
+    }
+}
+
+/// X25519 for a hop answering a CREATE (Noise NK as responder).
+///
+/// - Its static key (`set`): the node's own key takes the public half the
+///   node derived once ([`StaticKey`]); its multiplication is
+///   curve25519-dalek's, as snow's.
+/// - Its ephemeral key (`generate`): ring's, made and multiplied by ring.
+///   ring's key agrees once and is spent, and so is this one: a second
+///   agreement is an error. An NK responder's ephemeral key meets one key
+///   (`ee`), so a hop never makes a second; any other pattern would fail
+///   its handshake, not reuse a key.
+/// - Either refuses an agreement whose result is all zeros (a peer's
+///   small-order point), where snow's stock X25519 goes on: a hostile
+///   origin's message 1 fails at `es`, before the hop signs anything.
+///
+/// snow's errors carry no reason, so every refusal here (a spent key, a
+/// small-order point, a key of the wrong length) is `snow::Error::Dh`.
+struct HopDh {
+    local: std::sync::Arc<StaticKey>,
+    public: [u8; KEY_LEN],
+    secret: HopSecret,
+}
+
+enum HopSecret {
+    Unset,
+    Static(x25519_dalek::StaticSecret),
+    /// ring's key until its one agreement takes it.
+    Ephemeral(std::sync::Mutex<Option<ring::agreement::EphemeralPrivateKey>>),
+}
+
+impl snow::types::Dh for HopDh {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+
+    fn pub_len(&self) -> usize {
+        KEY_LEN
+    }
+
+    fn priv_len(&self) -> usize {
+        KEY_LEN
+    }
+
+    fn set(&mut self, privkey: &[u8]) {
+        use subtle::ConstantTimeEq;
+        let mut private = [0u8; KEY_LEN];
+        let n = privkey.len().min(KEY_LEN);
+        private[..n].copy_from_slice(&privkey[..n]);
+        self.public = if bool::from(private.ct_eq(&self.local.private)) {
+            self.local.public
+        } else {
+            StaticKey::new(private).public
+        };
+        self.secret = HopSecret::Static(x25519_dalek::StaticSecret::from(private));
+    }
+
+    /// ring's generator, not snow's `rng` (ring makes its keys only from
+    /// its own `SecureRandom`, which cannot be implemented outside ring).
+    fn generate(&mut self, _rng: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+            .map_err(|_| snow::Error::Rng)?;
+        let public = key.compute_public_key().map_err(|_| snow::Error::Dh)?;
+        self.public
+            .copy_from_slice(public.as_ref().get(..KEY_LEN).ok_or(snow::Error::Dh)?);
+        self.secret = HopSecret::Ephemeral(std::sync::Mutex::new(Some(key)));
+        Ok(())
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+
+    /// The static private key; nothing for an ephemeral key, whose private
+    /// half ring never shows. snow asks only in `Builder::generate_keypair`,
+    /// which would panic with this resolver; a hop never calls it.
+    fn privkey(&self) -> &[u8] {
+        match &self.secret {
+            HopSecret::Static(k) => k.as_bytes(),
+            _ => &[],
+        }
+    }
+
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        let peer: [u8; KEY_LEN] = pubkey
+            .get(..KEY_LEN)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(snow::Error::Dh)?;
+        let out = out.get_mut(..KEY_LEN).ok_or(snow::Error::Dh)?;
+        match &self.secret {
+            HopSecret::Unset => Err(snow::Error::Dh),
+            HopSecret::Static(k) => {
+                let shared = k.diffie_hellman(&x25519_dalek::PublicKey::from(peer));
+                if !shared.was_contributory() {
+                    return Err(snow::Error::Dh);
+                }
+                out.copy_from_slice(shared.as_bytes());
+                Ok(())
+            }
+            HopSecret::Ephemeral(key) => {
+                let key = key
+                    .lock()
+                    .map_err(|_| snow::Error::Dh)?
+                    .take()
+                    .ok_or(snow::Error::Dh)?;
+                let peer = ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, peer);
+                ring::agreement::agree_ephemeral(key, &peer, |s| out.copy_from_slice(s))
+                    .map_err(|_| snow::Error::Dh)
+            }
+        }
+    }
+}
+
 /// Answers an origin's hop handshake: reads message 1 with the first of
-/// `local_privates` that opens it (the current Noise key, then any key being
+/// `local` that opens it (the current Noise key, then any key being
 /// retired), writes message 2 carrying this node's identity proof.
 pub fn hop_respond(
-    local_privates: &[[u8; 32]],
+    local: &[StaticKey],
     identity: &ed25519_dalek::SigningKey,
     msg1: &[u8],
 ) -> Result<(Session, Vec<u8>), CryptoError> {
@@ -276,9 +485,12 @@ pub fn hop_respond(
         )));
     }
     let mut last = CryptoError::Handshake("no local key".into());
-    for key in local_privates {
-        let mut hs = snow::Builder::new(params(HOP_PATTERN))
-            .local_private_key(key)
+    for key in local {
+        let resolver = Box::new(HopResolver {
+            local: std::sync::Arc::new(key.clone()),
+        });
+        let mut hs = snow::Builder::with_resolver(params(HOP_PATTERN), resolver)
+            .local_private_key(&key.private)
             .and_then(|b| b.prologue(HOP_PROLOGUE))
             .and_then(|b| b.build_responder())
             .map_err(hs_err)?;
@@ -373,7 +585,7 @@ mod tests {
         let mut i = hop_initiator(&h_pub).unwrap();
         let m1 = write_hs(&mut i).unwrap();
         let h1 = handshake_hash(&i);
-        let (mut hop, m2) = hop_respond(&[h_priv], &id, &m1).unwrap();
+        let (mut hop, m2) = hop_respond(&[StaticKey::new(h_priv)], &id, &m1).unwrap();
         let proof = read_hs(&mut i, &m2).unwrap();
         let me = ferry_router::NodeId(id.verifying_key().to_bytes());
         assert_eq!(check_proof(&proof, HOP_PROOF, &h1, Some(&me)), Ok(me));
@@ -405,15 +617,82 @@ mod tests {
         let mut i = hop_initiator(&h_pub).unwrap();
         let m1 = write_hs(&mut i).unwrap();
         // NK message 1 carries a payload tag under es: the wrong key can't read it.
-        assert!(hop_respond(&[other_priv], &id, &m1).is_err());
+        assert!(hop_respond(&[StaticKey::new(other_priv)], &id, &m1).is_err());
         // A node that rotated to `other` still answers a handshake made to
         // its old key while it retires it.
-        let (mut hop, m2) = hop_respond(&[other_priv, h_priv], &id, &m1).unwrap();
+        let (mut hop, m2) = hop_respond(
+            &[StaticKey::new(other_priv), StaticKey::new(h_priv)],
+            &id,
+            &m1,
+        )
+        .unwrap();
         read_hs(&mut i, &m2).unwrap();
         let mut origin = Session::from_handshake(i).unwrap();
         let mut rec = b"old key".to_vec();
         origin.tx.seal_tail(&mut rec, 0).unwrap();
         let len = hop.rx.open_in_place(&mut rec).unwrap();
         assert_eq!(&rec[..len], b"old key");
+    }
+
+    #[test]
+    fn a_hop_ephemeral_agrees_once_and_refuses_a_small_order_point() {
+        use snow::resolvers::CryptoResolver;
+        use snow::types::Dh;
+        let (h_priv, h_pub) = generate_static_keypair();
+        // The node's key, with a public half no derivation gives: what
+        // `set` returns for it is the one the node holds.
+        let local = std::sync::Arc::new(StaticKey {
+            private: h_priv,
+            public: [7; KEY_LEN],
+        });
+        let fresh = || HopDh {
+            local: local.clone(),
+            public: [0; KEY_LEN],
+            secret: HopSecret::Unset,
+        };
+        let mut rng = snow::resolvers::RingResolver.resolve_rng().unwrap();
+        let mut e = fresh();
+        e.generate(&mut *rng).unwrap();
+        let mut out = [0u8; KEY_LEN];
+        e.dh(&h_pub, &mut out).unwrap();
+        // The peer (the static key's holder) computes the same secret.
+        let mut s = fresh();
+        s.set(&h_priv);
+        assert_eq!(
+            s.pubkey(),
+            &[7; KEY_LEN][..],
+            "the public half given, not derived"
+        );
+        let mut theirs = [0u8; KEY_LEN];
+        s.dh(e.pubkey(), &mut theirs).unwrap();
+        assert_eq!(out, theirs);
+        assert!(
+            s.dh(&[0; KEY_LEN], &mut theirs).is_err(),
+            "the static key refuses a small-order point too"
+        );
+        assert!(e.dh(&h_pub, &mut out).is_err(), "spent after one agreement");
+        // A point of order 1 (u = 0) gives all zeros: refused.
+        let mut e = fresh();
+        e.generate(&mut *rng).unwrap();
+        assert!(e.dh(&[0; KEY_LEN], &mut out).is_err());
+        // Another key set on the same resolver derives its own public half.
+        let (o_priv, o_pub) = generate_static_keypair();
+        let mut s = fresh();
+        s.set(&o_priv);
+        assert_eq!(s.pubkey(), &o_pub[..]);
+    }
+
+    #[test]
+    fn a_hop_key_with_the_wrong_public_half_opens_no_handshake() {
+        let (h_priv, h_pub) = generate_static_keypair();
+        let id = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let mut i = hop_initiator(&h_pub).unwrap();
+        let m1 = write_hs(&mut i).unwrap();
+        let wrong = StaticKey {
+            private: h_priv,
+            public: [7; KEY_LEN],
+        };
+        assert!(hop_respond(&[wrong], &id, &m1).is_err());
+        assert!(hop_respond(&[StaticKey::new(h_priv)], &id, &m1).is_ok());
     }
 }

@@ -9,6 +9,7 @@
 //! old key carry on: their sessions no longer need it.
 
 use anyhow::{Context, Result, bail};
+use ferry_circuit::crypto::StaticKey;
 use ferry_router::NodeId;
 use rand::rngs::OsRng;
 use std::fs;
@@ -32,14 +33,6 @@ pub struct Keys {
     pub noise: NoiseRing,
 }
 
-/// An X25519 key pair: (private, public).
-pub type NoisePair = ([u8; 32], [u8; 32]);
-
-fn noise_pair(private: [u8; 32]) -> NoisePair {
-    let secret = x25519_dalek::StaticSecret::from(private);
-    (private, x25519_dalek::PublicKey::from(&secret).to_bytes())
-}
-
 /// A node's Noise static keys: the current one, and one being retired
 /// until a time (ms since the epoch).
 pub struct NoiseRing {
@@ -49,9 +42,9 @@ pub struct NoiseRing {
 
 /// The keys of a [`NoiseRing`].
 struct Ring {
-    current: NoisePair,
+    current: StaticKey,
     /// The retiring pair, and until when (ms).
-    retiring: Option<(NoisePair, u64)>,
+    retiring: Option<(StaticKey, u64)>,
     /// When this process rotated (unknown after a restart).
     rotated_at: Option<u64>,
 }
@@ -61,8 +54,8 @@ impl NoiseRing {
         Self {
             dir,
             keys: std::sync::RwLock::new(Ring {
-                current: noise_pair(current),
-                retiring: retiring.map(|(k, until)| (noise_pair(k), until)),
+                current: StaticKey::new(current),
+                retiring: retiring.map(|(k, until)| (StaticKey::new(k), until)),
                 rotated_at: None,
             }),
         }
@@ -70,22 +63,22 @@ impl NoiseRing {
 
     /// The current private key (every new handshake this node makes).
     pub fn private(&self) -> [u8; 32] {
-        self.keys.read().expect("noise keys").current.0
+        self.keys.read().expect("noise keys").current.private()
     }
 
     /// The current public key (advertised).
     pub fn public(&self) -> [u8; 32] {
-        self.keys.read().expect("noise keys").current.1
+        self.keys.read().expect("noise keys").current.public()
     }
 
     /// The private keys a responder tries, current first.
-    pub fn responder_keys(&self, now: u64) -> Vec<[u8; 32]> {
+    pub fn responder_keys(&self, now: u64) -> Vec<StaticKey> {
         let g = self.keys.read().expect("noise keys");
-        let mut out = vec![g.current.0];
-        if let Some(((k, _), until)) = g.retiring
-            && now < until
+        let mut out = vec![g.current.clone()];
+        if let Some((k, until)) = &g.retiring
+            && now < *until
         {
-            out.push(k);
+            out.push(k.clone());
         }
         out
     }
@@ -96,20 +89,20 @@ impl NoiseRing {
     /// (every peer has had the new advert for half the grace).
     pub fn dial_private(&self, now: u64) -> [u8; 32] {
         let g = self.keys.read().expect("noise keys");
-        match (g.retiring, g.rotated_at) {
-            (Some(((old, _), until)), Some(since))
+        match (&g.retiring, g.rotated_at) {
+            (Some((old, until)), Some(since))
                 if now < since + (until.saturating_sub(since)) / 2 =>
             {
-                old
+                old.private()
             }
-            _ => g.current.0,
+            _ => g.current.private(),
         }
     }
 
     /// The public key being retired and until when, to advertise.
     pub fn retiring(&self, now: u64) -> (Vec<[u8; 32]>, u64) {
-        match self.keys.read().expect("noise keys").retiring {
-            Some(((_, public), until)) if now < until => (vec![public], until),
+        match &self.keys.read().expect("noise keys").retiring {
+            Some((k, until)) if now < *until => (vec![k.public()], *until),
             _ => (Vec::new(), 0),
         }
     }
@@ -122,7 +115,7 @@ impl NoiseRing {
     /// Returns the new public key.
     pub fn rotate(&self, grace: std::time::Duration, now: u64) -> Result<[u8; 32]> {
         let mut g = self.keys.write().expect("noise keys");
-        if let Some((_, until)) = g.retiring
+        if let Some(&(_, until)) = g.retiring.as_ref()
             && now < until
         {
             bail!(
@@ -135,25 +128,25 @@ impl NoiseRing {
         let fresh = x25519_dalek::StaticSecret::random_from_rng(OsRng).to_bytes();
         let until = now + grace.as_millis() as u64;
         if let Some(dir) = &self.dir {
-            let retiring = format!("{}\n{until}\n", hex::encode(g.current.0));
+            let retiring = format!("{}\n{until}\n", hex::encode(g.current.private()));
             replace_secret(&dir.join(RETIRING_NOISE_FILE), &retiring)?;
             replace_secret(&dir.join(NOISE_FILE), &format!("{}\n", hex::encode(fresh)))?;
         }
-        let old = g.current;
+        let old = g.current.clone();
         *g = Ring {
-            current: noise_pair(fresh),
+            current: StaticKey::new(fresh),
             retiring: Some((old, until)),
             rotated_at: Some(now),
         };
-        Ok(g.current.1)
+        Ok(g.current.public())
     }
 
     /// Erases a retired key whose grace has passed (memory and file).
     /// Returns whether one was erased.
     pub fn expire(&self, now: u64) -> Result<bool> {
         let mut g = self.keys.write().expect("noise keys");
-        match g.retiring {
-            Some((_, until)) if now >= until => {
+        match g.retiring.as_ref() {
+            Some(&(_, until)) if now >= until => {
                 if let Some(dir) = &self.dir {
                     let p = dir.join(RETIRING_NOISE_FILE);
                     if p.exists() {
@@ -361,7 +354,7 @@ mod tests {
         assert_eq!(keys.noise_public(), new_public);
         assert_eq!(
             keys.noise.responder_keys(5_000),
-            vec![keys.noise_private(), old]
+            vec![StaticKey::new(keys.noise_private()), StaticKey::new(old)]
         );
         assert!(
             keys.noise

@@ -673,7 +673,8 @@ pub async fn accept<H: LinkHost>(switch: Arc<H>, mut sock: TcpStream) -> Result<
         // seen the rotation's advert yet).
         let mut opened = Err(refused("malformed", "no local Noise key"));
         for key in switch.keys().noise.responder_keys(now_ms()) {
-            let mut hs = crypto::link_responder(&key).map_err(|e| refused("malformed", e))?;
+            let mut hs =
+                crypto::link_responder(&key.private()).map_err(|e| refused("malformed", e))?;
             match crypto::read_hs(&mut hs, &m1) {
                 Ok(_) => {
                     opened = Ok(hs);

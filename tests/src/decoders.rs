@@ -141,7 +141,7 @@ pub fn handshake(data: &[u8]) {
     if let Ok(mut hs) = crypto::link_responder(&node.noise_private()) {
         let _ = crypto::read_hs(&mut hs, data);
     }
-    let _ = crypto::hop_respond(&[node.noise_private()], &node.identity, data);
+    let _ = crypto::hop_respond(&node.noise.responder_keys(0), &node.identity, data);
     let _ = crypto::check_proof(data, crypto::LINK_INITIATOR_PROOF, &[1; 32], None);
 }
 

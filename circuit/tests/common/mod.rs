@@ -12,7 +12,7 @@ pub fn keys() -> (crypto::Session, crypto::Session) {
     let id = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let mut i = crypto::hop_initiator(&public).unwrap();
     let m1 = crypto::write_hs(&mut i).unwrap();
-    let (exit, m2) = crypto::hop_respond(&[private], &id, &m1).unwrap();
+    let (exit, m2) = crypto::hop_respond(&[crypto::StaticKey::new(private)], &id, &m1).unwrap();
     crypto::read_hs(&mut i, &m2).unwrap();
     (crypto::Session::from_handshake(i).unwrap(), exit)
 }
