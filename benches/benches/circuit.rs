@@ -95,9 +95,9 @@ fn data_record(c: &mut Criterion) {
 
 /// A CREATE's cryptography at the hop (`crypto::hop_respond`: Noise NK as
 /// responder and the identity proof), beside what it is made of, measured
-/// in the same run: one X25519 variable-base multiplication by
-/// curve25519-dalek and by ring, a base-point multiplication, an Ed25519
-/// signature.
+/// in the same run: X25519 by curve25519-dalek (snow's stock primitive:
+/// an agreement, a key pair made with a ladder and with the Edwards
+/// table) and by aws-lc (an agreement, a key pair), an Ed25519 signature.
 fn circuit_setup(c: &mut Criterion) {
     let mut g = c.benchmark_group("circuit_setup");
     let k = ferry_node::identity::Keys::generate();
@@ -110,7 +110,7 @@ fn circuit_setup(c: &mut Criterion) {
     });
     // The same with snow's stock primitives (its `ring-accelerated`
     // resolver: X25519 by curve25519-dalek, the static key's public half
-    // derived per handshake), as `hop_respond` was before `HopDh`.
+    // derived per handshake), as `hop_respond` was before Ferry's own.
     g.bench_function("hop_respond_stock_snow", |b| {
         let private = k.noise_private();
         b.iter(|| {
@@ -142,20 +142,15 @@ fn circuit_setup(c: &mut Criterion) {
         let s = x25519_dalek::StaticSecret::from([9; 32]);
         b.iter(|| black_box(x25519_dalek::PublicKey::from(black_box(&s))));
     });
-    let rng = ring::rand::SystemRandom::new();
-    let peer = ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, point);
-    g.bench_function("x25519_ring_keygen_and_agree", |b| {
-        b.iter(|| {
-            let e = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
-                .unwrap();
-            black_box(e.compute_public_key().unwrap());
-            ring::agreement::agree_ephemeral(e, &peer, |s| black_box(s[0])).unwrap()
-        });
+    use aws_lc_rs::agreement::{PrivateKey, UnparsedPublicKey, X25519, agree};
+    let peer = UnparsedPublicKey::new(&X25519, point);
+    let key = PrivateKey::from_private_key(&X25519, &[9; 32]).unwrap();
+    g.bench_function("x25519_aws_lc", |b| {
+        b.iter(|| agree(&key, &peer, (), |s| Ok(black_box(s[0]))).unwrap());
     });
-    g.bench_function("x25519_ring_keygen", |b| {
+    g.bench_function("x25519_aws_lc_keygen", |b| {
         b.iter(|| {
-            let e = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
-                .unwrap();
+            let e = PrivateKey::generate(&X25519).unwrap();
             black_box(e.compute_public_key().unwrap())
         });
     });

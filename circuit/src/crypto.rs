@@ -7,13 +7,10 @@
 //! big-endian 64-bit counter) and the associated data is empty, so every
 //! record is a standard Noise transport message.
 //!
-//! A hop answers each CREATE with its own resolver for snow ([`HopDh`]):
-//! its static key's public half is derived once, not per handshake as
-//! snow's stock X25519 does, and its one-use ephemeral key is ring's, whose
-//! X25519 runs BoringSSL's fiat-crypto code with ADX/BMI2 assembly where
-//! the CPU has them: faster than curve25519-dalek's portable field
-//! arithmetic, which snow uses (the figures are in `benches/README.md`,
-//! "Circuit setup").
+//! snow is given Ferry's own resolver: ring for hashing and AES-GCM, as
+//! snow's `ring-accelerated` gives, and aws-lc's X25519 ([`X25519`]) in
+//! place of curve25519-dalek's, which made most of a CREATE's cost; a
+//! node's static key is parsed once ([`StaticKey`]), not per handshake.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
@@ -243,7 +240,7 @@ pub fn link_initiator(
     local_private: &[u8; 32],
     remote_public: &[u8; 32],
 ) -> Result<snow::HandshakeState, CryptoError> {
-    snow::Builder::new(params(LINK_PATTERN))
+    builder(LINK_PATTERN, None)
         .local_private_key(local_private)
         .and_then(|b| b.remote_public_key(remote_public))
         .and_then(|b| b.prologue(LINK_PROLOGUE))
@@ -253,7 +250,7 @@ pub fn link_initiator(
 
 /// Starts a link handshake as the listener.
 pub fn link_responder(local_private: &[u8; 32]) -> Result<snow::HandshakeState, CryptoError> {
-    snow::Builder::new(params(LINK_PATTERN))
+    builder(LINK_PATTERN, None)
         .local_private_key(local_private)
         .and_then(|b| b.prologue(LINK_PROLOGUE))
         .and_then(|b| b.build_responder())
@@ -262,40 +259,51 @@ pub fn link_responder(local_private: &[u8; 32]) -> Result<snow::HandshakeState, 
 
 /// Starts a hop handshake as the circuit's origin.
 pub fn hop_initiator(remote_public: &[u8; 32]) -> Result<snow::HandshakeState, CryptoError> {
-    snow::Builder::new(params(HOP_PATTERN))
+    builder(HOP_PATTERN, None)
         .remote_public_key(remote_public)
         .and_then(|b| b.prologue(HOP_PROLOGUE))
         .and_then(|b| b.build_initiator())
         .map_err(hs_err)
 }
 
-/// A node's Noise static key with its public half, derived once (snow
-/// derives it again for every handshake built with the private key alone:
-/// a base-point multiplication per CREATE).
+/// A node's Noise static key, parsed once: its public half and aws-lc's
+/// key are made when the key is loaded, not for every handshake (snow's
+/// stock X25519 derives the public half again each time a handshake is
+/// built with the private key: a base-point multiplication per CREATE).
+/// Cheap to clone.
 #[derive(Clone)]
-pub struct StaticKey {
+pub struct StaticKey(std::sync::Arc<StaticInner>);
+
+struct StaticInner {
     private: [u8; KEY_LEN],
     public: [u8; KEY_LEN],
+    key: aws_lc_rs::agreement::PrivateKey,
 }
 
 impl StaticKey {
     /// The key pair of an X25519 private key.
     pub fn new(private: [u8; KEY_LEN]) -> Self {
-        let secret = x25519_dalek::StaticSecret::from(private);
-        Self {
+        let key = aws_lc_rs::agreement::PrivateKey::from_private_key(
+            &aws_lc_rs::agreement::X25519,
+            &private,
+        )
+        .expect("any 32 bytes are an X25519 private key");
+        let public = public_of(&key).expect("an X25519 key has a public half");
+        Self(std::sync::Arc::new(StaticInner {
             private,
-            public: x25519_dalek::PublicKey::from(&secret).to_bytes(),
-        }
+            public,
+            key,
+        }))
     }
 
     /// The public half.
     pub fn public(&self) -> [u8; KEY_LEN] {
-        self.public
+        self.0.public
     }
 
     /// The private half.
     pub fn private(&self) -> [u8; KEY_LEN] {
-        self.private
+        self.0.private
     }
 }
 
@@ -303,7 +311,7 @@ impl StaticKey {
 /// never compared).
 impl PartialEq for StaticKey {
     fn eq(&self, other: &Self) -> bool {
-        self.public == other.public
+        self.0.public == other.0.public
     }
 }
 
@@ -312,7 +320,7 @@ impl Eq for StaticKey {}
 impl std::fmt::Debug for StaticKey {
     /// The public half only: a private key never reaches a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let public: String = self.public[..4]
+        let public: String = self.0.public[..4]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
@@ -320,24 +328,29 @@ impl std::fmt::Debug for StaticKey {
     }
 }
 
-/// snow's primitives for a hop's handshake: ring's, as snow's
-/// `ring-accelerated` gives them, for hashing, AES-GCM and randomness, and
-/// [`HopDh`] for X25519.
-struct HopResolver {
-    local: std::sync::Arc<StaticKey>,
+fn public_of(key: &aws_lc_rs::agreement::PrivateKey) -> Option<[u8; KEY_LEN]> {
+    key.compute_public_key().ok()?.as_ref().try_into().ok()
 }
 
-impl snow::resolvers::CryptoResolver for HopResolver {
+/// snow's primitives for Ferry's handshakes: ring's, as snow's
+/// `ring-accelerated` gives them, for hashing, AES-GCM and randomness, and
+/// [`X25519`] for Diffie-Hellman. `local` is the node's static key when it
+/// has one parsed ([`StaticKey`]).
+struct Resolver {
+    local: Option<StaticKey>,
+}
+
+impl snow::resolvers::CryptoResolver for Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
         snow::resolvers::RingResolver.resolve_rng()
     }
 
     fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
         match choice {
-            snow::params::DHChoice::Curve25519 => Some(Box::new(HopDh {
+            snow::params::DHChoice::Curve25519 => Some(Box::new(X25519 {
                 local: self.local.clone(),
                 public: [0; KEY_LEN],
-                secret: HopSecret::Unset,
+                secret: Secret::Unset,
             })),
             _ => None,
         }
@@ -358,36 +371,49 @@ impl snow::resolvers::CryptoResolver for HopResolver {
     }
 }
 
-/// X25519 for a hop answering a CREATE (Noise NK as responder).
+/// A snow builder for `pattern` with Ferry's primitives ([`Resolver`]).
+fn builder(pattern: &str, local: Option<StaticKey>) -> snow::Builder<'static> {
+    snow::Builder::with_resolver(params(pattern), Box::new(Resolver { local }))
+}
+
+/// X25519 by aws-lc (`aws-lc-rs`), for snow.
 ///
-/// - Its static key (`set`): the node's own key takes the public half the
-///   node derived once ([`StaticKey`]); its multiplication is
-///   curve25519-dalek's, as snow's.
-/// - Its ephemeral key (`generate`): ring's, made and multiplied by ring.
-///   ring's key agrees once and is spent, and so is this one: a second
-///   agreement is an error. An NK responder's ephemeral key meets one key
-///   (`ee`), so a hop never makes a second; any other pattern would fail
-///   its handshake, not reuse a key.
-/// - Either refuses an agreement whose result is all zeros (a peer's
-///   small-order point), where snow's stock X25519 goes on: a hostile
-///   origin's message 1 fails at `es`, before the hop signs anything.
+/// snow's stock X25519 is curve25519-dalek's portable field arithmetic;
+/// ring's is faster but agrees only with a key it generated, once, so it
+/// cannot hold a static key. aws-lc's runs s2n-bignum's verified assembly
+/// (ADX/BMI2 where the CPU has them) for any key: an agreement takes about
+/// half of curve25519-dalek's time and a key pair about half as well
+/// (`benches/benches/circuit.rs`, `circuit_setup`; figures in
+/// `benches/README.md`). A CREATE makes a key pair and two agreements.
 ///
-/// snow's errors carry no reason, so every refusal here (a spent key, a
-/// small-order point, a key of the wrong length) is `snow::Error::Dh`.
-struct HopDh {
-    local: std::sync::Arc<StaticKey>,
+/// - A static key (`set`) that is the node's own takes the [`StaticKey`]
+///   parsed when it was loaded; any other is parsed here.
+/// - An ephemeral key (`generate`) is aws-lc's, from aws-lc's generator
+///   rather than snow's `rng` (aws-lc makes keys only from its own): key
+///   generation is the one randomness the circuit core does not take as an
+///   input, as with snow's stock resolver.
+/// - An agreement whose result is all zeros (a peer's small-order point)
+///   is refused, where snow's stock X25519 goes on: a hostile origin's
+///   message 1 fails at its first agreement, before the hop signs
+///   anything.
+///
+/// snow's errors carry no reason, so every refusal here (a small-order
+/// point, a key of the wrong length) is `snow::Error::Dh`.
+struct X25519 {
+    local: Option<StaticKey>,
     public: [u8; KEY_LEN],
-    secret: HopSecret,
+    secret: Secret,
 }
 
-enum HopSecret {
+enum Secret {
     Unset,
-    Static(x25519_dalek::StaticSecret),
-    /// ring's key until its one agreement takes it.
-    Ephemeral(std::sync::Mutex<Option<ring::agreement::EphemeralPrivateKey>>),
+    /// A static key: the node's own, or another parsed by `set`.
+    Static(StaticKey),
+    /// A key generated here.
+    Ephemeral(aws_lc_rs::agreement::PrivateKey),
 }
 
-impl snow::types::Dh for HopDh {
+impl snow::types::Dh for X25519 {
     fn name(&self) -> &'static str {
         "25519"
     }
@@ -405,24 +431,23 @@ impl snow::types::Dh for HopDh {
         let mut private = [0u8; KEY_LEN];
         let n = privkey.len().min(KEY_LEN);
         private[..n].copy_from_slice(&privkey[..n]);
-        self.public = if bool::from(private.ct_eq(&self.local.private)) {
-            self.local.public
-        } else {
-            StaticKey::new(private).public
-        };
-        self.secret = HopSecret::Static(x25519_dalek::StaticSecret::from(private));
+        if let Some(local) = &self.local
+            && bool::from(private.ct_eq(&local.0.private))
+        {
+            self.public = local.0.public;
+            self.secret = Secret::Static(local.clone());
+            return;
+        }
+        let key = StaticKey::new(private);
+        self.public = key.0.public;
+        self.secret = Secret::Static(key);
     }
 
-    /// ring's generator, not snow's `rng` (ring makes its keys only from
-    /// its own `SecureRandom`, which cannot be implemented outside ring).
     fn generate(&mut self, _rng: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+        let key = aws_lc_rs::agreement::PrivateKey::generate(&aws_lc_rs::agreement::X25519)
             .map_err(|_| snow::Error::Rng)?;
-        let public = key.compute_public_key().map_err(|_| snow::Error::Dh)?;
-        self.public
-            .copy_from_slice(public.as_ref().get(..KEY_LEN).ok_or(snow::Error::Dh)?);
-        self.secret = HopSecret::Ephemeral(std::sync::Mutex::new(Some(key)));
+        self.public = public_of(&key).ok_or(snow::Error::Dh)?;
+        self.secret = Secret::Ephemeral(key);
         Ok(())
     }
 
@@ -430,43 +455,37 @@ impl snow::types::Dh for HopDh {
         &self.public
     }
 
-    /// The static private key; nothing for an ephemeral key, whose private
-    /// half ring never shows. snow asks only in `Builder::generate_keypair`,
-    /// which would panic with this resolver; a hop never calls it.
+    /// A static private key; nothing for an ephemeral key, whose private
+    /// half aws-lc keeps. snow asks only in `Builder::generate_keypair`,
+    /// which would panic with this resolver; Ferry makes its key pairs
+    /// with x25519-dalek.
     fn privkey(&self) -> &[u8] {
         match &self.secret {
-            HopSecret::Static(k) => k.as_bytes(),
+            Secret::Static(k) => &k.0.private,
             _ => &[],
         }
     }
 
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
-        let peer: [u8; KEY_LEN] = pubkey
-            .get(..KEY_LEN)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(snow::Error::Dh)?;
+        let key = match &self.secret {
+            Secret::Unset => return Err(snow::Error::Dh),
+            Secret::Static(k) => &k.0.key,
+            Secret::Ephemeral(k) => k,
+        };
+        let peer = pubkey.get(..KEY_LEN).ok_or(snow::Error::Dh)?;
         let out = out.get_mut(..KEY_LEN).ok_or(snow::Error::Dh)?;
-        match &self.secret {
-            HopSecret::Unset => Err(snow::Error::Dh),
-            HopSecret::Static(k) => {
-                let shared = k.diffie_hellman(&x25519_dalek::PublicKey::from(peer));
-                if !shared.was_contributory() {
-                    return Err(snow::Error::Dh);
-                }
-                out.copy_from_slice(shared.as_bytes());
-                Ok(())
+        let peer =
+            aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::X25519, peer);
+        // aws-lc refuses an all-zero result itself; checked again here, in
+        // constant time, so the refusal does not rest on its internals.
+        aws_lc_rs::agreement::agree(key, &peer, snow::Error::Dh, |s| {
+            use subtle::ConstantTimeEq;
+            if bool::from(s.ct_eq(&[0u8; KEY_LEN])) {
+                return Err(snow::Error::Dh);
             }
-            HopSecret::Ephemeral(key) => {
-                let key = key
-                    .lock()
-                    .map_err(|_| snow::Error::Dh)?
-                    .take()
-                    .ok_or(snow::Error::Dh)?;
-                let peer = ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, peer);
-                ring::agreement::agree_ephemeral(key, &peer, |s| out.copy_from_slice(s))
-                    .map_err(|_| snow::Error::Dh)
-            }
-        }
+            out.copy_from_slice(s);
+            Ok(())
+        })
     }
 }
 
@@ -486,11 +505,9 @@ pub fn hop_respond(
     }
     let mut last = CryptoError::Handshake("no local key".into());
     for key in local {
-        let resolver = Box::new(HopResolver {
-            local: std::sync::Arc::new(key.clone()),
-        });
-        let mut hs = snow::Builder::with_resolver(params(HOP_PATTERN), resolver)
-            .local_private_key(&key.private)
+        let private = key.private();
+        let mut hs = builder(HOP_PATTERN, Some(key.clone()))
+            .local_private_key(&private)
             .and_then(|b| b.prologue(HOP_PROLOGUE))
             .and_then(|b| b.build_responder())
             .map_err(hs_err)?;
@@ -634,29 +651,47 @@ mod tests {
         assert_eq!(&rec[..len], b"old key");
     }
 
+    /// A static key as [`StaticKey::new`] makes it, but with `public` for
+    /// its public half.
+    fn with_public(private: [u8; 32], public: [u8; 32]) -> StaticKey {
+        let k = StaticKey::new(private);
+        StaticKey(std::sync::Arc::new(StaticInner {
+            private,
+            public,
+            key: aws_lc_rs::agreement::PrivateKey::from_private_key(
+                &aws_lc_rs::agreement::X25519,
+                &k.private(),
+            )
+            .unwrap(),
+        }))
+    }
+
     #[test]
-    fn a_hop_ephemeral_agrees_once_and_refuses_a_small_order_point() {
+    fn x25519_agrees_with_curve25519_dalek_and_refuses_small_order_points() {
         use snow::resolvers::CryptoResolver;
-        use snow::types::Dh;
         let (h_priv, h_pub) = generate_static_keypair();
+        assert_eq!(StaticKey::new(h_priv).public(), h_pub);
         // The node's key, with a public half no derivation gives: what
         // `set` returns for it is the one the node holds.
-        let local = std::sync::Arc::new(StaticKey {
-            private: h_priv,
-            public: [7; KEY_LEN],
-        });
-        let fresh = || HopDh {
-            local: local.clone(),
-            public: [0; KEY_LEN],
-            secret: HopSecret::Unset,
+        let local = with_public(h_priv, [7; 32]);
+        let dh = || {
+            Resolver {
+                local: Some(local.clone()),
+            }
+            .resolve_dh(&snow::params::DHChoice::Curve25519)
+            .unwrap()
         };
         let mut rng = snow::resolvers::RingResolver.resolve_rng().unwrap();
-        let mut e = fresh();
+        let mut e = dh();
         e.generate(&mut *rng).unwrap();
         let mut out = [0u8; KEY_LEN];
         e.dh(&h_pub, &mut out).unwrap();
-        // The peer (the static key's holder) computes the same secret.
-        let mut s = fresh();
+        let mut again = [0u8; KEY_LEN];
+        e.dh(&h_pub, &mut again).unwrap();
+        assert_eq!(out, again, "an ephemeral key agrees more than once");
+        let pe: [u8; 32] = e.pubkey().try_into().unwrap();
+        assert_eq!(out, x25519_dalek::x25519(h_priv, pe), "as curve25519-dalek");
+        let mut s = dh();
         s.set(&h_priv);
         assert_eq!(
             s.pubkey(),
@@ -666,20 +701,71 @@ mod tests {
         let mut theirs = [0u8; KEY_LEN];
         s.dh(e.pubkey(), &mut theirs).unwrap();
         assert_eq!(out, theirs);
-        assert!(
-            s.dh(&[0; KEY_LEN], &mut theirs).is_err(),
-            "the static key refuses a small-order point too"
-        );
-        assert!(e.dh(&h_pub, &mut out).is_err(), "spent after one agreement");
-        // A point of order 1 (u = 0) gives all zeros: refused.
-        let mut e = fresh();
-        e.generate(&mut *rng).unwrap();
-        assert!(e.dh(&[0; KEY_LEN], &mut out).is_err());
+        // Points of order 2 (u = 0) and 4 (u = 1) give all zeros: refused
+        // by a static key and an ephemeral one alike.
+        for low in [[0u8; 32], {
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        }] {
+            assert!(s.dh(&low, &mut theirs).is_err());
+            assert!(e.dh(&low, &mut theirs).is_err());
+        }
+        assert!(s.dh(&[1; 31], &mut theirs).is_err(), "a short key");
         // Another key set on the same resolver derives its own public half.
         let (o_priv, o_pub) = generate_static_keypair();
-        let mut s = fresh();
+        let mut s = dh();
         s.set(&o_priv);
         assert_eq!(s.pubkey(), &o_pub[..]);
+    }
+
+    #[test]
+    fn handshakes_interoperate_with_snows_stock_primitives() {
+        let (h_priv, h_pub) = generate_static_keypair();
+        let id = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let stock = |pattern: &str| snow::Builder::new(params(pattern));
+        // A stock origin against a hop here.
+        let mut i = stock(HOP_PATTERN)
+            .remote_public_key(&h_pub)
+            .and_then(|b| b.prologue(HOP_PROLOGUE))
+            .and_then(|b| b.build_initiator())
+            .unwrap();
+        let m1 = write_hs(&mut i).unwrap();
+        let (mut hop, m2) = hop_respond(&[StaticKey::new(h_priv)], &id, &m1).unwrap();
+        read_hs(&mut i, &m2).unwrap();
+        let mut origin = Session::from_handshake(i).unwrap();
+        let mut rec = b"stock".to_vec();
+        origin.tx.seal_tail(&mut rec, 0).unwrap();
+        let len = hop.rx.open_in_place(&mut rec).unwrap();
+        assert_eq!(&rec[..len], b"stock");
+        // An origin here against a stock hop.
+        let mut i = hop_initiator(&h_pub).unwrap();
+        let m1 = write_hs(&mut i).unwrap();
+        let mut r = stock(HOP_PATTERN)
+            .local_private_key(&h_priv)
+            .and_then(|b| b.prologue(HOP_PROLOGUE))
+            .and_then(|b| b.build_responder())
+            .unwrap();
+        read_hs(&mut r, &m1).unwrap();
+        let m2 = write_hs(&mut r).unwrap();
+        read_hs(&mut i, &m2).unwrap();
+        // A link dialled here to a stock listener, both keys known.
+        let (a_priv, a_pub) = generate_static_keypair();
+        let mut i = link_initiator(&a_priv, &h_pub).unwrap();
+        let mut r = stock(LINK_PATTERN)
+            .local_private_key(&h_priv)
+            .and_then(|b| b.prologue(LINK_PROLOGUE))
+            .and_then(|b| b.build_responder())
+            .unwrap();
+        read_hs(&mut r, &write_hs(&mut i).unwrap()).unwrap();
+        assert_eq!(r.get_remote_static().unwrap(), &a_pub);
+        read_hs(&mut i, &write_hs(&mut r).unwrap()).unwrap();
+        let mut si = Session::from_handshake(i).unwrap();
+        let mut sr = Session::from_handshake(r).unwrap();
+        let mut rec = b"link".to_vec();
+        si.tx.seal_tail(&mut rec, 0).unwrap();
+        let len = sr.rx.open_in_place(&mut rec).unwrap();
+        assert_eq!(&rec[..len], b"link");
     }
 
     #[test]
@@ -688,10 +774,7 @@ mod tests {
         let id = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
         let mut i = hop_initiator(&h_pub).unwrap();
         let m1 = write_hs(&mut i).unwrap();
-        let wrong = StaticKey {
-            private: h_priv,
-            public: [7; KEY_LEN],
-        };
+        let wrong = with_public(h_priv, [7; KEY_LEN]);
         assert!(hop_respond(&[wrong], &id, &m1).is_err());
         assert!(hop_respond(&[StaticKey::new(h_priv)], &id, &m1).is_ok());
     }

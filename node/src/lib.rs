@@ -4,7 +4,9 @@
 //! Crates chosen for what is not Ferry's own job:
 //! - `snow` for Noise handshakes (the reference Rust implementation); its
 //!   `risky-raw-split` hands the transport keys to `ring`, whose AES-GCM seals
-//!   and opens records in place (see [`crypto`]).
+//!   and opens records in place (see [`crypto`]); its X25519 is
+//!   `aws-lc-rs`'s (ferry-circuit's `crypto`: twice curve25519-dalek's
+//!   speed, and unlike ring's it holds a static key).
 //! - `ed25519-dalek` / `x25519-dalek` for the identity and Noise static keys.
 //! - `celes` for the ISO 3166-1 country table; `ipnet` for exit-policy CIDRs.
 //! - `libp2p` for the control plane (identify, Kademlia, gossipsub);
