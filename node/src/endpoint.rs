@@ -1502,11 +1502,22 @@ async fn pump_up(
     let mut size = READ_MIN;
     let mut buf = BytesMut::new();
     loop {
-        // Room is taken once bytes are there, sized for them: a stream
-        // waiting for its client holds at most the room of its last read.
-        let ready = tokio::select! {
-            r = r.readable() => r,
-            _ = stop.cancelled() => return STOPPED,
+        // Room is taken once bytes are there, sized for them, and a stream
+        // that waits for its client holds none: what is left of the last
+        // read's room goes before the wait (a busy socket is readable at
+        // once, and keeps its room for the next read).
+        if stop.is_cancelled() {
+            return STOPPED;
+        }
+        let ready = match futures::FutureExt::now_or_never(r.readable()) {
+            Some(ready) => ready,
+            None => {
+                buf = BytesMut::new();
+                tokio::select! {
+                    r = r.readable() => r,
+                    _ = stop.cancelled() => return STOPPED,
+                }
+            }
         };
         let read = ready.and_then(|()| {
             buf.reserve(HEADROOM + size + 2 * ferry_proto::TAG_LEN);

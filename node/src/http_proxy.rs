@@ -255,7 +255,11 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
     let _ = sock.set_nodelay(true);
     let metrics = origin.switch().metrics.clone();
     let head =
-        match tokio::time::timeout(crate::socks::HANDSHAKE_TIMEOUT, read_head(&mut sock)).await {
+        // Boxed, as the open and the stream's run are (`entry::open`): a
+        // task is as large as its largest state for its whole life.
+        match tokio::time::timeout(crate::socks::HANDSHAKE_TIMEOUT, Box::pin(read_head(&mut sock)))
+            .await
+        {
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) => {
                 let _ = respond(&mut sock, 431, "request head too long", "").await;
@@ -306,7 +310,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
     };
     let policy = origin.policy();
     let checked = crate::entry::check(&origin, &adm.pass, policy.clone(), req.credentials.clone());
-    let client: Client = match checked.await {
+    let client: Client = match Box::pin(checked).await {
         Ok(c) => c,
         Err(why) => {
             crate::entry::refused_credentials(&origin, "http", why);

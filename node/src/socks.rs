@@ -440,7 +440,7 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
             })
         };
         if let Ok(Ok(_)) =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, unchecked)).await
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(handshake(&mut sock, unchecked))).await
         {
             let _ = send_reply(&mut sock, reply::NOT_ALLOWED).await;
         }
@@ -455,7 +455,10 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
             creds.map(|(u, p)| Credentials::Basic(u, p)),
         )
     };
-    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, check)).await {
+    // Boxed, as the open and the stream's run are (`entry::open`): a task
+    // is as large as its largest state for its whole life.
+    let handshake = Box::pin(handshake(&mut sock, check));
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(r)) => r,
         Ok(Err(SocksError::Refused(why))) => {
             return crate::entry::refused_credentials(&origin, "socks", why);

@@ -12,7 +12,10 @@
 //!    over the CPU seconds each node spent building them (CREATE
 //!    handshakes per second per core).
 //! 4. Memory per idle circuit at the entry: a second entry that puts one
-//!    stream on each circuit, and 1,000 idle streams through it.
+//!    stream on each circuit, and 1,000 idle streams through it. With
+//!    `SCALE_HOLD_SECS=N`, the phase waits N seconds before it opens the
+//!    streams and N seconds after, printing the entry's pid, so a heap
+//!    profiler can attach (`heaptrack -p PID`).
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -181,6 +184,20 @@ async fn idle_circuits(
     Ok(links)
 }
 
+/// With `SCALE_HOLD_SECS` set, waits that long, saying so with the entry's
+/// pid: time to attach a heap profiler to it (`heaptrack -p PID`), whose
+/// view of what the idle circuits hold is finer than their RSS.
+async fn hold(when: &str, entry: &Proc) {
+    let Some(secs) = std::env::var("SCALE_HOLD_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    eprintln!("scale: holding {secs} s {when} (entry pid {})", entry.pid());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+}
+
 /// Phase 4: idle circuits at an entry with one stream per circuit.
 async fn entry_circuits() -> Result<()> {
     let mesh = Mesh::start(
@@ -194,6 +211,7 @@ async fn entry_circuits() -> Result<()> {
     mesh.echo_ping().await?;
     let procs = [("entry", &mesh.entry), ("exit IS", mesh.node("IS"))];
     let (sink, _) = counting_sink().await?;
+    hold("before opening the streams", &mesh.entry).await;
     let before = rss(&procs).await?;
     let mut held = Vec::with_capacity(ENTRY_CIRCUITS);
     for i in 0..ENTRY_CIRCUITS {
@@ -203,8 +221,11 @@ async fn entry_circuits() -> Result<()> {
                 .with_context(|| format!("stream {i}"))?,
         );
     }
-    let circuits = ferry_tests::entry_circuits(&mesh.entry.status()?).len();
+    // Memory first: building the status answer takes memory the
+    // allocator keeps, which the idle circuits do not hold.
     let after = rss(&procs).await?;
+    let circuits = ferry_tests::entry_circuits(&mesh.entry.status()?).len();
+    hold("with the streams open", &mesh.entry).await;
     print_growth(
         "idle 1-hop circuits at an entry, one idle stream on each",
         ENTRY_CIRCUITS,
