@@ -80,7 +80,13 @@ pub async fn serve<F, Fut>(
         if let Some(l) = pass.refused() {
             refused(&origin, proto, l.kind(), &l.to_string());
         }
-        let client = handle(sock, origin.clone(), Admission { _slot: slot, pass });
+        // Boxed: the task's block would hold the future twice, once as
+        // captured and once where `select!` keeps it (rust-lang/rust#62958).
+        let client = Box::pin(handle(
+            sock,
+            origin.clone(),
+            Admission { _slot: slot, pass },
+        ));
         let stop = shutdown.clone();
         origin.switch().tasks.spawn(
             async move {

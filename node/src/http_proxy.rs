@@ -308,8 +308,17 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
             return;
         }
     };
+    // What the stream needs is taken out; the head and the credentials go
+    // before the stream opens, not when it ends.
+    drop(head);
+    let Connect {
+        host,
+        port,
+        credentials,
+        options: asked,
+    } = req;
     let policy = origin.policy();
-    let checked = crate::entry::check(&origin, &adm.pass, policy.clone(), req.credentials.clone());
+    let checked = crate::entry::check(&origin, &adm.pass, policy.clone(), credentials);
     let client: Client = match Box::pin(checked).await {
         Ok(c) => c,
         Err(why) => {
@@ -334,13 +343,13 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
         let _ = respond(&mut sock, 429, &l.to_string(), RETRY).await;
         return;
     }
-    let options = match (&req.options, client.options.is_empty()) {
+    let options = match (&asked, client.options.is_empty()) {
         (Some(h), true) => h.clone(),
         (Some(h), false) => format!("{};{h}", client.options),
         (None, _) => client.options.clone(),
     };
-    debug!(host = %req.host, port = req.port, "http connect");
-    let opened = crate::entry::open(&origin, &policy, &client, &options, &req.host, req.port).await;
+    debug!(%host, port, "http connect");
+    let opened = crate::entry::open(&origin, &policy, &client, &options, &host, port).await;
     match opened {
         Ok(parts) => {
             if respond(&mut sock, 200, "", "").await.is_ok() {

@@ -457,8 +457,8 @@ async fn client(mut sock: TcpStream, origin: Arc<Origin>, mut adm: Admission) {
     };
     // Boxed, as the open and the stream's run are (`entry::open`): a task
     // is as large as its largest state for its whole life.
-    let handshake = Box::pin(handshake(&mut sock, check));
-    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let shake = Box::pin(handshake(&mut sock, check));
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await {
         Ok(Ok(r)) => r,
         Ok(Err(SocksError::Refused(why))) => {
             return crate::entry::refused_credentials(&origin, "socks", why);

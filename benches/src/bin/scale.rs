@@ -187,15 +187,16 @@ async fn idle_circuits(
 /// With `SCALE_HOLD_SECS` set, waits that long, saying so with the entry's
 /// pid: time to attach a heap profiler to it (`heaptrack -p PID`), whose
 /// view of what the idle circuits hold is finer than their RSS.
-async fn hold(when: &str, entry: &Proc) {
-    let Some(secs) = std::env::var("SCALE_HOLD_SECS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    else {
-        return;
+async fn hold(when: &str, entry: &Proc) -> Result<()> {
+    let Ok(secs) = std::env::var("SCALE_HOLD_SECS") else {
+        return Ok(());
     };
+    let secs: u64 = secs
+        .parse()
+        .with_context(|| format!("SCALE_HOLD_SECS={secs:?} is not a number of seconds"))?;
     eprintln!("scale: holding {secs} s {when} (entry pid {})", entry.pid());
     tokio::time::sleep(Duration::from_secs(secs)).await;
+    Ok(())
 }
 
 /// Phase 4: idle circuits at an entry with one stream per circuit.
@@ -211,7 +212,7 @@ async fn entry_circuits() -> Result<()> {
     mesh.echo_ping().await?;
     let procs = [("entry", &mesh.entry), ("exit IS", mesh.node("IS"))];
     let (sink, _) = counting_sink().await?;
-    hold("before opening the streams", &mesh.entry).await;
+    hold("before opening the streams", &mesh.entry).await?;
     let before = rss(&procs).await?;
     let mut held = Vec::with_capacity(ENTRY_CIRCUITS);
     for i in 0..ENTRY_CIRCUITS {
@@ -225,7 +226,7 @@ async fn entry_circuits() -> Result<()> {
     // allocator keeps, which the idle circuits do not hold.
     let after = rss(&procs).await?;
     let circuits = ferry_tests::entry_circuits(&mesh.entry.status()?).len();
-    hold("with the streams open", &mesh.entry).await;
+    hold("with the streams open", &mesh.entry).await?;
     print_growth(
         "idle 1-hop circuits at an entry, one idle stream on each",
         ENTRY_CIRCUITS,
