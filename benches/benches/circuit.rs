@@ -146,7 +146,7 @@ fn circuit_setup(c: &mut Criterion) {
     let peer = UnparsedPublicKey::new(&X25519, point);
     let key = PrivateKey::from_private_key(&X25519, &[9; 32]).unwrap();
     g.bench_function("x25519_aws_lc", |b| {
-        b.iter(|| agree(&key, &peer, (), |s| Ok(black_box(s[0]))).unwrap());
+        b.iter(|| agree(&key, peer, (), |s| Ok(black_box(s[0]))).unwrap());
     });
     g.bench_function("x25519_aws_lc_keygen", |b| {
         b.iter(|| {

@@ -478,7 +478,7 @@ impl snow::types::Dh for X25519 {
             aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::X25519, peer);
         // aws-lc refuses an all-zero result itself; checked again here, in
         // constant time, so the refusal does not rest on its internals.
-        aws_lc_rs::agreement::agree(key, &peer, snow::Error::Dh, |s| {
+        aws_lc_rs::agreement::agree(key, peer, snow::Error::Dh, |s| {
             use subtle::ConstantTimeEq;
             if bool::from(s.ct_eq(&[0u8; KEY_LEN])) {
                 return Err(snow::Error::Dh);
