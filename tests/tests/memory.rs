@@ -20,27 +20,38 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STREAMS: usize = 500;
+
+/// An entry and an exit, one hop; the entry takes 1,000 streams a second
+/// from its one client, and `extra` replaces text in its config.
+fn one_hop(extra: &[(&str, &str)]) -> Mesh {
+    let raise = |(a, b): &(&str, &str)| (a.to_string(), b.to_string());
+    let mut entry_replace: Vec<_> = [
+        (
+            "client_streams_per_sec = 100",
+            "client_streams_per_sec = 1000",
+        ),
+        ("client_burst = 300", "client_burst = 1000"),
+    ]
+    .iter()
+    .map(raise)
+    .collect();
+    entry_replace.extend(extra.iter().map(raise));
+    Mesh::start(
+        &[Spec::new("IS", "exit")],
+        &Options {
+            hops: 1,
+            entry_replace,
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
 /// The most a slow stream may cost each end, bytes.
 const PER_STREAM: u64 = 32 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_streams_hold_little_memory_at_the_ends() {
-    let raise = |a: &str, b: &str| (a.to_string(), b.to_string());
-    let mesh = Mesh::start(
-        &[Spec::new("IS", "exit")],
-        &Options {
-            hops: 1,
-            entry_replace: vec![
-                raise(
-                    "client_streams_per_sec = 100",
-                    "client_streams_per_sec = 1000",
-                ),
-                raise("client_burst = 300", "client_burst = 1000"),
-            ],
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = one_hop(&[]);
     mesh.echo_ping().await.unwrap();
 
     // Each stream starts with its index (two bytes), then carries the byte
@@ -173,26 +184,10 @@ const PER_CIRCUIT: u64 = 16 * 1024;
 /// about 18 KiB per circuit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_circuits_hold_little_memory_at_the_entry() {
-    let raise = |a: &str, b: &str| (a.to_string(), b.to_string());
-    let mesh = Mesh::start(
-        &[Spec::new("IS", "exit")],
-        &Options {
-            hops: 1,
-            entry_replace: vec![
-                raise(
-                    "client_streams_per_sec = 100",
-                    "client_streams_per_sec = 1000",
-                ),
-                raise("client_burst = 300", "client_burst = 1000"),
-                raise(
-                    "max_streams_per_circuit = 64",
-                    "max_streams_per_circuit = 1",
-                ),
-            ],
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mesh = one_hop(&[(
+        "max_streams_per_circuit = 64",
+        "max_streams_per_circuit = 1",
+    )]);
     mesh.echo_ping().await.unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo = l.local_addr().unwrap().port();
