@@ -243,3 +243,86 @@ async fn idle_circuits_hold_little_memory_at_the_entry() {
         PER_CIRCUIT / 1024
     );
 }
+
+/// Streams a client pushes into a target that never reads.
+const PUSHED: usize = 16;
+/// The most of a client's bytes the entry's kernel may hold per stream:
+/// its socket's receive buffer, bounded (the kernel doubles what is asked,
+/// and counts its own overhead in it).
+const PARKED: u64 = 1024 * 1024;
+
+/// A client that sends faster than its streams go (its target never
+/// reads) parks its bytes in the entry's kernel, in its sockets' receive
+/// buffers. Those must stay bounded per stream: autotuned, each grows to
+/// `tcp_rmem`'s most (32 MiB on this machine), and a few hundred streams
+/// put the host past its TCP memory (`tcp_mem`), where the kernel drops
+/// segments on every socket, the mesh's links among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_parks_little_in_the_entrys_kernel() {
+    let mesh = one_hop(&[]);
+    mesh.echo_ping().await.unwrap();
+    // A target that takes connections and never reads them.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let mut streams = Vec::new();
+    for i in 0..PUSHED {
+        let s = match mesh.open(target, "").await {
+            Ok(s) => s,
+            Err(e) => panic!("stream {i}: {e:#}\n{}", mesh.entry.log()),
+        };
+        socket2::SockRef::from(&s)
+            .set_send_buffer_size(32 << 20)
+            .unwrap();
+        streams.push(s);
+    }
+    // Each client writes until its socket takes nothing for half a second
+    // (its send buffer and the entry's receive buffer are full), for 20 s
+    // at most.
+    let chunk = vec![0x5au8; 256 * 1024];
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let mut stalled = [false; PUSHED];
+    while stalled.iter().any(|s| !s) && std::time::Instant::now() < until {
+        for (i, s) in streams.iter_mut().enumerate() {
+            if stalled[i] {
+                continue;
+            }
+            let wrote = tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await;
+            stalled[i] = wrote.is_err();
+        }
+    }
+    assert!(
+        stalled.iter().all(|s| *s),
+        "the streams were still taking bytes after 20 s"
+    );
+    // What the entry's kernel holds for them: the receive queues of its
+    // sockets on its SOCKS port.
+    let port = mesh.socks().port();
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnH",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    let queued: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
+    let most = queued.iter().copied().max().unwrap_or(0);
+    println!("the entry's kernel holds at most {most} bytes of a stream ({queued:?})");
+    assert!(
+        most <= PARKED,
+        "the entry's kernel holds {} KiB of one client stream (at most {} KiB)",
+        most / 1024,
+        PARKED / 1024
+    );
+}
