@@ -1705,7 +1705,7 @@ async fn connect_target(
         "no address answered".to_string(),
     );
     for a in allowed {
-        match tokio::time::timeout(exit.connect_timeout, TcpStream::connect(a)).await {
+        match tokio::time::timeout(exit.connect_timeout, connect_bounded(a)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -1715,6 +1715,26 @@ async fn connect_target(
         }
     }
     Err(last)
+}
+
+/// The receive buffer of an exit's socket to a target, as
+/// [`crate::entry::CLIENT_RCVBUF`] is a client's at the entry: an exit
+/// reads a target only as fast as its stream goes, so a target that sends
+/// faster parks its bytes in the exit's kernel, and autotuned buffers put
+/// the host past its TCP memory (`tcp_mem`), where the kernel drops
+/// segments on the mesh's links too.
+pub const TARGET_RCVBUF: u32 = 256 * 1024;
+
+/// Connects to `a` with a receive buffer of [`TARGET_RCVBUF`], set before
+/// the connect so the window it offers fits it.
+async fn connect_bounded(a: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let s = if a.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_recv_buffer_size(TARGET_RCVBUF)?;
+    s.connect(a).await
 }
 
 fn io_reason(e: &std::io::Error) -> EndReason {

@@ -249,7 +249,7 @@ const PUSHED: usize = 16;
 /// The most of a client's bytes the entry's kernel may hold per stream:
 /// its socket's receive buffer, bounded (the kernel doubles what is asked,
 /// and counts its own overhead in it).
-const PARKED: u64 = 1024 * 1024;
+const PARKED: u64 = 768 * 1024;
 
 /// A client that sends faster than its streams go (its target never
 /// reads) parks its bytes in the entry's kernel, in its sockets' receive
@@ -325,4 +325,87 @@ async fn a_client_parks_little_in_the_entrys_kernel() {
         most / 1024,
         PARKED / 1024
     );
+}
+
+/// The same at the exit: a target that sends faster than its stream goes
+/// (its client never reads) parks its bytes in the exit's kernel, in its
+/// socket's receive buffer, which must stay bounded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_parks_little_in_the_exits_kernel() {
+    let mesh = one_hop(&[]);
+    mesh.echo_ping().await.unwrap();
+    // A target that sends to every connection until it takes nothing for
+    // half a second, for 20 s at most.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap().port();
+    let stalled = Arc::new(AtomicU64::new(0));
+    {
+        let stalled = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let stalled = stalled.clone();
+                tokio::spawn(async move {
+                    socket2::SockRef::from(&s)
+                        .set_send_buffer_size(32 << 20)
+                        .unwrap();
+                    let chunk = vec![0xa5u8; 256 * 1024];
+                    let until = std::time::Instant::now() + Duration::from_secs(20);
+                    while std::time::Instant::now() < until {
+                        let wrote =
+                            tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk))
+                                .await;
+                        if wrote.is_err() {
+                            stalled.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    // Held open until the test ends.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+    }
+    // Clients that never read.
+    let mut held = Vec::new();
+    for i in 0..PUSHED {
+        match mesh.open(target, "").await {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("stream {i}: {e:#}\n{}", mesh.entry.log()),
+        }
+    }
+    let t0 = std::time::Instant::now();
+    while stalled.load(Ordering::Relaxed) < PUSHED as u64 && t0.elapsed() < Duration::from_secs(25)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stalled.load(Ordering::Relaxed),
+        PUSHED as u64,
+        "the targets were still sending after 20 s"
+    );
+    // What the exit's kernel holds: the receive queues of its sockets to
+    // the target.
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnH",
+            "state",
+            "established",
+            &format!("( dport = :{target} )"),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    let queued: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
+    let most = queued.iter().copied().max().unwrap_or(0);
+    println!("the exit's kernel holds at most {most} bytes of a stream ({queued:?})");
+    assert!(
+        most <= PARKED,
+        "the exit's kernel holds {} KiB of one target's stream (at most {} KiB)",
+        most / 1024,
+        PARKED / 1024
+    );
+    drop(held);
 }
