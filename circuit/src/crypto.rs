@@ -654,13 +654,12 @@ mod tests {
     /// A static key as [`StaticKey::new`] makes it, but with `public` for
     /// its public half.
     fn with_public(private: [u8; 32], public: [u8; 32]) -> StaticKey {
-        let k = StaticKey::new(private);
         StaticKey(std::sync::Arc::new(StaticInner {
             private,
             public,
             key: aws_lc_rs::agreement::PrivateKey::from_private_key(
                 &aws_lc_rs::agreement::X25519,
-                &k.private(),
+                &private,
             )
             .unwrap(),
         }))

@@ -643,7 +643,7 @@ impl Session {
             if s.turn != Turn::Waiting {
                 continue;
             }
-            if s.wants <= room || std::mem::take(&mut idle) {
+            if s.wants <= room || idle {
                 s.turn = Turn::Called;
                 room = room.saturating_sub(s.wants);
                 self.called += 1;

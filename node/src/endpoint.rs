@@ -1717,15 +1717,18 @@ async fn connect_target(
     Err(last)
 }
 
-/// The receive buffer of an exit's socket to a target, as
-/// [`crate::entry::CLIENT_RCVBUF`] is a client's at the entry: an exit
-/// reads a target only as fast as its stream goes, so a target that sends
-/// faster parks its bytes in the exit's kernel, and autotuned buffers put
-/// the host past its TCP memory (`tcp_mem`), where the kernel drops
-/// segments on the mesh's links too.
-pub const TARGET_RCVBUF: u32 = 256 * 1024;
+/// The receive buffer of a stream's socket at either end: a client's at
+/// the entry, a target's at the exit (the kernel doubles it for its own
+/// overhead). An end reads the socket only as fast as its stream goes, so
+/// a peer that sends faster parks its bytes in this node's kernel:
+/// autotuned, a client's buffer grew to 2.5 MB and a target's to 1.26 MB
+/// (`tests/tests/memory.rs`), so a few hundred such streams put the host
+/// past its TCP memory (`tcp_mem`), where the kernel drops segments on
+/// every socket, the mesh's links among them. The stream's own window (2
+/// MiB) is what carries it; this is only the slack in front of it.
+pub const STREAM_RCVBUF: usize = 256 * 1024;
 
-/// Connects to `a` with a receive buffer of [`TARGET_RCVBUF`], set before
+/// Connects to `a` with a receive buffer of [`STREAM_RCVBUF`], set before
 /// the connect so the window it offers fits it.
 async fn connect_bounded(a: std::net::SocketAddr) -> std::io::Result<TcpStream> {
     let s = if a.is_ipv4() {
@@ -1733,7 +1736,7 @@ async fn connect_bounded(a: std::net::SocketAddr) -> std::io::Result<TcpStream> 
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
-    s.set_recv_buffer_size(TARGET_RCVBUF)?;
+    s.set_recv_buffer_size(STREAM_RCVBUF as u32)?;
     s.connect(a).await
 }
 

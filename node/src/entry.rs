@@ -44,7 +44,8 @@ pub async fn serve<F, Fut>(
 {
     let slots = origin.limits().listener(proto);
     // Accepted sockets take the listener's receive buffer.
-    if let Err(e) = socket2::SockRef::from(&listener).set_recv_buffer_size(CLIENT_RCVBUF) {
+    let rcvbuf = crate::endpoint::STREAM_RCVBUF;
+    if let Err(e) = socket2::SockRef::from(&listener).set_recv_buffer_size(rcvbuf) {
         warn!(error = %e, "could not bound the entry's client receive buffers");
     }
     let mut next = 0u64;
@@ -103,16 +104,6 @@ pub async fn serve<F, Fut>(
         );
     }
 }
-
-/// The receive buffer of a client's socket (the kernel doubles it for its
-/// own overhead). An entry reads a client only as fast as its stream goes,
-/// so a client that sends faster parks its bytes here: autotuned, each
-/// socket's buffer grew to 2.5 MB in `tests/tests/memory.rs`, so a few
-/// hundred such streams put the host past its TCP memory (`tcp_mem`),
-/// where the kernel drops segments on every socket, the mesh's links among
-/// them. A stream's own window (2 MiB) is what carries it; this is only the
-/// slack in front of it.
-pub const CLIENT_RCVBUF: usize = 256 * 1024;
 
 /// Why a connection is closed as soon as it is accepted.
 #[derive(Debug, Clone, Copy)]

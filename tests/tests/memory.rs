@@ -246,10 +246,40 @@ async fn idle_circuits_hold_little_memory_at_the_entry() {
 
 /// Streams a client pushes into a target that never reads.
 const PUSHED: usize = 16;
-/// The most of a client's bytes the entry's kernel may hold per stream:
-/// its socket's receive buffer, bounded (the kernel doubles what is asked,
-/// and counts its own overhead in it).
+/// The most of a peer's bytes an end's kernel may hold per stream: its
+/// socket's receive buffer, bounded (the kernel doubles what is asked, and
+/// counts its own overhead in it).
 const PARKED: u64 = 768 * 1024;
+
+/// Writes into `s`, with a 32 MiB send buffer, until it takes nothing for
+/// half a second (its send buffer and the other end's receive buffer are
+/// full) or `until`; whether it stalled.
+async fn push_until_stalled(s: &mut tokio::net::TcpStream, until: std::time::Instant) -> bool {
+    socket2::SockRef::from(&*s)
+        .set_send_buffer_size(32 << 20)
+        .unwrap();
+    let chunk = vec![0x5au8; 256 * 1024];
+    while std::time::Instant::now() < until {
+        let wrote = tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await;
+        if wrote.is_err() {
+            return true;
+        }
+    }
+    false
+}
+
+/// The receive queues (bytes) of the established sockets `ss` finds for
+/// `filter` (an `ss` filter expression).
+fn receive_queues(filter: &str) -> Vec<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnH", "state", "established", filter])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
 
 /// A client that sends faster than its streams go (its target never
 /// reads) parks its bytes in the entry's kernel, in its sockets' receive
@@ -270,52 +300,24 @@ async fn a_client_parks_little_in_the_entrys_kernel() {
             held.push(s);
         }
     });
+    // Each client writes until its stream takes nothing, for 20 s at most.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
     let mut streams = Vec::new();
     for i in 0..PUSHED {
-        let s = match mesh.open(target, "").await {
+        let mut s = match mesh.open(target, "").await {
             Ok(s) => s,
             Err(e) => panic!("stream {i}: {e:#}\n{}", mesh.entry.log()),
         };
-        socket2::SockRef::from(&s)
-            .set_send_buffer_size(32 << 20)
-            .unwrap();
+        assert!(
+            push_until_stalled(&mut s, until).await,
+            "the streams were still taking bytes after 20 s"
+        );
         streams.push(s);
     }
-    // Each client writes until its socket takes nothing for half a second
-    // (its send buffer and the entry's receive buffer are full), for 20 s
-    // at most.
-    let chunk = vec![0x5au8; 256 * 1024];
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    let mut stalled = [false; PUSHED];
-    while stalled.iter().any(|s| !s) && std::time::Instant::now() < until {
-        for (i, s) in streams.iter_mut().enumerate() {
-            if stalled[i] {
-                continue;
-            }
-            let wrote = tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await;
-            stalled[i] = wrote.is_err();
-        }
-    }
-    assert!(
-        stalled.iter().all(|s| *s),
-        "the streams were still taking bytes after 20 s"
-    );
     // What the entry's kernel holds for them: the receive queues of its
     // sockets on its SOCKS port.
     let port = mesh.socks().port();
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnH",
-            "state",
-            "established",
-            &format!("( sport = :{port} )"),
-        ])
-        .output()
-        .expect("ss (iproute2)");
-    let queued: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
+    let queued = receive_queues(&format!("( sport = :{port} )"));
     assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
     let most = queued.iter().copied().max().unwrap_or(0);
     println!("the entry's kernel holds at most {most} bytes of a stream ({queued:?})");
@@ -345,19 +347,9 @@ async fn a_target_parks_little_in_the_exits_kernel() {
             while let Ok((mut s, _)) = l.accept().await {
                 let stalled = stalled.clone();
                 tokio::spawn(async move {
-                    socket2::SockRef::from(&s)
-                        .set_send_buffer_size(32 << 20)
-                        .unwrap();
-                    let chunk = vec![0xa5u8; 256 * 1024];
                     let until = std::time::Instant::now() + Duration::from_secs(20);
-                    while std::time::Instant::now() < until {
-                        let wrote =
-                            tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk))
-                                .await;
-                        if wrote.is_err() {
-                            stalled.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
+                    if push_until_stalled(&mut s, until).await {
+                        stalled.fetch_add(1, Ordering::Relaxed);
                     }
                     // Held open until the test ends.
                     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -385,19 +377,7 @@ async fn a_target_parks_little_in_the_exits_kernel() {
     );
     // What the exit's kernel holds: the receive queues of its sockets to
     // the target.
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnH",
-            "state",
-            "established",
-            &format!("( dport = :{target} )"),
-        ])
-        .output()
-        .expect("ss (iproute2)");
-    let queued: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
+    let queued = receive_queues(&format!("( dport = :{target} )"));
     assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
     let most = queued.iter().copied().max().unwrap_or(0);
     println!("the exit's kernel holds at most {most} bytes of a stream ({queued:?})");
