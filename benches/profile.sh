@@ -4,7 +4,7 @@
 #
 #   benches/profile.sh LOAD ROLE [SECS]
 #
-# LOAD: bulk | streams | small | circuits | mix (see benches/src/bin/load.rs)
+# LOAD: bulk | streams | small | circuits | mix | pingpong | pingbulk (see benches/src/bin/load.rs)
 # ROLE: entry | relay | exit
 #
 # Runs `load` (a loopback mesh of release processes: relays DE and CH, exit
@@ -19,12 +19,12 @@
 # missing). Run as root, or with kernel.perf_event_paranoid <= 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: benches/profile.sh bulk|streams|small|circuits|mix entry|relay|exit [SECS]"
+usage="usage: benches/profile.sh bulk|streams|small|circuits|mix|pingpong|pingbulk entry|relay|exit [SECS]"
 load=${1:?$usage}
 role=${2:?$usage}
 secs=${3:-10}
 out=${OUT_DIR:-benches/flamegraphs}
-case $load in bulk | streams | small | circuits | mix) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case $load in bulk | streams | small | circuits | mix | pingpong | pingbulk) ;; *) echo "$usage" >&2; exit 2 ;; esac
 case $role in entry | relay | exit) ;; *) echo "$usage" >&2; exit 2 ;; esac
 
 if ! command -v perf >/dev/null 2>&1; then

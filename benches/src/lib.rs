@@ -43,10 +43,31 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
 
 pub use ferry_tests::{counting_sink, rss_of as rss_bytes};
 
+/// Seconds process `pid`'s threads have spent runnable but waiting for a
+/// CPU (the run-queue delay of `/proc/PID/task/*/schedstat`, its second
+/// field): what CPU contention costs it, beside what it spends. Threads
+/// that have exited no longer count.
+pub fn run_queue_secs(pid: u32) -> Result<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid} is gone"))?
+    {
+        let Ok(s) = std::fs::read_to_string(t?.path().join("schedstat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let waited = s
+            .split_whitespace()
+            .nth(1)
+            .ok_or_else(|| anyhow!("bad schedstat"))?;
+        ns += waited.parse::<u64>()?;
+    }
+    Ok(ns as f64 / 1e9)
+}
+
 /// Processes watched over one measured interval: CPU seconds each spent
-/// in it.
+/// in it, and seconds each waited for a CPU.
 pub struct CpuWatch {
-    start: Vec<(String, u32, f64)>,
+    start: Vec<(String, u32, f64, f64)>,
 }
 
 impl CpuWatch {
@@ -54,7 +75,7 @@ impl CpuWatch {
     pub fn start(procs: &[(String, u32)]) -> Result<Self> {
         let start = procs
             .iter()
-            .map(|(n, p)| Ok((n.clone(), *p, cpu_secs(*p)?)))
+            .map(|(n, p)| Ok((n.clone(), *p, cpu_secs(*p)?, run_queue_secs(*p)?)))
             .collect::<Result<_>>()?;
         Ok(Self { start })
     }
@@ -63,7 +84,16 @@ impl CpuWatch {
     pub fn spent(&self) -> Result<Vec<(String, f64)>> {
         self.start
             .iter()
-            .map(|(n, p, s)| Ok((n.clone(), cpu_secs(*p)? - s)))
+            .map(|(n, p, s, _)| Ok((n.clone(), cpu_secs(*p)? - s)))
+            .collect()
+    }
+
+    /// Seconds each process's threads waited for a CPU since
+    /// [`CpuWatch::start`] ([`run_queue_secs`]).
+    pub fn waited(&self) -> Result<Vec<f64>> {
+        self.start
+            .iter()
+            .map(|(_, p, _, w)| Ok(run_queue_secs(*p)? - w))
             .collect()
     }
 }

@@ -17,8 +17,17 @@
 //!   building 2-hop circuits through relay DE to exit IS, 64 builds in
 //!   flight, destroying each once built.
 //! - `mix`: `bulk` and `small` at once.
+//! - `pingpong`: one stream, 64-byte round trips to an echo server one
+//!   after another (what a round trip costs each process; p50 and p99).
+//! - `pingbulk`: `pingpong` while `bulk` runs on another stream, as fast
+//!   as it goes or, with `LOAD_PACE_MBIT=N`, at N Mbit/s (latency under
+//!   load with and without CPU to spare).
 //!
 //! ROLE is `entry`, `relay` (DE) or `exit` (IS). SECS defaults to 10.
+//! Besides CPU, each process's row has the seconds its threads waited
+//! for a CPU while runnable (`/proc/PID/task/*/schedstat`): on two cores
+//! shared by the mesh and the load, contention shows there. The load's
+//! own process has a row too.
 //! `LOAD_CONFIG="FROM=>TO;..."` replaces text in every node's config, for
 //! experiments (`stream_window_bytes = 2097152=>stream_window_bytes =
 //! 8388608`).
@@ -50,11 +59,27 @@ fn role<'a>(mesh: &'a Mesh, name: &str) -> Result<&'a Proc> {
     })
 }
 
-/// `bulk`: one stream for `secs`; bytes delivered.
-async fn bulk(mesh: &Mesh, secs: f64) -> Result<u64> {
+/// `bulk`: one stream for `secs`, at `pace` bits a second if given (as
+/// fast as it goes if not); bytes delivered.
+async fn bulk(mesh: &Mesh, secs: f64, pace: Option<f64>) -> Result<u64> {
     let (sink, count) = counting_sink().await?;
-    let s = mesh.open(sink.port(), "").await?;
-    blast(s, Instant::now() + Duration::from_secs_f64(secs)).await?;
+    let mut s = mesh.open(sink.port(), "").await?;
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    match pace {
+        None => blast(s, until).await?,
+        Some(bps) => {
+            // 64 KiB at a time, each when the pace allows it.
+            let buf = vec![0xa5u8; 64 * 1024];
+            let (t0, mut sent) = (Instant::now(), 0u64);
+            while Instant::now() < until {
+                let due = t0 + Duration::from_secs_f64(sent as f64 * 8.0 / bps);
+                tokio::time::sleep_until(due.into()).await;
+                s.write_all(&buf).await?;
+                sent += buf.len() as u64;
+            }
+            s.shutdown().await?;
+        }
+    }
     Ok(count.load(Ordering::Relaxed))
 }
 
@@ -104,6 +129,24 @@ async fn small(mesh: &Mesh, secs: f64) -> Result<u64> {
     Ok(done.load(Ordering::Relaxed))
 }
 
+/// `pingpong`: 64-byte round trips on one stream, one after another, for
+/// `secs`; round trips made. Prints their p50 and p99.
+async fn pingpong(mesh: &Mesh, secs: f64) -> Result<u64> {
+    let echo = ferry_tests::echo_server().await?;
+    let mut s = mesh.open(echo.port(), "").await?;
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    // At most one round trip per 20 µs: the bound is the clock.
+    let most = (secs * 50_000.0) as usize;
+    let mut v = ferry_bench::ping_pong(&mut s, 64, most, until).await?;
+    let n = v.len() as u64;
+    eprintln!(
+        "pingpong: p50 {:.0} µs, p99 {:.0} µs",
+        ferry_bench::quantile(&mut v, 0.5),
+        ferry_bench::quantile(&mut v, 0.99)
+    );
+    Ok(n)
+}
+
 /// `circuits`: 2-hop circuits through `relay` to `exit` built (and
 /// destroyed) for `secs`, 64 builds in flight; circuits built.
 async fn circuits(
@@ -136,9 +179,23 @@ async fn main() -> Result<()> {
         (None, None) => None,
         _ => bail!("usage: load LOAD [SECS [ROLE PERF_DATA]]"),
     };
-    if !["bulk", "streams", "small", "circuits", "mix"].contains(&load) {
-        bail!("no load {load:?} (bulk, streams, small, circuits or mix)");
+    if ![
+        "bulk", "streams", "small", "circuits", "mix", "pingpong", "pingbulk",
+    ]
+    .contains(&load)
+    {
+        bail!("no load {load:?} (bulk, streams, small, circuits, mix, pingpong or pingbulk)");
     }
+    let pace = match std::env::var("LOAD_PACE_MBIT") {
+        Ok(v) => Some(
+            v.parse::<f64>()
+                .ok()
+                .filter(|m| *m > 0.0)
+                .with_context(|| format!("LOAD_PACE_MBIT={v:?}: not a positive number"))?
+                * 1e6,
+        ),
+        Err(_) => None,
+    };
     let (keys, block) = fake_entry();
     // Experiments: LOAD_CONFIG="from=>to;from=>to" replaces text in every
     // node's config (for example a window or a limit).
@@ -164,6 +221,7 @@ async fn main() -> Result<()> {
         .chain([
             Ok(("relay CH".to_string(), mesh.node("CH").pid())),
             Ok(("exit IS".to_string(), mesh.node("IS").pid())),
+            Ok(("load".to_string(), std::process::id())),
         ])
         .collect::<Result<_>>()?;
     let perf = match &profile {
@@ -174,15 +232,20 @@ async fn main() -> Result<()> {
     let t0 = Instant::now();
     let ran: Result<(u64, u64)> = async {
         Ok(match load {
-            "bulk" => (bulk(&mesh, secs).await?, 0),
+            "bulk" => (bulk(&mesh, secs, pace).await?, 0),
             "streams" => (streams(&mesh, secs).await?, 0),
             "small" => (0, small(&mesh, secs).await?),
+            "pingpong" => (0, pingpong(&mesh, secs).await?),
+            "pingbulk" => {
+                let (b, p) = tokio::join!(bulk(&mesh, secs, pace), pingpong(&mesh, secs));
+                (b?, p?)
+            }
             "circuits" => (
                 0,
                 circuits(mesh.node("DE"), mesh.node("IS"), &keys, secs).await?,
             ),
             _ => {
-                let (b, s) = tokio::join!(bulk(&mesh, secs), small(&mesh, secs));
+                let (b, s) = tokio::join!(bulk(&mesh, secs, pace), small(&mesh, secs));
                 (b?, s?)
             }
         })
@@ -197,6 +260,7 @@ async fn main() -> Result<()> {
     };
     let took = t0.elapsed().as_secs_f64();
     let spent = watch.spent()?;
+    let waited = watch.waited()?;
     if let Some(p) = perf {
         p.stop()?;
     }
@@ -204,6 +268,12 @@ async fn main() -> Result<()> {
         "bulk" | "streams" => format!("{:.2} Gbit/s", gbps(bytes, took)),
         "circuits" => format!("{ops} circuits built, {:.0} per second", ops as f64 / took),
         "small" => format!("{ops} streams, {:.0} per second", ops as f64 / took),
+        "pingpong" => format!("{ops} round trips, {:.0} per second", ops as f64 / took),
+        "pingbulk" => format!(
+            "bulk {:.2} Gbit/s, {ops} round trips ({:.0} per second)",
+            gbps(bytes, took),
+            ops as f64 / took
+        ),
         _ => format!(
             "bulk {:.2} Gbit/s, {ops} small streams ({:.0} per second)",
             gbps(bytes, took),
@@ -212,10 +282,10 @@ async fn main() -> Result<()> {
     };
     println!("load {load}, {took:.1} s: {what}");
     println!(
-        "{:<10}{:>10}{:>12}{:>14}{:>10}",
-        "process", "CPU s", "CPU s/GB", "per op, µs", "RSS MiB"
+        "{:<10}{:>10}{:>12}{:>14}{:>10}{:>12}",
+        "process", "CPU s", "CPU s/GB", "per op, µs", "RSS MiB", "waited s"
     );
-    for ((name, pid), (_, cpu)) in procs.iter().zip(&spent) {
+    for (((name, pid), (_, cpu)), wait) in procs.iter().zip(&spent).zip(&waited) {
         let per_gb = if bytes > 0 {
             format!("{:.2}", cpu / (bytes as f64 / 1e9))
         } else {
@@ -227,7 +297,7 @@ async fn main() -> Result<()> {
             "-".into()
         };
         println!(
-            "{name:<10}{cpu:>10.2}{per_gb:>12}{per_op:>14}{:>10.1}",
+            "{name:<10}{cpu:>10.2}{per_gb:>12}{per_op:>14}{:>10.1}{wait:>12.2}",
             rss_bytes(*pid)? as f64 / (1 << 20) as f64
         );
     }
