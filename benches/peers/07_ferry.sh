@@ -7,10 +7,15 @@
 #    entry B (hops 1). FERRY=path/to/ferry (release build).
 #    Process counts between client and server: Ferry 1 hop = 2 (entry, exit); 3 hops = 4.
 #    Peers: haproxy/socat k relays = k; stunnel L links = L+1.
+#    Each Ferry process runs on one thread (node.threads = 1), as the haproxy relays do
+#    (nbthread 1): FERRY_THREADS=N sets N (0: one per CPU, the node's default), and
+#    its rows are then named ferry_*_threadsN.
 # The shared peers scripts (common.sh, tcp_pingpong.py): PEERS, or ../shared/peers
 # beside this checkout.
 source "${PEERS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/peers}/common.sh"
 FERRY=${FERRY:?set FERRY to a release ferry binary}
+THREADS=${FERRY_THREADS:-1}
+sfx=$([ "$THREADS" = 1 ] || echo "_threads$THREADS")
 TMP=$(mktemp -d /tmp/peers_ferry.XXXX)
 cleanup() { kill_bg; rm -rf "$TMP"; }
 trap cleanup EXIT
@@ -25,6 +30,7 @@ $FERRY init --dir "$TMP/eb" --jurisdiction NL --roles entry $A --socks 127.0.0.1
 for nj in n1:DE n2:CH n3:IS ea:NL eb:NL; do n=${nj%%:*}; j=${nj##*:}; $FERRY authority admit --key "$TMP/auth/authority.key" --request "$TMP/$n/node.request" --jurisdiction $j --capacity-max 1000 --out "$TMP/$n/node.cert" >/dev/null; done
 sed -i "s/allow_private = false/allow_private = true/" "$TMP/n3/ferry.toml"
 sed -i 's/^hops = 3/hops = 1/' "$TMP/eb/ferry.toml"
+for n in n1 n2 n3 ea eb; do sed -i "s/^threads = 0/threads = $THREADS/" "$TMP/$n/ferry.toml"; done
 for n in n1 n2 n3; do bg $FERRY node --config "$TMP/$n/ferry.toml"; done
 for n in ea eb; do bg $FERRY connect --config "$TMP/$n/ferry.toml"; done
 wait_port 127.0.0.1 7430; wait_port 127.0.0.1 7431
@@ -42,14 +48,14 @@ for hops in 1 3; do
   port=$([ $hops = 3 ] && echo 7430 || echo 7431)
   printf 'strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 %s\n' $port >"$TMP/pc$hops.conf"
   proxychains4 -q -f "$TMP/pc$hops.conf" python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5602 200 64 >/dev/null  # warm: build circuit
-  repeat_iperf "ferry_${hops}hop" proxychains4 -q -f "$TMP/pc$hops.conf" iperf3 -c 127.0.0.1 -p 5301 -t "$DUR"
+  repeat_iperf "ferry_${hops}hop$sfx" proxychains4 -q -f "$TMP/pc$hops.conf" iperf3 -c 127.0.0.1 -p 5301 -t "$DUR"
   p50s=(); p99s=()
   for i in $(seq 1 "$RUNS"); do
     out=$(timeout 120 proxychains4 -q -f "$TMP/pc$hops.conf" python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5602 5000 64)
     p50s+=("$(echo "$out" | cut -d' ' -f1)"); p99s+=("$(echo "$out" | cut -d' ' -f2)")
   done
-  record "lat_ferry_${hops}hop_p50" us "${p50s[@]}"
-  record "lat_ferry_${hops}hop_p99" us "${p99s[@]}"
+  record "lat_ferry_${hops}hop${sfx}_p50" us "${p50s[@]}"
+  record "lat_ferry_${hops}hop${sfx}_p99" us "${p99s[@]}"
 done
 # Same tools direct, in this run, for the ratio.
 repeat_iperf "direct_same_run" iperf3 -c 127.0.0.1 -p 5301 -t "$DUR"

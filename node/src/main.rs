@@ -733,7 +733,7 @@ fn main() -> Result<()> {
             http,
             cmd: None,
         } => {
-            let r = runtime()?.block_on(demo(socks, http, gate.clone()));
+            let r = runtime(None)?.block_on(demo(socks, http, gate.clone()));
             // Held lines of a demo that failed to start explain why.
             gate.open();
             r
@@ -742,31 +742,44 @@ fn main() -> Result<()> {
             config,
             create_keys,
             admit_with,
-        } => runtime()?.block_on(run_node(
-            config,
-            None,
-            true,
-            create_keys,
-            admit_with.as_deref(),
-        )),
+        } => {
+            // Read first: the config says how many threads to start.
+            let cfg = NodeConfig::load(&config)?;
+            runtime(cfg.threads)?.block_on(run_node(
+                cfg,
+                &config,
+                None,
+                true,
+                create_keys,
+                admit_with.as_deref(),
+            ))
+        }
         Cmd::Connect {
             config,
             socks,
             admit_with,
-        } => runtime()?.block_on(run_node(
-            config,
-            Some(socks),
-            false,
-            false,
-            admit_with.as_deref(),
-        )),
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            runtime(cfg.threads)?.block_on(run_node(
+                cfg,
+                &config,
+                Some(socks),
+                false,
+                false,
+                admit_with.as_deref(),
+            ))
+        }
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// The async runtime, with `threads` workers (`None`: tokio's default, one
+/// per CPU, or `TOKIO_WORKER_THREADS`).
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    Ok(b.enable_all().build()?)
 }
 
 /// A hex key given directly, or read from a file.
@@ -988,13 +1001,13 @@ fn on_signal(token: CancellationToken) -> Result<()> {
 }
 
 async fn run_node(
-    path: PathBuf,
+    mut cfg: NodeConfig,
+    path: &Path,
     socks: Option<Option<SocketAddr>>,
     links: bool,
     create_keys: bool,
     admit_with: Option<&Path>,
 ) -> Result<()> {
-    let mut cfg = NodeConfig::load(&path)?;
     if let Some(s) = socks {
         cfg.roles.entry = true;
         cfg.roles.relay = false;
@@ -1038,7 +1051,7 @@ async fn run_node(
     let (j, roles) = (cfg.jurisdiction, cfg.roles);
     let running = node::start_full(cfg, keys, store, listeners, shutdown.clone())?;
     on_signals(shutdown.clone(), &running)?;
-    on_sighup(path.clone(), &running)?;
+    on_sighup(path.to_path_buf(), &running)?;
     let fmt = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
         "ready: node {} ({j}, {roles}) link {} socks {}",

@@ -118,6 +118,8 @@ pub struct NodeMetrics {
     pub refusals: IntCounterVec,
     /// Live known nodes by jurisdiction.
     pub peers: IntGaugeVec,
+    /// The async runtime's worker threads.
+    pub workers: IntGauge,
 }
 
 /// The control plane: rulings, adverts, revocations.
@@ -434,6 +436,11 @@ impl NodeMetrics {
                 r,
                 "ferry_node_exit_seconds",
                 "Seconds until the node's exit date while draining; 0 otherwise.",
+            ),
+            workers: gauge(
+                r,
+                "ferry_runtime_worker_threads",
+                "Threads the node carries traffic on (node.threads; 0 there is one per CPU).",
             ),
             refusals: counter_vec(
                 r,

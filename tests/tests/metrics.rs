@@ -56,6 +56,38 @@ fn total(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// `node.threads` sets how many threads a node and an entry carry
+/// traffic on (`ferry_runtime_worker_threads` says so), and a mesh of
+/// one-thread nodes carries a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_threads_sets_the_runtimes_workers() {
+    let mesh = Mesh::start(
+        &ferry_tests::THREE,
+        &Options {
+            node_replace: vec![("threads = 0".into(), "threads = 1".into())],
+            entry_replace: vec![("threads = 1".into(), "threads = 3".into())],
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    mesh.echo_ping().await.unwrap();
+    for n in &mesh.nodes {
+        let text = scrape(n);
+        assert_eq!(
+            sample(&text, "ferry_runtime_worker_threads"),
+            Some(1.0),
+            "{}: {text}",
+            n.jurisdiction
+        );
+    }
+    let text = scrape(&mesh.entry);
+    assert_eq!(
+        sample(&text, "ferry_runtime_worker_threads"),
+        Some(3.0),
+        "entry: {text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_and_move_with_a_drain() {
     let keys = tempfile::tempdir().unwrap();

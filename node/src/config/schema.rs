@@ -332,6 +332,10 @@ pub struct FileNode {
     /// Advertised capacity, Mbit/s.
     #[serde(default = "default_capacity")]
     pub capacity_mbps: u32,
+    /// Threads that carry traffic (the async runtime's workers); 0: one
+    /// per CPU the process may use.
+    #[serde(default)]
+    pub threads: u32,
 }
 
 fn default_data_dir() -> PathBuf {

@@ -115,6 +115,11 @@ data_dir = "data"
 family = ""
 # Capacity advertised to path selection, Mbit/s.
 capacity_mbps = 1000
+# Threads that carry traffic (the async runtime's workers); 0 is one per CPU
+# this process may use. On a machine shared with other busy processes,
+# fewer threads than CPUs wait less for a CPU and hand traffic between
+# threads less often.
+threads = 0
 
 [listen]
 # Data-plane link listener (TCP, Noise). Required for the relay and exit roles.

@@ -32,6 +32,10 @@ pub struct AuditSettings {
 
 pub use crate::directory::Peer;
 
+/// The most worker threads a node may ask for (`node.threads`): far more
+/// than any machine's CPUs, and each thread takes a stack.
+pub const MAX_THREADS: u32 = 1024;
+
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -72,6 +76,8 @@ pub struct NodeConfig {
     pub family: String,
     /// Advertised capacity.
     pub capacity_mbps: u32,
+    /// The async runtime's worker threads (`None`: one per CPU).
+    pub threads: Option<usize>,
     /// Control-plane listener.
     pub mesh_listen: Option<SocketAddr>,
     /// Bootstrap addresses.
@@ -191,6 +197,12 @@ impl TryFrom<FileConfig> for NodeConfig {
 
     fn try_from(f: FileConfig) -> Result<Self> {
         let jurisdiction = parse_jurisdiction(&f.node.jurisdiction).context("node.jurisdiction")?;
+        if f.node.threads > MAX_THREADS {
+            bail!(
+                "node.threads = {}: at most {MAX_THREADS} (0 is one per CPU)",
+                f.node.threads
+            );
+        }
         let roles = parse_roles(&f.node.roles).context("node.roles")?;
         let link_listen = f
             .listen
@@ -545,6 +557,7 @@ impl TryFrom<FileConfig> for NodeConfig {
             data_dir: f.node.data_dir,
             family: f.node.family,
             capacity_mbps: f.node.capacity_mbps,
+            threads: (f.node.threads > 0).then_some(f.node.threads as usize),
             mesh_listen,
             bootstrap: f.mesh.bootstrap,
             advert_ttl: Duration::from_secs(f.mesh.advert_ttl_secs),
@@ -625,6 +638,26 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(open.routing.anonymous.as_deref(), Some("guest"));
+    }
+
+    #[test]
+    fn threads_default_to_one_per_cpu_and_are_bounded() {
+        let base = "[node]\njurisdiction = \"DE\"\nroles = [\"entry\"]\n";
+        assert_eq!(parse(base).unwrap().threads, None);
+        assert_eq!(
+            parse(&format!("{base}threads = 0\n")).unwrap().threads,
+            None
+        );
+        assert_eq!(
+            parse(&format!("{base}threads = 1\n")).unwrap().threads,
+            Some(1)
+        );
+        let err = parse(&format!("{base}threads = 5000\n")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("node.threads = 5000: at most 1024"),
+            "{err:#}"
+        );
+        assert!(parse(&format!("{base}threads = -1\n")).is_err());
     }
 
     #[test]
