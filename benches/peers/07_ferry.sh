@@ -30,7 +30,11 @@ $FERRY init --dir "$TMP/eb" --jurisdiction NL --roles entry $A --socks 127.0.0.1
 for nj in n1:DE n2:CH n3:IS ea:NL eb:NL; do n=${nj%%:*}; j=${nj##*:}; $FERRY authority admit --key "$TMP/auth/authority.key" --request "$TMP/$n/node.request" --jurisdiction $j --capacity-max 1000 --out "$TMP/$n/node.cert" >/dev/null; done
 sed -i "s/allow_private = false/allow_private = true/" "$TMP/n3/ferry.toml"
 sed -i 's/^hops = 3/hops = 1/' "$TMP/eb/ferry.toml"
-for n in n1 n2 n3 ea eb; do sed -i "s/^threads = 0/threads = $THREADS/" "$TMP/$n/ferry.toml"; done
+for n in n1 n2 n3 ea eb; do
+  sed -i "s/^threads = 0/threads = $THREADS/" "$TMP/$n/ferry.toml"
+  grep -q "^threads = $THREADS\$" "$TMP/$n/ferry.toml" ||
+    { echo "07_ferry.sh: $FERRY writes no node.threads (a build before it?)" >&2; exit 1; }
+done
 for n in n1 n2 n3; do bg $FERRY node --config "$TMP/$n/ferry.toml"; done
 for n in ea eb; do bg $FERRY connect --config "$TMP/$n/ferry.toml"; done
 wait_port 127.0.0.1 7430; wait_port 127.0.0.1 7431

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result, anyhow};
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,31 +44,50 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
 
 pub use ferry_tests::{counting_sink, rss_of as rss_bytes};
 
-/// Seconds process `pid`'s threads have spent runnable but waiting for a
-/// CPU (the run-queue delay of `/proc/PID/task/*/schedstat`, its second
-/// field): what CPU contention costs it, beside what it spends. Threads
-/// that have exited no longer count.
-pub fn run_queue_secs(pid: u32) -> Result<f64> {
-    let mut ns = 0u64;
+/// Nanoseconds each thread of process `pid` has spent runnable but
+/// waiting for a CPU (the run-queue delay, the second field of
+/// `/proc/PID/task/TID/schedstat`), by thread id.
+pub fn run_queue_ns(pid: u32) -> Result<HashMap<String, u64>> {
+    let mut by_thread = HashMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .with_context(|| format!("process {pid} is gone"))?
     {
-        let Ok(s) = std::fs::read_to_string(t?.path().join("schedstat")) else {
-            continue; // the thread ended meanwhile
+        let t = t?;
+        // A thread that ended meanwhile has no file left to read.
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
         };
         let waited = s
             .split_whitespace()
             .nth(1)
             .ok_or_else(|| anyhow!("bad schedstat"))?;
-        ns += waited.parse::<u64>()?;
+        by_thread.insert(
+            t.file_name().to_string_lossy().into_owned(),
+            waited.parse()?,
+        );
     }
-    Ok(ns as f64 / 1e9)
+    anyhow::ensure!(
+        !by_thread.is_empty(),
+        "no /proc/{pid}/task/*/schedstat to read (a kernel without schedstats?)"
+    );
+    Ok(by_thread)
+}
+
+/// Thread-seconds waited for a CPU between two readings of
+/// [`run_queue_ns`]: each thread's growth, a thread that started meanwhile
+/// from zero; a thread that ended meanwhile takes its wait with it.
+fn run_queue_growth(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> f64 {
+    after
+        .iter()
+        .map(|(t, ns)| ns.saturating_sub(before.get(t).copied().unwrap_or(0)))
+        .sum::<u64>() as f64
+        / 1e9
 }
 
 /// Processes watched over one measured interval: CPU seconds each spent
-/// in it, and seconds each waited for a CPU.
+/// in it, and thread-seconds each waited for a CPU.
 pub struct CpuWatch {
-    start: Vec<(String, u32, f64, f64)>,
+    start: Vec<(String, u32, f64, HashMap<String, u64>)>,
 }
 
 impl CpuWatch {
@@ -75,7 +95,7 @@ impl CpuWatch {
     pub fn start(procs: &[(String, u32)]) -> Result<Self> {
         let start = procs
             .iter()
-            .map(|(n, p)| Ok((n.clone(), *p, cpu_secs(*p)?, run_queue_secs(*p)?)))
+            .map(|(n, p)| Ok((n.clone(), *p, cpu_secs(*p)?, run_queue_ns(*p)?)))
             .collect::<Result<_>>()?;
         Ok(Self { start })
     }
@@ -88,12 +108,12 @@ impl CpuWatch {
             .collect()
     }
 
-    /// Seconds each process's threads waited for a CPU since
-    /// [`CpuWatch::start`] ([`run_queue_secs`]).
+    /// Thread-seconds each process's threads waited for a CPU since
+    /// [`CpuWatch::start`] ([`run_queue_ns`]).
     pub fn waited(&self) -> Result<Vec<f64>> {
         self.start
             .iter()
-            .map(|(_, p, _, w)| Ok(run_queue_secs(*p)? - w))
+            .map(|(_, p, _, w)| Ok(run_queue_growth(w, &run_queue_ns(*p)?)))
             .collect()
     }
 }

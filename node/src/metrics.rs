@@ -440,7 +440,7 @@ impl NodeMetrics {
             workers: gauge(
                 r,
                 "ferry_runtime_worker_threads",
-                "Threads the node carries traffic on (node.threads; 0 there is one per CPU).",
+                "Worker threads of the node's async runtime, which carry its traffic: node.threads, or if that is 0 one per CPU (or TOKIO_WORKER_THREADS).",
             ),
             refusals: counter_vec(
                 r,
@@ -594,14 +594,20 @@ impl Metrics {
     /// and alerts see a series before the first event).
     pub fn new() -> Self {
         let registry = Registry::new();
-        Self {
+        let m = Self {
             link: LinkMetrics::new(&registry),
             circuit: CircuitMetrics::new(&registry),
             stream: StreamMetrics::new(&registry),
             node: NodeMetrics::new(&registry),
             control: ControlMetrics::new(&registry),
             registry,
+        };
+        // The runtime the node runs on, fixed for its life (a registry
+        // made outside one, in a unit test, says 0).
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            m.node.workers.set(rt.metrics().num_workers() as i64);
         }
+        m
     }
 
     /// Encodes every metric in the text exposition format (after the

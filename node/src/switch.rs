@@ -1028,9 +1028,6 @@ impl Switch {
         n.info
             .with_label_values(&[self.cfg.jurisdiction.as_str(), &self.cfg.roles.to_string()])
             .set(1);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            n.workers.set(rt.metrics().num_workers() as i64);
-        }
         m.link.active.set(self.link_count() as i64);
         m.link
             .queued

@@ -24,8 +24,9 @@
 //!   load with and without CPU to spare).
 //!
 //! ROLE is `entry`, `relay` (DE) or `exit` (IS). SECS defaults to 10.
-//! Besides CPU, each process's row has the seconds its threads waited
-//! for a CPU while runnable (`/proc/PID/task/*/schedstat`): on two cores
+//! Besides CPU, each process's row has the thread-seconds its threads
+//! waited for a CPU while runnable (`/proc/PID/task/*/schedstat`, summed
+//! over threads, so two threads waiting for 1 s are 2): on two cores
 //! shared by the mesh and the load, contention shows there. The load's
 //! own process has a row too.
 //! `LOAD_CONFIG="FROM=>TO;..."` replaces text in every node's config, for
@@ -68,14 +69,18 @@ async fn bulk(mesh: &Mesh, secs: f64, pace: Option<f64>) -> Result<u64> {
     match pace {
         None => blast(s, until).await?,
         Some(bps) => {
-            // 64 KiB at a time, each when the pace allows it.
+            // 64 KiB at a time, each when the pace allows it; after a
+            // stall the pace starts again from now (no burst to catch up).
             let buf = vec![0xa5u8; 64 * 1024];
-            let (t0, mut sent) = (Instant::now(), 0u64);
-            while Instant::now() < until {
-                let due = t0 + Duration::from_secs_f64(sent as f64 * 8.0 / bps);
+            let gap = Duration::from_secs_f64(buf.len() as f64 * 8.0 / bps);
+            let mut due = Instant::now();
+            while due < until {
                 tokio::time::sleep_until(due.into()).await;
-                s.write_all(&buf).await?;
-                sent += buf.len() as u64;
+                match tokio::time::timeout_at(until.into(), s.write_all(&buf)).await {
+                    Ok(r) => r?,
+                    Err(_) => break,
+                }
+                due = (due + gap).max(Instant::now() - Duration::from_millis(10));
             }
             s.shutdown().await?;
         }
@@ -135,11 +140,9 @@ async fn pingpong(mesh: &Mesh, secs: f64) -> Result<u64> {
     let echo = ferry_tests::echo_server().await?;
     let mut s = mesh.open(echo.port(), "").await?;
     let until = Instant::now() + Duration::from_secs_f64(secs);
-    // At most one round trip per 20 µs: the bound is the clock.
-    let most = (secs * 50_000.0) as usize;
-    let mut v = ferry_bench::ping_pong(&mut s, 64, most, until).await?;
+    let mut v = ferry_bench::ping_pong(&mut s, 64, usize::MAX, until).await?;
     let n = v.len() as u64;
-    eprintln!(
+    println!(
         "pingpong: p50 {:.0} µs, p99 {:.0} µs",
         ferry_bench::quantile(&mut v, 0.5),
         ferry_bench::quantile(&mut v, 0.99)
@@ -190,8 +193,8 @@ async fn main() -> Result<()> {
         Ok(v) => Some(
             v.parse::<f64>()
                 .ok()
-                .filter(|m| *m > 0.0)
-                .with_context(|| format!("LOAD_PACE_MBIT={v:?}: not a positive number"))?
+                .filter(|m| (1.0..=1e6).contains(m))
+                .with_context(|| format!("LOAD_PACE_MBIT={v:?}: not a rate of 1 to 1000000"))?
                 * 1e6,
         ),
         Err(_) => None,

@@ -116,9 +116,10 @@ family = ""
 # Capacity advertised to path selection, Mbit/s.
 capacity_mbps = 1000
 # Threads that carry traffic (the async runtime's workers); 0 is one per CPU
-# this process may use. On a machine shared with other busy processes,
-# fewer threads than CPUs wait less for a CPU and hand traffic between
-# threads less often.
+# this process may use (or TOKIO_WORKER_THREADS, if set). On a machine
+# shared with other busy processes, fewer threads than CPUs wait less for a
+# CPU: one thread a node carried more on two cores shared by five nodes,
+# with round trips no faster (benches/README.md). Read at start only.
 threads = 0
 
 [listen]
