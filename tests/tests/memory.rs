@@ -281,6 +281,21 @@ fn receive_queues(filter: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Asserts that the `PUSHED` established sockets `ss` finds for `filter`
+/// each hold at most [`PARKED`] bytes unread: `whose` kernel, `what`.
+fn assert_parked_little(filter: &str, whose: &str, what: &str) {
+    let queued = receive_queues(filter);
+    assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
+    let most = queued.iter().copied().max().unwrap_or(0);
+    println!("the {whose} kernel holds at most {most} bytes of a stream ({queued:?})");
+    assert!(
+        most <= PARKED,
+        "the {whose} kernel holds {} KiB of {what} (at most {} KiB)",
+        most / 1024,
+        PARKED / 1024
+    );
+}
+
 /// A client that sends faster than its streams go (its target never
 /// reads) parks its bytes in the entry's kernel, in its sockets' receive
 /// buffers. Those must stay bounded per stream: autotuned, each grows to
@@ -317,15 +332,10 @@ async fn a_client_parks_little_in_the_entrys_kernel() {
     // What the entry's kernel holds for them: the receive queues of its
     // sockets on its SOCKS port.
     let port = mesh.socks().port();
-    let queued = receive_queues(&format!("( sport = :{port} )"));
-    assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
-    let most = queued.iter().copied().max().unwrap_or(0);
-    println!("the entry's kernel holds at most {most} bytes of a stream ({queued:?})");
-    assert!(
-        most <= PARKED,
-        "the entry's kernel holds {} KiB of one client stream (at most {} KiB)",
-        most / 1024,
-        PARKED / 1024
+    assert_parked_little(
+        &format!("( sport = :{port} )"),
+        "entry's",
+        "one client stream",
     );
 }
 
@@ -377,15 +387,10 @@ async fn a_target_parks_little_in_the_exits_kernel() {
     );
     // What the exit's kernel holds: the receive queues of its sockets to
     // the target.
-    let queued = receive_queues(&format!("( dport = :{target} )"));
-    assert!(queued.len() >= PUSHED, "ss listed {} sockets", queued.len());
-    let most = queued.iter().copied().max().unwrap_or(0);
-    println!("the exit's kernel holds at most {most} bytes of a stream ({queued:?})");
-    assert!(
-        most <= PARKED,
-        "the exit's kernel holds {} KiB of one target's stream (at most {} KiB)",
-        most / 1024,
-        PARKED / 1024
+    assert_parked_little(
+        &format!("( dport = :{target} )"),
+        "exit's",
+        "one target's stream",
     );
     drop(held);
 }

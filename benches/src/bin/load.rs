@@ -69,18 +69,21 @@ async fn bulk(mesh: &Mesh, secs: f64, pace: Option<f64>) -> Result<u64> {
     match pace {
         None => blast(s, until).await?,
         Some(bps) => {
-            // 64 KiB at a time, each when the pace allows it; after a
-            // stall the pace starts again from now (no burst to catch up).
+            // 64 KiB a tick, as `ferry_tests::send_pattern_paced` paces;
+            // after a stall the ticks start again from now (no burst to
+            // catch up).
             let buf = vec![0xa5u8; 64 * 1024];
             let gap = Duration::from_secs_f64(buf.len() as f64 * 8.0 / bps);
-            let mut due = Instant::now();
-            while due < until {
-                tokio::time::sleep_until(due.into()).await;
+            let mut tick = tokio::time::interval(gap);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while tokio::time::timeout_at(until.into(), tick.tick())
+                .await
+                .is_ok()
+            {
                 match tokio::time::timeout_at(until.into(), s.write_all(&buf)).await {
                     Ok(r) => r?,
                     Err(_) => break,
                 }
-                due = (due + gap).max(Instant::now() - Duration::from_millis(10));
             }
             s.shutdown().await?;
         }
