@@ -111,6 +111,7 @@ spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
 c = pod["containers"][0]
 env = env_of(c)
 window = int(env["FERRY_DRAIN_GRACE_SECS"]["value"])
+check(env["FERRY_THREADS"]["value"] == "0", "worker threads: one per CPU by default")
 check(spec["volumeClaimTemplates"][0]["metadata"]["name"] == "data", "a volume claim for the data dir")
 check(any(m["name"] == "data" and m["mountPath"] == "/var/lib/ferry" for m in c["volumeMounts"]),
       "the claim holds /var/lib/ferry (keys and store)")
@@ -181,6 +182,7 @@ custom = {
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "topology.kubernetes.io/region", "operator": "In", "values": ["eu-central"]}]}]}}},
     "logLevel": "debug",
+    "threads": 2,
 }
 lint(custom)
 docs, raw = render(custom)
@@ -198,6 +200,7 @@ check(ref == {"name": "ferry-authority", "key": "pub"}, "authority keys from the
 check(env["FERRY_AUTHORITY_THRESHOLD"]["value"] == "2", "threshold")
 check(env["FERRY_EXIT_RULES"]["value"] == "allow 10.1.0.0/16:443,deny 0.0.0.0/0", "exit rules")
 check(env["RUST_LOG"]["value"] == "info", "extra env")
+check(env["FERRY_THREADS"]["value"] == "2", "worker threads")
 check(env["FERRY_LOG_FORMAT"]["value"] == "text" and env["FERRY_LOG"]["value"] == "debug", "log settings")
 check(c["image"] == "registry.example/ferry:1.2.3", "image")
 check(pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet", "host networking")
@@ -357,6 +360,9 @@ for values, needle in [
     ({"jurisdiction": "DE", "drain": {"windowSeconds": 120}}, "must be longer than drain.windowSeconds"),
     ({"jurisdiction": "DE", "roles": ["entry"]}, "is not relay or exit"),
     ({"jurisdiction": "DE", "logFormat": "xml"}, "is not json or text"),
+    ({"jurisdiction": "DE", "threads": -1}, "threads: -1 is not a whole number"),
+    ({"jurisdiction": "DE", "threads": "many"}, "threads: many is not a whole number"),
+    ({"jurisdiction": "DE", "threads": 5000}, "threads: 5000 is more than 1024"),
     ({"jurisdiction": "DE", "dataPlane": {"address": "nodePort"}}, "is not podIP or hostIP"),
     ({"jurisdiction": "DE", "admission": {"certificates": {"existingSecret": "a"},
                                           "testAuthority": {"existingSecret": "b"}}},
