@@ -337,7 +337,8 @@ impl Mesh {
     /// Starts one more `ferry connect` entry in `jurisdiction`, joining by
     /// gossip from the first node and admitted by the mesh's authority, as
     /// an operator would set one up (init, admit, connect). Does not wait
-    /// for it to be ready.
+    /// for it to be ready. Its config takes `node_replace` and then
+    /// `entry_replace`, as the mesh's own entry does.
     pub fn add_entry(&self, name: &str, jurisdiction: &str) -> Result<Proc> {
         let dir = self.root.path().join(format!("late-entry-{name}"));
         let ports = Ports {
@@ -365,6 +366,7 @@ impl Mesh {
             "advert_ttl_secs = 30",
             &format!("advert_ttl_secs = {}", self.opts.advert_ttl_secs),
         );
+        text = replace_all(text, &self.opts.node_replace)?;
         text = replace_all(text, &self.opts.entry_replace)?;
         if !self.opts.entry_toml.is_empty() {
             text.push('\n');
