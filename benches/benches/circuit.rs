@@ -93,6 +93,109 @@ fn data_record(c: &mut Criterion) {
     g.finish();
 }
 
+/// An origin and an exit with `n` open streams, congestion control off
+/// (the circuit's window is then what the streams wait for).
+fn open_many(n: usize) -> (Session, Session, Vec<u32>) {
+    let (o, x) = keys();
+    let cfg = Config {
+        congestion: false,
+        ..Config::default()
+    };
+    let mut origin = Session::new(Side::Origin, 1, o, cfg.clone());
+    let mut exit = Session::new(Side::Exit, 1, x, cfg);
+    let ids: Vec<u32> = (0..n)
+        .map(|_| origin.open("target.example", 80).unwrap())
+        .collect();
+    while let Some(c) = origin.poll_transmit() {
+        exit.handle_relay(c, 0).unwrap();
+    }
+    while exit.poll_event().is_some() {}
+    for id in &ids {
+        assert!(matches!(exit.accept(*id, [3; 16]).unwrap(), Outcome::Done));
+    }
+    while let Some(c) = exit.poll_transmit() {
+        origin.handle_relay(c, 0).unwrap();
+    }
+    while origin.poll_event().is_some() {}
+    (origin, exit, ids)
+}
+
+/// Many streams on one circuit, as at an entry with a thousand clients:
+/// every stream sends 16 KiB records as fast as its turn comes, the exit
+/// takes what arrives once per round, and streams the circuit has no
+/// room for wait in its line. Time per record sent, its delivery and
+/// acknowledgement included; one stream alone is the baseline.
+fn waiting_line(c: &mut Criterion) {
+    let mut g = c.benchmark_group("circuit_waiting_line");
+    const RECORD: usize = 16 * 1024;
+    g.throughput(Throughput::Bytes(RECORD as u64));
+    for n in [1usize, 64] {
+        g.bench_with_input(BenchmarkId::new("streams", n), &n, |b, &n| {
+            let (mut origin, mut exit, ids) = open_many(n);
+            let mut ready: std::collections::VecDeque<u32> = ids.iter().copied().collect();
+            let mut unread = std::collections::VecDeque::<(u32, u64)>::new();
+            b.iter_custom(|records| {
+                let t0 = std::time::Instant::now();
+                let mut sent = 0u64;
+                let mut rounds = 0u64;
+                while sent < records {
+                    // Each stream whose turn it is sends a record.
+                    for _ in 0..ready.len() {
+                        let id = ready.pop_front().expect("counted");
+                        let mut buf = BytesMut::with_capacity(HEADROOM + RECORD + 16);
+                        buf.put_bytes(0, HEADROOM);
+                        buf.put_bytes(7, RECORD);
+                        if matches!(origin.send_data(id, buf, 0).unwrap(), Outcome::Done) {
+                            sent += 1;
+                            ready.push_back(id);
+                        }
+                    }
+                    while let Some(cell) = origin.poll_transmit() {
+                        exit.handle_relay(cell, 0).unwrap();
+                    }
+                    while let Some(ev) = exit.poll_event() {
+                        if let Event::Data { id, data } = ev {
+                            let n = black_box(data).len() as u64;
+                            match unread.iter_mut().find(|(u, _)| *u == id) {
+                                Some((_, left)) => *left += n,
+                                None => unread.push_back((id, n)),
+                            }
+                        }
+                    }
+                    // The exit's side takes 16 records a round, streams in
+                    // turn: the circuit fills, and the rest wait in line.
+                    let mut budget = 16 * RECORD as u64;
+                    for _ in 0..unread.len() {
+                        let (id, left) = unread.pop_front().expect("counted");
+                        let k = left.min(budget).min(RECORD as u64);
+                        if k > 0 {
+                            let _ = exit.consumed(id, k).unwrap();
+                            budget -= k;
+                        }
+                        if left > k {
+                            unread.push_back((id, left - k));
+                        }
+                    }
+                    while let Some(c) = exit.poll_transmit() {
+                        origin.handle_relay(c, 0).unwrap();
+                    }
+                    while let Some(ev) = origin.poll_event() {
+                        if let Event::Writable { id } = ev
+                            && !ready.contains(&id)
+                        {
+                            ready.push_back(id);
+                        }
+                    }
+                    rounds += 1;
+                    assert!(rounds < 1000 * (records + 1), "the streams stopped");
+                }
+                t0.elapsed()
+            });
+        });
+    }
+    g.finish();
+}
+
 /// A CREATE's cryptography at the hop (`crypto::hop_respond`: Noise NK as
 /// responder and the identity proof), beside what it is made of, measured
 /// in the same run: X25519 by curve25519-dalek (snow's stock primitive:
@@ -161,5 +264,5 @@ fn circuit_setup(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, data_record, circuit_setup);
+criterion_group!(benches, data_record, waiting_line, circuit_setup);
 criterion_main!(benches);

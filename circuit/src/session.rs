@@ -470,6 +470,11 @@ pub struct Session {
     /// Streams stopped for want of circuit room, in the order they
     /// stopped (an id here may have left since: its [`Turn`] says).
     waiting: VecDeque<u32>,
+    /// No stream in line wants less room than this (`u64::MAX` when none
+    /// is known to): exact after [`Session::wake_waiting`] goes through
+    /// the line, lowered as streams join it, never raised by one leaving,
+    /// so it is a bound, not always the least.
+    waiting_least: u64,
     /// Streams called from the line that have not sent yet.
     called: usize,
     /// The room they were called to (the sum of their `wants`).
@@ -512,6 +517,7 @@ impl Session {
             events: VecDeque::new(),
             closed: false,
             waiting: VecDeque::new(),
+            waiting_least: u64::MAX,
             called: 0,
             called_bytes: 0,
             cc: Congestion::default(),
@@ -585,6 +591,7 @@ impl Session {
             }
         }
         s.wants = n;
+        self.waiting_least = self.waiting_least.min(n);
     }
 
     /// A called stream gives its turn up (it sent, or its own window
@@ -635,8 +642,20 @@ impl Session {
         room = room.saturating_sub(self.called_bytes);
         let mut idle =
             self.called == 0 && (in_flight == 0 || (self.probing && self.cc.in_flight() == 0));
-        let mut kept = VecDeque::with_capacity(self.waiting.len());
-        while let Some(id) = self.waiting.pop_front() {
+        if !idle && room < self.waiting_least {
+            // Nobody in line fits: on a busy circuit this is most calls
+            // (every record sent and every acknowledgement makes one), and
+            // going through a line of sixty streams each time was 5% of an
+            // entry's CPU with 1,000 streams (`profile.sh streams entry`).
+            return;
+        }
+        // Through the line once, in place: the called leave it, the rest
+        // keep their order.
+        let mut least = u64::MAX;
+        for _ in 0..self.waiting.len() {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
@@ -650,11 +669,12 @@ impl Session {
                 self.called_bytes += s.wants;
                 self.events.push_back(Event::Writable { id });
             } else {
-                kept.push_back(id);
+                least = least.min(s.wants);
+                self.waiting.push_back(id);
             }
             idle = false;
         }
-        self.waiting = kept;
+        self.waiting_least = least;
     }
 
     /// Queues a PROBE with `count` (stream 0).
