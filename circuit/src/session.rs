@@ -617,10 +617,19 @@ impl Session {
     /// never sits unused while a stream that fits waits. A stream is only
     /// ever called to room that fits its record: called to less, it would
     /// go back to the line and be called again at once, round and round.
+    /// While the room is below the least any stream in line wants, it
+    /// returns at once.
     fn wake_waiting(&mut self) {
         if self.waiting.is_empty() {
             return;
         }
+        debug_assert!(
+            self.waiting.iter().all(|id| self
+                .streams
+                .get(id)
+                .is_none_or(|s| s.turn != Turn::Waiting || s.wants >= self.waiting_least)),
+            "a stream in line wants less than the bound"
+        );
         if self.probing && self.cc.room() < MAX_DATA_PAYLOAD as u64 {
             // Streams wait for room only a PONG can bring (less than a
             // record calls nobody): make sure one will come (bytes sent
@@ -653,9 +662,7 @@ impl Session {
         // keep their order.
         let mut least = u64::MAX;
         for _ in 0..self.waiting.len() {
-            let Some(id) = self.waiting.pop_front() else {
-                break;
-            };
+            let id = self.waiting.pop_front().expect("counted");
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
@@ -784,6 +791,7 @@ impl Session {
         self.closed = true;
         self.transmits.clear();
         self.waiting.clear();
+        self.waiting_least = u64::MAX;
         self.called = 0;
         self.called_bytes = 0;
         let mut all: Vec<(u32, Stream)> = self
