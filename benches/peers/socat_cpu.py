@@ -5,8 +5,11 @@
 # round trips one after another, then socat's CPU (/proc/PID/stat) over them.
 #   python3 benches/peers/socat_cpu.py        (Debian: apt-get install socat)
 import socket, threading, subprocess, time, os, sys
-def echo_srv(port):
-    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1); s.bind(('127.0.0.1',port)); s.listen()
+def free_port():
+    # A port the kernel has free on loopback now (fixed ports clashed with
+    # other programs' ephemeral ports).
+    s=socket.socket(); s.bind(('127.0.0.1',0)); p=s.getsockname()[1]; s.close(); return p
+def echo_srv(s):
     def h(c):
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,1)
         while True:
@@ -15,11 +18,18 @@ def echo_srv(port):
             c.sendall(d)
     while True:
         c,_=s.accept(); threading.Thread(target=h,args=(c,),daemon=True).start()
-threading.Thread(target=echo_srv,args=(39001,),daemon=True).start()
-time.sleep(0.2)
-p=subprocess.Popen(['socat','-b','131072','TCP-LISTEN:39002,reuseaddr,nodelay','TCP:127.0.0.1:39001,nodelay'])
-time.sleep(0.3)
-c=socket.create_connection(('127.0.0.1',39002)); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,1)
+srv=socket.socket(); srv.bind(('127.0.0.1',0)); srv.listen()
+threading.Thread(target=echo_srv,args=(srv,),daemon=True).start()
+relay=free_port()
+p=subprocess.Popen(['socat','-b','131072',f'TCP-LISTEN:{relay},bind=127.0.0.1,reuseaddr,nodelay',
+                    f'TCP:127.0.0.1:{srv.getsockname()[1]},nodelay'])
+for _ in range(100):  # socat listens within a few milliseconds; 5 s at most
+    try: c=socket.create_connection(('127.0.0.1',relay)); break
+    except ConnectionRefusedError:
+        if p.poll() is not None: sys.exit('socat exited')
+        time.sleep(0.05)
+else: sys.exit('socat did not listen within 5 s')
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,1)
 def cpu(pid):
     f=open(f'/proc/{pid}/stat').read().rsplit(')',1)[1].split()
     return (int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK')
