@@ -23,21 +23,8 @@ fn keys() -> (crypto::Session, crypto::Session) {
 
 /// An origin and an exit with one open stream.
 fn open_pair() -> (Session, Session, u32) {
-    let (o, x) = keys();
-    let cfg = Config::default();
-    let mut origin = Session::new(Side::Origin, 1, o, cfg.clone());
-    let mut exit = Session::new(Side::Exit, 1, x, cfg);
-    let id = origin.open("target.example", 80).unwrap();
-    while let Some(c) = origin.poll_transmit() {
-        exit.handle_relay(c, 0).unwrap();
-    }
-    while exit.poll_event().is_some() {}
-    assert!(matches!(exit.accept(id, [3; 16]).unwrap(), Outcome::Done));
-    while let Some(c) = exit.poll_transmit() {
-        origin.handle_relay(c, 0).unwrap();
-    }
-    while origin.poll_event().is_some() {}
-    (origin, exit, id)
+    let (origin, exit, ids) = open_many(1, Config::default());
+    (origin, exit, ids[0])
 }
 
 fn data_record(c: &mut Criterion) {
@@ -93,14 +80,9 @@ fn data_record(c: &mut Criterion) {
     g.finish();
 }
 
-/// An origin and an exit with `n` open streams, congestion control off
-/// (the circuit's window is then what the streams wait for).
-fn open_many(n: usize) -> (Session, Session, Vec<u32>) {
+/// An origin and an exit with `n` open streams.
+fn open_many(n: usize, cfg: Config) -> (Session, Session, Vec<u32>) {
     let (o, x) = keys();
-    let cfg = Config {
-        congestion: false,
-        ..Config::default()
-    };
     let mut origin = Session::new(Side::Origin, 1, o, cfg.clone());
     let mut exit = Session::new(Side::Exit, 1, x, cfg);
     let ids: Vec<u32> = (0..n)
@@ -133,7 +115,13 @@ fn waiting_line(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(RECORD as u64));
     for n in [1usize, 64] {
         g.bench_with_input(BenchmarkId::new("streams", n), &n, |b, &n| {
-            let (mut origin, mut exit, ids) = open_many(n);
+            // Congestion control off: the circuit's window is then what
+            // the streams wait for.
+            let cfg = Config {
+                congestion: false,
+                ..Config::default()
+            };
+            let (mut origin, mut exit, ids) = open_many(n, cfg);
             let mut ready: std::collections::VecDeque<u32> = ids.iter().copied().collect();
             let mut unread = std::collections::VecDeque::<(u32, u64)>::new();
             let mut refused = std::collections::HashMap::<u32, BytesMut>::new();
