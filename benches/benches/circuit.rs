@@ -112,6 +112,8 @@ fn open_many(n: usize, cfg: Config) -> (Session, Session, Vec<u32>) {
 fn waiting_line(c: &mut Criterion) {
     let mut g = c.benchmark_group("circuit_waiting_line");
     const RECORD: usize = 16 * 1024;
+    // What the exit's side takes a round.
+    const TAKE: u64 = 16 * RECORD as u64;
     g.throughput(Throughput::Bytes(RECORD as u64));
     for n in [1usize, 64] {
         g.bench_with_input(BenchmarkId::new("streams", n), &n, |b, &n| {
@@ -168,8 +170,7 @@ fn waiting_line(c: &mut Criterion) {
                     }
                     // The exit's side takes 16 records a round, streams in
                     // turn: the circuit fills, and the rest wait in line.
-                    let mut budget = 16 * RECORD as u64;
-                    let took = budget;
+                    let mut budget = TAKE;
                     while budget > 0
                         && let Some((id, left)) = unread.pop_front()
                     {
@@ -190,7 +191,7 @@ fn waiting_line(c: &mut Criterion) {
                             ready.push_back(id);
                         }
                     }
-                    if sent == before && budget == took {
+                    if sent == before && budget == TAKE {
                         stalled += 1;
                         assert!(stalled < 10_000, "the streams stopped");
                     } else {
