@@ -9,13 +9,14 @@
 #    Peers: haproxy/socat k relays = k; stunnel L links = L+1.
 #    Each Ferry process runs on one thread (node.threads = 1), as the haproxy relays do
 #    (nbthread 1): FERRY_THREADS=N sets N (0: one per CPU, the node's default), and
-#    its rows are then named ferry_*_threadsN.
+#    its rows are then named ferry_*_threadsN. NAME=X adds _X to every row's name (to run two
+#    builds in one session: FERRY=a NAME=a ...; FERRY=b NAME=b ...).
 # The shared peers scripts (common.sh, tcp_pingpong.py): PEERS, or ../shared/peers
 # beside this checkout.
 source "${PEERS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/peers}/common.sh"
 FERRY=${FERRY:?set FERRY to a release ferry binary}
 THREADS=${FERRY_THREADS:-1}
-sfx=$([ "$THREADS" = 1 ] || echo "_threads$THREADS")
+sfx=$([ "$THREADS" = 1 ] || echo "_threads$THREADS")${NAME:+_$NAME}
 TMP=$(mktemp -d /tmp/peers_ferry.XXXX)
 cleanup() { kill_bg; rm -rf "$TMP"; }
 trap cleanup EXIT

@@ -1,0 +1,183 @@
+#!/bin/bash
+# 9. The issue's ratios from paired, interleaved measurements. 03/04/06/07 measure each chain
+#    in a block of RUNS runs, minutes apart from the chain it is compared with, and on this
+#    shared machine the baselines drift by a third within the hour: the same build's 3-hop
+#    ratio to haproxy read 0.42x in one session's run and 0.57x in the next. Here every chain
+#    stands at once, and each of ROUNDS rounds (default 8) measures every chain once, in an
+#    order that rotates by one each round; each ratio is taken within its round, and the
+#    script prints every round's ratios, their median, min and max, and in how many rounds each
+#    goal held.
+#    Chains: direct; haproxy 1 and 3 relays (as ../shared/peers/03_tcp_relay.sh); socat
+#    -b 131072 1 and 3 relays (latency baselines, as 06_latency.sh); stunnel TLS 1.3
+#    AES-256-GCM with 3 links (4 processes, as 04_tls_relay.sh); Ferry 1 hop (entry, exit) and
+#    3 hops (entry, relays DE and CH, exit IS) reached through the SOCKS5 entry with
+#    proxychains4, one thread a process, every node admitted (as 07_ferry.sh).
+#    Per round: iperf3 one TCP stream, DUR s (default 10), for the goodput chains; the 64-byte
+#    ping-pong, N round trips (default 2000), for direct, socat and Ferry.
+#    Goals (issue 16): Ferry 1 hop >= 0.7x haproxy 1 relay; 3 hops >= 0.5x haproxy 3 relays and
+#    >= 1.2x stunnel 3 links; round trip added per process at p50 <= 1.5x socat's (1 hop against
+#    socat's 1 relay, 3 hops against its 3 relays).
+#    FERRY=path/to/ferry (release build). Needs iperf3 socat haproxy stunnel4 proxychains4 jq.
+#    Writes RES_DIR/interleaved.tsv (one row per round and measure).
+# The shared peers scripts (common.sh, tcp_pingpong.py): PEERS, or ../shared/peers beside this
+# checkout.
+source "${PEERS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/peers}/common.sh"
+FERRY=${FERRY:?set FERRY to a release ferry binary}
+ROUNDS=${ROUNDS:-8}
+N=${N:-2000}
+for c in iperf3 socat haproxy stunnel4 proxychains4 jq; do
+  command -v $c >/dev/null || { echo "09_interleaved.sh: needs $c (Debian: apt-get install iperf3 socat haproxy stunnel4 proxychains4 jq)" >&2; exit 1; }
+done
+TMP=$(mktemp -d /tmp/peers_inter.XXXX)
+cleanup() { kill_bg; rm -rf "$TMP"; }
+trap cleanup EXIT
+BG_LOG=$TMP/daemons.log
+OUT=$RES_DIR/interleaved.tsv
+printf 'round\tmeasure\tunit\tvalue\n' >"$OUT"
+PP="python3 $PEERS_DIR/tcp_pingpong.py"
+
+# Servers: iperf3 on 5201, the ping-pong echo on 5601.
+bg iperf3 -s -B 127.0.0.1 -p 5201
+bg $PP serve 127.0.0.1 5601 3600
+wait_port 127.0.0.1 5201; wait_port 127.0.0.1 5601
+
+# haproxy: 1 relay on 5411; 3 relays 5423 -> 5422 -> 5421 -> iperf3.
+haproxy_relay() {  # LISTEN NEXT
+  cat >"$TMP/hap$1.cfg" <<CFG
+global
+  nbthread 1
+  maxconn 64
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend f
+  bind 127.0.0.1:$1
+  default_backend b
+backend b
+  server s 127.0.0.1:$2
+CFG
+  bg haproxy -db -f "$TMP/hap$1.cfg"; wait_port 127.0.0.1 "$1"
+}
+haproxy_relay 5411 5201
+haproxy_relay 5421 5201; haproxy_relay 5422 5421; haproxy_relay 5423 5422
+
+# socat -b 131072 to the echo server: 1 relay on 5511; 3 relays 5523 -> 5522 -> 5521.
+socat_relay() {  # LISTEN NEXT
+  bg socat -b 131072 TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:$2; wait_port 127.0.0.1 "$1"
+}
+socat_relay 5511 5601
+socat_relay 5521 5601; socat_relay 5522 5521; socat_relay 5523 5522
+
+# stunnel, 3 links: entry 6000 -> relay 1 (6011 in, 6012 plain, out) -> relay 2 (6021, 6022) -> exit 6031 -> iperf3.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=peers-bench -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+hdr() { printf 'foreground = yes\npid =\ndebug = 3\nsslVersionMin = TLSv1.3\nciphersuites = TLS_AES_256_GCM_SHA384\n'; }
+{ hdr; printf '[x]\naccept = 127.0.0.1:6031\nconnect = 127.0.0.1:5201\ncert = %s\nkey = %s\n' "$TMP/cert.pem" "$TMP/key.pem"; } >"$TMP/st-exit.conf"
+bg stunnel4 "$TMP/st-exit.conf"; wait_port 127.0.0.1 6031
+for k in 2 1; do
+  { hdr
+    printf '[in]\naccept = 127.0.0.1:%d\nconnect = 127.0.0.1:%d\ncert = %s\nkey = %s\n' $((6001 + 10 * k)) $((6002 + 10 * k)) "$TMP/cert.pem" "$TMP/key.pem"
+    printf '[out]\nclient = yes\naccept = 127.0.0.1:%d\nconnect = 127.0.0.1:%d\n' $((6002 + 10 * k)) $((6011 + 10 * k)); } >"$TMP/st-relay$k.conf"
+  bg stunnel4 "$TMP/st-relay$k.conf"; wait_port 127.0.0.1 $((6001 + 10 * k))
+done
+{ hdr; printf '[e]\nclient = yes\naccept = 127.0.0.1:6000\nconnect = 127.0.0.1:6011\n'; } >"$TMP/st-entry.conf"
+bg stunnel4 "$TMP/st-entry.conf"; wait_port 127.0.0.1 6000
+
+# Ferry, as 07_ferry.sh: relays DE, CH, exit IS; entry A (3 hops) on 7430, entry B (1 hop) on 7431.
+$FERRY authority keygen --out "$TMP/auth" >/dev/null
+A="--authority-key $TMP/auth/authority.pub"
+$FERRY init --dir "$TMP/n1" --jurisdiction DE --roles relay $A --listen 127.0.0.1:7401 --mesh 127.0.0.1:7411 --admin 127.0.0.1:7421 >/dev/null
+$FERRY init --dir "$TMP/n2" --jurisdiction CH --roles relay $A --listen 127.0.0.1:7402 --mesh 127.0.0.1:7412 --admin 127.0.0.1:7422 --bootstrap 127.0.0.1:7411 >/dev/null
+$FERRY init --dir "$TMP/n3" --jurisdiction IS --roles exit $A --listen 127.0.0.1:7403 --mesh 127.0.0.1:7413 --admin 127.0.0.1:7423 --bootstrap 127.0.0.1:7411 >/dev/null
+$FERRY init --dir "$TMP/ea" --jurisdiction NL --roles entry $A --socks 127.0.0.1:7430 --mesh 127.0.0.1:7414 --admin 127.0.0.1:7424 --bootstrap 127.0.0.1:7411 >/dev/null
+$FERRY init --dir "$TMP/eb" --jurisdiction NL --roles entry $A --socks 127.0.0.1:7431 --mesh 127.0.0.1:7415 --admin 127.0.0.1:7425 --bootstrap 127.0.0.1:7411 >/dev/null
+for nj in n1:DE n2:CH n3:IS ea:NL eb:NL; do
+  n=${nj%%:*}; j=${nj##*:}
+  $FERRY authority admit --key "$TMP/auth/authority.key" --request "$TMP/$n/node.request" --jurisdiction $j --capacity-max 1000 --out "$TMP/$n/node.cert" >/dev/null
+done
+sed -i "s/allow_private = false/allow_private = true/" "$TMP/n3/ferry.toml"
+sed -i 's/^hops = 3/hops = 1/' "$TMP/eb/ferry.toml"
+for n in n1 n2 n3 ea eb; do
+  sed -i "s/^threads = 0/threads = 1/" "$TMP/$n/ferry.toml"
+  grep -q '^threads = 1$' "$TMP/$n/ferry.toml" || { echo "09_interleaved.sh: $FERRY writes no node.threads" >&2; exit 1; }
+done
+for n in n1 n2 n3; do bg $FERRY node --config "$TMP/$n/ferry.toml"; done
+for n in ea eb; do bg $FERRY connect --config "$TMP/$n/ferry.toml"; done
+wait_port 127.0.0.1 7430; wait_port 127.0.0.1 7431
+for p in 7424 7425; do
+  for i in $(seq 1 60); do
+    n=$($FERRY status --admin 127.0.0.1:$p --json 2>/dev/null | jq '.peers | length' 2>/dev/null)
+    [ "${n:-0}" -ge 3 ] && break; sleep 1
+  done
+done
+for h in 1 3; do
+  printf 'strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 %s\n' \
+    $([ $h = 3 ] && echo 7430 || echo 7431) >"$TMP/pc$h.conf"
+  # Warm: the circuit is built before the first measure.
+  proxychains4 -q -f "$TMP/pc$h.conf" $PP ping 127.0.0.1 5601 200 64 >/dev/null ||
+    { echo "09_interleaved.sh: no round trip through the $h-hop Ferry chain" >&2; exit 1; }
+done
+
+# Each measure: NAME then the command whose output is the value.
+measures=(
+  "direct Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 5201 -t $DUR"
+  "haproxy_1 Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 5411 -t $DUR"
+  "haproxy_3 Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 5423 -t $DUR"
+  "stunnel_3link Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 6000 -t $DUR"
+  "ferry_1hop Gbit/s iperf_gbps proxychains4 -q -f $TMP/pc1.conf iperf3 -c 127.0.0.1 -p 5201 -t $DUR"
+  "ferry_3hop Gbit/s iperf_gbps proxychains4 -q -f $TMP/pc3.conf iperf3 -c 127.0.0.1 -p 5201 -t $DUR"
+  "lat_direct us p50 $PP ping 127.0.0.1 5601 $N 64"
+  "lat_socat_1 us p50 $PP ping 127.0.0.1 5511 $N 64"
+  "lat_socat_3 us p50 $PP ping 127.0.0.1 5523 $N 64"
+  "lat_ferry_1hop us p50 proxychains4 -q -f $TMP/pc1.conf $PP ping 127.0.0.1 5601 $N 64"
+  "lat_ferry_3hop us p50 proxychains4 -q -f $TMP/pc3.conf $PP ping 127.0.0.1 5601 $N 64"
+)
+p50() { local out; out=$(timeout 120 "$@") || { echo NaN; return; }; echo "${out%% *}"; }
+n=${#measures[@]}
+for r in $(seq 1 "$ROUNDS"); do
+  for j in $(seq 0 $((n - 1))); do
+    read -r name unit cmd <<<"${measures[$(((j + r - 1) % n))]}"
+    v=$($cmd)
+    printf '%s\t%s\t%s\t%s\n' "$r" "$name" "$unit" "$v" >>"$OUT"
+    sleep 1
+  done
+  echo "09_interleaved.sh: round $r of $ROUNDS done" >&2
+done
+
+python3 - "$OUT" <<'EOF'
+import collections, statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])][1:]
+by = collections.defaultdict(dict)
+for r, name, _, v in rows:
+    try:
+        by[int(r)][name] = float(v)
+    except ValueError:
+        pass
+def per_process(m, chain, procs):
+    return (m[chain] - m["lat_direct"]) / procs
+ratios = [
+    ("ferry 1 hop / haproxy 1 relay", ">=", 0.7, lambda m: m["ferry_1hop"] / m["haproxy_1"]),
+    ("ferry 3 hops / haproxy 3 relays", ">=", 0.5, lambda m: m["ferry_3hop"] / m["haproxy_3"]),
+    ("ferry 3 hops / stunnel 3 links", ">=", 1.2, lambda m: m["ferry_3hop"] / m["stunnel_3link"]),
+    ("added p50 per process, ferry 1 hop / socat 1 relay", "<=", 1.5,
+     lambda m: per_process(m, "lat_ferry_1hop", 2) / per_process(m, "lat_socat_1", 1)),
+    ("added p50 per process, ferry 3 hops / socat 3 relays", "<=", 1.5,
+     lambda m: per_process(m, "lat_ferry_3hop", 4) / per_process(m, "lat_socat_3", 3)),
+]
+names = sorted({n for m in by.values() for n in m})
+print("medians over rounds:", ", ".join(f"{n} {statistics.median(m[n] for m in by.values() if n in m):.2f}" for n in names))
+for label, op, goal, f in ratios:
+    vals = []
+    for r in sorted(by):
+        try:
+            vals.append(f(by[r]))
+        except (KeyError, ZeroDivisionError):
+            pass
+    if not vals:
+        print(f"{label}: no complete round"); continue
+    held = sum(1 for v in vals if (v >= goal if op == ">=" else v <= goal))
+    print(f"{label}: median {statistics.median(vals):.2f}, min {min(vals):.2f}, max {max(vals):.2f}; "
+          f"goal {op} {goal} held in {held} of {len(vals)} rounds; rounds: " + " ".join(f"{v:.2f}" for v in vals))
+EOF
