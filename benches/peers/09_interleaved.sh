@@ -34,6 +34,13 @@ trap cleanup EXIT
 BG_LOG=$TMP/daemons.log
 OUT=$RES_DIR/interleaved.tsv
 printf 'round\tmeasure\tunit\tvalue\n' >"$OUT"
+
+# A Ferry node drains for its grace after SIGTERM, so the mesh of a run just ended may hold its
+# ports for a minute: wait for every port this run binds (2 minutes at most).
+ports='(74(0[1-3]|1[1-5]|2[1-5]|3[01])|5201|5411|542[1-3]|5511|552[1-3]|5601|6000|60[12][12]|6031)'
+taken() { ss -Hltn | awk '{print $4}' | grep -qE ":$ports\$"; }
+for i in $(seq 1 120); do taken || break; sleep 1; done
+if taken; then echo "09_interleaved.sh: ports this run needs are still taken (ss -ltn)" >&2; exit 1; fi
 PP="python3 $PEERS_DIR/tcp_pingpong.py"
 
 # Servers: iperf3 on 5201, the ping-pong echo on 5601.
@@ -114,7 +121,7 @@ for p in 7424 7425; do
 done
 for h in 1 3; do
   printf 'strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 %s\n' \
-    $([ $h = 3 ] && echo 7430 || echo 7431) >"$TMP/pc$h.conf"
+    "$([ $h = 3 ] && echo 7430 || echo 7431)" >"$TMP/pc$h.conf"
   # Warm: the circuit is built before the first measure.
   proxychains4 -q -f "$TMP/pc$h.conf" $PP ping 127.0.0.1 5601 200 64 >/dev/null ||
     { echo "09_interleaved.sh: no round trip through the $h-hop Ferry chain" >&2; exit 1; }
