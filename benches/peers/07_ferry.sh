@@ -14,6 +14,7 @@
 # The shared peers scripts (common.sh, tcp_pingpong.py): PEERS, or ../shared/peers
 # beside this checkout.
 source "${PEERS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/peers}/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 FERRY=${FERRY:?set FERRY to a release ferry binary}
 THREADS=${FERRY_THREADS:-1}
 sfx=$([ "$THREADS" = 1 ] || echo "_threads$THREADS")${NAME:+_$NAME}
@@ -21,30 +22,7 @@ TMP=$(mktemp -d /tmp/peers_ferry.XXXX)
 cleanup() { kill_bg; rm -rf "$TMP"; }
 trap cleanup EXIT
 BG_LOG=$TMP/ferry.log
-$FERRY authority keygen --out "$TMP/auth" >/dev/null
-A="--authority-key $TMP/auth/authority.pub"
-$FERRY init --dir "$TMP/n1" --jurisdiction DE --roles relay $A --listen 127.0.0.1:7401 --mesh 127.0.0.1:7411 --admin 127.0.0.1:7421 >/dev/null
-$FERRY init --dir "$TMP/n2" --jurisdiction CH --roles relay $A --listen 127.0.0.1:7402 --mesh 127.0.0.1:7412 --admin 127.0.0.1:7422 --bootstrap 127.0.0.1:7411 >/dev/null
-$FERRY init --dir "$TMP/n3" --jurisdiction IS --roles exit $A --listen 127.0.0.1:7403 --mesh 127.0.0.1:7413 --admin 127.0.0.1:7423 --bootstrap 127.0.0.1:7411 >/dev/null
-$FERRY init --dir "$TMP/ea" --jurisdiction NL --roles entry $A --socks 127.0.0.1:7430 --mesh 127.0.0.1:7414 --admin 127.0.0.1:7424 --bootstrap 127.0.0.1:7411 >/dev/null
-$FERRY init --dir "$TMP/eb" --jurisdiction NL --roles entry $A --socks 127.0.0.1:7431 --mesh 127.0.0.1:7415 --admin 127.0.0.1:7425 --bootstrap 127.0.0.1:7411 >/dev/null
-for nj in n1:DE n2:CH n3:IS ea:NL eb:NL; do n=${nj%%:*}; j=${nj##*:}; $FERRY authority admit --key "$TMP/auth/authority.key" --request "$TMP/$n/node.request" --jurisdiction $j --capacity-max 1000 --out "$TMP/$n/node.cert" >/dev/null; done
-sed -i "s/allow_private = false/allow_private = true/" "$TMP/n3/ferry.toml"
-sed -i 's/^hops = 3/hops = 1/' "$TMP/eb/ferry.toml"
-for n in n1 n2 n3 ea eb; do
-  sed -i "s/^threads = 0/threads = $THREADS/" "$TMP/$n/ferry.toml"
-  grep -q "^threads = $THREADS\$" "$TMP/$n/ferry.toml" ||
-    { echo "07_ferry.sh: $FERRY writes no node.threads (a build before it?)" >&2; exit 1; }
-done
-for n in n1 n2 n3; do bg $FERRY node --config "$TMP/$n/ferry.toml"; done
-for n in ea eb; do bg $FERRY connect --config "$TMP/$n/ferry.toml"; done
-wait_port 127.0.0.1 7430; wait_port 127.0.0.1 7431
-for p in 7424 7425; do
-  for i in $(seq 1 60); do
-    n=$($FERRY status --admin 127.0.0.1:$p --json 2>/dev/null | jq '.peers | length' 2>/dev/null)
-    [ "${n:-0}" -ge 3 ] && break; sleep 1
-  done
-done
+ferry_mesh "$FERRY" "$THREADS" || exit 1
 bg iperf3 -s -B 127.0.0.1 -p 5301
 wait_port 127.0.0.1 5301
 bg python3 "$PEERS_DIR/tcp_pingpong.py" serve 127.0.0.1 5602 900

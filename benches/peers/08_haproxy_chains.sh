@@ -7,6 +7,7 @@
 #    same number of plain forwarding processes carries on this machine, in the same run.
 # The shared peers scripts (common.sh): PEERS, or ../shared/peers beside this checkout.
 source "${PEERS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/peers}/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 RELAYS=${RELAYS:-2 4}
 command -v haproxy >/dev/null || { echo "08_haproxy_chains.sh: needs haproxy (Debian: apt-get install haproxy)" >&2; exit 1; }
 TMP=$(mktemp -d /tmp/peers_haproxy.XXXX)
@@ -20,23 +21,7 @@ wait_port 127.0.0.1 5201
 for n in $RELAYS; do
   for k in $(seq 1 "$n"); do
     if [ "$k" = 1 ]; then next=5201; else next=$((5400 + k - 1)); fi
-    cat >"$TMP/hap$k.cfg" <<CFG
-global
-  nbthread 1
-  maxconn 64
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend f
-  bind 127.0.0.1:$((5400 + k))
-  default_backend b
-backend b
-  server s 127.0.0.1:$next
-CFG
-    bg haproxy -db -f "$TMP/hap$k.cfg"
-    wait_port 127.0.0.1 $((5400 + k))
+    haproxy_relay $((5400 + k)) "$next"
   done
   repeat_iperf "haproxy_tcp_${n}hop" iperf3 -c 127.0.0.1 -p $((5400 + n)) -t "$DUR"
   # Everything but the iperf3 server goes before the next chain.

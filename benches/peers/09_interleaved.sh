@@ -22,6 +22,7 @@
 # The shared peers scripts (common.sh, tcp_pingpong.py): PEERS, or ../shared/peers beside this
 # checkout.
 source "${PEERS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/peers}/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 FERRY=${FERRY:?set FERRY to a release ferry binary}
 ROUNDS=${ROUNDS:-8}
 N=${N:-2000}
@@ -49,24 +50,6 @@ bg $PP serve 127.0.0.1 5601 3600
 wait_port 127.0.0.1 5201; wait_port 127.0.0.1 5601
 
 # haproxy: 1 relay on 5411; 3 relays 5423 -> 5422 -> 5421 -> iperf3.
-haproxy_relay() {  # LISTEN NEXT
-  cat >"$TMP/hap$1.cfg" <<CFG
-global
-  nbthread 1
-  maxconn 64
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend f
-  bind 127.0.0.1:$1
-  default_backend b
-backend b
-  server s 127.0.0.1:$2
-CFG
-  bg haproxy -db -f "$TMP/hap$1.cfg"; wait_port 127.0.0.1 "$1"
-}
 haproxy_relay 5411 5201
 haproxy_relay 5421 5201; haproxy_relay 5422 5421; haproxy_relay 5423 5422
 
@@ -93,32 +76,7 @@ done
 bg stunnel4 "$TMP/st-entry.conf"; wait_port 127.0.0.1 6000
 
 # Ferry, as 07_ferry.sh: relays DE, CH, exit IS; entry A (3 hops) on 7430, entry B (1 hop) on 7431.
-$FERRY authority keygen --out "$TMP/auth" >/dev/null
-A="--authority-key $TMP/auth/authority.pub"
-$FERRY init --dir "$TMP/n1" --jurisdiction DE --roles relay $A --listen 127.0.0.1:7401 --mesh 127.0.0.1:7411 --admin 127.0.0.1:7421 >/dev/null
-$FERRY init --dir "$TMP/n2" --jurisdiction CH --roles relay $A --listen 127.0.0.1:7402 --mesh 127.0.0.1:7412 --admin 127.0.0.1:7422 --bootstrap 127.0.0.1:7411 >/dev/null
-$FERRY init --dir "$TMP/n3" --jurisdiction IS --roles exit $A --listen 127.0.0.1:7403 --mesh 127.0.0.1:7413 --admin 127.0.0.1:7423 --bootstrap 127.0.0.1:7411 >/dev/null
-$FERRY init --dir "$TMP/ea" --jurisdiction NL --roles entry $A --socks 127.0.0.1:7430 --mesh 127.0.0.1:7414 --admin 127.0.0.1:7424 --bootstrap 127.0.0.1:7411 >/dev/null
-$FERRY init --dir "$TMP/eb" --jurisdiction NL --roles entry $A --socks 127.0.0.1:7431 --mesh 127.0.0.1:7415 --admin 127.0.0.1:7425 --bootstrap 127.0.0.1:7411 >/dev/null
-for nj in n1:DE n2:CH n3:IS ea:NL eb:NL; do
-  n=${nj%%:*}; j=${nj##*:}
-  $FERRY authority admit --key "$TMP/auth/authority.key" --request "$TMP/$n/node.request" --jurisdiction $j --capacity-max 1000 --out "$TMP/$n/node.cert" >/dev/null
-done
-sed -i "s/allow_private = false/allow_private = true/" "$TMP/n3/ferry.toml"
-sed -i 's/^hops = 3/hops = 1/' "$TMP/eb/ferry.toml"
-for n in n1 n2 n3 ea eb; do
-  sed -i "s/^threads = 0/threads = 1/" "$TMP/$n/ferry.toml"
-  grep -q '^threads = 1$' "$TMP/$n/ferry.toml" || { echo "09_interleaved.sh: $FERRY writes no node.threads" >&2; exit 1; }
-done
-for n in n1 n2 n3; do bg $FERRY node --config "$TMP/$n/ferry.toml"; done
-for n in ea eb; do bg $FERRY connect --config "$TMP/$n/ferry.toml"; done
-wait_port 127.0.0.1 7430; wait_port 127.0.0.1 7431
-for p in 7424 7425; do
-  for i in $(seq 1 60); do
-    n=$($FERRY status --admin 127.0.0.1:$p --json 2>/dev/null | jq '.peers | length' 2>/dev/null)
-    [ "${n:-0}" -ge 3 ] && break; sleep 1
-  done
-done
+ferry_mesh "$FERRY" 1 || exit 1
 for h in 1 3; do
   printf 'strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 %s\n' \
     "$([ $h = 3 ] && echo 7430 || echo 7431)" >"$TMP/pc$h.conf"
