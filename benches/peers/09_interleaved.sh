@@ -29,6 +29,10 @@ N=${N:-2000}
 for c in iperf3 socat haproxy stunnel4 proxychains4 jq; do
   command -v $c >/dev/null || { echo "09_interleaved.sh: needs $c (Debian: apt-get install iperf3 socat haproxy stunnel4 proxychains4 jq)" >&2; exit 1; }
 done
+# Every daemon outlives the rounds (common.sh's bg bounds each by BG_TIMEOUT, 900 s by default):
+# a round takes at most 6 iperf3 runs of DUR + 30 s (iperf_gbps's bound, one retry each) and 5
+# ping-pong runs of 120 s, plus the pauses between.
+BG_TIMEOUT=$((ROUNDS * (12 * (DUR + 32) + 5 * 121) + 600))
 TMP=$(mktemp -d /tmp/peers_inter.XXXX)
 cleanup() { kill_bg; rm -rf "$TMP"; }
 trap cleanup EXIT
@@ -42,11 +46,10 @@ ports='(74(0[1-3]|1[1-5]|2[1-5]|3[01])|5201|5411|542[1-3]|5511|552[1-3]|5601|600
 taken() { ss -Hltn | awk '{print $4}' | grep -qE ":$ports\$"; }
 for i in $(seq 1 120); do taken || break; sleep 1; done
 if taken; then echo "09_interleaved.sh: ports this run needs are still taken (ss -ltn)" >&2; exit 1; fi
-PP="python3 $PEERS_DIR/tcp_pingpong.py"
 
 # Servers: iperf3 on 5201, the ping-pong echo on 5601.
 bg iperf3 -s -B 127.0.0.1 -p 5201
-bg $PP serve 127.0.0.1 5601 3600
+bg python3 "$PEERS_DIR/tcp_pingpong.py" serve 127.0.0.1 5601 "$BG_TIMEOUT"
 wait_port 127.0.0.1 5201; wait_port 127.0.0.1 5601
 
 # haproxy: 1 relay on 5411; 3 relays 5423 -> 5422 -> 5421 -> iperf3.
@@ -81,30 +84,36 @@ for h in 1 3; do
   printf 'strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 %s\n' \
     "$([ $h = 3 ] && echo 7430 || echo 7431)" >"$TMP/pc$h.conf"
   # Warm: the circuit is built before the first measure.
-  proxychains4 -q -f "$TMP/pc$h.conf" $PP ping 127.0.0.1 5601 200 64 >/dev/null ||
+  proxychains4 -q -f "$TMP/pc$h.conf" python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5601 200 64 >/dev/null ||
     { echo "09_interleaved.sh: no round trip through the $h-hop Ferry chain" >&2; exit 1; }
 done
 
-# Each measure: NAME then the command whose output is the value.
-measures=(
-  "direct Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 5201 -t $DUR"
-  "haproxy_1 Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 5411 -t $DUR"
-  "haproxy_3 Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 5423 -t $DUR"
-  "stunnel_3link Gbit/s iperf_gbps iperf3 -c 127.0.0.1 -p 6000 -t $DUR"
-  "ferry_1hop Gbit/s iperf_gbps proxychains4 -q -f $TMP/pc1.conf iperf3 -c 127.0.0.1 -p 5201 -t $DUR"
-  "ferry_3hop Gbit/s iperf_gbps proxychains4 -q -f $TMP/pc3.conf iperf3 -c 127.0.0.1 -p 5201 -t $DUR"
-  "lat_direct us p50 $PP ping 127.0.0.1 5601 $N 64"
-  "lat_socat_1 us p50 $PP ping 127.0.0.1 5511 $N 64"
-  "lat_socat_3 us p50 $PP ping 127.0.0.1 5523 $N 64"
-  "lat_ferry_1hop us p50 proxychains4 -q -f $TMP/pc1.conf $PP ping 127.0.0.1 5601 $N 64"
-  "lat_ferry_3hop us p50 proxychains4 -q -f $TMP/pc3.conf $PP ping 127.0.0.1 5601 $N 64"
-)
+# The ping-pong's p50 (its first field), or NaN.
 p50() { local out; out=$(timeout 120 "$@") || { echo NaN; return; }; echo "${out%% *}"; }
+# measure NAME: one measure's value.
+measure() {
+  case $1 in
+    direct) iperf_gbps iperf3 -c 127.0.0.1 -p 5201 -t "$DUR" ;;
+    haproxy_1) iperf_gbps iperf3 -c 127.0.0.1 -p 5411 -t "$DUR" ;;
+    haproxy_3) iperf_gbps iperf3 -c 127.0.0.1 -p 5423 -t "$DUR" ;;
+    stunnel_3link) iperf_gbps iperf3 -c 127.0.0.1 -p 6000 -t "$DUR" ;;
+    ferry_1hop) iperf_gbps proxychains4 -q -f "$TMP/pc1.conf" iperf3 -c 127.0.0.1 -p 5201 -t "$DUR" ;;
+    ferry_3hop) iperf_gbps proxychains4 -q -f "$TMP/pc3.conf" iperf3 -c 127.0.0.1 -p 5201 -t "$DUR" ;;
+    lat_direct) p50 python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5601 "$N" 64 ;;
+    lat_socat_1) p50 python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5511 "$N" 64 ;;
+    lat_socat_3) p50 python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5523 "$N" 64 ;;
+    lat_ferry_1hop) p50 proxychains4 -q -f "$TMP/pc1.conf" python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5601 "$N" 64 ;;
+    lat_ferry_3hop) p50 proxychains4 -q -f "$TMP/pc3.conf" python3 "$PEERS_DIR/tcp_pingpong.py" ping 127.0.0.1 5601 "$N" 64 ;;
+  esac
+}
+measures=(direct haproxy_1 haproxy_3 stunnel_3link ferry_1hop ferry_3hop
+  lat_direct lat_socat_1 lat_socat_3 lat_ferry_1hop lat_ferry_3hop)
 n=${#measures[@]}
 for r in $(seq 1 "$ROUNDS"); do
   for j in $(seq 0 $((n - 1))); do
-    read -r name unit cmd <<<"${measures[$(((j + r - 1) % n))]}"
-    v=$($cmd)
+    name=${measures[$(((j + r - 1) % n))]}
+    unit=$([ "${name#lat_}" = "$name" ] && echo Gbit/s || echo us)
+    v=$(measure "$name")
     printf '%s\t%s\t%s\t%s\n' "$r" "$name" "$unit" "$v" >>"$OUT"
     sleep 1
   done
@@ -112,16 +121,22 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$OUT" <<'EOF'
-import collections, statistics, sys
+import collections, math, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])][1:]
 by = collections.defaultdict(dict)
 for r, name, _, v in rows:
+    # A failed measure (NaN, or nothing) drops the ratios of its round only.
     try:
-        by[int(r)][name] = float(v)
+        x = float(v)
     except ValueError:
-        pass
+        continue
+    if math.isfinite(x):
+        by[int(r)][name] = x
 def per_process(m, chain, procs):
-    return (m[chain] - m["lat_direct"]) / procs
+    added = (m[chain] - m["lat_direct"]) / procs
+    if added <= 0:
+        raise ZeroDivisionError  # a chain no slower than direct: the round is noise
+    return added
 ratios = [
     ("ferry 1 hop / haproxy 1 relay", ">=", 0.7, lambda m: m["ferry_1hop"] / m["haproxy_1"]),
     ("ferry 3 hops / haproxy 3 relays", ">=", 0.5, lambda m: m["ferry_3hop"] / m["haproxy_3"]),

@@ -27,8 +27,10 @@ CFG
 # ferry_mesh FERRY THREADS: a loopback mesh of FERRY (a release binary), every node admitted by
 # a fresh authority and run with THREADS worker threads: relays DE (7401) and CH (7402), exit
 # IS (7403, private targets allowed), entry A (SOCKS5 on 7430, 3 hops) and entry B (SOCKS5 on
-# 7431, 1 hop); mesh ports 7411-7415, admin 7421-7425. Returns once both entries see the
-# three relay-capable nodes (a minute at most each).
+# 7431, 1 hop); mesh ports 7411-7415, admin 7421-7425. Each node drains for 1 s on SIGTERM
+# (drain.grace_secs; 30 by default), so the mesh is gone, ports and all, soon after the script
+# (kill_bg stops the `timeout` wrappers, and a node outlives its wrapper by its drain). Returns
+# once both entries see the three relay-capable nodes (a minute at most each).
 ferry_mesh() {
   local ferry=$1 threads=$2 a n j nj p i
   $ferry authority keygen --out "$TMP/auth" >/dev/null
@@ -45,9 +47,11 @@ ferry_mesh() {
   sed -i "s/allow_private = false/allow_private = true/" "$TMP/n3/ferry.toml"
   sed -i 's/^hops = 3/hops = 1/' "$TMP/eb/ferry.toml"
   for n in n1 n2 n3 ea eb; do
-    sed -i "s/^threads = 0/threads = $threads/" "$TMP/$n/ferry.toml"
+    sed -i -e "s/^threads = 0/threads = $threads/" -e 's/^grace_secs = 30$/grace_secs = 1/' "$TMP/$n/ferry.toml"
     grep -q "^threads = $threads\$" "$TMP/$n/ferry.toml" ||
       { echo "peers: $ferry writes no node.threads (a build before it?)" >&2; return 1; }
+    grep -q '^grace_secs = 1$' "$TMP/$n/ferry.toml" ||
+      { echo "peers: $ferry writes no drain.grace_secs = 30 to shorten" >&2; return 1; }
   done
   for n in n1 n2 n3; do bg "$ferry" node --config "$TMP/$n/ferry.toml"; done
   for n in ea eb; do bg "$ferry" connect --config "$TMP/$n/ferry.toml"; done
