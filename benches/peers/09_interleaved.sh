@@ -11,7 +11,8 @@
 #    -b 131072 1 and 3 relays (latency baselines, as 06_latency.sh); stunnel TLS 1.3
 #    AES-256-GCM with 3 links (4 processes, as 04_tls_relay.sh); Ferry 1 hop (entry, exit) and
 #    3 hops (entry, relays DE and CH, exit IS) reached through the SOCKS5 entry with
-#    proxychains4, one thread a process, every node admitted (as 07_ferry.sh).
+#    proxychains4, one thread a process (FERRY_THREADS=N sets N; 0 is one per CPU), every node
+#    admitted (as 07_ferry.sh).
 #    Per round: iperf3 one TCP stream, DUR s (default 10), for the goodput chains; the 64-byte
 #    ping-pong, N round trips (default 2000), for direct, socat and Ferry.
 #    Goals (issue 16): Ferry 1 hop >= 0.7x haproxy 1 relay; 3 hops >= 0.5x haproxy 3 relays and
@@ -79,7 +80,7 @@ done
 bg stunnel4 "$TMP/st-entry.conf"; wait_port 127.0.0.1 6000
 
 # Ferry, as 07_ferry.sh: relays DE, CH, exit IS; entry A (3 hops) on 7430, entry B (1 hop) on 7431.
-ferry_mesh "$FERRY" 1 || exit 1
+ferry_mesh "$FERRY" "${FERRY_THREADS:-1}" || exit 1
 for h in 1 3; do
   printf 'strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 %s\n' \
     "$([ $h = 3 ] && echo 7430 || echo 7431)" >"$TMP/pc$h.conf"
