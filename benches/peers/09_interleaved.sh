@@ -41,8 +41,8 @@ BG_LOG=$TMP/daemons.log
 OUT=$RES_DIR/interleaved.tsv
 printf 'round\tmeasure\tunit\tvalue\n' >"$OUT"
 
-# A Ferry node drains for its grace after SIGTERM, so the mesh of a run just ended may hold its
-# ports for a minute: wait for every port this run binds (2 minutes at most).
+# A mesh of a run just ended may still hold its ports while it drains (1 s for lib.sh's meshes,
+# drain.grace_secs of 30 for others): wait for every port this run binds (2 minutes at most).
 ports='(74(0[1-3]|1[1-5]|2[1-5]|3[01])|5201|5411|542[1-3]|5511|552[1-3]|5601|6000|60[12][12]|6031)'
 taken() { ss -Hltn | awk '{print $4}' | grep -qE ":$ports\$"; }
 for i in $(seq 1 120); do taken || break; sleep 1; done
