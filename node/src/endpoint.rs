@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -1484,18 +1484,33 @@ fn next_read_size(size: usize, last: usize) -> usize {
     }
 }
 
-/// Completes at `at`, or never if there is none.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// One read of at most `size` bytes into `buf`, from a socket that said it
+/// is readable, without waiting: `WouldBlock` if it has nothing after all.
+///
+/// It reads through tokio's `poll_read`: a read that fills less than the
+/// room it was offered drained the socket, and `poll_read` then clears the
+/// socket's readiness (tokio does so on epoll and kqueue), so the stream's
+/// next wait goes to the reactor at once. `try_read_buf`, used before,
+/// keeps the readiness, and the next turn made a `recv` that could only
+/// say "would block": one more system call a record at each end, and on
+/// the record's way, since the link's writer runs only once the stream's
+/// task yields (`perf trace -s` of an entry under `load pingpong`: three
+/// `recvfrom` a round trip, one of them failing; now two).
+fn read_ready(
+    r: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
+    size: usize,
+) -> std::io::Result<usize> {
+    // Not ready after all: the read left a no-op waker where the socket
+    // keeps its reader's, which `readable()` does not use.
+    futures::FutureExt::now_or_never(r.read_buf(&mut (&mut *buf).limit(size)))
+        .unwrap_or_else(|| Err(std::io::ErrorKind::WouldBlock.into()))
 }
 
 /// Socket → circuit.
 async fn pump_up(
     h: &StreamHandle,
-    r: tokio::net::tcp::ReadHalf<'_>,
+    mut r: tokio::net::tcp::ReadHalf<'_>,
     pace: &Pace,
     stop: CancellationToken,
 ) -> CloseReason {
@@ -1525,7 +1540,7 @@ async fn pump_up(
         let read = ready.and_then(|()| {
             buf.reserve(HEADROOM + size + 2 * ferry_proto::TAG_LEN);
             buf.put_bytes(0, HEADROOM);
-            r.try_read_buf(&mut (&mut buf).limit(size))
+            read_ready(&mut r, &mut buf, size)
         });
         let shrink = match read {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1604,13 +1619,18 @@ async fn pump_down(
     // When to acknowledge what the socket took: ACK_DELAY after the first
     // byte taken since the last acknowledgement (a deadline that later
     // bytes do not push back, so a stream that trickles is acknowledged
-    // too, as TCP's delayed ACK is).
-    let mut ack_at: Option<tokio::time::Instant> = None;
+    // too, as TCP's delayed ACK is). One timer for the stream's life,
+    // armed while bytes wait: it stays registered with the runtime across
+    // records, where a new sleep each turn registered a timer and removed
+    // it again for every record received.
+    let ack = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ack);
+    let mut armed = false;
     loop {
         let m = tokio::select! {
             m = inbound.recv() => m,
-            _ = sleep_until_some(ack_at) => {
-                ack_at = None;
+            () = &mut ack, if armed => {
+                armed = false;
                 if let Op::Done(_, end) = h.acknowledge() {
                     let _ = end.flush().await;
                 }
@@ -1643,7 +1663,10 @@ async fn pump_down(
                 if let Op::Done((), end) = h.consumed(b.len() as u64) {
                     let _ = end.flush().await;
                 }
-                ack_at.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                if !armed {
+                    ack.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
+                    armed = true;
+                }
             }
             Some(Inbound::Connected) => {}
             Some(Inbound::Finished) => {
@@ -1805,5 +1828,91 @@ mod inbound_tests {
         drop(rx);
         tx.send(Inbound::Data(BytesMut::from(&b"lost"[..])));
         assert_eq!(tx.queued_bytes(), 0);
+    }
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+    use futures::FutureExt;
+    use tokio::net::TcpListener;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Reads `r` until its peer's close, each read as the stream's reader
+    /// does it (wait for readable, then one read): what it read.
+    async fn read_to_end(r: &mut tokio::net::tcp::ReadHalf<'_>, buf: &mut BytesMut) {
+        loop {
+            tokio::time::timeout(WAIT, r.readable())
+                .await
+                .expect("the socket woke its reader")
+                .unwrap();
+            buf.reserve(4096);
+            match read_ready(r, buf, 4096) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// A read that takes less than its room drained the socket: the next
+    /// wait goes to the reactor (no `recv` that can only fail), and what
+    /// comes later, the peer's close included, still wakes it. A read that
+    /// fills its room leaves the socket readable, so nothing is stranded.
+    #[tokio::test]
+    async fn a_draining_read_waits_and_a_full_one_reads_on() {
+        let (mut a, mut b) = pair().await;
+        let (mut r, _w) = b.split();
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+
+        a.write_all(b"ping").await.unwrap();
+        r.readable().await.unwrap();
+        assert_eq!(read_ready(&mut r, &mut buf, 4096).unwrap(), 4);
+        assert!(
+            r.readable().now_or_never().is_none(),
+            "the socket still says readable after a read that drained it"
+        );
+
+        // 8,000 bytes queued, read 4,096 at a time: the first read fills
+        // its room and the socket stays readable.
+        let block: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+        a.write_all(&block).await.unwrap();
+        let mut peek = [0u8; 8192];
+        let queued = tokio::time::timeout(WAIT, async {
+            loop {
+                let n = r.peek(&mut peek).await.unwrap();
+                if n == block.len() {
+                    return n;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the block arrived");
+        assert_eq!(queued, 8000);
+        buf.clear();
+        assert_eq!(read_ready(&mut r, &mut buf, 4096).unwrap(), 4096);
+        assert!(
+            r.readable().now_or_never().is_some(),
+            "a read that filled its room left the rest stranded"
+        );
+        assert_eq!(read_ready(&mut r, &mut buf, 4096).unwrap(), 8000 - 4096);
+        assert_eq!(&buf[..], &block[..]);
+
+        // Bytes and then the close, after a draining read.
+        a.write_all(b"the end").await.unwrap();
+        a.shutdown().await.unwrap();
+        buf.clear();
+        read_to_end(&mut r, &mut buf).await;
+        assert_eq!(&buf[..], b"the end");
     }
 }

@@ -168,7 +168,7 @@ async fn the_trail_shows_every_stream_and_its_move_and_outlives_a_restart() {
         .as_millis() as u64;
     assert!(
         (from..exit).contains(&at_ms),
-        "moved while draining, before the exit date: {moved:#}"
+        "moved while draining, before the exit date ({from}..{exit}, at {at_ms}): {moved:#}"
     );
     // The consumer stream was not the ruling's: it stayed on its circuit.
     let globex = of("globex");
