@@ -1,6 +1,8 @@
 //! Record seal/open: Ferry's in-place transport (ring with the raw Noise
 //! split) against snow's own `TransportState`, which copies each record, as
-//! the baseline measured in the same run.
+//! the baseline measured in the same run; and what a link does to a RELAY
+//! cell of the same size (`link::seal`: its header sealed alone), against
+//! the whole record sealed as links did before.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ferry_node::crypto::{self, Session};
@@ -42,6 +44,28 @@ fn seal_open(c: &mut Criterion) {
                     buf.resize(size, 7);
                     tx.tx.seal_tail(&mut buf, 0).unwrap();
                     let n = rx.rx.open_in_place(&mut buf).unwrap();
+                    black_box(&buf[..n]);
+                });
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("link_relay_cell", size),
+            &size,
+            |b, &size| {
+                use ferry_node::link::seal;
+                let (i, r) = pair();
+                let (mut tx, mut rx) = (
+                    Session::from_handshake(i).unwrap(),
+                    Session::from_handshake(r).unwrap(),
+                );
+                let head = ferry_proto::cell::header(9, ferry_proto::CellCmd::Relay);
+                let mut buf = Vec::with_capacity(size + 16);
+                b.iter(|| {
+                    buf.clear();
+                    buf.extend_from_slice(&head);
+                    buf.resize(size, 7);
+                    seal::seal(&mut tx.tx, &mut buf, 0).unwrap();
+                    let n = seal::open(&mut rx.rx, &mut buf).unwrap();
                     black_box(&buf[..n]);
                 });
             },

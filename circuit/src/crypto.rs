@@ -16,8 +16,12 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
 /// The link handshake: both sides know each other's static key.
 pub const LINK_PATTERN: &str = "Noise_IK_25519_AESGCM_SHA256";
-/// Prologue binding link handshakes to this protocol version.
-pub const LINK_PROLOGUE: &[u8] = b"ferry/link/1";
+/// Prologue binding link handshakes to this protocol version. Version 2
+/// seals a RELAY cell's header alone on each link (its body is sealed end
+/// to end already; see `ferry_node::link::seal`), so a node of version 1
+/// and one of version 2 refuse each other's handshake rather than each
+/// other's first data cell.
+pub const LINK_PROLOGUE: &[u8] = b"ferry/link/2";
 /// The per-hop circuit handshake: the origin knows the hop's static key and
 /// stays anonymous to it (the link below authenticates the neighbour).
 pub const HOP_PATTERN: &str = "Noise_NK_25519_AESGCM_SHA256";
@@ -142,15 +146,31 @@ impl Sealer {
 
     /// Encrypts `buf` in place and returns the tag to append.
     pub fn seal_in_place(&mut self, buf: &mut [u8]) -> Result<Tag, CryptoError> {
-        if self.n == u64::MAX {
-            return Err(CryptoError::NonceExhausted);
-        }
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce(self.n), Aad::empty(), buf)
-            .map_err(|_| CryptoError::NonceExhausted)?;
+        let tag = self.seal_ahead(0, buf, &[])?;
         self.n += 1;
         Ok(tag)
+    }
+
+    /// Encrypts `buf` in place under the nonce `ahead` places past the
+    /// next, its tag also covering `aad` (not encrypted; the opener must
+    /// present it as it is), and returns the tag. Uses no nonce up: the
+    /// caller seals each of the nonces it uses once, then [`Self::skip`]s
+    /// them, as the opener does (a record in two parts, as a link's cells
+    /// are).
+    pub fn seal_ahead(&self, ahead: u64, buf: &mut [u8], aad: &[u8]) -> Result<Tag, CryptoError> {
+        let n = self
+            .n
+            .checked_add(ahead)
+            .filter(|n| *n < u64::MAX)
+            .ok_or(CryptoError::NonceExhausted)?;
+        self.key
+            .seal_in_place_separate_tag(nonce(n), Aad::from(aad), buf)
+            .map_err(|_| CryptoError::NonceExhausted)
+    }
+
+    /// Uses up the next `k` nonces (sealed with [`Self::seal_ahead`]).
+    pub fn skip(&mut self, k: u64) {
+        self.n = self.n.saturating_add(k);
     }
 
     /// Encrypts the bytes of `buf` from `start` on, and appends the tag.
@@ -190,16 +210,31 @@ impl Opener {
     /// Decrypts `buf` (ciphertext then tag) in place; returns the plaintext
     /// length. The plaintext is `buf[..len]`.
     pub fn open_in_place(&mut self, buf: &mut [u8]) -> Result<usize, CryptoError> {
-        if self.n == u64::MAX {
-            return Err(CryptoError::NonceExhausted);
-        }
-        let len = self
-            .key
-            .open_in_place(nonce(self.n), Aad::empty(), buf)
-            .map_err(|_| CryptoError::BadRecord)?
-            .len();
+        let len = self.open_ahead(0, buf, &[])?;
         self.n += 1;
         Ok(len)
+    }
+
+    /// Opens `buf` (ciphertext then tag) in place as sealed with
+    /// [`Sealer::seal_ahead`]`(ahead, _, aad)`; returns the plaintext
+    /// length. Uses no nonce up: [`Self::skip`] does, once the record's
+    /// parts are open.
+    pub fn open_ahead(&self, ahead: u64, buf: &mut [u8], aad: &[u8]) -> Result<usize, CryptoError> {
+        let n = self
+            .n
+            .checked_add(ahead)
+            .filter(|n| *n < u64::MAX)
+            .ok_or(CryptoError::NonceExhausted)?;
+        Ok(self
+            .key
+            .open_in_place(nonce(n), Aad::from(aad), buf)
+            .map_err(|_| CryptoError::BadRecord)?
+            .len())
+    }
+
+    /// Uses up the next `k` nonces (opened with [`Self::open_ahead`]).
+    pub fn skip(&mut self, k: u64) {
+        self.n = self.n.saturating_add(k);
     }
 }
 

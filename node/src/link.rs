@@ -14,7 +14,10 @@
 //! reads into a large buffer, splits whole frames off it, opens each in place
 //! and hands the plaintext cell, still in that buffer, to the switch. A cell
 //! is copied once per hop (into the writer's batch) and never allocated on
-//! its own.
+//! its own. A RELAY cell's body, which the circuit's ends sealed to each
+//! other, is not sealed again: the link seals its header alone, bound to
+//! the body's end-to-end tag; other cells' bodies are sealed apart from
+//! their headers ([`seal`] says how, and what that keeps and gives up).
 //!
 //! Each end pings the other every [`KEEPALIVE`] on circuit 0 (PING, answered
 //! by PONG with the body echoed) and keeps a round-trip estimate of the
@@ -31,7 +34,9 @@
 //! forwarding is not held against the peer; a node from before keepalives
 //! (it never pings) is never declared dead. Such a node does close a link
 //! on an unknown cell (PING), so a mesh upgrades by restarting nodes, as
-//! for any wire change.
+//! for any wire change (a change to how links seal also changes the
+//! handshake's prologue, `crypto::LINK_PROLOGUE`, so nodes of two versions
+//! refuse each other's links at once).
 //!
 //! The other half of a dead link is a peer that sends but does not read (a
 //! hostile node, or one wedged): this end's writer then makes no progress,
@@ -71,6 +76,7 @@ pub const HANDSHAKE_CODEC: FrameCodec = FrameCodec::new(1, MAX_NOISE_MESSAGE);
 pub const TRANSPORT_CODEC: FrameCodec =
     FrameCodec::new(TAG_LEN + ferry_proto::cell::HEADER_LEN, MAX_NOISE_MESSAGE);
 mod queue;
+pub mod seal;
 use queue::CellQueue;
 pub use queue::LINK_QUEUE_BYTES;
 
@@ -383,8 +389,8 @@ impl LinkHandle {
         // it alive: once cells wait here, each is copied out, so what is
         // held is what is counted.
         let cell = if o.bytes > 0 {
-            // With room for the tag the link's writer appends.
-            let mut c = BytesMut::with_capacity(cell.len() + TAG_LEN);
+            // With room for the tags the link's writer appends.
+            let mut c = BytesMut::with_capacity(seal::sealed_len(&cell));
             c.extend_from_slice(&cell);
             c
         } else {
@@ -1008,23 +1014,28 @@ impl Batch {
         self.len >= WRITE_BATCH || self.cells.len() >= WRITE_CELLS
     }
 
-    /// Seals `cell` and adds it as a frame; returns the frame's length.
+    /// Seals `cell` ([`seal::seal`]) and adds it as a frame; returns the
+    /// frame's length.
     fn push(
         &mut self,
         sealer: &mut crypto::Sealer,
         mut cell: BytesMut,
-    ) -> Result<usize, crypto::CryptoError> {
-        let frame = 4 + cell.len() + TAG_LEN;
-        TRANSPORT_CODEC.put_prefix(cell.len() + TAG_LEN, &mut self.out);
+    ) -> Result<usize, seal::SealError> {
+        let sealed = seal::sealed_len(&cell);
+        if sealed > MAX_NOISE_MESSAGE {
+            return Err(seal::SealError::TooLong(cell.len()));
+        }
+        let frame = 4 + sealed;
+        TRANSPORT_CODEC.put_prefix(sealed, &mut self.out);
         if cell.len() < WRITE_IN_PLACE {
             let start = self.out.len();
             self.out.extend_from_slice(&cell);
-            sealer.seal_tail(&mut self.out, start)?;
+            seal::seal(sealer, &mut self.out, start)?;
         } else {
-            let tag = sealer.seal_in_place(&mut cell)?;
-            // In place when the cell has the room (forwarded cells and the
-            // ends' records do); else this copies it once.
-            cell.extend_from_slice(tag.as_ref());
+            // In place when the cell has the room for its tag (forwarded
+            // RELAY cells and the ends' records do); else this copies it
+            // once.
+            seal::seal(sealer, &mut cell, 0)?;
             if self.open < self.out.len() {
                 self.parts.push(Part::Out(self.open, self.out.len()));
             }
@@ -1079,8 +1090,8 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
             match batch.push(&mut sealer, cell) {
                 Ok(n) if link_level => upkeep += n,
                 Ok(_) => {}
-                Err(_) => {
-                    warn!("link nonce exhausted; closing");
+                Err(e) => {
+                    warn!(error = %e, "link cannot seal a cell; closing");
                     closed.cancel();
                     return;
                 }
@@ -1139,7 +1150,7 @@ async fn read_loop<H: LinkHost>(
                 .link
                 .received
                 .inc_by(frame.len() as u64 + 4);
-            let len = opener.open_in_place(&mut frame)?;
+            let len = seal::open(&mut opener, &mut frame)?;
             frame.truncate(len);
             opened = true;
             if frame.starts_with(&[0; 4]) && link.link_level(&frame) {
@@ -1324,13 +1335,15 @@ mod queue_tests {
 #[cfg(test)]
 mod batch_tests {
     use super::*;
+    use ferry_proto::CellCmd;
     use proptest::prelude::*;
 
     proptest! {
-        /// Whatever mix of short and long cells, with or without room for
-        /// their tag, a batch's slices read back as the same cells in
-        /// order, each a frame sealed under the link's nonces, and the
-        /// lengths it reports add up to what it writes.
+        /// Whatever mix of short and long cells, RELAY cells (their
+        /// headers sealed alone) or not (sealed in two parts), with or
+        /// without room for their tags, a batch's slices read back as the
+        /// same cells in order, each a frame sealed under the link's
+        /// nonces, and the lengths it reports add up to what it writes.
         #[test]
         fn a_batch_reads_back_as_its_cells(
             lens in proptest::collection::vec(
@@ -1338,6 +1351,7 @@ mod batch_tests {
                 1..40,
             ),
             room in proptest::collection::vec(any::<bool>(), 40),
+            relay in proptest::collection::vec(any::<bool>(), 40),
         ) {
             let key = [3u8; 32];
             let mut sealer = crypto::Sealer::new(&key);
@@ -1346,8 +1360,10 @@ mod batch_tests {
             let mut sent = Vec::new();
             let mut reported = 0;
             for (i, len) in lens.iter().enumerate() {
-                let body: Vec<u8> = (0..*len).map(|j| (i * 31 + j) as u8).collect();
-                let mut cell = BytesMut::with_capacity(len + if room[i] { TAG_LEN } else { 0 });
+                let mut body: Vec<u8> = (0..*len).map(|j| (i * 31 + j) as u8).collect();
+                body[4] = if relay[i] { CellCmd::Relay } else { CellCmd::Control } as u8;
+                let tags = seal::sealed_len(&body) - len;
+                let mut cell = BytesMut::with_capacity(len + if room[i] { tags } else { 0 });
                 cell.extend_from_slice(&body);
                 sent.push(body);
                 let at = cell.as_ptr();
@@ -1364,7 +1380,7 @@ mod batch_tests {
             prop_assert_eq!(batch.len, reported);
             let mut got = Vec::new();
             while let Some(mut frame) = TRANSPORT_CODEC.decode(&mut wire).unwrap() {
-                let n = opener.open_in_place(&mut frame).unwrap();
+                let n = seal::open(&mut opener, &mut frame).unwrap();
                 got.push(frame[..n].to_vec());
             }
             prop_assert!(wire.is_empty());
@@ -1461,7 +1477,7 @@ mod batch_tests {
             sent.push(c.to_vec());
             h.send(c).await.unwrap();
         }
-        let total: usize = sent.iter().map(|c| 4 + c.len() + TAG_LEN).sum();
+        let total: usize = sent.iter().map(|c| 4 + seal::sealed_len(c)).sum();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while got.lock().unwrap().len() < total {
             assert!(std::time::Instant::now() < deadline, "the writer stopped");
@@ -1474,7 +1490,7 @@ mod batch_tests {
         let mut opener = crypto::Opener::new(&key);
         let mut frames = Vec::new();
         while let Some(mut f) = TRANSPORT_CODEC.decode(&mut wire).unwrap() {
-            let n = opener.open_in_place(&mut f).unwrap();
+            let n = seal::open(&mut opener, &mut f).unwrap();
             frames.push(f[..n].to_vec());
         }
         assert!(wire.is_empty(), "no frame cut short");

@@ -88,6 +88,12 @@ pub struct Options {
     /// address: every node dialling them reaches them that much further
     /// away, each way. Gossip meshes; must be set inside a tokio runtime.
     pub advertise_delay: Vec<(usize, std::time::Duration)>,
+    /// Nodes (by spec index) whose peer-info block (a static mesh) names a
+    /// tampering proxy as their link address ([`crate::tap::start_tamper`]):
+    /// every link dialled to them has one bit of its first data cell
+    /// changed on the way in, counted in [`Mesh::tampered`]. Must be set
+    /// inside a tokio runtime.
+    pub advertise_tamper: Vec<usize>,
     /// Nodes (by spec index) started under another command: its words,
     /// then `ferry` and its arguments (for example `unshare --mount` to
     /// give an exit its own `/etc/resolv.conf`).
@@ -136,6 +142,7 @@ impl Default for Options {
             node_replace: Vec::new(),
             entry_delay: Vec::new(),
             advertise_delay: Vec::new(),
+            advertise_tamper: Vec::new(),
             wrap: Vec::new(),
             log_filter: None,
         }
@@ -150,6 +157,8 @@ pub struct Mesh {
     pub entry: Proc,
     /// Everything the taps saw, if tapped.
     pub tapped: Arc<Mutex<Vec<u8>>>,
+    /// Bits the tampering proxies changed ([`Options::advertise_tamper`]).
+    pub tampered: Arc<std::sync::atomic::AtomicUsize>,
     /// Nodes prepared but not started ([`Options::hold`]).
     held: Vec<Prepared>,
     /// The first node's mesh address (everyone bootstraps from it).
@@ -169,6 +178,7 @@ impl Mesh {
     pub fn start(specs: &[Spec], opts: &Options) -> Result<Mesh> {
         let root = tempfile::Builder::new().prefix("ferry-mesh-").tempdir()?;
         let tapped = Arc::new(Mutex::new(Vec::new()));
+        let tampered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let first_mesh = free_port()?;
         let mut members = Vec::new();
         // Every node of a gossip mesh is admitted by an authority, as an
@@ -223,6 +233,12 @@ impl Mesh {
                 let tap = start_tap(link, tapped.clone())?;
                 block = block.replace(&format!("addr = \"{link}\""), &format!("addr = \"{tap}\""));
             }
+            if opts.advertise_tamper.contains(&i) {
+                anyhow::ensure!(!opts.tap, "a tap and a tampering proxy cannot both front a link");
+                let proxy = crate::tap::start_tamper(link, tampered.clone())?;
+                block =
+                    block.replace(&format!("addr = \"{link}\""), &format!("addr = \"{proxy}\""));
+            }
             members.push(Prepared {
                 dir,
                 block,
@@ -246,6 +262,7 @@ impl Mesh {
                     &format!("advertise_link = \"{proxy}\""),
                 );
             }
+
             let capacity = opts
                 .capacity_of
                 .iter()
@@ -326,6 +343,7 @@ impl Mesh {
             nodes: procs,
             entry,
             tapped,
+            tampered,
             held,
             boot: first_mesh,
             opts: opts.clone(),

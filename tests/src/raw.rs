@@ -5,7 +5,7 @@
 use crate::Proc;
 use ferry_node::crypto::{self, Session};
 use ferry_node::identity::Keys;
-use ferry_node::link::{HANDSHAKE_CODEC, TRANSPORT_CODEC};
+use ferry_node::link::{HANDSHAKE_CODEC, TRANSPORT_CODEC, seal};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,20 +43,27 @@ pub async fn handshake_recorded(node: &Proc, keys: &Keys) -> (TcpStream, Session
         &crypto::handshake_hash(&hs),
     );
     let mut session = Session::from_handshake(hs).unwrap();
-    let first = frame(&mut session, &proof);
+    let first = proof_frame(&mut session, &proof);
     s.write_all(&first).await.unwrap();
     sent.extend_from_slice(&first);
     (s, session, sent)
 }
 
-/// Seals `plain` as one transport frame.
-pub fn frame(session: &mut Session, plain: &[u8]) -> Vec<u8> {
+/// Seals the initiator's identity proof as the first transport frame,
+/// whole, as a link's dialler does before cells flow.
+pub fn proof_frame(session: &mut Session, proof: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    TRANSPORT_CODEC.put_prefix(plain.len() + 16, &mut out);
+    TRANSPORT_CODEC.put_prefix(proof.len() + 16, &mut out);
     let start = out.len();
-    out.extend_from_slice(plain);
+    out.extend_from_slice(proof);
     session.tx.seal_tail(&mut out, start).unwrap();
     out
+}
+
+/// Seals `cell` as one transport frame, as a link's writer does
+/// (`ferry_node::link::seal`).
+pub fn frame(session: &mut Session, cell: &[u8]) -> Vec<u8> {
+    seal::frame(&mut session.tx, cell).unwrap()
 }
 
 /// A link the test drives as a hostile origin: cells in and out, sealed.
@@ -91,7 +98,7 @@ impl RawLink {
         let read = async {
             loop {
                 while let Some(mut f) = TRANSPORT_CODEC.decode(&mut self.buf).unwrap() {
-                    let n = self.session.rx.open_in_place(&mut f).unwrap();
+                    let n = seal::open(&mut self.session.rx, &mut f).unwrap();
                     f.truncate(n);
                     if !f.starts_with(&[0; 4]) {
                         return f;
