@@ -234,10 +234,15 @@ impl Mesh {
                 block = block.replace(&format!("addr = \"{link}\""), &format!("addr = \"{tap}\""));
             }
             if opts.advertise_tamper.contains(&i) {
-                anyhow::ensure!(!opts.tap, "a tap and a tampering proxy cannot both front a link");
+                anyhow::ensure!(
+                    !opts.tap,
+                    "a tap and a tampering proxy cannot both front a link"
+                );
                 let proxy = crate::tap::start_tamper(link, tampered.clone())?;
-                block =
-                    block.replace(&format!("addr = \"{link}\""), &format!("addr = \"{proxy}\""));
+                block = block.replace(
+                    &format!("addr = \"{link}\""),
+                    &format!("addr = \"{proxy}\""),
+                );
             }
             members.push(Prepared {
                 dir,

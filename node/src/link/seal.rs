@@ -201,8 +201,15 @@ mod tests {
         let relay = cell(9, CellCmd::Relay, 4096);
         let wire = frame(&mut s, &relay).unwrap();
         assert_eq!(wire.len(), 4 + relay.len() + TAG_LEN);
-        assert_ne!(&wire[4..4 + HEADER_LEN], &relay[..HEADER_LEN], "its header is sealed");
-        assert_eq!(&wire[4 + HEADER_LEN..wire.len() - TAG_LEN], &relay[HEADER_LEN..]);
+        assert_ne!(
+            &wire[4..4 + HEADER_LEN],
+            &relay[..HEADER_LEN],
+            "its header is sealed"
+        );
+        assert_eq!(
+            &wire[4 + HEADER_LEN..wire.len() - TAG_LEN],
+            &relay[HEADER_LEN..]
+        );
         let mut all = wire;
         let others = [
             cell(9, CellCmd::Control, 4096),
@@ -213,9 +220,17 @@ mod tests {
         for c in &others {
             let wire = frame(&mut s, c).unwrap();
             assert_eq!(wire.len(), 4 + c.len() + 2 * TAG_LEN);
-            assert!(!contains(&wire, &c[..HEADER_LEN]), "{:?}: its header is sealed", c[4]);
+            assert!(
+                !contains(&wire, &c[..HEADER_LEN]),
+                "{:?}: its header is sealed",
+                c[4]
+            );
             if c.len() > HEADER_LEN + 4 {
-                assert!(!contains(&wire, &c[HEADER_LEN..]), "{:?}: its body is sealed", c[4]);
+                assert!(
+                    !contains(&wire, &c[HEADER_LEN..]),
+                    "{:?}: its body is sealed",
+                    c[4]
+                );
             }
             all.extend_from_slice(&wire);
         }
@@ -247,8 +262,14 @@ mod tests {
         cut[..4].copy_from_slice(&len.to_be_bytes());
         assert_eq!(read_all(&cut), Err(CryptoError::BadRecord));
         // Replayed, and reordered.
-        assert_eq!(read_all(&[&a[..], &a[..]].concat()), Err(CryptoError::BadRecord));
-        assert_eq!(read_all(&[&b[..], &a[..]].concat()), Err(CryptoError::BadRecord));
+        assert_eq!(
+            read_all(&[&a[..], &a[..]].concat()),
+            Err(CryptoError::BadRecord)
+        );
+        assert_eq!(
+            read_all(&[&b[..], &a[..]].concat()),
+            Err(CryptoError::BadRecord)
+        );
         // A control cell's body changed: sealed, so refused at once.
         let mut s = crypto::Sealer::new(&KEY);
         let mut ctl = frame(&mut s, &cell(1, CellCmd::Control, 200)).unwrap();
@@ -278,7 +299,11 @@ mod tests {
         assert_eq!(read_all(&wire), Err(CryptoError::BadRecord));
         let big = cell(5, CellCmd::Control, MAX_NOISE_MESSAGE - 2 * TAG_LEN);
         assert!(matches!(frame(&mut s, &big), Err(SealError::TooLong(_))));
-        let fits = cell(5, CellCmd::Control, MAX_NOISE_MESSAGE - 2 * TAG_LEN - HEADER_LEN);
+        let fits = cell(
+            5,
+            CellCmd::Control,
+            MAX_NOISE_MESSAGE - 2 * TAG_LEN - HEADER_LEN,
+        );
         assert_eq!(frame(&mut s, &fits).unwrap().len(), 4 + MAX_NOISE_MESSAGE);
     }
 
